@@ -1,0 +1,335 @@
+//! Build-time code generation for lodestar services.
+//!
+//! Call it from `build.rs`. It parses `.proto` files with a pure-Rust
+//! compiler ([protox]), so no `protoc` has to be installed, and writes Rust
+//! code into `OUT_DIR` for each protobuf package:
+//!
+//! * the messages, as [prost] types;
+//! * for each service, a server trait to implement and a `…Server` wrapper
+//!   (tonic-compatible, so any gRPC client can call it);
+//! * for each service, a `…Client` with a `by_name` constructor that calls
+//!   the service through lodestar's discovery and load balancing;
+//! * `FILE_DESCRIPTOR_SET`, the encoded descriptors, which lodestar serves
+//!   through gRPC server reflection automatically.
+//!
+//! The generated code refers to `::lodestar` only, so a crate needs no other
+//! dependency to use it. Well-known types (`google.protobuf.*`) and imports
+//! work as with `protoc`.
+//!
+//! # Example
+//!
+//! `build.rs`:
+//!
+//! ```no_run
+//! fn main() -> std::io::Result<()> {
+//!     lodestar_build::compile_protos(&["proto/route_guide.proto"], &["proto"])
+//! }
+//! ```
+//!
+//! `src/lib.rs`:
+//!
+//! ```ignore
+//! pub mod routeguide {
+//!     lodestar::include_proto!("routeguide");
+//! }
+//! ```
+//!
+//! # Retries and idempotency
+//!
+//! A method marked `option idempotency_level = NO_SIDE_EFFECTS;` (or
+//! `IDEMPOTENT`) in its `.proto` may be sent again by the lodestar client
+//! when the instance it went to dies before answering. Other methods are only
+//! retried when lodestar knows that no server saw them.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use prost_build::{Method, Service};
+use prost_types::method_options::IdempotencyLevel;
+
+/// Compiles `protos`, searching imports in `includes`, with default settings.
+///
+/// Shorthand for `configure().compile(protos, includes)`.
+pub fn compile_protos(
+    protos: &[impl AsRef<Path>],
+    includes: &[impl AsRef<Path>],
+) -> io::Result<()> {
+    configure().compile(protos, includes)
+}
+
+/// Starts a [`Builder`] with default settings: clients and servers both
+/// generated, output to `OUT_DIR`.
+pub fn configure() -> Builder {
+    Builder {
+        build_client: true,
+        build_server: true,
+        out_dir: None,
+        type_attributes: Vec::new(),
+        emit_rerun_if_changed: true,
+    }
+}
+
+/// Settings for code generation. See [`configure`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    build_client: bool,
+    build_server: bool,
+    out_dir: Option<PathBuf>,
+    type_attributes: Vec<(String, String)>,
+    emit_rerun_if_changed: bool,
+}
+
+impl Builder {
+    /// Whether to generate clients (default: true).
+    pub fn build_client(mut self, enable: bool) -> Self {
+        self.build_client = enable;
+        self
+    }
+
+    /// Whether to generate server traits (default: true).
+    pub fn build_server(mut self, enable: bool) -> Self {
+        self.build_server = enable;
+        self
+    }
+
+    /// Where to write the generated files (default: `OUT_DIR`).
+    pub fn out_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.out_dir = Some(dir.into());
+        self
+    }
+
+    /// Adds an attribute to the generated types that match `path`, as
+    /// [`prost_build::Config::type_attribute`] does; e.g.
+    /// `.type_attribute(".", "#[derive(serde::Serialize)]")`.
+    pub fn type_attribute(mut self, path: impl Into<String>, attribute: impl Into<String>) -> Self {
+        self.type_attributes.push((path.into(), attribute.into()));
+        self
+    }
+
+    /// Whether to print `cargo:rerun-if-changed` for every input (default: true).
+    pub fn emit_rerun_if_changed(mut self, enable: bool) -> Self {
+        self.emit_rerun_if_changed = enable;
+        self
+    }
+
+    /// Compiles `protos`, resolving imports against `includes`.
+    ///
+    /// Errors name the file and position of a syntax or import error.
+    pub fn compile(
+        self,
+        protos: &[impl AsRef<Path>],
+        includes: &[impl AsRef<Path>],
+    ) -> io::Result<()> {
+        let out_dir = match &self.out_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::var_os("OUT_DIR")
+                .map(PathBuf::from)
+                .ok_or_else(|| {
+                    io::Error::other(
+                        "OUT_DIR is not set: call lodestar-build from build.rs or set out_dir()",
+                    )
+                })?,
+        };
+        let mut compiler = protox::Compiler::new(includes.iter().map(AsRef::as_ref))
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        compiler.include_imports(true).include_source_info(true);
+        compiler
+            .open_files(protos.iter().map(AsRef::as_ref))
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        if self.emit_rerun_if_changed {
+            for file in compiler.files() {
+                if let Some(path) = file.path() {
+                    println!("cargo:rerun-if-changed={}", path.display());
+                }
+            }
+        }
+        let descriptor_path = out_dir.join("lodestar_descriptor.bin");
+        std::fs::write(&descriptor_path, compiler.encode_file_descriptor_set())?;
+        let fds = compiler.file_descriptor_set();
+
+        let mut config = prost_build::Config::new();
+        config
+            .out_dir(&out_dir)
+            .prost_path("::lodestar::codegen::prost")
+            .prost_types_path("::lodestar::codegen::prost_types");
+        for (path, attribute) in &self.type_attributes {
+            config.type_attribute(path, attribute);
+        }
+        if self.build_client || self.build_server {
+            let tonic = tonic_prost_build::configure()
+                .build_client(self.build_client)
+                .build_server(self.build_server)
+                .build_transport(false)
+                .codec_path("::lodestar::codegen::tonic_prost::ProstCodec")
+                .service_generator();
+            config.service_generator(Box::new(Generator {
+                tonic,
+                build_client: self.build_client,
+                build_server: self.build_server,
+                descriptor_path,
+                packages_with_services: BTreeSet::new(),
+            }));
+        }
+        config.compile_fds(fds)
+    }
+}
+
+/// Wraps tonic's generator: its output, re-rooted under `::lodestar::codegen`,
+/// followed by lodestar's additions.
+struct Generator {
+    tonic: Box<dyn prost_build::ServiceGenerator>,
+    build_client: bool,
+    build_server: bool,
+    descriptor_path: PathBuf,
+    packages_with_services: BTreeSet<String>,
+}
+
+impl prost_build::ServiceGenerator for Generator {
+    fn generate(&mut self, service: Service, buf: &mut String) {
+        let mut tonic_code = String::new();
+        self.packages_with_services.insert(service.package.clone());
+        let lodestar_code = lodestar_items(&service, self.build_client, self.build_server);
+        self.tonic.generate(service, &mut tonic_code);
+        buf.push_str(&reroot_tonic_paths(&tonic_code));
+        buf.push_str(&lodestar_code);
+    }
+
+    fn finalize(&mut self, buf: &mut String) {
+        self.tonic.finalize(buf);
+    }
+
+    fn finalize_package(&mut self, package: &str, buf: &mut String) {
+        self.tonic.finalize_package(package, buf);
+        if self.packages_with_services.contains(package) {
+            let _ = write!(
+                buf,
+                "\n/// The encoded `FileDescriptorSet` of the protos this package was built from\n\
+                 /// (with their imports); lodestar serves it through server reflection.\n\
+                 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!({:?});\n",
+                self.descriptor_path.display().to_string()
+            );
+        }
+    }
+}
+
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, ch) in name.chars().enumerate() {
+        if ch.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(ch.to_ascii_lowercase());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        method.options.idempotency_level(),
+        IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent
+    )
+}
+
+/// lodestar's additions for one service: the `by_name` client constructor and
+/// the server's `ServiceDefinition`.
+fn lodestar_items(service: &Service, client: bool, server: bool) -> String {
+    let full_name = if service.package.is_empty() {
+        service.proto_name.clone()
+    } else {
+        format!("{}.{}", service.package, service.proto_name)
+    };
+    let module = snake_case(&service.name);
+    let name = &service.name;
+    let mut out = String::new();
+    if client {
+        let idempotent: Vec<String> = service
+            .methods
+            .iter()
+            // Only a single request message can be buffered and sent again.
+            .filter(|m| !m.client_streaming && is_idempotent(m))
+            .map(|m| format!("{:?}", format!("/{full_name}/{}", m.proto_name)))
+            .collect();
+        let _ = write!(
+            out,
+            r#"
+impl {module}_client::{name}Client<::lodestar::client::Channel> {{
+    /// A client for `{full_name}` that calls the instances of the service
+    /// registered as `service`, found through `client`'s registry and
+    /// balanced by its selector. Connections are made lazily.
+    pub fn by_name(client: &::lodestar::Client, service: &str) -> Self {{
+        const IDEMPOTENT: &[&str] = &[{idempotent}];
+        let limits = client.message_limits();
+        Self::new(client.channel(service).with_idempotent_methods(IDEMPOTENT))
+            .max_decoding_message_size(limits.max_decoding_message_size)
+            .max_encoding_message_size(limits.max_encoding_message_size)
+    }}
+}}
+"#,
+            idempotent = idempotent.join(", ")
+        );
+    }
+    if server {
+        let _ = write!(
+            out,
+            r#"
+impl<T: {module}_server::{name}> ::lodestar::server::ServiceDefinition for {module}_server::{name}Server<T> {{
+    fn file_descriptor_set() -> &'static [u8] {{
+        FILE_DESCRIPTOR_SET
+    }}
+
+    fn with_message_limits(self, limits: &::lodestar::MessageLimits) -> Self {{
+        self.max_decoding_message_size(limits.max_decoding_message_size)
+            .max_encoding_message_size(limits.max_encoding_message_size)
+    }}
+}}
+"#
+        );
+    }
+    out
+}
+
+/// Rewrites `tonic::` paths in tonic's output to `::lodestar::codegen::tonic::`,
+/// so that user crates need no direct dependency on tonic.
+fn reroot_tonic_paths(code: &str) -> String {
+    const FROM: &str = "tonic::";
+    const TO: &str = "::lodestar::codegen::tonic::";
+    let mut out = String::with_capacity(code.len() + code.len() / 8);
+    let mut rest = code;
+    while let Some(at) = rest.find(FROM) {
+        let before = &rest[..at];
+        let prev = before.chars().next_back();
+        let part_of_path = prev.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+        out.push_str(before);
+        out.push_str(if part_of_path { FROM } else { TO });
+        rest = &rest[at + FROM.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reroots_only_whole_paths() {
+        let code = "use tonic::codegen::*; x: tonic::Status, y: ::lodestar::codegen::tonic::Code, my_tonic::A";
+        assert_eq!(
+            reroot_tonic_paths(code),
+            "use ::lodestar::codegen::tonic::codegen::*; x: ::lodestar::codegen::tonic::Status, \
+             y: ::lodestar::codegen::tonic::Code, my_tonic::A"
+        );
+    }
+
+    #[test]
+    fn snake_cases_service_names() {
+        assert_eq!(snake_case("RouteGuide"), "route_guide");
+        assert_eq!(snake_case("Greeter"), "greeter");
+    }
+}

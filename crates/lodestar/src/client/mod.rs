@@ -1,0 +1,297 @@
+//! Calling services by name.
+//!
+//! A [`Client`] holds a registry and the settings shared by every call. For
+//! each service name it keeps one [`Channel`]: a local cache of the
+//! service's instances, kept fresh by a background watch of the registry,
+//! and one lazily opened HTTP/2 connection per instance. Generated clients
+//! sit on a channel (`RouteGuideClient::by_name(&client, "route-guide")`).
+//!
+//! # What happens on a call
+//!
+//! 1. **Deadline**: the earliest of the request's own timeout, the deadline
+//!    of the call being served (see [`Deadline`](crate::Deadline)) and the
+//!    client's default. It bounds everything below.
+//! 2. **Pick** an instance from the local cache, round robin by default
+//!    ([`Strategy`]). The registry is never asked on this path.
+//! 3. **Send** over that instance's connection, connecting first if needed.
+//!
+//! An instance that refuses connections is *ejected*: skipped for a while
+//! (1 s, doubling on each further failure up to 30 s by default) unless no
+//! other instance is left. A request that never reached a server (the
+//! connection could not be made, or was found closed before the request
+//! went out) is sent to another instance, whatever its kind. A unary request
+//! to a method marked idempotent in its `.proto` is also sent again when the
+//! instance fails before answering. Otherwise the caller gets `UNAVAILABLE`.
+
+mod balancer;
+mod channel;
+mod connection;
+mod resolver;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use crate::deadline::DeadlineBody;
+pub use channel::{Channel, ResponseBody};
+use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
+
+use crate::MessageLimits;
+use balancer::Balancer;
+
+/// How a [`Channel`] picks an instance for each call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// Each instance in turn (the default).
+    #[default]
+    RoundRobin,
+    /// An instance chosen uniformly at random.
+    Random,
+}
+
+/// Errors a lodestar client attaches as the source of a failed call's
+/// [`Status`](tonic::Status), so a caller can tell why it failed.
+///
+/// ```
+/// # fn handle(status: tonic::Status) {
+/// use std::error::Error as _;
+/// if let Some(lodestar::client::Error::NoInstances { service }) =
+///     status.source().and_then(|e| e.downcast_ref::<lodestar::client::Error>())
+/// {
+///     eprintln!("nothing serves {service} right now");
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The registry has no instance of the service that takes traffic.
+    #[error("no instances of service `{service}` are registered")]
+    NoInstances {
+        /// The service, as `namespace/group/name`.
+        service: ServiceKey,
+    },
+    /// The registry did not answer in time for the first call to the service.
+    #[error("could not resolve service `{service}`: {reason}")]
+    Resolve {
+        /// The service, as `namespace/group/name`.
+        service: ServiceKey,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Every instance tried failed before the request reached it.
+    #[error("no instance of service `{service}` could be reached (last tried {address}): {reason}")]
+    Unreachable {
+        /// The service, as `namespace/group/name`.
+        service: ServiceKey,
+        /// The last address tried.
+        address: String,
+        /// The last error.
+        reason: String,
+    },
+}
+
+/// Calls services by name through a registry.
+///
+/// Cheap to clone; clones share channels and connections. See the
+/// [module docs](self) for what happens on each call.
+///
+/// ```
+/// use std::time::Duration;
+/// use lodestar::{Client, MemoryRegistry, client::Strategy};
+///
+/// let client = Client::builder(MemoryRegistry::new())
+///     .strategy(Strategy::Random)
+///     .timeout(Duration::from_secs(5))
+///     .build();
+/// let channel = client.channel("route-guide"); // lazy: nothing is resolved yet
+/// # drop(channel);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+#[derive(Debug)]
+struct ClientInner {
+    registry: Arc<dyn Registry>,
+    config: Arc<ClientConfig>,
+    channels: Mutex<HashMap<ServiceKey, Channel>>,
+}
+
+/// Settings shared by all the channels of a [`Client`].
+#[derive(Debug, Clone)]
+pub(crate) struct ClientConfig {
+    pub(crate) namespace: String,
+    pub(crate) group: String,
+    pub(crate) strategy: Strategy,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) resolve_timeout: Duration,
+    pub(crate) ejection_base: Duration,
+    pub(crate) ejection_max: Duration,
+    pub(crate) max_attempts: usize,
+    pub(crate) limits: MessageLimits,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            group: DEFAULT_GROUP.to_owned(),
+            strategy: Strategy::RoundRobin,
+            timeout: None,
+            connect_timeout: Duration::from_secs(3),
+            resolve_timeout: Duration::from_secs(5),
+            ejection_base: Duration::from_secs(1),
+            ejection_max: Duration::from_secs(30),
+            max_attempts: 3,
+            limits: MessageLimits::default(),
+        }
+    }
+}
+
+impl Client {
+    /// A client with default settings over `registry`.
+    pub fn new(registry: impl IntoRegistry) -> Self {
+        Self::builder(registry).build()
+    }
+
+    /// Starts configuring a client over `registry`.
+    pub fn builder(registry: impl IntoRegistry) -> ClientBuilder {
+        ClientBuilder {
+            registry: registry.into_registry(),
+            config: ClientConfig::default(),
+        }
+    }
+
+    /// The channel to the service named `service` in the client's namespace
+    /// and group. Channels are created once per service and shared.
+    pub fn channel(&self, service: &str) -> Channel {
+        let key = ServiceKey::new(service)
+            .with_namespace(self.inner.config.namespace.clone())
+            .with_group(self.inner.config.group.clone());
+        self.channel_for(key)
+    }
+
+    /// The channel to the service `key` (any namespace and group).
+    pub fn channel_for(&self, key: ServiceKey) -> Channel {
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        channels
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Channel::new(Arc::new(Balancer::new(
+                    key,
+                    self.inner.registry.clone(),
+                    self.inner.config.clone(),
+                )))
+            })
+            .clone()
+    }
+
+    /// The message size limits generated clients apply.
+    pub fn message_limits(&self) -> MessageLimits {
+        self.inner.config.limits
+    }
+
+    /// The registry this client resolves through.
+    pub fn registry(&self) -> &Arc<dyn Registry> {
+        &self.inner.registry
+    }
+}
+
+/// Configures a [`Client`]. Every setting has a documented default.
+#[derive(Debug)]
+pub struct ClientBuilder {
+    registry: Arc<dyn Registry>,
+    config: ClientConfig,
+}
+
+impl ClientBuilder {
+    /// Namespace of the services this client calls. Default: `default`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.config.namespace = namespace.into();
+        self
+    }
+
+    /// Group of the services this client calls. Default: `default`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.config.group = group.into();
+        self
+    }
+
+    /// How instances are picked. Default: [`Strategy::RoundRobin`].
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.config.strategy = strategy;
+        self
+    }
+
+    /// A deadline for every call that has no earlier one. Default: none.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = Some(timeout);
+        self
+    }
+
+    /// How long to wait for a TCP connection to an instance. Default: 3 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// How long the first call to a service waits for the registry to
+    /// list its instances. Default: 5 s.
+    pub fn resolve_timeout(mut self, timeout: Duration) -> Self {
+        self.config.resolve_timeout = timeout;
+        self
+    }
+
+    /// How long an instance that refused a connection is skipped; doubles
+    /// with each further failure, up to `max`. Default: 1 s, up to 30 s.
+    pub fn ejection(mut self, base: Duration, max: Duration) -> Self {
+        self.config.ejection_base = base;
+        self.config.ejection_max = max.max(base);
+        self
+    }
+
+    /// How many instances one call may be sent to, counting the first.
+    /// Default: 3. At least 1.
+    pub fn max_attempts(mut self, attempts: usize) -> Self {
+        self.config.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Message size limits for generated clients. Default: [`MessageLimits::default`].
+    pub fn message_limits(mut self, limits: MessageLimits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// Builds the client. Nothing is resolved or connected until the first call.
+    pub fn build(self) -> Client {
+        Client {
+            inner: Arc::new(ClientInner {
+                registry: self.registry,
+                config: Arc::new(self.config),
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+/// Anything that can serve as a client's or service's registry: a registry
+/// value, or an `Arc` of one (`Arc<dyn Registry>` included).
+pub trait IntoRegistry {
+    /// Converts into a shared registry.
+    fn into_registry(self) -> Arc<dyn Registry>;
+}
+
+impl<R: Registry> IntoRegistry for R {
+    fn into_registry(self) -> Arc<dyn Registry> {
+        Arc::new(self)
+    }
+}

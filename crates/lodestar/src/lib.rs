@@ -1,0 +1,111 @@
+//! # lodestar
+//!
+//! A microservice framework for Rust. Write a `.proto`, generate a typed
+//! server trait and client with [`lodestar-build`](https://docs.rs/lodestar-build),
+//! implement the trait, and start it with [`Service::builder`]. Other
+//! processes call it **by service name**: lodestar finds the instances in a
+//! [`Registry`], balances calls across them, carries deadlines and
+//! metadata, and keeps working when instances come and go.
+//!
+//! ```no_run
+//! use lodestar::{Client, MemoryRegistry, Service};
+//! # mod routeguide { pub mod route_guide_server { pub struct RouteGuideServer; } }
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = MemoryRegistry::new();
+//!
+//! // A server: serves gRPC (with health and reflection), registers itself,
+//! // heartbeats, and on SIGINT/SIGTERM shuts down gracefully.
+//! let running = Service::builder("route-guide")
+//!     .version("1.0.0")
+//!     .bind("127.0.0.1:0".parse()?)
+//!     .registry(registry.clone())
+//!     // .add_service(RouteGuideServer::new(MyRouteGuide::default()))
+//!     .start()
+//!     .await?;
+//!
+//! // A client: calls `route-guide` by name.
+//! let client = Client::new(registry);
+//! // let mut guide = RouteGuideClient::by_name(&client, "route-guide");
+//! // let feature = guide.get_feature(Point { latitude: 409146138, longitude: -746188906 }).await?;
+//! # running.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The parts:
+//!
+//! * [`Registry`] with [`MemoryRegistry`] (in process);
+//! * [`Client`] and [`client::Channel`]: discovery, load balancing,
+//!   ejection of dead instances, deadlines;
+//! * [`Service`]: the builder that serves, registers and owns the lifecycle;
+//! * [`Deadline`]: deadlines that travel from an inbound call to the calls it makes.
+//!
+//! See `docs/architecture.md` in the repository for how a call flows.
+
+pub mod client;
+mod deadline;
+mod grpc_timeout;
+pub mod server;
+
+pub use client::Client;
+pub use deadline::Deadline;
+pub use lodestar_core::{
+    DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, MemoryRegistry, Registry,
+    RegistryError, Revision, ServiceKey, WatchEvent, WatchStream, registry,
+};
+pub use server::{RunningService, Service, ServiceBuilder};
+/// gRPC metadata (headers and trailers) types.
+pub use tonic::metadata;
+pub use tonic::{Code, Request, Response, Status, Streaming, async_trait};
+
+/// Limits on the size of one gRPC message, in bytes, after decompression.
+///
+/// A message larger than `max_decoding_message_size` is refused with
+/// `RESOURCE_EXHAUSTED`; the connection and the server carry on. Servers and
+/// clients each apply their own limits.
+///
+/// ```
+/// let limits = lodestar::MessageLimits::default();
+/// assert_eq!(limits.max_decoding_message_size, 4 * 1024 * 1024);
+/// assert_eq!(limits.max_encoding_message_size, 4 * 1024 * 1024);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLimits {
+    /// Largest message accepted. Default: 4 MiB (gRPC's usual default).
+    pub max_decoding_message_size: usize,
+    /// Largest message sent. Default: 4 MiB.
+    pub max_encoding_message_size: usize,
+}
+
+impl Default for MessageLimits {
+    fn default() -> Self {
+        Self {
+            max_decoding_message_size: 4 * 1024 * 1024,
+            max_encoding_message_size: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Includes the code that `lodestar-build` generated for a protobuf package.
+///
+/// ```ignore
+/// pub mod routeguide {
+///     lodestar::include_proto!("routeguide");
+/// }
+/// ```
+#[macro_export]
+macro_rules! include_proto {
+    ($package:tt) => {
+        include!(concat!(env!("OUT_DIR"), "/", $package, ".rs"));
+    };
+}
+
+/// What generated code refers to. Not for direct use; its contents follow
+/// the generator and may change.
+#[doc(hidden)]
+pub mod codegen {
+    pub use prost;
+    pub use prost_types;
+    pub use tonic;
+    pub use tonic_prost;
+}

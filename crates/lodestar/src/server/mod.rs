@@ -1,0 +1,574 @@
+//! Serving: the [`Service`] builder and the lifecycle it owns.
+//!
+//! A service **binds** (port 0 is allowed; the real port is what gets
+//! registered), **serves** gRPC over HTTP/2 with `grpc.health.v1.Health`
+//! and server reflection (v1 and v1alpha) added, **registers** with its
+//! registry under a lease and **heartbeats** to keep it. On SIGINT or
+//! SIGTERM (with [`ServiceBuilder::run`]) or on
+//! [`RunningService::shutdown`], it stops in this order:
+//!
+//! 1. health turns `NOT_SERVING`;
+//! 2. the instance is deregistered, so clients stop picking it;
+//! 3. the listener closes and every connection is told to stop opening
+//!    streams (HTTP/2 `GOAWAY`); calls and streams in flight go on;
+//! 4. once they finish, or the grace period ends (then they are cut), the
+//!    service exits.
+//!
+//! Each step is announced as a [`Lifecycle`] event.
+
+mod serve;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use lodestar_core::{Instance, Registry, RegistryError};
+use tokio::sync::{broadcast, watch};
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::MessageLimits;
+use crate::client::IntoRegistry;
+
+/// What `lodestar-build` generates for each server so that [`ServiceBuilder`]
+/// can configure it and describe it through reflection.
+pub trait ServiceDefinition: Sized {
+    /// The encoded `FileDescriptorSet` that declares this service.
+    fn file_descriptor_set() -> &'static [u8];
+    /// Applies the message size limits.
+    fn with_message_limits(self, limits: &MessageLimits) -> Self;
+}
+
+/// Errors that stop a service from starting or from shutting down cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("cannot bind {address}: {source}")]
+    Bind {
+        /// The address asked for.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The reflection descriptors could not be loaded.
+    #[error("invalid file descriptor set for reflection: {0}")]
+    Reflection(String),
+    /// The serving task failed or panicked.
+    #[error("the server task ended abnormally: {0}")]
+    Task(String),
+}
+
+/// The steps of a service's life, in order. See the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lifecycle {
+    /// Accepting connections at this address.
+    Serving(SocketAddr),
+    /// Registered (or registered again) in the registry.
+    Registered,
+    /// Shutdown began; health reports `NOT_SERVING`.
+    NotServing,
+    /// Removed from the registry.
+    Deregistered,
+    /// The listener is closed; connections drain.
+    ListenerClosed,
+    /// Every connection finished (`cut` were still open at the end of the grace period).
+    Drained {
+        /// How many connections were cut at the end of the grace period.
+        cut: usize,
+    },
+}
+
+/// Entry point: `Service::builder("name")`.
+#[derive(Debug)]
+pub struct Service {
+    _private: (),
+}
+
+impl Service {
+    /// Starts describing a service that will register under `name`.
+    pub fn builder(name: impl Into<String>) -> ServiceBuilder {
+        ServiceBuilder {
+            instance: Instance::new(name, ""),
+            id: None,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            registry: None,
+            ttl: Duration::from_secs(10),
+            heartbeat: None,
+            grace: Duration::from_secs(10),
+            limits: MessageLimits::default(),
+            routes: RoutesBuilder::default(),
+            names: Vec::new(),
+            descriptors: Vec::new(),
+        }
+    }
+}
+
+/// Describes a service before it starts. Every setting has a documented default.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lodestar::{MemoryRegistry, Service};
+///
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// Service::builder("greeter")
+///     .version("1.4.0")
+///     .metadata("zone", "eu-1")
+///     .bind("0.0.0.0:50051".parse()?)
+///     .advertise("10.0.0.7:50051")
+///     .registry(MemoryRegistry::new())
+///     .ttl(Duration::from_secs(6))
+///     .grace_period(Duration::from_secs(20))
+///     // .add_service(GreeterServer::new(MyGreeter))
+///     .run() // until SIGINT or SIGTERM, then a graceful shutdown
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct ServiceBuilder {
+    instance: Instance,
+    id: Option<String>,
+    bind: SocketAddr,
+    advertise: Option<String>,
+    registry: Option<Arc<dyn Registry>>,
+    ttl: Duration,
+    heartbeat: Option<Duration>,
+    grace: Duration,
+    limits: MessageLimits,
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    descriptors: Vec<&'static [u8]>,
+}
+
+impl std::fmt::Debug for ServiceBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceBuilder")
+            .field("instance", &self.instance)
+            .field("bind", &self.bind)
+            .field("services", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceBuilder {
+    /// The version registered with the instance. Default: empty.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.instance.version = version.into();
+        self
+    }
+
+    /// Adds a metadata label registered with the instance.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.instance.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Replaces all metadata labels.
+    pub fn labels(mut self, labels: BTreeMap<String, String>) -> Self {
+        self.instance.metadata = labels;
+        self
+    }
+
+    /// Namespace to register in. Default: `default`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.instance.key.namespace = namespace.into();
+        self
+    }
+
+    /// Group to register in. Default: `default`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.instance.key.group = group.into();
+        self
+    }
+
+    /// Weight for weighted balancing. Default: 100.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.instance.weight = weight;
+        self
+    }
+
+    /// The instance id. Default: `{name}-{random hex}`.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Address to listen on. Default: `127.0.0.1:0` (loopback, any free port).
+    pub fn bind(mut self, address: SocketAddr) -> Self {
+        self.bind = address;
+        self
+    }
+
+    /// Address to register, as `host:port`, when it differs from the bound
+    /// one (behind NAT, or bound to `0.0.0.0`). Default: the bound address;
+    /// for an unspecified IP (`0.0.0.0`, `::`), `127.0.0.1` with the bound port.
+    pub fn advertise(mut self, address: impl Into<String>) -> Self {
+        self.advertise = Some(address.into());
+        self
+    }
+
+    /// The registry to register in. Default: none (serve without registering).
+    pub fn registry(mut self, registry: impl IntoRegistry) -> Self {
+        self.registry = Some(registry.into_registry());
+        self
+    }
+
+    /// Lease TTL: how long the registry keeps the instance without a
+    /// heartbeat. Default: 10 s.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Heartbeat interval. Default: a third of the TTL.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat = Some(interval);
+        self
+    }
+
+    /// How long shutdown waits for calls and streams in flight before
+    /// cutting them. Default: 10 s.
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Message size limits for services added after this call.
+    /// Default: [`MessageLimits::default`] (4 MiB each way).
+    pub fn message_limits(mut self, limits: MessageLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Adds a service generated by `lodestar-build`. Its message limits are
+    /// applied and its descriptors served through reflection.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: ServiceDefinition
+            + tower_service::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let service = service.with_message_limits(&self.limits);
+        self.descriptors.push(S::file_descriptor_set());
+        self.add_tonic_service(service)
+    }
+
+    /// Adds any tonic-compatible service as it is (for services not
+    /// generated by `lodestar-build`; their descriptors can be added with
+    /// [`ServiceBuilder::reflect`]).
+    pub fn add_tonic_service<S>(mut self, service: S) -> Self
+    where
+        S: tower_service::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves an encoded `FileDescriptorSet` through reflection.
+    pub fn reflect(mut self, file_descriptor_set: &'static [u8]) -> Self {
+        self.descriptors.push(file_descriptor_set);
+        self
+    }
+
+    /// Binds, starts serving, and registers. Returns once the listener is
+    /// bound; registration failures are logged and retried in the background.
+    pub async fn start(self) -> Result<RunningService, ServeError> {
+        let listener = tokio::net::TcpListener::bind(self.bind)
+            .await
+            .map_err(|source| ServeError::Bind {
+                address: self.bind,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            address: self.bind,
+            source,
+        })?;
+
+        let mut instance = self.instance;
+        instance.address = match self.advertise {
+            Some(address) => address,
+            None if local_addr.ip().is_unspecified() => format!("127.0.0.1:{}", local_addr.port()),
+            None => local_addr.to_string(),
+        };
+        instance.id = self.id.unwrap_or_else(|| {
+            format!(
+                "{}-{:012x}",
+                instance.key.service,
+                random_u64() & 0xffff_ffff_ffff
+            )
+        });
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
+        for name in &self.names {
+            health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
+
+        let mut descriptors = vec![tonic_health::pb::FILE_DESCRIPTOR_SET];
+        for descriptor in &self.descriptors {
+            if !descriptors.iter().any(|d| std::ptr::eq(*d, *descriptor)) {
+                descriptors.push(descriptor);
+            }
+        }
+        let reflection = || {
+            descriptors
+                .iter()
+                .fold(tonic_reflection::server::Builder::configure(), |b, d| {
+                    b.register_encoded_file_descriptor_set(d)
+                })
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+        let mut routes = self.routes;
+        routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let routes = routes.routes().prepare();
+
+        let (events, _) = broadcast::channel(16);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let serve = tokio::spawn(serve::serve(
+            listener,
+            serve::Stack::new(routes),
+            stop_rx,
+            self.grace,
+            events.clone(),
+        ));
+        let _ = events.send(Lifecycle::Serving(local_addr));
+
+        let registration = self.registry.map(|registry| {
+            let heartbeat = self
+                .heartbeat
+                .unwrap_or(self.ttl / 3)
+                .max(Duration::from_millis(10));
+            let task = tokio::spawn(keep_registered(
+                registry.clone(),
+                instance.clone(),
+                self.ttl,
+                heartbeat,
+                events.clone(),
+            ));
+            Registration { registry, task }
+        });
+        tracing::info!(service = %instance.key, instance = %instance.id, address = %local_addr,
+            "serving {}", self.names.join(", "));
+
+        Ok(RunningService {
+            local_addr,
+            instance,
+            health,
+            names: self.names,
+            registration,
+            stop: stop_tx,
+            serve,
+            events,
+        })
+    }
+
+    /// Starts, then runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run(self) -> Result<(), ServeError> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Starts, then runs until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let running = self.start().await?;
+        signal.await;
+        running.shutdown().await
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received; shutting down"),
+        () = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+struct Registration {
+    registry: Arc<dyn Registry>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A started service. Dropping it leaves the service running in the
+/// background; call [`shutdown`](Self::shutdown) to stop it.
+pub struct RunningService {
+    local_addr: SocketAddr,
+    instance: Instance,
+    health: HealthReporter,
+    names: Vec<&'static str>,
+    registration: Option<Registration>,
+    stop: watch::Sender<bool>,
+    serve: tokio::task::JoinHandle<()>,
+    events: broadcast::Sender<Lifecycle>,
+}
+
+impl std::fmt::Debug for RunningService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningService")
+            .field("local_addr", &self.local_addr)
+            .field("instance", &self.instance.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningService {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The instance as registered.
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    /// The health reporter, to change what `grpc.health.v1.Health` reports.
+    pub fn health(&self) -> &HealthReporter {
+        &self.health
+    }
+
+    /// Lifecycle events from now on.
+    pub fn lifecycle(&self) -> broadcast::Receiver<Lifecycle> {
+        self.events.subscribe()
+    }
+
+    /// Shuts down gracefully; see the [module docs](self) for the order.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let key = self.instance.key.clone();
+        tracing::info!(service = %key, instance = %self.instance.id, "shutting down");
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        for name in &self.names {
+            self.health
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = self.events.send(Lifecycle::NotServing);
+        if let Some(registration) = &self.registration {
+            registration.task.abort();
+            let instance_key = self.instance.instance_key();
+            let deregister = registration.registry.deregister(&instance_key);
+            match tokio::time::timeout(Duration::from_secs(5), deregister).await {
+                Ok(Ok(())) => {
+                    let _ = self.events.send(Lifecycle::Deregistered);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(service = %key, error = %e, "deregistration failed; the lease will expire instead")
+                }
+                Err(_) => {
+                    tracing::warn!(service = %key, "deregistration timed out; the lease will expire instead")
+                }
+            }
+        }
+        let _ = self.stop.send(true);
+        self.serve
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))
+    }
+
+    /// Stops at once, as a crash would: no deregistration, no draining;
+    /// connections are cut. The lease expires on its own. For tests and demos.
+    pub async fn abort(self) {
+        if let Some(registration) = &self.registration {
+            registration.task.abort();
+        }
+        self.serve.abort();
+        let _ = self.serve.await;
+    }
+}
+
+/// Registers, then heartbeats; registers again whenever the registry has
+/// lost the lease, and keeps trying while the registry is unreachable.
+async fn keep_registered(
+    registry: Arc<dyn Registry>,
+    instance: Instance,
+    ttl: Duration,
+    interval: Duration,
+    events: broadcast::Sender<Lifecycle>,
+) {
+    let key = instance.instance_key();
+    let mut registered = false;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = if registered {
+            registry.heartbeat(&key).await
+        } else {
+            registry.register(instance.clone(), ttl).await.map(|()| {
+                tracing::info!(service = %instance.key, instance = %instance.id, address = %instance.address, "registered");
+                let _ = events.send(Lifecycle::Registered);
+            })
+        };
+        match result {
+            Ok(()) => registered = true,
+            Err(RegistryError::NotFound(_) | RegistryError::LeaseExpired(_)) => {
+                tracing::warn!(service = %instance.key, instance = %instance.id, "the registry lost this instance; registering again");
+                registered = false;
+                ticker.reset_immediately();
+            }
+            Err(e) => {
+                tracing::warn!(service = %instance.key, instance = %instance.id, error = %e,
+                    "registry unreachable; will retry every {interval:?}");
+                // If the lease is gone by the time the registry is back, a
+                // heartbeat says so and we register again.
+            }
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(u64::from(std::process::id()));
+    hasher.finish()
+}

@@ -1,0 +1,163 @@
+//! The accept loop, the per-connection HTTP/2 server, and the server stack.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinSet;
+use tonic::body::Body;
+use tonic::service::Routes;
+
+use super::Lifecycle;
+use crate::deadline::{self, DeadlineBody, Side};
+
+/// What runs for every request: the inbound deadline, then routing to the
+/// service and method.
+#[derive(Clone)]
+pub(crate) struct Stack {
+    routes: Routes,
+}
+
+impl Stack {
+    pub(crate) fn new(routes: Routes) -> Self {
+        Self { routes }
+    }
+}
+
+type StackFuture =
+    Pin<Box<dyn Future<Output = Result<Response<DeadlineBody<Body>>, Infallible>> + Send>>;
+
+impl tower_service::Service<Request<Incoming>> for Stack {
+    type Response = Response<DeadlineBody<Body>>;
+    type Error = Infallible;
+    type Future = StackFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower_service::Service::<Request<Incoming>>::poll_ready(&mut self.routes, cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let deadline = deadline::inbound(request.headers());
+        if let Some(deadline) = deadline {
+            request.extensions_mut().insert(deadline);
+        }
+        let future = self.routes.call(request);
+        Box::pin(async move {
+            let Some(deadline) = deadline else {
+                let Ok(response) = future.await;
+                return Ok(response.map(|body| DeadlineBody::new(body, None, Side::Server)));
+            };
+            // The handler runs with the inbound deadline as the current one, and
+            // is dropped (cancelled) when it passes.
+            match tokio::time::timeout_at(deadline.instant(), deadline.scope(future)).await {
+                Ok(Ok(response)) => {
+                    Ok(response.map(|body| DeadlineBody::new(body, Some(deadline), Side::Server)))
+                }
+                Err(_) => {
+                    let status = deadline::exceeded("before the handler answered");
+                    Ok(status
+                        .into_http::<Body>()
+                        .map(|body| DeadlineBody::new(body, None, Side::Server)))
+                }
+            }
+        })
+    }
+}
+
+/// Accepts connections until told to stop, then closes the listener, asks
+/// every connection to finish (GOAWAY), and waits up to `grace` for them.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    stack: Stack,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+    events: broadcast::Sender<Lifecycle>,
+) {
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let stopped = async move {
+        // A dropped sender means the handle was dropped: keep serving.
+        if stop.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    connections.spawn(serve_connection(stream, http2.clone(), stack.clone(), drain_rx.clone()));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = events.send(Lifecycle::ListenerClosed);
+    let _ = drain_tx.send(true);
+    let open = connections.len();
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    let cut = match drained {
+        Ok(()) => 0,
+        Err(_) => {
+            let cut = connections.len();
+            tracing::warn!(
+                cut,
+                open,
+                ?grace,
+                "grace period over; cutting the remaining connections"
+            );
+            connections.shutdown().await;
+            cut
+        }
+    };
+    let _ = events.send(Lifecycle::Drained { cut });
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    stack: Stack,
+    mut drain: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let connection = http2.serve_connection(TokioIo::new(stream), TowerToHyperService::new(stack));
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        _ = drain.wait_for(|d| *d) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "connection ended with an error while draining");
+    }
+}
