@@ -265,9 +265,11 @@ impl {module}_client::{name}Client<::lodestar::client::Channel> {{
     pub fn by_name(client: &::lodestar::Client, service: &str) -> Self {{
         const IDEMPOTENT: &[&str] = &[{idempotent}];
         let limits = client.message_limits();
+        // The channel enforces the send limit itself, with the status code
+        // gRPC specifies (RESOURCE_EXHAUSTED); tonic's own check is off.
         Self::new(client.channel(service).with_idempotent_methods(IDEMPOTENT))
             .max_decoding_message_size(limits.max_decoding_message_size)
-            .max_encoding_message_size(limits.max_encoding_message_size)
+            .max_encoding_message_size(usize::MAX)
     }}
 }}
 "#,
@@ -284,8 +286,10 @@ impl<T: {module}_server::{name}> ::lodestar::server::ServiceDefinition for {modu
     }}
 
     fn with_message_limits(self, limits: &::lodestar::MessageLimits) -> Self {{
+        // The server enforces the send limit itself, with the status code
+        // gRPC specifies (RESOURCE_EXHAUSTED); tonic's own check is off.
         self.max_decoding_message_size(limits.max_decoding_message_size)
-            .max_encoding_message_size(limits.max_encoding_message_size)
+            .max_encoding_message_size(usize::MAX)
     }}
 }}
 "#

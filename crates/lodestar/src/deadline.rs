@@ -1,14 +1,10 @@
 //! Deadlines that follow a call from service to service.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
-use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use http::HeaderMap;
+use tokio::time::Instant;
 
 use crate::grpc_timeout;
 
@@ -121,96 +117,4 @@ pub(crate) fn inbound(headers: &HeaderMap) -> Option<Deadline> {
 
 pub(crate) fn exceeded(context: impl std::fmt::Display) -> tonic::Status {
     tonic::Status::deadline_exceeded(format!("deadline exceeded {context}"))
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that ends at a deadline.
-    ///
-    /// On the client, a body still open at the deadline fails with
-    /// `DEADLINE_EXCEEDED`. On the server, it is replaced by trailers saying
-    /// `DEADLINE_EXCEEDED`, and the handler's stream is dropped.
-    pub struct DeadlineBody<B> {
-        #[pin]
-        inner: B,
-        sleep: Option<Pin<Box<Sleep>>>,
-        side: Side,
-        done: bool,
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
-    /// Fail the body.
-    Client,
-    /// End the body with trailers.
-    Server,
-}
-
-impl<B> std::fmt::Debug for DeadlineBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadlineBody")
-            .field("done", &self.done)
-            .finish()
-    }
-}
-
-impl<B> DeadlineBody<B> {
-    pub(crate) fn new(inner: B, deadline: Option<Deadline>, side: Side) -> Self {
-        Self {
-            inner,
-            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.0))),
-            side,
-            done: false,
-        }
-    }
-}
-
-impl<B> Body for DeadlineBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        if *this.done {
-            return Poll::Ready(None);
-        }
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        if let Some(sleep) = this.sleep.as_mut() {
-            ready!(sleep.as_mut().poll(cx));
-            *this.done = true;
-            let status = exceeded("while streaming the response");
-            return Poll::Ready(Some(match this.side {
-                Side::Client => Err(Box::new(status)),
-                Side::Server => {
-                    let mut trailers = HeaderMap::new();
-                    trailers.insert(
-                        "grpc-status",
-                        HeaderValue::from(tonic::Code::DeadlineExceeded as i32),
-                    );
-                    if let Ok(message) = HeaderValue::from_str(status.message()) {
-                        trailers.insert("grpc-message", message);
-                    }
-                    Ok(Frame::trailers(trailers))
-                }
-            }));
-        }
-        Poll::Pending
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -69,8 +69,10 @@ mod tests {
                 "{d:?} -> {parsed:?}"
             );
         }
-        assert_eq!(encode(Duration::from_millis(250)), "250000000n");
-        assert_eq!(encode(Duration::from_secs(100)), "100000000u");
+        assert_eq!(encode(Duration::from_millis(250)), "250000u");
+        assert_eq!(encode(Duration::from_millis(50)), "50000000n");
+        assert_eq!(encode(Duration::from_secs(100)), "100000m");
+        assert_eq!(encode(Duration::from_micros(99_999_999)), "99999999u");
     }
 
     #[test]

@@ -42,6 +42,7 @@
 //!
 //! See `docs/architecture.md` in the repository for how a call flows.
 
+mod body;
 pub mod client;
 mod deadline;
 mod grpc_timeout;

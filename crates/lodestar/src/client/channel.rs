@@ -16,11 +16,13 @@ use tonic::body::Body;
 
 use super::Error;
 use super::balancer::{Balancer, Endpoint};
-use crate::deadline::{self, DeadlineBody, Side};
+use crate::body::{CallBody, RequestBody, Side};
+use crate::deadline;
 
 /// The body of a response received through a [`Channel`]: it fails with
-/// `DEADLINE_EXCEEDED` if still open at the call's deadline.
-pub type ResponseBody = DeadlineBody<Incoming>;
+/// `DEADLINE_EXCEEDED` if still open at the call's deadline, and with
+/// `RESOURCE_EXHAUSTED` on a message over the client's receive limit.
+pub type ResponseBody = CallBody<Incoming>;
 
 /// Calls one named service: picks an instance per call, connects lazily,
 /// applies deadlines, and sends again where that is safe.
@@ -95,7 +97,8 @@ impl tower_service::Service<Request<Body>> for Channel {
                     deadline::exceeded(format_args!("calling {}{path}", balancer.key.service))
                 })??,
             };
-            Ok(response.map(|body| DeadlineBody::new(body, deadline, Side::Client)))
+            let limit = balancer.config.limits.max_decoding_message_size;
+            Ok(response.map(|body| CallBody::new(body, deadline, Side::Received, Some(limit))))
         })
     }
 }
@@ -106,6 +109,8 @@ enum Retry {
     Untouched(Request<Body>),
     /// It may have been seen: only a buffered copy (idempotent calls) may go again.
     Replay,
+    /// The request itself is at fault: no retry, this is the answer.
+    Fail(Status),
 }
 
 async fn dispatch(
@@ -118,11 +123,9 @@ async fn dispatch(
     let (parts, body) = request.into_parts();
     let mut replay: Option<(http::request::Parts, Bytes)> = None;
     let mut request = if idempotent {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| Status::internal(format!("reading the request body: {e}")))?
-            .to_bytes();
+        // The body is the encoded message; encoding errors (such as a
+        // message over the send limit) come out here as they are.
+        let bytes = body.collect().await?.to_bytes();
         replay = Some((clone_parts(&parts), bytes.clone()));
         Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)))
     } else {
@@ -141,7 +144,6 @@ async fn dispatch(
         match send(balancer, endpoint, request).await {
             Ok(response) => return Ok(response),
             Err((retry, error)) => {
-                last_error = Some((endpoint.instance.address.clone(), error.clone()));
                 request = match retry {
                     Retry::Untouched(request) => request,
                     Retry::Replay => match &replay {
@@ -151,9 +153,11 @@ async fn dispatch(
                         ),
                         None => return Err(Status::unavailable(error)),
                     },
+                    Retry::Fail(status) => return Err(status),
                 };
                 tracing::debug!(service = %balancer.key, address = %endpoint.instance.address,
                     %error, "sending to another instance");
+                last_error = Some((endpoint.instance.address.clone(), error));
             }
         }
     }
@@ -186,16 +190,33 @@ async fn send(
         }
     };
     set_origin(&mut request, endpoint);
-    match sender.try_send_request(request).await {
+    let (parts, body) = request.into_parts();
+    let (body, body_error) =
+        RequestBody::new(body, balancer.config.limits.max_encoding_message_size);
+    match sender
+        .try_send_request(Request::from_parts(parts, body))
+        .await
+    {
         Ok(response) => {
             endpoint.succeeded();
             Ok(response)
         }
         Err(mut e) => {
+            if let Some(status) = body_error.get() {
+                // Our own request body failed (e.g. a message over the send
+                // limit): that is the error, and the connection is fine.
+                return Err((Retry::Fail(status.clone()), String::new()));
+            }
             endpoint.connection.reset();
             let message = format!("{} ({})", e.error(), endpoint.instance.address);
             match e.take_message() {
-                Some(request) => Err((Retry::Untouched(request), message)),
+                Some(request) => {
+                    let (parts, body) = request.into_parts();
+                    Err((
+                        Retry::Untouched(Request::from_parts(parts, body.into_inner())),
+                        message,
+                    ))
+                }
                 None => Err((Retry::Replay, message)),
             }
         }

@@ -8,7 +8,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-pub(crate) type Sender = http2::SendRequest<tonic::body::Body>;
+pub(crate) type Sender = http2::SendRequest<crate::body::RequestBody>;
 
 /// The connection to one address: the sender of the open connection, if
 /// any, readable without locking; opening one is single-flight.

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use crate::deadline::DeadlineBody;
+pub use crate::body::CallBody;
 pub use channel::{Channel, ResponseBody};
 use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
 

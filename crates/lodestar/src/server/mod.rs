@@ -105,7 +105,7 @@ impl Service {
             heartbeat: None,
             grace: Duration::from_secs(10),
             limits: MessageLimits::default(),
-            routes: RoutesBuilder::default(),
+            services: Vec::new(),
             names: Vec::new(),
             descriptors: Vec::new(),
         }
@@ -142,10 +142,13 @@ pub struct ServiceBuilder {
     heartbeat: Option<Duration>,
     grace: Duration,
     limits: MessageLimits,
-    routes: RoutesBuilder,
+    services: Vec<AddService>,
     names: Vec<&'static str>,
     descriptors: Vec<&'static [u8]>,
 }
+
+/// Adds one service to the routes, with the final message limits.
+type AddService = Box<dyn FnOnce(&mut RoutesBuilder, &MessageLimits) + Send>;
 
 impl std::fmt::Debug for ServiceBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,7 +243,8 @@ impl ServiceBuilder {
         self
     }
 
-    /// Message size limits for services added after this call.
+    /// Message size limits for every service of this server; a message over
+    /// the receive limit is refused with `RESOURCE_EXHAUSTED`.
     /// Default: [`MessageLimits::default`] (4 MiB each way).
     pub fn message_limits(mut self, limits: MessageLimits) -> Self {
         self.limits = limits;
@@ -260,9 +264,12 @@ impl ServiceBuilder {
             + 'static,
         S::Future: Send + 'static,
     {
-        let service = service.with_message_limits(&self.limits);
+        self.names.push(S::NAME);
         self.descriptors.push(S::file_descriptor_set());
-        self.add_tonic_service(service)
+        self.services.push(Box::new(move |routes, limits| {
+            routes.add_service(service.with_message_limits(limits));
+        }));
+        self
     }
 
     /// Adds any tonic-compatible service as it is (for services not
@@ -279,7 +286,9 @@ impl ServiceBuilder {
         S::Future: Send + 'static,
     {
         self.names.push(S::NAME);
-        self.routes.add_service(service);
+        self.services.push(Box::new(move |routes, _| {
+            routes.add_service(service);
+        }));
         self
     }
 
@@ -290,7 +299,10 @@ impl ServiceBuilder {
     }
 
     /// Binds, starts serving, and registers. Returns once the listener is
-    /// bound; registration failures are logged and retried in the background.
+    /// bound and the first registration attempt has finished (it waits at
+    /// most the TTL or 5 s, whichever is less); if that attempt failed, the
+    /// service serves anyway and registers in the background as soon as the
+    /// registry can be reached.
     pub async fn start(self) -> Result<RunningService, ServeError> {
         let listener = tokio::net::TcpListener::bind(self.bind)
             .await
@@ -345,7 +357,10 @@ impl ServiceBuilder {
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-        let mut routes = self.routes;
+        let mut routes = RoutesBuilder::default();
+        for add in self.services {
+            add(&mut routes, &self.limits);
+        }
         routes
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -356,27 +371,53 @@ impl ServiceBuilder {
         let (stop_tx, stop_rx) = watch::channel(false);
         let serve = tokio::spawn(serve::serve(
             listener,
-            serve::Stack::new(routes),
+            serve::Stack::new(routes, self.limits),
             stop_rx,
             self.grace,
             events.clone(),
         ));
         let _ = events.send(Lifecycle::Serving(local_addr));
 
-        let registration = self.registry.map(|registry| {
-            let heartbeat = self
-                .heartbeat
-                .unwrap_or(self.ttl / 3)
-                .max(Duration::from_millis(10));
-            let task = tokio::spawn(keep_registered(
-                registry.clone(),
-                instance.clone(),
-                self.ttl,
-                heartbeat,
-                events.clone(),
-            ));
-            Registration { registry, task }
-        });
+        let registration = match self.registry {
+            None => None,
+            Some(registry) => {
+                // Try once before returning, so that a started service is
+                // findable; if the registry is down, keep trying in the background.
+                let first = tokio::time::timeout(
+                    self.ttl.min(Duration::from_secs(5)),
+                    registry.register(instance.clone(), self.ttl),
+                )
+                .await;
+                let registered = match first {
+                    Ok(Ok(())) => {
+                        tracing::info!(service = %instance.key, instance = %instance.id, address = %instance.address, "registered");
+                        let _ = events.send(Lifecycle::Registered);
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(service = %instance.key, error = %e, "cannot register yet; serving anyway and retrying");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(service = %instance.key, "the registry did not answer; serving anyway and retrying");
+                        false
+                    }
+                };
+                let heartbeat = self
+                    .heartbeat
+                    .unwrap_or(self.ttl / 3)
+                    .max(Duration::from_millis(10));
+                let task = tokio::spawn(keep_registered(
+                    registry.clone(),
+                    instance.clone(),
+                    self.ttl,
+                    heartbeat,
+                    registered,
+                    events.clone(),
+                ));
+                Some(Registration { registry, task })
+            }
+        };
         tracing::info!(service = %instance.key, instance = %instance.id, address = %local_addr,
             "serving {}", self.names.join(", "));
 
@@ -533,12 +574,16 @@ async fn keep_registered(
     instance: Instance,
     ttl: Duration,
     interval: Duration,
+    mut registered: bool,
     events: broadcast::Sender<Lifecycle>,
 ) {
     let key = instance.instance_key();
-    let mut registered = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if registered {
+        // The first tick completes at once; the first heartbeat is due one interval later.
+        ticker.tick().await;
+    }
     loop {
         ticker.tick().await;
         let result = if registered {

@@ -17,31 +17,34 @@ use tonic::body::Body;
 use tonic::service::Routes;
 
 use super::Lifecycle;
-use crate::deadline::{self, DeadlineBody, Side};
+use crate::MessageLimits;
+use crate::body::{CallBody, Side};
+use crate::deadline;
 
 /// What runs for every request: the inbound deadline, then routing to the
 /// service and method.
 #[derive(Clone)]
 pub(crate) struct Stack {
     routes: Routes,
+    limits: MessageLimits,
 }
 
 impl Stack {
-    pub(crate) fn new(routes: Routes) -> Self {
-        Self { routes }
+    pub(crate) fn new(routes: Routes, limits: MessageLimits) -> Self {
+        Self { routes, limits }
     }
 }
 
 type StackFuture =
-    Pin<Box<dyn Future<Output = Result<Response<DeadlineBody<Body>>, Infallible>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Response<CallBody<Body>>, Infallible>> + Send>>;
 
 impl tower_service::Service<Request<Incoming>> for Stack {
-    type Response = Response<DeadlineBody<Body>>;
+    type Response = Response<CallBody<Body>>;
     type Error = Infallible;
     type Future = StackFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        tower_service::Service::<Request<Incoming>>::poll_ready(&mut self.routes, cx)
+        tower_service::Service::<Request<CallBody<Incoming>>>::poll_ready(&mut self.routes, cx)
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
@@ -49,23 +52,28 @@ impl tower_service::Service<Request<Incoming>> for Stack {
         if let Some(deadline) = deadline {
             request.extensions_mut().insert(deadline);
         }
-        let future = self.routes.call(request);
+        let receive = Some(self.limits.max_decoding_message_size);
+        let send = Some(self.limits.max_encoding_message_size);
+        let future = self
+            .routes
+            .call(request.map(|body| CallBody::new(body, None, Side::Received, receive)));
         Box::pin(async move {
             let Some(deadline) = deadline else {
                 let Ok(response) = future.await;
-                return Ok(response.map(|body| DeadlineBody::new(body, None, Side::Server)));
+                return Ok(
+                    response.map(|body| CallBody::new(body, None, Side::ServerResponse, send))
+                );
             };
             // The handler runs with the inbound deadline as the current one, and
             // is dropped (cancelled) when it passes.
             match tokio::time::timeout_at(deadline.instant(), deadline.scope(future)).await {
-                Ok(Ok(response)) => {
-                    Ok(response.map(|body| DeadlineBody::new(body, Some(deadline), Side::Server)))
-                }
+                Ok(Ok(response)) => Ok(response
+                    .map(|body| CallBody::new(body, Some(deadline), Side::ServerResponse, send))),
                 Err(_) => {
                     let status = deadline::exceeded("before the handler answered");
                     Ok(status
                         .into_http::<Body>()
-                        .map(|body| DeadlineBody::new(body, None, Side::Server)))
+                        .map(|body| CallBody::new(body, None, Side::ServerResponse, None)))
                 }
             }
         })

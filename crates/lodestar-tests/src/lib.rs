@@ -1,0 +1,338 @@
+//! Fixtures for lodestar's behaviour tests: an instrumented `Echo` service
+//! with every call kind, and helpers to start instances on loopback.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use lodestar::{
+    Client, Code, Deadline, Instance, MemoryRegistry, MessageLimits, Registry, Request, Response,
+    RunningService, Service, Status, Streaming,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+
+/// Generated code for the `lodestar.test` package.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    lodestar::include_proto!("lodestar.test");
+}
+
+pub use pb::echo_client::EchoClient;
+pub use pb::echo_server::{Echo, EchoServer};
+pub use pb::*;
+
+/// Every wait in the tests is bounded by this.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Awaits `future`, failing the test if it takes longer than [`TIMEOUT`].
+pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(TIMEOUT, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("timed out after {TIMEOUT:?} waiting for {what}"),
+    }
+}
+
+/// Something a handler reports to the test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A `Sleep` handler was dropped before it finished.
+    SleepCancelled(String),
+    /// A `ServerStream` stream ended; `completed` is false when the client went away.
+    StreamEnded {
+        /// The request's token.
+        token: String,
+        /// Whether every message was sent.
+        completed: bool,
+    },
+}
+
+/// The instrumented `Echo` implementation.
+#[derive(Debug, Clone)]
+pub struct TestEcho {
+    name: String,
+    events: mpsc::UnboundedSender<Event>,
+    client: Option<Client>,
+}
+
+impl TestEcho {
+    /// An instance called `name` that reports to `events` and makes nested
+    /// calls through `client`.
+    pub fn new(name: &str, events: mpsc::UnboundedSender<Event>, client: Option<Client>) -> Self {
+        Self {
+            name: name.to_owned(),
+            events,
+            client,
+        }
+    }
+
+    fn reply(&self, message: String, payload_len: usize) -> EchoReply {
+        EchoReply {
+            message,
+            served_by: self.name.clone(),
+            payload_len: payload_len as u64,
+        }
+    }
+}
+
+/// Reports an event when dropped, unless disarmed.
+struct OnDrop {
+    event: Option<Event>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        if let Some(event) = self.event.take() {
+            let _ = self.events.send(event);
+        }
+    }
+}
+
+fn duration(d: Option<lodestar::codegen::prost_types::Duration>) -> Duration {
+    d.and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or_default()
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[lodestar::async_trait]
+impl Echo for TestEcho {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let mut echoed = lodestar::metadata::MetadataMap::new();
+        for entry in request.metadata().iter() {
+            if let lodestar::metadata::KeyAndValueRef::Ascii(key, value) = entry {
+                if key.as_str().starts_with("x-") {
+                    echoed.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        let message = request.into_inner();
+        let mut response = Response::new(self.reply(message.message, message.payload.len()));
+        *response.metadata_mut() = echoed;
+        Ok(response)
+    }
+
+    async fn write(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let message = request.into_inner();
+        Ok(Response::new(
+            self.reply(message.message, message.payload.len()),
+        ))
+    }
+
+    async fn sleep(&self, request: Request<SleepRequest>) -> Result<Response<()>, Status> {
+        let request = request.into_inner();
+        let mut guard = OnDrop {
+            event: Some(Event::SleepCancelled(request.token)),
+            events: self.events.clone(),
+        };
+        tokio::time::sleep(duration(request.duration)).await;
+        guard.event = None;
+        Ok(Response::new(()))
+    }
+
+    type ServerStreamStream = BoxStream<EchoReply>;
+
+    async fn server_stream(
+        &self,
+        request: Request<StreamRequest>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
+        let request = request.into_inner();
+        let (tx, rx) = mpsc::channel(1);
+        let events = self.events.clone();
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            let mut guard = OnDrop {
+                event: Some(Event::StreamEnded {
+                    token: request.token.clone(),
+                    completed: false,
+                }),
+                events,
+            };
+            let interval = duration(request.interval);
+            for n in 0..request.count {
+                if n > 0 {
+                    tokio::select! {
+                        () = tokio::time::sleep(interval) => {}
+                        () = tx.closed() => return,
+                    }
+                }
+                let reply = EchoReply {
+                    message: format!("{} #{n}", request.token),
+                    served_by: name.clone(),
+                    payload_len: 0,
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+            guard.event = Some(Event::StreamEnded {
+                token: request.token,
+                completed: true,
+            });
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoReply>, Status> {
+        let mut stream = request.into_inner();
+        let (mut count, mut bytes) = (0usize, 0usize);
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            count += 1;
+            bytes += message.payload.len();
+        }
+        Ok(Response::new(
+            self.reply(format!("{count} messages"), bytes),
+        ))
+    }
+
+    type BidiStream = BoxStream<EchoReply>;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Self::BidiStream>, Status> {
+        let this = self.clone();
+        let replies = request
+            .into_inner()
+            .map(move |m| m.map(|m| this.reply(m.message, m.payload.len())));
+        Ok(Response::new(Box::pin(replies)))
+    }
+
+    async fn fail(&self, request: Request<FailRequest>) -> Result<Response<EchoReply>, Status> {
+        let request = request.into_inner();
+        let mut metadata = lodestar::metadata::MetadataMap::new();
+        metadata.insert(
+            "x-failed-by",
+            self.name.parse().map_err(|_| Status::internal("name"))?,
+        );
+        Err(Status::with_metadata(
+            Code::from_i32(request.code),
+            request.message,
+            metadata,
+        ))
+    }
+
+    async fn report_deadline(
+        &self,
+        request: Request<()>,
+    ) -> Result<Response<DeadlineReport>, Status> {
+        let deadline = Deadline::from_request(&request);
+        Ok(Response::new(DeadlineReport {
+            has_deadline: deadline.is_some(),
+            remaining_ms: deadline.map_or(-1, |d| d.remaining().as_millis() as i64),
+            served_by: self.name.clone(),
+        }))
+    }
+
+    async fn nested(
+        &self,
+        request: Request<NestedRequest>,
+    ) -> Result<Response<DeadlineReport>, Status> {
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this instance has no client"))?;
+        let service = request.into_inner().service;
+        let mut next = EchoClient::by_name(client, &service);
+        // No deadline is passed here by hand: lodestar carries the inbound one.
+        next.report_deadline(()).await
+    }
+}
+
+/// A test world: one in-memory registry, events from every instance.
+#[derive(Debug)]
+pub struct World {
+    /// The registry every instance registers in.
+    pub registry: MemoryRegistry,
+    /// What handlers report.
+    pub events: mpsc::UnboundedReceiver<Event>,
+    events_tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl World {
+    /// An empty world.
+    pub fn new() -> Self {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Self {
+            registry: MemoryRegistry::new(),
+            events,
+            events_tx,
+        }
+    }
+
+    /// A builder for an Echo instance named `name` of `service`, on loopback
+    /// port 0, registering in this world's registry with a short TTL.
+    pub fn builder(&self, service: &str, name: &str) -> lodestar::ServiceBuilder {
+        Service::builder(service)
+            .id(name)
+            .registry(self.registry.clone())
+            .ttl(Duration::from_millis(900))
+            .grace_period(Duration::from_secs(5))
+    }
+
+    /// The Echo implementation for an instance named `name`.
+    pub fn echo(&self, name: &str) -> TestEcho {
+        TestEcho::new(name, self.events_tx.clone(), Some(self.client()))
+    }
+
+    /// Starts an Echo instance named `name` of `service`.
+    pub async fn start(&self, service: &str, name: &str) -> RunningService {
+        self.start_with_limits(service, name, MessageLimits::default())
+            .await
+    }
+
+    /// Starts an Echo instance with the given message limits.
+    pub async fn start_with_limits(
+        &self,
+        service: &str,
+        name: &str,
+        limits: MessageLimits,
+    ) -> RunningService {
+        bounded(
+            "an instance to start",
+            self.builder(service, name)
+                .message_limits(limits)
+                .add_service(EchoServer::new(self.echo(name)))
+                .start(),
+        )
+        .await
+        .expect("instance starts")
+    }
+
+    /// A client over this world's registry.
+    pub fn client(&self) -> Client {
+        Client::new(self.registry.clone())
+    }
+
+    /// Waits for the next event from a handler.
+    pub async fn next_event(&mut self) -> Event {
+        bounded("a handler event", self.events.recv())
+            .await
+            .expect("event channel open")
+    }
+}
+
+/// A client that reaches exactly `address`, as the one instance of `service`.
+pub async fn direct(service: &str, address: std::net::SocketAddr) -> Client {
+    let registry = MemoryRegistry::new();
+    registry
+        .register(
+            Instance::new(service, address.to_string()),
+            Duration::from_secs(3600),
+        )
+        .await
+        .expect("register");
+    Client::new(registry)
+}

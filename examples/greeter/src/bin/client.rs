@@ -1,0 +1,39 @@
+//! `greeter-client`: says hello to `greeter`, by name.
+
+use std::time::Duration;
+
+use clap::Parser;
+use greeter::{GreeterClient, HelloRequest, SERVICE_NAME};
+use lodestar::{Client, Instance, MemoryRegistry, Registry};
+
+/// Calls `helloworld.Greeter/SayHello` once and prints the reply.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address of a Greeter server (any language's); it is registered as the
+    /// one instance of `greeter` in a local registry.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// Who to greet.
+    #[arg(long, default_value = "world")]
+    name: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let registry = MemoryRegistry::new();
+    registry
+        .register(
+            Instance::new(SERVICE_NAME, args.addr),
+            Duration::from_secs(365 * 24 * 3600),
+        )
+        .await?;
+    let client = Client::builder(registry)
+        .timeout(Duration::from_secs(10))
+        .build();
+    let mut greeter = GreeterClient::by_name(&client, SERVICE_NAME);
+    let reply = greeter.say_hello(HelloRequest { name: args.name }).await?;
+    println!("{}", reply.into_inner().message);
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! `greeter-server`: serves `helloworld.Greeter` and registers it as `greeter`.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use greeter::{MyGreeter, SERVICE_NAME};
+use lodestar::{MemoryRegistry, Service};
+
+/// Serves the Greeter until SIGINT or SIGTERM, then shuts down gracefully.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve on, exactly (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let running = Service::builder(SERVICE_NAME)
+        .bind(args.addr)
+        .registry(MemoryRegistry::new())
+        .add_service(MyGreeter.into_server())
+        .start()
+        .await?;
+    println!("greeter serving on {}", running.local_addr());
+    lodestar::server::shutdown_signal().await;
+    running.shutdown().await?;
+    Ok(())
+}
