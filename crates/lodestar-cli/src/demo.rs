@@ -5,7 +5,9 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use lodestar::{Client, MemoryRegistry, RunningService, Service, ServiceKey, Status};
+use lodestar::{
+    Client, MemoryRegistry, Registry, RunningService, Service, ServiceKey, Status, WatchEvent,
+};
 use route_guide::{
     Point, Rectangle, RouteGuideClient, RouteGuideService, RouteNote, SERVED_BY, SERVICE_NAME,
     load_features,
@@ -24,10 +26,10 @@ pub(crate) struct Args {
 }
 
 const KINDS: [&str; 4] = [
-    "unary        GetFeature",
-    "server-stream ListFeatures",
-    "client-stream RecordRoute",
-    "bidi         RouteChat",
+    "unary            GetFeature",
+    "server streaming ListFeatures",
+    "client streaming RecordRoute",
+    "bidi streaming   RouteChat",
 ];
 
 #[derive(Default)]
@@ -82,8 +84,11 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         println!("  started {name} on {}", running.local_addr());
         instances.push((name, running));
     }
-    wait_registered(&registry, 3).await?;
-    println!("  all three registered as `{SERVICE_NAME}`\n");
+    let key = ServiceKey::new(SERVICE_NAME);
+    println!(
+        "  {} instances registered as `{SERVICE_NAME}`\n",
+        registry.instances(&key).await?.len()
+    );
 
     let client = Client::builder(registry.clone())
         .timeout(Duration::from_secs(5))
@@ -107,8 +112,10 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let (graceful, running) = instances.remove(1);
     running.shutdown().await?;
     println!("\n  {graceful}: shut down gracefully (NOT_SERVING, deregistered, drained)");
+    let mut watch = registry.watch(&key, Some(registry.revision())).await?;
     let (killed, running) = instances.remove(1);
     running.abort().await;
+    let killed_at = Instant::now();
     println!("  {killed}: killed without deregistering (its lease of {ttl:?} runs out on its own)");
 
     let mut after = Tally::default();
@@ -116,10 +123,36 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         after.record(KINDS[0], unary(&mut guide, &features, round).await);
     }
     print_table(
-        &format!("{} unary calls after the shutdown and the kill", args.after),
+        &format!(
+            "\n{} unary calls after the shutdown and the kill",
+            args.after
+        ),
         &after,
         &instances,
     );
+
+    // The lease of the killed instance runs out; the registry says so.
+    let expired = tokio::time::timeout(ttl * 3, async {
+        while let Some(event) = watch.next().await {
+            if matches!(&event, Ok(WatchEvent::Delete { id, .. }) if *id == killed) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    if expired {
+        println!(
+            "\n  {killed}: lease expired, evicted from the registry {:.1?} after the kill",
+            killed_at.elapsed()
+        );
+    } else {
+        println!(
+            "\n  {killed}: still registered {:?} after the kill (expected it to expire)",
+            ttl * 3
+        );
+    }
 
     let (_, survivor) = instances.remove(0);
     survivor.shutdown().await?;
@@ -142,7 +175,7 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             .sum();
         total += ok + failed;
         total_failed += failed;
-        println!("  {kind:<28} {:>6} {ok:>10} {failed:>7}", ok + failed);
+        println!("  {kind:<30} {:>6} {ok:>10} {failed:>7}", ok + failed);
     }
     for error in tally.errors.iter().chain(&after.errors) {
         println!("  error: {error}");
@@ -158,20 +191,6 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     })
 }
 
-async fn wait_registered(registry: &MemoryRegistry, count: usize) -> Result<(), Box<dyn Error>> {
-    use lodestar::Registry;
-    let key = ServiceKey::new(SERVICE_NAME);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while registry.instances(&key).await?.len() < count {
-        if Instant::now() > deadline {
-            return Err("the instances did not register within 5 s".into());
-        }
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
-}
-
 type Guide = RouteGuideClient<lodestar::client::Channel>;
 
 async fn unary(
@@ -181,7 +200,6 @@ async fn unary(
 ) -> Result<(lodestar::Response<()>, ()), Status> {
     let point = features[round % features.len()]
         .location
-        .clone()
         .unwrap_or_default();
     let response = guide.get_feature(point).await?;
     Ok((response.map(|_| ()), ()))
@@ -217,11 +235,7 @@ async fn record(
     round: usize,
 ) -> Result<(lodestar::Response<()>, i32), Status> {
     let points: Vec<Point> = (0..8)
-        .filter_map(|i| {
-            features[(round * 7 + i * 13) % features.len()]
-                .location
-                .clone()
-        })
+        .filter_map(|i| features[(round * 7 + i * 13) % features.len()].location)
         .collect();
     let response = guide.record_route(tokio_stream::iter(points)).await?;
     let count = response.get_ref().point_count;
@@ -262,7 +276,7 @@ fn print_table(title: &str, tally: &Tally, instances: &[(String, RunningService)
     names.sort();
     names.dedup();
     println!("{title}");
-    print!("  {:<28}", "kind");
+    print!("  {:<30}", "kind");
     for name in &names {
         print!(" {name:>14}");
     }
@@ -271,7 +285,7 @@ fn print_table(title: &str, tally: &Tally, instances: &[(String, RunningService)
         if !tally.served.contains_key(kind) && !tally.failed.contains_key(kind) {
             continue;
         }
-        print!("  {kind:<28}");
+        print!("  {kind:<30}");
         for name in &names {
             let n = tally
                 .served

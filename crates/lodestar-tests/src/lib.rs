@@ -1,5 +1,7 @@
 //! Fixtures for lodestar's behaviour tests: an instrumented `Echo` service
 //! with every call kind, and helpers to start instances on loopback.
+// Fixtures fail the test that uses them, loudly.
+#![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -100,10 +102,10 @@ impl Echo for TestEcho {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let mut echoed = lodestar::metadata::MetadataMap::new();
         for entry in request.metadata().iter() {
-            if let lodestar::metadata::KeyAndValueRef::Ascii(key, value) = entry {
-                if key.as_str().starts_with("x-") {
-                    echoed.insert(key.clone(), value.clone());
-                }
+            if let lodestar::metadata::KeyAndValueRef::Ascii(key, value) = entry
+                && key.as_str().starts_with("x-")
+            {
+                echoed.insert(key.clone(), value.clone());
             }
         }
         let message = request.into_inner();

@@ -83,22 +83,21 @@ where
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            if let (Some(Ok(frame)), Some(limit)) = (&frame, this.limit.as_mut()) {
-                if let Some(data) = frame.data_ref() {
-                    if let Err(status) = limit.scan(data) {
-                        *this.done = true;
-                        return Poll::Ready(Some(end(*this.side, status)));
-                    }
-                }
+            if let (Some(Ok(frame)), Some(limit)) = (&frame, this.limit.as_mut())
+                && let Some(data) = frame.data_ref()
+                && let Err(status) = limit.scan(data)
+            {
+                *this.done = true;
+                return Poll::Ready(Some(end(*this.side, status)));
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if let Some(sleep) = this.sleep.as_mut() {
-            if sleep.as_mut().poll(cx).is_ready() {
-                *this.done = true;
-                let status = deadline::exceeded("while streaming the response");
-                return Poll::Ready(Some(end(*this.side, status)));
-            }
+        if let Some(sleep) = this.sleep.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            *this.done = true;
+            let status = deadline::exceeded("while streaming the response");
+            return Poll::Ready(Some(end(*this.side, status)));
         }
         Poll::Pending
     }
@@ -269,10 +268,10 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         let mut frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(data))) = &frame {
-            if let Some(Err(status)) = data.data_ref().map(|d| this.limit.scan(d)) {
-                frame = Poll::Ready(Some(Err(status)));
-            }
+        if let Poll::Ready(Some(Ok(data))) = &frame
+            && let Some(Err(status)) = data.data_ref().map(|d| this.limit.scan(d))
+        {
+            frame = Poll::Ready(Some(Err(status)));
         }
         if let Poll::Ready(Some(Err(status))) = &frame {
             let _ = this.error.set(status.clone());

@@ -61,11 +61,14 @@ pub fn load_features() -> Vec<Feature> {
         .collect()
 }
 
+/// Notes received by RouteChat, by location.
+type Notes = HashMap<(i32, i32), Vec<RouteNote>>;
+
 /// The RouteGuide implementation.
 #[derive(Debug, Clone)]
 pub struct RouteGuideService {
     features: Arc<Vec<Feature>>,
-    notes: Arc<Mutex<HashMap<(i32, i32), Vec<RouteNote>>>>,
+    notes: Arc<Mutex<Notes>>,
     name: Arc<str>,
 }
 
@@ -204,7 +207,7 @@ impl RouteGuide for RouteGuideService {
                         return;
                     }
                 };
-                let location = note.location.clone().unwrap_or_default();
+                let location = note.location.unwrap_or_default();
                 let earlier = {
                     let mut notes = notes.lock().unwrap_or_else(|e| e.into_inner());
                     let at = notes

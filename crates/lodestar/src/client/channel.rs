@@ -104,6 +104,8 @@ impl tower_service::Service<Request<Body>> for Channel {
 }
 
 /// What is left of a request after a failed attempt.
+// Short-lived and moved once per failed attempt; boxing would cost more.
+#[allow(clippy::large_enum_variant)]
 enum Retry {
     /// The request itself, untouched: it never left this process.
     Untouched(Request<Body>),

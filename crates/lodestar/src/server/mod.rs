@@ -337,7 +337,12 @@ impl ServiceBuilder {
                 .await;
         }
 
-        let mut descriptors = vec![tonic_health::pb::FILE_DESCRIPTOR_SET];
+        // Both reflection versions list every service, themselves included.
+        let mut descriptors = vec![
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
         for descriptor in &self.descriptors {
             if !descriptors.iter().any(|d| std::ptr::eq(*d, *descriptor)) {
                 descriptors.push(descriptor);

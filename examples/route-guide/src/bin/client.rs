@@ -71,7 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("*** RecordRoute");
     let features = load_features();
     let points: Vec<Point> = (0..10)
-        .filter_map(|i| features[(i * 37) % features.len()].location.clone())
+        .filter_map(|i| features[(i * 37) % features.len()].location)
         .collect();
     let summary = guide
         .record_route(tokio_stream::iter(points))

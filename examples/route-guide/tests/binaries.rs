@@ -1,0 +1,110 @@
+//! `route-guide-server` and `route-guide-client` as real processes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Kills the server if the test fails before stopping it.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server() -> (Server, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_route-guide-server"))
+        .args(["--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start route-guide-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let server = Server(child);
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server announces its address");
+    let address = line
+        .strip_prefix("route-guide serving on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_owned();
+    (server, address)
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_client_runs_all_four_call_kinds_against_the_server_which_stops_on_sigterm() {
+    let (mut server, address) = start_server();
+    assert!(
+        !address.ends_with(":0"),
+        "the real port is announced: {address}"
+    );
+
+    let mut client = Command::new(env!("CARGO_BIN_EXE_route-guide-client"))
+        .args(["--addr", &address])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start route-guide-client");
+    let status = wait_with_timeout(&mut client, Duration::from_secs(30));
+    let output = client.wait_with_output().expect("client output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        status.success(),
+        "client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("Lodestar Trailhead, Kestrel Ridge, NJ, USA"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("100 features"), "{stdout}");
+    assert!(stdout.contains("point_count: 10"), "{stdout}");
+    // RouteChat returns, for each note, the earlier notes at its location.
+    let first_run_replies: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("got message"))
+        .collect();
+    assert_eq!(
+        first_run_replies,
+        [
+            "got message \"First message\" at point(0, 1)",
+            "got message \"Second message\" at point(0, 2)",
+            "got message \"Third message\" at point(0, 3)",
+        ]
+    );
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = wait_with_timeout(&mut server.0, Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "the server exits cleanly on SIGTERM: {status:?}"
+    );
+}
