@@ -40,6 +40,9 @@
 //! `IDEMPOTENT`) in its `.proto` may be sent again by the lodestar client
 //! when the instance it went to dies before answering. Other methods are only
 //! retried when lodestar knows that no server saw them.
+//!
+//! [protox]: https://docs.rs/protox
+//! [prost]: https://docs.rs/prost
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;

@@ -37,6 +37,8 @@ pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output
 /// Something a handler reports to the test.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// A `Sleep` handler started.
+    SleepStarted(String),
     /// A `Sleep` handler was dropped before it finished.
     SleepCancelled(String),
     /// A `ServerStream` stream ended; `completed` is false when the client went away.
@@ -123,6 +125,7 @@ impl Echo for TestEcho {
 
     async fn sleep(&self, request: Request<SleepRequest>) -> Result<Response<()>, Status> {
         let request = request.into_inner();
+        let _ = self.events.send(Event::SleepStarted(request.token.clone()));
         let mut guard = OnDrop {
             event: Some(Event::SleepCancelled(request.token)),
             events: self.events.clone(),
@@ -166,6 +169,17 @@ impl Echo for TestEcho {
                 if tx.send(Ok(reply)).await.is_err() {
                     return;
                 }
+            }
+            if !request.trailer.is_empty() {
+                // A status with code OK ends the stream successfully, and
+                // its metadata travels as trailers.
+                let mut trailers = lodestar::metadata::MetadataMap::new();
+                if let Ok(value) = request.trailer.parse() {
+                    trailers.insert("x-trailer", value);
+                }
+                let _ = tx
+                    .send(Err(Status::with_metadata(Code::Ok, "", trailers)))
+                    .await;
             }
             guard.event = Some(Event::StreamEnded {
                 token: request.token,

@@ -68,6 +68,7 @@ async fn every_call_kind_is_spread_over_three_instances() {
             count: 3,
             interval: None,
             token: format!("s{n}"),
+            ..Default::default()
         };
         let stream = bounded("server stream", echo.server_stream(request))
             .await
@@ -182,6 +183,7 @@ async fn deadline_exceeded_reaches_the_caller_and_cancels_the_handler() {
         .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(world.next_event().await, Event::SleepStarted("slow".into()));
     assert_eq!(
         world.next_event().await,
         Event::SleepCancelled("slow".into())
@@ -204,7 +206,35 @@ async fn deadline_exceeded_reaches_the_caller_and_cancels_the_handler() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(
         world.next_event().await,
+        Event::SleepStarted("default".into())
+    );
+    assert_eq!(
+        world.next_event().await,
         Event::SleepCancelled("default".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_unary_call_cancels_the_handler() {
+    let mut world = World::new();
+    let _running = world.start("echo", "a").await;
+    let client = world.client();
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let call = tokio::spawn(async move {
+        echo.sleep(SleepRequest {
+            duration: Some(Duration::from_secs(60).try_into().unwrap()),
+            token: "abandoned".into(),
+        })
+        .await
+    });
+    assert_eq!(
+        world.next_event().await,
+        Event::SleepStarted("abandoned".into())
+    );
+    call.abort();
+    assert_eq!(
+        world.next_event().await,
+        Event::SleepCancelled("abandoned".into())
     );
 }
 
@@ -218,6 +248,7 @@ async fn a_deadline_that_passes_mid_stream_ends_the_stream() {
         count: 1000,
         interval: Some(Duration::from_millis(20).try_into().unwrap()),
         token: "long".into(),
+        trailer: String::new(),
     });
     request.set_timeout(Duration::from_millis(300));
     let mut stream = bounded("stream start", echo.server_stream(request))
@@ -289,6 +320,7 @@ async fn dropping_a_server_stream_ends_it_on_the_server() {
         count: 10_000,
         interval: Some(Duration::from_millis(5).try_into().unwrap()),
         token: "dropped".into(),
+        trailer: String::new(),
     };
     let mut stream = bounded("stream start", echo.server_stream(request))
         .await
@@ -476,6 +508,7 @@ async fn an_oversized_message_is_resource_exhausted_and_the_next_call_succeeds()
         count: 2,
         interval: None,
         token: "y".repeat(2048),
+        ..Default::default()
     };
     let mut stream = bounded("stream start", small.server_stream(request))
         .await
@@ -490,6 +523,7 @@ async fn an_oversized_message_is_resource_exhausted_and_the_next_call_succeeds()
         count: 2,
         interval: None,
         token: "short".into(),
+        ..Default::default()
     };
     let stream = bounded("stream start", small.server_stream(request))
         .await
@@ -558,6 +592,7 @@ async fn instances_that_refuse_connections_are_skipped_for_every_call_kind() {
                 count: 1,
                 interval: None,
                 token: String::new(),
+                ..Default::default()
             }),
         )
         .await

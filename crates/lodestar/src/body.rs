@@ -34,7 +34,8 @@ pin_project_lite::pin_project! {
     pub struct CallBody<B> {
         #[pin]
         inner: B,
-        sleep: Option<Pin<Box<Sleep>>>,
+        #[pin]
+        sleep: Option<Sleep>,
         side: Side,
         done: bool,
         limit: Option<FrameLimit>,
@@ -58,7 +59,7 @@ impl<B> CallBody<B> {
     ) -> Self {
         Self {
             inner,
-            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.instant()))),
+            sleep: deadline.map(|d| tokio::time::sleep_until(d.instant())),
             side,
             done: false,
             limit: limit.map(FrameLimit::new),
@@ -92,8 +93,8 @@ where
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if let Some(sleep) = this.sleep.as_mut()
-            && sleep.as_mut().poll(cx).is_ready()
+        if let Some(sleep) = this.sleep.as_pin_mut()
+            && sleep.poll(cx).is_ready()
         {
             *this.done = true;
             let status = deadline::exceeded("while streaming the response");

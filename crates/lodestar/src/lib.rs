@@ -7,28 +7,33 @@
 //! [`Registry`], balances calls across them, carries deadlines and
 //! metadata, and keeps working when instances come and go.
 //!
-//! ```no_run
+//! ```
+//! // `greeter` is the example crate: `helloworld.proto` plus a `Greeter` implementation.
+//! use greeter::{GreeterClient, GreeterServer, HelloRequest, MyGreeter};
 //! use lodestar::{Client, MemoryRegistry, Service};
-//! # mod routeguide { pub mod route_guide_server { pub struct RouteGuideServer; } }
 //!
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let registry = MemoryRegistry::new();
 //!
-//! // A server: serves gRPC (with health and reflection), registers itself,
-//! // heartbeats, and on SIGINT/SIGTERM shuts down gracefully.
-//! let running = Service::builder("route-guide")
+//! // A server: serves gRPC (with health and reflection), registers itself
+//! // and heartbeats. `run()` instead of `start()` would also shut down
+//! // gracefully on SIGINT/SIGTERM.
+//! let running = Service::builder("greeter")
 //!     .version("1.0.0")
 //!     .bind("127.0.0.1:0".parse()?)
 //!     .registry(registry.clone())
-//!     // .add_service(RouteGuideServer::new(MyRouteGuide::default()))
+//!     .add_service(GreeterServer::new(MyGreeter))
 //!     .start()
 //!     .await?;
 //!
-//! // A client: calls `route-guide` by name.
+//! // A client: calls `greeter` by name.
 //! let client = Client::new(registry);
-//! // let mut guide = RouteGuideClient::by_name(&client, "route-guide");
-//! // let feature = guide.get_feature(Point { latitude: 409146138, longitude: -746188906 }).await?;
-//! # running.shutdown().await?;
+//! let mut greeter = GreeterClient::by_name(&client, "greeter");
+//! let reply = greeter.say_hello(HelloRequest { name: "Ada".into() }).await?;
+//! assert_eq!(reply.into_inner().message, "Hello Ada!");
+//!
+//! running.shutdown().await?;
 //! # Ok(()) }
 //! ```
 //!

@@ -1,11 +1,12 @@
 //! The gRPC hello-world `helloworld.Greeter` service on lodestar: the
 //! smallest complete lodestar service.
 //!
-//! ```no_run
+//! ```
 //! use greeter::{GreeterClient, HelloRequest, MyGreeter};
 //! use lodestar::{Client, MemoryRegistry, Service};
 //!
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let registry = MemoryRegistry::new();
 //! let server = Service::builder("greeter")
 //!     .registry(registry.clone())

@@ -135,13 +135,13 @@ async fn dispatch(
     };
 
     let endpoints = balancer.endpoints();
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried = [usize::MAX; super::MAX_ATTEMPTS];
     let mut last_error: Option<(String, String)> = None;
-    for _ in 0..balancer.config.max_attempts.min(endpoints.len().max(1)) {
-        let Some(index) = balancer.pick(&endpoints, &tried) else {
+    for attempt in 0..balancer.config.max_attempts.min(endpoints.len().max(1)) {
+        let Some(index) = balancer.pick(&endpoints, &tried[..attempt]) else {
             break;
         };
-        tried.push(index);
+        tried[attempt] = index;
         let endpoint = &endpoints[index];
         match send(balancer, endpoint, request).await {
             Ok(response) => return Ok(response),

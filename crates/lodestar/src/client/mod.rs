@@ -39,6 +39,9 @@ use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
 use crate::MessageLimits;
 use balancer::Balancer;
 
+/// The most instances one call is ever sent to.
+const MAX_ATTEMPTS: usize = 8;
+
 /// How a [`Channel`] picks an instance for each call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -259,9 +262,9 @@ impl ClientBuilder {
     }
 
     /// How many instances one call may be sent to, counting the first.
-    /// Default: 3. At least 1.
+    /// Default: 3. At least 1, at most 8.
     pub fn max_attempts(mut self, attempts: usize) -> Self {
-        self.config.max_attempts = attempts.max(1);
+        self.config.max_attempts = attempts.clamp(1, MAX_ATTEMPTS);
         self
     }
 
