@@ -338,6 +338,30 @@ impl World {
             .await
             .expect("event channel open")
     }
+
+    /// Asserts that the `Sleep` handler for `token` started and was cancelled.
+    pub async fn expect_sleep_cancelled(&mut self, token: &str) {
+        assert_eq!(self.next_event().await, Event::SleepStarted(token.into()));
+        assert_eq!(self.next_event().await, Event::SleepCancelled(token.into()));
+    }
+}
+
+/// A `Sleep` request for `duration`, tagged `token`.
+pub fn sleep_request(token: &str, duration: Duration) -> SleepRequest {
+    SleepRequest {
+        duration: duration.try_into().ok(),
+        token: token.to_owned(),
+    }
+}
+
+/// A `ServerStream` request for `count` replies, one every `interval`.
+pub fn stream_request(token: &str, count: u32, interval: Duration) -> StreamRequest {
+    StreamRequest {
+        count,
+        interval: interval.try_into().ok(),
+        token: token.to_owned(),
+        trailer: String::new(),
+    }
 }
 
 /// A client that reaches exactly `address`, as the one instance of `service`.

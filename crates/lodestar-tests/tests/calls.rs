@@ -172,10 +172,7 @@ async fn deadline_exceeded_reaches_the_caller_and_cancels_the_handler() {
     let client = world.client();
     let mut echo = EchoClient::by_name(&client, "echo");
 
-    let mut request = Request::new(SleepRequest {
-        duration: Some(Duration::from_secs(30).try_into().unwrap()),
-        token: "slow".into(),
-    });
+    let mut request = Request::new(sleep_request("slow", Duration::from_secs(30)));
     request.set_timeout(Duration::from_millis(200));
     let started = tokio::time::Instant::now();
     let status = bounded("the sleeping call", echo.sleep(request))
@@ -183,11 +180,7 @@ async fn deadline_exceeded_reaches_the_caller_and_cancels_the_handler() {
         .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(world.next_event().await, Event::SleepStarted("slow".into()));
-    assert_eq!(
-        world.next_event().await,
-        Event::SleepCancelled("slow".into())
-    );
+    world.expect_sleep_cancelled("slow").await;
 
     // A client-wide default deadline works the same way.
     let client = Client::builder(world.registry.clone())
@@ -196,22 +189,12 @@ async fn deadline_exceeded_reaches_the_caller_and_cancels_the_handler() {
     let mut echo = EchoClient::by_name(&client, "echo");
     let status = bounded(
         "the sleeping call",
-        echo.sleep(SleepRequest {
-            duration: Some(Duration::from_secs(30).try_into().unwrap()),
-            token: "default".into(),
-        }),
+        echo.sleep(sleep_request("default", Duration::from_secs(30))),
     )
     .await
     .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert_eq!(
-        world.next_event().await,
-        Event::SleepStarted("default".into())
-    );
-    assert_eq!(
-        world.next_event().await,
-        Event::SleepCancelled("default".into())
-    );
+    world.expect_sleep_cancelled("default").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,11 +204,8 @@ async fn dropping_a_unary_call_cancels_the_handler() {
     let client = world.client();
     let mut echo = EchoClient::by_name(&client, "echo");
     let call = tokio::spawn(async move {
-        echo.sleep(SleepRequest {
-            duration: Some(Duration::from_secs(60).try_into().unwrap()),
-            token: "abandoned".into(),
-        })
-        .await
+        echo.sleep(sleep_request("abandoned", Duration::from_secs(60)))
+            .await
     });
     assert_eq!(
         world.next_event().await,
