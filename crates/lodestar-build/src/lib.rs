@@ -148,7 +148,12 @@ impl Builder {
                 }
             }
         }
-        let descriptor_path = out_dir.join("lodestar_descriptor.bin");
+        // One file per set of inputs, so that several compile calls in one
+        // build script each keep their own descriptors.
+        let descriptor_path = out_dir.join(format!(
+            "lodestar_descriptor_{:016x}.bin",
+            inputs_hash(protos, includes)
+        ));
         std::fs::write(&descriptor_path, compiler.encode_file_descriptor_set())?;
         let fds = compiler.file_descriptor_set();
 
@@ -215,6 +220,22 @@ impl prost_build::ServiceGenerator for Generator {
             );
         }
     }
+}
+
+/// A stable hash of the input paths (the same on every build).
+fn inputs_hash(protos: &[impl AsRef<Path>], includes: &[impl AsRef<Path>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() uses fixed keys, so this is stable across runs.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in protos
+        .iter()
+        .map(AsRef::as_ref)
+        .chain([Path::new("--")])
+        .chain(includes.iter().map(AsRef::as_ref))
+    {
+        path.hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 fn snake_case(name: &str) -> String {

@@ -364,6 +364,48 @@ pub fn stream_request(token: &str, count: u32, interval: Duration) -> StreamRequ
     }
 }
 
+/// An address where TCP connections hang: a listener whose accept queue is
+/// full, so the kernel drops new connection attempts until they time out.
+#[derive(Debug)]
+pub struct Blackhole {
+    /// Where connecting hangs.
+    pub address: std::net::SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl Blackhole {
+    /// Opens one; panics if the kernel does not behave as described.
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let listener = socket.listen(0).expect("listen");
+        let address = listener.local_addr().expect("address");
+        let mut queued = Vec::new();
+        for _ in 0..16 {
+            match std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)) {
+                Ok(stream) => queued.push(stream),
+                Err(_) => {
+                    return Self {
+                        address,
+                        _listener: listener,
+                        _queued: queued,
+                    };
+                }
+            }
+        }
+        panic!("the accept queue of {address} never filled up");
+    }
+}
+
+impl Default for Blackhole {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A client that reaches exactly `address`, as the one instance of `service`.
 pub async fn direct(service: &str, address: std::net::SocketAddr) -> Client {
     let registry = MemoryRegistry::new();

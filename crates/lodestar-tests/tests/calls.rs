@@ -629,3 +629,182 @@ async fn when_no_instance_can_be_reached_the_error_says_which_were_tried() {
         status.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_queued_behind_a_hanging_connect_share_its_failure() {
+    let world = World::new();
+    let _live = world.start("echo", "b-live").await;
+    let hole = Blackhole::new();
+    world
+        .registry
+        .register(
+            Instance::new("echo", hole.address.to_string()).with_id("a-hole"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let client = Client::builder(world.registry.clone())
+        .connect_timeout(Duration::from_millis(500))
+        .build();
+    let started = tokio::time::Instant::now();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let mut echo = EchoClient::by_name(&client, "echo");
+            tokio::spawn(async move { echo.unary(EchoRequest::default()).await })
+        })
+        .collect();
+    for call in calls {
+        let reply = bounded("a call", call).await.unwrap().unwrap();
+        assert_eq!(reply.into_inner().served_by, "b-live");
+    }
+    // One 500 ms connect attempt, shared; one after another would take 2 s or more.
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1800), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_carries_the_time_that_is_left() {
+    let world = World::new();
+    let _live = world.start("echo", "b-live").await;
+    let hole = Blackhole::new();
+    world
+        .registry
+        .register(
+            Instance::new("echo", hole.address.to_string()).with_id("a-hole"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let client = Client::builder(world.registry.clone())
+        .connect_timeout(Duration::from_millis(1000))
+        .build();
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let mut request = Request::new(());
+    request.set_timeout(Duration::from_secs(3));
+    // The first pick is the hole (ids sort first); after its 1 s connect
+    // timeout, the live instance gets what is left of the 3 s.
+    let report = bounded("the call", echo.report_deadline(request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.served_by, "b-live");
+    assert!(
+        report.has_deadline && report.remaining_ms <= 2100,
+        "{report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_messages_before_an_oversized_one_are_delivered() {
+    let world = World::new();
+    let limits = MessageLimits {
+        max_encoding_message_size: 1024,
+        ..MessageLimits::default()
+    };
+    let _running = world.start_with_limits("echo", "a", limits).await;
+    let client = world.client();
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let requests = vec![
+        EchoRequest {
+            message: "small".into(),
+            payload: vec![],
+        },
+        EchoRequest {
+            message: "x".repeat(2048),
+            payload: vec![],
+        },
+    ];
+    let mut replies = bounded("bidi", echo.bidi(tokio_stream::iter(requests)))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = bounded("first reply", replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.message, "small");
+    let status = bounded("second reply", replies.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_in_the_middle_of_a_stream_is_resource_exhausted() {
+    let world = World::new();
+    let _running = world.start("echo", "a").await;
+    let client = Client::builder(world.registry.clone())
+        .message_limits(MessageLimits {
+            max_encoding_message_size: 1024,
+            ..MessageLimits::default()
+        })
+        .build();
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = bounded(
+        "bidi",
+        echo.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    tx.send(EchoRequest {
+        message: "small".into(),
+        payload: vec![],
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        bounded("reply", replies.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .message,
+        "small"
+    );
+    tx.send(EchoRequest {
+        message: String::new(),
+        payload: vec![0; 4096],
+    })
+    .await
+    .unwrap();
+    let status = bounded("the oversized send", replies.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_outlives_its_first_runtime_keeps_following_the_registry() {
+    let world = World::new();
+    let _a = world.start("echo", "a").await;
+    let client = world.client();
+    let first = client.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut echo = EchoClient::by_name(&first, "echo");
+            echo.unary(EchoRequest::default()).await.unwrap();
+        });
+        // The runtime, and the resolver it ran, end here.
+    })
+    .join()
+    .unwrap();
+    let _b = world.start("echo", "b").await;
+    let mut echo = EchoClient::by_name(&client, "echo");
+    bounded("a call served by the instance that came later", async {
+        loop {
+            let reply = echo
+                .unary(EchoRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if reply.served_by == "b" {
+                break;
+            }
+        }
+    })
+    .await;
+}

@@ -12,10 +12,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-async fn next_lifecycle(events: &mut tokio::sync::broadcast::Receiver<Lifecycle>) -> Lifecycle {
-    bounded("a lifecycle event", events.recv())
+async fn next_lifecycle(events: &mut lodestar::server::LifecycleEvents) -> Lifecycle {
+    bounded("a lifecycle event", events.next())
         .await
-        .expect("lifecycle channel open")
+        .expect("lifecycle events open")
 }
 
 async fn ids(world: &World, service: &str) -> Vec<String> {
@@ -54,6 +54,12 @@ async fn graceful_shutdown_deregisters_closes_the_listener_then_drains_in_flight
     assert_eq!(first.message, "in-flight #0");
 
     let mut lifecycle = running.lifecycle();
+    // Subscribing late still shows every step so far.
+    assert_eq!(
+        next_lifecycle(&mut lifecycle).await,
+        Lifecycle::Serving(address)
+    );
+    assert_eq!(next_lifecycle(&mut lifecycle).await, Lifecycle::Registered);
     let shutdown = tokio::spawn(running.shutdown());
     assert_eq!(next_lifecycle(&mut lifecycle).await, Lifecycle::NotServing);
     assert_eq!(
@@ -135,7 +141,7 @@ async fn streams_still_open_at_the_end_of_the_grace_period_are_cut() {
         "{took:?}"
     );
     let mut last = None;
-    while let Ok(event) = lifecycle.try_recv() {
+    while let Some(event) = lifecycle.try_next() {
         last = Some(event);
     }
     assert_eq!(last, Some(Lifecycle::Drained { cut: 1 }));
@@ -362,6 +368,23 @@ async fn an_instance_the_registry_lost_registers_again() {
         "{event:?}"
     );
     running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_the_registry_refuses_fails_start() {
+    let world = World::new();
+    let error = world
+        .builder("echo", "a")
+        .advertise("")
+        .add_service(EchoServer::new(world.echo("a")))
+        .start()
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("refused to register a") && message.contains("empty address"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

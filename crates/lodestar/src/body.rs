@@ -1,8 +1,8 @@
-//! [`CallBody`]: the body wrapper that enforces a call's deadline and the
-//! receive limit on message size.
+//! Body wrappers that enforce a call's deadline and the limits on message size.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -11,6 +11,12 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use crate::deadline::{self, Deadline};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The first error a request body yielded, shared with the response side so
+/// the caller learns *why* a call failed rather than that a stream was reset.
+pub(crate) type RequestError = Arc<OnceLock<tonic::Status>>;
 
 /// Which body a [`CallBody`] wraps, which decides how it ends a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,9 +31,11 @@ pub(crate) enum Side {
 pin_project_lite::pin_project! {
     /// A gRPC body with a deadline and a limit on the size of each message.
     ///
-    /// * At the deadline, the call ends with `DEADLINE_EXCEEDED`.
+    /// * At the deadline, the call ends with `DEADLINE_EXCEEDED`, even if
+    ///   the body always has more data ready.
     /// * A message whose length prefix exceeds the limit ends the call with
-    ///   `RESOURCE_EXHAUSTED` before any of it is buffered.
+    ///   `RESOURCE_EXHAUSTED` before any of it is buffered; the complete
+    ///   messages before it are still delivered.
     ///
     /// A body being received fails with the status; a server's response
     /// ends with trailers carrying it.
@@ -36,9 +44,13 @@ pin_project_lite::pin_project! {
         inner: B,
         #[pin]
         sleep: Option<Sleep>,
+        deadline: Option<Deadline>,
         side: Side,
-        done: bool,
         limit: Option<FrameLimit>,
+        // An error to yield on the next poll, after the data before it.
+        pending: Option<tonic::Status>,
+        request_error: Option<RequestError>,
+        done: bool,
     }
 }
 
@@ -60,59 +72,95 @@ impl<B> CallBody<B> {
         Self {
             inner,
             sleep: deadline.map(|d| tokio::time::sleep_until(d.instant())),
+            deadline,
             side,
-            done: false,
             limit: limit.map(FrameLimit::new),
+            pending: None,
+            request_error: None,
+            done: false,
         }
+    }
+
+    /// Reports `error`, if set, in place of the error of this body (the
+    /// response to the request that failed).
+    pub(crate) fn with_request_error(mut self, error: RequestError) -> Self {
+        self.request_error = Some(error);
+        self
     }
 }
 
 impl<B> Body for CallBody<B>
 where
     B: Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
+        let mut this = self.project();
         if *this.done {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            if let (Some(Ok(frame)), Some(limit)) = (&frame, this.limit.as_mut())
-                && let Some(data) = frame.data_ref()
-                && let Err(status) = limit.scan(data)
-            {
-                *this.done = true;
-                return Poll::Ready(Some(end(*this.side, status)));
-            }
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        if let Some(status) = this.pending.take() {
+            *this.done = true;
+            return Poll::Ready(Some(end(*this.side, status)));
         }
-        if let Some(sleep) = this.sleep.as_pin_mut()
+        // The deadline first: a body that always has data must still end.
+        if let Some(sleep) = this.sleep.as_mut().as_pin_mut()
             && sleep.poll(cx).is_ready()
         {
             *this.done = true;
-            let status = deadline::exceeded("while streaming the response");
+            let status = deadline::exceeded("while streaming");
             return Poll::Ready(Some(end(*this.side, status)));
         }
-        Poll::Pending
+        // A server's response stream runs with the inbound deadline current,
+        // so calls made while producing it are bounded by it too.
+        let frame = match (*this.side, *this.deadline) {
+            (Side::ServerResponse, Some(deadline)) => {
+                deadline::sync_scope(deadline, || this.inner.as_mut().poll_frame(cx))
+            }
+            _ => this.inner.as_mut().poll_frame(cx),
+        };
+        let Poll::Ready(frame) = frame else {
+            return Poll::Pending;
+        };
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => {
+                *this.done = true;
+                if let Some(status) = this.request_error.as_ref().and_then(|e| e.get()) {
+                    return Poll::Ready(Some(Err(Box::new(status.clone()))));
+                }
+                return Poll::Ready(Some(Err(error.into())));
+            }
+            None => return Poll::Ready(None),
+        };
+        if let (Some(limit), Some(data)) = (this.limit.as_mut(), frame.data_ref())
+            && let Err((valid, status)) = limit.scan(data)
+        {
+            if valid == 0 {
+                *this.done = true;
+                return Poll::Ready(Some(end(*this.side, status)));
+            }
+            // Deliver the complete messages before the oversized one first.
+            *this.pending = Some(status);
+            return Poll::Ready(Some(Ok(Frame::data(data.slice(..valid)))));
+        }
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        self.done || (self.pending.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn end(side: Side, status: tonic::Status) -> Result<Frame<Bytes>, BoxError> {
     match side {
@@ -152,7 +200,10 @@ impl FrameLimit {
         }
     }
 
-    fn scan(&mut self, data: &Bytes) -> Result<(), tonic::Status> {
+    /// Follows `data`. On an oversized message, returns how many leading
+    /// bytes of `data` are complete messages (or parts of them) before the
+    /// oversized message's header, and the status to end the call with.
+    fn scan(&mut self, data: &Bytes) -> Result<(), (usize, tonic::Status)> {
         let mut chunk = &data[..];
         while chunk.has_remaining() {
             if self.remaining > 0 {
@@ -163,23 +214,23 @@ impl FrameLimit {
                 self.remaining -= skip as u64;
                 continue;
             }
+            let header_start = data.len() - chunk.len();
             let take = (5 - self.have).min(chunk.len());
             self.header[self.have..self.have + take].copy_from_slice(&chunk[..take]);
             chunk.advance(take);
+            // Where this header began in `data` (0 if it began in an earlier chunk).
+            let began = if self.have == 0 { header_start } else { 0 };
             self.have += take;
             if self.have == 5 {
                 self.have = 0;
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
+                let [_, a, b, c, d] = self.header;
+                let len = u32::from_be_bytes([a, b, c, d]);
                 if u64::from(len) > self.limit as u64 {
-                    return Err(tonic::Status::resource_exhausted(format!(
+                    let status = tonic::Status::resource_exhausted(format!(
                         "message of {len} bytes is larger than the limit of {} bytes",
                         self.limit
-                    )));
+                    ));
+                    return Err((began, status));
                 }
                 self.remaining = u64::from(len);
             }
@@ -188,69 +239,27 @@ impl FrameLimit {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(len: u32) -> Vec<u8> {
-        let mut v = vec![0];
-        v.extend_from_slice(&len.to_be_bytes());
-        v.extend(std::iter::repeat_n(7, len as usize));
-        v
-    }
-
-    #[test]
-    fn follows_frames_split_anywhere() {
-        let mut stream = frame(3);
-        stream.extend(frame(10));
-        stream.extend(frame(0));
-        stream.extend(frame(11));
-        for split in 1..stream.len() {
-            let mut limit = FrameLimit::new(10);
-            let (a, b) = stream.split_at(split);
-            let first = limit.scan(&Bytes::copy_from_slice(a));
-            let result = first.and_then(|()| limit.scan(&Bytes::copy_from_slice(b)));
-            let status = result.expect_err("the 11-byte message is over the limit");
-            assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-            assert!(
-                status.message().contains("11 bytes"),
-                "{}",
-                status.message()
-            );
-        }
-        let mut limit = FrameLimit::new(10);
-        assert!(limit.scan(&Bytes::from(frame(10))).is_ok());
-        assert!(limit.scan(&Bytes::from(frame(1))).is_ok());
-    }
-}
-
 pin_project_lite::pin_project! {
-    /// A request body that keeps the first error it yields, so that the
-    /// caller learns why a request failed (for example, a message over the
-    /// send limit) instead of only that the stream was reset.
+    /// A request body that refuses messages over the send limit and keeps
+    /// the first error it yields (see [`RequestError`]).
     pub(crate) struct RequestBody {
         #[pin]
         inner: tonic::body::Body,
         limit: FrameLimit,
-        error: std::sync::Arc<std::sync::OnceLock<tonic::Status>>,
+        pending: Option<tonic::Status>,
+        error: RequestError,
     }
 }
 
 impl RequestBody {
     /// Wraps `inner`, refusing messages over `limit` bytes.
-    pub(crate) fn new(
-        inner: tonic::body::Body,
-        limit: usize,
-    ) -> (Self, std::sync::Arc<std::sync::OnceLock<tonic::Status>>) {
-        let error = std::sync::Arc::new(std::sync::OnceLock::new());
-        (
-            Self {
-                inner,
-                limit: FrameLimit::new(limit),
-                error: error.clone(),
-            },
+    pub(crate) fn new(inner: tonic::body::Body, limit: usize, error: RequestError) -> Self {
+        Self {
+            inner,
+            limit: FrameLimit::new(limit),
+            pending: None,
             error,
-        )
+        }
     }
 
     /// The wrapped body, for sending again elsewhere.
@@ -268,23 +277,104 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        let mut frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(data))) = &frame
-            && let Some(Err(status)) = data.data_ref().map(|d| this.limit.scan(d))
-        {
-            frame = Poll::Ready(Some(Err(status)));
+        let fail = |error: &RequestError, status: tonic::Status| {
+            let _ = error.set(status.clone());
+            Poll::Ready(Some(Err(status)))
+        };
+        if let Some(status) = this.pending.take() {
+            return fail(this.error, status);
         }
-        if let Poll::Ready(Some(Err(status))) = &frame {
-            let _ = this.error.set(status.clone());
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err((valid, status)) = this.limit.scan(data)
+                {
+                    if valid == 0 {
+                        return fail(this.error, status);
+                    }
+                    *this.pending = Some(status);
+                    return Poll::Ready(Some(Ok(Frame::data(data.slice(..valid)))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(status))) => fail(this.error, status),
+            other => other,
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.pending.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: u32) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend(std::iter::repeat_n(7, len as usize));
+        v
+    }
+
+    #[test]
+    fn follows_frames_split_anywhere_and_keeps_what_came_before() {
+        let mut stream = frame(3);
+        stream.extend(frame(10));
+        stream.extend(frame(0));
+        let valid = stream.len();
+        stream.extend(frame(11));
+        for split in 1..stream.len() {
+            let mut limit = FrameLimit::new(10);
+            let (a, b) = stream.split_at(split);
+            let (chunk, offset, result) = match limit.scan(&Bytes::copy_from_slice(a)) {
+                Err(e) => (a, 0, Err(e)),
+                Ok(()) => (b, a.len(), limit.scan(&Bytes::copy_from_slice(b))),
+            };
+            let (kept, status) = result.expect_err("the 11-byte message is over the limit");
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                status.message().contains("11 bytes"),
+                "{}",
+                status.message()
+            );
+            // Everything before the bad header is delivered, and nothing after it.
+            if valid >= offset {
+                assert_eq!(kept, (valid - offset).min(chunk.len()), "split at {split}");
+            } else {
+                assert_eq!(kept, 0, "split at {split}");
+            }
+        }
+        let mut limit = FrameLimit::new(10);
+        assert!(limit.scan(&Bytes::from(frame(10))).is_ok());
+        assert!(limit.scan(&Bytes::from(frame(1))).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_is_always_ready_still_ends_at_the_deadline() {
+        use http_body_util::BodyExt;
+        let endless = http_body_util::StreamBody::new(futures_util::stream::repeat_with(|| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(frame(1))))
+        }));
+        let deadline = Deadline::after(std::time::Duration::from_millis(10));
+        let mut body = std::pin::pin!(CallBody::new(
+            endless,
+            Some(deadline),
+            Side::Received,
+            Some(16)
+        ));
+        tokio::time::advance(std::time::Duration::from_millis(20)).await;
+        let error = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect_err("the deadline has passed");
+        let status = error.downcast::<tonic::Status>().expect("a status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
     }
 }

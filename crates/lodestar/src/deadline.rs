@@ -43,9 +43,10 @@ tokio::task_local! {
 pub struct Deadline(Instant);
 
 impl Deadline {
-    /// A deadline `timeout` from now.
+    /// A deadline `timeout` from now (timeouts too large for the clock mean
+    /// "decades from now").
     pub fn after(timeout: Duration) -> Self {
-        Self(Instant::now() + timeout)
+        Self(later(Instant::now(), timeout))
     }
 
     /// A deadline at `instant`.
@@ -86,25 +87,43 @@ impl Deadline {
     }
 }
 
+/// `now + d`, saturating at a point decades away instead of overflowing.
+pub(crate) fn later(now: Instant, d: Duration) -> Instant {
+    const DECADES: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    now.checked_add(d.min(DECADES))
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
+}
+
+/// Runs `f` with `deadline` as the current deadline (or the current one, if
+/// that is earlier). For code that polls futures or streams by hand.
+pub(crate) fn sync_scope<R>(deadline: Deadline, f: impl FnOnce() -> R) -> R {
+    let effective = Deadline::current().map_or(deadline, |current| current.min(deadline));
+    CURRENT.sync_scope(effective, f)
+}
+
 /// The deadline for an outbound request: the earliest of its own
 /// `grpc-timeout`, the current inbound deadline, and the client default.
-/// Rewrites the header to the time that is left.
-pub(crate) fn outbound(headers: &mut HeaderMap, default: Option<Duration>) -> Option<Deadline> {
+pub(crate) fn outbound(headers: &HeaderMap, default: Option<Duration>) -> Option<Deadline> {
     let now = Instant::now();
     let candidates = [
         headers
             .get(grpc_timeout::HEADER)
             .and_then(grpc_timeout::parse)
-            .map(|d| Deadline(now + d)),
+            .map(|d| Deadline(later(now, d))),
         Deadline::current(),
-        default.map(|d| Deadline(now + d)),
+        default.map(|d| Deadline(later(now, d))),
     ];
-    let deadline = candidates.into_iter().flatten().min()?;
+    candidates.into_iter().flatten().min()
+}
+
+/// Sets `grpc-timeout` to the time left until `deadline`, just before a
+/// request goes out (again).
+pub(crate) fn set_header(headers: &mut HeaderMap, deadline: Deadline) {
     headers.insert(
         grpc_timeout::HEADER,
         grpc_timeout::encode(deadline.remaining()),
     );
-    Some(deadline)
 }
 
 /// The deadline of an inbound request, from its `grpc-timeout` header.

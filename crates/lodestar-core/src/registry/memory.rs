@@ -310,7 +310,9 @@ impl Registry for MemoryRegistry {
     }
 
     async fn instances(&self, service: &ServiceKey) -> Result<Vec<Instance>, RegistryError> {
-        Ok(self.shared.lock().snapshot(service))
+        let mut state = self.shared.lock();
+        self.ensure_sweeper(&mut state);
+        Ok(state.snapshot(service))
     }
 
     async fn services(&self, namespace: &str) -> Result<Vec<ServiceKey>, RegistryError> {
@@ -331,6 +333,7 @@ impl Registry for MemoryRegistry {
         since: Option<Revision>,
     ) -> Result<WatchStream, RegistryError> {
         let mut state = self.shared.lock();
+        self.ensure_sweeper(&mut state);
         let revision = state.revision;
         let initial: VecDeque<WatchEvent> = match since {
             Some(since) if since >= state.compacted && since <= revision => state
@@ -359,7 +362,7 @@ impl Registry for MemoryRegistry {
 
         let watcher = Watcher {
             pending: initial,
-            rx,
+            rx: Some(rx),
             registry: Arc::downgrade(&self.shared),
             service: service.clone(),
             last: since.unwrap_or(0).min(revision),
@@ -370,7 +373,8 @@ impl Registry for MemoryRegistry {
 
 struct Watcher {
     pending: VecDeque<WatchEvent>,
-    rx: broadcast::Receiver<WatchEvent>,
+    /// Always `Some` until dropped.
+    rx: Option<broadcast::Receiver<WatchEvent>>,
     registry: Weak<Shared>,
     service: ServiceKey,
     /// The last revision handed out; never hand out an older one.
@@ -382,13 +386,13 @@ impl Watcher {
         loop {
             let event = match self.pending.pop_front() {
                 Some(event) => event,
-                None => match self.rx.recv().await {
+                None => match self.rx.as_mut()?.recv().await {
                     Ok(event) => event,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         // Too slow to follow every change: start over from the current state.
                         let shared = self.registry.upgrade()?;
                         let state = shared.lock();
-                        self.rx = self.rx.resubscribe();
+                        self.rx = self.rx.as_ref().map(broadcast::Receiver::resubscribe);
                         WatchEvent::Snapshot {
                             revision: state.revision,
                             instances: state.snapshot(&self.service),
@@ -402,6 +406,16 @@ impl Watcher {
                 self.last = self.last.max(event.revision());
                 return Some((Ok(event), self));
             }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // The last watcher of a service with no instances takes its entry along.
+        drop(self.rx.take());
+        if let Some(shared) = self.registry.upgrade() {
+            shared.lock().drop_if_unused(&self.service);
         }
     }
 }
@@ -557,6 +571,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.revision(), 2);
+    }
+
+    #[tokio::test]
+    async fn watching_an_empty_service_leaves_nothing_behind() {
+        let r = MemoryRegistry::new();
+        let w = r.watch(&ServiceKey::new("ghost"), None).await.unwrap();
+        assert_eq!(r.shared.lock().services.len(), 1);
+        drop(w);
+        assert_eq!(r.shared.lock().services.len(), 0);
     }
 
     #[tokio::test]

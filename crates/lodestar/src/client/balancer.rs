@@ -1,7 +1,8 @@
 //! The instances of one service, and how one is picked for a call.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
@@ -23,7 +24,10 @@ pub(crate) struct Balancer {
     synced: AtomicBool,
     synced_notify: Notify,
     cursor: AtomicUsize,
-    resolver: OnceLock<AbortOnDrop>,
+    /// Whether a resolver task is running; it clears this when it ends
+    /// (for example because the runtime it ran on shut down).
+    resolving: Arc<AtomicBool>,
+    resolver: Mutex<Option<AbortOnDrop>>,
 }
 
 #[derive(Debug)]
@@ -32,6 +36,15 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Clears the `resolving` flag when the resolver task ends or is dropped.
+pub(crate) struct ResolvingGuard(Arc<AtomicBool>);
+
+impl Drop for ResolvingGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -49,23 +62,21 @@ impl Balancer {
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
             cursor: AtomicUsize::new(0),
-            resolver: OnceLock::new(),
+            resolving: Arc::new(AtomicBool::new(false)),
+            resolver: Mutex::new(None),
         }
     }
 
-    /// Starts the resolver on first use (it needs a runtime) and waits for
-    /// its first snapshot.
+    /// Makes sure a resolver runs (starting one needs a runtime, so it
+    /// happens on first use, and again if the old one's runtime is gone),
+    /// and waits for the first snapshot.
     pub(crate) async fn ready(self: &Arc<Self>) -> Result<(), super::Error> {
+        if !self.resolving.load(Ordering::Acquire) {
+            self.start_resolver();
+        }
         if self.synced.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.resolver.get_or_init(|| {
-            AbortOnDrop(tokio::spawn(resolver::run(
-                self.registry.clone(),
-                self.key.clone(),
-                Arc::downgrade(self),
-            )))
-        });
         let wait = async {
             loop {
                 let notified = self.synced_notify.notified();
@@ -86,19 +97,50 @@ impl Balancer {
             })
     }
 
-    /// Replaces the instance set; connections to instances that stay are kept.
+    fn start_resolver(self: &Arc<Self>) {
+        let mut resolver = self.resolver.lock().unwrap_or_else(|e| e.into_inner());
+        if self.resolving.swap(true, Ordering::AcqRel) {
+            return; // another caller started one
+        }
+        let guard = ResolvingGuard(self.resolving.clone());
+        *resolver = Some(AbortOnDrop(tokio::spawn(resolver::run(
+            self.registry.clone(),
+            self.key.clone(),
+            Arc::downgrade(self),
+            guard,
+        ))));
+    }
+
+    /// Replaces the instance set. Instances that stay keep their connection
+    /// and ejection state, and take on any change to their metadata.
     pub(crate) fn update(&self, instances: impl Iterator<Item = Instance>) {
         let old = self.endpoints.load();
+        let existing: HashMap<(&str, &str), &Arc<Endpoint>> = old
+            .iter()
+            .map(|e| ((e.instance.id.as_str(), e.instance.address.as_str()), e))
+            .collect();
         let mut next: Vec<Arc<Endpoint>> = instances
             .filter(Instance::is_routable)
             .filter_map(|instance| {
-                if let Some(existing) = old.iter().find(|e| {
-                    e.instance.id == instance.id && e.instance.address == instance.address
-                }) {
-                    return Some(existing.clone());
+                let same = existing
+                    .get(&(instance.id.as_str(), instance.address.as_str()))
+                    .map(|e| Arc::clone(e));
+                if let Some(same) = same {
+                    if same.instance == instance {
+                        return Some(same);
+                    }
+                    return Some(Arc::new(Endpoint {
+                        instance,
+                        authority: same.authority.clone(),
+                        connection: same.connection.clone(),
+                    }));
                 }
                 match instance.address.parse::<Authority>() {
-                    Ok(authority) => Some(Arc::new(Endpoint::new(instance, authority))),
+                    Ok(authority) => Some(Arc::new(Endpoint {
+                        connection: Arc::new(Connection::new(instance.address.clone())),
+                        instance,
+                        authority,
+                    })),
                     Err(e) => {
                         tracing::warn!(service = %self.key, instance = %instance.id,
                             address = %instance.address, error = %e,
@@ -116,92 +158,45 @@ impl Balancer {
     }
 
     /// The current endpoints.
-    pub(crate) fn endpoints(&self) -> arc_swap::Guard<Arc<Vec<Arc<Endpoint>>>> {
-        self.endpoints.load()
+    pub(crate) fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
     }
 
-    /// Picks an endpoint not in `tried`, preferring ones not ejected.
-    pub(crate) fn pick(&self, endpoints: &[Arc<Endpoint>], tried: &[usize]) -> Option<usize> {
+    /// Picks an endpoint not in `tried` (endpoint addresses, from
+    /// `Arc::as_ptr`), preferring ones not ejected.
+    pub(crate) fn pick(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        tried: &[usize],
+    ) -> Option<Arc<Endpoint>> {
         let n = endpoints.len();
         if n == 0 {
             return None;
         }
         let start = match self.config.strategy {
-            Strategy::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed),
+            Strategy::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
             Strategy::Random => fastrand::usize(..n),
         };
         let now = Instant::now();
-        let candidates = (0..n)
-            .map(|i| (start + i) % n)
-            .filter(|i| !tried.contains(i));
         let mut fallback = None;
-        for i in candidates {
-            if !endpoints[i].is_ejected(now) {
-                return Some(i);
+        for endpoint in endpoints[start..].iter().chain(&endpoints[..start]) {
+            if tried.contains(&(Arc::as_ptr(endpoint) as usize)) {
+                continue;
+            }
+            if !endpoint.connection.is_ejected(now) {
+                return Some(endpoint.clone());
             }
             // Everything ejected: rather try one than fail outright.
-            fallback.get_or_insert(i);
+            fallback.get_or_insert(endpoint);
         }
-        fallback
+        fallback.cloned()
     }
 }
 
-/// One instance, its connection and its ejection state.
+/// One instance and the connection to its address.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     pub(crate) instance: Instance,
     pub(crate) authority: Authority,
-    pub(crate) connection: Connection,
-    /// Ejected until this many nanoseconds after [`epoch`].
-    ejected_until: AtomicU64,
-    failures: AtomicU32,
-}
-
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn nanos_since_epoch(at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
-}
-
-impl Endpoint {
-    fn new(instance: Instance, authority: Authority) -> Self {
-        let connection = Connection::new(instance.address.clone());
-        Self {
-            instance,
-            authority,
-            connection,
-            ejected_until: AtomicU64::new(0),
-            failures: AtomicU32::new(0),
-        }
-    }
-
-    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && nanos_since_epoch(now) < until
-    }
-
-    /// Skips this endpoint for a while: `base`, doubled for each failure in
-    /// a row, at most `max`.
-    pub(crate) fn eject(&self, config: &ClientConfig) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
-        let duration = config
-            .ejection_base
-            .saturating_mul(1u32 << failures)
-            .min(config.ejection_max);
-        let until = nanos_since_epoch(Instant::now() + duration).max(1);
-        self.ejected_until.store(until, Ordering::Relaxed);
-        tracing::debug!(instance = %self.instance.id, address = %self.instance.address,
-            ?duration, "instance ejected");
-    }
-
-    /// Clears the ejection after a success.
-    pub(crate) fn succeeded(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
-            self.ejected_until.store(0, Ordering::Relaxed);
-        }
-    }
+    pub(crate) connection: Arc<Connection>,
 }

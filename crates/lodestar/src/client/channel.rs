@@ -16,7 +16,8 @@ use tonic::body::Body;
 
 use super::Error;
 use super::balancer::{Balancer, Endpoint};
-use crate::body::{CallBody, RequestBody, Side};
+use super::connection::Sender;
+use crate::body::{CallBody, RequestBody, RequestError, Side};
 use crate::deadline;
 
 /// The body of a response received through a [`Channel`]: it fails with
@@ -79,26 +80,28 @@ impl tower_service::Service<Request<Body>> for Channel {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
         let balancer = self.balancer.clone();
         let idempotent = self.idempotent.contains(&request.uri().path());
         // Read the inbound deadline here, inside the caller's task.
-        let deadline = deadline::outbound(request.headers_mut(), balancer.config.timeout);
+        let deadline = deadline::outbound(request.headers(), balancer.config.timeout);
         Box::pin(async move {
-            let path = request.uri().path().to_owned();
+            let request_error = RequestError::default();
+            let call = dispatch(&balancer, request, idempotent, deadline, &request_error);
             let response = match deadline {
-                None => dispatch(&balancer, request, idempotent).await?,
-                Some(deadline) => tokio::time::timeout_at(
-                    deadline.instant(),
-                    dispatch(&balancer, request, idempotent),
-                )
-                .await
-                .map_err(|_| {
-                    deadline::exceeded(format_args!("calling {}{path}", balancer.key.service))
-                })??,
+                None => call.await?,
+                Some(deadline) => {
+                    let service = &balancer.key.service;
+                    tokio::time::timeout_at(deadline.instant(), call)
+                        .await
+                        .map_err(|_| deadline::exceeded(format_args!("calling {service}")))??
+                }
             };
             let limit = balancer.config.limits.max_decoding_message_size;
-            Ok(response.map(|body| CallBody::new(body, deadline, Side::Received, Some(limit))))
+            Ok(response.map(|body| {
+                CallBody::new(body, deadline, Side::Received, Some(limit))
+                    .with_request_error(request_error)
+            }))
         })
     }
 }
@@ -108,7 +111,11 @@ impl tower_service::Service<Request<Body>> for Channel {
 #[allow(clippy::large_enum_variant)]
 enum Retry {
     /// The request itself, untouched: it never left this process.
-    Untouched(Request<Body>),
+    Untouched {
+        request: Request<Body>,
+        /// The endpoint may take it on a new connection (only the old one failed).
+        same_endpoint: bool,
+    },
     /// It may have been seen: only a buffered copy (idempotent calls) may go again.
     Replay,
     /// The request itself is at fault: no retry, this is the answer.
@@ -119,6 +126,8 @@ async fn dispatch(
     balancer: &Arc<Balancer>,
     request: Request<Body>,
     idempotent: bool,
+    deadline: Option<crate::Deadline>,
+    request_error: &RequestError,
 ) -> Result<Response<Incoming>, Status> {
     balancer.ready().await.map_err(unavailable)?;
     // An idempotent unary request is buffered, so it can be sent again.
@@ -134,34 +143,47 @@ async fn dispatch(
         Request::from_parts(parts, body)
     };
 
-    let endpoints = balancer.endpoints();
-    let mut tried = [usize::MAX; super::MAX_ATTEMPTS];
+    let mut tried = [0usize; super::MAX_ATTEMPTS];
+    let mut tried_count = 0;
     let mut last_error: Option<(String, String)> = None;
-    for attempt in 0..balancer.config.max_attempts.min(endpoints.len().max(1)) {
-        let Some(index) = balancer.pick(&endpoints, &tried[..attempt]) else {
+    for _ in 0..balancer.config.max_attempts {
+        // The instance set may have changed since the last attempt.
+        let endpoints = balancer.endpoints();
+        let Some(endpoint) = balancer.pick(&endpoints, &tried[..tried_count]) else {
             break;
         };
-        tried[attempt] = index;
-        let endpoint = &endpoints[index];
-        match send(balancer, endpoint, request).await {
-            Ok(response) => return Ok(response),
-            Err((retry, error)) => {
-                request = match retry {
-                    Retry::Untouched(request) => request,
-                    Retry::Replay => match &replay {
-                        Some((parts, bytes)) => Request::from_parts(
-                            clone_parts(parts),
-                            Body::new(http_body_util::Full::new(bytes.clone())),
-                        ),
-                        None => return Err(Status::unavailable(error)),
-                    },
-                    Retry::Fail(status) => return Err(status),
-                };
-                tracing::debug!(service = %balancer.key, address = %endpoint.instance.address,
-                    %error, "sending to another instance");
-                last_error = Some((endpoint.instance.address.clone(), error));
-            }
+        if let Some(deadline) = deadline {
+            deadline::set_header(request.headers_mut(), deadline);
         }
+        let (retry, error) = match send(balancer, &endpoint, request, request_error).await {
+            Ok(response) => return Ok(response),
+            Err(failure) => failure,
+        };
+        let same_endpoint = matches!(
+            retry,
+            Retry::Untouched {
+                same_endpoint: true,
+                ..
+            }
+        );
+        if !same_endpoint {
+            tried[tried_count] = Arc::as_ptr(&endpoint) as usize;
+            tried_count += 1;
+        }
+        request = match retry {
+            Retry::Untouched { request, .. } => request,
+            Retry::Replay => match &replay {
+                Some((parts, bytes)) => Request::from_parts(
+                    clone_parts(parts),
+                    Body::new(http_body_util::Full::new(bytes.clone())),
+                ),
+                None => return Err(Status::unavailable(error)),
+            },
+            Retry::Fail(status) => return Err(status),
+        };
+        tracing::debug!(service = %balancer.key, address = %endpoint.instance.address,
+            %error, "sending again");
+        last_error = Some((endpoint.instance.address.clone(), error));
     }
     Err(unavailable(match last_error {
         None => Error::NoInstances {
@@ -179,50 +201,73 @@ async fn send(
     balancer: &Balancer,
     endpoint: &Endpoint,
     mut request: Request<Body>,
+    request_error: &RequestError,
 ) -> Result<Response<Incoming>, (Retry, String)> {
-    let mut sender = match endpoint
-        .connection
-        .sender(balancer.config.connect_timeout)
-        .await
-    {
+    let config = &balancer.config;
+    let connection = &endpoint.connection;
+    let sender = match connection.sender(config.connect_timeout).await {
         Ok(sender) => sender,
         Err(e) => {
-            endpoint.eject(&balancer.config);
-            return Err((Retry::Untouched(request), e.to_string()));
+            if e.attempted {
+                connection.eject(config.ejection_base, config.ejection_max);
+            }
+            let retry = Retry::Untouched {
+                request,
+                same_endpoint: false,
+            };
+            return Err((retry, e.message));
         }
     };
     set_origin(&mut request, endpoint);
     let (parts, body) = request.into_parts();
-    let (body, body_error) =
-        RequestBody::new(body, balancer.config.limits.max_encoding_message_size);
-    match sender
+    let body = RequestBody::new(
+        body,
+        config.limits.max_encoding_message_size,
+        request_error.clone(),
+    );
+    match Sender::clone(&sender)
         .try_send_request(Request::from_parts(parts, body))
         .await
     {
         Ok(response) => {
-            endpoint.succeeded();
+            connection.succeeded();
             Ok(response)
         }
         Err(mut e) => {
-            if let Some(status) = body_error.get() {
+            if let Some(status) = request_error.get() {
                 // Our own request body failed (e.g. a message over the send
                 // limit): that is the error, and the connection is fine.
                 return Err((Retry::Fail(status.clone()), String::new()));
             }
-            endpoint.connection.reset();
+            if !is_stream_error(e.error()) {
+                connection.reset(&sender);
+            }
             let message = format!("{} ({})", e.error(), endpoint.instance.address);
-            match e.take_message() {
+            let retry = match e.take_message() {
                 Some(request) => {
                     let (parts, body) = request.into_parts();
-                    Err((
-                        Retry::Untouched(Request::from_parts(parts, body.into_inner())),
-                        message,
-                    ))
+                    Retry::Untouched {
+                        request: Request::from_parts(parts, body.into_inner()),
+                        same_endpoint: true,
+                    }
                 }
-                None => Err((Retry::Replay, message)),
-            }
+                None => Retry::Replay,
+            };
+            Err((retry, message))
         }
     }
+}
+
+/// Whether a failure concerned only this stream (the connection is fine).
+fn is_stream_error(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_reset() && !h2.is_go_away();
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn set_origin(request: &mut Request<Body>, endpoint: &Endpoint) {

@@ -1,22 +1,58 @@
-//! One lazily opened HTTP/2 connection to one instance.
+//! One lazily opened HTTP/2 connection to one address, and that address's
+//! ejection state.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::Arc;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-pub(crate) type Sender = http2::SendRequest<crate::body::RequestBody>;
+use crate::body::RequestBody;
+
+pub(crate) type Sender = http2::SendRequest<RequestBody>;
 
 /// The connection to one address: the sender of the open connection, if
-/// any, readable without locking; opening one is single-flight.
+/// any, readable without locking. Opening one is single-flight, and callers
+/// that queued behind a failed attempt share its failure instead of trying
+/// again one after another.
 #[derive(Debug)]
 pub(crate) struct Connection {
     address: String,
     current: ArcSwapOption<Sender>,
     opening: tokio::sync::Mutex<()>,
+    /// Finished connect attempts; tells a queued caller that one failed meanwhile.
+    attempts: AtomicU64,
+    last_error: Mutex<Option<ConnectError>>,
+    /// Ejected until this many nanoseconds after [`epoch`]; 0 when not ejected.
+    ejected_until: AtomicU64,
+    failures: AtomicU32,
+}
+
+/// A connection could not be had.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectError {
+    pub(crate) message: String,
+    /// False when this caller only waited for someone else's failed attempt.
+    pub(crate) attempted: bool,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Connection {
@@ -25,47 +61,84 @@ impl Connection {
             address,
             current: ArcSwapOption::empty(),
             opening: tokio::sync::Mutex::new(()),
+            attempts: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            ejected_until: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
         }
     }
 
-    /// A sender on an open connection, opening one if there is none.
-    pub(crate) async fn sender(&self, connect_timeout: Duration) -> Result<Sender, ConnectError> {
+    /// The sender of the open connection, opening one if there is none.
+    pub(crate) async fn sender(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<Arc<Sender>, ConnectError> {
         if let Some(sender) = self.live() {
             return Ok(sender);
         }
+        let seen = self.attempts.load(Ordering::Acquire);
         let _opening = self.opening.lock().await;
         if let Some(sender) = self.live() {
             return Ok(sender);
         }
-        let sender = tokio::time::timeout(connect_timeout, self.open())
-            .await
-            .map_err(|_| {
-                ConnectError(format!(
-                    "connect to {} timed out after {connect_timeout:?}",
-                    self.address
-                ))
-            })??;
-        self.current.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
+        if self.attempts.load(Ordering::Acquire) != seen {
+            // An attempt finished while we queued and left no connection.
+            let last = self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Err(ConnectError {
+                message: last.map_or_else(
+                    || format!("connect to {} failed", self.address),
+                    |e| e.message,
+                ),
+                attempted: false,
+            });
+        }
+        let result = match tokio::time::timeout(connect_timeout, self.open()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "connect to {} timed out after {connect_timeout:?}",
+                self.address
+            )),
+        };
+        let outcome = match result {
+            Ok(sender) => {
+                let sender = Arc::new(sender);
+                self.current.store(Some(sender.clone()));
+                Ok(sender)
+            }
+            Err(message) => {
+                let error = ConnectError {
+                    message,
+                    attempted: true,
+                };
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.clone());
+                Err(error)
+            }
+        };
+        self.attempts.fetch_add(1, Ordering::AcqRel);
+        outcome
     }
 
-    fn live(&self) -> Option<Sender> {
-        let guard = self.current.load();
-        guard
-            .as_ref()
-            .filter(|s| !s.is_closed())
-            .map(|s| Sender::clone(s))
+    fn live(&self) -> Option<Arc<Sender>> {
+        self.current.load_full().filter(|s| !s.is_closed())
     }
 
-    /// Forgets the current connection (it failed); the next call opens a new one.
-    pub(crate) fn reset(&self) {
-        self.current.store(None);
+    /// Forgets `failed`, if it is still the current connection; the next
+    /// call opens a new one. A connection opened meanwhile is kept.
+    pub(crate) fn reset(&self, failed: &Arc<Sender>) {
+        let current = self.current.load();
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            self.current.compare_and_swap(&current, None);
+        }
     }
 
-    async fn open(&self) -> Result<Sender, ConnectError> {
+    async fn open(&self) -> Result<Sender, String> {
         let stream = TcpStream::connect(&self.address)
             .await
-            .map_err(|e| ConnectError(format!("connect to {}: {e}", self.address)))?;
+            .map_err(|e| format!("connect to {}: {e}", self.address))?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -74,7 +147,7 @@ impl Connection {
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ConnectError(format!("HTTP/2 handshake with {}: {e}", self.address)))?;
+            .map_err(|e| format!("HTTP/2 handshake with {}: {e}", self.address))?;
         let address = self.address.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -83,14 +156,27 @@ impl Connection {
         });
         Ok(sender)
     }
-}
 
-/// A connection could not be opened.
-#[derive(Debug, Clone)]
-pub(crate) struct ConnectError(pub(crate) String);
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && nanos_since_epoch(now) < until
+    }
 
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+    /// Skips this address for a while: `base`, doubled for each failure in
+    /// a row, at most `max`.
+    pub(crate) fn eject(&self, base: Duration, max: Duration) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
+        let duration = base.saturating_mul(1u32 << failures).min(max);
+        let until = nanos_since_epoch(crate::deadline::later(Instant::now(), duration)).max(1);
+        self.ejected_until.store(until, Ordering::Relaxed);
+        tracing::debug!(address = %self.address, ?duration, "address ejected");
+    }
+
+    /// Clears the ejection after a success.
+    pub(crate) fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
     }
 }

@@ -171,6 +171,10 @@ impl Client {
 
     /// The channel to the service named `service` in the client's namespace
     /// and group. Channels are created once per service and shared.
+    ///
+    /// Looking a channel up takes a lock shared by the whole client, so make
+    /// generated clients once (`by_name`) and clone them, which is cheap,
+    /// rather than making one per call.
     pub fn channel(&self, service: &str) -> Channel {
         let key = ServiceKey::new(service)
             .with_namespace(self.inner.config.namespace.clone())

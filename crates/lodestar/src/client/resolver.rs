@@ -7,12 +7,17 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lodestar_core::{Instance, Registry, Revision, ServiceKey, WatchEvent};
 
-use super::balancer::Balancer;
+use super::balancer::{Balancer, ResolvingGuard};
 
 /// Watches `key` and publishes every change into the balancer, until the
 /// balancer is dropped. On errors it keeps the last known instances and
 /// watches again, from the last revision it saw, with backoff.
-pub(crate) async fn run(registry: Arc<dyn Registry>, key: ServiceKey, balancer: Weak<Balancer>) {
+pub(crate) async fn run(
+    registry: Arc<dyn Registry>,
+    key: ServiceKey,
+    balancer: Weak<Balancer>,
+    _running: ResolvingGuard,
+) {
     let mut instances: BTreeMap<String, Instance> = BTreeMap::new();
     let mut revision: Option<Revision> = None;
     let mut backoff = Duration::from_millis(50);

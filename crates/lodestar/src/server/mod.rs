@@ -90,6 +90,14 @@ pub enum ServeError {
     /// The reflection descriptors could not be loaded.
     #[error("invalid file descriptor set for reflection: {0}")]
     Reflection(String),
+    /// The registry refused the registration as invalid (a retry would not help).
+    #[error("the registry refused to register {instance}: {source}")]
+    Registration {
+        /// The instance id.
+        instance: String,
+        /// What the registry said.
+        source: RegistryError,
+    },
     /// The serving task failed or panicked.
     #[error("the server task ended abnormally: {0}")]
     Task(String),
@@ -114,6 +122,76 @@ pub enum Lifecycle {
         /// How many connections were cut at the end of the grace period.
         cut: usize,
     },
+}
+
+/// Announces [`Lifecycle`] events, and remembers them so that a late
+/// subscriber still sees every step.
+#[derive(Debug)]
+pub(crate) struct Announcer {
+    history: std::sync::Mutex<Vec<Lifecycle>>,
+    events: broadcast::Sender<Lifecycle>,
+}
+
+impl Announcer {
+    fn new() -> Self {
+        Self {
+            history: std::sync::Mutex::new(Vec::new()),
+            events: broadcast::channel(16).0,
+        }
+    }
+
+    pub(crate) fn announce(&self, event: Lifecycle) {
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.push(event.clone());
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
+    }
+
+    fn subscribe(&self) -> LifecycleEvents {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        LifecycleEvents {
+            past: history.iter().cloned().collect(),
+            live: self.events.subscribe(),
+        }
+    }
+}
+
+/// The [`Lifecycle`] events of a service: every step so far, then each new
+/// one as it happens. From [`RunningService::lifecycle`].
+#[derive(Debug)]
+pub struct LifecycleEvents {
+    past: std::collections::VecDeque<Lifecycle>,
+    live: broadcast::Receiver<Lifecycle>,
+}
+
+impl LifecycleEvents {
+    /// The next event; `None` once the service is gone.
+    pub async fn next(&mut self) -> Option<Lifecycle> {
+        if let Some(event) = self.past.pop_front() {
+            return Some(event);
+        }
+        loop {
+            match self.live.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The next event if one has happened already.
+    pub fn try_next(&mut self) -> Option<Lifecycle> {
+        if let Some(event) = self.past.pop_front() {
+            return Some(event);
+        }
+        loop {
+            match self.live.try_recv() {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
 }
 
 /// Entry point: `Service::builder("name")`.
@@ -383,7 +461,7 @@ impl ServiceBuilder {
             .add_service(reflection_v1alpha);
         let routes = routes.routes().prepare();
 
-        let (events, _) = broadcast::channel(16);
+        let events = Arc::new(Announcer::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         let serve = tokio::spawn(serve::serve(
             listener,
@@ -392,7 +470,7 @@ impl ServiceBuilder {
             self.grace,
             events.clone(),
         ));
-        let _ = events.send(Lifecycle::Serving(local_addr));
+        events.announce(Lifecycle::Serving(local_addr));
 
         let registration = match self.registry {
             None => None,
@@ -407,8 +485,15 @@ impl ServiceBuilder {
                 let registered = match first {
                     Ok(Ok(())) => {
                         tracing::info!(service = %instance.key, instance = %instance.id, address = %instance.address, "registered");
-                        let _ = events.send(Lifecycle::Registered);
+                        events.announce(Lifecycle::Registered);
                         true
+                    }
+                    Ok(Err(source @ RegistryError::Invalid(_))) => {
+                        serve.abort();
+                        return Err(ServeError::Registration {
+                            instance: instance.id,
+                            source,
+                        });
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(service = %instance.key, error = %e, "cannot register yet; serving anyway and retrying");
@@ -450,8 +535,11 @@ impl ServiceBuilder {
     }
 
     /// Starts, then runs until SIGINT or SIGTERM, then shuts down gracefully.
+    /// The signal handlers are installed before starting, so a signal that
+    /// arrives during startup is not lost.
     pub async fn run(self) -> Result<(), ServeError> {
-        self.run_until(shutdown_signal()).await
+        let signal = shutdown_signal();
+        self.run_until(signal).await
     }
 
     /// Starts, then runs until `signal` completes, then shuts down gracefully.
@@ -465,27 +553,45 @@ impl ServiceBuilder {
     }
 }
 
-/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM. The handlers are
+/// installed when this is called, not when it is first awaited.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut interrupt, mut terminate) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received; shutting down"),
-        () = term => tracing::info!("SIGTERM received; shutting down"),
+    async move {
+        #[cfg(unix)]
+        {
+            let interrupt = async {
+                match interrupt.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let terminate = async {
+                match terminate.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = interrupt => tracing::info!("SIGINT received; shutting down"),
+                _ = terminate => tracing::info!("SIGTERM received; shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("Ctrl-C received; shutting down");
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
@@ -504,7 +610,7 @@ pub struct RunningService {
     registration: Option<Registration>,
     stop: watch::Sender<bool>,
     serve: tokio::task::JoinHandle<()>,
-    events: broadcast::Sender<Lifecycle>,
+    events: Arc<Announcer>,
 }
 
 impl std::fmt::Debug for RunningService {
@@ -532,8 +638,8 @@ impl RunningService {
         &self.health
     }
 
-    /// Lifecycle events from now on.
-    pub fn lifecycle(&self) -> broadcast::Receiver<Lifecycle> {
+    /// The lifecycle events: every step so far, then each new one.
+    pub fn lifecycle(&self) -> LifecycleEvents {
         self.events.subscribe()
     }
 
@@ -549,15 +655,16 @@ impl RunningService {
                 .set_service_status(*name, ServingStatus::NotServing)
                 .await;
         }
-        let _ = self.events.send(Lifecycle::NotServing);
-        if let Some(registration) = &self.registration {
+        self.events.announce(Lifecycle::NotServing);
+        if let Some(registration) = self.registration {
+            // Stop heartbeating, and wait until a registration in flight is
+            // over, so that it cannot land after the deregistration.
             registration.task.abort();
+            let _ = registration.task.await;
             let instance_key = self.instance.instance_key();
             let deregister = registration.registry.deregister(&instance_key);
             match tokio::time::timeout(Duration::from_secs(5), deregister).await {
-                Ok(Ok(())) => {
-                    let _ = self.events.send(Lifecycle::Deregistered);
-                }
+                Ok(Ok(())) => self.events.announce(Lifecycle::Deregistered),
                 Ok(Err(e)) => {
                     tracing::warn!(service = %key, error = %e, "deregistration failed; the lease will expire instead")
                 }
@@ -591,8 +698,10 @@ async fn keep_registered(
     ttl: Duration,
     interval: Duration,
     mut registered: bool,
-    events: broadcast::Sender<Lifecycle>,
+    events: Arc<Announcer>,
 ) {
+    // No registry call may hold up the next beat.
+    let call_timeout = interval;
     let key = instance.instance_key();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -602,14 +711,23 @@ async fn keep_registered(
     }
     loop {
         ticker.tick().await;
-        let result = if registered {
-            registry.heartbeat(&key).await
-        } else {
-            registry.register(instance.clone(), ttl).await.map(|()| {
-                tracing::info!(service = %instance.key, instance = %instance.id, address = %instance.address, "registered");
-                let _ = events.send(Lifecycle::Registered);
-            })
+        let call = async {
+            if registered {
+                registry.heartbeat(&key).await
+            } else {
+                registry.register(instance.clone(), ttl).await.map(|()| {
+                    tracing::info!(service = %instance.key, instance = %instance.id, address = %instance.address, "registered");
+                    events.announce(Lifecycle::Registered);
+                })
+            }
         };
+        let result = tokio::time::timeout(call_timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RegistryError::Unavailable(format!(
+                    "no answer within {call_timeout:?}"
+                )))
+            });
         match result {
             Ok(()) => registered = true,
             Err(RegistryError::NotFound(_) | RegistryError::LeaseExpired(_)) => {

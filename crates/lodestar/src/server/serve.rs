@@ -11,12 +11,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::body::Body;
 use tonic::service::Routes;
 
-use super::Lifecycle;
+use std::sync::Arc;
+
+use super::{Announcer, Lifecycle};
 use crate::MessageLimits;
 use crate::body::{CallBody, Side};
 use crate::deadline;
@@ -87,7 +89,7 @@ pub(crate) async fn serve(
     stack: Stack,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
-    events: broadcast::Sender<Lifecycle>,
+    events: Arc<Announcer>,
 ) {
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
@@ -122,7 +124,7 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
-    let _ = events.send(Lifecycle::ListenerClosed);
+    events.announce(Lifecycle::ListenerClosed);
     let _ = drain_tx.send(true);
     let open = connections.len();
     let drained = tokio::time::timeout(grace, async {
@@ -143,7 +145,7 @@ pub(crate) async fn serve(
             cut
         }
     };
-    let _ = events.send(Lifecycle::Drained { cut });
+    events.announce(Lifecycle::Drained { cut });
 }
 
 async fn serve_connection(
