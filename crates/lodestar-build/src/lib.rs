@@ -292,6 +292,7 @@ impl {module}_client::{name}Client<::lodestar::client::Channel> {{
         // The channel enforces the send limit itself, with the status code
         // gRPC specifies (RESOURCE_EXHAUSTED); tonic's own check is off.
         Self::new(client.channel(service).with_idempotent_methods(IDEMPOTENT))
+            .accept_compressed(::lodestar::codegen::tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(limits.max_decoding_message_size)
             .max_encoding_message_size(usize::MAX)
     }}
@@ -312,7 +313,8 @@ impl<T: {module}_server::{name}> ::lodestar::server::ServiceDefinition for {modu
     fn with_message_limits(self, limits: &::lodestar::MessageLimits) -> Self {{
         // The server enforces the send limit itself, with the status code
         // gRPC specifies (RESOURCE_EXHAUSTED); tonic's own check is off.
-        self.max_decoding_message_size(limits.max_decoding_message_size)
+        self.accept_compressed(::lodestar::codegen::tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(limits.max_decoding_message_size)
             .max_encoding_message_size(usize::MAX)
     }}
 }}

@@ -31,4 +31,4 @@ pub mod registry;
 
 pub use instance::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, ServiceKey};
 pub use registry::memory::MemoryRegistry;
-pub use registry::{Registry, RegistryError, Revision, WatchEvent, WatchStream};
+pub use registry::{Registry, RegistryError, Revision, StaticRegistry, WatchEvent, WatchStream};

@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+use crate::compression::{Compressor, ReceivedFlags};
 use crate::deadline::{self, Deadline};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -50,6 +51,9 @@ pin_project_lite::pin_project! {
         // An error to yield on the next poll, after the data before it.
         pending: Option<tonic::Status>,
         request_error: Option<RequestError>,
+        compressor: Option<Compressor>,
+        // Extra trailers to merge into the final ones (server responses).
+        trailers: Option<HeaderMap>,
         done: bool,
     }
 }
@@ -77,8 +81,30 @@ impl<B> CallBody<B> {
             limit: limit.map(FrameLimit::new),
             pending: None,
             request_error: None,
+            compressor: None,
+            trailers: None,
             done: false,
         }
+    }
+
+    /// Adds `trailers` to the trailers the response ends with.
+    pub(crate) fn with_trailers(mut self, trailers: Option<HeaderMap>) -> Self {
+        self.trailers = trailers;
+        self
+    }
+
+    /// Compresses the messages sent through this body.
+    pub(crate) fn with_compressor(mut self, compressor: Option<Compressor>) -> Self {
+        self.compressor = compressor;
+        self
+    }
+
+    /// Records whether each message that passes was compressed.
+    pub(crate) fn with_received_flags(mut self, flags: Option<ReceivedFlags>) -> Self {
+        if let Some(limit) = self.limit.as_mut() {
+            limit.flags = flags;
+        }
+        self
     }
 
     /// Reports `error`, if set, in place of the error of this body (the
@@ -117,40 +143,81 @@ where
             let status = deadline::exceeded("while streaming");
             return Poll::Ready(Some(end(*this.side, status)));
         }
-        // A server's response stream runs with the inbound deadline current,
-        // so calls made while producing it are bounded by it too.
-        let frame = match (*this.side, *this.deadline) {
-            (Side::ServerResponse, Some(deadline)) => {
-                deadline::sync_scope(deadline, || this.inner.as_mut().poll_frame(cx))
-            }
-            _ => this.inner.as_mut().poll_frame(cx),
-        };
-        let Poll::Ready(frame) = frame else {
-            return Poll::Pending;
-        };
-        let frame = match frame {
-            Some(Ok(frame)) => frame,
-            Some(Err(error)) => {
-                *this.done = true;
-                if let Some(status) = this.request_error.as_ref().and_then(|e| e.get()) {
-                    return Poll::Ready(Some(Err(Box::new(status.clone()))));
+        loop {
+            // A server's response stream runs with the inbound deadline
+            // current, so calls made while producing it are bounded by it too.
+            let frame = match (*this.side, *this.deadline) {
+                (Side::ServerResponse, Some(deadline)) => {
+                    deadline::sync_scope(deadline, || this.inner.as_mut().poll_frame(cx))
                 }
-                return Poll::Ready(Some(Err(error.into())));
+                _ => this.inner.as_mut().poll_frame(cx),
+            };
+            let Poll::Ready(frame) = frame else {
+                return Poll::Pending;
+            };
+            let frame = match frame {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    *this.done = true;
+                    if let Some(status) = this.request_error.as_ref().and_then(|e| e.get()) {
+                        return Poll::Ready(Some(Err(Box::new(status.clone()))));
+                    }
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+                None => {
+                    if this
+                        .compressor
+                        .as_ref()
+                        .is_some_and(Compressor::has_partial_frame)
+                    {
+                        *this.done = true;
+                        let status = tonic::Status::internal("the body ended inside a message");
+                        return Poll::Ready(Some(end(*this.side, status)));
+                    }
+                    return Poll::Ready(None);
+                }
+            };
+            let mut data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    let frame = match (frame.into_trailers(), this.trailers.take()) {
+                        (Ok(mut trailers), Some(extra)) => {
+                            for (name, value) in &extra {
+                                trailers.append(name, value.clone());
+                            }
+                            Frame::trailers(trailers)
+                        }
+                        (Ok(trailers), None) => Frame::trailers(trailers),
+                        (Err(frame), _) => frame,
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+            };
+            if let Some(limit) = this.limit.as_mut()
+                && let Err((valid, status)) = limit.scan(&data)
+            {
+                // Deliver the complete messages before the oversized one first.
+                *this.pending = Some(status);
+                data = data.slice(..valid);
             }
-            None => return Poll::Ready(None),
-        };
-        if let (Some(limit), Some(data)) = (this.limit.as_mut(), frame.data_ref())
-            && let Err((valid, status)) = limit.scan(data)
-        {
-            if valid == 0 {
-                *this.done = true;
-                return Poll::Ready(Some(end(*this.side, status)));
+            if let Some(compressor) = this.compressor.as_mut() {
+                match compressor.feed(&data) {
+                    Ok(out) => data = out,
+                    Err(status) => {
+                        *this.done = true;
+                        return Poll::Ready(Some(end(*this.side, status)));
+                    }
+                }
             }
-            // Deliver the complete messages before the oversized one first.
-            *this.pending = Some(status);
-            return Poll::Ready(Some(Ok(Frame::data(data.slice(..valid)))));
+            if data.is_empty() {
+                if let Some(status) = this.pending.take() {
+                    *this.done = true;
+                    return Poll::Ready(Some(end(*this.side, status)));
+                }
+                continue; // a frame is still incomplete
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -158,6 +225,10 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
+        // Compression changes the size; so does ending early.
+        if self.compressor.is_some() || self.pending.is_some() {
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }
@@ -188,6 +259,8 @@ struct FrameLimit {
     have: usize,
     /// Message bytes still to skip before the next header.
     remaining: u64,
+    /// Where to record each message's compressed flag, if anywhere.
+    flags: Option<ReceivedFlags>,
 }
 
 impl FrameLimit {
@@ -197,6 +270,7 @@ impl FrameLimit {
             header: [0; 5],
             have: 0,
             remaining: 0,
+            flags: None,
         }
     }
 
@@ -223,8 +297,11 @@ impl FrameLimit {
             self.have += take;
             if self.have == 5 {
                 self.have = 0;
-                let [_, a, b, c, d] = self.header;
+                let [flag, a, b, c, d] = self.header;
                 let len = u32::from_be_bytes([a, b, c, d]);
+                if let Some(flags) = &self.flags {
+                    flags.record(flag != 0);
+                }
                 if u64::from(len) > self.limit as u64 {
                     let status = tonic::Status::resource_exhausted(format!(
                         "message of {len} bytes is larger than the limit of {} bytes",
@@ -246,17 +323,25 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: tonic::body::Body,
         limit: FrameLimit,
+        compressor: Option<Compressor>,
         pending: Option<tonic::Status>,
         error: RequestError,
     }
 }
 
 impl RequestBody {
-    /// Wraps `inner`, refusing messages over `limit` bytes.
-    pub(crate) fn new(inner: tonic::body::Body, limit: usize, error: RequestError) -> Self {
+    /// Wraps `inner`, refusing messages over `limit` bytes, and compressing
+    /// messages with `compressor`, if any.
+    pub(crate) fn new(
+        inner: tonic::body::Body,
+        limit: usize,
+        compressor: Option<Compressor>,
+        error: RequestError,
+    ) -> Self {
         Self {
             inner,
             limit: FrameLimit::new(limit),
+            compressor,
             pending: None,
             error,
         }
@@ -284,21 +369,34 @@ impl Body for RequestBody {
         if let Some(status) = this.pending.take() {
             return fail(this.error, status);
         }
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref()
-                    && let Err((valid, status)) = this.limit.scan(data)
-                {
-                    if valid == 0 {
-                        return fail(this.error, status);
-                    }
-                    *this.pending = Some(status);
-                    return Poll::Ready(Some(Ok(Frame::data(data.slice(..valid)))));
-                }
-                Poll::Ready(Some(Ok(frame)))
+        let mut inner = this.inner;
+        loop {
+            let frame = match inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(status))) => return fail(this.error, status),
+                other => return other,
+            };
+            let mut data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            };
+            if let Err((valid, status)) = this.limit.scan(&data) {
+                *this.pending = Some(status);
+                data = data.slice(..valid);
             }
-            Poll::Ready(Some(Err(status))) => fail(this.error, status),
-            other => other,
+            if let Some(compressor) = this.compressor.as_mut() {
+                match compressor.feed(&data) {
+                    Ok(out) => data = out,
+                    Err(status) => return fail(this.error, status),
+                }
+            }
+            if data.is_empty() {
+                if let Some(status) = this.pending.take() {
+                    return fail(this.error, status);
+                }
+                continue;
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
     }
 
@@ -307,6 +405,10 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        // Compression changes the size; so does ending early.
+        if self.compressor.is_some() || self.pending.is_some() {
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }

@@ -49,6 +49,7 @@
 
 mod body;
 pub mod client;
+pub mod compression;
 mod deadline;
 mod grpc_timeout;
 pub mod server;
@@ -57,12 +58,27 @@ pub use client::Client;
 pub use deadline::Deadline;
 pub use lodestar_core::{
     DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, MemoryRegistry, Registry,
-    RegistryError, Revision, ServiceKey, WatchEvent, WatchStream, registry,
+    RegistryError, Revision, ServiceKey, StaticRegistry, WatchEvent, WatchStream, registry,
 };
 pub use server::{RunningService, Service, ServiceBuilder};
 /// gRPC metadata (headers and trailers) types.
 pub use tonic::metadata;
 pub use tonic::{Code, Request, Response, Status, Streaming, async_trait};
+
+/// Trailing metadata for a successful response.
+///
+/// A failed call carries trailers in its [`Status`]'s metadata; a handler
+/// that succeeds puts a `Trailers` in its response's extensions, and the
+/// server sends them with the final status.
+///
+/// ```
+/// let mut trailers = lodestar::metadata::MetadataMap::new();
+/// trailers.insert("x-checksum", "5a2f".parse().unwrap());
+/// let mut response = lodestar::Response::new(());
+/// response.extensions_mut().insert(lodestar::Trailers(trailers));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Trailers(pub tonic::metadata::MetadataMap);
 
 /// Limits on the size of one gRPC message, in bytes, after decompression.
 ///

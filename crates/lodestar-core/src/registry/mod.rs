@@ -27,7 +27,10 @@
 //! the default for development and tests. Other backends (the `lodestar
 //! registry` server, etcd) implement the same trait.
 
+mod fixed;
 pub mod memory;
+
+pub use fixed::StaticRegistry;
 
 use std::pin::Pin;
 use std::time::Duration;

@@ -18,6 +18,7 @@ use super::Error;
 use super::balancer::{Balancer, Endpoint};
 use super::connection::Sender;
 use crate::body::{CallBody, RequestBody, RequestError, Side};
+use crate::compression::{Compress, Compressor, Encoding, PerMessage, ReceivedFlags};
 use crate::deadline;
 
 /// The body of a response received through a [`Channel`]: it fails with
@@ -80,14 +81,26 @@ impl tower_service::Service<Request<Body>> for Channel {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let balancer = self.balancer.clone();
         let idempotent = self.idempotent.contains(&request.uri().path());
         // Read the inbound deadline here, inside the caller's task.
         let deadline = deadline::outbound(request.headers(), balancer.config.timeout);
+        let compression = compression_for(&balancer.config, &mut request);
+        let received = balancer
+            .config
+            .inspect_compression
+            .then(ReceivedFlags::default);
         Box::pin(async move {
             let request_error = RequestError::default();
-            let call = dispatch(&balancer, request, idempotent, deadline, &request_error);
+            let call = dispatch(
+                &balancer,
+                request,
+                idempotent,
+                deadline,
+                &compression,
+                &request_error,
+            );
             let response = match deadline {
                 None => call.await?,
                 Some(deadline) => {
@@ -98,10 +111,15 @@ impl tower_service::Service<Request<Body>> for Channel {
                 }
             };
             let limit = balancer.config.limits.max_decoding_message_size;
-            Ok(response.map(|body| {
+            let mut response = response.map(|body| {
                 CallBody::new(body, deadline, Side::Received, Some(limit))
                     .with_request_error(request_error)
-            }))
+                    .with_received_flags(received.clone())
+            });
+            if let Some(received) = received {
+                response.extensions_mut().insert(received);
+            }
+            Ok(response)
         })
     }
 }
@@ -122,11 +140,30 @@ enum Retry {
     Fail(Status),
 }
 
+/// How a call's request messages are compressed: the encoding, whether
+/// messages are compressed by default, and the per-message plan.
+type CallCompression = Option<(Encoding, bool, Option<PerMessage>)>;
+
+/// Decides compression for one call, and sets `grpc-encoding` accordingly.
+fn compression_for(config: &super::ClientConfig, request: &mut Request<Body>) -> CallCompression {
+    let encoding = config.send_compressed?;
+    let default = request.extensions().get::<Compress>().is_none_or(|c| c.0);
+    let plan = request.extensions().get::<PerMessage>().cloned();
+    if !default && plan.is_none() {
+        return None;
+    }
+    request
+        .headers_mut()
+        .insert("grpc-encoding", encoding.header_value());
+    Some((encoding, default, plan))
+}
+
 async fn dispatch(
     balancer: &Arc<Balancer>,
     request: Request<Body>,
     idempotent: bool,
     deadline: Option<crate::Deadline>,
+    compression: &CallCompression,
     request_error: &RequestError,
 ) -> Result<Response<Incoming>, Status> {
     balancer.ready().await.map_err(unavailable)?;
@@ -155,10 +192,14 @@ async fn dispatch(
         if let Some(deadline) = deadline {
             deadline::set_header(request.headers_mut(), deadline);
         }
-        let (retry, error) = match send(balancer, &endpoint, request, request_error).await {
-            Ok(response) => return Ok(response),
-            Err(failure) => failure,
-        };
+        let compressor = compression
+            .as_ref()
+            .map(|(encoding, default, plan)| Compressor::new(*encoding, *default, plan.clone()));
+        let (retry, error) =
+            match send(balancer, &endpoint, request, compressor, request_error).await {
+                Ok(response) => return Ok(response),
+                Err(failure) => failure,
+            };
         let same_endpoint = matches!(
             retry,
             Retry::Untouched {
@@ -201,6 +242,7 @@ async fn send(
     balancer: &Balancer,
     endpoint: &Endpoint,
     mut request: Request<Body>,
+    compressor: Option<Compressor>,
     request_error: &RequestError,
 ) -> Result<Response<Incoming>, (Retry, String)> {
     let config = &balancer.config;
@@ -223,6 +265,7 @@ async fn send(
     let body = RequestBody::new(
         body,
         config.limits.max_encoding_message_size,
+        compressor,
         request_error.clone(),
     );
     match Sender::clone(&sender)
@@ -242,7 +285,7 @@ async fn send(
             if !is_stream_error(e.error()) {
                 connection.reset(&sender);
             }
-            let message = format!("{} ({})", e.error(), endpoint.instance.address);
+            let message = format!("{} ({})", error_chain(e.error()), endpoint.instance.address);
             let retry = match e.take_message() {
                 Some(request) => {
                     let (parts, body) = request.into_parts();
@@ -256,6 +299,19 @@ async fn send(
             Err((retry, message))
         }
     }
+}
+
+/// An error and its sources, as one line: hyper's own message alone
+/// ("http2 error") rarely says what happened.
+fn error_chain(error: &hyper::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        source = e.source();
+    }
+    message
 }
 
 /// Whether a failure concerned only this stream (the connection is fine).

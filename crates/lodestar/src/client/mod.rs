@@ -37,6 +37,7 @@ pub use channel::{Channel, ResponseBody};
 use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
 
 use crate::MessageLimits;
+use crate::compression::Encoding;
 use balancer::Balancer;
 
 /// The most instances one call is ever sent to.
@@ -136,6 +137,8 @@ pub(crate) struct ClientConfig {
     pub(crate) ejection_max: Duration,
     pub(crate) max_attempts: usize,
     pub(crate) limits: MessageLimits,
+    pub(crate) send_compressed: Option<Encoding>,
+    pub(crate) inspect_compression: bool,
 }
 
 impl Default for ClientConfig {
@@ -151,6 +154,8 @@ impl Default for ClientConfig {
             ejection_max: Duration::from_secs(30),
             max_attempts: 3,
             limits: MessageLimits::default(),
+            send_compressed: None,
+            inspect_compression: false,
         }
     }
 }
@@ -269,6 +274,22 @@ impl ClientBuilder {
     /// Default: 3. At least 1, at most 8.
     pub fn max_attempts(mut self, attempts: usize) -> Self {
         self.config.max_attempts = attempts.clamp(1, MAX_ATTEMPTS);
+        self
+    }
+
+    /// Compresses every request message with `encoding` (a call can opt
+    /// out with [`Compress(false)`](crate::compression::Compress)). Responses
+    /// are decompressed whatever this says. Default: no compression.
+    pub fn send_compressed(mut self, encoding: Encoding) -> Self {
+        self.config.send_compressed = Some(encoding);
+        self
+    }
+
+    /// Records whether each response message arrived compressed, in a
+    /// [`ReceivedFlags`](crate::compression::ReceivedFlags) in the response's
+    /// extensions. For tests and diagnostics. Default: off.
+    pub fn inspect_compression(mut self, inspect: bool) -> Self {
+        self.config.inspect_compression = inspect;
         self
     }
 

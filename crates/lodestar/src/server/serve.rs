@@ -21,7 +21,9 @@ use std::sync::Arc;
 use super::{Announcer, Lifecycle};
 use crate::MessageLimits;
 use crate::body::{CallBody, Side};
+use crate::compression::{Compress, Compressor, Encoding, PerMessage, ReceivedFlags};
 use crate::deadline;
+use tonic::codec::SingleMessageCompressionOverride;
 
 /// What runs for every request: the inbound deadline, then routing to the
 /// service and method.
@@ -29,12 +31,45 @@ use crate::deadline;
 pub(crate) struct Stack {
     routes: Routes,
     limits: MessageLimits,
+    send_compressed: Option<Encoding>,
+    inspect_compression: bool,
 }
 
 impl Stack {
-    pub(crate) fn new(routes: Routes, limits: MessageLimits) -> Self {
-        Self { routes, limits }
+    pub(crate) fn new(
+        routes: Routes,
+        limits: MessageLimits,
+        send_compressed: Option<Encoding>,
+        inspect_compression: bool,
+    ) -> Self {
+        Self {
+            routes,
+            limits,
+            send_compressed,
+            inspect_compression,
+        }
     }
+}
+
+/// Compresses a response if the server sends compressed, the client
+/// accepts the encoding, and the handler did not opt out.
+fn compress_response<B>(
+    encoding: Option<Encoding>,
+    response: &mut Response<B>,
+) -> Option<Compressor> {
+    let encoding = encoding?;
+    let extensions = response.extensions();
+    let disabled = extensions.get::<Compress>().is_some_and(|c| !c.0)
+        || extensions.get::<SingleMessageCompressionOverride>()
+            == Some(&SingleMessageCompressionOverride::Disable);
+    let plan = extensions.get::<PerMessage>().cloned();
+    if disabled && plan.is_none() {
+        return None;
+    }
+    response
+        .headers_mut()
+        .insert("grpc-encoding", encoding.header_value());
+    Some(Compressor::new(encoding, !disabled, plan))
 }
 
 type StackFuture =
@@ -56,21 +91,38 @@ impl tower_service::Service<Request<Incoming>> for Stack {
         }
         let receive = Some(self.limits.max_decoding_message_size);
         let send = Some(self.limits.max_encoding_message_size);
-        let future = self
-            .routes
-            .call(request.map(|body| CallBody::new(body, None, Side::Received, receive)));
+        // Compress only for a client that accepts the encoding.
+        let encoding = self
+            .send_compressed
+            .filter(|e| e.accepted_by(request.headers().get("grpc-accept-encoding")));
+        let received = self.inspect_compression.then(ReceivedFlags::default);
+        if let Some(received) = &received {
+            request.extensions_mut().insert(received.clone());
+        }
+        let future = self.routes.call(request.map(|body| {
+            CallBody::new(body, None, Side::Received, receive).with_received_flags(received)
+        }));
+        let respond = move |mut response: Response<Body>, deadline| {
+            let compressor = compress_response(encoding, &mut response);
+            let trailers = response
+                .extensions_mut()
+                .remove::<crate::Trailers>()
+                .map(|t| t.0.into_headers());
+            response.map(|body| {
+                CallBody::new(body, deadline, Side::ServerResponse, send)
+                    .with_compressor(compressor)
+                    .with_trailers(trailers)
+            })
+        };
         Box::pin(async move {
             let Some(deadline) = deadline else {
                 let Ok(response) = future.await;
-                return Ok(
-                    response.map(|body| CallBody::new(body, None, Side::ServerResponse, send))
-                );
+                return Ok(respond(response, None));
             };
             // The handler runs with the inbound deadline as the current one, and
             // is dropped (cancelled) when it passes.
             match tokio::time::timeout_at(deadline.instant(), deadline.scope(future)).await {
-                Ok(Ok(response)) => Ok(response
-                    .map(|body| CallBody::new(body, Some(deadline), Side::ServerResponse, send))),
+                Ok(Ok(response)) => Ok(respond(response, Some(deadline))),
                 Err(_) => {
                     let status = deadline::exceeded("before the handler answered");
                     Ok(status

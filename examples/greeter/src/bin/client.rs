@@ -4,14 +4,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use greeter::{GreeterClient, HelloRequest, SERVICE_NAME};
-use lodestar::{Client, Instance, MemoryRegistry, Registry};
+use lodestar::{Client, StaticRegistry};
 
 /// Calls `helloworld.Greeter/SayHello` once and prints the reply.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Address of a Greeter server (any language's); it is registered as the
-    /// one instance of `greeter` in a local registry.
+    /// Address of a Greeter server (any language's), called as the one
+    /// instance of `greeter`.
     #[arg(long, default_value = "127.0.0.1:50051")]
     addr: String,
     /// Who to greet.
@@ -22,13 +22,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let registry = MemoryRegistry::new();
-    registry
-        .register(
-            Instance::new(SERVICE_NAME, args.addr),
-            Duration::from_secs(365 * 24 * 3600),
-        )
-        .await?;
+    let registry = StaticRegistry::new().with(SERVICE_NAME, [args.addr]);
     let client = Client::builder(registry)
         .timeout(Duration::from_secs(10))
         .build();

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use lodestar::{Client, Instance, MemoryRegistry, Registry};
+use lodestar::{Client, StaticRegistry};
 use route_guide::{Point, Rectangle, RouteGuideClient, RouteNote, SERVICE_NAME, load_features};
 use tokio_stream::StreamExt;
 
@@ -12,8 +12,8 @@ use tokio_stream::StreamExt;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Address of a RouteGuide server (any language's); it is registered as
-    /// the one instance of `route-guide` in a local registry.
+    /// Address of a RouteGuide server (any language's), called as the one
+    /// instance of `route-guide`.
     #[arg(long, default_value = "127.0.0.1:10000")]
     addr: String,
 }
@@ -21,13 +21,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let registry = MemoryRegistry::new();
-    registry
-        .register(
-            Instance::new(SERVICE_NAME, args.addr.clone()),
-            Duration::from_secs(365 * 24 * 3600),
-        )
-        .await?;
+    let registry = StaticRegistry::new().with(SERVICE_NAME, [args.addr]);
     let client = Client::builder(registry)
         .timeout(Duration::from_secs(10))
         .build();

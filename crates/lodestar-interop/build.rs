@@ -1,0 +1,5 @@
+//! Generates the interop test service.
+
+fn main() -> std::io::Result<()> {
+    lodestar_build::compile_protos(&["proto/grpc/testing/test.proto"], &["proto"])
+}

@@ -1,0 +1,178 @@
+//! What lodestar puts on the wire, seen by a bare HTTP/2 client: compression
+//! negotiation, message flags and sizes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Read as _;
+
+use bytes::{Buf, Bytes};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lodestar::compression::Encoding;
+use lodestar::{Registry, Service, ServiceKey};
+use lodestar_tests::*;
+use prost::Message as _;
+
+/// One unary call with a bare HTTP/2 client: the response headers, and each
+/// response message as (compressed flag, bytes on the wire).
+async fn raw_call(
+    address: std::net::SocketAddr,
+    path: &str,
+    accept_encoding: Option<&str>,
+    message: &impl prost::Message,
+) -> (http::HeaderMap, Vec<(bool, Vec<u8>)>) {
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let payload = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let mut request = http::Request::post(format!("http://{address}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(accept) = accept_encoding {
+        request = request.header("grpc-accept-encoding", accept);
+    }
+    let request = request.body(Full::new(Bytes::from(frame))).unwrap();
+    let response = bounded("the raw call", sender.send_request(request))
+        .await
+        .unwrap();
+    let headers = response.headers().clone();
+    let body = bounded("the raw body", response.into_body().collect())
+        .await
+        .unwrap();
+    let trailers = body.trailers().cloned().unwrap_or_default();
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("0"),
+        "{trailers:?}"
+    );
+    let mut data = body.to_bytes();
+    let mut messages = Vec::new();
+    while data.has_remaining() {
+        let flag = data.get_u8();
+        let len = data.get_u32() as usize;
+        messages.push((flag == 1, data.split_to(len).to_vec()));
+    }
+    (headers, messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_compresses_for_clients_that_accept_it_and_only_for_them() {
+    let world = World::new();
+    let running = Service::builder("echo")
+        .send_compressed(Encoding::Gzip)
+        .add_service(EchoServer::new(world.echo("a")))
+        .start()
+        .await
+        .unwrap();
+    let address = running.local_addr();
+    // A reply that compresses well: the message echoes 64 KiB of 'a'.
+    let request = EchoRequest {
+        message: "a".repeat(64 * 1024),
+        payload: vec![],
+    };
+    let plain_len = EchoReply {
+        message: request.message.clone(),
+        served_by: "a".into(),
+        payload_len: 0,
+    }
+    .encoded_len();
+
+    let (headers, messages) = raw_call(
+        address,
+        "/lodestar.test.Echo/Unary",
+        Some("identity, gzip"),
+        &request,
+    )
+    .await;
+    assert_eq!(headers.get("grpc-encoding").unwrap(), "gzip");
+    assert_eq!(messages.len(), 1);
+    let (compressed, bytes) = &messages[0];
+    assert!(compressed, "the message flag says compressed");
+    assert!(
+        bytes.len() * 10 < plain_len,
+        "{} bytes on the wire for a {plain_len}-byte message",
+        bytes.len()
+    );
+    let mut inflated = Vec::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_end(&mut inflated)
+        .unwrap();
+    assert_eq!(
+        EchoReply::decode(&inflated[..]).unwrap().message,
+        request.message
+    );
+
+    // A client that does not accept gzip gets the message as it is.
+    for accept in [None, Some("identity, deflate")] {
+        let (headers, messages) =
+            raw_call(address, "/lodestar.test.Echo/Unary", accept, &request).await;
+        assert!(
+            headers.get("grpc-encoding").is_none(),
+            "{accept:?}: {headers:?}"
+        );
+        let (compressed, bytes) = &messages[0];
+        assert!(!compressed, "{accept:?}");
+        assert_eq!(bytes.len(), plain_len);
+        assert_eq!(
+            EchoReply::decode(&bytes[..]).unwrap().message,
+            request.message
+        );
+    }
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressing_client_sends_smaller_messages_that_the_server_reads() {
+    let world = World::new();
+    let running = Service::builder("echo")
+        .registry(world.registry.clone())
+        .inspect_compression(true)
+        .add_service(EchoServer::new(world.echo("a")))
+        .start()
+        .await
+        .unwrap();
+    let client = lodestar::Client::builder(world.registry.clone())
+        .send_compressed(Encoding::Gzip)
+        .build();
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let reply = bounded(
+        "a compressed call",
+        echo.unary(EchoRequest {
+            message: "b".repeat(100_000),
+            payload: vec![0; 100_000],
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!((reply.message.len(), reply.payload_len), (100_000, 100_000));
+    // An opt-out per call goes uncompressed, and still works.
+    let mut request = lodestar::Request::new(EchoRequest {
+        message: "c".into(),
+        payload: vec![],
+    });
+    request
+        .extensions_mut()
+        .insert(lodestar::compression::Compress(false));
+    assert_eq!(
+        bounded("an uncompressed call", echo.unary(request))
+            .await
+            .unwrap()
+            .into_inner()
+            .message,
+        "c"
+    );
+    assert!(
+        world
+            .registry
+            .instances(&ServiceKey::new("echo"))
+            .await
+            .is_ok()
+    );
+    running.shutdown().await.unwrap();
+}
