@@ -4,13 +4,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cert;
 mod demo;
 
 /// lodestar: services from .proto, called by name, with discovery and governance.
 #[derive(Parser, Debug)]
 #[command(name = "lodestar", version, about, propagate_version = true)]
 #[command(
-    after_help = "Examples:\n  lodestar demo              run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs"
+    after_help = "Examples:\n  lodestar demo                  run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs\n  lodestar cert --out certs      a development CA and certificates for TLS"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -24,6 +25,9 @@ enum Command {
     /// then one instance shuts down gracefully and one is killed while calls
     /// go on. Exits 0 when every call succeeded.
     Demo(demo::Args),
+    /// Writes a development CA, a server certificate and a client
+    /// certificate (PEM), to turn on TLS and mutual TLS in a minute.
+    Cert(cert::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Cert(args) => cert::run(args),
         }
     });
     match result {

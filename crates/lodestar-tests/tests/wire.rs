@@ -176,3 +176,122 @@ async fn a_compressing_client_sends_smaller_messages_that_the_server_reads() {
     );
     running.shutdown().await.unwrap();
 }
+
+mod tls {
+    use super::*;
+    use lodestar::tls::{ClientTls, DevPki, ServerTls};
+    use lodestar::{Client, Code};
+
+    struct Setup {
+        world: World,
+        pki: DevPki,
+        running: lodestar::RunningService,
+    }
+
+    async fn serve(mutual: bool) -> Setup {
+        let world = World::new();
+        let pki = DevPki::generate(&["localhost", "127.0.0.1"], 1).unwrap();
+        let mut tls =
+            ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes()).unwrap();
+        if mutual {
+            tls = tls.require_client_certs(pki.ca_cert.as_bytes()).unwrap();
+        }
+        let running = world
+            .builder("echo", "a")
+            .tls(tls)
+            .add_service(EchoServer::new(world.echo("a")))
+            .start()
+            .await
+            .unwrap();
+        Setup {
+            world,
+            pki,
+            running,
+        }
+    }
+
+    async fn call(client: &Client) -> Result<EchoReply, lodestar::Status> {
+        let mut echo = EchoClient::by_name(client, "echo");
+        bounded(
+            "a call",
+            echo.unary(EchoRequest {
+                message: "over tls".into(),
+                payload: vec![],
+            }),
+        )
+        .await
+        .map(lodestar::Response::into_inner)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_works_and_an_untrusted_or_plaintext_client_is_refused_clearly() {
+        let setup = serve(false).await;
+        let trusted = ClientTls::from_ca_pem(setup.pki.ca_cert.as_bytes()).unwrap();
+        let client = Client::builder(setup.world.registry.clone())
+            .tls(trusted)
+            .build();
+        assert_eq!(call(&client).await.unwrap().message, "over tls");
+
+        let other = DevPki::generate(&["localhost"], 1).unwrap();
+        let untrusted = ClientTls::from_ca_pem(other.ca_cert.as_bytes()).unwrap();
+        let client = Client::builder(setup.world.registry.clone())
+            .tls(untrusted)
+            .build();
+        let status = call(&client).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("TLS handshake") && status.message().contains("certificate"),
+            "{}",
+            status.message()
+        );
+
+        let plaintext = setup.world.client();
+        let status = call(&plaintext).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        setup.running.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mutual_tls_refuses_a_client_without_a_certificate_and_accepts_one_with_it() {
+        let setup = serve(true).await;
+        let anonymous = ClientTls::from_ca_pem(setup.pki.ca_cert.as_bytes()).unwrap();
+        let client = Client::builder(setup.world.registry.clone())
+            .tls(anonymous)
+            .build();
+        let status = call(&client).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().to_lowercase().contains("certificate"),
+            "{}",
+            status.message()
+        );
+
+        let identified = ClientTls::from_ca_pem(setup.pki.ca_cert.as_bytes())
+            .unwrap()
+            .with_identity_pem(
+                setup.pki.client_cert.as_bytes(),
+                setup.pki.client_key.as_bytes(),
+            )
+            .unwrap();
+        let client = Client::builder(setup.world.registry.clone())
+            .tls(identified)
+            .build();
+        assert_eq!(call(&client).await.unwrap().message, "over tls");
+        setup.running.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn bad_pem_is_a_clear_error() {
+        let error = ServerTls::from_pem(b"not pem", b"nor this")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("server certificate holds no certificate"),
+            "{error}"
+        );
+        let error = ClientTls::from_ca_file("/no/such/ca.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/no/such/ca.pem"), "{error}");
+    }
+}

@@ -53,6 +53,7 @@ pub mod compression;
 mod deadline;
 mod grpc_timeout;
 pub mod server;
+pub mod tls;
 
 pub use client::Client;
 pub use deadline::Deadline;

@@ -1,10 +1,12 @@
 //! `lodestar-interop-client`: the gRPC interop test client, on lodestar.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use lodestar::compression::Encoding;
+use lodestar::tls::ClientTls;
 use lodestar::{Client, StaticRegistry};
 use lodestar_interop::{CASES, InteropClient, SERVICE_NAME};
 
@@ -24,21 +26,51 @@ struct Args {
     /// Connect over TLS.
     #[arg(long = "use_tls", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     use_tls: bool,
+    /// Trust the test CA (--ca_file) for TLS.
+    #[arg(long = "use_test_ca", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    use_test_ca: bool,
+    /// The test CA certificate (PEM), with --use_test_ca.
+    #[arg(long = "ca_file", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/ca.pem"))]
+    ca_file: PathBuf,
+    /// The host name to verify the server's certificate against (and to send as SNI).
+    #[arg(long = "server_host_override")]
+    server_host_override: Option<String>,
+}
+
+fn tls(args: &Args) -> Result<Option<ClientTls>, String> {
+    if !args.use_tls {
+        return Ok(None);
+    }
+    if !args.use_test_ca {
+        return Err("--use_tls needs --use_test_ca: the platform's root CAs are not used".into());
+    }
+    let mut tls = ClientTls::from_ca_file(&args.ca_file).map_err(|e| e.to_string())?;
+    if let Some(name) = &args.server_host_override {
+        tls = tls.with_server_name(name).map_err(|e| e.to_string())?;
+    }
+    Ok(Some(tls))
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    if args.use_tls {
-        eprintln!("lodestar-interop-client: --use_tls is not supported yet");
-        return ExitCode::from(2);
-    }
+    let tls = match tls(&args) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("lodestar-interop-client: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let address = format!("{}:{}", args.server_host, args.server_port);
     let registry = StaticRegistry::new().with(SERVICE_NAME, [address]);
     let builder = || {
-        Client::builder(registry.clone())
+        let builder = Client::builder(registry.clone())
             .inspect_compression(true)
-            .timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(30));
+        match &tls {
+            Some(tls) => builder.tls(tls.clone()),
+            None => builder,
+        }
     };
     let client = InteropClient::new(
         builder().build(),

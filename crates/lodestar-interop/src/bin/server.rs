@@ -1,11 +1,13 @@
 //! `lodestar-interop-server`: the gRPC interop test server, on lodestar.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
 use lodestar::Service;
 use lodestar::compression::Encoding;
+use lodestar::tls::ServerTls;
 use lodestar_interop::{InteropServer, SERVICE_NAME, TestServiceServer};
 
 /// Serves grpc.testing.TestService as the gRPC interop test descriptions specify.
@@ -21,6 +23,12 @@ struct Args {
     /// Serve over TLS.
     #[arg(long = "use_tls", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     use_tls: bool,
+    /// The server certificate chain (PEM), with --use_tls.
+    #[arg(long = "tls_cert_file", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/server1.pem"))]
+    tls_cert_file: PathBuf,
+    /// The server private key (PEM), with --use_tls.
+    #[arg(long = "tls_key_file", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/server1.key"))]
+    tls_key_file: PathBuf,
 }
 
 #[tokio::main]
@@ -33,11 +41,17 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let mut builder = Service::builder(SERVICE_NAME);
     if args.use_tls {
-        eprintln!("lodestar-interop-server: --use_tls is not supported yet");
-        return ExitCode::from(2);
+        match ServerTls::from_pem_files(&args.tls_cert_file, &args.tls_key_file) {
+            Ok(tls) => builder = builder.tls(tls),
+            Err(e) => {
+                eprintln!("lodestar-interop-server: {e}");
+                return ExitCode::from(2);
+            }
+        }
     }
-    let started = Service::builder(SERVICE_NAME)
+    let started = builder
         .bind(SocketAddr::new(args.host, args.port))
         .send_compressed(Encoding::Gzip)
         .inspect_compression(true)

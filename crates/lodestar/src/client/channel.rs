@@ -247,7 +247,10 @@ async fn send(
 ) -> Result<Response<Incoming>, (Retry, String)> {
     let config = &balancer.config;
     let connection = &endpoint.connection;
-    let sender = match connection.sender(config.connect_timeout).await {
+    let sender = match connection
+        .sender(config.connect_timeout, config.tls.as_ref())
+        .await
+    {
         Ok(sender) => sender,
         Err(e) => {
             if e.attempted {
@@ -260,7 +263,7 @@ async fn send(
             return Err((retry, e.message));
         }
     };
-    set_origin(&mut request, endpoint);
+    set_origin(&mut request, endpoint, config.tls.is_some());
     let (parts, body) = request.into_parts();
     let body = RequestBody::new(
         body,
@@ -326,14 +329,14 @@ fn is_stream_error(error: &hyper::Error) -> bool {
     false
 }
 
-fn set_origin(request: &mut Request<Body>, endpoint: &Endpoint) {
+fn set_origin(request: &mut Request<Body>, endpoint: &Endpoint, tls: bool) {
     let path = request
         .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
     parts.authority = Some(endpoint.authority.clone());
     parts.path_and_query = Some(path);
     if let Ok(uri) = Uri::from_parts(parts) {

@@ -8,10 +8,12 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
+use crate::tls::ClientTls;
 
 pub(crate) type Sender = http2::SendRequest<RequestBody>;
 
@@ -72,6 +74,7 @@ impl Connection {
     pub(crate) async fn sender(
         &self,
         connect_timeout: Duration,
+        tls: Option<&ClientTls>,
     ) -> Result<Arc<Sender>, ConnectError> {
         if let Some(sender) = self.live() {
             return Ok(sender);
@@ -96,7 +99,7 @@ impl Connection {
                 attempted: false,
             });
         }
-        let result = match tokio::time::timeout(connect_timeout, self.open()).await {
+        let result = match tokio::time::timeout(connect_timeout, self.open(tls)).await {
             Ok(result) => result,
             Err(_) => Err(format!(
                 "connect to {} timed out after {connect_timeout:?}",
@@ -135,17 +138,73 @@ impl Connection {
         }
     }
 
-    async fn open(&self) -> Result<Sender, String> {
-        let stream = TcpStream::connect(&self.address)
+    async fn open(&self, tls: Option<&ClientTls>) -> Result<Sender, String> {
+        let address = &self.address;
+        let stream = TcpStream::connect(address)
             .await
-            .map_err(|e| format!("connect to {}: {e}", self.address))?;
+            .map_err(|e| format!("connect to {address}: {e}"))?;
         let _ = stream.set_nodelay(true);
+        let Some(tls) = tls else {
+            return self.handshake(TokioIo::new(stream)).await;
+        };
+        let host = address
+            .rsplit_once(':')
+            .map_or(address.as_str(), |(host, _)| host);
+        let name = tls.server_name(host).map_err(|e| e.to_string())?;
+        let stream = tls
+            .connector()
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS handshake with {address}: {e}"))?;
+        if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(format!(
+                "TLS handshake with {address}: the server did not agree to HTTP/2 (ALPN `h2`), which gRPC needs"
+            ));
+        }
+        // With TLS 1.3 a server checks our certificate only after our side of
+        // the handshake is done, and refuses with an alert on our first read.
+        // Servers speak first in HTTP/2 (their SETTINGS), so read that now,
+        // to report a refusal as what it is, and replay the bytes to hyper.
+        let mut stream = stream;
+        let mut first = vec![0u8; 16 * 1024];
+        let prefix = match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut first))
+            .await
+        {
+            Ok(Ok(0)) => {
+                return Err(format!(
+                    "the server at {address} closed the connection right after the TLS handshake"
+                ));
+            }
+            Ok(Ok(n)) => {
+                first.truncate(n);
+                first
+            }
+            Ok(Err(e)) => {
+                let hint = if e.to_string().contains("Certificate") {
+                    " (the server requires a client certificate it trusts: see ClientTls::with_identity_pem)"
+                } else {
+                    ""
+                };
+                return Err(format!(
+                    "the server at {address} refused the TLS connection: {e}{hint}"
+                ));
+            }
+            Err(_) => Vec::new(), // a server that waits for us to speak first
+        };
+        self.handshake(TokioIo::new(Rewind::new(prefix, stream)))
+            .await
+    }
+
+    async fn handshake<I>(&self, io: I) -> Result<Sender, String>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(stream))
+            .handshake(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {}: {e}", self.address))?;
         let address = self.address.clone();
@@ -178,5 +237,75 @@ impl Connection {
             self.failures.store(0, Ordering::Relaxed);
             self.ejected_until.store(0, Ordering::Relaxed);
         }
+    }
+}
+
+/// An I/O stream that yields `prefix` before reading from `inner`.
+struct Rewind<T> {
+    prefix: Vec<u8>,
+    offset: usize,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Self {
+            prefix,
+            offset: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.offset < self.prefix.len() {
+            let n = (self.prefix.len() - self.offset).min(buf.remaining());
+            let start = self.offset;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.offset += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

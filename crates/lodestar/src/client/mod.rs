@@ -38,6 +38,7 @@ use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
 
 use crate::MessageLimits;
 use crate::compression::Encoding;
+use crate::tls::ClientTls;
 use balancer::Balancer;
 
 /// The most instances one call is ever sent to.
@@ -139,6 +140,7 @@ pub(crate) struct ClientConfig {
     pub(crate) limits: MessageLimits,
     pub(crate) send_compressed: Option<Encoding>,
     pub(crate) inspect_compression: bool,
+    pub(crate) tls: Option<ClientTls>,
 }
 
 impl Default for ClientConfig {
@@ -156,6 +158,7 @@ impl Default for ClientConfig {
             limits: MessageLimits::default(),
             send_compressed: None,
             inspect_compression: false,
+            tls: None,
         }
     }
 }
@@ -274,6 +277,14 @@ impl ClientBuilder {
     /// Default: 3. At least 1, at most 8.
     pub fn max_attempts(mut self, attempts: usize) -> Self {
         self.config.max_attempts = attempts.clamp(1, MAX_ATTEMPTS);
+        self
+    }
+
+    /// Connects to every instance over TLS (HTTP/2 negotiated with ALPN),
+    /// verifying its certificate, and presenting one for mutual TLS if
+    /// `tls` has an identity. Default: plaintext HTTP/2.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.config.tls = Some(tls);
         self
     }
 

@@ -36,6 +36,7 @@ use tonic_health::server::HealthReporter;
 use crate::MessageLimits;
 use crate::client::IntoRegistry;
 use crate::compression::Encoding;
+use crate::tls::ServerTls;
 
 /// What `lodestar-build` generates for each server so that [`ServiceBuilder`]
 /// can configure it and describe it through reflection.
@@ -216,6 +217,7 @@ impl Service {
             limits: MessageLimits::default(),
             send_compressed: None,
             inspect_compression: false,
+            tls: None,
             services: Vec::new(),
             names: Vec::new(),
             descriptors: Vec::new(),
@@ -255,6 +257,7 @@ pub struct ServiceBuilder {
     limits: MessageLimits,
     send_compressed: Option<Encoding>,
     inspect_compression: bool,
+    tls: Option<ServerTls>,
     services: Vec<AddService>,
     names: Vec<&'static str>,
     descriptors: Vec<&'static [u8]>,
@@ -372,6 +375,14 @@ impl ServiceBuilder {
     /// are always accepted. Default: no compression.
     pub fn send_compressed(mut self, encoding: Encoding) -> Self {
         self.send_compressed = Some(encoding);
+        self
+    }
+
+    /// Serves over TLS (HTTP/2 negotiated with ALPN); with
+    /// [`ServerTls::require_client_certs`], only to clients with a valid
+    /// certificate. Default: plaintext HTTP/2.
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -498,6 +509,7 @@ impl ServiceBuilder {
             stop_rx,
             self.grace,
             events.clone(),
+            self.tls.as_ref().map(ServerTls::acceptor),
         ));
         events.announce(Lifecycle::Serving(local_addr));
 

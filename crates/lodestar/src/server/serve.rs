@@ -142,6 +142,7 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
     events: Arc<Announcer>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
@@ -164,7 +165,13 @@ pub(crate) async fn serve(
             () = &mut stopped => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    connections.spawn(serve_connection(stream, http2.clone(), stack.clone(), drain_rx.clone()));
+                    connections.spawn(serve_connection(
+                        stream,
+                        tls.clone(),
+                        http2.clone(),
+                        stack.clone(),
+                        drain_rx.clone(),
+                    ));
                 }
                 Err(e) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -202,12 +209,33 @@ pub(crate) async fn serve(
 
 async fn serve_connection(
     stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    stack: Stack,
+    drain: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(acceptor) = tls else {
+        return run_connection(TokioIo::new(stream), http2, stack, drain).await;
+    };
+    let peer = stream.peer_addr().ok();
+    // In the connection's own task, so a slow handshake holds up no one else.
+    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => run_connection(TokioIo::new(stream), http2, stack, drain).await,
+        Ok(Err(e)) => tracing::info!(?peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::info!(?peer, "TLS handshake timed out after 10s"),
+    }
+}
+
+async fn run_connection<I>(
+    io: I,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     stack: Stack,
     mut drain: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
-    let connection = http2.serve_connection(TokioIo::new(stream), TowerToHyperService::new(stack));
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let connection = http2.serve_connection(io, TowerToHyperService::new(stack));
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
