@@ -291,7 +291,11 @@ impl {module}_client::{name}Client<::lodestar::client::Channel> {{
         let limits = client.message_limits();
         // The channel enforces the send limit itself, with the status code
         // gRPC specifies (RESOURCE_EXHAUSTED); tonic's own check is off.
-        Self::new(client.channel(service).with_idempotent_methods(IDEMPOTENT))
+        let channel = client
+            .channel(service)
+            .with_idempotent_methods(IDEMPOTENT)
+            .with_descriptors(FILE_DESCRIPTOR_SET);
+        Self::new(channel)
             .accept_compressed(::lodestar::codegen::tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(limits.max_decoding_message_size)
             .max_encoding_message_size(usize::MAX)

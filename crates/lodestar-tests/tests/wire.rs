@@ -20,18 +20,42 @@ async fn raw_call(
     accept_encoding: Option<&str>,
     message: &impl prost::Message,
 ) -> (http::HeaderMap, Vec<(bool, Vec<u8>)>) {
+    let (headers, trailers, messages) = raw_bytes_call(
+        address,
+        path,
+        "application/grpc",
+        accept_encoding,
+        &message.encode_to_vec(),
+    )
+    .await;
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("0"),
+        "{trailers:?}"
+    );
+    (headers, messages)
+}
+
+/// One call with a bare HTTP/2 client, sending `payload` as the one message:
+/// the response headers, trailers, and messages.
+async fn raw_bytes_call(
+    address: std::net::SocketAddr,
+    path: &str,
+    content_type: &str,
+    accept_encoding: Option<&str>,
+    payload: &[u8],
+) -> (http::HeaderMap, http::HeaderMap, Vec<(bool, Vec<u8>)>) {
     let stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(connection);
-    let payload = message.encode_to_vec();
     let mut frame = vec![0u8];
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&payload);
+    frame.extend_from_slice(payload);
     let mut request = http::Request::post(format!("http://{address}{path}"))
-        .header("content-type", "application/grpc")
+        .header("content-type", content_type)
         .header("te", "trailers");
     if let Some(accept) = accept_encoding {
         request = request.header("grpc-accept-encoding", accept);
@@ -40,16 +64,15 @@ async fn raw_call(
     let response = bounded("the raw call", sender.send_request(request))
         .await
         .unwrap();
-    let headers = response.headers().clone();
+    let mut headers = response.headers().clone();
     let body = bounded("the raw body", response.into_body().collect())
         .await
         .unwrap();
-    let trailers = body.trailers().cloned().unwrap_or_default();
-    assert_eq!(
-        trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
-        Some("0"),
-        "{trailers:?}"
-    );
+    // A trailers-only response carries its status in the headers.
+    let trailers = body
+        .trailers()
+        .cloned()
+        .unwrap_or_else(|| std::mem::take(&mut headers));
     let mut data = body.to_bytes();
     let mut messages = Vec::new();
     while data.has_remaining() {
@@ -57,7 +80,7 @@ async fn raw_call(
         let len = data.get_u32() as usize;
         messages.push((flag == 1, data.split_to(len).to_vec()));
     }
-    (headers, messages)
+    (headers, trailers, messages)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,6 +198,172 @@ async fn a_compressing_client_sends_smaller_messages_that_the_server_reads() {
             .is_ok()
     );
     running.shutdown().await.unwrap();
+}
+
+mod json {
+    use super::*;
+    use lodestar::{Client, Code, Codec};
+    use tokio_stream::StreamExt;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_json_client_makes_every_kind_of_call_with_and_without_compression() {
+        let world = World::new();
+        let running = world
+            .builder("echo", "a")
+            .send_compressed(Encoding::Gzip)
+            .add_service(EchoServer::new(world.echo("a")))
+            .start()
+            .await
+            .unwrap();
+        for compressed in [false, true] {
+            let mut builder = Client::builder(world.registry.clone()).codec(Codec::Json);
+            if compressed {
+                builder = builder.send_compressed(Encoding::Gzip);
+            }
+            let client = builder.build();
+            let mut echo = EchoClient::by_name(&client, "echo");
+            let reply = bounded(
+                "unary",
+                echo.unary(EchoRequest {
+                    message: "ünï 😈".into(),
+                    payload: vec![1, 2, 3],
+                }),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+            assert_eq!(
+                (
+                    reply.message.as_str(),
+                    reply.served_by.as_str(),
+                    reply.payload_len
+                ),
+                ("ünï 😈", "a", 3)
+            );
+
+            let stream = bounded(
+                "server stream",
+                echo.server_stream(StreamRequest {
+                    count: 3,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+            assert_eq!(
+                bounded("items", stream.collect::<Result<Vec<_>, _>>())
+                    .await
+                    .unwrap()
+                    .len(),
+                3
+            );
+
+            let messages = (0..4).map(|i| EchoRequest {
+                message: i.to_string(),
+                payload: vec![0; 1000],
+            });
+            let reply = bounded(
+                "client stream",
+                echo.client_stream(tokio_stream::iter(messages)),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+            assert_eq!(
+                (reply.message.as_str(), reply.payload_len),
+                ("4 messages", 4000)
+            );
+
+            let messages = (0..3).map(|i| EchoRequest {
+                message: format!("ping {i}"),
+                payload: vec![],
+            });
+            let replies = bounded("bidi", echo.bidi(tokio_stream::iter(messages)))
+                .await
+                .unwrap()
+                .into_inner();
+            let replies: Vec<String> =
+                bounded("bidi items", replies.collect::<Result<Vec<_>, _>>())
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.message)
+                    .collect();
+            assert_eq!(
+                replies,
+                ["ping 0", "ping 1", "ping 2"],
+                "compressed: {compressed}"
+            );
+        }
+        running.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plain_json_on_the_wire_is_answered_in_json_and_bad_json_is_refused_clearly() {
+        let world = World::new();
+        let running = world.start("echo", "a").await;
+        let address = running.local_addr();
+        let (headers, trailers, messages) = raw_bytes_call(
+            address,
+            "/lodestar.test.Echo/Unary",
+            "application/grpc+json",
+            None,
+            br#"{"message": "from a script", "payload": "AAEC"}"#,
+        )
+        .await;
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+        assert_eq!(
+            headers.get("content-type").unwrap(),
+            "application/grpc+json"
+        );
+        let reply: serde_json::Value = serde_json::from_slice(&messages[0].1).unwrap();
+        assert_eq!(reply["message"], "from a script");
+        assert_eq!(reply["servedBy"], "a");
+        assert_eq!(
+            reply["payloadLen"], "3",
+            "64-bit integers are strings in proto3 JSON"
+        );
+
+        let (_, trailers, messages) = raw_bytes_call(
+            address,
+            "/lodestar.test.Echo/Unary",
+            "application/grpc+json",
+            None,
+            br#"{"message": 42"#,
+        )
+        .await;
+        assert!(messages.is_empty());
+        assert_eq!(
+            trailers.get("grpc-status").unwrap(),
+            &(Code::InvalidArgument as i32).to_string()
+        );
+        let message = percent_decode(trailers.get("grpc-message").unwrap().to_str().unwrap());
+        assert!(message.contains("lodestar.test.EchoRequest"), "{message}");
+        // The server carries on.
+        let mut echo = EchoClient::by_name(&world.client(), "echo");
+        bounded("a call after bad JSON", echo.unary(EchoRequest::default()))
+            .await
+            .unwrap();
+        running.shutdown().await.unwrap();
+    }
+
+    fn percent_decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
 }
 
 mod tls {

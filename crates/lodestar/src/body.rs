@@ -10,8 +10,9 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use crate::compression::{Compressor, ReceivedFlags};
+use crate::compression::ReceivedFlags;
 use crate::deadline::{self, Deadline};
+use crate::frames::Reframer;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -51,7 +52,7 @@ pin_project_lite::pin_project! {
         // An error to yield on the next poll, after the data before it.
         pending: Option<tonic::Status>,
         request_error: Option<RequestError>,
-        compressor: Option<Compressor>,
+        reframer: Option<Reframer>,
         // Extra trailers to merge into the final ones (server responses).
         trailers: Option<HeaderMap>,
         done: bool,
@@ -81,7 +82,7 @@ impl<B> CallBody<B> {
             limit: limit.map(FrameLimit::new),
             pending: None,
             request_error: None,
-            compressor: None,
+            reframer: None,
             trailers: None,
             done: false,
         }
@@ -93,9 +94,9 @@ impl<B> CallBody<B> {
         self
     }
 
-    /// Compresses the messages sent through this body.
-    pub(crate) fn with_compressor(mut self, compressor: Option<Compressor>) -> Self {
-        self.compressor = compressor;
+    /// Rewrites the messages that pass (decompress, transcode, compress).
+    pub(crate) fn with_reframer(mut self, reframer: Option<Reframer>) -> Self {
+        self.reframer = reframer.filter(Reframer::is_active);
         self
     }
 
@@ -166,9 +167,9 @@ where
                 }
                 None => {
                     if this
-                        .compressor
+                        .reframer
                         .as_ref()
-                        .is_some_and(Compressor::has_partial_frame)
+                        .is_some_and(Reframer::has_partial_frame)
                     {
                         *this.done = true;
                         let status = tonic::Status::internal("the body ended inside a message");
@@ -200,8 +201,8 @@ where
                 *this.pending = Some(status);
                 data = data.slice(..valid);
             }
-            if let Some(compressor) = this.compressor.as_mut() {
-                match compressor.feed(&data) {
+            if let Some(reframer) = this.reframer.as_mut() {
+                match reframer.feed(&data) {
                     Ok(out) => data = out,
                     Err(status) => {
                         *this.done = true;
@@ -226,7 +227,7 @@ where
 
     fn size_hint(&self) -> SizeHint {
         // Compression changes the size; so does ending early.
-        if self.compressor.is_some() || self.pending.is_some() {
+        if self.reframer.is_some() || self.pending.is_some() {
             return SizeHint::default();
         }
         self.inner.size_hint()
@@ -323,25 +324,25 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: tonic::body::Body,
         limit: FrameLimit,
-        compressor: Option<Compressor>,
+        reframer: Option<Reframer>,
         pending: Option<tonic::Status>,
         error: RequestError,
     }
 }
 
 impl RequestBody {
-    /// Wraps `inner`, refusing messages over `limit` bytes, and compressing
-    /// messages with `compressor`, if any.
+    /// Wraps `inner`, refusing messages over `limit` bytes, and rewriting
+    /// messages with `reframer`, if any.
     pub(crate) fn new(
         inner: tonic::body::Body,
         limit: usize,
-        compressor: Option<Compressor>,
+        reframer: Option<Reframer>,
         error: RequestError,
     ) -> Self {
         Self {
             inner,
             limit: FrameLimit::new(limit),
-            compressor,
+            reframer: reframer.filter(Reframer::is_active),
             pending: None,
             error,
         }
@@ -384,8 +385,8 @@ impl Body for RequestBody {
                 *this.pending = Some(status);
                 data = data.slice(..valid);
             }
-            if let Some(compressor) = this.compressor.as_mut() {
-                match compressor.feed(&data) {
+            if let Some(reframer) = this.reframer.as_mut() {
+                match reframer.feed(&data) {
                     Ok(out) => data = out,
                     Err(status) => return fail(this.error, status),
                 }
@@ -406,7 +407,7 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         // Compression changes the size; so does ending early.
-        if self.compressor.is_some() || self.pending.is_some() {
+        if self.reframer.is_some() || self.pending.is_some() {
             return SizeHint::default();
         }
         self.inner.size_hint()

@@ -25,7 +25,6 @@ use std::collections::VecDeque;
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
-use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderValue;
 
 /// A compression algorithm.
@@ -116,138 +115,43 @@ impl ReceivedFlags {
     }
 }
 
-/// Compresses the messages of an outgoing gRPC body: it collects whole
-/// frames and rewrites each one the plan says to compress.
-#[derive(Debug)]
-pub(crate) struct Compressor {
-    encoding: Encoding,
-    default: bool,
-    plan: Option<PerMessage>,
-    pending: BytesMut,
+pub(crate) fn gzip(message: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(message.len() / 2 + 16),
+        flate2::Compression::default(),
+    );
+    encoder
+        .write_all(message)
+        .and_then(|()| encoder.finish())
+        .map_err(|e| tonic::Status::internal(format!("gzip: {e}")))
 }
 
-impl Compressor {
-    pub(crate) fn new(encoding: Encoding, default: bool, plan: Option<PerMessage>) -> Self {
-        Self {
-            encoding,
-            default,
-            plan,
-            pending: BytesMut::new(),
-        }
+pub(crate) fn gunzip(message: &[u8], limit: usize) -> Result<Vec<u8>, tonic::Status> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    let read = flate2::read::GzDecoder::new(message)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            tonic::Status::internal(format!("a gzip-compressed message is corrupt: {e}"))
+        })?;
+    if read > limit {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "a compressed message decompresses to more than the limit of {limit} bytes"
+        )));
     }
+    Ok(out)
+}
 
-    /// Takes the next chunk of the body; returns the frames it completed,
-    /// compressed as planned (possibly empty, while a frame is incomplete).
-    pub(crate) fn feed(&mut self, data: &Bytes) -> Result<Bytes, tonic::Status> {
-        if self.pending.is_empty() && !self.default && self.plan.is_none() {
-            return Ok(data.clone());
-        }
-        self.pending.extend_from_slice(data);
-        let mut out = BytesMut::new();
-        loop {
-            if self.pending.len() < 5 {
-                break;
-            }
-            let flag = self.pending[0];
-            let len = u32::from_be_bytes([
-                self.pending[1],
-                self.pending[2],
-                self.pending[3],
-                self.pending[4],
-            ]) as usize;
-            if self.pending.len() < 5 + len {
-                break;
-            }
-            let frame = self.pending.split_to(5 + len);
-            let compress = self
-                .plan
-                .as_ref()
-                .and_then(PerMessage::pop)
-                .unwrap_or(self.default);
-            if flag != 0 || !compress {
-                out.extend_from_slice(&frame);
-                continue;
-            }
-            let compressed = self.compress(&frame[5..])?;
-            let len = u32::try_from(compressed.len())
-                .map_err(|_| tonic::Status::resource_exhausted("compressed message too large"))?;
-            out.put_u8(1);
-            out.put_u32(len);
-            out.extend_from_slice(&compressed);
-        }
-        Ok(out.freeze())
-    }
-
-    /// Whether a partial frame is still waiting for the rest of its bytes.
-    pub(crate) fn has_partial_frame(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    fn compress(&self, message: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-        match self.encoding {
-            Encoding::Gzip => {
-                let mut encoder = flate2::write::GzEncoder::new(
-                    Vec::with_capacity(message.len() / 2 + 16),
-                    flate2::Compression::default(),
-                );
-                encoder
-                    .write_all(message)
-                    .and_then(|()| encoder.finish())
-                    .map_err(|e| tonic::Status::internal(format!("gzip: {e}")))
-            }
-        }
+impl PerMessage {
+    pub(crate) fn next_choice(&self) -> Option<bool> {
+        self.pop()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read as _;
-
-    fn frame(payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![0];
-        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        v.extend_from_slice(payload);
-        v
-    }
-
-    fn frames(mut data: &[u8]) -> Vec<(u8, Vec<u8>)> {
-        let mut out = Vec::new();
-        while !data.is_empty() {
-            let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
-            out.push((data[0], data[5..5 + len].to_vec()));
-            data = &data[5 + len..];
-        }
-        out
-    }
-
-    #[test]
-    fn compresses_as_planned_across_chunk_boundaries() {
-        let plan = PerMessage::new();
-        plan.push(true);
-        plan.push(false);
-        let mut compressor = Compressor::new(Encoding::Gzip, true, Some(plan));
-        let first = vec![0u8; 1000];
-        let mut body = frame(&first);
-        body.extend(frame(b"plain"));
-        body.extend(frame(b"default"));
-        let mut out = Vec::new();
-        for chunk in body.chunks(7) {
-            out.extend_from_slice(&compressor.feed(&Bytes::copy_from_slice(chunk)).unwrap());
-        }
-        assert!(!compressor.has_partial_frame());
-        let out = frames(&out);
-        assert_eq!(out.len(), 3);
-        assert_eq!(out[0].0, 1);
-        assert!(out[0].1.len() < 100, "1000 zeros compress well");
-        let mut inflated = Vec::new();
-        flate2::read::GzDecoder::new(&out[0].1[..])
-            .read_to_end(&mut inflated)
-            .unwrap();
-        assert_eq!(inflated, first);
-        assert_eq!(out[1], (0, b"plain".to_vec()));
-        assert_eq!(out[2].0, 1, "messages without a choice follow the default");
-    }
 
     #[test]
     fn reads_accept_encoding_lists() {

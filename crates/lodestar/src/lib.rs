@@ -51,12 +51,15 @@ mod body;
 pub mod client;
 pub mod compression;
 mod deadline;
+mod frames;
 mod grpc_timeout;
+pub mod json;
 pub mod server;
 pub mod tls;
 
 pub use client::Client;
 pub use deadline::Deadline;
+pub use json::Codec;
 pub use lodestar_core::{
     DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, MemoryRegistry, Registry,
     RegistryError, Revision, ServiceKey, StaticRegistry, WatchEvent, WatchStream, registry,

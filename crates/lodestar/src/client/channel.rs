@@ -18,8 +18,10 @@ use super::Error;
 use super::balancer::{Balancer, Endpoint};
 use super::connection::Sender;
 use crate::body::{CallBody, RequestBody, RequestError, Side};
-use crate::compression::{Compress, Compressor, Encoding, PerMessage, ReceivedFlags};
+use crate::compression::{Compress, Encoding, PerMessage, ReceivedFlags};
 use crate::deadline;
+use crate::frames::Reframer;
+use crate::json::{self, Codec, Descriptors, Transcode};
 
 /// The body of a response received through a [`Channel`]: it fails with
 /// `DEADLINE_EXCEEDED` if still open at the call's deadline, and with
@@ -36,6 +38,7 @@ pub type ResponseBody = CallBody<Incoming>;
 pub struct Channel {
     balancer: Arc<Balancer>,
     idempotent: &'static [&'static str],
+    descriptors: Option<Descriptors>,
 }
 
 impl fmt::Debug for Channel {
@@ -51,7 +54,16 @@ impl Channel {
         Self {
             balancer,
             idempotent: &[],
+            descriptors: None,
         }
+    }
+
+    /// Gives the channel the descriptors of the services it calls (an
+    /// encoded `FileDescriptorSet`), which the JSON codec needs. Generated
+    /// clients do this.
+    pub fn with_descriptors(mut self, file_descriptor_set: &'static [u8]) -> Self {
+        self.descriptors = Descriptors::of_static(file_descriptor_set);
+        self
     }
 
     /// Declares the unary methods (by path, `/package.Service/Method`) that
@@ -86,11 +98,14 @@ impl tower_service::Service<Request<Body>> for Channel {
         let idempotent = self.idempotent.contains(&request.uri().path());
         // Read the inbound deadline here, inside the caller's task.
         let deadline = deadline::outbound(request.headers(), balancer.config.timeout);
-        let compression = compression_for(&balancer.config, &mut request);
         let received = balancer
             .config
             .inspect_compression
             .then(ReceivedFlags::default);
+        let plan = match plan_for(&balancer.config, self.descriptors.as_ref(), &mut request) {
+            Ok(plan) => plan,
+            Err(status) => return Box::pin(std::future::ready(Err(status))),
+        };
         Box::pin(async move {
             let request_error = RequestError::default();
             let call = dispatch(
@@ -98,7 +113,7 @@ impl tower_service::Service<Request<Body>> for Channel {
                 request,
                 idempotent,
                 deadline,
-                &compression,
+                &plan,
                 &request_error,
             );
             let response = match deadline {
@@ -111,11 +126,23 @@ impl tower_service::Service<Request<Body>> for Channel {
                 }
             };
             let limit = balancer.config.limits.max_decoding_message_size;
+            // A JSON answer is transcoded back to protobuf for the generated client.
+            let inbound = plan
+                .response
+                .filter(|_| is_json(response.headers()))
+                .map(|t| Reframer::transcoding(t, limit));
             let mut response = response.map(|body| {
                 CallBody::new(body, deadline, Side::Received, Some(limit))
                     .with_request_error(request_error)
                     .with_received_flags(received.clone())
+                    .with_reframer(inbound)
             });
+            if plan.response_is_json {
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+            }
             if let Some(received) = received {
                 response.extensions_mut().insert(received);
             }
@@ -140,22 +167,71 @@ enum Retry {
     Fail(Status),
 }
 
-/// How a call's request messages are compressed: the encoding, whether
-/// messages are compressed by default, and the per-message plan.
-type CallCompression = Option<(Encoding, bool, Option<PerMessage>)>;
+/// How one call's messages are rewritten: request compression, and
+/// transcoding to and from JSON.
+#[derive(Debug, Default)]
+struct CallPlan {
+    compression: Option<(Encoding, bool, Option<PerMessage>)>,
+    request: Option<Transcode>,
+    response: Option<Transcode>,
+    response_is_json: bool,
+}
 
-/// Decides compression for one call, and sets `grpc-encoding` accordingly.
-fn compression_for(config: &super::ClientConfig, request: &mut Request<Body>) -> CallCompression {
-    let encoding = config.send_compressed?;
-    let default = request.extensions().get::<Compress>().is_none_or(|c| c.0);
-    let plan = request.extensions().get::<PerMessage>().cloned();
-    if !default && plan.is_none() {
-        return None;
+impl CallPlan {
+    /// A fresh rewriter for one attempt's request body.
+    fn reframer(&self) -> Option<Reframer> {
+        let reframer = match &self.compression {
+            Some((encoding, default, plan)) => {
+                Reframer::compressing(*encoding, *default, plan.clone())
+            }
+            None => Reframer::default(),
+        };
+        Some(reframer.with_transcode(self.request.clone()))
     }
-    request
-        .headers_mut()
-        .insert("grpc-encoding", encoding.header_value());
-    Some((encoding, default, plan))
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .eq_ignore_ascii_case(json::CONTENT_TYPE.as_bytes())
+    })
+}
+
+/// Decides how one call's messages are encoded and compressed, and sets
+/// `grpc-encoding` and `content-type` accordingly.
+fn plan_for(
+    config: &super::ClientConfig,
+    descriptors: Option<&Descriptors>,
+    request: &mut Request<Body>,
+) -> Result<CallPlan, Status> {
+    let mut plan = CallPlan::default();
+    if config.codec == Codec::Json {
+        let path = request.uri().path();
+        let method = descriptors.and_then(|d| d.method(path)).ok_or_else(|| {
+            Status::internal(format!(
+                "the JSON codec needs the descriptors of {path}: make the client with the generated `by_name`, \
+                 or give the channel `with_descriptors`"
+            ))
+        })?;
+        plan.request = Some(Transcode::ProtoToJson(method.input()));
+        plan.response = Some(Transcode::JsonToProto(method.output()));
+        plan.response_is_json = true;
+        request.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(json::CONTENT_TYPE),
+        );
+    }
+    if let Some(encoding) = config.send_compressed {
+        let default = request.extensions().get::<Compress>().is_none_or(|c| c.0);
+        let per_message = request.extensions().get::<PerMessage>().cloned();
+        if default || per_message.is_some() {
+            request
+                .headers_mut()
+                .insert("grpc-encoding", encoding.header_value());
+            plan.compression = Some((encoding, default, per_message));
+        }
+    }
+    Ok(plan)
 }
 
 async fn dispatch(
@@ -163,7 +239,7 @@ async fn dispatch(
     request: Request<Body>,
     idempotent: bool,
     deadline: Option<crate::Deadline>,
-    compression: &CallCompression,
+    plan: &CallPlan,
     request_error: &RequestError,
 ) -> Result<Response<Incoming>, Status> {
     balancer.ready().await.map_err(unavailable)?;
@@ -192,14 +268,12 @@ async fn dispatch(
         if let Some(deadline) = deadline {
             deadline::set_header(request.headers_mut(), deadline);
         }
-        let compressor = compression
-            .as_ref()
-            .map(|(encoding, default, plan)| Compressor::new(*encoding, *default, plan.clone()));
-        let (retry, error) =
-            match send(balancer, &endpoint, request, compressor, request_error).await {
-                Ok(response) => return Ok(response),
-                Err(failure) => failure,
-            };
+        let reframer = plan.reframer();
+        let (retry, error) = match send(balancer, &endpoint, request, reframer, request_error).await
+        {
+            Ok(response) => return Ok(response),
+            Err(failure) => failure,
+        };
         let same_endpoint = matches!(
             retry,
             Retry::Untouched {
@@ -242,7 +316,7 @@ async fn send(
     balancer: &Balancer,
     endpoint: &Endpoint,
     mut request: Request<Body>,
-    compressor: Option<Compressor>,
+    reframer: Option<Reframer>,
     request_error: &RequestError,
 ) -> Result<Response<Incoming>, (Retry, String)> {
     let config = &balancer.config;
@@ -268,7 +342,7 @@ async fn send(
     let body = RequestBody::new(
         body,
         config.limits.max_encoding_message_size,
-        compressor,
+        reframer,
         request_error.clone(),
     );
     match Sender::clone(&sender)

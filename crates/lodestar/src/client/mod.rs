@@ -38,6 +38,7 @@ use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
 
 use crate::MessageLimits;
 use crate::compression::Encoding;
+use crate::json::Codec;
 use crate::tls::ClientTls;
 use balancer::Balancer;
 
@@ -141,6 +142,7 @@ pub(crate) struct ClientConfig {
     pub(crate) send_compressed: Option<Encoding>,
     pub(crate) inspect_compression: bool,
     pub(crate) tls: Option<ClientTls>,
+    pub(crate) codec: Codec,
 }
 
 impl Default for ClientConfig {
@@ -159,6 +161,7 @@ impl Default for ClientConfig {
             send_compressed: None,
             inspect_compression: false,
             tls: None,
+            codec: Codec::Protobuf,
         }
     }
 }
@@ -285,6 +288,13 @@ impl ClientBuilder {
     /// `tls` has an identity. Default: plaintext HTTP/2.
     pub fn tls(mut self, tls: ClientTls) -> Self {
         self.config.tls = Some(tls);
+        self
+    }
+
+    /// How messages are encoded: protobuf (the default) or JSON
+    /// (`application/grpc+json`, which lodestar servers accept too).
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.config.codec = codec;
         self
     }
 

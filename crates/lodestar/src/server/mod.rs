@@ -36,6 +36,7 @@ use tonic_health::server::HealthReporter;
 use crate::MessageLimits;
 use crate::client::IntoRegistry;
 use crate::compression::Encoding;
+use crate::json::Descriptors;
 use crate::tls::ServerTls;
 
 /// What `lodestar-build` generates for each server so that [`ServiceBuilder`]
@@ -479,6 +480,9 @@ impl ServiceBuilder {
                     b.register_encoded_file_descriptor_set(d)
                 })
         };
+        let known = Descriptors::from_sets(&descriptors).map_err(|e| {
+            ServeError::Reflection(format!("the services' descriptors do not load: {e}"))
+        })?;
         let reflection_v1 = reflection()
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
@@ -505,6 +509,7 @@ impl ServiceBuilder {
                 self.limits,
                 self.send_compressed,
                 self.inspect_compression,
+                known,
             ),
             stop_rx,
             self.grace,

@@ -21,8 +21,11 @@ use std::sync::Arc;
 use super::{Announcer, Lifecycle};
 use crate::MessageLimits;
 use crate::body::{CallBody, Side};
-use crate::compression::{Compress, Compressor, Encoding, PerMessage, ReceivedFlags};
+use crate::compression::{Compress, Encoding, PerMessage, ReceivedFlags};
 use crate::deadline;
+use crate::frames::Reframer;
+use crate::json::{self, Descriptors, Transcode};
+use http::HeaderValue;
 use tonic::codec::SingleMessageCompressionOverride;
 
 /// What runs for every request: the inbound deadline, then routing to the
@@ -33,6 +36,7 @@ pub(crate) struct Stack {
     limits: MessageLimits,
     send_compressed: Option<Encoding>,
     inspect_compression: bool,
+    descriptors: Descriptors,
 }
 
 impl Stack {
@@ -41,12 +45,14 @@ impl Stack {
         limits: MessageLimits,
         send_compressed: Option<Encoding>,
         inspect_compression: bool,
+        descriptors: Descriptors,
     ) -> Self {
         Self {
             routes,
             limits,
             send_compressed,
             inspect_compression,
+            descriptors,
         }
     }
 }
@@ -56,7 +62,7 @@ impl Stack {
 fn compress_response<B>(
     encoding: Option<Encoding>,
     response: &mut Response<B>,
-) -> Option<Compressor> {
+) -> Option<Reframer> {
     let encoding = encoding?;
     let extensions = response.extensions();
     let disabled = extensions.get::<Compress>().is_some_and(|c| !c.0)
@@ -69,7 +75,7 @@ fn compress_response<B>(
     response
         .headers_mut()
         .insert("grpc-encoding", encoding.header_value());
-    Some(Compressor::new(encoding, !disabled, plan))
+    Some(Reframer::compressing(encoding, !disabled, plan))
 }
 
 type StackFuture =
@@ -99,18 +105,45 @@ impl tower_service::Service<Request<Incoming>> for Stack {
         if let Some(received) = &received {
             request.extensions_mut().insert(received.clone());
         }
+        // A JSON request is transcoded to protobuf on the way in, and its
+        // response back to JSON on the way out.
+        let json = is_json(request.headers())
+            .then(|| self.descriptors.method(request.uri().path()))
+            .flatten();
+        let inbound = json.as_ref().map(|method| {
+            let headers = request.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.remove("grpc-encoding"); // decompressed here, before transcoding
+            Reframer::transcoding(
+                Transcode::JsonToProto(method.input()),
+                self.limits.max_decoding_message_size,
+            )
+        });
+        let outbound = json.map(|method| Transcode::ProtoToJson(method.output()));
         let future = self.routes.call(request.map(|body| {
-            CallBody::new(body, None, Side::Received, receive).with_received_flags(received)
+            CallBody::new(body, None, Side::Received, receive)
+                .with_received_flags(received)
+                .with_reframer(inbound)
         }));
         let respond = move |mut response: Response<Body>, deadline| {
-            let compressor = compress_response(encoding, &mut response);
+            let mut reframer = compress_response(encoding, &mut response);
+            if let Some(transcode) = outbound {
+                reframer = Some(reframer.unwrap_or_default().with_transcode(Some(transcode)));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static(json::CONTENT_TYPE),
+                );
+            }
             let trailers = response
                 .extensions_mut()
                 .remove::<crate::Trailers>()
                 .map(|t| t.0.into_headers());
             response.map(|body| {
                 CallBody::new(body, deadline, Side::ServerResponse, send)
-                    .with_compressor(compressor)
+                    .with_reframer(reframer)
                     .with_trailers(trailers)
             })
         };
@@ -132,6 +165,13 @@ impl tower_service::Service<Request<Incoming>> for Stack {
             }
         })
     }
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .eq_ignore_ascii_case(json::CONTENT_TYPE.as_bytes())
+    })
 }
 
 /// Accepts connections until told to stop, then closes the listener, asks

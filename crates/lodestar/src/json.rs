@@ -1,0 +1,153 @@
+//! JSON over gRPC (`application/grpc+json`).
+//!
+//! gRPC frames carry protobuf by default. With the JSON codec each message
+//! is the proto3 JSON form of the same message instead, which browsers,
+//! `curl` users and scripts can read and write. lodestar transcodes with the
+//! descriptors `lodestar-build` embeds, so services need no extra code:
+//! every lodestar server accepts both, answering in the codec it was asked
+//! in, and a client chooses with
+//! [`ClientBuilder::codec`](crate::client::ClientBuilder::codec).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prost::Message as _;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
+use tonic::Status;
+
+/// The content type of gRPC with JSON messages.
+pub(crate) const CONTENT_TYPE: &str = "application/grpc+json";
+
+/// How messages are encoded on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Codec {
+    /// Protocol buffers, gRPC's default (`application/grpc`).
+    #[default]
+    Protobuf,
+    /// The proto3 JSON mapping (`application/grpc+json`).
+    Json,
+}
+
+/// One direction of transcoding, for the messages of one type.
+#[derive(Debug, Clone)]
+pub(crate) enum Transcode {
+    ProtoToJson(MessageDescriptor),
+    JsonToProto(MessageDescriptor),
+}
+
+impl Transcode {
+    pub(crate) fn apply(&self, bytes: &[u8]) -> Result<Vec<u8>, Status> {
+        match self {
+            Transcode::ProtoToJson(descriptor) => {
+                let message = DynamicMessage::decode(descriptor.clone(), bytes).map_err(|e| {
+                    Status::internal(format!(
+                        "a {} message does not decode: {e}",
+                        descriptor.full_name()
+                    ))
+                })?;
+                serde_json::to_vec(&message).map_err(|e| {
+                    Status::internal(format!(
+                        "encoding a {} as JSON: {e}",
+                        descriptor.full_name()
+                    ))
+                })
+            }
+            Transcode::JsonToProto(descriptor) => {
+                let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+                let message = DynamicMessage::deserialize(descriptor.clone(), &mut deserializer)
+                    .and_then(|m| deserializer.end().map(|()| m))
+                    .map_err(|e| {
+                        Status::invalid_argument(format!(
+                            "invalid JSON for {}: {e}",
+                            descriptor.full_name()
+                        ))
+                    })?;
+                Ok(message.encode_to_vec())
+            }
+        }
+    }
+}
+
+/// The protobuf descriptors a server or client knows, to find a method's
+/// message types by the request path.
+#[derive(Debug, Clone)]
+pub(crate) struct Descriptors(Arc<DescriptorPool>);
+
+impl Descriptors {
+    /// A pool of the given encoded `FileDescriptorSet`s.
+    pub(crate) fn from_sets(sets: &[&[u8]]) -> Result<Self, String> {
+        let mut pool = DescriptorPool::new();
+        for set in sets {
+            pool.decode_file_descriptor_set(*set)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Self(Arc::new(pool)))
+    }
+
+    /// The pool of one embedded set, decoded once per process.
+    pub(crate) fn of_static(set: &'static [u8]) -> Option<Self> {
+        static CACHE: OnceLock<Mutex<HashMap<usize, Descriptors>>> = OnceLock::new();
+        let mut cache = CACHE
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = cache.get(&(set.as_ptr() as usize)) {
+            return Some(found.clone());
+        }
+        let descriptors = Self::from_sets(&[set]).ok()?;
+        cache.insert(set.as_ptr() as usize, descriptors.clone());
+        Some(descriptors)
+    }
+
+    /// The method a request path (`/package.Service/Method`) names.
+    pub(crate) fn method(&self, path: &str) -> Option<MethodDescriptor> {
+        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+        self.0
+            .get_service_by_name(service)?
+            .methods()
+            .find(|m| m.name() == method)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transcodes_both_ways_and_names_the_type_on_bad_json() {
+        let set = prost_types::FileDescriptorSet {
+            file: vec![prost_types::FileDescriptorProto {
+                name: Some("t.proto".into()),
+                package: Some("t".into()),
+                syntax: Some("proto3".into()),
+                message_type: vec![prost_types::DescriptorProto {
+                    name: Some("Point".into()),
+                    field: vec![prost_types::FieldDescriptorProto {
+                        name: Some("latitude_e7".into()),
+                        json_name: Some("latitudeE7".into()),
+                        number: Some(1),
+                        r#type: Some(prost_types::field_descriptor_proto::Type::Int32 as i32),
+                        label: Some(prost_types::field_descriptor_proto::Label::Optional as i32),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let pool = Descriptors::from_sets(&[&set.encode_to_vec()]).unwrap();
+        let point = pool.0.get_message_by_name("t.Point").unwrap();
+        let proto = Transcode::JsonToProto(point.clone())
+            .apply(br#"{"latitudeE7": 42}"#)
+            .unwrap();
+        assert_eq!(proto, vec![0x08, 42]);
+        let json = Transcode::ProtoToJson(point.clone()).apply(&proto).unwrap();
+        assert_eq!(json, br#"{"latitudeE7":42}"#);
+        let status = Transcode::JsonToProto(point)
+            .apply(br#"{"latitudeE7": "north"}"#)
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("t.Point"), "{}", status.message());
+    }
+}
