@@ -808,3 +808,41 @@ async fn a_client_that_outlives_its_first_runtime_keeps_following_the_registry()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_limits_the_calls_open_on_one_connection() {
+    let world = World::new();
+    let settings = lodestar::Http2Settings {
+        max_concurrent_streams: 1,
+        ..lodestar::Http2Settings::server()
+    };
+    let _running = world
+        .builder("echo", "a")
+        .http2(settings)
+        .add_service(EchoServer::new(world.echo("a")))
+        .start()
+        .await
+        .unwrap();
+    let client = world.client();
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let request = stream_request("holding", 10_000, Duration::from_millis(10));
+    let mut stream = bounded("stream start", echo.server_stream(request))
+        .await
+        .unwrap()
+        .into_inner();
+    bounded("first item", stream.next()).await.unwrap().unwrap();
+    // The one slot is taken: another call waits for it, here until its deadline.
+    let mut request = Request::new(EchoRequest::default());
+    request.set_timeout(Duration::from_millis(300));
+    let status = bounded("the waiting call", echo.unary(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    drop(stream);
+    bounded(
+        "a call once the slot is free",
+        echo.unary(EchoRequest::default()),
+    )
+    .await
+    .unwrap();
+}

@@ -84,6 +84,55 @@ pub use tonic::{Code, Request, Response, Status, Streaming, async_trait};
 #[derive(Debug, Clone, Default)]
 pub struct Trailers(pub tonic::metadata::MetadataMap);
 
+/// HTTP/2 connection settings, for servers
+/// ([`ServiceBuilder::http2`](crate::ServiceBuilder::http2)) and clients
+/// ([`ClientBuilder::http2`](crate::client::ClientBuilder::http2)).
+///
+/// ```
+/// use std::time::Duration;
+/// let settings = lodestar::Http2Settings {
+///     keepalive_interval: Some(Duration::from_secs(10)),
+///     ..lodestar::Http2Settings::client()
+/// };
+/// assert_eq!(settings.keepalive_timeout, Duration::from_secs(20));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// Send a PING after this long without frames from the peer, to find
+    /// connections that died without a word. `None`: never.
+    /// Default: 30 s for clients, 60 s for servers.
+    pub keepalive_interval: Option<std::time::Duration>,
+    /// Close the connection if a keepalive PING is not answered within
+    /// this. Default: 20 s.
+    pub keepalive_timeout: std::time::Duration,
+    /// Servers: how many calls one connection may have open at once; a
+    /// client waits for a slot beyond that. Default: 1024.
+    pub max_concurrent_streams: u32,
+    /// Size flow-control windows by measured bandwidth and latency
+    /// (BDP), instead of a fixed 64 KiB. Default: on.
+    pub adaptive_window: bool,
+}
+
+impl Http2Settings {
+    /// The defaults for clients.
+    pub fn client() -> Self {
+        Self {
+            keepalive_interval: Some(std::time::Duration::from_secs(30)),
+            ..Self::server()
+        }
+    }
+
+    /// The defaults for servers.
+    pub fn server() -> Self {
+        Self {
+            keepalive_interval: Some(std::time::Duration::from_secs(60)),
+            keepalive_timeout: std::time::Duration::from_secs(20),
+            max_concurrent_streams: 1024,
+            adaptive_window: true,
+        }
+    }
+}
+
 /// Limits on the size of one gRPC message, in bytes, after decompression.
 ///
 /// A message larger than `max_decoding_message_size` is refused with

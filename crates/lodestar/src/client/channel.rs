@@ -322,7 +322,7 @@ async fn send(
     let config = &balancer.config;
     let connection = &endpoint.connection;
     let sender = match connection
-        .sender(config.connect_timeout, config.tls.as_ref())
+        .sender(config.connect_timeout, config.tls.as_ref(), config.http2)
         .await
     {
         Ok(sender) => sender,

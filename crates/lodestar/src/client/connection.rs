@@ -75,6 +75,7 @@ impl Connection {
         &self,
         connect_timeout: Duration,
         tls: Option<&ClientTls>,
+        settings: crate::Http2Settings,
     ) -> Result<Arc<Sender>, ConnectError> {
         if let Some(sender) = self.live() {
             return Ok(sender);
@@ -99,7 +100,7 @@ impl Connection {
                 attempted: false,
             });
         }
-        let result = match tokio::time::timeout(connect_timeout, self.open(tls)).await {
+        let result = match tokio::time::timeout(connect_timeout, self.open(tls, settings)).await {
             Ok(result) => result,
             Err(_) => Err(format!(
                 "connect to {} timed out after {connect_timeout:?}",
@@ -138,14 +139,18 @@ impl Connection {
         }
     }
 
-    async fn open(&self, tls: Option<&ClientTls>) -> Result<Sender, String> {
+    async fn open(
+        &self,
+        tls: Option<&ClientTls>,
+        settings: crate::Http2Settings,
+    ) -> Result<Sender, String> {
         let address = &self.address;
         let stream = TcpStream::connect(address)
             .await
             .map_err(|e| format!("connect to {address}: {e}"))?;
         let _ = stream.set_nodelay(true);
         let Some(tls) = tls else {
-            return self.handshake(TokioIo::new(stream)).await;
+            return self.handshake(TokioIo::new(stream), settings).await;
         };
         let host = address
             .rsplit_once(':')
@@ -191,19 +196,19 @@ impl Connection {
             }
             Err(_) => Vec::new(), // a server that waits for us to speak first
         };
-        self.handshake(TokioIo::new(Rewind::new(prefix, stream)))
+        self.handshake(TokioIo::new(Rewind::new(prefix, stream)), settings)
             .await
     }
 
-    async fn handshake<I>(&self, io: I) -> Result<Sender, String>
+    async fn handshake<I>(&self, io: I, settings: crate::Http2Settings) -> Result<Sender, String>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .adaptive_window(settings.adaptive_window)
+            .keep_alive_interval(settings.keepalive_interval)
+            .keep_alive_timeout(settings.keepalive_timeout)
             .handshake(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {}: {e}", self.address))?;

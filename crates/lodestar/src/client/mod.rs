@@ -143,6 +143,7 @@ pub(crate) struct ClientConfig {
     pub(crate) inspect_compression: bool,
     pub(crate) tls: Option<ClientTls>,
     pub(crate) codec: Codec,
+    pub(crate) http2: crate::Http2Settings,
 }
 
 impl Default for ClientConfig {
@@ -162,6 +163,7 @@ impl Default for ClientConfig {
             inspect_compression: false,
             tls: None,
             codec: Codec::Protobuf,
+            http2: crate::Http2Settings::client(),
         }
     }
 }
@@ -288,6 +290,13 @@ impl ClientBuilder {
     /// `tls` has an identity. Default: plaintext HTTP/2.
     pub fn tls(mut self, tls: ClientTls) -> Self {
         self.config.tls = Some(tls);
+        self
+    }
+
+    /// HTTP/2 settings for connections to instances (keepalive pings, flow
+    /// control). Default: [`Http2Settings::client`](crate::Http2Settings::client).
+    pub fn http2(mut self, settings: crate::Http2Settings) -> Self {
+        self.config.http2 = settings;
         self
     }
 

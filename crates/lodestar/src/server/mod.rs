@@ -219,6 +219,7 @@ impl Service {
             send_compressed: None,
             inspect_compression: false,
             tls: None,
+            http2: crate::Http2Settings::server(),
             services: Vec::new(),
             names: Vec::new(),
             descriptors: Vec::new(),
@@ -259,6 +260,7 @@ pub struct ServiceBuilder {
     send_compressed: Option<Encoding>,
     inspect_compression: bool,
     tls: Option<ServerTls>,
+    http2: crate::Http2Settings,
     services: Vec<AddService>,
     names: Vec<&'static str>,
     descriptors: Vec<&'static [u8]>,
@@ -384,6 +386,13 @@ impl ServiceBuilder {
     /// certificate. Default: plaintext HTTP/2.
     pub fn tls(mut self, tls: ServerTls) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// HTTP/2 settings: keepalive pings, concurrent calls per connection,
+    /// flow control. Default: [`Http2Settings::server`](crate::Http2Settings::server).
+    pub fn http2(mut self, settings: crate::Http2Settings) -> Self {
+        self.http2 = settings;
         self
     }
 
@@ -515,6 +524,7 @@ impl ServiceBuilder {
             self.grace,
             events.clone(),
             self.tls.as_ref().map(ServerTls::acceptor),
+            self.http2,
         ));
         events.announce(Lifecycle::Serving(local_addr));
 

@@ -183,13 +183,15 @@ pub(crate) async fn serve(
     grace: Duration,
     events: Arc<Announcer>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    settings: crate::Http2Settings,
 ) {
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
-        .adaptive_window(true)
-        .keep_alive_interval(Some(Duration::from_secs(60)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .adaptive_window(settings.adaptive_window)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .max_concurrent_streams(settings.max_concurrent_streams);
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let stopped = async move {
