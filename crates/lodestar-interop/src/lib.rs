@@ -316,8 +316,16 @@ fn ensure(condition: bool, message: impl FnOnce() -> String) -> Outcome {
     if condition { Ok(()) } else { Err(message()) }
 }
 
-fn payload_len<T>(payload: &Option<Payload>, _: T) -> usize {
+fn payload_len(payload: &Option<Payload>) -> usize {
     payload.as_ref().map_or(0, |p| p.body.len())
+}
+
+/// Checks that a response's payload has the size the case asked for.
+fn expect_len(payload: &Option<Payload>, expected: usize) -> Outcome {
+    let len = payload_len(payload);
+    ensure(len == expected, || {
+        format!("response payload is {len} bytes, expected {expected}")
+    })
 }
 
 fn was_compressed<T>(response: &Response<T>) -> Option<bool> {
@@ -395,10 +403,7 @@ impl InteropClient {
             .unary_call(Self::large_request())
             .await
             .map_err(|s| s.to_string())?;
-        let len = payload_len(&response.get_ref().payload, ());
-        ensure(len == 314_159, || {
-            format!("response payload is {len} bytes, expected 314159")
-        })
+        expect_len(&response.get_ref().payload, 314_159)
     }
 
     async fn client_compressed_unary(&self) -> Outcome {
@@ -422,10 +427,7 @@ impl InteropClient {
                 .unary_call(request(expect, compress))
                 .await
                 .map_err(|s| s.to_string())?;
-            let len = payload_len(&response.get_ref().payload, ());
-            ensure(len == 314_159, || {
-                format!("response payload is {len} bytes")
-            })?;
+            expect_len(&response.get_ref().payload, 314_159)?;
         }
         Ok(())
     }
@@ -445,10 +447,7 @@ impl InteropClient {
             ensure(flag == Some(compressed), || {
                 format!("asked for compressed={compressed}, the response's flag said {flag:?}")
             })?;
-            let len = payload_len(&response.get_ref().payload, ());
-            ensure(len == 314_159, || {
-                format!("response payload is {len} bytes")
-            })?;
+            expect_len(&response.get_ref().payload, 314_159)?;
         }
         Ok(())
     }
@@ -528,7 +527,7 @@ impl InteropClient {
         while let Some(message) = stream.next().await {
             let message = message.map_err(|s| s.to_string())?;
             let flag = flags.as_ref().and_then(ReceivedFlags::next);
-            received.push((payload_len(&message.payload, ()) as i32, flag == Some(true)));
+            received.push((payload_len(&message.payload) as i32, flag == Some(true)));
         }
         let expected: Vec<(i32, bool)> = sizes.to_vec();
         ensure(received == expected, || {
@@ -563,7 +562,7 @@ impl InteropClient {
                 .await
                 .ok_or("the response stream ended early")?
                 .map_err(|s| s.to_string())?;
-            let len = payload_len(&response.payload, ());
+            let len = payload_len(&response.payload);
             ensure(len == response_size as usize, || {
                 format!("response is {len} bytes, expected {response_size}")
             })?;
@@ -639,7 +638,7 @@ impl InteropClient {
                 .await?
                 .into_inner();
             let first = responses.next().await;
-            let _ = first_tx.send(first.map(|r| r.map(|m| payload_len(&m.payload, ()))));
+            let _ = first_tx.send(first.map(|r| r.map(|m| payload_len(&m.payload))));
             // Wait, as a stalled client would, until cancelled.
             std::future::pending::<()>().await;
             Ok::<(), Status>(())
@@ -719,7 +718,7 @@ impl InteropClient {
         let initial = response.metadata().clone();
         let mut stream = response.into_inner();
         while let Some(message) = stream.message().await.map_err(|s| s.to_string())? {
-            let len = payload_len(&message.payload, ());
+            let len = payload_len(&message.payload);
             ensure(len == 314_159, || {
                 format!("FullDuplexCall: response is {len} bytes")
             })?;
