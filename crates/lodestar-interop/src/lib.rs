@@ -536,36 +536,39 @@ impl InteropClient {
     }
 
     async fn ping_pong(&self) -> Outcome {
+        let steps = [(27_182, 31_415), (8, 9), (1_828, 2_653), (45_904, 58_979)];
+        let request = |(request_size, response_size): (i32, i32)| StreamingOutputCallRequest {
+            response_parameters: vec![ResponseParameters {
+                size: response_size,
+                ..ResponseParameters::default()
+            }],
+            payload: zeros(request_size),
+            ..StreamingOutputCallRequest::default()
+        };
         let (tx, rx) = mpsc::channel(1);
+        // The first request goes out with the call: many servers send their
+        // response headers only with the first response, which needs a request.
+        tx.send(request(steps[0]))
+            .await
+            .map_err(|_| "the request stream closed early".to_owned())?;
         let mut responses = self
             .test()
             .full_duplex_call(ReceiverStream::new(rx))
             .await
             .map_err(|s| s.to_string())?
             .into_inner();
-        for (request_size, response_size) in
-            [(27_182, 31_415), (8, 9), (1_828, 2_653), (45_904, 58_979)]
-        {
-            let request = StreamingOutputCallRequest {
-                response_parameters: vec![ResponseParameters {
-                    size: response_size,
-                    ..ResponseParameters::default()
-                }],
-                payload: zeros(request_size),
-                ..StreamingOutputCallRequest::default()
-            };
-            tx.send(request)
-                .await
-                .map_err(|_| "the request stream closed early".to_owned())?;
+        for (i, &(_, response_size)) in steps.iter().enumerate() {
+            if i > 0 {
+                tx.send(request(steps[i]))
+                    .await
+                    .map_err(|_| "the request stream closed early".to_owned())?;
+            }
             let response = responses
                 .next()
                 .await
                 .ok_or("the response stream ended early")?
                 .map_err(|s| s.to_string())?;
-            let len = payload_len(&response.payload);
-            ensure(len == response_size as usize, || {
-                format!("response is {len} bytes, expected {response_size}")
-            })?;
+            expect_len(&response.payload, response_size as usize)?;
         }
         drop(tx);
         let end = responses.next().await;
