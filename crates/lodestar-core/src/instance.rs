@@ -117,6 +117,15 @@ pub struct Instance {
     pub healthy: bool,
     /// Whether operators allow traffic to it. Default: true.
     pub enabled: bool,
+    /// Whether it holds a lease kept alive by heartbeats (`true`, the
+    /// default), or was registered to stay until deregistered and is
+    /// health-checked by the registry instead (`false`).
+    #[serde(default = "yes")]
+    pub ephemeral: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Instance {
@@ -135,6 +144,7 @@ impl Instance {
             zone: String::new(),
             healthy: true,
             enabled: true,
+            ephemeral: true,
         }
     }
 

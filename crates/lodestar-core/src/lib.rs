@@ -30,5 +30,7 @@ mod instance;
 pub mod registry;
 
 pub use instance::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, ServiceKey};
-pub use registry::memory::MemoryRegistry;
+pub use registry::memory::{
+    MemoryRegistry, MemoryRegistryBuilder, RegistryStats, SelfPreservation,
+};
 pub use registry::{Registry, RegistryError, Revision, StaticRegistry, WatchEvent, WatchStream};

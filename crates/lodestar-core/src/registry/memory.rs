@@ -17,6 +17,110 @@ const DEFAULT_HISTORY: usize = 4096;
 /// fresh snapshot instead.
 const WATCH_BUFFER: usize = 256;
 
+/// Eureka's self-preservation, done right.
+///
+/// When most instances stop renewing at once, it is more likely that the
+/// registry lost touch with them (a network partition on its side) than
+/// that they all died together. Self-preservation then freezes expiry:
+/// nothing is marked unhealthy or evicted until renewals recover.
+///
+/// Eureka estimates renewals per minute from a fixed 30 s interval, updates
+/// the estimate rarely, and needs peers. Here an instance *keeps up* if it
+/// renewed within two of its own heartbeat intervals (a third of its TTL
+/// each), so any interval works and nothing is averaged. Only instances
+/// registered right now count, so graceful scale-downs and earlier evictions
+/// lower the bar at once. It needs no peers, so it works on a single node.
+/// It engages when fewer than `threshold` of the ephemeral instances keep
+/// up, which happens before their leases (three intervals) run out. It
+/// releases when at least halfway from `threshold` to all of them keep up
+/// again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SelfPreservation {
+    /// Engage when fewer than this fraction of the ephemeral instances keep
+    /// up. Default: 0.5.
+    pub threshold: f64,
+    /// Never engage with fewer ephemeral instances than this. Default: 3.
+    pub min_instances: usize,
+}
+
+impl Default for SelfPreservation {
+    fn default() -> Self {
+        Self {
+            threshold: 0.5,
+            min_instances: 3,
+        }
+    }
+}
+
+/// What a registry is doing, for operators and dashboards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryStats {
+    /// The latest revision.
+    pub revision: Revision,
+    /// Services with at least one instance.
+    pub services: usize,
+    /// Instances, ephemeral and persistent.
+    pub instances: usize,
+    /// Ephemeral instances (those with leases).
+    pub ephemeral: usize,
+    /// Ephemeral instances that renewed within two of their heartbeat
+    /// intervals (a third of their TTL each): those that are keeping up.
+    pub renewing: usize,
+    /// Whether self-preservation has frozen expiry.
+    pub self_preservation: bool,
+}
+
+/// Configures a [`MemoryRegistry`]; every setting has a documented default.
+#[derive(Debug, Clone)]
+pub struct MemoryRegistryBuilder {
+    history: usize,
+    grace: Duration,
+    preservation: Option<SelfPreservation>,
+}
+
+impl MemoryRegistryBuilder {
+    /// How many recent changes to remember for watchers that resume. Default: 4096.
+    pub fn history(mut self, changes: usize) -> Self {
+        self.history = changes.max(1);
+        self
+    }
+
+    /// Two-stage expiry: an instance whose lease ran out is first marked
+    /// unhealthy (clients stop picking it), and evicted `grace` later if it
+    /// does not come back. Default: zero (evicted at once).
+    pub fn eviction_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Turns on [`SelfPreservation`]. Default: off.
+    pub fn self_preservation(mut self, preservation: SelfPreservation) -> Self {
+        self.preservation = Some(preservation);
+        self
+    }
+
+    /// Builds the registry.
+    pub fn build(self) -> MemoryRegistry {
+        MemoryRegistry {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    revision: 0,
+                    services: HashMap::new(),
+                    history: VecDeque::new(),
+                    history_cap: self.history,
+                    compacted: 0,
+                    sweeper: None,
+                    grace: self.grace,
+                    preservation: self.preservation,
+                    preserving: false,
+                    ephemeral: 0,
+                }),
+                wake: Arc::new(Notify::new()),
+            }),
+        }
+    }
+}
+
 /// A registry that lives in the memory of one process.
 ///
 /// It implements the whole [`Registry`] contract: leases expire when their
@@ -66,17 +170,43 @@ struct State {
     /// Watchers resuming from a revision below this get a snapshot.
     compacted: Revision,
     sweeper: Option<tokio::task::JoinHandle<()>>,
+    /// How long an expired instance stays (unhealthy) before eviction.
+    grace: Duration,
+    preservation: Option<SelfPreservation>,
+    /// Whether self-preservation has frozen expiry.
+    preserving: bool,
+    /// How many instances hold leases.
+    ephemeral: usize,
 }
 
 struct ServiceEntry {
     instances: BTreeMap<String, Lease>,
     events: Option<broadcast::Sender<WatchEvent>>,
+    /// Below this healthy fraction, lookups return every instance.
+    protection: f64,
 }
 
 struct Lease {
     instance: Instance,
-    ttl: Duration,
-    expires: Instant,
+    /// `None` for persistent instances, which never expire.
+    ttl: Option<Duration>,
+    renewed: Instant,
+    /// The lease ran out and the instance is marked unhealthy.
+    expired: bool,
+}
+
+impl Lease {
+    fn expires(&self) -> Option<Instant> {
+        self.ttl.map(|ttl| self.renewed + ttl)
+    }
+}
+
+fn new_service() -> ServiceEntry {
+    ServiceEntry {
+        instances: BTreeMap::new(),
+        events: None,
+        protection: 0.0,
+    }
 }
 
 impl Default for MemoryRegistry {
@@ -96,27 +226,140 @@ impl std::fmt::Debug for MemoryRegistry {
 }
 
 impl MemoryRegistry {
-    /// An empty registry.
+    /// An empty registry with default settings.
     pub fn new() -> Self {
-        Self::with_history(DEFAULT_HISTORY)
+        Self::builder().build()
     }
 
     /// An empty registry that remembers the last `changes` changes for
     /// watchers that resume (default 4096).
     pub fn with_history(changes: usize) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                state: Mutex::new(State {
-                    revision: 0,
-                    services: HashMap::new(),
-                    history: VecDeque::new(),
-                    history_cap: changes.max(1),
-                    compacted: 0,
-                    sweeper: None,
-                }),
-                wake: Arc::new(Notify::new()),
-            }),
+        Self::builder().history(changes).build()
+    }
+
+    /// Configures a registry.
+    pub fn builder() -> MemoryRegistryBuilder {
+        MemoryRegistryBuilder {
+            history: DEFAULT_HISTORY,
+            grace: Duration::ZERO,
+            preservation: None,
         }
+    }
+
+    /// Registers an instance without a lease: it stays until deregistered,
+    /// and its health is whatever [`set_health`](Self::set_health) last said
+    /// (initially `instance.healthy`).
+    pub fn register_persistent(&self, mut instance: Instance) -> Result<(), RegistryError> {
+        validate(&instance, Duration::from_secs(1))?;
+        instance.ephemeral = false;
+        self.upsert(instance, None);
+        Ok(())
+    }
+
+    /// Sets the health of a registered instance (for persistent instances,
+    /// whose health an outside checker decides). Unknown instances are an error.
+    pub fn set_health(&self, key: &InstanceKey, healthy: bool) -> Result<(), RegistryError> {
+        self.update(key, |i| i.healthy = healthy)
+    }
+
+    /// Takes an instance out of traffic (`false`) or puts it back, without
+    /// touching its lease.
+    pub fn set_enabled(&self, key: &InstanceKey, enabled: bool) -> Result<(), RegistryError> {
+        self.update(key, |i| i.enabled = enabled)
+    }
+
+    /// Sets the protection threshold of a service (0 turns it off, the
+    /// default): while fewer than this fraction of its instances are
+    /// healthy, [`instances`](Registry::instances) returns all of them as
+    /// healthy, rather than funnel all traffic onto the few left.
+    pub fn set_protection_threshold(&self, service: &ServiceKey, threshold: f64) {
+        let mut state = self.shared.lock();
+        state
+            .services
+            .entry(service.clone())
+            .or_insert_with(new_service)
+            .protection = threshold.clamp(0.0, 1.0);
+    }
+
+    /// Every persistent instance (for saving them).
+    pub fn persistent_instances(&self) -> Vec<Instance> {
+        let state = self.shared.lock();
+        state
+            .services
+            .values()
+            .flat_map(|s| s.instances.values())
+            .filter(|l| l.ttl.is_none())
+            .map(|l| l.instance.clone())
+            .collect()
+    }
+
+    /// What the registry is doing.
+    pub fn stats(&self) -> RegistryStats {
+        let state = self.shared.lock();
+        RegistryStats {
+            revision: state.revision,
+            services: state
+                .services
+                .values()
+                .filter(|s| !s.instances.is_empty())
+                .count(),
+            instances: state.services.values().map(|s| s.instances.len()).sum(),
+            ephemeral: state.ephemeral,
+            renewing: state.renewing(Instant::now()),
+            self_preservation: state.preserving,
+        }
+    }
+
+    fn update(
+        &self,
+        key: &InstanceKey,
+        change: impl FnOnce(&mut Instance),
+    ) -> Result<(), RegistryError> {
+        let mut state = self.shared.lock();
+        let lease = state
+            .services
+            .get_mut(&key.service)
+            .and_then(|s| s.instances.get_mut(&key.id))
+            .ok_or_else(|| RegistryError::NotFound(key.clone()))?;
+        let before = lease.instance.clone();
+        change(&mut lease.instance);
+        if lease.instance != before {
+            let instance = lease.instance.clone();
+            let revision = state.next_revision();
+            state.record(&key.service, WatchEvent::Put { revision, instance });
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces an instance; `ttl: None` means persistent.
+    fn upsert(&self, instance: Instance, ttl: Option<Duration>) {
+        let now = Instant::now();
+        let key = instance.key.clone();
+        let mut state = self.shared.lock();
+        self.ensure_sweeper(&mut state);
+        let lease = Lease {
+            instance: instance.clone(),
+            ttl,
+            renewed: now,
+            expired: false,
+        };
+        let previous = state
+            .services
+            .entry(key.clone())
+            .or_insert_with(new_service)
+            .instances
+            .insert(instance.id.clone(), lease);
+        if let Some(previous) = &previous {
+            state.forget_lease(previous.ttl);
+        }
+        state.add_lease(ttl);
+        // Re-registering an unchanged instance only renews its lease.
+        if previous.as_ref().is_none_or(|p| p.instance != instance) {
+            let revision = state.next_revision();
+            state.record(&key, WatchEvent::Put { revision, instance });
+        }
+        drop(state);
+        self.shared.wake.notify_one();
     }
 
     /// The revision of the latest change.
@@ -195,12 +438,74 @@ impl State {
         }
     }
 
+    fn add_lease(&mut self, ttl: Option<Duration>) {
+        if ttl.is_some() {
+            self.ephemeral += 1;
+        }
+    }
+
+    fn forget_lease(&mut self, ttl: Option<Duration>) {
+        if ttl.is_some() {
+            self.ephemeral = self.ephemeral.saturating_sub(1);
+        }
+    }
+
+    /// Ephemeral instances that renewed within two heartbeat intervals.
+    fn renewing(&self, now: Instant) -> usize {
+        self.services
+            .values()
+            .flat_map(|s| s.instances.values())
+            .filter(|l| {
+                l.ttl
+                    .is_some_and(|ttl| now.saturating_duration_since(l.renewed) < ttl * 2 / 3)
+            })
+            .count()
+    }
+
+    /// Engages or releases self-preservation; true while engaged.
+    fn preserve(&mut self, now: Instant) -> bool {
+        let Some(preservation) = self.preservation else {
+            return false;
+        };
+        let total = self.ephemeral;
+        let renewing = self.renewing(now);
+        let keeping_up = if total == 0 {
+            1.0
+        } else {
+            renewing as f64 / total as f64
+        };
+        let engage = total >= preservation.min_instances && keeping_up < preservation.threshold;
+        let release = keeping_up >= (1.0 + preservation.threshold) / 2.0
+            || total < preservation.min_instances;
+        if !self.preserving && engage {
+            self.preserving = true;
+            tracing::warn!(
+                renewing,
+                instances = total,
+                "SELF-PRESERVATION ENGAGED: only {renewing} of {total} instances are renewing their \
+                 leases; nothing expires until they recover (a partition on the registry's side is \
+                 likelier than all of them dying at once)"
+            );
+        } else if self.preserving && release {
+            self.preserving = false;
+            tracing::warn!(
+                renewing,
+                instances = total,
+                "self-preservation released: renewals recovered; expiry resumes"
+            );
+        }
+        self.preserving
+    }
+
     fn remove(&mut self, key: &ServiceKey, id: &str) -> bool {
         let removed = self
             .services
             .get_mut(key)
-            .and_then(|s| s.instances.remove(id))
-            .is_some();
+            .and_then(|s| s.instances.remove(id));
+        if let Some(lease) = &removed {
+            self.forget_lease(lease.ttl);
+        }
+        let removed = removed.is_some();
         if removed {
             let revision = self.next_revision();
             self.record(
@@ -217,30 +522,66 @@ impl State {
 
     fn drop_if_unused(&mut self, key: &ServiceKey) {
         let unused = self.services.get(key).is_some_and(|s| {
-            s.instances.is_empty() && s.events.as_ref().is_none_or(|tx| tx.receiver_count() == 0)
+            s.instances.is_empty()
+                && s.protection == 0.0
+                && s.events.as_ref().is_none_or(|tx| tx.receiver_count() == 0)
         });
         if unused {
             self.services.remove(key);
         }
     }
 
-    /// Removes every lease that ended at or before `now`; returns when the
-    /// next one ends.
+    /// Marks instances whose lease ran out unhealthy, and evicts those past
+    /// the grace period, unless self-preservation holds; returns when to look again.
     fn evict_expired(&mut self, now: Instant) -> Option<Instant> {
-        let mut expired = Vec::new();
+        let preserving = self.preserve(now);
+        let mut unhealthy = Vec::new();
+        let mut evicted = Vec::new();
         let mut next: Option<Instant> = None;
+        let mut soonest = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
         for (key, service) in &self.services {
             for (id, lease) in &service.instances {
-                if lease.expires <= now {
-                    expired.push((key.clone(), id.clone()));
+                let Some(expires) = lease.expires() else {
+                    continue;
+                };
+                let evict_at = expires + self.grace;
+                if preserving {
+                    continue;
+                }
+                if evict_at <= now {
+                    evicted.push((key.clone(), id.clone()));
+                } else if expires <= now && !lease.expired {
+                    unhealthy.push((key.clone(), id.clone()));
+                    soonest(evict_at);
+                } else if expires <= now {
+                    soonest(evict_at);
                 } else {
-                    next = Some(next.map_or(lease.expires, |n| n.min(lease.expires)));
+                    soonest(expires);
                 }
             }
         }
-        for (key, id) in expired {
+        for (key, id) in unhealthy {
+            tracing::info!(service = %key, instance = %id, "lease expired; instance marked unhealthy");
+            if let Some(lease) = self
+                .services
+                .get_mut(&key)
+                .and_then(|s| s.instances.get_mut(&id))
+            {
+                lease.expired = true;
+                lease.instance.healthy = false;
+                let instance = lease.instance.clone();
+                let revision = self.next_revision();
+                self.record(&key, WatchEvent::Put { revision, instance });
+            }
+        }
+        for (key, id) in evicted {
             tracing::info!(service = %key, instance = %id, "lease expired; instance evicted");
             self.remove(&key, &id);
+        }
+        // Self-preservation is judged continually while leases exist.
+        if self.preservation.is_some() && self.ephemeral > 0 {
+            let tick = now + Duration::from_millis(250);
+            next = Some(next.map_or(tick, |n| n.min(tick)));
         }
         next
     }
@@ -251,57 +592,71 @@ impl State {
             .map(|s| s.instances.values().map(|l| l.instance.clone()).collect())
             .unwrap_or_default()
     }
+
+    /// A lookup: the instances, all reported healthy while the service is
+    /// below its protection threshold.
+    fn lookup(&self, key: &ServiceKey) -> Vec<Instance> {
+        let mut instances = self.snapshot(key);
+        let protection = self.services.get(key).map_or(0.0, |s| s.protection);
+        if protection > 0.0 && !instances.is_empty() {
+            let healthy = instances.iter().filter(|i| i.healthy).count();
+            if (healthy as f64) < protection * instances.len() as f64 {
+                tracing::debug!(service = %key, healthy, total = instances.len(), "protection threshold: returning every instance");
+                for instance in &mut instances {
+                    instance.healthy = true;
+                }
+            }
+        }
+        instances
+    }
 }
 
 #[async_trait::async_trait]
 impl Registry for MemoryRegistry {
-    async fn register(&self, instance: Instance, ttl: Duration) -> Result<(), RegistryError> {
+    async fn register(&self, mut instance: Instance, ttl: Duration) -> Result<(), RegistryError> {
         validate(&instance, ttl)?;
-        let now = Instant::now();
-        let key = instance.key.clone();
-        let mut state = self.shared.lock();
-        self.ensure_sweeper(&mut state);
-        let service = state
-            .services
-            .entry(key.clone())
-            .or_insert_with(|| ServiceEntry {
-                instances: BTreeMap::new(),
-                events: None,
-            });
-        let lease = Lease {
-            instance: instance.clone(),
-            ttl,
-            expires: now + ttl,
-        };
-        let previous = service.instances.insert(instance.id.clone(), lease);
-        // Re-registering an unchanged instance only renews its lease.
-        if previous.as_ref().is_none_or(|p| p.instance != instance) {
-            let revision = state.next_revision();
-            state.record(&key, WatchEvent::Put { revision, instance });
-        }
-        drop(state);
-        self.shared.wake.notify_one();
+        instance.ephemeral = true;
+        self.upsert(instance, Some(ttl));
         Ok(())
     }
 
     async fn heartbeat(&self, key: &InstanceKey) -> Result<(), RegistryError> {
         let now = Instant::now();
         let mut state = self.shared.lock();
+        let grace = state.grace;
         let lease = state
             .services
             .get_mut(&key.service)
             .and_then(|s| s.instances.get_mut(&key.id));
-        match lease {
-            None => Err(RegistryError::NotFound(key.clone())),
-            Some(lease) if lease.expires <= now => {
-                state.remove(&key.service, &key.id);
-                Err(RegistryError::LeaseExpired(key.clone()))
-            }
-            Some(lease) => {
-                lease.expires = now + lease.ttl;
-                Ok(())
-            }
+        let Some(lease) = lease else {
+            return Err(RegistryError::NotFound(key.clone()));
+        };
+        if lease
+            .expires()
+            .is_some_and(|expires| expires + grace <= now)
+            && !state.preserving
+        {
+            // Past eviction, and the sweeper has not got to it yet.
+            state.remove(&key.service, &key.id);
+            return Err(RegistryError::LeaseExpired(key.clone()));
         }
+        let Some(lease) = state
+            .services
+            .get_mut(&key.service)
+            .and_then(|s| s.instances.get_mut(&key.id))
+        else {
+            return Err(RegistryError::NotFound(key.clone()));
+        };
+        lease.renewed = now;
+        if lease.expired {
+            // Back within the grace period: healthy again.
+            lease.expired = false;
+            lease.instance.healthy = true;
+            let instance = lease.instance.clone();
+            let revision = state.next_revision();
+            state.record(&key.service, WatchEvent::Put { revision, instance });
+        }
+        Ok(())
     }
 
     async fn deregister(&self, key: &InstanceKey) -> Result<(), RegistryError> {
@@ -312,7 +667,7 @@ impl Registry for MemoryRegistry {
     async fn instances(&self, service: &ServiceKey) -> Result<Vec<Instance>, RegistryError> {
         let mut state = self.shared.lock();
         self.ensure_sweeper(&mut state);
-        Ok(state.snapshot(service))
+        Ok(state.lookup(service))
     }
 
     async fn services(&self, namespace: &str) -> Result<Vec<ServiceKey>, RegistryError> {
@@ -350,10 +705,7 @@ impl Registry for MemoryRegistry {
         let entry = state
             .services
             .entry(service.clone())
-            .or_insert_with(|| ServiceEntry {
-                instances: BTreeMap::new(),
-                events: None,
-            });
+            .or_insert_with(new_service);
         let rx = entry
             .events
             .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
@@ -601,5 +953,149 @@ mod tests {
         assert_eq!(r.instances(&staging).await.unwrap().len(), 1);
         assert_eq!(r.services("staging").await.unwrap(), vec![staging]);
         assert!(r.services("default").await.unwrap().is_empty());
+    }
+
+    fn many(n: usize) -> Vec<Instance> {
+        (0..n).map(|i| inst(&format!("i{i:02}"))).collect()
+    }
+
+    async fn beat(r: &MemoryRegistry, instances: &[Instance]) {
+        for i in instances {
+            let _ = r.heartbeat(&i.instance_key()).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_stage_expiry_marks_unhealthy_then_evicts_and_a_late_heartbeat_heals() {
+        let r = MemoryRegistry::builder()
+            .eviction_grace(Duration::from_secs(1))
+            .build();
+        let key = ServiceKey::new("svc");
+        let mut w = r.watch(&key, None).await.unwrap();
+        next(&mut w).await;
+        r.register(inst("a"), Duration::from_secs(2)).await.unwrap();
+        r.register(inst("bb"), Duration::from_secs(2))
+            .await
+            .unwrap();
+        next(&mut w).await;
+        next(&mut w).await;
+        // Both leases run out: both marked unhealthy, still listed.
+        for _ in 0..2 {
+            assert!(
+                matches!(next(&mut w).await, WatchEvent::Put { instance, .. } if !instance.healthy)
+            );
+        }
+        assert_eq!(r.instances(&key).await.unwrap().len(), 2);
+        // One comes back within the grace period: healthy again.
+        r.heartbeat(&inst("a").instance_key()).await.unwrap();
+        assert!(
+            matches!(next(&mut w).await, WatchEvent::Put { instance, .. } if instance.id == "a" && instance.healthy)
+        );
+        // The other is evicted when the grace period ends.
+        assert!(matches!(next(&mut w).await, WatchEvent::Delete { id, .. } if id == "bb"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn self_preservation_engages_when_most_heartbeats_stop_and_releases_when_they_resume() {
+        let r = MemoryRegistry::builder()
+            .self_preservation(SelfPreservation::default())
+            .build();
+        let key = ServiceKey::new("svc");
+        let all = many(10);
+        for i in &all {
+            r.register(i.clone(), Duration::from_secs(3)).await.unwrap();
+        }
+        // Everyone heartbeats every second (TTL / 3) for a while.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all).await;
+        }
+        assert!(!r.stats().self_preservation);
+        // Eight stop at once; two carry on, for much longer than the TTL.
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all[..2]).await;
+        }
+        let stats = r.stats();
+        assert!(stats.self_preservation, "{stats:?}");
+        assert_eq!(
+            r.instances(&key).await.unwrap().len(),
+            10,
+            "nothing is evicted"
+        );
+        assert!(
+            r.instances(&key).await.unwrap().iter().all(|i| i.healthy),
+            "nothing is even marked"
+        );
+        // They come back: preservation is released.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all).await;
+        }
+        assert!(!r.stats().self_preservation, "{:?}", r.stats());
+        assert_eq!(r.instances(&key).await.unwrap().len(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_graceful_scale_down_does_not_trip_self_preservation() {
+        let r = MemoryRegistry::builder()
+            .self_preservation(SelfPreservation::default())
+            .build();
+        let all = many(10);
+        for i in &all {
+            r.register(i.clone(), Duration::from_secs(3)).await.unwrap();
+        }
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all).await;
+        }
+        for i in &all[2..] {
+            r.deregister(&i.instance_key()).await.unwrap();
+        }
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all[..2]).await;
+            assert!(!r.stats().self_preservation, "{:?}", r.stats());
+        }
+    }
+
+    #[tokio::test]
+    async fn below_the_protection_threshold_lookups_return_every_instance() {
+        let r = MemoryRegistry::new();
+        let key = ServiceKey::new("svc");
+        for i in many(4) {
+            r.register_persistent(i).unwrap();
+        }
+        for i in &many(4)[..3] {
+            r.set_health(&i.instance_key(), false).unwrap();
+        }
+        let healthy = |v: Vec<Instance>| v.iter().filter(|i| i.healthy).count();
+        assert_eq!(healthy(r.instances(&key).await.unwrap()), 1);
+        r.set_protection_threshold(&key, 0.5);
+        assert_eq!(healthy(r.instances(&key).await.unwrap()), 4);
+        r.set_health(&many(4)[0].instance_key(), true).unwrap();
+        assert_eq!(
+            healthy(r.instances(&key).await.unwrap()),
+            2,
+            "at the threshold, the truth"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn persistent_instances_never_expire_and_can_be_disabled() {
+        let r = MemoryRegistry::new();
+        let key = ServiceKey::new("svc");
+        r.register_persistent(inst("db")).unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let found = r.instances(&key).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert!(!found[0].ephemeral);
+        r.set_enabled(&inst("db").instance_key(), false).unwrap();
+        assert!(!r.instances(&key).await.unwrap()[0].enabled);
+        assert_eq!(r.persistent_instances().len(), 1);
+        assert!(matches!(
+            r.set_health(&inst("nope").instance_key(), true),
+            Err(RegistryError::NotFound(_))
+        ));
     }
 }
