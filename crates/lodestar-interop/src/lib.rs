@@ -301,6 +301,24 @@ impl TestService for InteropServer {
 
 // ----------------------------------------------------------------- client --
 
+/// A request stream that never yields, and says when it is first polled
+/// (which happens once the call's headers went out).
+struct SignalOnPoll(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Stream for SignalOnPoll {
+    type Item = StreamingInputCallRequest;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if let Some(started) = self.0.take() {
+            let _ = started.send(());
+        }
+        std::task::Poll::Pending
+    }
+}
+
 /// Runs the client test cases against a server reachable through `client`
 /// as [`SERVICE_NAME`]. `client` should have `inspect_compression` on;
 /// `compressing` is the same client set to send gzip.
@@ -618,14 +636,26 @@ impl InteropClient {
     }
 
     async fn cancel_after_begin(&self) -> Outcome {
-        let (tx, rx) = mpsc::channel::<StreamingInputCallRequest>(1);
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let mut client = self.test();
-        let call =
-            tokio::spawn(async move { client.streaming_input_call(ReceiverStream::new(rx)).await });
+        let call = tokio::spawn(async move {
+            // The request's messages are asked for once its headers are sent.
+            client
+                .streaming_input_call(SignalOnPoll(Some(started_tx)))
+                .await
+        });
+        tokio::select! {
+            started = started_rx => {
+                started.map_err(|_| "the call ended before it began".to_owned())?;
+            }
+            () = tokio::time::sleep(Duration::from_secs(10)) => {
+                call.abort();
+                return Err("the call did not begin within 10 s".into());
+            }
+        }
         // Cancelling a call is dropping it.
         call.abort();
         let outcome = call.await;
-        drop(tx);
         ensure(matches!(&outcome, Err(e) if e.is_cancelled()), || {
             format!("expected the call to end CANCELLED, it ended with {outcome:?}")
         })
@@ -693,15 +723,36 @@ impl InteropClient {
                 format!("{call}: trailing metadata {bin:?}")
             })
         }
+        // tonic's unary API merges trailers into the headers; the
+        // server-streaming API on the same method keeps them apart.
         let mut request = Request::new(Self::large_request());
         attach(&mut request);
-        let response = self
-            .test()
-            .unary_call(request)
+        let mut grpc =
+            lodestar::codegen::tonic::client::Grpc::new(self.plain.channel(SERVICE_NAME));
+        grpc.ready().await.map_err(|e| e.to_string())?;
+        let path = lodestar::codegen::tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/grpc.testing.TestService/UnaryCall",
+        );
+        let codec =
+            lodestar::codegen::tonic_prost::ProstCodec::<SimpleRequest, SimpleResponse>::default();
+        let response = grpc
+            .server_streaming(request, path, codec)
             .await
             .map_err(|s| s.to_string())?;
-        // Unary responses carry the trailers merged into their metadata.
-        check(response.metadata(), response.metadata(), "UnaryCall")?;
+        let initial = response.metadata().clone();
+        let mut stream = response.into_inner();
+        let message = stream
+            .message()
+            .await
+            .map_err(|s| s.to_string())?
+            .ok_or("UnaryCall: no response message")?;
+        expect_len(&message.payload, 314_159)?;
+        let trailing = stream
+            .trailers()
+            .await
+            .map_err(|s| s.to_string())?
+            .unwrap_or_default();
+        check(&initial, &trailing, "UnaryCall")?;
 
         let message = StreamingOutputCallRequest {
             response_parameters: vec![ResponseParameters {

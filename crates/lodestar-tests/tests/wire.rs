@@ -45,13 +45,35 @@ async fn raw_bytes_call(
     accept_encoding: Option<&str>,
     payload: &[u8],
 ) -> (http::HeaderMap, http::HeaderMap, Vec<(bool, Vec<u8>)>) {
+    raw_frame_call(
+        address,
+        path,
+        content_type,
+        accept_encoding,
+        &[],
+        0,
+        payload,
+    )
+    .await
+}
+
+/// Like [`raw_bytes_call`], with extra request headers and the message's flag byte.
+async fn raw_frame_call(
+    address: std::net::SocketAddr,
+    path: &str,
+    content_type: &str,
+    accept_encoding: Option<&str>,
+    extra_headers: &[(&str, &str)],
+    flag: u8,
+    payload: &[u8],
+) -> (http::HeaderMap, http::HeaderMap, Vec<(bool, Vec<u8>)>) {
     let stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(connection);
-    let mut frame = vec![0u8];
+    let mut frame = vec![flag];
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(payload);
     let mut request = http::Request::post(format!("http://{address}{path}"))
@@ -59,6 +81,9 @@ async fn raw_bytes_call(
         .header("te", "trailers");
     if let Some(accept) = accept_encoding {
         request = request.header("grpc-accept-encoding", accept);
+    }
+    for (name, value) in extra_headers {
+        request = request.header(*name, *value);
     }
     let request = request.body(Full::new(Bytes::from(frame))).unwrap();
     let response = bounded("the raw call", sender.send_request(request))
@@ -348,6 +373,205 @@ mod json {
         running.shutdown().await.unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn json_compression_is_checked_as_the_spec_says_and_unknown_json_methods_are_unimplemented()
+     {
+        let world = World::new();
+        let running = world
+            .builder("echo", "a")
+            .add_service(EchoServer::new(world.echo("a")))
+            // A service with no descriptors: it cannot be transcoded.
+            .add_tonic_service(Hidden(EchoServer::new(world.echo("hidden"))))
+            .start()
+            .await
+            .unwrap();
+        let address = running.local_addr();
+        let json = "application/grpc+json; charset=utf-8";
+        let body = br#"{"message": "hi"}"#;
+        let gzipped = lodestar_gzip(body);
+        let status = |trailers: &http::HeaderMap| {
+            (
+                trailers
+                    .get("grpc-status")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+                percent_decode(
+                    trailers
+                        .get("grpc-message")
+                        .map_or("", |v| v.to_str().unwrap()),
+                ),
+            )
+        };
+
+        // Compressed with gzip, and said so: fine (and the media type may carry parameters).
+        let (headers, trailers, messages) = raw_frame_call(
+            address,
+            "/lodestar.test.Echo/Unary",
+            json,
+            None,
+            &[("grpc-encoding", "gzip")],
+            1,
+            &gzipped,
+        )
+        .await;
+        assert_eq!(status(&trailers).0, "0", "{trailers:?}");
+        assert_eq!(
+            headers.get("content-type").unwrap(),
+            "application/grpc+json"
+        );
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&messages[0].1).unwrap()["message"],
+            "hi"
+        );
+
+        // Flagged compressed without a grpc-encoding, or an invalid flag: INTERNAL.
+        for (headers, flag) in [(&[][..], 1u8), (&[("grpc-encoding", "gzip")][..], 2u8)] {
+            let (_, trailers, _) = raw_frame_call(
+                address,
+                "/lodestar.test.Echo/Unary",
+                json,
+                None,
+                headers,
+                flag,
+                &gzipped,
+            )
+            .await;
+            assert_eq!(
+                status(&trailers).0,
+                (Code::Internal as i32).to_string(),
+                "flag {flag}: {trailers:?}"
+            );
+        }
+
+        // An encoding the server does not have: UNIMPLEMENTED, saying what it accepts.
+        let (_, trailers, _) = raw_frame_call(
+            address,
+            "/lodestar.test.Echo/Unary",
+            json,
+            None,
+            &[("grpc-encoding", "deflate")],
+            1,
+            body,
+        )
+        .await;
+        assert_eq!(
+            status(&trailers).0,
+            (Code::Unimplemented as i32).to_string(),
+            "{trailers:?}"
+        );
+        assert_eq!(
+            trailers.get("grpc-accept-encoding").unwrap(),
+            "gzip,identity"
+        );
+
+        // JSON for a service without descriptors: UNIMPLEMENTED, saying why.
+        let (_, trailers, _) = raw_frame_call(
+            address,
+            "/lodestar.test.Hidden/Unary",
+            json,
+            None,
+            &[],
+            0,
+            b"{}",
+        )
+        .await;
+        let (code, message) = status(&trailers);
+        assert_eq!(code, (Code::Unimplemented as i32).to_string());
+        assert!(message.contains("no descriptors"), "{message}");
+        // The same service answers protobuf as usual.
+        let (_, messages) = raw_call(
+            address,
+            "/lodestar.test.Hidden/Unary",
+            None,
+            &EchoRequest::default(),
+        )
+        .await;
+        assert_eq!(
+            EchoReply::decode(&messages[0].1[..]).unwrap().served_by,
+            "hidden"
+        );
+        // And JSON for the health service, whose descriptors are known, works.
+        let (_, trailers, messages) = raw_frame_call(
+            address,
+            "/grpc.health.v1.Health/Check",
+            json,
+            None,
+            &[],
+            0,
+            b"{}",
+        )
+        .await;
+        assert_eq!(status(&trailers).0, "0", "{trailers:?}");
+        let reply: serde_json::Value = serde_json::from_slice(&messages[0].1).unwrap();
+        assert_eq!(reply["status"], "SERVING");
+        running.shutdown().await.unwrap();
+    }
+
+    /// The Echo service under another name, added without descriptors.
+    #[derive(Clone)]
+    struct Hidden(EchoServer<TestEcho>);
+
+    impl tonic::server::NamedService for Hidden {
+        const NAME: &'static str = "lodestar.test.Hidden";
+    }
+
+    impl tower_service::Service<http::Request<tonic::body::Body>> for Hidden {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = <EchoServer<TestEcho> as tower_service::Service<
+            http::Request<tonic::body::Body>,
+        >>::Future;
+
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            tower_service::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.0, cx)
+        }
+
+        fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+            let path = request
+                .uri()
+                .path()
+                .replace("lodestar.test.Hidden", "lodestar.test.Echo");
+            *request.uri_mut() = path.parse().unwrap();
+            tower_service::Service::<http::Request<tonic::body::Body>>::call(&mut self.0, request)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn adding_a_service_twice_is_an_error_not_a_panic() {
+        let world = World::new();
+        let error = world
+            .builder("echo", "a")
+            .add_service(EchoServer::new(world.echo("a")))
+            .add_tonic_service(tonic_health::server::health_reporter().1)
+            .start()
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("grpc.health.v1.Health"),
+            "{error}"
+        );
+        let error = world
+            .builder("echo", "a")
+            .add_service(EchoServer::new(world.echo("a")))
+            .add_service(EchoServer::new(world.echo("a")))
+            .start()
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("lodestar.test.Echo"), "{error}");
+    }
+
+    fn lodestar_gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    }
+
     fn percent_decode(s: &str) -> String {
         let bytes = s.as_bytes();
         let mut out = Vec::new();
@@ -483,4 +707,53 @@ mod tls {
             .to_string();
         assert!(error.contains("/no/such/ca.pem"), "{error}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_speaks_is_closed_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let world = World::new();
+    let settings = lodestar::Http2Settings {
+        handshake_timeout: std::time::Duration::from_millis(300),
+        ..lodestar::Http2Settings::server()
+    };
+    let pki = lodestar::tls::DevPki::generate(&["localhost"], 1).unwrap();
+    let tls =
+        lodestar::tls::ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes())
+            .unwrap();
+    let plain = world
+        .builder("echo", "plain")
+        .http2(settings)
+        .add_service(EchoServer::new(world.echo("plain")))
+        .start()
+        .await
+        .unwrap();
+    let secure = world
+        .builder("echo", "tls")
+        .http2(settings)
+        .tls(tls)
+        .add_service(EchoServer::new(world.echo("tls")))
+        .start()
+        .await
+        .unwrap();
+    for address in [plain.local_addr(), secure.local_addr()] {
+        let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut buf = [0u8; 64];
+        // The server gives up on it: end of stream (or a reset), within the bound.
+        let closed = bounded("the server to close a silent connection", async {
+            loop {
+                match silent.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue, // TLS servers may have written something
+                }
+            }
+        })
+        .await;
+        let () = closed;
+    }
+    // Connections that do speak are served as ever.
+    let mut echo = EchoClient::by_name(&world.client(), "echo");
+    bounded("a call", echo.unary(EchoRequest::default()))
+        .await
+        .unwrap();
 }

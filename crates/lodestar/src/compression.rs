@@ -76,12 +76,17 @@ impl PerMessage {
         Self::default()
     }
 
-    /// Whether the next message sent is compressed.
+    /// Whether the next message sent is compressed. At most 1024 choices
+    /// wait at once (the oldest go first): choices for a call that turns
+    /// out not to compress are never taken.
     pub fn push(&self, compress: bool) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(compress);
+        push_bounded(&self.0, compress);
+    }
+
+    /// An independent copy of the choices not yet taken (for a request sent again).
+    pub(crate) fn snapshot(&self) -> Self {
+        let choices = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Self(Arc::new(Mutex::new(choices)))
     }
 
     fn pop(&self) -> Option<bool> {
@@ -107,12 +112,22 @@ impl ReceivedFlags {
         request.extensions().get::<ReceivedFlags>().cloned()
     }
 
+    /// Records a flag; at most the last 1024 are kept for a reader that
+    /// does not keep up.
     pub(crate) fn record(&self, compressed: bool) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(compressed);
+        push_bounded(&self.0, compressed);
     }
+}
+
+/// How many per-message flags or choices wait at most.
+const MAX_WAITING: usize = 1024;
+
+fn push_bounded(queue: &Mutex<VecDeque<bool>>, value: bool) {
+    let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+    if queue.len() >= MAX_WAITING {
+        queue.pop_front();
+    }
+    queue.push_back(value);
 }
 
 pub(crate) fn gzip(message: &[u8]) -> Result<Vec<u8>, tonic::Status> {
@@ -152,6 +167,24 @@ impl PerMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waiting_choices_and_flags_are_bounded() {
+        let plan = PerMessage::new();
+        let flags = ReceivedFlags::default();
+        for i in 0..5000 {
+            plan.push(i % 2 == 0);
+            flags.record(true);
+        }
+        assert_eq!(plan.0.lock().unwrap().len(), 1024);
+        assert_eq!(flags.0.lock().unwrap().len(), 1024);
+        let copy = plan.snapshot();
+        assert_eq!(
+            copy.pop(),
+            plan.pop(),
+            "a snapshot starts where the plan is"
+        );
+    }
 
     #[test]
     fn reads_accept_encoding_lists() {

@@ -12,10 +12,18 @@ use crate::json::Transcode;
 #[derive(Debug, Default)]
 pub(crate) struct Reframer {
     pending: BytesMut,
-    /// Decompress compressed frames, refusing any over this many bytes.
-    decompress: Option<usize>,
+    /// Decompress compressed frames, refusing any over this many bytes;
+    /// `gzip` says whether the body's `grpc-encoding` is gzip (compressed
+    /// frames are an error otherwise).
+    decompress: Option<Decompress>,
     transcode: Option<Transcode>,
     compress: Option<Compress>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Decompress {
+    pub(crate) limit: usize,
+    pub(crate) gzip: bool,
 }
 
 #[derive(Debug)]
@@ -38,10 +46,10 @@ impl Reframer {
         }
     }
 
-    /// Transcodes every message.
-    pub(crate) fn transcoding(transcode: Transcode, decompress_limit: usize) -> Self {
+    /// Transcodes every message, decompressing first as `decompress` allows.
+    pub(crate) fn transcoding(transcode: Transcode, decompress: Decompress) -> Self {
         Self {
-            decompress: Some(decompress_limit),
+            decompress: Some(decompress),
             transcode: Some(transcode),
             ..Self::default()
         }
@@ -95,11 +103,24 @@ impl Reframer {
     ) -> Result<(), tonic::Status> {
         let mut flag = flag;
         let mut message: std::borrow::Cow<'_, [u8]> = payload.into();
-        if flag != 0
-            && let Some(limit) = self.decompress
-        {
-            message = gunzip(&message, limit)?.into();
-            flag = 0;
+        if let Some(decompress) = self.decompress {
+            match flag {
+                0 => {}
+                1 if decompress.gzip => {
+                    message = heavy(message.len(), || gunzip(&message, decompress.limit))?.into();
+                    flag = 0;
+                }
+                1 => {
+                    return Err(tonic::Status::internal(
+                        "a message is flagged compressed, but the call has no grpc-encoding",
+                    ));
+                }
+                other => {
+                    return Err(tonic::Status::internal(format!(
+                        "a message has the invalid compression flag {other} (valid: 0 and 1)"
+                    )));
+                }
+            }
         }
         if let Some(transcode) = &self.transcode {
             if flag != 0 {
@@ -107,7 +128,7 @@ impl Reframer {
                     "cannot transcode a compressed message",
                 ));
             }
-            message = transcode.apply(&message)?.into();
+            message = heavy(message.len(), || transcode.apply(&message))?.into();
         }
         if let Some(compress) = &self.compress {
             let wanted = compress
@@ -117,7 +138,7 @@ impl Reframer {
                 .unwrap_or(compress.default);
             if flag == 0 && wanted {
                 message = match compress.encoding {
-                    Encoding::Gzip => gzip(&message)?.into(),
+                    Encoding::Gzip => heavy(message.len(), || gzip(&message))?.into(),
                 };
                 flag = 1;
             }
@@ -133,6 +154,19 @@ impl Reframer {
     /// Whether a partial frame is still waiting for the rest of its bytes.
     pub(crate) fn has_partial_frame(&self) -> bool {
         !self.pending.is_empty()
+    }
+}
+
+/// Runs CPU-heavy work (compressing or transcoding a large message) so that
+/// it does not stall the other tasks of its worker thread.
+fn heavy<R>(len: usize, work: impl FnOnce() -> R) -> R {
+    const LARGE: usize = 256 * 1024;
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if len >= LARGE && multi_thread {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
     }
 }
 

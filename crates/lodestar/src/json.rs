@@ -12,11 +12,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prost::Message as _;
-use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor,
+};
 use tonic::Status;
 
 /// The content type of gRPC with JSON messages.
 pub(crate) const CONTENT_TYPE: &str = "application/grpc+json";
+
+/// Whether `headers` say the messages are JSON (`application/grpc+json`,
+/// parameters allowed).
+pub(crate) fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case(CONTENT_TYPE))
+}
 
 /// How messages are encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,7 +45,13 @@ pub enum Codec {
 #[derive(Debug, Clone)]
 pub(crate) enum Transcode {
     ProtoToJson(MessageDescriptor),
-    JsonToProto(MessageDescriptor),
+    /// JSON to protobuf. `peer_is_at_fault` chooses the status when the
+    /// JSON does not parse: INVALID_ARGUMENT for a request (the caller sent
+    /// it), INTERNAL for a response.
+    JsonToProto {
+        descriptor: MessageDescriptor,
+        peer_is_at_fault: bool,
+    },
 }
 
 impl Transcode {
@@ -53,16 +71,28 @@ impl Transcode {
                     ))
                 })
             }
-            Transcode::JsonToProto(descriptor) => {
+            Transcode::JsonToProto {
+                descriptor,
+                peer_is_at_fault,
+            } => {
+                // Unknown fields are ignored, as protobuf ignores them, so that
+                // either side can add fields before the other knows them.
+                let options = DeserializeOptions::new().deny_unknown_fields(false);
                 let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-                let message = DynamicMessage::deserialize(descriptor.clone(), &mut deserializer)
-                    .and_then(|m| deserializer.end().map(|()| m))
-                    .map_err(|e| {
-                        Status::invalid_argument(format!(
-                            "invalid JSON for {}: {e}",
-                            descriptor.full_name()
-                        ))
-                    })?;
+                let message = DynamicMessage::deserialize_with_options(
+                    descriptor.clone(),
+                    &mut deserializer,
+                    &options,
+                )
+                .and_then(|m| deserializer.end().map(|()| m))
+                .map_err(|e| {
+                    let message = format!("invalid JSON for {}: {e}", descriptor.full_name());
+                    if *peer_is_at_fault {
+                        Status::invalid_argument(message)
+                    } else {
+                        Status::internal(message)
+                    }
+                })?;
                 Ok(message.encode_to_vec())
             }
         }
@@ -85,19 +115,19 @@ impl Descriptors {
         Ok(Self(Arc::new(pool)))
     }
 
-    /// The pool of one embedded set, decoded once per process.
-    pub(crate) fn of_static(set: &'static [u8]) -> Option<Self> {
-        static CACHE: OnceLock<Mutex<HashMap<usize, Descriptors>>> = OnceLock::new();
+    /// The pool of one embedded set, decoded once per process (or why it
+    /// does not decode).
+    pub(crate) fn of_static(set: &'static [u8]) -> Result<Self, String> {
+        type Cache = Mutex<HashMap<usize, Result<Descriptors, String>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
         let mut cache = CACHE
             .get_or_init(Mutex::default)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(found) = cache.get(&(set.as_ptr() as usize)) {
-            return Some(found.clone());
-        }
-        let descriptors = Self::from_sets(&[set]).ok()?;
-        cache.insert(set.as_ptr() as usize, descriptors.clone());
-        Some(descriptors)
+        cache
+            .entry(set.as_ptr() as usize)
+            .or_insert_with(|| Self::from_sets(&[set]))
+            .clone()
     }
 
     /// The method a request path (`/package.Service/Method`) names.
@@ -138,16 +168,27 @@ mod tests {
         };
         let pool = Descriptors::from_sets(&[&set.encode_to_vec()]).unwrap();
         let point = pool.0.get_message_by_name("t.Point").unwrap();
-        let proto = Transcode::JsonToProto(point.clone())
-            .apply(br#"{"latitudeE7": 42}"#)
+        let from_json = |peer_is_at_fault| Transcode::JsonToProto {
+            descriptor: point.clone(),
+            peer_is_at_fault,
+        };
+        // A field this side does not know (yet) is ignored.
+        let proto = from_json(true)
+            .apply(br#"{"latitudeE7": 42, "addedLater": true}"#)
             .unwrap();
         assert_eq!(proto, vec![0x08, 42]);
         let json = Transcode::ProtoToJson(point.clone()).apply(&proto).unwrap();
         assert_eq!(json, br#"{"latitudeE7":42}"#);
-        let status = Transcode::JsonToProto(point)
+        let status = from_json(true)
             .apply(br#"{"latitudeE7": "north"}"#)
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("t.Point"), "{}", status.message());
+        let status = from_json(false).apply(b"{").unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::Internal,
+            "a bad response is not the caller's fault"
+        );
     }
 }

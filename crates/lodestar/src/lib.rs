@@ -53,6 +53,7 @@ pub mod compression;
 mod deadline;
 mod frames;
 mod grpc_timeout;
+mod io;
 pub mod json;
 pub mod server;
 pub mod tls;
@@ -111,6 +112,9 @@ pub struct Http2Settings {
     /// Size flow-control windows by measured bandwidth and latency
     /// (BDP), instead of a fixed 64 KiB. Default: on.
     pub adaptive_window: bool,
+    /// Servers: how long a new connection has to finish its TLS handshake
+    /// and send the HTTP/2 preface before it is closed. Default: 10 s.
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl Http2Settings {
@@ -129,6 +133,7 @@ impl Http2Settings {
             keepalive_timeout: std::time::Duration::from_secs(20),
             max_concurrent_streams: 1024,
             adaptive_window: true,
+            handshake_timeout: std::time::Duration::from_secs(10),
         }
     }
 }

@@ -61,7 +61,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let address = format!("{}:{}", args.server_host, args.server_port);
+    let address = if args.server_host.contains(':') && !args.server_host.starts_with('[') {
+        format!("[{}]:{}", args.server_host, args.server_port) // an IPv6 address
+    } else {
+        format!("{}:{}", args.server_host, args.server_port)
+    };
     let registry = StaticRegistry::new().with(SERVICE_NAME, [address]);
     let builder = || {
         let builder = Client::builder(registry.clone())

@@ -135,7 +135,7 @@ impl Balancer {
                         connection: same.connection.clone(),
                     }));
                 }
-                match instance.address.parse::<Authority>() {
+                match self.authority(&instance.address) {
                     Ok(authority) => Some(Arc::new(Endpoint {
                         connection: Arc::new(Connection::new(instance.address.clone())),
                         instance,
@@ -154,6 +154,23 @@ impl Balancer {
         self.endpoints.store(Arc::new(next));
         if !self.synced.swap(true, Ordering::AcqRel) {
             self.synced_notify.notify_waiters();
+        }
+    }
+
+    /// The `:authority` for an instance at `address`: the address, or the
+    /// TLS server name override with the address's port.
+    fn authority(&self, address: &str) -> Result<Authority, http::uri::InvalidUri> {
+        match self
+            .config
+            .tls
+            .as_ref()
+            .and_then(|t| t.server_name_override())
+        {
+            Some(name) => {
+                let port = address.rsplit_once(':').map_or("", |(_, port)| port);
+                format!("{name}:{port}").parse()
+            }
+            None => address.parse(),
         }
     }
 

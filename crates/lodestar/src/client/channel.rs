@@ -20,7 +20,7 @@ use super::connection::Sender;
 use crate::body::{CallBody, RequestBody, RequestError, Side};
 use crate::compression::{Compress, Encoding, PerMessage, ReceivedFlags};
 use crate::deadline;
-use crate::frames::Reframer;
+use crate::frames::{Decompress, Reframer};
 use crate::json::{self, Codec, Descriptors, Transcode};
 
 /// The body of a response received through a [`Channel`]: it fails with
@@ -38,7 +38,7 @@ pub type ResponseBody = CallBody<Incoming>;
 pub struct Channel {
     balancer: Arc<Balancer>,
     idempotent: &'static [&'static str],
-    descriptors: Option<Descriptors>,
+    descriptors: Option<Result<Descriptors, String>>,
 }
 
 impl fmt::Debug for Channel {
@@ -62,7 +62,7 @@ impl Channel {
     /// encoded `FileDescriptorSet`), which the JSON codec needs. Generated
     /// clients do this.
     pub fn with_descriptors(mut self, file_descriptor_set: &'static [u8]) -> Self {
-        self.descriptors = Descriptors::of_static(file_descriptor_set);
+        self.descriptors = Some(Descriptors::of_static(file_descriptor_set));
         self
     }
 
@@ -129,8 +129,14 @@ impl tower_service::Service<Request<Body>> for Channel {
             // A JSON answer is transcoded back to protobuf for the generated client.
             let inbound = plan
                 .response
-                .filter(|_| is_json(response.headers()))
-                .map(|t| Reframer::transcoding(t, limit));
+                .filter(|_| json::is_json(response.headers()))
+                .map(|t| {
+                    let gzip = response
+                        .headers()
+                        .get("grpc-encoding")
+                        .is_some_and(|e| e.as_bytes() == b"gzip");
+                    Reframer::transcoding(t, Decompress { limit, gzip })
+                });
             let mut response = response.map(|body| {
                 CallBody::new(body, deadline, Side::Received, Some(limit))
                     .with_request_error(request_error)
@@ -172,17 +178,25 @@ enum Retry {
 #[derive(Debug, Default)]
 struct CallPlan {
     compression: Option<(Encoding, bool, Option<PerMessage>)>,
+    /// The per-message choices as they were when the call began.
+    replay_plan: Option<PerMessage>,
     request: Option<Transcode>,
     response: Option<Transcode>,
     response_is_json: bool,
 }
 
 impl CallPlan {
-    /// A fresh rewriter for one attempt's request body.
-    fn reframer(&self) -> Option<Reframer> {
+    /// A fresh rewriter for one attempt's request body. Attempts after the
+    /// first follow the per-message choices as they were when the call began.
+    fn reframer(&self, first_attempt: bool) -> Option<Reframer> {
         let reframer = match &self.compression {
             Some((encoding, default, plan)) => {
-                Reframer::compressing(*encoding, *default, plan.clone())
+                let plan = if first_attempt {
+                    plan.clone()
+                } else {
+                    self.replay_plan.as_ref().map(PerMessage::snapshot)
+                };
+                Reframer::compressing(*encoding, *default, plan)
             }
             None => Reframer::default(),
         };
@@ -190,31 +204,37 @@ impl CallPlan {
     }
 }
 
-fn is_json(headers: &http::HeaderMap) -> bool {
-    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .eq_ignore_ascii_case(json::CONTENT_TYPE.as_bytes())
-    })
-}
-
 /// Decides how one call's messages are encoded and compressed, and sets
 /// `grpc-encoding` and `content-type` accordingly.
 fn plan_for(
     config: &super::ClientConfig,
-    descriptors: Option<&Descriptors>,
+    descriptors: Option<&Result<Descriptors, String>>,
     request: &mut Request<Body>,
 ) -> Result<CallPlan, Status> {
     let mut plan = CallPlan::default();
     if config.codec == Codec::Json {
         let path = request.uri().path();
-        let method = descriptors.and_then(|d| d.method(path)).ok_or_else(|| {
-            Status::internal(format!(
-                "the JSON codec needs the descriptors of {path}: make the client with the generated `by_name`, \
-                 or give the channel `with_descriptors`"
-            ))
-        })?;
+        let method = match descriptors {
+            None => {
+                return Err(Status::internal(format!(
+                    "the JSON codec needs the descriptors of {path}: make the client with the \
+                     generated `by_name`, or give the channel `with_descriptors`"
+                )));
+            }
+            Some(Err(e)) => {
+                return Err(Status::internal(format!(
+                    "the JSON codec cannot use this client's descriptors: {e}"
+                )));
+            }
+            Some(Ok(descriptors)) => descriptors.method(path).ok_or_else(|| {
+                Status::internal(format!("the client's descriptors do not declare {path}"))
+            })?,
+        };
         plan.request = Some(Transcode::ProtoToJson(method.input()));
-        plan.response = Some(Transcode::JsonToProto(method.output()));
+        plan.response = Some(Transcode::JsonToProto {
+            descriptor: method.output(),
+            peer_is_at_fault: false,
+        });
         plan.response_is_json = true;
         request.headers_mut().insert(
             http::header::CONTENT_TYPE,
@@ -228,6 +248,7 @@ fn plan_for(
             request
                 .headers_mut()
                 .insert("grpc-encoding", encoding.header_value());
+            plan.replay_plan = per_message.as_ref().map(PerMessage::snapshot);
             plan.compression = Some((encoding, default, per_message));
         }
     }
@@ -259,7 +280,7 @@ async fn dispatch(
     let mut tried = [0usize; super::MAX_ATTEMPTS];
     let mut tried_count = 0;
     let mut last_error: Option<(String, String)> = None;
-    for _ in 0..balancer.config.max_attempts {
+    for attempt in 0..balancer.config.max_attempts {
         // The instance set may have changed since the last attempt.
         let endpoints = balancer.endpoints();
         let Some(endpoint) = balancer.pick(&endpoints, &tried[..tried_count]) else {
@@ -268,7 +289,7 @@ async fn dispatch(
         if let Some(deadline) = deadline {
             deadline::set_header(request.headers_mut(), deadline);
         }
-        let reframer = plan.reframer();
+        let reframer = plan.reframer(attempt == 0);
         let (retry, error) = match send(balancer, &endpoint, request, reframer, request_error).await
         {
             Ok(response) => return Ok(response),

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
+use crate::io::Rewind;
 use crate::tls::ClientTls;
 
 pub(crate) type Sender = http2::SendRequest<RequestBody>;
@@ -100,13 +101,16 @@ impl Connection {
                 attempted: false,
             });
         }
-        let result = match tokio::time::timeout(connect_timeout, self.open(tls, settings)).await {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "connect to {} timed out after {connect_timeout:?}",
-                self.address
-            )),
-        };
+        let result =
+            match tokio::time::timeout(connect_timeout, self.open(tls, settings, connect_timeout))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "connect to {} timed out after {connect_timeout:?}",
+                    self.address
+                )),
+            };
         let outcome = match result {
             Ok(sender) => {
                 let sender = Arc::new(sender);
@@ -143,6 +147,7 @@ impl Connection {
         &self,
         tls: Option<&ClientTls>,
         settings: crate::Http2Settings,
+        connect_timeout: Duration,
     ) -> Result<Sender, String> {
         let address = &self.address;
         let stream = TcpStream::connect(address)
@@ -172,9 +177,10 @@ impl Connection {
         // to report a refusal as what it is, and replay the bytes to hyper.
         let mut stream = stream;
         let mut first = vec![0u8; 16 * 1024];
-        let prefix = match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut first))
-            .await
-        {
+        // A refusal arrives within a round trip; a server that waits for our
+        // preface before it speaks costs at most this much, once per connection.
+        let wait = (connect_timeout / 4).min(Duration::from_millis(250));
+        let prefix = match tokio::time::timeout(wait, stream.read(&mut first)).await {
             Ok(Ok(0)) => {
                 return Err(format!(
                     "the server at {address} closed the connection right after the TLS handshake"
@@ -185,13 +191,9 @@ impl Connection {
                 first
             }
             Ok(Err(e)) => {
-                let hint = if e.to_string().contains("Certificate") {
-                    " (the server requires a client certificate it trusts: see ClientTls::with_identity_pem)"
-                } else {
-                    ""
-                };
                 return Err(format!(
-                    "the server at {address} refused the TLS connection: {e}{hint}"
+                    "the server at {address} refused the TLS connection: {e}{}",
+                    refusal_hint(&e)
                 ));
             }
             Err(_) => Vec::new(), // a server that waits for us to speak first
@@ -245,72 +247,29 @@ impl Connection {
     }
 }
 
-/// An I/O stream that yields `prefix` before reading from `inner`.
-struct Rewind<T> {
-    prefix: Vec<u8>,
-    offset: usize,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    fn new(prefix: Vec<u8>, inner: T) -> Self {
-        Self {
-            prefix,
-            offset: 0,
-            inner,
+/// What to do about a TLS alert from a server that refused us.
+fn refusal_hint(error: &std::io::Error) -> &'static str {
+    use rustls::AlertDescription as Alert;
+    let alert = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(|e| match e {
+            rustls::Error::AlertReceived(alert) => Some(*alert),
+            _ => None,
+        });
+    match alert {
+        Some(Alert::CertificateRequired) => {
+            " (the server requires a client certificate: see ClientTls::with_identity_pem)"
         }
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.offset < self.prefix.len() {
-            let n = (self.prefix.len() - self.offset).min(buf.remaining());
-            let start = self.offset;
-            buf.put_slice(&self.prefix[start..start + n]);
-            self.offset += n;
-            return std::task::Poll::Ready(Ok(()));
+        Some(
+            Alert::UnknownCA
+            | Alert::BadCertificate
+            | Alert::CertificateUnknown
+            | Alert::AccessDenied,
+        ) => {
+            " (the server does not accept this client certificate: is it signed by a CA the server trusts?)"
         }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        Some(Alert::CertificateExpired) => " (the client certificate has expired)",
+        _ => "",
     }
 }

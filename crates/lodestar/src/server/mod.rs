@@ -93,6 +93,10 @@ pub enum ServeError {
     /// The reflection descriptors could not be loaded.
     #[error("invalid file descriptor set for reflection: {0}")]
     Reflection(String),
+    /// Two services with the same name were added (lodestar adds
+    /// `grpc.health.v1.Health` and the reflection services itself).
+    #[error("the service `{0}` is added twice (lodestar serves health and reflection itself)")]
+    DuplicateService(&'static str),
     /// The registry refused the registration as invalid (a retry would not help).
     #[error("the registry refused to register {instance}: {source}")]
     Registration {
@@ -438,6 +442,17 @@ impl ServiceBuilder {
     /// service serves anyway and registers in the background as soon as the
     /// registry can be reached.
     pub async fn start(self) -> Result<RunningService, ServeError> {
+        let builtin = [
+            <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> as NamedService>::NAME,
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for name in builtin.iter().chain(&self.names) {
+            if !seen.insert(*name) {
+                return Err(ServeError::DuplicateService(name));
+            }
+        }
         let listener = tokio::net::TcpListener::bind(self.bind)
             .await
             .map_err(|source| ServeError::Bind {

@@ -23,7 +23,8 @@ use crate::MessageLimits;
 use crate::body::{CallBody, Side};
 use crate::compression::{Compress, Encoding, PerMessage, ReceivedFlags};
 use crate::deadline;
-use crate::frames::Reframer;
+use crate::frames::{Decompress, Reframer};
+use crate::io::Rewind;
 use crate::json::{self, Descriptors, Transcode};
 use http::HeaderValue;
 use tonic::codec::SingleMessageCompressionOverride;
@@ -107,10 +108,15 @@ impl tower_service::Service<Request<Incoming>> for Stack {
         }
         // A JSON request is transcoded to protobuf on the way in, and its
         // response back to JSON on the way out.
-        let json = is_json(request.headers())
-            .then(|| self.descriptors.method(request.uri().path()))
-            .flatten();
-        let inbound = json.as_ref().map(|method| {
+        let json = if json::is_json(request.headers()) {
+            match self.json_method(&request) {
+                Ok(method) => Some(method),
+                Err(status) => return Box::pin(std::future::ready(Ok(reject(status, true)))),
+            }
+        } else {
+            None
+        };
+        let inbound = json.as_ref().map(|(method, gzip)| {
             let headers = request.headers_mut();
             headers.insert(
                 http::header::CONTENT_TYPE,
@@ -118,10 +124,17 @@ impl tower_service::Service<Request<Incoming>> for Stack {
             );
             headers.remove("grpc-encoding"); // decompressed here, before transcoding
             Reframer::transcoding(
-                Transcode::JsonToProto(method.input()),
-                self.limits.max_decoding_message_size,
+                Transcode::JsonToProto {
+                    descriptor: method.input(),
+                    peer_is_at_fault: true,
+                },
+                Decompress {
+                    limit: self.limits.max_decoding_message_size,
+                    gzip: *gzip,
+                },
             )
         });
+        let json = json.map(|(method, _)| method);
         let outbound = json.map(|method| Transcode::ProtoToJson(method.output()));
         let future = self.routes.call(request.map(|body| {
             CallBody::new(body, None, Side::Received, receive)
@@ -167,11 +180,53 @@ impl tower_service::Service<Request<Incoming>> for Stack {
     }
 }
 
-fn is_json(headers: &http::HeaderMap) -> bool {
-    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .eq_ignore_ascii_case(json::CONTENT_TYPE.as_bytes())
-    })
+impl Stack {
+    /// The method of a JSON request, and whether its messages may be
+    /// gzip-compressed; or why it cannot be served as JSON.
+    fn json_method<B>(
+        &self,
+        request: &Request<B>,
+    ) -> Result<(prost_reflect::MethodDescriptor, bool), tonic::Status> {
+        let path = request.uri().path();
+        let method = self.descriptors.method(path).ok_or_else(|| {
+            tonic::Status::unimplemented(format!(
+                "JSON is not available for {path}: this server has no descriptors for it \
+                 (an unknown method, or a service added without them: see ServiceBuilder::reflect)"
+            ))
+        })?;
+        let gzip = match request
+            .headers()
+            .get("grpc-encoding")
+            .map(HeaderValue::as_bytes)
+        {
+            None | Some(b"identity") => false,
+            Some(b"gzip") => true,
+            Some(other) => {
+                let mut status = tonic::Status::unimplemented(format!(
+                    "this server cannot decompress `{}` (it accepts gzip)",
+                    String::from_utf8_lossy(other)
+                ));
+                status.metadata_mut().insert(
+                    "grpc-accept-encoding",
+                    tonic::metadata::MetadataValue::from_static("gzip,identity"),
+                );
+                return Err(status);
+            }
+        };
+        Ok((method, gzip))
+    }
+}
+
+/// A trailers-only response carrying `status`.
+fn reject(status: tonic::Status, json: bool) -> Response<CallBody<Body>> {
+    let mut response = status.into_http::<Body>();
+    if json {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(json::CONTENT_TYPE),
+        );
+    }
+    response.map(|body| CallBody::new(body, None, Side::ServerResponse, None))
 }
 
 /// Accepts connections until told to stop, then closes the listener, asks
@@ -209,6 +264,7 @@ pub(crate) async fn serve(
                 Ok((stream, _peer)) => {
                     connections.spawn(serve_connection(
                         stream,
+                        settings.handshake_timeout,
                         tls.clone(),
                         http2.clone(),
                         stack.clone(),
@@ -249,23 +305,62 @@ pub(crate) async fn serve(
     events.announce(Lifecycle::Drained { cut });
 }
 
+/// The client connection preface every HTTP/2 connection starts with.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 async fn serve_connection(
     stream: TcpStream,
+    handshake_timeout: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     stack: Stack,
     drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let Some(acceptor) = tls else {
-        return run_connection(TokioIo::new(stream), http2, stack, drain).await;
-    };
     let peer = stream.peer_addr().ok();
-    // In the connection's own task, so a slow handshake holds up no one else.
-    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => run_connection(TokioIo::new(stream), http2, stack, drain).await,
-        Ok(Err(e)) => tracing::info!(?peer, error = %e, "TLS handshake failed"),
-        Err(_) => tracing::info!(?peer, "TLS handshake timed out after 10s"),
+    let started = tokio::time::Instant::now() + handshake_timeout;
+    // In the connection's own task, so a slow client holds up no one else;
+    // a client that never finishes its handshake is dropped.
+    let Some(acceptor) = tls else {
+        if let Some(stream) = expect_preface(stream, started, peer).await {
+            run_connection(TokioIo::new(stream), http2, stack, drain).await;
+        }
+        return;
+    };
+    let stream = match tokio::time::timeout_at(started, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return tracing::info!(?peer, error = %e, "TLS handshake failed"),
+        Err(_) => {
+            return tracing::info!(?peer, "TLS handshake timed out after {handshake_timeout:?}");
+        }
+    };
+    if let Some(stream) = expect_preface(stream, started, peer).await {
+        run_connection(TokioIo::new(stream), http2, stack, drain).await;
+    }
+}
+
+/// Reads the HTTP/2 preface before `deadline` (hyper would wait forever),
+/// and hands back a stream that replays it.
+async fn expect_preface<S>(
+    mut stream: S,
+    deadline: tokio::time::Instant,
+    peer: Option<std::net::SocketAddr>,
+) -> Option<Rewind<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut preface = vec![0u8; PREFACE.len()];
+    match tokio::time::timeout_at(deadline, stream.read_exact(&mut preface)).await {
+        Ok(Ok(_)) => Some(Rewind::new(preface, stream)),
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "connection closed before the HTTP/2 preface");
+            None
+        }
+        Err(_) => {
+            tracing::info!(?peer, "no HTTP/2 preface in time; closing the connection");
+            None
+        }
     }
 }
 

@@ -171,7 +171,7 @@ impl ServerTls {
 pub struct ClientTls {
     roots: Arc<rustls::RootCertStore>,
     identity: Option<(Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
-    server_name: Option<ServerName<'static>>,
+    server_name: Option<(ServerName<'static>, String)>,
     config: Arc<rustls::ClientConfig>,
 }
 
@@ -225,14 +225,20 @@ impl ClientTls {
         self.with_identity_pem(&chain, &key)
     }
 
-    /// The name to verify server certificates against (and send as SNI),
-    /// instead of the host of each instance's address. For servers reached
-    /// by IP, or through names their certificates do not list.
+    /// The name to verify server certificates against, send as SNI, and
+    /// use as the HTTP/2 `:authority` (with the instance's port), instead
+    /// of the host of each instance's address. For servers reached by IP,
+    /// or through names their certificates do not list.
     pub fn with_server_name(mut self, name: &str) -> Result<Self, TlsError> {
-        let name = ServerName::try_from(name.to_owned())
+        let parsed = ServerName::try_from(name.to_owned())
             .map_err(|e| TlsError(format!("`{name}` is not a valid server name: {e}")))?;
-        self.server_name = Some(name);
+        self.server_name = Some((parsed, name.to_owned()));
         Ok(self)
+    }
+
+    /// The name set with [`with_server_name`](Self::with_server_name), if any.
+    pub(crate) fn server_name_override(&self) -> Option<&str> {
+        self.server_name.as_ref().map(|(_, name)| name.as_str())
     }
 
     fn config(
@@ -259,7 +265,7 @@ impl ClientTls {
 
     /// The server name to verify for an instance at `host`.
     pub(crate) fn server_name(&self, host: &str) -> Result<ServerName<'static>, TlsError> {
-        if let Some(name) = &self.server_name {
+        if let Some((name, _)) = &self.server_name {
             return Ok(name.clone());
         }
         let host = host.trim_start_matches('[').trim_end_matches(']');
