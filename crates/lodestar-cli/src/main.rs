@@ -6,12 +6,13 @@ use clap::{Parser, Subcommand};
 
 mod cert;
 mod demo;
+mod registry;
 
 /// lodestar: services from .proto, called by name, with discovery and governance.
 #[derive(Parser, Debug)]
 #[command(name = "lodestar", version, about, propagate_version = true)]
 #[command(
-    after_help = "Examples:\n  lodestar demo                  run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs\n  lodestar cert --out certs      a development CA and certificates for TLS"
+    after_help = "Examples:\n  lodestar demo                  run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs\n  lodestar cert --out certs      a development CA and certificates for TLS\n  lodestar registry --data-dir /var/lib/lodestar   run the registry server\n  lodestar describe route-guide --output json       instances of a service, for scripts"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,6 +29,13 @@ enum Command {
     /// Writes a development CA, a server certificate and a client
     /// certificate (PEM), to turn on TLS and mutual TLS in a minute.
     Cert(cert::Args),
+    /// Runs the registry server: gRPC and HTTP/JSON APIs, leases and
+    /// heartbeats, persistent instances, self-preservation.
+    Registry(registry::ServeArgs),
+    /// Lists the services in a registry.
+    Services(registry::RegistryArg),
+    /// Shows the instances of a service.
+    Describe(registry::DescribeArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,13 +61,16 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Cert(args) => cert::run(args),
+            Command::Registry(args) => registry::serve(args).await,
+            Command::Services(args) => registry::services(args).await,
+            Command::Describe(args) => registry::describe(args).await,
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("lodestar: {e}");
-            ExitCode::from(2)
+            ExitCode::from(1)
         }
     }
 }

@@ -76,6 +76,7 @@ pub struct MemoryRegistryBuilder {
     history: usize,
     grace: Duration,
     preservation: Option<SelfPreservation>,
+    first_revision: Revision,
 }
 
 impl MemoryRegistryBuilder {
@@ -93,6 +94,15 @@ impl MemoryRegistryBuilder {
         self
     }
 
+    /// The revision the registry starts at. A server that restarts can start
+    /// past every revision it ever handed out (for example, the clock in
+    /// microseconds), so a watcher of its earlier life resumes with a
+    /// snapshot rather than a wrong history. Default: 0.
+    pub fn first_revision(mut self, revision: Revision) -> Self {
+        self.first_revision = revision;
+        self
+    }
+
     /// Turns on [`SelfPreservation`]. Default: off.
     pub fn self_preservation(mut self, preservation: SelfPreservation) -> Self {
         self.preservation = Some(preservation);
@@ -104,11 +114,11 @@ impl MemoryRegistryBuilder {
         MemoryRegistry {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    revision: 0,
+                    revision: self.first_revision,
                     services: HashMap::new(),
                     history: VecDeque::new(),
                     history_cap: self.history,
-                    compacted: 0,
+                    compacted: self.first_revision,
                     sweeper: None,
                     grace: self.grace,
                     preservation: self.preservation,
@@ -243,6 +253,7 @@ impl MemoryRegistry {
             history: DEFAULT_HISTORY,
             grace: Duration::ZERO,
             preservation: None,
+            first_revision: 0,
         }
     }
 
@@ -279,6 +290,17 @@ impl MemoryRegistry {
             .entry(service.clone())
             .or_insert_with(new_service)
             .protection = threshold.clamp(0.0, 1.0);
+    }
+
+    /// A lookup, and whether the service's protection threshold applied
+    /// (every instance reported healthy).
+    pub fn lookup(&self, service: &ServiceKey) -> (Vec<Instance>, bool) {
+        let mut state = self.shared.lock();
+        self.ensure_sweeper(&mut state);
+        let raw = state.snapshot(service);
+        let looked = state.lookup(service);
+        let protected = raw.iter().zip(&looked).any(|(r, l)| r.healthy != l.healthy);
+        (looked, protected)
     }
 
     /// Every persistent instance (for saving them).
@@ -488,6 +510,17 @@ impl State {
             );
         } else if self.preserving && release {
             self.preserving = false;
+            // Expiry was frozen: leases that ran out meanwhile get one full
+            // TTL from now, since heartbeats come back spread over an interval.
+            for lease in self
+                .services
+                .values_mut()
+                .flat_map(|s| s.instances.values_mut())
+            {
+                if lease.expires().is_some_and(|expires| expires <= now) {
+                    lease.renewed = now;
+                }
+            }
             tracing::warn!(
                 renewing,
                 instances = total,
@@ -1027,10 +1060,14 @@ mod tests {
             r.instances(&key).await.unwrap().iter().all(|i| i.healthy),
             "nothing is even marked"
         );
-        // They come back: preservation is released.
+        // They come back, one after another: preservation is released, and
+        // none of them is evicted for coming back a little later than another.
         for _ in 0..6 {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            beat(&r, &all).await;
+            for i in &all {
+                r.heartbeat(&i.instance_key()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         assert!(!r.stats().self_preservation, "{:?}", r.stats());
         assert_eq!(r.instances(&key).await.unwrap().len(), 10);

@@ -98,6 +98,9 @@ pub enum RegistryError {
     /// The registry could not be reached or failed; the message names it.
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// The registry refused a write: no token, or the wrong one.
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
 }
 
 /// A service registry: register, renew, deregister, look up, and watch instances.

@@ -216,7 +216,7 @@ impl Service {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
             registry: None,
-            ttl: Duration::from_secs(10),
+            ttl: Duration::from_secs(6),
             heartbeat: None,
             grace: Duration::from_secs(10),
             limits: MessageLimits::default(),
@@ -347,7 +347,7 @@ impl ServiceBuilder {
     }
 
     /// Lease TTL: how long the registry keeps the instance without a
-    /// heartbeat. Default: 10 s.
+    /// heartbeat. Default: 6 s (with heartbeats every 2 s).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -567,11 +567,13 @@ impl ServiceBuilder {
                         });
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(service = %instance.key, error = %e, "cannot register yet; serving anyway and retrying");
+                        tracing::warn!(service = %instance.key, ?registry, error = %e,
+                            "waiting for the registry: serving anyway, and registering as soon as it answers");
                         false
                     }
                     Err(_) => {
-                        tracing::warn!(service = %instance.key, "the registry did not answer; serving anyway and retrying");
+                        tracing::warn!(service = %instance.key, ?registry,
+                            "waiting for the registry (no answer): serving anyway, and registering as soon as it answers");
                         false
                     }
                 };

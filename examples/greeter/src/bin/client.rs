@@ -12,8 +12,11 @@ use lodestar::{Client, StaticRegistry};
 struct Args {
     /// Address of a Greeter server (any language's), called as the one
     /// instance of `greeter`.
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    #[arg(long, default_value = "127.0.0.1:50051", conflicts_with = "registry")]
     addr: String,
+    /// Find `greeter` in this registry instead (lodestar://host:port).
+    #[arg(long)]
+    registry: Option<String>,
     /// Who to greet.
     #[arg(long, default_value = "world")]
     name: String,
@@ -22,7 +25,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let registry = StaticRegistry::new().with(SERVICE_NAME, [args.addr]);
+    let registry: std::sync::Arc<dyn lodestar::Registry> = match &args.registry {
+        Some(url) => lodestar_registry::from_url(url)?,
+        None => std::sync::Arc::new(StaticRegistry::new().with(SERVICE_NAME, [args.addr])),
+    };
     let client = Client::builder(registry)
         .timeout(Duration::from_secs(10))
         .build();

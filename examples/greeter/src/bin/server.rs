@@ -13,6 +13,10 @@ struct Args {
     /// Address to serve on, exactly (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:50051")]
     addr: SocketAddr,
+    /// Registry to register in (lodestar://host:port, memory://). Default:
+    /// LODESTAR_REGISTRY, else a registry of its own.
+    #[arg(long, env = "LODESTAR_REGISTRY")]
+    registry: Option<String>,
 }
 
 #[tokio::main]
@@ -25,9 +29,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let registry = match &args.registry {
+        Some(url) => lodestar_registry::from_url(url)?,
+        None => std::sync::Arc::new(MemoryRegistry::new()),
+    };
     let running = Service::builder(SERVICE_NAME)
         .bind(args.addr)
-        .registry(MemoryRegistry::new())
+        .registry(registry)
         .add_service(MyGreeter.into_server())
         .start()
         .await?;

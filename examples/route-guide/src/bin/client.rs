@@ -14,14 +14,20 @@ use tokio_stream::StreamExt;
 struct Args {
     /// Address of a RouteGuide server (any language's), called as the one
     /// instance of `route-guide`.
-    #[arg(long, default_value = "127.0.0.1:10000")]
+    #[arg(long, default_value = "127.0.0.1:10000", conflicts_with = "registry")]
     addr: String,
+    /// Find `route-guide` in this registry instead (lodestar://host:port).
+    #[arg(long)]
+    registry: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let registry = StaticRegistry::new().with(SERVICE_NAME, [args.addr]);
+    let registry: std::sync::Arc<dyn lodestar::Registry> = match &args.registry {
+        Some(url) => lodestar_registry::from_url(url)?,
+        None => std::sync::Arc::new(StaticRegistry::new().with(SERVICE_NAME, [args.addr])),
+    };
     let client = Client::builder(registry)
         .timeout(Duration::from_secs(10))
         .build();

@@ -1,6 +1,7 @@
 //! `route-guide-server`: serves RouteGuide and registers it as `route-guide`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use clap::Parser;
 use lodestar::{MemoryRegistry, Service};
@@ -16,6 +17,10 @@ struct Args {
     /// Name put in the `x-served-by` response metadata. Default: the address.
     #[arg(long)]
     name: Option<String>,
+    /// Registry to register in (lodestar://host:port, memory://). Default:
+    /// LODESTAR_REGISTRY, else a registry of its own.
+    #[arg(long, env = "LODESTAR_REGISTRY")]
+    registry: Option<String>,
 }
 
 #[tokio::main]
@@ -29,12 +34,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let name = args.name.unwrap_or_else(|| args.addr.to_string());
-    // Until a shared registry is configured, the service registers in a
-    // registry of its own.
+    let registry = match &args.registry {
+        Some(url) => lodestar_registry::from_url(url)?,
+        None => Arc::new(MemoryRegistry::new()),
+    };
     let running = Service::builder(SERVICE_NAME)
         .version(env!("CARGO_PKG_VERSION"))
         .bind(args.addr)
-        .registry(MemoryRegistry::new())
+        .registry(registry)
         .add_service(RouteGuideService::new(name).into_server())
         .start()
         .await?;

@@ -1,0 +1,184 @@
+//! `lodestar registry`, `lodestar services`, `lodestar describe`.
+
+use std::error::Error;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use lodestar::{DEFAULT_NAMESPACE, Registry, ServiceKey};
+
+/// Options of `lodestar registry`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Address of the gRPC API.
+    #[arg(long, default_value = lodestar_registry::DEFAULT_ADDRESS)]
+    addr: SocketAddr,
+    /// Address of the HTTP/JSON API.
+    #[arg(long, default_value = lodestar_registry::DEFAULT_HTTP_ADDRESS)]
+    http_addr: SocketAddr,
+    /// Turn the HTTP/JSON API off.
+    #[arg(long)]
+    no_http: bool,
+    /// Directory for persistent instances (default: keep them in memory only).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Token that writes must present (`authorization: Bearer <token>`);
+    /// also read from LODESTAR_REGISTRY_TOKEN.
+    #[arg(long, env = "LODESTAR_REGISTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Seconds an instance whose lease ran out stays (unhealthy) before eviction.
+    #[arg(long, default_value_t = 10.0)]
+    eviction_grace: f64,
+    /// Seconds after a start during which instances are still coming back.
+    #[arg(long, default_value_t = 10.0)]
+    warmup: f64,
+    /// Turn self-preservation off.
+    #[arg(long)]
+    no_self_preservation: bool,
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
+    let seconds = |name: &str, value: f64| {
+        Duration::try_from_secs_f64(value)
+            .map_err(|_| format!("--{name} must be a number of seconds, not {value}"))
+    };
+    let mut config = lodestar_registry_server::Config {
+        addr: args.addr,
+        http_addr: (!args.no_http).then_some(args.http_addr),
+        data_dir: args.data_dir,
+        token: args.token,
+        eviction_grace: seconds("eviction-grace", args.eviction_grace)?,
+        warmup: seconds("warmup", args.warmup)?,
+        ..lodestar_registry_server::Config::default()
+    };
+    if args.no_self_preservation {
+        config.self_preservation = None;
+    }
+    let running = lodestar_registry_server::start(config).await?;
+    println!("lodestar registry: gRPC on {}", running.local_addr());
+    if let Some(http) = running.http_addr() {
+        println!("lodestar registry: HTTP on http://{http}/v1/status");
+    }
+    lodestar::server::shutdown_signal().await;
+    running.shutdown().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where to find the registry, for the commands that read it.
+#[derive(clap::Args, Debug)]
+pub(crate) struct RegistryArg {
+    /// Registry URL (memory://, lodestar://host:port[,host:port]). Default:
+    /// LODESTAR_REGISTRY, then lodestar://127.0.0.1:7070.
+    #[arg(long)]
+    registry: Option<String>,
+    /// Namespace.
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Output {
+    Table,
+    Json,
+}
+
+impl RegistryArg {
+    fn connect(&self) -> Result<std::sync::Arc<dyn Registry>, Box<dyn Error>> {
+        Ok(match &self.registry {
+            Some(url) => lodestar_registry::from_url(url)?,
+            None => lodestar_registry::from_env()?,
+        })
+    }
+}
+
+pub(crate) async fn services(args: RegistryArg) -> Result<ExitCode, Box<dyn Error>> {
+    let registry = args.connect()?;
+    let keys = registry.services(&args.namespace).await?;
+    let mut rows = Vec::new();
+    for key in keys {
+        let instances = registry.instances(&key).await?;
+        let healthy = instances.iter().filter(|i| i.healthy).count();
+        rows.push((key, instances.len(), healthy));
+    }
+    match args.output {
+        Output::Json => {
+            let services: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(key, total, healthy)| {
+                    serde_json::json!({
+                        "namespace": key.namespace, "group": key.group, "service": key.service,
+                        "instances": total, "healthy": healthy,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({ "services": services }));
+        }
+        Output::Table => {
+            println!(
+                "{:<32} {:<16} {:>9} {:>8}",
+                "SERVICE", "GROUP", "INSTANCES", "HEALTHY"
+            );
+            for (key, total, healthy) in &rows {
+                println!(
+                    "{:<32} {:<16} {total:>9} {healthy:>8}",
+                    key.service, key.group
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Options of `lodestar describe`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct DescribeArgs {
+    /// The service to describe.
+    service: String,
+    /// Group.
+    #[arg(long, default_value = lodestar::DEFAULT_GROUP)]
+    group: String,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+pub(crate) async fn describe(args: DescribeArgs) -> Result<ExitCode, Box<dyn Error>> {
+    let registry = args.registry.connect()?;
+    let key = ServiceKey::new(&args.service)
+        .with_namespace(&args.registry.namespace)
+        .with_group(&args.group);
+    let instances = registry.instances(&key).await?;
+    match args.registry.output {
+        Output::Json => {
+            let value = serde_json::json!({
+                "namespace": key.namespace, "group": key.group, "service": key.service,
+                "instances": instances,
+            });
+            println!("{value}");
+        }
+        Output::Table => {
+            println!("{key}: {} instance(s)", instances.len());
+            println!(
+                "{:<36} {:<22} {:<8} {:<8} {:<10} {:>6}",
+                "ID", "ADDRESS", "HEALTHY", "ENABLED", "VERSION", "WEIGHT"
+            );
+            for i in &instances {
+                println!(
+                    "{:<36} {:<22} {:<8} {:<8} {:<10} {:>6}",
+                    i.id, i.address, i.healthy, i.enabled, i.version, i.weight
+                );
+            }
+        }
+    }
+    Ok(
+        if instances.is_empty() && args.registry.output == Output::Table {
+            eprintln!("no instances of `{key}` are registered");
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
+}

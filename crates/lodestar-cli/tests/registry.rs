@@ -1,0 +1,724 @@
+//! The registry server as a real process (`lodestar registry`), with
+//! services and clients in other processes, over real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use lodestar::{Client, Registry, ServiceKey, StaticRegistry, WatchEvent};
+use lodestar_registry::RemoteRegistry;
+use route_guide::{Point, RouteGuideClient, SERVICE_NAME};
+use tokio_stream::StreamExt;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {TIMEOUT:?} waiting for {what}"))
+}
+
+/// A child process, killed when dropped; its stdout lines arrive on `lines`.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start a child process");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let collected = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = collected.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut all = sink.lock().unwrap_or_else(|e| e.into_inner());
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        Self {
+            child,
+            lines,
+            stderr: collected,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The first stdout line with `prefix`, and what follows it.
+    fn line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line `{prefix}…`; stderr:\n{}", self.stderr()));
+            // (libtest may print the test's name on the same line first)
+            if let Some(at) = line.find(prefix) {
+                return line[at + prefix.len()..].trim().to_owned();
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `lodestar registry` on `grpc` (port 0: any), with extra flags.
+struct RegistryProc {
+    proc: Proc,
+    grpc: SocketAddr,
+    http: SocketAddr,
+}
+
+fn registry(grpc: &str, extra: &[&str]) -> RegistryProc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
+    command
+        .args([
+            "registry",
+            "--addr",
+            grpc,
+            "--http-addr",
+            "127.0.0.1:0",
+            "--eviction-grace",
+            "1",
+        ])
+        .args(extra)
+        .env_remove("LODESTAR_REGISTRY_TOKEN");
+    if !extra.contains(&"--warmup") {
+        command.args(["--warmup", "1"]);
+    }
+    let proc = Proc::spawn(command);
+    let grpc = proc.line("lodestar registry: gRPC on").parse().unwrap();
+    let http = proc
+        .line("lodestar registry: HTTP on http://")
+        .trim_end_matches("/v1/status")
+        .parse()
+        .unwrap();
+    RegistryProc { proc, grpc, http }
+}
+
+impl RegistryProc {
+    fn url(&self) -> String {
+        format!("lodestar://{}", self.grpc)
+    }
+}
+
+/// A RouteGuide instance in a process of its own (this test binary, run as
+/// `child_instance`), registering in `url` with a lease of `ttl_ms`.
+fn instance(url: &str, name: &str, ttl_ms: u64) -> (Proc, SocketAddr) {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "child_instance",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("LODESTAR_CHILD_REGISTRY", url)
+        .env("LODESTAR_CHILD_NAME", name)
+        .env("LODESTAR_CHILD_TTL_MS", ttl_ms.to_string())
+        .env("RUST_LOG", "lodestar=info");
+    let proc = Proc::spawn(command);
+    let address = proc.line("child ready on").parse().unwrap();
+    (proc, address)
+}
+
+/// Runs as a separate process for the tests above; does nothing otherwise.
+#[test]
+#[ignore = "a RouteGuide instance the registry tests start as a separate process"]
+fn child_instance() {
+    let Ok(url) = std::env::var("LODESTAR_CHILD_REGISTRY") else {
+        return;
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("lodestar=info")
+        .init();
+    let name = std::env::var("LODESTAR_CHILD_NAME").unwrap();
+    let ttl = Duration::from_millis(
+        std::env::var("LODESTAR_CHILD_TTL_MS")
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let registry = lodestar_registry::from_url(&url).unwrap();
+        let running = lodestar::Service::builder(SERVICE_NAME)
+            .id(name.clone())
+            .registry(registry)
+            .ttl(ttl)
+            .add_service(route_guide::RouteGuideService::new(name).into_server())
+            .start()
+            .await
+            .unwrap();
+        println!("child ready on {}", running.local_addr());
+        lodestar::server::shutdown_signal().await;
+        running.shutdown().await.unwrap();
+    });
+}
+
+/// A minimal HTTP/1.1 request: the status code and body.
+fn http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn status(http_addr: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&http(http_addr, "GET", "/v1/status", None, None).1).unwrap()
+}
+
+async fn ids(registry: &RemoteRegistry) -> Vec<String> {
+    let mut ids: Vec<String> = registry
+        .instances(&ServiceKey::new(SERVICE_NAME))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn served_by(
+    guide: &mut RouteGuideClient<lodestar::client::Channel>,
+) -> Result<String, lodestar::Status> {
+    let response = guide
+        .get_feature(Point {
+            latitude: 409_146_138,
+            longitude: -746_188_906,
+        })
+        .await?;
+    Ok(response
+        .metadata()
+        .get(route_guide::SERVED_BY)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_in_other_processes_are_found_and_called_through_the_registry() {
+    let registry = registry("127.0.0.1:0", &[]);
+    let (_a, _) = instance(&registry.url(), "rg-a", 3000);
+    let (_b, _) = instance(&registry.url(), "rg-b", 3000);
+    let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
+    assert_eq!(ids(&remote).await, ["rg-a", "rg-b"]);
+    let client = Client::new(remote);
+    let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        seen.insert(bounded("a call", served_by(&mut guide)).await.unwrap());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["rg-a", "rg-b"]);
+
+    // The CLI sees them too, as JSON with the fields scripts rely on.
+    let output = Command::new(env!("CARGO_BIN_EXE_lodestar"))
+        .args([
+            "describe",
+            SERVICE_NAME,
+            "--registry",
+            &registry.url(),
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let described: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let instances = described["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2);
+    for instance in instances {
+        assert!(
+            instance["id"].is_string()
+                && instance["address"].is_string()
+                && instance["healthy"] == true,
+            "{instance}"
+        );
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_lodestar"))
+        .args(["services", "--output", "json"])
+        .env("LODESTAR_REGISTRY", registry.url())
+        .output()
+        .unwrap();
+    let services: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(services["services"][0]["service"], SERVICE_NAME);
+    assert_eq!(services["services"][0]["healthy"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_turns_unhealthy_then_is_evicted_and_clients_stop_picking_it() {
+    // No warm-up: this test watches the registry directly, and watches
+    // opened during warm-up end with it (clients then watch again).
+    let registry = registry("127.0.0.1:0", &["--warmup", "0"]);
+    let (a, _) = instance(&registry.url(), "rg-a", 900);
+    let (_b, _) = instance(&registry.url(), "rg-b", 900);
+    let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
+    let key = ServiceKey::new(SERVICE_NAME);
+    let client = Client::new(remote.clone());
+    let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+    for _ in 0..4 {
+        bounded("a warm-up call", served_by(&mut guide))
+            .await
+            .unwrap();
+    }
+    let mut watch = remote.watch(&key, None).await.unwrap();
+    bounded("the snapshot", watch.next()).await;
+
+    a.kill(); // SIGKILL: no deregistration
+    let killed = Instant::now();
+    // Calls go on, and go to the live instance.
+    for _ in 0..10 {
+        assert_eq!(
+            bounded("a call", served_by(&mut guide)).await.unwrap(),
+            "rg-b"
+        );
+    }
+    let mut unhealthy_after = None;
+    let evicted_after = loop {
+        match bounded("the killed instance to leave", watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            WatchEvent::Put { instance, .. } if instance.id == "rg-a" && !instance.healthy => {
+                unhealthy_after = Some(killed.elapsed());
+            }
+            WatchEvent::Delete { id, .. } if id == "rg-a" => break killed.elapsed(),
+            _ => {}
+        }
+    };
+    // Lease 0.9 s, then 1 s of grace (the registry's --eviction-grace).
+    let unhealthy_after = unhealthy_after.expect("marked unhealthy before eviction");
+    assert!(
+        unhealthy_after < Duration::from_millis(2500),
+        "unhealthy after {unhealthy_after:?}"
+    );
+    assert!(
+        evicted_after < Duration::from_millis(4000),
+        "evicted after {evicted_after:?}"
+    );
+    assert_eq!(ids(&remote).await, ["rg-b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
+    let data = std::env::temp_dir().join(format!("lodestar-registry-test-{}", std::process::id()));
+    let data_dir = data.to_str().unwrap().to_owned();
+    let first = registry("127.0.0.1:0", &["--data-dir", &data_dir]);
+    let grpc = first.grpc;
+    let (_a, a_address) = instance(&first.url(), "rg-a", 1500);
+    let (_b, _) = instance(&first.url(), "rg-b", 1500);
+    // A persistent instance, registered by an operator, checked over TCP.
+    let body = format!(
+        r#"{{"service": "legacy-db", "address": "{a_address}", "id": "db-1", "persistent": true, "check": {{"kind": "tcp"}}}}"#
+    );
+    assert_eq!(
+        http(first.http, "POST", "/v1/instances", Some(&body), None).0,
+        201
+    );
+
+    let remote = RemoteRegistry::new(&[grpc.to_string()]);
+    let client = Client::new(remote.clone());
+    let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+    bounded("a first call", served_by(&mut guide))
+        .await
+        .unwrap();
+    // Steady load for the whole test.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !*stop_rx.borrow() {
+            match served_by(&mut guide).await {
+                Ok(_) => ok += 1,
+                Err(status) => failed.push(status.to_string()),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = stop_rx.changed() => {}
+            }
+        }
+        (ok, failed)
+    });
+
+    first.proc.kill();
+    // Calls go on from the clients' caches while the registry is away.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = registry(&grpc.to_string(), &["--data-dir", &data_dir]);
+    let restarted = Instant::now();
+    // Every live instance registers again within about one heartbeat (0.5 s).
+    bounded("the instances to register again", async {
+        while ids(&remote).await.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let back_after = restarted.elapsed();
+    assert!(
+        back_after < Duration::from_millis(1500),
+        "registered again after {back_after:?}"
+    );
+    // The persistent instance survived the restart.
+    let db = remote
+        .instances(&ServiceKey::new("legacy-db"))
+        .await
+        .unwrap();
+    assert_eq!(db.len(), 1);
+    assert!(!db[0].ephemeral);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(true);
+    let (ok, failed) = bounded("the load to stop", load).await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} calls failed during the outage: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 100, "only {ok} calls were made");
+    drop(second);
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_preservation_engages_when_most_heartbeats_stop_and_releases_when_they_resume() {
+    let registry = registry("127.0.0.1:0", &[]);
+    let instance = |i: usize| {
+        format!(
+            r#"{{"service": "fleet", "address": "10.0.0.{i}:80", "id": "i{i}", "ttl_ms": 1500}}"#
+        )
+    };
+    for i in 0..10 {
+        assert_eq!(
+            http(
+                registry.http,
+                "POST",
+                "/v1/instances",
+                Some(&instance(i)),
+                None
+            )
+            .0,
+            201
+        );
+    }
+    let beat = |ids: std::ops::Range<usize>| {
+        for i in ids {
+            let path = format!("/v1/services/fleet/instances/i{i}/heartbeat");
+            assert_eq!(http(registry.http, "PUT", &path, None, None).0, 204, "i{i}");
+        }
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    // Two keep beating (every TTL/3); eight stop at once.
+    loop {
+        beat(0..2);
+        if status(registry.http)["self_preservation"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "self-preservation never engaged: {}",
+            status(registry.http)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Long past their leases and the grace period, nothing is evicted.
+    for _ in 0..8 {
+        beat(0..2);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let listed: serde_json::Value = serde_json::from_str(
+        &http(
+            registry.http,
+            "GET",
+            "/v1/services/fleet/instances",
+            None,
+            None,
+        )
+        .1,
+    )
+    .unwrap();
+    assert_eq!(listed["instances"].as_array().unwrap().len(), 10);
+    // They come back: it releases.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        beat(0..10);
+        if status(registry.http)["self_preservation"] == false {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "self-preservation never released: {}",
+            status(registry.http)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_reconnects_resumes_without_missing_or_repeating_events() {
+    let registry = registry("127.0.0.1:0", &[]);
+    let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
+    let key = ServiceKey::new("orders");
+    let register = |id: &'static str| {
+        let remote = remote.clone();
+        async move {
+            let instance =
+                lodestar::Instance::new("orders", format!("10.0.0.1:{}", 8000 + id.len()))
+                    .with_id(id);
+            remote
+                .register(instance, Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+    };
+    let mut watch = remote.watch(&key, None).await.unwrap();
+    assert!(matches!(
+        bounded("snapshot", watch.next()).await.unwrap().unwrap(),
+        WatchEvent::Snapshot { .. }
+    ));
+    register("a").await;
+    register("bb").await;
+    let mut last = 0;
+    for expected in ["a", "bb"] {
+        match bounded("a put", watch.next()).await.unwrap().unwrap() {
+            WatchEvent::Put { revision, instance } if instance.id == expected => last = revision,
+            other => panic!("expected a Put of {expected}, got {other:?}"),
+        }
+    }
+    drop(watch);
+    // While disconnected: one more, one less.
+    register("ccc").await;
+    remote
+        .deregister(&lodestar::InstanceKey {
+            service: key.clone(),
+            id: "a".into(),
+        })
+        .await
+        .unwrap();
+    let mut watch = remote.watch(&key, Some(last)).await.unwrap();
+    let first = bounded("the first missed event", watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&first, WatchEvent::Put { instance, revision } if instance.id == "ccc" && *revision > last),
+        "{first:?}"
+    );
+    let second = bounded("the second missed event", watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&second, WatchEvent::Delete { id, .. } if id == "a"),
+        "{second:?}"
+    );
+    // Nothing else is pending.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), watch.next())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_or_unauthorized_calls_get_clear_errors_and_change_nothing() {
+    let registry = registry("127.0.0.1:0", &["--token", "s3cret"]);
+    let before = status(registry.http)["revision"].clone();
+    let good = r#"{"service": "svc", "address": "10.0.0.1:80", "ttl_ms": 5000}"#;
+    // (method, path, body, token, expected status, what the error says)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        u16,
+        &'a str,
+    );
+    let cases: [Case<'_>; 6] = [
+        ("POST", "/v1/instances", Some(good), None, 401, "Bearer"),
+        (
+            "POST",
+            "/v1/instances",
+            Some(good),
+            Some("wrong"),
+            401,
+            "Bearer",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            Some(r#"{"service": "svc""#),
+            Some("s3cret"),
+            400,
+            "invalid request body",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            Some(r#"{"service": "svc", "address": "a:1"}"#),
+            Some("s3cret"),
+            400,
+            "ttl_ms",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            Some(r#"{"service": "", "address": "a:1", "ttl_ms": 5}"#),
+            Some("s3cret"),
+            400,
+            "empty service",
+        ),
+        (
+            "PUT",
+            "/v1/services/svc/instances/nope/heartbeat",
+            None,
+            Some("s3cret"),
+            404,
+            "not registered",
+        ),
+    ];
+    for (method, path, body, token, code, says) in cases {
+        let (got, text) = http(registry.http, method, path, body, token);
+        assert_eq!(got, code, "{method} {path} {body:?}: {text}");
+        let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            error["error"].as_str().unwrap().contains(says),
+            "{method} {path}: {text}"
+        );
+    }
+    // Over gRPC too.
+    let anonymous = RemoteRegistry::new(&[registry.grpc.to_string()]);
+    let error = anonymous
+        .register(
+            lodestar::Instance::new("svc", "10.0.0.1:80"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, lodestar::RegistryError::Unauthorized(_)),
+        "{error:?}"
+    );
+    let authorized = RemoteRegistry::new(&[registry.grpc.to_string()]).with_token("s3cret");
+    let error = authorized
+        .register(lodestar::Instance::new("svc", ""), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, lodestar::RegistryError::Invalid(m) if m.contains("empty address")),
+        "{error:?}"
+    );
+    assert_eq!(status(registry.http)["revision"], before, "nothing changed");
+    // A good write with the token works.
+    assert_eq!(
+        http(
+            registry.http,
+            "POST",
+            "/v1/instances",
+            Some(good),
+            Some("s3cret")
+        )
+        .0,
+        201
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_started_before_its_registry_serves_and_registers_when_it_appears() {
+    // A free port for a registry that is not there yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("lodestar://127.0.0.1:{port}");
+    let (child, address) = instance(&url, "early", 1500);
+    // It serves already.
+    let direct = Client::new(StaticRegistry::new().with(SERVICE_NAME, [address.to_string()]));
+    let mut guide = RouteGuideClient::by_name(&direct, SERVICE_NAME);
+    assert_eq!(
+        bounded("a direct call", served_by(&mut guide))
+            .await
+            .unwrap(),
+        "early"
+    );
+    assert!(
+        child
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("waiting for the registry"),
+        "{}",
+        child.stderr.lock().unwrap()
+    );
+    let registry = registry(&format!("127.0.0.1:{port}"), &[]);
+    let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
+    bounded("the early service to register", async {
+        while ids(&remote).await != ["early"] {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

@@ -1,0 +1,304 @@
+//! The gRPC API (`lodestar.registry.v1.Registry`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use lodestar::{Registry, RegistryError, Request, Response, Status, WatchEvent};
+use lodestar_registry::{from_pb, key_from_pb, to_pb};
+
+use crate::Server;
+use crate::pb;
+use crate::store::Check;
+
+/// The API over the shared server state.
+pub(crate) struct Api {
+    server: Arc<Server>,
+    /// The revision when warm-up ended (0 until then): a watcher resuming
+    /// from before it gets a full snapshot.
+    warmed_at: Arc<AtomicU64>,
+}
+
+impl Api {
+    pub(crate) fn new(server: Arc<Server>) -> Self {
+        Self {
+            server,
+            warmed_at: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if self.server.allows_write(given) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "writes to this registry need `authorization: Bearer <token>` with its token",
+            ))
+        }
+    }
+
+    /// The revision at which warm-up ended, noting it the first time it is asked after.
+    fn warmed_revision(&self) -> Option<u64> {
+        if self.server.warming() {
+            return None;
+        }
+        let noted = self.warmed_at.load(Ordering::Acquire);
+        if noted != 0 {
+            return Some(noted);
+        }
+        let now = self.server.registry.revision().max(1);
+        let _ = self
+            .warmed_at
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+        Some(self.warmed_at.load(Ordering::Acquire))
+    }
+}
+
+fn status(error: RegistryError) -> Status {
+    match error {
+        RegistryError::NotFound(key) | RegistryError::LeaseExpired(key) => Status::not_found(
+            format!("instance {key} is not registered (its lease may have expired)"),
+        ),
+        RegistryError::Invalid(message) => Status::invalid_argument(message),
+        RegistryError::Unauthorized(message) => Status::unauthenticated(message),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn key_of(reference: pb::InstanceRef) -> Result<lodestar::InstanceKey, Status> {
+    let service = reference
+        .service
+        .ok_or_else(|| Status::invalid_argument("the instance reference has no service"))?;
+    if reference.id.is_empty() {
+        return Err(Status::invalid_argument(
+            "the instance reference has an empty id",
+        ));
+    }
+    Ok(lodestar::InstanceKey {
+        service: key_from_pb(service),
+        id: reference.id,
+    })
+}
+
+fn service_of(service: Option<pb::ServiceKey>) -> Result<lodestar::ServiceKey, Status> {
+    let service =
+        service.ok_or_else(|| Status::invalid_argument("the request names no service"))?;
+    if service.service.is_empty() {
+        return Err(Status::invalid_argument("the service name is empty"));
+    }
+    Ok(key_from_pb(service))
+}
+
+fn event_to_pb(event: WatchEvent, warming: bool) -> pb::WatchEvent {
+    let (revision, kind) = match event {
+        WatchEvent::Snapshot {
+            revision,
+            instances,
+        } => (
+            revision,
+            pb::watch_event::Kind::Snapshot(pb::Snapshot {
+                instances: instances.iter().map(to_pb).collect(),
+                warming,
+            }),
+        ),
+        WatchEvent::Put { revision, instance } => {
+            (revision, pb::watch_event::Kind::Put(to_pb(&instance)))
+        }
+        WatchEvent::Delete { revision, id } => (revision, pb::watch_event::Kind::Delete(id)),
+    };
+    pb::WatchEvent {
+        revision,
+        kind: Some(kind),
+    }
+}
+
+type WatchResponses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[lodestar::async_trait]
+impl pb::registry_server::Registry for Api {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let instance = request
+            .instance
+            .ok_or_else(|| Status::invalid_argument("the request has no instance"))?;
+        let instance = from_pb(instance);
+        let registry = &self.server.registry;
+        if request.persistent {
+            let key = instance.instance_key();
+            registry.register_persistent(instance).map_err(status)?;
+            self.server
+                .store
+                .remember(key, Check::from_pb(request.check));
+            self.server.save();
+        } else {
+            if request.ttl_ms == 0 {
+                return Err(Status::invalid_argument(
+                    "an ephemeral instance needs ttl_ms > 0 (or set persistent)",
+                ));
+            }
+            let ttl = Duration::from_millis(u64::from(request.ttl_ms));
+            registry.register(instance, ttl).await.map_err(status)?;
+        }
+        Ok(Response::new(pb::RegisterResponse {
+            revision: registry.revision(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::InstanceRef>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.authorize(&request)?;
+        let key = key_of(request.into_inner())?;
+        self.server.registry.heartbeat(&key).await.map_err(status)?;
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::InstanceRef>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.authorize(&request)?;
+        let key = key_of(request.into_inner())?;
+        let persistent = self
+            .server
+            .registry
+            .persistent_instances()
+            .iter()
+            .any(|i| i.instance_key() == key);
+        self.server
+            .registry
+            .deregister(&key)
+            .await
+            .map_err(status)?;
+        if persistent {
+            self.server.forget_check(&key);
+            self.server.save();
+        }
+        Ok(Response::new(pb::DeregisterResponse {}))
+    }
+
+    async fn get_instances(
+        &self,
+        request: Request<pb::GetInstancesRequest>,
+    ) -> Result<Response<pb::GetInstancesResponse>, Status> {
+        let service = service_of(request.into_inner().service)?;
+        let (instances, protected) = self.server.registry.lookup(&service);
+        Ok(Response::new(pb::GetInstancesResponse {
+            instances: instances.iter().map(to_pb).collect(),
+            revision: self.server.registry.revision(),
+            protected,
+        }))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let mut namespace = request.into_inner().namespace;
+        if namespace.is_empty() {
+            namespace = lodestar::DEFAULT_NAMESPACE.to_owned();
+        }
+        let registry = &self.server.registry;
+        let mut services = Vec::new();
+        for key in registry.services(&namespace).await.map_err(status)? {
+            let (instances, _) = registry.lookup(&key);
+            services.push(pb::ServiceSummary {
+                service: Some(lodestar_registry::key_to_pb(&key)),
+                instances: u32::try_from(instances.len()).unwrap_or(u32::MAX),
+                healthy: u32::try_from(instances.iter().filter(|i| i.healthy).count())
+                    .unwrap_or(u32::MAX),
+            });
+        }
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    type WatchStream = WatchResponses;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<WatchResponses>, Status> {
+        let request = request.into_inner();
+        let service = service_of(request.service)?;
+        // A watcher from before warm-up ended may hold instances that never
+        // came back: it gets a full snapshot.
+        let since = match (request.since, self.warmed_revision()) {
+            (0, _) => None,
+            (since, Some(warmed)) if since < warmed => None,
+            (since, _) => Some(since),
+        };
+        let warming = self.server.warming();
+        let events = self
+            .server
+            .registry
+            .watch(&service, since)
+            .await
+            .map_err(status)?;
+        let responses = events.ready_chunks(256).map(move |chunk| {
+            let mut events = Vec::with_capacity(chunk.len());
+            for event in chunk {
+                events.push(event_to_pb(event.map_err(status)?, warming));
+            }
+            Ok(pb::WatchResponse { events })
+        });
+        if warming {
+            // When warm-up ends this stream ends; the watcher comes back and
+            // gets a full snapshot.
+            let ends = tokio::time::sleep_until(self.server.warmup_ends());
+            return Ok(Response::new(Box::pin(responses.take_until(ends))));
+        }
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn set_enabled(
+        &self,
+        request: Request<pb::SetEnabledRequest>,
+    ) -> Result<Response<pb::SetEnabledResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let key = key_of(request.instance.unwrap_or_default())?;
+        self.server
+            .registry
+            .set_enabled(&key, request.enabled)
+            .map_err(status)?;
+        self.server.save();
+        Ok(Response::new(pb::SetEnabledResponse {}))
+    }
+
+    async fn set_protection(
+        &self,
+        request: Request<pb::SetProtectionRequest>,
+    ) -> Result<Response<pb::SetProtectionResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let service = service_of(request.service)?;
+        if !(0.0..=1.0).contains(&request.threshold) {
+            return Err(Status::invalid_argument(format!(
+                "the protection threshold must be between 0 and 1, not {}",
+                request.threshold
+            )));
+        }
+        self.server
+            .registry
+            .set_protection_threshold(&service, request.threshold);
+        Ok(Response::new(pb::SetProtectionResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(crate::status(&self.server)))
+    }
+}

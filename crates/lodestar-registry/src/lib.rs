@@ -1,0 +1,447 @@
+//! The lodestar registry server's protocol and its client.
+//!
+//! * [`RemoteRegistry`] implements [`Registry`] against a `lodestar
+//!   registry` server (or several, for failover): registrations and
+//!   heartbeats go to the server; lookups are cached, so that while the
+//!   server is unreachable the last known instances keep being served.
+//! * [`from_url`] turns a registry URL into a registry:
+//!   `memory://`, `lodestar://host:port[,host:port…][?token=…]`.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = lodestar_registry::from_url("lodestar://127.0.0.1:7070")?;
+//! let client = lodestar::Client::new(registry);
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lodestar::{
+    Client, Code, Instance, InstanceKey, MemoryRegistry, Registry, RegistryError, Revision,
+    ServiceKey, StaticRegistry, Status, WatchEvent, WatchStream,
+};
+
+/// Generated code for `lodestar.registry.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    lodestar::include_proto!("lodestar.registry.v1");
+}
+
+use pb::registry_client::RegistryClient;
+
+/// Where `lodestar registry` listens for gRPC by default.
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:7070";
+/// Where `lodestar registry` serves its HTTP/JSON API by default.
+pub const DEFAULT_HTTP_ADDRESS: &str = "127.0.0.1:7071";
+/// The registry URL used when none is given (and `LODESTAR_REGISTRY` is unset).
+pub const DEFAULT_URL: &str = "lodestar://127.0.0.1:7070";
+/// The service name the registry server is called by.
+pub const SERVICE_NAME: &str = "lodestar-registry";
+
+/// A registry URL that cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unsupported registry URL `{url}`: {reason}")]
+pub struct UrlError {
+    url: String,
+    reason: String,
+}
+
+/// A registry from its URL:
+///
+/// * `memory://`: a registry inside this process;
+/// * `lodestar://host:port[,host:port…][?token=…]`: `lodestar registry`
+///   servers (tried in turn), with an optional write token.
+pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
+    let error = |reason: &str| UrlError {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let expected = "expected memory:// or lodestar://host:port[,host:port][?token=…]";
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| error(expected))?;
+    match scheme {
+        "memory" if rest.is_empty() => Ok(Arc::new(MemoryRegistry::new())),
+        "lodestar" => {
+            let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let addresses: Vec<String> =
+                hosts.split(',').map(str::trim).map(str::to_owned).collect();
+            for address in &addresses {
+                let valid = address
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                if !valid {
+                    return Err(error(&format!("`{address}` is not host:port ({expected})")));
+                }
+            }
+            let mut token = None;
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                match pair.split_once('=') {
+                    Some(("token", value)) => token = Some(value.to_owned()),
+                    _ => {
+                        return Err(error(&format!(
+                            "unknown parameter `{pair}` (expected token=…)"
+                        )));
+                    }
+                }
+            }
+            let mut registry = RemoteRegistry::new(&addresses);
+            if let Some(token) = token {
+                registry = registry.with_token(token);
+            }
+            Ok(Arc::new(registry))
+        }
+        _ => Err(error(expected)),
+    }
+}
+
+/// The registry named by `LODESTAR_REGISTRY`, or [`DEFAULT_URL`].
+pub fn from_env() -> Result<Arc<dyn Registry>, UrlError> {
+    from_url(&std::env::var("LODESTAR_REGISTRY").unwrap_or_else(|_| DEFAULT_URL.to_owned()))
+}
+
+/// A [`Registry`] backed by `lodestar registry` servers. See the crate docs.
+#[derive(Clone)]
+pub struct RemoteRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addresses: Vec<String>,
+    client: Client,
+    token: Option<String>,
+    /// The last known instances of each service looked up or watched.
+    cache: Mutex<HashMap<ServiceKey, BTreeMap<String, Instance>>>,
+}
+
+impl std::fmt::Debug for RemoteRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lodestar://{}", self.inner.addresses.join(","))
+    }
+}
+
+/// How long one registry call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl RemoteRegistry {
+    /// A registry served at `addresses` (`host:port`; tried in turn).
+    pub fn new(addresses: &[String]) -> Self {
+        let known = StaticRegistry::new().with(SERVICE_NAME, addresses.iter().cloned());
+        let client = Client::builder(known)
+            .connect_timeout(Duration::from_secs(1))
+            .ejection(Duration::from_millis(500), Duration::from_secs(5))
+            .build();
+        Self {
+            inner: Arc::new(Inner {
+                addresses: addresses.to_vec(),
+                client,
+                token: None,
+                cache: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Sends `token` with every write (`authorization: Bearer <token>`).
+    pub fn with_token(self, token: impl Into<String>) -> Self {
+        let inner = Arc::new(Inner {
+            addresses: self.inner.addresses.clone(),
+            client: self.inner.client.clone(),
+            token: Some(token.into()),
+            cache: Mutex::new(HashMap::new()),
+        });
+        Self { inner }
+    }
+
+    fn api(&self) -> RegistryClient<lodestar::client::Channel> {
+        RegistryClient::by_name(&self.inner.client, SERVICE_NAME)
+    }
+
+    fn request<T>(&self, message: T) -> lodestar::Request<T> {
+        let mut request = lodestar::Request::new(message);
+        request.set_timeout(CALL_TIMEOUT);
+        if let Some(token) = &self.inner.token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+
+    fn error(&self, status: Status, key: Option<&InstanceKey>) -> RegistryError {
+        match (status.code(), key) {
+            (Code::NotFound, Some(key)) => RegistryError::NotFound(key.clone()),
+            (Code::InvalidArgument, _) => RegistryError::Invalid(status.message().to_owned()),
+            (Code::Unauthenticated | Code::PermissionDenied, _) => {
+                RegistryError::Unauthorized(status.message().to_owned())
+            }
+            _ => RegistryError::Unavailable(format!("{self:?}: {}", status.message())),
+        }
+    }
+
+    fn cached(&self, key: &ServiceKey) -> Option<Vec<Instance>> {
+        let cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).map(|set| set.values().cloned().collect())
+    }
+
+    fn remember(&self, key: &ServiceKey, instances: impl IntoIterator<Item = Instance>) {
+        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(
+            key.clone(),
+            instances.into_iter().map(|i| (i.id.clone(), i)).collect(),
+        );
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for RemoteRegistry {
+    async fn register(&self, instance: Instance, ttl: Duration) -> Result<(), RegistryError> {
+        let key = instance.instance_key();
+        let request = pb::RegisterRequest {
+            instance: Some(to_pb(&instance)),
+            ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+            persistent: false,
+            check: None,
+        };
+        self.api()
+            .register(self.request(request))
+            .await
+            .map(|_| ())
+            .map_err(|s| self.error(s, Some(&key)))
+    }
+
+    async fn heartbeat(&self, key: &InstanceKey) -> Result<(), RegistryError> {
+        self.api()
+            .heartbeat(self.request(instance_ref(key)))
+            .await
+            .map(|_| ())
+            .map_err(|s| self.error(s, Some(key)))
+    }
+
+    async fn deregister(&self, key: &InstanceKey) -> Result<(), RegistryError> {
+        self.api()
+            .deregister(self.request(instance_ref(key)))
+            .await
+            .map(|_| ())
+            .map_err(|s| self.error(s, Some(key)))
+    }
+
+    async fn instances(&self, service: &ServiceKey) -> Result<Vec<Instance>, RegistryError> {
+        let request = pb::GetInstancesRequest {
+            service: Some(key_to_pb(service)),
+        };
+        match self.api().get_instances(self.request(request)).await {
+            Ok(response) => {
+                let instances: Vec<Instance> = response
+                    .into_inner()
+                    .instances
+                    .into_iter()
+                    .map(from_pb)
+                    .collect();
+                self.remember(service, instances.clone());
+                Ok(instances)
+            }
+            Err(status) => {
+                let error = self.error(status, None);
+                match (&error, self.cached(service)) {
+                    // The registry is away: the last known instances still serve.
+                    (RegistryError::Unavailable(_), Some(cached)) => Ok(cached),
+                    _ => Err(error),
+                }
+            }
+        }
+    }
+
+    async fn services(&self, namespace: &str) -> Result<Vec<ServiceKey>, RegistryError> {
+        let request = pb::ListServicesRequest {
+            namespace: namespace.to_owned(),
+        };
+        let response = self
+            .api()
+            .list_services(self.request(request))
+            .await
+            .map_err(|s| self.error(s, None))?;
+        Ok(response
+            .into_inner()
+            .services
+            .into_iter()
+            .filter_map(|s| s.service.map(key_from_pb))
+            .collect())
+    }
+
+    async fn watch(
+        &self,
+        service: &ServiceKey,
+        since: Option<Revision>,
+    ) -> Result<WatchStream, RegistryError> {
+        let request = pb::WatchRequest {
+            service: Some(key_to_pb(service)),
+            since: since.unwrap_or(0),
+        };
+        // No deadline: a watch lasts as long as both sides do.
+        let mut request = lodestar::Request::new(request);
+        if let Some(token) = &self.inner.token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        let stream = self
+            .api()
+            .watch(request)
+            .await
+            .map_err(|s| self.error(s, None))?
+            .into_inner();
+        let this = self.clone();
+        let key = service.clone();
+        let events = stream.flat_map(move |response| {
+            let events: Vec<Result<WatchEvent, RegistryError>> = match response {
+                Ok(response) => response
+                    .events
+                    .into_iter()
+                    .filter_map(|event| this.apply(&key, event))
+                    .map(Ok)
+                    .collect(),
+                Err(status) => vec![Err(this.error(status, None))],
+            };
+            futures_util::stream::iter(events)
+        });
+        Ok(Box::pin(events))
+    }
+}
+
+impl RemoteRegistry {
+    /// Applies one event to the cache and returns what the watcher should see.
+    fn apply(&self, key: &ServiceKey, event: pb::WatchEvent) -> Option<WatchEvent> {
+        let revision = event.revision;
+        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let known = cache.entry(key.clone()).or_default();
+        match event.kind? {
+            pb::watch_event::Kind::Snapshot(snapshot) => {
+                let fresh = snapshot.instances.into_iter().map(from_pb);
+                if snapshot.warming {
+                    // The registry restarted and instances are still coming
+                    // back: add what it knows to what we knew, drop nothing.
+                    for instance in fresh {
+                        known.insert(instance.id.clone(), instance);
+                    }
+                } else {
+                    *known = fresh.map(|i| (i.id.clone(), i)).collect();
+                }
+                Some(WatchEvent::Snapshot {
+                    revision,
+                    instances: known.values().cloned().collect(),
+                })
+            }
+            pb::watch_event::Kind::Put(instance) => {
+                let instance = from_pb(instance);
+                known.insert(instance.id.clone(), instance.clone());
+                Some(WatchEvent::Put { revision, instance })
+            }
+            pb::watch_event::Kind::Delete(id) => {
+                known.remove(&id);
+                Some(WatchEvent::Delete { revision, id })
+            }
+        }
+    }
+}
+
+fn instance_ref(key: &InstanceKey) -> pb::InstanceRef {
+    pb::InstanceRef {
+        service: Some(key_to_pb(&key.service)),
+        id: key.id.clone(),
+    }
+}
+
+/// A service key in the wire form.
+pub fn key_to_pb(key: &ServiceKey) -> pb::ServiceKey {
+    pb::ServiceKey {
+        namespace: key.namespace.clone(),
+        group: key.group.clone(),
+        service: key.service.clone(),
+    }
+}
+
+/// A service key from the wire form; empty namespace and group mean the defaults.
+pub fn key_from_pb(key: pb::ServiceKey) -> ServiceKey {
+    let mut out = ServiceKey::new(key.service);
+    if !key.namespace.is_empty() {
+        out.namespace = key.namespace;
+    }
+    if !key.group.is_empty() {
+        out.group = key.group;
+    }
+    out
+}
+
+/// An instance in the wire form.
+pub fn to_pb(instance: &Instance) -> pb::Instance {
+    pb::Instance {
+        id: instance.id.clone(),
+        service: Some(key_to_pb(&instance.key)),
+        version: instance.version.clone(),
+        address: instance.address.clone(),
+        protocol: instance.protocol.clone(),
+        metadata: instance.metadata.clone().into_iter().collect(),
+        weight: instance.weight,
+        zone: instance.zone.clone(),
+        healthy: instance.healthy,
+        enabled: instance.enabled,
+        ephemeral: instance.ephemeral,
+    }
+}
+
+/// An instance from the wire form.
+pub fn from_pb(instance: pb::Instance) -> Instance {
+    let key = key_from_pb(instance.service.unwrap_or_default());
+    let mut out = Instance::new(key.service.clone(), instance.address).with_service_key(key);
+    out.id = instance.id;
+    out.version = instance.version;
+    if !instance.protocol.is_empty() {
+        out.protocol = instance.protocol;
+    }
+    out.metadata = instance.metadata.into_iter().collect();
+    out.weight = instance.weight;
+    out.zone = instance.zone;
+    out.healthy = instance.healthy;
+    out.enabled = instance.enabled;
+    out.ephemeral = instance.ephemeral;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_with_clear_errors() {
+        assert!(from_url("memory://").is_ok());
+        assert!(from_url("lodestar://127.0.0.1:7070,127.0.0.1:7071?token=s3cret").is_ok());
+        for (bad, says) in [
+            ("127.0.0.1:7070", "expected memory://"),
+            ("lodestar://nohost", "`nohost` is not host:port"),
+            ("lodestar://h:notaport", "is not host:port"),
+            ("lodestar://h:1?tok=x", "unknown parameter `tok=x`"),
+            ("etcd://h:2379", "expected memory://"),
+        ] {
+            let error = from_url(bad).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                error.contains(bad) && error.contains(says),
+                "{bad}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn instances_survive_the_wire_form() {
+        let instance = Instance::new("svc", "10.0.0.1:80")
+            .with_service_key(
+                ServiceKey::new("svc")
+                    .with_namespace("prod")
+                    .with_group("shop"),
+            )
+            .with_version("1.2")
+            .with_label("zone", "a")
+            .with_weight(7);
+        assert_eq!(from_pb(to_pb(&instance)), instance);
+    }
+}
