@@ -722,3 +722,87 @@ async fn a_service_started_before_its_registry_serves_and_registers_when_it_appe
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_instances_are_health_checked_and_the_protection_threshold_applies() {
+    let registry = registry("127.0.0.1:0", &[]);
+    let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for (id, address) in [("db-live", live.local_addr().unwrap()), ("db-dead", dead)] {
+        let body = format!(
+            r#"{{"service": "db", "id": "{id}", "address": "{address}", "persistent": true, "check": {{"kind": "tcp", "interval_ms": 100}}}}"#
+        );
+        assert_eq!(
+            http(registry.http, "POST", "/v1/instances", Some(&body), None).0,
+            201
+        );
+    }
+    let health = || {
+        let listed: serde_json::Value = serde_json::from_str(
+            &http(
+                registry.http,
+                "GET",
+                "/v1/services/db/instances",
+                None,
+                None,
+            )
+            .1,
+        )
+        .unwrap();
+        let mut health: Vec<(String, bool)> = listed["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["id"].as_str().unwrap().to_owned(),
+                    i["healthy"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        health.sort();
+        (health, listed["protected"].as_bool().unwrap())
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    // The check finds the dead one.
+    while health().0 != [("db-dead".to_owned(), false), ("db-live".to_owned(), true)] {
+        assert!(
+            Instant::now() < deadline,
+            "health checks never settled: {:?}",
+            health()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Below a threshold of 90% healthy, lookups return both, as healthy.
+    let protection = r#"{"threshold": 0.9}"#;
+    assert_eq!(
+        http(
+            registry.http,
+            "PUT",
+            "/v1/services/db/protection",
+            Some(protection),
+            None
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        health(),
+        (
+            vec![("db-dead".to_owned(), true), ("db-live".to_owned(), true)],
+            true
+        )
+    );
+    let (code, text) = http(
+        registry.http,
+        "PUT",
+        "/v1/services/db/protection",
+        Some(r#"{"threshold": 2}"#),
+        None,
+    );
+    assert_eq!(code, 400, "{text}");
+    drop(live);
+}

@@ -16,9 +16,10 @@ impl Drop for Server {
     }
 }
 
-fn start_server() -> (Server, String) {
+fn start_server(extra: &[&str]) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_route-guide-server"))
         .args(["--addr", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -57,7 +58,7 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::Exit
 
 #[test]
 fn the_client_runs_all_four_call_kinds_against_the_server_which_stops_on_sigterm() {
-    let (mut server, address) = start_server();
+    let (mut server, address) = start_server(&[]);
     assert!(
         !address.ends_with(":0"),
         "the real port is announced: {address}"
@@ -107,4 +108,35 @@ fn the_client_runs_all_four_call_kinds_against_the_server_which_stops_on_sigterm
         status.success(),
         "the server exits cleanly on SIGTERM: {status:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_and_client_find_each_other_through_a_registry_server() {
+    let registry = lodestar_registry_server::start(lodestar_registry_server::Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: None,
+        warmup: Duration::ZERO,
+        ..lodestar_registry_server::Config::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("lodestar://{}", registry.local_addr());
+    let (_first, _) = start_server(&["--registry", &url, "--name", "first"]);
+    let (_second, _) = start_server(&["--registry", &url, "--name", "second"]);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_route-guide-client"))
+            .args(["--registry", &url])
+            .output()
+            .expect("run route-guide-client")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("100 features"), "{stdout}");
+    registry.shutdown().await.unwrap();
 }
