@@ -417,6 +417,9 @@ async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
     })
     .await;
     let back_after = restarted.elapsed();
+    eprintln!(
+        "instances registered again {back_after:?} after the registry restarted (heartbeat every 500ms)"
+    );
     assert!(
         back_after < Duration::from_millis(1500),
         "registered again after {back_after:?}"
