@@ -117,7 +117,7 @@ fn registry(grpc: &str, extra: &[&str]) -> RegistryProc {
         .args(extra)
         .env_remove("LODESTAR_REGISTRY_TOKEN");
     if !extra.contains(&"--warmup") {
-        command.args(["--warmup", "1"]);
+        command.args(["--warmup", "0"]);
     }
     let proc = Proc::spawn(command);
     let grpc = proc.line("lodestar registry: gRPC on").parse().unwrap();
@@ -311,9 +311,7 @@ async fn services_in_other_processes_are_found_and_called_through_the_registry()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_turns_unhealthy_then_is_evicted_and_clients_stop_picking_it() {
-    // No warm-up: this test watches the registry directly, and watches
-    // opened during warm-up end with it (clients then watch again).
-    let registry = registry("127.0.0.1:0", &["--warmup", "0"]);
+    let registry = registry("127.0.0.1:0", &[]);
     let (a, _) = instance(&registry.url(), "rg-a", 900);
     let (_b, _) = instance(&registry.url(), "rg-b", 900);
     let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
@@ -368,10 +366,12 @@ async fn a_killed_instance_turns_unhealthy_then_is_evicted_and_clients_stop_pick
 async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
     let data = std::env::temp_dir().join(format!("lodestar-registry-test-{}", std::process::id()));
     let data_dir = data.to_str().unwrap().to_owned();
-    let first = registry("127.0.0.1:0", &["--data-dir", &data_dir]);
+    let first = registry("127.0.0.1:0", &["--data-dir", &data_dir, "--warmup", "1"]);
     let grpc = first.grpc;
     let (_a, a_address) = instance(&first.url(), "rg-a", 1500);
     let (_b, _) = instance(&first.url(), "rg-b", 1500);
+    // One that will die while the registry is away, and never come back.
+    let (c, _) = instance(&first.url(), "rg-c", 1500);
     // A persistent instance, registered by an operator, checked over TCP.
     let body = format!(
         r#"{{"service": "legacy-db", "address": "{a_address}", "id": "db-1", "persistent": true, "check": {{"kind": "tcp"}}}}"#
@@ -387,6 +387,13 @@ async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
     bounded("a first call", served_by(&mut guide))
         .await
         .unwrap();
+    let view = client.channel(SERVICE_NAME);
+    bounded("the client to see all three", async {
+        while view.addresses().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     // Steady load for the whole test.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(async move {
@@ -405,9 +412,13 @@ async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
     });
 
     first.proc.kill();
+    c.kill();
     // Calls go on from the clients' caches while the registry is away.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let second = registry(&grpc.to_string(), &["--data-dir", &data_dir]);
+    let second = registry(
+        &grpc.to_string(),
+        &["--data-dir", &data_dir, "--warmup", "1"],
+    );
     let restarted = Instant::now();
     // Every live instance registers again within about one heartbeat (0.5 s).
     bounded("the instances to register again", async {
@@ -424,6 +435,17 @@ async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
         back_after < Duration::from_millis(1500),
         "registered again after {back_after:?}"
     );
+    // When warm-up ends, the client learns that rg-c never came back, and
+    // keeps the two that did.
+    bounded(
+        "the client to drop the instance that never came back",
+        async {
+            while view.addresses().len() != 2 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
     // The persistent instance survived the restart.
     let db = remote
         .instances(&ServiceKey::new("legacy-db"))

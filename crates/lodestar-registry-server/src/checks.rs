@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lodestar::{InstanceKey, Registry};
+use lodestar::InstanceKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -16,12 +16,24 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Checks every persistent instance that has a check, each at its interval.
 pub(crate) async fn run(server: Arc<Server>) {
     let mut due: std::collections::HashMap<InstanceKey, tokio::time::Instant> = Default::default();
+    // Checks in flight: a new one starts only when the last has answered, so
+    // a slow answer can never overwrite a newer one.
+    let running: Arc<std::sync::Mutex<std::collections::HashSet<InstanceKey>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
         let now = tokio::time::Instant::now();
-        for (key, check) in server.store.checks() {
+        let checks = server.store.checks();
+        due.retain(|key, _| checks.iter().any(|(k, _)| k == key));
+        for (key, check) in checks {
             if check.kind == "none" || due.get(&key).is_some_and(|at| *at > now) {
+                continue;
+            }
+            if !running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone())
+            {
                 continue;
             }
             let interval = match check.interval_ms {
@@ -29,20 +41,32 @@ pub(crate) async fn run(server: Arc<Server>) {
                 ms => Duration::from_millis(u64::from(ms)),
             };
             due.insert(key.clone(), now + interval);
-            let Ok(instances) = server.registry.instances(&key.service).await else {
-                continue;
-            };
-            let Some(instance) = instances.into_iter().find(|i| i.id == key.id) else {
+            let address = server
+                .registry
+                .persistent_instances()
+                .into_iter()
+                .find(|i| i.instance_key() == key)
+                .map(|i| i.address);
+            let Some(address) = address else {
+                running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
                 continue;
             };
             let server = server.clone();
+            let running = running.clone();
             tokio::spawn(async move {
-                let healthy = tokio::time::timeout(CHECK_TIMEOUT, probe(&instance.address, &check))
+                let healthy = tokio::time::timeout(CHECK_TIMEOUT, probe(&address, &check))
                     .await
                     .unwrap_or(false);
                 if server.registry.set_health(&key, healthy).is_ok() {
                     tracing::debug!(instance = %key, healthy, "health check");
                 }
+                running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
             });
         }
     }

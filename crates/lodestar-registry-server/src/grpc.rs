@@ -133,6 +133,9 @@ impl pb::registry_server::Registry for Api {
             .ok_or_else(|| Status::invalid_argument("the request has no instance"))?;
         let instance = from_pb(instance);
         let registry = &self.server.registry;
+        self.server
+            .check_kind(&instance.instance_key(), request.persistent)
+            .map_err(Status::failed_precondition)?;
         if request.persistent {
             let key = instance.instance_key();
             registry.register_persistent(instance).map_err(status)?;
@@ -198,6 +201,7 @@ impl pb::registry_server::Registry for Api {
             instances: instances.iter().map(to_pb).collect(),
             revision: self.server.registry.revision(),
             protected,
+            warming: self.server.warming(),
         }))
     }
 
@@ -212,12 +216,12 @@ impl pb::registry_server::Registry for Api {
         let registry = &self.server.registry;
         let mut services = Vec::new();
         for key in registry.services(&namespace).await.map_err(status)? {
-            let (instances, _) = registry.lookup(&key);
+            // Real health, whatever the protection threshold makes lookups say.
+            let (total, healthy) = registry.health(&key);
             services.push(pb::ServiceSummary {
                 service: Some(lodestar_registry::key_to_pb(&key)),
-                instances: u32::try_from(instances.len()).unwrap_or(u32::MAX),
-                healthy: u32::try_from(instances.iter().filter(|i| i.healthy).count())
-                    .unwrap_or(u32::MAX),
+                instances: u32::try_from(total).unwrap_or(u32::MAX),
+                healthy: u32::try_from(healthy).unwrap_or(u32::MAX),
             });
         }
         Ok(Response::new(pb::ListServicesResponse { services }))
@@ -231,14 +235,16 @@ impl pb::registry_server::Registry for Api {
     ) -> Result<Response<WatchResponses>, Status> {
         let request = request.into_inner();
         let service = service_of(request.service)?;
-        // A watcher from before warm-up ended may hold instances that never
-        // came back: it gets a full snapshot.
-        let since = match (request.since, self.warmed_revision()) {
-            (0, _) => None,
-            (since, Some(warmed)) if since < warmed => None,
-            (since, _) => Some(since),
-        };
+        // One reading of the clock decides whether this watch is in warm-up.
         let warming = self.server.warming();
+        // A watcher from before warm-up ended may hold instances that never
+        // came back: it gets a full snapshot. (Clients whose view came from a
+        // warming snapshot also ask for one.)
+        let since = match (request.since, warming, self.warmed_revision()) {
+            (0, _, _) | (_, true, _) => None,
+            (since, false, Some(warmed)) if since < warmed => None,
+            (since, _, _) => Some(since),
+        };
         let events = self
             .server
             .registry

@@ -102,6 +102,7 @@ fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Scope {
     namespace: Option<String>,
     group: Option<String>,
@@ -143,13 +144,14 @@ async fn services(State(server): Shared, Query(scope): Query<Scope>) -> Response
             let services: Vec<Value> = keys
                 .into_iter()
                 .map(|key| {
-                    let (instances, _) = server.registry.lookup(&key);
+                    // Real health, whatever the protection threshold makes lookups say.
+                    let (total, healthy) = server.registry.health(&key);
                     json!({
                         "namespace": key.namespace,
                         "group": key.group,
                         "service": key.service,
-                        "instances": instances.len(),
-                        "healthy": instances.iter().filter(|i| i.healthy).count(),
+                        "instances": total,
+                        "healthy": healthy,
                     })
                 })
                 .collect();
@@ -227,9 +229,15 @@ async fn register(
     instance.zone = r.zone.unwrap_or_default();
     instance.enabled = r.enabled.unwrap_or(true);
     let key = instance.instance_key();
+    if let Err(message) = server.check_kind(&key, r.persistent) {
+        return error(StatusCode::CONFLICT, message);
+    }
     let result = if r.persistent {
-        let check = r.check.unwrap_or_default();
-        if !["none", "tcp", "http", "grpc", ""].contains(&check.kind.as_str()) {
+        let mut check = r.check.unwrap_or_default();
+        if check.kind.is_empty() {
+            check.kind = "none".to_owned();
+        }
+        if !["none", "tcp", "http", "grpc"].contains(&check.kind.as_str()) {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!(

@@ -147,6 +147,34 @@ impl Server {
     pub(crate) fn forget_check(&self, key: &InstanceKey) {
         self.store.forget(key);
     }
+
+    /// Refuses to turn a persistent instance ephemeral or the other way
+    /// round: deregister it first.
+    pub(crate) fn check_kind(&self, key: &InstanceKey, persistent: bool) -> Result<(), String> {
+        let is_persistent = self
+            .registry
+            .persistent_instances()
+            .iter()
+            .any(|i| i.instance_key() == *key);
+        let exists = is_persistent
+            || self
+                .registry
+                .lookup(&key.service)
+                .0
+                .iter()
+                .any(|i| i.id == key.id);
+        if exists && is_persistent != persistent {
+            let (was, now) = if is_persistent {
+                ("persistent", "ephemeral")
+            } else {
+                ("ephemeral", "persistent")
+            };
+            return Err(format!(
+                "instance {key} is registered as {was}; deregister it before registering it as {now}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -48,6 +48,9 @@ struct Saved {
 pub(crate) struct Store {
     path: Option<PathBuf>,
     checks: Mutex<HashMap<InstanceKey, Check>>,
+    /// One save at a time, from reading the instances to the rename, so an
+    /// older save can never replace a newer one.
+    saving: Mutex<()>,
 }
 
 impl Store {
@@ -63,6 +66,7 @@ impl Store {
         Ok(Self {
             path,
             checks: Mutex::new(HashMap::new()),
+            saving: Mutex::new(()),
         })
     }
 
@@ -113,6 +117,7 @@ impl Store {
         let Some(path) = &self.path else {
             return Ok(());
         };
+        let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let checks = self
             .checks
             .lock()
@@ -131,9 +136,51 @@ impl Store {
             .collect();
         let text = serde_json::to_string_pretty(&saved).map_err(|e| e.to_string())?;
         let temporary = path.with_extension("json.tmp");
-        std::fs::write(&temporary, text)
-            .map_err(|e| format!("cannot write {}: {e}", temporary.display()))?;
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()
+        };
+        write().map_err(|e| format!("cannot write {}: {e}", temporary.display()))?;
         std::fs::rename(&temporary, path)
             .map_err(|e| format!("cannot replace {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_from_many_threads_never_lose_a_registration() {
+        let dir = std::env::temp_dir().join(format!("lodestar-store-test-{}", std::process::id()));
+        let store = std::sync::Arc::new(Store::open(Some(dir.clone())).unwrap());
+        let registry = MemoryRegistry::new();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let store = store.clone();
+                let registry = registry.clone();
+                std::thread::spawn(move || {
+                    for n in 0..25 {
+                        let instance = Instance::new("db", format!("10.0.{t}.{n}:5432"));
+                        registry.register_persistent(instance).unwrap();
+                        store.save(&registry).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let reloaded = MemoryRegistry::new();
+        assert_eq!(
+            Store::open(Some(dir.clone()))
+                .unwrap()
+                .load(&reloaded)
+                .unwrap(),
+            100
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -112,7 +112,17 @@ struct Inner {
     client: Client,
     token: Option<String>,
     /// The last known instances of each service looked up or watched.
-    cache: Mutex<HashMap<ServiceKey, BTreeMap<String, Instance>>>,
+    cache: Mutex<HashMap<ServiceKey, Cached>>,
+}
+
+/// What this client knows of one service.
+#[derive(Default)]
+struct Cached {
+    instances: BTreeMap<String, Instance>,
+    /// The set came (in part) from a registry that was still warming up:
+    /// it may hold instances that never came back, so the next watch asks
+    /// for a full snapshot.
+    from_warming: bool,
 }
 
 impl std::fmt::Debug for RemoteRegistry {
@@ -181,15 +191,31 @@ impl RemoteRegistry {
 
     fn cached(&self, key: &ServiceKey) -> Option<Vec<Instance>> {
         let cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(key).map(|set| set.values().cloned().collect())
+        cache
+            .get(key)
+            .map(|c| c.instances.values().cloned().collect())
     }
 
-    fn remember(&self, key: &ServiceKey, instances: impl IntoIterator<Item = Instance>) {
+    /// Takes in a lookup's answer: it replaces what was known, unless the
+    /// registry is warming up, when it only adds to it.
+    fn remember(&self, key: &ServiceKey, instances: Vec<Instance>, warming: bool) -> Vec<Instance> {
         let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.insert(
-            key.clone(),
-            instances.into_iter().map(|i| (i.id.clone(), i)).collect(),
-        );
+        let cached = cache.entry(key.clone()).or_default();
+        if warming {
+            cached.from_warming = true;
+        } else {
+            cached.instances.clear();
+            cached.from_warming = false;
+        }
+        for instance in instances {
+            cached.instances.insert(instance.id.clone(), instance);
+        }
+        cached.instances.values().cloned().collect()
+    }
+
+    fn built_while_warming(&self, key: &ServiceKey) -> bool {
+        let cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).is_some_and(|c| c.from_warming)
     }
 }
 
@@ -232,14 +258,10 @@ impl Registry for RemoteRegistry {
         };
         match self.api().get_instances(self.request(request)).await {
             Ok(response) => {
-                let instances: Vec<Instance> = response
-                    .into_inner()
-                    .instances
-                    .into_iter()
-                    .map(from_pb)
-                    .collect();
-                self.remember(service, instances.clone());
-                Ok(instances)
+                let response = response.into_inner();
+                let instances: Vec<Instance> =
+                    response.instances.into_iter().map(from_pb).collect();
+                Ok(self.remember(service, instances, response.warming))
             }
             Err(status) => {
                 let error = self.error(status, None);
@@ -274,6 +296,13 @@ impl Registry for RemoteRegistry {
         service: &ServiceKey,
         since: Option<Revision>,
     ) -> Result<WatchStream, RegistryError> {
+        // A view built while the registry warmed up may hold instances that
+        // never came back: start over with a full snapshot.
+        let since = if self.built_while_warming(service) {
+            None
+        } else {
+            since
+        };
         let request = pb::WatchRequest {
             service: Some(key_to_pb(service)),
             since: since.unwrap_or(0),
@@ -314,17 +343,20 @@ impl RemoteRegistry {
     fn apply(&self, key: &ServiceKey, event: pb::WatchEvent) -> Option<WatchEvent> {
         let revision = event.revision;
         let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let known = cache.entry(key.clone()).or_default();
+        let cached = cache.entry(key.clone()).or_default();
+        let known = &mut cached.instances;
         match event.kind? {
             pb::watch_event::Kind::Snapshot(snapshot) => {
                 let fresh = snapshot.instances.into_iter().map(from_pb);
                 if snapshot.warming {
                     // The registry restarted and instances are still coming
                     // back: add what it knows to what we knew, drop nothing.
+                    cached.from_warming = true;
                     for instance in fresh {
                         known.insert(instance.id.clone(), instance);
                     }
                 } else {
+                    cached.from_warming = false;
                     *known = fresh.map(|i| (i.id.clone(), i)).collect();
                 }
                 Some(WatchEvent::Snapshot {

@@ -846,3 +846,42 @@ async fn a_server_limits_the_calls_open_on_one_connection() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_its_protection_threshold_a_client_calls_every_enabled_instance() {
+    let world = World::new();
+    let mut running = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        running.push(world.start("echo", name).await);
+    }
+    for name in ["b", "c", "d"] {
+        let key = lodestar::InstanceKey {
+            service: lodestar::ServiceKey::new("echo"),
+            id: name.into(),
+        };
+        world.registry.set_health(&key, false).unwrap();
+    }
+    let spread_with = |threshold: f64| {
+        let client = Client::builder(world.registry.clone())
+            .protection_threshold(threshold)
+            .build();
+        async move {
+            let mut echo = EchoClient::by_name(&client, "echo");
+            let mut served = Vec::new();
+            for _ in 0..12 {
+                served.push(
+                    bounded("unary", echo.unary(EchoRequest::default()))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .served_by,
+                );
+            }
+            spread(served)
+        }
+    };
+    // Without protection, one healthy instance takes everything.
+    assert_eq!(spread_with(0.0).await.keys().collect::<Vec<_>>(), ["a"]);
+    // One in four healthy is below half: every enabled instance takes calls.
+    assert_eq!(spread_with(0.5).await.len(), 4);
+}

@@ -41,6 +41,11 @@ pub struct SelfPreservation {
     pub threshold: f64,
     /// Never engage with fewer ephemeral instances than this. Default: 3.
     pub min_instances: usize,
+    /// Release after this long even if renewals have not recovered: the
+    /// instances may really be gone (a zone lost, a deploy that killed its
+    /// old instances). Clients skip dead instances on their own meanwhile.
+    /// Default: 15 minutes.
+    pub max_duration: Duration,
 }
 
 impl Default for SelfPreservation {
@@ -48,6 +53,7 @@ impl Default for SelfPreservation {
         Self {
             threshold: 0.5,
             min_instances: 3,
+            max_duration: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -123,6 +129,8 @@ impl MemoryRegistryBuilder {
                     grace: self.grace,
                     preservation: self.preservation,
                     preserving: false,
+                    preserving_since: None,
+                    disabled: std::collections::HashSet::new(),
                     ephemeral: 0,
                 }),
                 wake: Arc::new(Notify::new()),
@@ -185,6 +193,10 @@ struct State {
     preservation: Option<SelfPreservation>,
     /// Whether self-preservation has frozen expiry.
     preserving: bool,
+    /// Since when.
+    preserving_since: Option<Instant>,
+    /// Instances operators took out of traffic; kept across re-registrations.
+    disabled: std::collections::HashSet<InstanceKey>,
     /// How many instances hold leases.
     ephemeral: usize,
 }
@@ -274,9 +286,17 @@ impl MemoryRegistry {
     }
 
     /// Takes an instance out of traffic (`false`) or puts it back, without
-    /// touching its lease.
+    /// touching its lease. The choice outlives re-registrations of the
+    /// instance (until this registry restarts).
     pub fn set_enabled(&self, key: &InstanceKey, enabled: bool) -> Result<(), RegistryError> {
-        self.update(key, |i| i.enabled = enabled)
+        self.update(key, |i| i.enabled = enabled)?;
+        let mut state = self.shared.lock();
+        if enabled {
+            state.disabled.remove(key);
+        } else {
+            state.disabled.insert(key.clone());
+        }
+        Ok(())
     }
 
     /// Sets the protection threshold of a service (0 turns it off, the
@@ -303,6 +323,15 @@ impl MemoryRegistry {
         (looked, protected)
     }
 
+    /// How many instances a service has, and how many are really healthy
+    /// (whatever the protection threshold makes lookups say).
+    pub fn health(&self, service: &ServiceKey) -> (usize, usize) {
+        let state = self.shared.lock();
+        let instances = state.snapshot(service);
+        let healthy = instances.iter().filter(|i| i.healthy).count();
+        (instances.len(), healthy)
+    }
+
     /// Every persistent instance (for saving them).
     pub fn persistent_instances(&self) -> Vec<Instance> {
         let state = self.shared.lock();
@@ -327,7 +356,7 @@ impl MemoryRegistry {
                 .count(),
             instances: state.services.values().map(|s| s.instances.len()).sum(),
             ephemeral: state.ephemeral,
-            renewing: state.renewing(Instant::now()),
+            renewing: state.renewing(Instant::now()).0,
             self_preservation: state.preserving,
         }
     }
@@ -354,11 +383,15 @@ impl MemoryRegistry {
     }
 
     /// Adds or replaces an instance; `ttl: None` means persistent.
-    fn upsert(&self, instance: Instance, ttl: Option<Duration>) {
+    fn upsert(&self, mut instance: Instance, ttl: Option<Duration>) {
         let now = Instant::now();
         let key = instance.key.clone();
         let mut state = self.shared.lock();
         self.ensure_sweeper(&mut state);
+        if state.disabled.contains(&instance.instance_key()) {
+            // An operator took it out of traffic; registering again does not undo that.
+            instance.enabled = false;
+        }
         let lease = Lease {
             instance: instance.clone(),
             ttl,
@@ -472,16 +505,25 @@ impl State {
         }
     }
 
-    /// Ephemeral instances that renewed within two heartbeat intervals.
-    fn renewing(&self, now: Instant) -> usize {
-        self.services
-            .values()
-            .flat_map(|s| s.instances.values())
-            .filter(|l| {
-                l.ttl
-                    .is_some_and(|ttl| now.saturating_duration_since(l.renewed) < ttl * 2 / 3)
-            })
-            .count()
+    /// Ephemeral instances that renewed within two heartbeat intervals,
+    /// and the share of the expected renewals they stand for: each instance
+    /// weighs as much as the heartbeats it should send (3 / TTL), so that
+    /// instances with long leases cannot hide the silence of those with
+    /// short ones.
+    fn renewing(&self, now: Instant) -> (usize, f64) {
+        let (mut count, mut fresh, mut total) = (0, 0.0, 0.0);
+        for lease in self.services.values().flat_map(|s| s.instances.values()) {
+            let Some(ttl) = lease.ttl else {
+                continue;
+            };
+            let weight = 3.0 / ttl.as_secs_f64().max(0.001);
+            total += weight;
+            if now.saturating_duration_since(lease.renewed) < ttl * 2 / 3 {
+                count += 1;
+                fresh += weight;
+            }
+        }
+        (count, if total > 0.0 { fresh / total } else { 1.0 })
     }
 
     /// Engages or releases self-preservation; true while engaged.
@@ -490,17 +532,24 @@ impl State {
             return false;
         };
         let total = self.ephemeral;
-        let renewing = self.renewing(now);
-        let keeping_up = if total == 0 {
-            1.0
-        } else {
-            renewing as f64 / total as f64
-        };
+        let (renewing, keeping_up) = self.renewing(now);
         let engage = total >= preservation.min_instances && keeping_up < preservation.threshold;
+        let overdue = self
+            .preserving_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= preservation.max_duration);
         let release = keeping_up >= (1.0 + preservation.threshold) / 2.0
-            || total < preservation.min_instances;
+            || total < preservation.min_instances
+            || overdue;
+        if overdue && self.preserving {
+            tracing::warn!(
+                "self-preservation held for {:?} without renewals recovering; the silent instances \
+                 are taken to be gone and expiry resumes",
+                preservation.max_duration
+            );
+        }
         if !self.preserving && engage {
             self.preserving = true;
+            self.preserving_since = Some(now);
             tracing::warn!(
                 renewing,
                 instances = total,
@@ -510,15 +559,19 @@ impl State {
             );
         } else if self.preserving && release {
             self.preserving = false;
-            // Expiry was frozen: leases that ran out meanwhile get one full
-            // TTL from now, since heartbeats come back spread over an interval.
-            for lease in self
-                .services
-                .values_mut()
-                .flat_map(|s| s.instances.values_mut())
-            {
-                if lease.expires().is_some_and(|expires| expires <= now) {
-                    lease.renewed = now;
+            self.preserving_since = None;
+            // Renewals recovered: leases that ran out while expiry was frozen
+            // get one full TTL from now, since heartbeats come back spread
+            // over an interval. (After giving up, they are taken to be gone.)
+            if !overdue {
+                for lease in self
+                    .services
+                    .values_mut()
+                    .flat_map(|s| s.instances.values_mut())
+                {
+                    if lease.expires().is_some_and(|expires| expires <= now) {
+                        lease.renewed = now;
+                    }
                 }
             }
             tracing::warn!(
@@ -1134,5 +1187,79 @@ mod tests {
             r.set_health(&inst("nope").instance_key(), true),
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_leases_do_not_hide_the_silence_of_short_ones() {
+        let r = MemoryRegistry::builder()
+            .self_preservation(SelfPreservation::default())
+            .build();
+        let short: Vec<Instance> = (0..10).map(|i| inst(&format!("s{i:02}"))).collect();
+        let long: Vec<Instance> = (0..10).map(|i| inst(&format!("long{i:02}"))).collect();
+        for i in &short {
+            r.register(i.clone(), Duration::from_secs(3)).await.unwrap();
+        }
+        for i in &long {
+            r.register(i.clone(), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        // Every heartbeat stops (a partition on the registry's side).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(r.stats().self_preservation, "{:?}", r.stats());
+        assert_eq!(
+            r.instances(&ServiceKey::new("svc")).await.unwrap().len(),
+            20
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn self_preservation_gives_up_after_its_maximum_duration() {
+        let r = MemoryRegistry::builder()
+            .self_preservation(SelfPreservation {
+                max_duration: Duration::from_secs(60),
+                ..SelfPreservation::default()
+            })
+            .build();
+        let all = many(5);
+        for i in &all {
+            r.register(i.clone(), Duration::from_secs(3)).await.unwrap();
+        }
+        // Three die for good; two carry on.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all[..2]).await;
+        }
+        assert!(r.stats().self_preservation);
+        for _ in 0..70 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all[..2]).await;
+        }
+        assert!(!r.stats().self_preservation);
+        assert_eq!(
+            r.instances(&ServiceKey::new("svc")).await.unwrap().len(),
+            2,
+            "the dead are evicted"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_operators_disable_outlives_re_registration() {
+        let r = MemoryRegistry::new();
+        let key = ServiceKey::new("svc");
+        r.register(inst("a"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        r.set_enabled(&inst("a").instance_key(), false).unwrap();
+        r.deregister(&inst("a").instance_key()).await.unwrap();
+        r.register(inst("a"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(!r.instances(&key).await.unwrap()[0].enabled);
+        r.set_enabled(&inst("a").instance_key(), true).unwrap();
+        r.register(inst("a"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(r.instances(&key).await.unwrap()[0].enabled);
     }
 }

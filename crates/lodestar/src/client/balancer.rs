@@ -114,13 +114,22 @@ impl Balancer {
     /// Replaces the instance set. Instances that stay keep their connection
     /// and ejection state, and take on any change to their metadata.
     pub(crate) fn update(&self, instances: impl Iterator<Item = Instance>) {
+        let enabled: Vec<Instance> = instances.filter(|i| i.enabled).collect();
+        let healthy = enabled.iter().filter(|i| i.healthy).count();
+        let threshold = self.config.protection_threshold;
+        // Below the protection threshold, every enabled instance takes traffic.
+        let protect = threshold > 0.0 && (healthy as f64) < threshold * enabled.len() as f64;
+        if protect {
+            tracing::warn!(service = %self.key, healthy, enabled = enabled.len(),
+                "below the protection threshold: calling every enabled instance");
+        }
+        let instances = enabled.into_iter().filter(|i| protect || i.healthy);
         let old = self.endpoints.load();
         let existing: HashMap<(&str, &str), &Arc<Endpoint>> = old
             .iter()
             .map(|e| ((e.instance.id.as_str(), e.instance.address.as_str()), e))
             .collect();
         let mut next: Vec<Arc<Endpoint>> = instances
-            .filter(Instance::is_routable)
             .filter_map(|instance| {
                 let same = existing
                     .get(&(instance.id.as_str(), instance.address.as_str()))

@@ -144,6 +144,7 @@ pub(crate) struct ClientConfig {
     pub(crate) tls: Option<ClientTls>,
     pub(crate) codec: Codec,
     pub(crate) http2: crate::Http2Settings,
+    pub(crate) protection_threshold: f64,
 }
 
 impl Default for ClientConfig {
@@ -164,6 +165,7 @@ impl Default for ClientConfig {
             tls: None,
             codec: Codec::Protobuf,
             http2: crate::Http2Settings::client(),
+            protection_threshold: 0.0,
         }
     }
 }
@@ -297,6 +299,15 @@ impl ClientBuilder {
     /// control). Default: [`Http2Settings::client`](crate::Http2Settings::client).
     pub fn http2(mut self, settings: crate::Http2Settings) -> Self {
         self.config.http2 = settings;
+        self
+    }
+
+    /// Protection threshold: while fewer than this share of a service's
+    /// enabled instances are healthy, calls go to all of them rather than
+    /// pile onto the few healthy ones (a partial outage, or a registry that
+    /// lost touch, should not become a full one). 0 turns it off. Default: 0.
+    pub fn protection_threshold(mut self, threshold: f64) -> Self {
+        self.config.protection_threshold = threshold.clamp(0.0, 1.0);
         self
     }
 
