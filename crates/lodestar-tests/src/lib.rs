@@ -13,6 +13,8 @@ use lodestar::{
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 
+pub mod conformance;
+
 /// Generated code for the `lodestar.test` package.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod pb {
