@@ -53,13 +53,15 @@ pub struct UrlError {
 ///
 /// * `memory://`: a registry inside this process;
 /// * `lodestar://host:port[,host:port…][?token=…]`: `lodestar registry`
-///   servers (tried in turn), with an optional write token.
+///   servers (tried in turn), with an optional write token;
+/// * `etcd://host:port[,host:port…][?prefix=…&user=…&password=…&ca=…]`:
+///   an etcd cluster (with the default `etcd` feature).
 pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
     let error = |reason: &str| UrlError {
         url: url.to_owned(),
         reason: reason.to_owned(),
     };
-    let expected = "expected memory:// or lodestar://host:port[,host:port][?token=…]";
+    let expected = "expected memory://, lodestar://host:port[,host:port][?token=…] or etcd://host:port[,host:port]";
     let (scheme, rest) = url.split_once("://").ok_or_else(|| error(expected))?;
     match scheme {
         "memory" if rest.is_empty() => Ok(Arc::new(MemoryRegistry::new())),
@@ -92,6 +94,11 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
             }
             Ok(Arc::new(registry))
         }
+        #[cfg(feature = "etcd")]
+        "etcd" => match lodestar_etcd::EtcdRegistry::from_url(url) {
+            Ok(registry) => Ok(Arc::new(registry)),
+            Err(reason) => Err(error(&reason)),
+        },
         _ => Err(error(expected)),
     }
 }
@@ -453,7 +460,8 @@ mod tests {
             ("lodestar://nohost", "`nohost` is not host:port"),
             ("lodestar://h:notaport", "is not host:port"),
             ("lodestar://h:1?tok=x", "unknown parameter `tok=x`"),
-            ("etcd://h:2379", "expected memory://"),
+            ("consul://h:8500", "expected memory://"),
+            ("etcd://h", "is not host:port"),
         ] {
             let error = from_url(bad).map(|_| ()).unwrap_err().to_string();
             assert!(
