@@ -319,9 +319,13 @@ pub async fn concurrent_registrations_all_land(registry: &dyn Registry, ns: &str
     assert_eq!(registry.instances(&svc).await.unwrap().len(), 40);
 }
 
+/// Whatever must stay alive while a case runs (a server, say); dropped
+/// when the case ends.
+pub type Guard = Box<dyn std::any::Any + Send>;
+
 /// Runs every conformance case as a test of its own:
-/// `registry_conformance!(memory, async { (registry, Backend { .. }) });`
-/// where the expression makes a fresh `(Arc<dyn Registry>, Backend)`.
+/// `registry_conformance!(memory, async { (registry, Backend { .. }, guard) });`
+/// where the expression makes a fresh `(Arc<dyn Registry>, Backend, Guard)`.
 #[macro_export]
 macro_rules! registry_conformance {
     ($backend:ident, $make:expr) => {
@@ -330,7 +334,11 @@ macro_rules! registry_conformance {
             use super::*;
             use $crate::conformance as case;
 
-            async fn registry() -> (std::sync::Arc<dyn lodestar::Registry>, case::Backend) {
+            async fn registry() -> (
+                std::sync::Arc<dyn lodestar::Registry>,
+                case::Backend,
+                case::Guard,
+            ) {
                 $make.await
             }
 
@@ -340,49 +348,49 @@ macro_rules! registry_conformance {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn register_lookup_deregister() {
-                let (r, _) = registry().await;
+                let (r, _, _guard) = registry().await;
                 case::register_lookup_deregister(&*r, &namespace("rld")).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn fields_round_trip() {
-                let (r, _) = registry().await;
+                let (r, _, _guard) = registry().await;
                 case::fields_round_trip(&*r, &namespace("fields")).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn namespaces_and_groups_isolate() {
-                let (r, _) = registry().await;
+                let (r, _, _guard) = registry().await;
                 case::namespaces_and_groups_isolate(&*r, &namespace("ns")).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn leases_expire_without_heartbeats() {
-                let (r, backend) = registry().await;
+                let (r, backend, _guard) = registry().await;
                 case::leases_expire_without_heartbeats(&*r, &namespace("lease"), backend).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn heartbeat_of_an_unknown_instance_is_an_error() {
-                let (r, _) = registry().await;
+                let (r, _, _guard) = registry().await;
                 case::heartbeat_of_an_unknown_instance_is_an_error(&*r, &namespace("hb")).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn invalid_registrations_are_refused() {
-                let (r, _) = registry().await;
+                let (r, _, _guard) = registry().await;
                 case::invalid_registrations_are_refused(&*r, &namespace("invalid")).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn watch_is_ordered_and_resumes() {
-                let (r, _) = registry().await;
+                let (r, _, _guard) = registry().await;
                 case::watch_is_ordered_and_resumes(&*r, &namespace("watch")).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_registrations_all_land() {
-                let (r, _) = registry().await;
+                let (r, _, _guard) = registry().await;
                 case::concurrent_registrations_all_land(&*r, &namespace("crowd")).await;
             }
         }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 
 pub mod conformance;
+pub mod etcd;
 
 /// Generated code for the `lodestar.test` package.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
