@@ -238,6 +238,32 @@ async fn ids(registry: &RemoteRegistry) -> Vec<String> {
     ids
 }
 
+/// Calls `guide` every 10ms until the returned sender says stop; the task
+/// yields how many calls succeeded and the statuses of those that failed.
+fn steady_load(
+    mut guide: RouteGuideClient<lodestar::client::Channel>,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<(u32, Vec<String>)>,
+) {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !*stop_rx.borrow() {
+            match served_by(&mut guide).await {
+                Ok(_) => ok += 1,
+                Err(status) => failed.push(status.to_string()),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = stop_rx.changed() => {}
+            }
+        }
+        (ok, failed)
+    });
+    (stop_tx, load)
+}
+
 async fn served_by(
     guide: &mut RouteGuideClient<lodestar::client::Channel>,
 ) -> Result<String, lodestar::Status> {
@@ -395,21 +421,7 @@ async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
     })
     .await;
     // Steady load for the whole test.
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(async move {
-        let (mut ok, mut failed) = (0u32, Vec::new());
-        while !*stop_rx.borrow() {
-            match served_by(&mut guide).await {
-                Ok(_) => ok += 1,
-                Err(status) => failed.push(status.to_string()),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                _ = stop_rx.changed() => {}
-            }
-        }
-        (ok, failed)
-    });
+    let (stop_tx, load) = steady_load(guide);
 
     first.proc.kill();
     c.kill();
@@ -830,4 +842,180 @@ async fn persistent_instances_are_health_checked_and_the_protection_threshold_ap
     );
     assert_eq!(code, 400, "{text}");
     drop(live);
+}
+
+mod etcd {
+    use super::*;
+    use lodestar_tests::etcd::{Etcd, cluster, ready, url};
+
+    async fn etcd_ids(registry: &dyn Registry) -> Vec<String> {
+        let mut ids: Vec<String> = registry
+            .instances(&ServiceKey::new(SERVICE_NAME))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn services_in_other_processes_are_found_through_etcd_and_a_killed_one_vanishes() {
+        let server = Etcd::single();
+        ready(std::slice::from_ref(&server)).await;
+        let (a, _) = instance(&server.url(), "rg-a", 1000);
+        let (_b, _) = instance(&server.url(), "rg-b", 1000);
+        let registry = lodestar_etcd::EtcdRegistry::from_url(&server.url()).unwrap();
+        assert_eq!(etcd_ids(&registry).await, ["rg-a", "rg-b"]);
+        let client = Client::new(registry.clone());
+        let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            seen.insert(bounded("a call", served_by(&mut guide)).await.unwrap());
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["rg-a", "rg-b"]);
+
+        let key = ServiceKey::new(SERVICE_NAME);
+        let mut watch = registry.watch(&key, None).await.unwrap();
+        bounded("the snapshot", watch.next()).await;
+        a.kill(); // SIGKILL: its lease runs out in etcd
+        let killed = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(
+                bounded("a call", served_by(&mut guide)).await.unwrap(),
+                "rg-b"
+            );
+        }
+        loop {
+            if let WatchEvent::Delete { id, .. } = bounded("the key to vanish", watch.next())
+                .await
+                .unwrap()
+                .unwrap()
+                && id == "rg-a"
+            {
+                break;
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "vanished after {:?}",
+            killed.elapsed()
+        );
+        assert_eq!(etcd_ids(&registry).await, ["rg-b"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_instance_whose_lease_ran_out_during_a_pause_registers_again() {
+        let server = Etcd::single();
+        ready(std::slice::from_ref(&server)).await;
+        let (paused, _) = instance(&server.url(), "rg-paused", 1000);
+        let registry = lodestar_etcd::EtcdRegistry::from_url(&server.url()).unwrap();
+        assert_eq!(etcd_ids(&registry).await, ["rg-paused"]);
+        let pid = paused.child.id().to_string();
+        let signal = |name: &str| {
+            assert!(
+                Command::new("kill")
+                    .args([name, &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        };
+        // A long pause (a stop-the-world stall, a frozen VM): the lease runs out.
+        signal("-STOP");
+        bounded("the lease to run out", async {
+            while !etcd_ids(&registry).await.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        // It wakes up, finds its lease gone, and registers again with a new one.
+        signal("-CONT");
+        bounded("the instance to register again", async {
+            while etcd_ids(&registry).await != ["rg-paused"] {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        drop(paused);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_go_on_while_etcd_restarts_and_instances_stay_registered() {
+        let mut server = Etcd::single();
+        ready(std::slice::from_ref(&server)).await;
+        let (_a, _) = instance(&server.url(), "rg-a", 1500);
+        let (_b, _) = instance(&server.url(), "rg-b", 1500);
+        let registry = lodestar_etcd::EtcdRegistry::from_url(&server.url()).unwrap();
+        let client = Client::new(registry.clone());
+        let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+        bounded("a first call", served_by(&mut guide))
+            .await
+            .unwrap();
+        let (stop_tx, load) = steady_load(guide);
+        server.kill();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        server.restart();
+        ready(std::slice::from_ref(&server)).await;
+        bounded("both instances to be registered after the restart", async {
+            while etcd_ids(&registry).await != ["rg-a", "rg-b"] {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let _ = stop_tx.send(true);
+        let (ok, failed) = bounded("the load to stop", load).await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} calls failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        assert!(ok > 100, "only {ok} calls were made");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_three_member_cluster_loses_its_leader_and_nothing_is_lost() {
+        let mut members = cluster(3);
+        ready(&members).await;
+        let all = url(&members);
+        let (_a, _) = instance(&all, "rg-a", 1500);
+        let registry = lodestar_etcd::EtcdRegistry::from_url(&all).unwrap();
+        assert_eq!(etcd_ids(&registry).await, ["rg-a"]);
+
+        // Find the leader, and stop it.
+        let mut leader = None;
+        for (index, member) in members.iter().enumerate() {
+            let alone = lodestar_etcd::EtcdRegistry::from_url(&member.url()).unwrap();
+            let (leader_id, member_id) = alone.status().await.unwrap();
+            if leader_id == member_id {
+                leader = Some(index);
+            }
+        }
+        let leader = leader.expect("the cluster has a leader");
+        members[leader].kill();
+
+        // The registration survives, and the backend fails over: lookups,
+        // heartbeats and new registrations go to the members left.
+        bounded("a registration through the remaining members", async {
+            loop {
+                let instance =
+                    lodestar::Instance::new(SERVICE_NAME, "10.9.9.9:1").with_id("rg-late");
+                if registry
+                    .register(instance, Duration::from_secs(30))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert_eq!(etcd_ids(&registry).await, ["rg-a", "rg-late"]);
+        // rg-a keeps heartbeating through the others: still there after several leases.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(etcd_ids(&registry).await, ["rg-a", "rg-late"]);
+    }
 }
