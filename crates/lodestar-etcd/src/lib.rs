@@ -59,7 +59,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const ETCD: &str = "etcd";
 
 /// How to reach etcd. Build one with [`EtcdConfig::new`] or [`EtcdConfig::from_url`].
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output never shows the password.
+#[derive(Clone)]
 pub struct EtcdConfig {
     /// Member addresses, `host:port`.
     pub endpoints: Vec<String>,
@@ -69,6 +71,17 @@ pub struct EtcdConfig {
     pub credentials: Option<(String, String)>,
     /// TLS to the members.
     pub tls: Option<lodestar::tls::ClientTls>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("user", &self.credentials.as_ref().map(|(user, _)| user))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl EtcdConfig {
@@ -83,10 +96,23 @@ impl EtcdConfig {
     }
 
     /// Parses `etcd://host:port[,host:port…][?prefix=…&user=…&password=…&ca=…]`.
+    ///
+    /// Query values are percent-decoded (`%26` is `&`). Errors never repeat
+    /// the password.
+    ///
+    /// ```
+    /// let config = lodestar_etcd::EtcdConfig::from_url(
+    ///     "etcd://10.0.0.1:2379,10.0.0.2:2379?user=app&password=p%40ss",
+    /// )
+    /// .unwrap();
+    /// assert_eq!(config.endpoints, ["10.0.0.1:2379", "10.0.0.2:2379"]);
+    /// assert_eq!(config.credentials, Some(("app".into(), "p@ss".into())));
+    /// assert!(!format!("{config:?}").contains("p@ss"));
+    /// ```
     pub fn from_url(url: &str) -> Result<Self, String> {
         let rest = url
             .strip_prefix("etcd://")
-            .ok_or_else(|| format!("`{url}` is not an etcd URL (etcd://host:port[,host:port])"))?;
+            .ok_or_else(|| "not an etcd URL (etcd://host:port[,host:port])".to_owned())?;
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
         let endpoints: Vec<String> = hosts.split(',').map(|h| h.trim().to_owned()).collect();
         for endpoint in &endpoints {
@@ -94,24 +120,25 @@ impl EtcdConfig {
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if !valid {
-                return Err(format!("`{endpoint}` in `{url}` is not host:port"));
+                return Err(format!("`{endpoint}` in `etcd://{hosts}` is not host:port"));
             }
         }
         let mut config = Self::new(endpoints);
         let (mut user, mut password) = (None, None);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("prefix", value)) => config.prefix = value.trim_end_matches('/').to_owned(),
-                Some(("user", value)) => user = Some(value.to_owned()),
-                Some(("password", value)) => password = Some(value.to_owned()),
-                Some(("ca", path)) => {
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "prefix" => config.prefix = value.trim_end_matches('/').to_owned(),
+                "user" => user = Some(value.into_owned()),
+                "password" => password = Some(value.into_owned()),
+                "ca" => {
                     config.tls = Some(
-                        lodestar::tls::ClientTls::from_ca_file(path).map_err(|e| e.to_string())?,
+                        lodestar::tls::ClientTls::from_ca_file(&*value)
+                            .map_err(|e| format!("ca={value}: {e}"))?,
                     );
                 }
                 _ => {
                     return Err(format!(
-                        "unknown parameter `{pair}` in `{url}` (expected prefix, user, password or ca)"
+                        "unknown parameter `{name}` (expected prefix, user, password or ca)"
                     ));
                 }
             }
@@ -119,7 +146,7 @@ impl EtcdConfig {
         match (user, password) {
             (Some(user), Some(password)) => config.credentials = Some((user, password)),
             (None, None) => {}
-            _ => return Err(format!("`{url}` needs both user and password, or neither")),
+            _ => return Err("needs both user and password, or neither".to_owned()),
         }
         Ok(config)
     }
@@ -254,10 +281,19 @@ impl EtcdRegistry {
     }
 
     fn error(&self, status: Status, key: Option<&InstanceKey>) -> RegistryError {
+        // etcd reports some auth failures as InvalidArgument: a wrong
+        // password, or no credentials when auth is on ("user name is empty").
+        let auth_failure = [
+            "invalid auth token",
+            "authentication failed",
+            "user name is empty",
+        ]
+        .iter()
+        .any(|m| status.message().contains(m));
         if matches!(
             status.code(),
             Code::Unauthenticated | Code::PermissionDenied
-        ) || status.message().contains("invalid auth token")
+        ) || auth_failure
         {
             // A stale token is refreshed on the next call.
             *self.inner.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -710,10 +746,19 @@ mod tests {
             ("etcd://a", "is not host:port"),
             ("etcd://a:1?user=u", "both user and password"),
             ("etcd://a:1?ttl=5", "unknown parameter"),
+            ("etcd://a:1?password=hunter2", "both user and password"),
+            (
+                "etcd://a:1?user=u&password=hunter2&x=1",
+                "unknown parameter `x`",
+            ),
         ] {
             let error = EtcdConfig::from_url(bad).unwrap_err();
             assert!(error.contains(says), "{bad}: {error}");
+            assert!(!error.contains("hunter2"), "{bad}: {error}");
         }
+        let config = EtcdConfig::from_url("etcd://a:1?user=u&password=a%26b%3Dc+d").unwrap();
+        assert_eq!(config.credentials, Some(("u".into(), "a&b=c d".into())));
+        assert!(!format!("{config:?}").contains("a&b=c d"));
     }
 
     #[test]

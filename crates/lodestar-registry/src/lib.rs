@@ -41,7 +41,8 @@ pub const DEFAULT_URL: &str = "lodestar://127.0.0.1:7070";
 /// The service name the registry server is called by.
 pub const SERVICE_NAME: &str = "lodestar-registry";
 
-/// A registry URL that cannot be used.
+/// A registry URL that cannot be used. It shows the URL with any token or
+/// password replaced by `***`.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("unsupported registry URL `{url}`: {reason}")]
 pub struct UrlError {
@@ -58,7 +59,7 @@ pub struct UrlError {
 ///   an etcd cluster (with the default `etcd` feature).
 pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
     let error = |reason: &str| UrlError {
-        url: url.to_owned(),
+        url: redacted(url),
         reason: reason.to_owned(),
     };
     let expected = "expected memory://, lodestar://host:port[,host:port][?token=…] or etcd://host:port[,host:port]";
@@ -101,6 +102,21 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
         },
         _ => Err(error(expected)),
     }
+}
+
+/// `url` with the values of `token` and `password` parameters hidden.
+fn redacted(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name @ ("token" | "password"), _)) => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
 }
 
 /// The registry named by `LODESTAR_REGISTRY`, or [`DEFAULT_URL`].
@@ -468,6 +484,20 @@ mod tests {
                 error.contains(bad) && error.contains(says),
                 "{bad}: {error}"
             );
+        }
+        for (bad, shown) in [
+            (
+                "lodestar://h:1?token=s3cret&x=1",
+                "lodestar://h:1?token=***&x=1",
+            ),
+            (
+                "etcd://h:1?user=u&password=s3cret&ttl=1",
+                "etcd://h:1?user=u&password=***&ttl=1",
+            ),
+        ] {
+            let error = from_url(bad).map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains(shown), "{error}");
+            assert!(!error.contains("s3cret"), "{error}");
         }
     }
 

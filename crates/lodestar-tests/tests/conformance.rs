@@ -49,6 +49,77 @@ registry_conformance!(etcd, async {
     (registry, backend, Box::new(server) as Guard)
 });
 
+// etcd serving clients over TLS only, with authentication on: every call
+// carries a token for a user that may touch the registry's prefix only.
+registry_conformance!(etcd_tls_auth, async {
+    let server = lodestar_tests::etcd::Etcd::secure().await;
+    let registry: Arc<dyn Registry> =
+        Arc::new(lodestar_etcd::EtcdRegistry::from_url(&server.url()).unwrap());
+    let backend = Backend {
+        short_ttl: Duration::from_secs(1),
+    };
+    (registry, backend, Box::new(server) as Guard)
+});
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_refuses_bad_credentials_plaintext_and_keys_outside_the_users_prefix_clearly() {
+    use lodestar::{Instance, RegistryError, ServiceKey};
+    use lodestar_tests::etcd::{Etcd, PASSWORD};
+    let server = Etcd::secure().await;
+    let url = server.url();
+    let instance = || Instance::new("secured", "10.0.0.1:1").with_id("a");
+    let ttl = Duration::from_secs(30);
+
+    // A wrong password: refused as unauthorized, and the error hides it.
+    let wrong = url.replace(&format!("password={PASSWORD}"), "password=not-it");
+    let registry = lodestar_etcd::EtcdRegistry::from_url(&wrong).unwrap();
+    let error = lodestar_tests::bounded("a wrong password", registry.register(instance(), ttl))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RegistryError::Unauthorized(_)), "{error:?}");
+    assert!(!error.to_string().contains("not-it"), "{error}");
+
+    // No credentials at all, against a member with auth on.
+    let anonymous = url.split('&').next().unwrap().to_owned();
+    assert!(anonymous.contains("?ca=") && !anonymous.contains("user="));
+    let registry = lodestar_etcd::EtcdRegistry::from_url(&anonymous).unwrap();
+    let error = lodestar_tests::bounded("no credentials", registry.register(instance(), ttl))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RegistryError::Unauthorized(_)), "{error:?}");
+
+    // No CA: the client speaks plaintext to a TLS-only member and gets a
+    // bounded, clear failure rather than a hang.
+    let plaintext = format!("etcd://{}", server.client);
+    let registry = lodestar_etcd::EtcdRegistry::from_url(&plaintext).unwrap();
+    let error = lodestar_tests::bounded(
+        "plaintext to TLS",
+        registry.instances(&ServiceKey::new("secured")),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(error, RegistryError::Unavailable(_)), "{error:?}");
+
+    // The user's role covers the default prefix only.
+    let elsewhere = format!("{url}&prefix=/not-lodestar");
+    let registry = lodestar_etcd::EtcdRegistry::from_url(&elsewhere).unwrap();
+    let error = lodestar_tests::bounded("outside the prefix", registry.register(instance(), ttl))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RegistryError::Unauthorized(_)), "{error:?}");
+
+    // The right URL works, and the instance is visible.
+    let registry = lodestar_etcd::EtcdRegistry::from_url(&url).unwrap();
+    lodestar_tests::bounded("register", registry.register(instance(), ttl))
+        .await
+        .unwrap();
+    let found = registry
+        .instances(&ServiceKey::new("secured"))
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_resume_from_a_compacted_revision_resynchronises() {
     use lodestar::{Instance, ServiceKey, WatchEvent};
