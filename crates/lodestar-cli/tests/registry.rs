@@ -298,23 +298,27 @@ async fn services_in_other_processes_are_found_and_called_through_the_registry()
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["rg-a", "rg-b"]);
 
     // The CLI sees them too, as JSON with the fields scripts rely on.
-    let output = Command::new(env!("CARGO_BIN_EXE_lodestar"))
-        .args([
-            "describe",
-            SERVICE_NAME,
-            "--registry",
-            &registry.url(),
-            "--output",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let described: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    cli_sees_two_healthy_instances(&registry.url());
+}
+
+/// `lodestar describe` and `lodestar services` (the registry given by flag,
+/// then by `LODESTAR_REGISTRY`) both report two healthy instances.
+fn cli_sees_two_healthy_instances(url: &str) {
+    let lodestar = |args: &[&str], env: Option<&str>| -> serde_json::Value {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
+        command.args(args).args(["--output", "json"]);
+        if let Some(url) = env {
+            command.env("LODESTAR_REGISTRY", url);
+        }
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "lodestar {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let described = lodestar(&["describe", SERVICE_NAME, "--registry", url], None);
     let instances = described["instances"].as_array().unwrap();
     assert_eq!(instances.len(), 2);
     for instance in instances {
@@ -325,12 +329,7 @@ async fn services_in_other_processes_are_found_and_called_through_the_registry()
             "{instance}"
         );
     }
-    let output = Command::new(env!("CARGO_BIN_EXE_lodestar"))
-        .args(["services", "--output", "json"])
-        .env("LODESTAR_REGISTRY", registry.url())
-        .output()
-        .unwrap();
-    let services: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let services = lodestar(&["services"], Some(url));
     assert_eq!(services["services"][0]["service"], SERVICE_NAME);
     assert_eq!(services["services"][0]["healthy"], 2);
 }
@@ -875,6 +874,7 @@ mod etcd {
             seen.insert(bounded("a call", served_by(&mut guide)).await.unwrap());
         }
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["rg-a", "rg-b"]);
+        cli_sees_two_healthy_instances(&server.url());
 
         let key = ServiceKey::new(SERVICE_NAME);
         let mut watch = registry.watch(&key, None).await.unwrap();
