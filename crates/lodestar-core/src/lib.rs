@@ -26,9 +26,12 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod broker;
 mod instance;
 pub mod registry;
 
+pub use broker::memory::MemoryBroker;
+pub use broker::{Broker, BrokerError, Message};
 pub use instance::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, ServiceKey};
 pub use registry::memory::{
     MemoryRegistry, MemoryRegistryBuilder, RegistryStats, SelfPreservation,
