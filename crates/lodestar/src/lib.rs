@@ -51,6 +51,7 @@ mod body;
 pub mod client;
 pub mod compression;
 mod deadline;
+pub mod events;
 mod frames;
 mod grpc_timeout;
 mod io;
@@ -62,8 +63,9 @@ pub use client::Client;
 pub use deadline::Deadline;
 pub use json::Codec;
 pub use lodestar_core::{
-    DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, MemoryRegistry, Registry,
-    RegistryError, Revision, ServiceKey, StaticRegistry, WatchEvent, WatchStream, registry,
+    Broker, BrokerError, DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, MemoryBroker,
+    MemoryRegistry, Message, Registry, RegistryError, Revision, ServiceKey, StaticRegistry,
+    WatchEvent, WatchStream, broker, registry,
 };
 pub use server::{RunningService, Service, ServiceBuilder};
 /// gRPC metadata (headers and trailers) types.

@@ -108,6 +108,14 @@ pub enum ServeError {
     /// The serving task failed or panicked.
     #[error("the server task ended abnormally: {0}")]
     Task(String),
+    /// A declared subscription could not be made.
+    #[error("cannot subscribe to `{topic}`: {source}")]
+    Subscribe {
+        /// The topic.
+        topic: String,
+        /// What the broker said.
+        source: crate::BrokerError,
+    },
 }
 
 /// The steps of a service's life, in order. See the [module docs](self).
@@ -227,6 +235,8 @@ impl Service {
             services: Vec::new(),
             names: Vec::new(),
             descriptors: Vec::new(),
+            broker: None,
+            subscribers: Vec::new(),
         }
     }
 }
@@ -268,6 +278,8 @@ pub struct ServiceBuilder {
     services: Vec<AddService>,
     names: Vec<&'static str>,
     descriptors: Vec<&'static [u8]>,
+    broker: Option<Arc<dyn crate::Broker>>,
+    subscribers: Vec<crate::events::Subscriber>,
 }
 
 /// Adds one service to the routes, with the final message limits.
@@ -279,6 +291,7 @@ impl std::fmt::Debug for ServiceBuilder {
             .field("instance", &self.instance)
             .field("bind", &self.bind)
             .field("services", &self.names)
+            .field("subscribers", &self.subscribers)
             .finish_non_exhaustive()
     }
 }
@@ -430,6 +443,50 @@ impl ServiceBuilder {
         self
     }
 
+    /// The broker that [`subscribe`](Self::subscribe)d handlers receive
+    /// events from. Default: none.
+    pub fn broker(mut self, broker: Arc<dyn crate::Broker>) -> Self {
+        self.broker = Some(broker);
+        self
+    }
+
+    /// Handles events on `topic` while the service runs: subscribed when it
+    /// starts (before it registers), and on shutdown (after it deregisters)
+    /// unsubscribed, with the message in hand finished within the grace
+    /// period. Each subscription handles one message at a time, so a
+    /// publisher's order is kept; a handler error nacks the message (durable
+    /// subscriptions then deliver it again). Needs a [`broker`](Self::broker).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use lodestar::{MemoryBroker, Service};
+    /// use lodestar::events::{self, SubscribeOptions};
+    ///
+    /// let builder = Service::builder("billing")
+    ///     .broker(Arc::new(MemoryBroker::new()))
+    ///     .subscribe(
+    ///         "orders.created",
+    ///         SubscribeOptions::queue("billing"),
+    ///         events::proto_handler(|amount: u64, _message| async move {
+    ///             println!("charge {amount}");
+    ///             Ok(())
+    ///         }),
+    ///     );
+    /// ```
+    pub fn subscribe(
+        mut self,
+        topic: impl Into<String>,
+        options: crate::events::SubscribeOptions,
+        handler: crate::events::Handler,
+    ) -> Self {
+        self.subscribers.push(crate::events::Subscriber {
+            topic: topic.into(),
+            options,
+            handler,
+        });
+        self
+    }
+
     /// Serves an encoded `FileDescriptorSet` through reflection.
     pub fn reflect(mut self, file_descriptor_set: &'static [u8]) -> Self {
         self.descriptors.push(file_descriptor_set);
@@ -543,6 +600,44 @@ impl ServiceBuilder {
         ));
         events.announce(Lifecycle::Serving(local_addr));
 
+        // Subscribe before registering, so that a service found through the
+        // registry is already handling its events.
+        let (subscribers_stop, subscribers_stopped) = watch::channel(false);
+        let mut subscriber_tasks = Vec::new();
+        if !self.subscribers.is_empty() {
+            let Some(broker) = &self.broker else {
+                serve.abort();
+                return Err(ServeError::Subscribe {
+                    topic: self.subscribers[0].topic.clone(),
+                    source: crate::BrokerError::Invalid(
+                        "the service has subscribers but no broker (ServiceBuilder::broker)"
+                            .to_owned(),
+                    ),
+                });
+            };
+            for subscriber in self.subscribers {
+                let subscription = match broker
+                    .subscribe(&subscriber.topic, subscriber.options.clone())
+                    .await
+                {
+                    Ok(subscription) => subscription,
+                    Err(source) => {
+                        let _ = subscribers_stop.send(true);
+                        serve.abort();
+                        return Err(ServeError::Subscribe {
+                            topic: subscriber.topic,
+                            source,
+                        });
+                    }
+                };
+                subscriber_tasks.push(tokio::spawn(crate::events::run_subscriber(
+                    subscription,
+                    subscriber.handler,
+                    subscribers_stopped.clone(),
+                )));
+            }
+        }
+
         let registration = match self.registry {
             None => None,
             Some(registry) => {
@@ -560,6 +655,7 @@ impl ServiceBuilder {
                         true
                     }
                     Ok(Err(source @ RegistryError::Invalid(_))) => {
+                        let _ = subscribers_stop.send(true);
                         serve.abort();
                         return Err(ServeError::Registration {
                             instance: instance.id,
@@ -604,6 +700,9 @@ impl ServiceBuilder {
             stop: stop_tx,
             serve,
             events,
+            subscribers_stop,
+            subscriber_tasks,
+            grace: self.grace,
         })
     }
 
@@ -684,6 +783,9 @@ pub struct RunningService {
     stop: watch::Sender<bool>,
     serve: tokio::task::JoinHandle<()>,
     events: Arc<Announcer>,
+    subscribers_stop: watch::Sender<bool>,
+    subscriber_tasks: Vec<tokio::task::JoinHandle<()>>,
+    grace: Duration,
 }
 
 impl std::fmt::Debug for RunningService {
@@ -746,6 +848,12 @@ impl RunningService {
                 }
             }
         }
+        // Stop taking events, finish the ones in hand, unsubscribe.
+        let _ = self.subscribers_stop.send(true);
+        let subscribers = futures_util::future::join_all(self.subscriber_tasks);
+        if tokio::time::timeout(self.grace, subscribers).await.is_err() {
+            tracing::warn!(service = %key, "event handlers still running at the end of the grace period");
+        }
         let _ = self.stop.send(true);
         self.serve
             .await
@@ -757,6 +865,9 @@ impl RunningService {
     pub async fn abort(self) {
         if let Some(registration) = &self.registration {
             registration.task.abort();
+        }
+        for task in &self.subscriber_tasks {
+            task.abort();
         }
         self.serve.abort();
         let _ = self.serve.await;

@@ -1,0 +1,1875 @@
+//! The HTTP broker: no broker process at all. Subscribers serve a small HTTP
+//! endpoint and announce it in the registry; publishers find them there and
+//! POST each message to them (as go-micro's HTTP broker does).
+//!
+//! # Registry
+//!
+//! Each subscription is one [`Instance`] of the service `broker.{topic}`
+//! (default namespace and group, see [`service_name`]): its id is the
+//! subscription id, its address the `host:port` of the subscriber's HTTP
+//! server, its protocol `http`, and, for a queue group, its metadata holds
+//! [`QUEUE_LABEL`]` = {group}`. The registration is a lease (10s by default)
+//! that a background task renews every third of the TTL, registering again
+//! if the lease ran out; unsubscribing (or dropping the
+//! [`Subscription`]) deregisters it.
+//!
+//! # Wire format
+//!
+//! A message is `POST /v1/broker/{subscription id}` (see [`PATH_PREFIX`])
+//! over HTTP/1.1:
+//!
+//! * the body is the message body, as is;
+//! * the topic travels in the [`TOPIC_HEADER`] (`lodestar-topic`) header;
+//! * each message header `name: value` travels as the HTTP header
+//!   `lodestar-h-{name}` (see [`HEADER_PREFIX`]). HTTP header names are
+//!   case-insensitive, so names arrive lowercased; values are UTF-8.
+//!
+//! So a plain HTTP client can publish to a subscriber too:
+//!
+//! ```text
+//! curl -X POST http://127.0.0.1:41234/v1/broker/{id} \
+//!      -H 'lodestar-topic: orders.created' \
+//!      -H 'lodestar-h-content-type: application/json' \
+//!      -d '{"id":7}'
+//! ```
+//!
+//! The subscriber answers `200 OK` once the message is queued for the
+//! subscription (waiting while its buffer is full, which slows publishers
+//! down instead of dropping messages), `404 Not Found` for an unknown
+//! subscription id (it has unsubscribed), `400 Bad Request` for a missing or
+//! invalid topic (or one that is not the subscription's), and `413 Payload
+//! Too Large` for a body over the limit.
+//!
+//! # Delivery
+//!
+//! Delivery is at most once. A publisher keeps, per topic, a cache of the
+//! subscribers fed by a registry watch, so publishing does not ask the
+//! registry each time (events already waiting in the watch are applied
+//! first, so a subscription the registry has reported is never missed; with
+//! a remote registry, a brand-new subscription may miss messages published
+//! before its registration reaches the publisher). Then, for one message:
+//!
+//! * every broadcast subscriber (no queue group) gets a POST; one that fails
+//!   (cannot be reached, times out or answers other than 2xx) is tried once
+//!   more and then skipped with a warning: a dead broadcast subscriber does
+//!   not fail the publish. One that answers `404` has unsubscribed and is
+//!   skipped without retry;
+//! * each queue group gets one POST: its members are tried in round-robin
+//!   order, moving to the next member when one fails. If every member
+//!   fails, [`publish`](Broker::publish) returns
+//!   [`BrokerError::NoSubscriber`], after delivering to everyone else;
+//! * no subscribers at all is not an error.
+//!
+//! A request that timed out may still have been delivered, so a retry (or a
+//! fail-over to another queue member) after a timeout can, rarely, deliver a
+//! message twice. Durable subscriptions are
+//! [unsupported](BrokerError::Unsupported).
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use lodestar::broker::{
+    Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription, Unsubscribe,
+    validate_options, validate_topic,
+};
+use lodestar::{
+    Instance, InstanceKey, Registry, RegistryError, Revision, ServiceKey, WatchEvent, WatchStream,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OnceCell, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// The HTTP header carrying the message's topic.
+pub const TOPIC_HEADER: &str = "lodestar-topic";
+
+/// The prefix of the HTTP headers carrying message headers:
+/// `lodestar-h-{name}: {value}`.
+pub const HEADER_PREFIX: &str = "lodestar-h-";
+
+/// The instance metadata key naming a subscription's queue group.
+pub const QUEUE_LABEL: &str = "queue";
+
+/// The path under which subscriptions receive messages:
+/// `/v1/broker/{subscription id}`.
+pub const PATH_PREFIX: &str = "/v1/broker/";
+
+/// The protocol subscriptions register with.
+pub const PROTOCOL: &str = "http";
+
+/// The lease TTL of a subscription's registration unless configured.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// The time limit of one POST to a subscriber unless configured.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many received messages a subscription buffers unless configured.
+pub const DEFAULT_CAPACITY: usize = 1024;
+
+/// The largest message body a subscriber accepts unless configured.
+pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// How long to wait before re-opening a registry watch that failed, at first
+/// and at most.
+const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
+
+/// How long pooled connections to subscribers may stay idle.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The registry service under which the subscribers of `topic` register:
+/// `broker.{topic}`.
+///
+/// ```
+/// assert_eq!(lodestar_broker::http::service_name("orders.created"), "broker.orders.created");
+/// ```
+pub fn service_name(topic: &str) -> String {
+    format!("broker.{topic}")
+}
+
+/// The broker that POSTs messages to subscribers found in the registry.
+///
+/// Subscribing starts (once per broker, on first use) an HTTP/1.1 server on
+/// the [bind address](HttpBrokerBuilder::bind), `127.0.0.1:0` by default,
+/// shared by all the broker's subscriptions, and registers the subscription
+/// as an instance of `broker.{topic}`. Publishing POSTs the message to the
+/// subscribers of its topic; see the [module docs](self) for the wire format
+/// and the delivery rules. Clones share the server and caches.
+///
+/// ```
+/// use std::sync::Arc;
+/// use lodestar_broker::{Broker, HttpBroker, Message, SubscribeOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), lodestar_broker::BrokerError> {
+/// let registry = Arc::new(lodestar::MemoryRegistry::new());
+/// // Usually in different processes sharing a registry.
+/// let subscriber = HttpBroker::new(registry.clone());
+/// let publisher = HttpBroker::new(registry);
+///
+/// let mut orders = subscriber.subscribe("orders.created", SubscribeOptions::broadcast()).await?;
+/// publisher.publish(Message::new("orders.created", "order 7")).await?;
+/// let delivery = orders.next().await.ok_or(lodestar_broker::BrokerError::Closed)?;
+/// assert_eq!(delivery.message.body, "order 7");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct HttpBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for HttpBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpBroker")
+            .field("address", &self.address())
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures an [`HttpBroker`]; from [`HttpBroker::builder`].
+#[derive(Debug, Clone)]
+pub struct HttpBrokerBuilder {
+    registry: Arc<dyn Registry>,
+    config: Config,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    bind: SocketAddr,
+    advertise: Option<String>,
+    ttl: Duration,
+    request_timeout: Duration,
+    capacity: usize,
+    max_body: usize,
+}
+
+impl HttpBrokerBuilder {
+    /// Where the subscribers' HTTP server listens; default `127.0.0.1:0`
+    /// (loopback, any free port). To be reachable from other hosts, bind a
+    /// routable or unspecified address (`0.0.0.0:0`) and set
+    /// [`advertise`](Self::advertise).
+    pub fn bind(mut self, address: SocketAddr) -> Self {
+        self.config.bind = address;
+        self
+    }
+
+    /// The `host:port` registered for publishers to reach this broker's
+    /// subscriptions; default the address the server listens on. A port of
+    /// `0` means the port the server actually listens on, e.g.
+    /// `10.0.0.7:0`. Needed when binding an unspecified address.
+    pub fn advertise(mut self, address: impl Into<String>) -> Self {
+        self.config.advertise = Some(address.into());
+        self
+    }
+
+    /// The lease TTL of each subscription's registration, renewed every
+    /// third of it; default [`DEFAULT_TTL`].
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// The time limit of one POST to a subscriber, and of the first wait
+    /// for the registry when publishing to a topic; default
+    /// [`DEFAULT_REQUEST_TIMEOUT`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// How many received messages each subscription buffers before the
+    /// server makes publishers wait; default [`DEFAULT_CAPACITY`] (at least 1).
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.config.capacity = capacity.max(1);
+        self
+    }
+
+    /// The largest body the subscribers' server accepts (`413` beyond);
+    /// default [`DEFAULT_MAX_BODY`].
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.config.max_body = bytes;
+        self
+    }
+
+    /// The broker. Nothing listens until the first subscription.
+    pub fn build(self) -> HttpBroker {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(self.config.request_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        HttpBroker {
+            inner: Arc::new(Inner {
+                registry: self.registry,
+                config: self.config,
+                uid: broker_uid(),
+                next_subscription: AtomicU64::new(1),
+                server: OnceCell::new(),
+                client,
+                topics: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl HttpBroker {
+    /// A broker finding subscribers through `registry`, with the defaults of
+    /// [`HttpBroker::builder`].
+    pub fn new(registry: Arc<dyn Registry>) -> Self {
+        Self::builder(registry).build()
+    }
+
+    /// Configures a broker finding subscribers through `registry`.
+    pub fn builder(registry: Arc<dyn Registry>) -> HttpBrokerBuilder {
+        HttpBrokerBuilder {
+            registry,
+            config: Config {
+                bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                advertise: None,
+                ttl: DEFAULT_TTL,
+                request_timeout: DEFAULT_REQUEST_TIMEOUT,
+                capacity: DEFAULT_CAPACITY,
+                max_body: DEFAULT_MAX_BODY,
+            },
+        }
+    }
+
+    /// The advertised `host:port` of this broker's HTTP server, once the
+    /// first subscription has started it.
+    pub fn address(&self) -> Option<&str> {
+        self.inner.server.get().map(|s| s.address.as_str())
+    }
+}
+
+struct Inner {
+    registry: Arc<dyn Registry>,
+    config: Config,
+    /// Makes subscription ids unique across brokers and processes.
+    uid: String,
+    next_subscription: AtomicU64,
+    server: OnceCell<Server>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// Per published topic: the subscribers, kept current by a watch.
+    topics: Mutex<HashMap<String, TopicWatch>>,
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A unique-enough prefix for this broker's subscription ids.
+fn broker_uid() -> String {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        nanos,
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn registry_error(error: RegistryError) -> BrokerError {
+    match error {
+        RegistryError::Invalid(reason) => BrokerError::Invalid(reason),
+        other => BrokerError::Unavailable(other.to_string()),
+    }
+}
+
+/// An error and its sources, `: `-separated (hyper's own messages are terse).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------
+// The subscribers' side: one HTTP server per broker.
+
+struct Server {
+    /// The advertised `host:port`.
+    address: String,
+    endpoints: Arc<Endpoints>,
+    _accept: AbortOnDrop,
+}
+
+/// The live subscriptions of one server, by subscription id.
+struct Endpoints {
+    subscriptions: Mutex<HashMap<String, Endpoint>>,
+    max_body: usize,
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    topic: String,
+    tx: mpsc::Sender<Delivery>,
+}
+
+impl Inner {
+    async fn server(&self) -> Result<&Server, BrokerError> {
+        self.server
+            .get_or_try_init(|| start_server(&self.config))
+            .await
+    }
+
+    fn subscription_id(&self) -> String {
+        let n = self.next_subscription.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.uid)
+    }
+}
+
+async fn start_server(config: &Config) -> Result<Server, BrokerError> {
+    let listener = TcpListener::bind(config.bind).await.map_err(|e| {
+        BrokerError::Unavailable(format!(
+            "the HTTP broker cannot listen on {}: {e}",
+            config.bind
+        ))
+    })?;
+    let local = listener.local_addr().map_err(|e| {
+        BrokerError::Unavailable(format!("the HTTP broker's listening address: {e}"))
+    })?;
+    let address = advertised(config.advertise.as_deref(), local)?;
+    let endpoints = Arc::new(Endpoints {
+        subscriptions: Mutex::new(HashMap::new()),
+        max_body: config.max_body,
+    });
+    let accept = tokio::spawn(accept_loop(listener, endpoints.clone()));
+    tracing::debug!(%local, %address, "HTTP broker listening");
+    Ok(Server {
+        address,
+        endpoints,
+        _accept: AbortOnDrop(accept),
+    })
+}
+
+/// The address to register, from the configured one and the bound one.
+fn advertised(advertise: Option<&str>, local: SocketAddr) -> Result<String, BrokerError> {
+    match advertise {
+        Some(address) => match address.rsplit_once(':') {
+            Some((host, "0")) if !host.is_empty() => Ok(format!("{host}:{}", local.port())),
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(address.to_owned())
+            }
+            _ => Err(BrokerError::Invalid(format!(
+                "advertised address `{address}`: expected host:port"
+            ))),
+        },
+        None if local.ip().is_unspecified() => Err(BrokerError::Invalid(format!(
+            "the HTTP broker listens on {local}, which publishers cannot dial; \
+             set HttpBrokerBuilder::advertise to a reachable host:port"
+        ))),
+        None => Ok(local.to_string()),
+    }
+}
+
+/// Accepts connections until aborted; aborting drops (and so aborts) the
+/// connection tasks too.
+async fn accept_loop(listener: TcpListener, endpoints: Arc<Endpoints>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve_connection(stream, endpoints.clone()));
+                }
+                Err(e) => {
+                    // E.g. out of file descriptors: wait instead of spinning.
+                    tracing::warn!(error = %e, "HTTP broker: accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, endpoints: Arc<Endpoints>) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |request| {
+        let endpoints = endpoints.clone();
+        async move { Ok::<_, Infallible>(endpoints.handle(request).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %error_chain(&e), "HTTP broker: connection ended with an error");
+    }
+}
+
+fn reply(status: StatusCode, text: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+impl Endpoints {
+    fn insert(&self, id: String, endpoint: Endpoint) {
+        lock(&self.subscriptions).insert(id, endpoint);
+    }
+
+    fn remove(&self, id: &str) {
+        lock(&self.subscriptions).remove(id);
+    }
+
+    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let Some(id) = request
+            .uri()
+            .path()
+            .strip_prefix(PATH_PREFIX)
+            .map(str::to_owned)
+        else {
+            return reply(
+                StatusCode::NOT_FOUND,
+                format!("not a broker endpoint; POST {PATH_PREFIX}{{subscription id}}\n"),
+            );
+        };
+        if request.method() != Method::POST {
+            let mut response = reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "messages are POSTed\n".to_owned(),
+            );
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return response;
+        }
+        let Some(endpoint) = lock(&self.subscriptions).get(&id).cloned() else {
+            return reply(
+                StatusCode::NOT_FOUND,
+                format!("no subscription `{id}` here (it may have unsubscribed)\n"),
+            );
+        };
+        let message = match decode(request, &endpoint.topic, self.max_body).await {
+            Ok(message) => message,
+            Err(response) => return response,
+        };
+        match endpoint.tx.send(Delivery::new(message)).await {
+            Ok(()) => reply(StatusCode::OK, String::new()),
+            Err(_) => reply(
+                StatusCode::NOT_FOUND,
+                format!("subscription `{id}` has ended\n"),
+            ),
+        }
+    }
+}
+
+/// The message a request carries, or the error response.
+async fn decode(
+    request: Request<Incoming>,
+    expected_topic: &str,
+    max_body: usize,
+) -> Result<Message, Response<Full<Bytes>>> {
+    let bad = |text: String| reply(StatusCode::BAD_REQUEST, text + "\n");
+    let topic = match request.headers().get(TOPIC_HEADER).map(|v| v.to_str()) {
+        Some(Ok(topic)) => topic.to_owned(),
+        Some(Err(_)) => return Err(bad(format!("the {TOPIC_HEADER} header is not ASCII"))),
+        None => return Err(bad(format!("missing the {TOPIC_HEADER} header"))),
+    };
+    if let Err(e) = validate_topic(&topic) {
+        return Err(bad(e.to_string()));
+    }
+    if topic != expected_topic {
+        return Err(bad(format!(
+            "this subscription is to `{expected_topic}`, not `{topic}`"
+        )));
+    }
+    let mut message = Message::new(topic, Bytes::new());
+    for (name, value) in request.headers() {
+        let Some(name) = name.as_str().strip_prefix(HEADER_PREFIX) else {
+            continue;
+        };
+        let Ok(value) = std::str::from_utf8(value.as_bytes()) else {
+            return Err(bad(format!(
+                "the value of header {HEADER_PREFIX}{name} is not UTF-8"
+            )));
+        };
+        message.headers.insert(name.to_owned(), value.to_owned());
+    }
+    match Limited::new(request.into_body(), max_body).collect().await {
+        Ok(body) => message.body = body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("message bodies are limited to {max_body} bytes\n"),
+            ));
+        }
+        Err(e) => return Err(bad(format!("reading the body: {e}"))),
+    }
+    Ok(message)
+}
+
+// ---------------------------------------------------------------------------
+// Subscriptions: registration, heartbeats, and ending them.
+
+/// Ends one subscription: stops delivery, the heartbeat, and deregisters.
+struct SubscriptionHandle {
+    inner: Arc<Inner>,
+    id: String,
+    key: InstanceKey,
+    heartbeat: Option<JoinHandle<()>>,
+}
+
+impl SubscriptionHandle {
+    /// Stops delivery and the heartbeat; returns the heartbeat task to await
+    /// before deregistering (so that it cannot register again afterwards).
+    fn stop(&mut self) -> Option<JoinHandle<()>> {
+        if let Some(server) = self.inner.server.get() {
+            server.endpoints.remove(&self.id);
+        }
+        let heartbeat = self.heartbeat.take();
+        if let Some(task) = &heartbeat {
+            task.abort();
+        }
+        heartbeat
+    }
+}
+
+impl Drop for SubscriptionHandle {
+    fn drop(&mut self) {
+        let Some(heartbeat) = self.stop() else {
+            // Already unsubscribed, or never registered.
+            return;
+        };
+        // Deregister in the background; without a runtime, the lease runs out.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let registry = self.inner.registry.clone();
+            let key = self.key.clone();
+            runtime.spawn(async move {
+                let _ = heartbeat.await;
+                if let Err(e) = registry.deregister(&key).await {
+                    tracing::debug!(%key, error = %e, "HTTP broker: deregistering a dropped subscription failed; its lease will run out");
+                }
+            });
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Unsubscribe for SubscriptionHandle {
+    async fn unsubscribe(mut self: Box<Self>) -> Result<(), BrokerError> {
+        if let Some(heartbeat) = self.stop() {
+            let _ = heartbeat.await;
+        }
+        self.inner
+            .registry
+            .deregister(&self.key)
+            .await
+            .map_err(registry_error)
+    }
+}
+
+/// Renews the lease of `instance` every third of `ttl`, registering it again
+/// when the registry lost it.
+async fn heartbeat(registry: Arc<dyn Registry>, instance: Instance, ttl: Duration) {
+    let period = (ttl / 3).max(Duration::from_millis(10));
+    let key = instance.instance_key();
+    loop {
+        tokio::time::sleep(period).await;
+        match registry.heartbeat(&key).await {
+            Ok(()) => {}
+            Err(RegistryError::LeaseExpired(_) | RegistryError::NotFound(_)) => {
+                match registry.register(instance.clone(), ttl).await {
+                    Ok(()) => {
+                        tracing::info!(%key, "HTTP broker: subscription registered again after its lease was lost")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "HTTP broker: registering a subscription again failed")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "HTTP broker: heartbeat failed"),
+        }
+    }
+}
+
+fn receiver_stream(
+    mut rx: mpsc::Receiver<Delivery>,
+) -> impl futures_util::Stream<Item = Delivery> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+// ---------------------------------------------------------------------------
+// The publishers' side: per-topic subscriber caches fed by registry watches.
+
+/// A topic's watch task and what it maintains.
+struct TopicWatch {
+    subscribers: Arc<Subscribers>,
+    _task: AbortOnDrop,
+}
+
+/// The known subscribers of one topic.
+struct Subscribers {
+    state: Mutex<SubscriberState>,
+    feed: Mutex<Feed>,
+    /// `true` once the first snapshot arrived.
+    ready: watch::Sender<bool>,
+}
+
+/// The open watch stream. The watch task waits on it; a publisher also
+/// applies whatever events are already waiting in it before choosing
+/// targets, so that a subscription registered just before a publish (in the
+/// same process, or one the registry already reported) is not missed.
+#[derive(Default)]
+struct Feed {
+    stream: Option<WatchStream>,
+    /// The watch task's waker. Whoever polls the stream polls with it, so
+    /// that the task is still woken for the next event.
+    waker: Option<Waker>,
+    /// Why the stream broke, when a publisher found out first.
+    broken: Option<String>,
+}
+
+#[derive(Default)]
+struct SubscriberState {
+    instances: BTreeMap<String, Instance>,
+    /// The revision of the last applied event, to resume the watch from.
+    revision: Option<Revision>,
+    /// Round-robin position per queue group.
+    next: HashMap<String, usize>,
+    /// Why the watch last failed, to explain a publish that cannot wait.
+    last_error: Option<String>,
+}
+
+/// Where to POST a message for one subscription.
+#[derive(Debug, Clone)]
+struct Target {
+    id: String,
+    address: String,
+}
+
+/// Who gets one message.
+#[derive(Default)]
+struct Targets {
+    broadcast: Vec<Target>,
+    /// Per queue group, its members in the order to try them.
+    groups: BTreeMap<String, Vec<Target>>,
+}
+
+impl Subscribers {
+    fn apply(&self, event: WatchEvent) {
+        let mut state = lock(&self.state);
+        state.revision = Some(event.revision());
+        match event {
+            WatchEvent::Snapshot { instances, .. } => {
+                state.instances = instances
+                    .into_iter()
+                    .map(|instance| (instance.id.clone(), instance))
+                    .collect();
+            }
+            WatchEvent::Put { instance, .. } => {
+                state.instances.insert(instance.id.clone(), instance);
+            }
+            WatchEvent::Delete { id, .. } => {
+                state.instances.remove(&id);
+            }
+        }
+        state.last_error = None;
+        drop(state);
+        self.ready.send_replace(true);
+    }
+
+    fn failed(&self, error: String) {
+        lock(&self.state).last_error = Some(error);
+    }
+
+    /// Applies the events ready in the watch stream; `Ready(why)` once the
+    /// stream failed or ended.
+    fn pump(&self, feed: &mut Feed, cx: &mut Context<'_>) -> Poll<String> {
+        if let Some(why) = feed.broken.take() {
+            return Poll::Ready(why);
+        }
+        let Some(stream) = feed.stream.as_mut() else {
+            return Poll::Ready("the watch stream is closed".to_owned());
+        };
+        loop {
+            match stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(event))) => self.apply(event),
+                Poll::Ready(Some(Err(e))) => {
+                    feed.stream = None;
+                    return Poll::Ready(e.to_string());
+                }
+                Poll::Ready(None) => {
+                    feed.stream = None;
+                    return Poll::Ready("the watch stream ended".to_owned());
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Applies the events already waiting, without waiting for more.
+    fn catch_up(&self) {
+        let mut feed = lock(&self.feed);
+        let Some(waker) = feed.waker.clone() else {
+            return;
+        };
+        if feed.stream.is_none() {
+            return;
+        }
+        if let Poll::Ready(why) = self.pump(&mut feed, &mut Context::from_waker(&waker)) {
+            // Let the watch task reopen it.
+            feed.broken = Some(why);
+            drop(feed);
+            waker.wake();
+        }
+    }
+
+    /// The targets of the next message, advancing each group's round robin.
+    fn select(&self) -> Targets {
+        self.catch_up();
+        let mut state = lock(&self.state);
+        let mut targets = Targets::default();
+        for instance in state.instances.values().filter(|i| i.is_routable()) {
+            let target = Target {
+                id: instance.id.clone(),
+                address: instance.address.clone(),
+            };
+            match instance.metadata.get(QUEUE_LABEL).filter(|q| !q.is_empty()) {
+                Some(queue) => targets
+                    .groups
+                    .entry(queue.clone())
+                    .or_default()
+                    .push(target),
+                None => targets.broadcast.push(target),
+            }
+        }
+        state
+            .next
+            .retain(|group, _| targets.groups.contains_key(group));
+        for (group, members) in &mut targets.groups {
+            let next = state.next.entry(group.clone()).or_default();
+            let start = *next % members.len();
+            *next = start.wrapping_add(1);
+            members.rotate_left(start);
+        }
+        targets
+    }
+}
+
+/// Keeps `subscribers` current: watches `service`, resuming from the last
+/// applied revision after an error, with backoff.
+async fn watch_topic(
+    registry: Arc<dyn Registry>,
+    service: ServiceKey,
+    subscribers: Arc<Subscribers>,
+) {
+    let mut backoff = WATCH_BACKOFF.0;
+    loop {
+        let since = lock(&subscribers.state).revision;
+        let error = match registry.watch(&service, since).await {
+            Ok(stream) => {
+                {
+                    let mut feed = lock(&subscribers.feed);
+                    feed.stream = Some(stream);
+                    feed.broken = None;
+                }
+                std::future::poll_fn(|cx| {
+                    let mut feed = lock(&subscribers.feed);
+                    feed.waker = Some(cx.waker().clone());
+                    subscribers.pump(&mut feed, cx)
+                })
+                .await
+            }
+            Err(e) => e.to_string(),
+        };
+        if lock(&subscribers.state).revision != since {
+            // It made progress: this is a new failure, not the same one.
+            backoff = WATCH_BACKOFF.0;
+        }
+        tracing::warn!(%service, %error, retry_in = ?backoff, "HTTP broker: watching subscribers failed");
+        subscribers.failed(error);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(WATCH_BACKOFF.1);
+    }
+}
+
+impl Inner {
+    /// The subscribers of `topic`, starting to watch them on first use and
+    /// waiting (bounded) for the first snapshot.
+    async fn subscribers(&self, topic: &str) -> Result<Arc<Subscribers>, BrokerError> {
+        let subscribers = {
+            let mut topics = lock(&self.topics);
+            topics
+                .entry(topic.to_owned())
+                .or_insert_with(|| {
+                    let subscribers = Arc::new(Subscribers {
+                        state: Mutex::new(SubscriberState::default()),
+                        feed: Mutex::new(Feed::default()),
+                        ready: watch::Sender::new(false),
+                    });
+                    let task = tokio::spawn(watch_topic(
+                        self.registry.clone(),
+                        ServiceKey::new(service_name(topic)),
+                        subscribers.clone(),
+                    ));
+                    TopicWatch {
+                        subscribers,
+                        _task: AbortOnDrop(task),
+                    }
+                })
+                .subscribers
+                .clone()
+        };
+        let mut ready = subscribers.ready.subscribe();
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, ready.wait_for(|ready| *ready)).await {
+            Ok(Ok(_)) => Ok(subscribers),
+            Ok(Err(_)) => Err(BrokerError::Closed),
+            Err(_) => {
+                let why = lock(&subscribers.state)
+                    .last_error
+                    .clone()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                Err(BrokerError::Unavailable(format!(
+                    "the registry did not list the subscribers of `{}` within {timeout:?}{why}",
+                    service_name(topic)
+                )))
+            }
+        }
+    }
+
+    /// POSTs `message` to one subscription.
+    async fn post(
+        &self,
+        target: &Target,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<(), Failure> {
+        let url = format!("http://{}{PATH_PREFIX}{}", target.address, target.id);
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| Failure::Failed(format!("{url}: not a valid URL: {e}")))?;
+        let mut request = Request::new(Full::new(body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers.clone();
+        let timeout = self.config.request_timeout;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| Failure::Failed(format!("{url}: {}", error_chain(&e))))?;
+            let status = response.status();
+            // Read the (short) body so that the connection can be reused.
+            let text = match response.into_body().collect().await {
+                Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
+                Err(e) => error_chain(&e),
+            };
+            if status.is_success() {
+                Ok(())
+            } else if status == StatusCode::NOT_FOUND {
+                Err(Failure::Gone(format!("{url}: {status} {text}")))
+            } else {
+                Err(Failure::Failed(format!("{url}: {status} {text}")))
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Failed(format!(
+                "{url}: no answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Delivers to a broadcast subscriber, retrying once; failures are logged.
+    async fn deliver_broadcast(
+        &self,
+        topic: &str,
+        target: &Target,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) {
+        let mut result = self.post(target, headers, body).await;
+        if let Err(Failure::Failed(_)) = result {
+            result = self.post(target, headers, body).await;
+        }
+        match result {
+            Ok(()) => {}
+            Err(Failure::Gone(reason)) => {
+                tracing::debug!(topic, subscription = %target.id, %reason, "HTTP broker: skipping a subscriber that has unsubscribed");
+            }
+            Err(Failure::Failed(reason)) => {
+                tracing::warn!(topic, subscription = %target.id, %reason, "HTTP broker: skipping a subscriber that failed twice; it misses this message");
+            }
+        }
+    }
+
+    /// Members of `queue` the registry lists now that are not in `known`.
+    async fn fresh_members(&self, topic: &str, queue: &str, known: &[Target]) -> Vec<Target> {
+        let key = ServiceKey::new(service_name(topic));
+        let listed =
+            tokio::time::timeout(self.config.request_timeout, self.registry.instances(&key)).await;
+        let Ok(Ok(instances)) = listed else {
+            return Vec::new();
+        };
+        instances
+            .into_iter()
+            .filter(|i| i.is_routable())
+            .filter(|i| i.metadata.get(QUEUE_LABEL).is_some_and(|q| q == queue))
+            .filter(|i| !known.iter().any(|k| k.id == i.id))
+            .map(|i| Target {
+                id: i.id,
+                address: i.address,
+            })
+            .collect()
+    }
+
+    /// Delivers to one member of a queue group, trying them in turn.
+    async fn deliver_group(
+        &self,
+        topic: &str,
+        queue: &str,
+        members: &[Target],
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<(), BrokerError> {
+        let mut reasons = Vec::new();
+        for member in members {
+            match self.post(member, headers, body).await {
+                Ok(()) => return Ok(()),
+                Err(Failure::Gone(reason) | Failure::Failed(reason)) => {
+                    tracing::debug!(topic, queue, subscription = %member.id, %reason, "HTTP broker: queue member failed; trying the next");
+                    reasons.push(reason);
+                }
+            }
+        }
+        // Every member the cache knows failed. Before giving up, ask the
+        // registry itself (off the hot path: only here) for members the
+        // watch has not brought yet, e.g. one that just replaced them.
+        let mut tried = members.len();
+        for member in self.fresh_members(topic, queue, members).await {
+            tried += 1;
+            match self.post(&member, headers, body).await {
+                Ok(()) => return Ok(()),
+                Err(Failure::Gone(reason) | Failure::Failed(reason)) => reasons.push(reason),
+            }
+        }
+        let reason = format!("all {tried} member(s) failed: {}", reasons.join("; "));
+        tracing::warn!(topic, queue, %reason, "HTTP broker: no queue member took a message");
+        Err(BrokerError::NoSubscriber {
+            topic: topic.to_owned(),
+            queue: queue.to_owned(),
+            reason,
+        })
+    }
+}
+
+/// Why one POST did not deliver.
+enum Failure {
+    /// `404`: the subscription has ended.
+    Gone(String),
+    /// Unreachable, timed out, or another non-2xx answer.
+    Failed(String),
+}
+
+/// The HTTP headers carrying `message`'s topic and headers.
+fn encode_headers(message: &Message) -> Result<HeaderMap, BrokerError> {
+    let mut headers = HeaderMap::with_capacity(message.headers.len() + 2);
+    let topic = HeaderValue::from_str(&message.topic)
+        .map_err(|_| BrokerError::Invalid(format!("topic `{}`", message.topic)))?;
+    headers.insert(HeaderName::from_static(TOPIC_HEADER), topic);
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    for (name, value) in &message.headers {
+        let http_name = HeaderName::from_bytes(format!("{HEADER_PREFIX}{name}").as_bytes())
+            .map_err(|_| {
+                BrokerError::Invalid(format!(
+                    "header name `{name}` cannot be sent as an HTTP header name"
+                ))
+            })?;
+        let http_value = HeaderValue::from_bytes(value.as_bytes()).map_err(|_| {
+            BrokerError::Invalid(format!(
+                "the value of header `{name}` cannot be sent as an HTTP header value \
+                 (no control characters such as line breaks)"
+            ))
+        })?;
+        headers.insert(http_name, http_value);
+    }
+    Ok(headers)
+}
+
+#[async_trait::async_trait]
+impl Broker for HttpBroker {
+    async fn publish(&self, message: Message) -> Result<(), BrokerError> {
+        validate_topic(&message.topic)?;
+        let headers = encode_headers(&message)?;
+        let targets = self.inner.subscribers(&message.topic).await?.select();
+        let topic = message.topic.as_str();
+        let body = &message.body;
+        let broadcast = futures_util::future::join_all(
+            targets
+                .broadcast
+                .iter()
+                .map(|target| self.inner.deliver_broadcast(topic, target, &headers, body)),
+        );
+        let groups =
+            futures_util::future::join_all(targets.groups.iter().map(|(queue, members)| {
+                self.inner
+                    .deliver_group(topic, queue, members, &headers, body)
+            }));
+        let (_, groups) = futures_util::future::join(broadcast, groups).await;
+        groups.into_iter().collect::<Result<Vec<()>, _>>()?;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, BrokerError> {
+        validate_topic(topic)?;
+        validate_options(&options)?;
+        if options.durable.is_some() {
+            return Err(BrokerError::Unsupported(
+                "the HTTP broker has no durable subscriptions; use nats:// with JetStream"
+                    .to_owned(),
+            ));
+        }
+        let inner = &self.inner;
+        let server = inner.server().await?;
+        let id = inner.subscription_id();
+        let (tx, rx) = mpsc::channel(inner.config.capacity);
+        // Ready to receive before anyone can find the subscription.
+        server.endpoints.insert(
+            id.clone(),
+            Endpoint {
+                topic: topic.to_owned(),
+                tx,
+            },
+        );
+        let mut instance = Instance::new(service_name(topic), server.address.clone())
+            .with_id(id.clone())
+            .with_protocol(PROTOCOL);
+        if let Some(queue) = &options.queue {
+            instance = instance.with_label(QUEUE_LABEL, queue.clone());
+        }
+        let ttl = inner.config.ttl;
+        // Until registered, dropping the handle (an error, or this future
+        // being cancelled) only removes the endpoint.
+        let mut handle = SubscriptionHandle {
+            inner: inner.clone(),
+            id,
+            key: instance.instance_key(),
+            heartbeat: None,
+        };
+        inner
+            .registry
+            .register(instance.clone(), ttl)
+            .await
+            .map_err(registry_error)?;
+        handle.heartbeat = Some(tokio::spawn(heartbeat(
+            inner.registry.clone(),
+            instance,
+            ttl,
+        )));
+        Ok(Subscription::new(topic, receiver_stream(rx), handle))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use futures_util::{FutureExt, StreamExt};
+    use lodestar::MemoryRegistry;
+    use lodestar::broker::{Durable, header};
+
+    use super::*;
+
+    /// A bound on anything that could hang.
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    async fn bounded<F: Future>(future: F) -> F::Output {
+        tokio::time::timeout(LIMIT, future)
+            .await
+            .expect("timed out")
+    }
+
+    fn registry() -> Arc<MemoryRegistry> {
+        Arc::new(MemoryRegistry::new())
+    }
+
+    fn broker(registry: &Arc<MemoryRegistry>) -> HttpBroker {
+        HttpBroker::builder(registry.clone())
+            .request_timeout(Duration::from_secs(2))
+            .build()
+    }
+
+    async fn next(subscription: &mut Subscription) -> Message {
+        bounded(subscription.next())
+            .await
+            .expect("subscription ended")
+            .message
+    }
+
+    /// The deliveries already queued, without waiting.
+    fn drain(subscription: &mut Subscription) -> Vec<Message> {
+        let mut messages = Vec::new();
+        while let Some(Some(delivery)) = subscription.next().now_or_never() {
+            messages.push(delivery.message);
+        }
+        messages
+    }
+
+    /// A loopback address nothing listens on.
+    async fn dead_address() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        address
+    }
+
+    async fn register_dead(
+        registry: &Arc<MemoryRegistry>,
+        topic: &str,
+        id: &str,
+        queue: Option<&str>,
+    ) -> String {
+        let address = dead_address().await;
+        let mut instance = Instance::new(service_name(topic), address.clone()).with_id(id);
+        if let Some(queue) = queue {
+            instance = instance.with_label(QUEUE_LABEL, queue);
+        }
+        registry
+            .register(instance, Duration::from_secs(30))
+            .await
+            .unwrap();
+        address
+    }
+
+    async fn raw_post(
+        address: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> StatusCode {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let mut request = Request::post(format!("http://{address}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        bounded(client.request(request)).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn broadcast_reaches_every_subscriber() {
+        let registry = registry();
+        let (a, b) = (broker(&registry), broker(&registry));
+        let mut sa = a
+            .subscribe("orders.created", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let mut sb = b
+            .subscribe("orders.created", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        assert_ne!(a.address(), b.address());
+
+        a.publish(Message::new("orders.created", "order 7"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut sa).await.body, "order 7");
+        assert_eq!(next(&mut sb).await.body, "order 7");
+        assert!(drain(&mut sa).is_empty() && drain(&mut sb).is_empty());
+    }
+
+    #[tokio::test]
+    async fn subscriptions_register_under_broker_topic() {
+        let registry = registry();
+        let a = broker(&registry);
+        let _s1 = a
+            .subscribe("orders.created", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let _s2 = a
+            .subscribe("orders.created", SubscribeOptions::queue("billing"))
+            .await
+            .unwrap();
+        let mut instances = registry
+            .instances(&ServiceKey::new("broker.orders.created"))
+            .await
+            .unwrap();
+        instances.sort_by_key(|i| i.metadata.contains_key(QUEUE_LABEL));
+        assert_eq!(instances.len(), 2);
+        assert_ne!(instances[0].id, instances[1].id);
+        for instance in &instances {
+            assert_eq!(Some(instance.address.as_str()), a.address());
+            assert_eq!(instance.protocol, PROTOCOL);
+        }
+        assert_eq!(instances[0].metadata.get(QUEUE_LABEL), None);
+        assert_eq!(instances[1].metadata[QUEUE_LABEL], "billing");
+    }
+
+    #[tokio::test]
+    async fn queue_group_gets_each_message_once_round_robin() {
+        let registry = registry();
+        let (a, b, publisher) = (broker(&registry), broker(&registry), broker(&registry));
+        let mut sa = a
+            .subscribe("jobs", SubscribeOptions::queue("workers"))
+            .await
+            .unwrap();
+        let mut sb = b
+            .subscribe("jobs", SubscribeOptions::queue("workers"))
+            .await
+            .unwrap();
+        // A broadcast subscriber alongside gets everything.
+        let mut all = a
+            .subscribe("jobs", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+
+        for i in 0..10 {
+            publisher
+                .publish(Message::new("jobs", i.to_string()))
+                .await
+                .unwrap();
+        }
+        // Each publish returns once the message is queued.
+        let (ma, mb) = (drain(&mut sa), drain(&mut sb));
+        assert_eq!((ma.len(), mb.len()), (5, 5), "round robin: {ma:?} / {mb:?}");
+        let mut bodies: Vec<u32> = ma
+            .iter()
+            .chain(&mb)
+            .map(|m| std::str::from_utf8(&m.body).unwrap().parse().unwrap())
+            .collect();
+        bodies.sort_unstable();
+        assert_eq!(bodies, (0..10).collect::<Vec<_>>());
+        // Alternating members: one got the even messages, the other the odd.
+        let parity: Vec<u32> = ma
+            .iter()
+            .map(|m| {
+                std::str::from_utf8(&m.body)
+                    .unwrap()
+                    .parse::<u32>()
+                    .unwrap()
+                    % 2
+            })
+            .collect();
+        assert!(parity.iter().all(|p| *p == parity[0]));
+        assert_eq!(drain(&mut all).len(), 10);
+    }
+
+    #[tokio::test]
+    async fn headers_and_body_round_trip() {
+        let registry = registry();
+        let (a, b) = (broker(&registry), broker(&registry));
+        let mut s = a
+            .subscribe("orders.created", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let message = Message::new(
+            "orders.created",
+            Bytes::from_static(&[0, 159, 146, 150, 255]),
+        )
+        .with_header(header::CONTENT_TYPE, "application/protobuf")
+        .with_header(header::MESSAGE_ID, "m-1")
+        .with_header(
+            header::TRACEPARENT,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .with_header("x-city", "Zürich, café");
+        b.publish(message.clone()).await.unwrap();
+        assert_eq!(next(&mut s).await, message);
+
+        // Names travel lowercased; bad names and values are refused up front.
+        b.publish(Message::new("orders.created", "").with_header("X-Upper", "v"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut s).await.header("x-upper"), Some("v"));
+        let error = b
+            .publish(Message::new("orders.created", "").with_header("bad name", "v"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, BrokerError::Invalid(_)), "{error}");
+        let error = b
+            .publish(Message::new("orders.created", "").with_header("x", "line\r\nbreak"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, BrokerError::Invalid(_)), "{error}");
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[tokio::test]
+    async fn order_is_preserved_for_100_messages() {
+        let registry = registry();
+        let (a, b) = (broker(&registry), broker(&registry));
+        let mut s = a
+            .subscribe("ticks", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let mut q = a
+            .subscribe("ticks", SubscribeOptions::queue("one"))
+            .await
+            .unwrap();
+        let receive = async {
+            let mut received = Vec::new();
+            for _ in 0..100 {
+                received.push(next(&mut s).await.body);
+            }
+            received
+        };
+        let publish = async {
+            for i in 0..100 {
+                b.publish(Message::new("ticks", i.to_string()))
+                    .await
+                    .unwrap();
+            }
+        };
+        let (received, ()) = bounded(futures_util::future::join(receive, publish)).await;
+        let expected: Vec<Bytes> = (0..100).map(|i| Bytes::from(i.to_string())).collect();
+        assert_eq!(received, expected);
+        let queued: Vec<Bytes> = drain(&mut q).into_iter().map(|m| m.body).collect();
+        assert_eq!(queued, expected);
+    }
+
+    #[tokio::test]
+    async fn backpressure_waits_for_a_full_subscriber() {
+        let registry = registry();
+        let a = HttpBroker::builder(registry.clone()).capacity(1).build();
+        let b = broker(&registry);
+        let mut s = a
+            .subscribe("slow", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        b.publish(Message::new("slow", "1")).await.unwrap();
+        // The buffer is full: the second publish waits until the first is
+        // read (an absence, so a short bounded wait shows it).
+        let mut second = std::pin::pin!(b.publish(Message::new("slow", "2")));
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut second).await;
+        assert!(early.is_err(), "published into a full buffer: {early:?}");
+        assert_eq!(next(&mut s).await.body, "1");
+        bounded(second).await.unwrap();
+        assert_eq!(next(&mut s).await.body, "2");
+    }
+
+    #[tokio::test]
+    async fn unsubscribe_deregisters_and_stops_delivery() {
+        let registry = registry();
+        let (a, b) = (broker(&registry), broker(&registry));
+        let service = ServiceKey::new(service_name("orders.created"));
+        let sa = a
+            .subscribe("orders.created", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let mut sb = b
+            .subscribe("orders.created", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let mut queue = a
+            .subscribe("orders.created", SubscribeOptions::queue("q"))
+            .await
+            .unwrap();
+        // The publisher (b) now caches all three subscriptions.
+        b.publish(Message::new("orders.created", "1"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut sb).await.body, "1");
+        assert_eq!(next(&mut queue).await.body, "1");
+        let ids: Vec<String> = registry
+            .instances(&service)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids.len(), 3);
+
+        let address = a.address().unwrap().to_owned();
+        sa.unsubscribe().await.unwrap();
+        let left = registry.instances(&service).await.unwrap();
+        assert_eq!(left.len(), 2);
+        let gone: Vec<&String> = ids
+            .iter()
+            .filter(|id| !left.iter().any(|i| &i.id == *id))
+            .collect();
+        assert_eq!(gone.len(), 1);
+        // Its endpoint is gone too, even for a publisher whose cache lags.
+        let status = raw_post(
+            &address,
+            &format!("{PATH_PREFIX}{}", gone[0]),
+            &[(TOPIC_HEADER, "orders.created")],
+            "late",
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        b.publish(Message::new("orders.created", "2"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut sb).await.body, "2");
+
+        // Dropping the queue subscription ends it and deregisters it too.
+        let mut watch = registry
+            .watch(&service, Some(registry.revision()))
+            .await
+            .unwrap();
+        drop(queue);
+        let event = bounded(watch.next()).await.unwrap().unwrap();
+        assert!(matches!(event, WatchEvent::Delete { .. }), "{event:?}");
+        assert_eq!(registry.instances(&service).await.unwrap().len(), 1);
+        b.publish(Message::new("orders.created", "3"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut sb).await.body, "3");
+    }
+
+    #[tokio::test]
+    async fn queue_group_whose_members_are_all_dead_is_no_subscriber() {
+        let registry = registry();
+        let (a, b) = (broker(&registry), broker(&registry));
+        let address = register_dead(&registry, "jobs", "dead-1", Some("workers")).await;
+        let mut others = a
+            .subscribe("jobs", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+
+        let error = b.publish(Message::new("jobs", "work")).await.unwrap_err();
+        match &error {
+            BrokerError::NoSubscriber {
+                topic,
+                queue,
+                reason,
+            } => {
+                assert_eq!((topic.as_str(), queue.as_str()), ("jobs", "workers"));
+                assert!(reason.contains(&address), "{reason}");
+            }
+            other => panic!("expected NoSubscriber, got {other:?}"),
+        }
+        let text = error.to_string();
+        assert!(
+            text.contains("queue group `workers`") && text.contains("`jobs`"),
+            "{text}"
+        );
+        // Everyone else still got it.
+        assert_eq!(next(&mut others).await.body, "work");
+    }
+
+    #[tokio::test]
+    async fn queue_group_fails_over_to_a_live_member() {
+        let registry = registry();
+        let (a, b) = (broker(&registry), broker(&registry));
+        register_dead(&registry, "jobs", "dead-1", Some("workers")).await;
+        let mut live = a
+            .subscribe("jobs", SubscribeOptions::queue("workers"))
+            .await
+            .unwrap();
+        for i in 0..4 {
+            b.publish(Message::new("jobs", i.to_string()))
+                .await
+                .unwrap();
+        }
+        let bodies: Vec<Bytes> = drain(&mut live).into_iter().map(|m| m.body).collect();
+        assert_eq!(bodies, ["0", "1", "2", "3"].map(Bytes::from));
+    }
+
+    #[tokio::test]
+    async fn dead_broadcast_subscriber_is_skipped() {
+        let registry = registry();
+        let (a, b) = (broker(&registry), broker(&registry));
+        register_dead(&registry, "orders.created", "dead-1", None).await;
+        let mut live = a
+            .subscribe("orders.created", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        b.publish(Message::new("orders.created", "7"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut live).await.body, "7");
+    }
+
+    #[tokio::test]
+    async fn no_subscribers_is_not_an_error() {
+        let registry = registry();
+        broker(&registry)
+            .publish(Message::new("nobody.listens", "x"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn durable_is_unsupported_and_bad_names_invalid() {
+        let registry = registry();
+        let a = broker(&registry);
+        let error = a
+            .subscribe("orders", SubscribeOptions::durable(Durable::new("billing")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            BrokerError::Unsupported(
+                "the HTTP broker has no durable subscriptions; use nats:// with JetStream"
+                    .to_owned()
+            )
+        );
+        for topic in ["", "orders.*", "a..b", "with space"] {
+            let error = a
+                .subscribe(topic, SubscribeOptions::broadcast())
+                .await
+                .unwrap_err();
+            assert!(matches!(error, BrokerError::Invalid(_)), "{topic}: {error}");
+            let error = a.publish(Message::new(topic, "x")).await.unwrap_err();
+            assert!(matches!(error, BrokerError::Invalid(_)), "{topic}: {error}");
+        }
+        let error = a
+            .subscribe("orders", SubscribeOptions::queue("bad queue"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, BrokerError::Invalid(_)), "{error}");
+        // Nothing was started or registered for those.
+        assert!(a.address().is_none());
+        assert!(registry.services("default").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn plain_http_clients_can_post_to_a_subscriber() {
+        let registry = registry();
+        let a = broker(&registry);
+        let mut s = a
+            .subscribe("orders.created", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let address = a.address().unwrap().to_owned();
+        let id = registry
+            .instances(&ServiceKey::new(service_name("orders.created")))
+            .await
+            .unwrap()
+            .remove(0)
+            .id;
+        let path = format!("{PATH_PREFIX}{id}");
+
+        let status = raw_post(
+            &address,
+            &path,
+            &[
+                (TOPIC_HEADER, "orders.created"),
+                ("lodestar-h-content-type", "application/json"),
+                ("x-other", "ignored"),
+            ],
+            "{\"id\":7}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let message = next(&mut s).await;
+        assert_eq!(
+            message,
+            Message::new("orders.created", "{\"id\":7}")
+                .with_header("content-type", "application/json")
+        );
+
+        let cases = [
+            (path.as_str(), vec![], StatusCode::BAD_REQUEST),
+            (
+                path.as_str(),
+                vec![(TOPIC_HEADER, "orders.*")],
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                path.as_str(),
+                vec![(TOPIC_HEADER, "other.topic")],
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "/v1/broker/no-such-id",
+                vec![(TOPIC_HEADER, "orders.created")],
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                "/elsewhere",
+                vec![(TOPIC_HEADER, "orders.created")],
+                StatusCode::NOT_FOUND,
+            ),
+        ];
+        for (path, headers, expected) in cases {
+            assert_eq!(
+                raw_post(&address, path, &headers, "x").await,
+                expected,
+                "{path} {headers:?}"
+            );
+        }
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_are_refused() {
+        let registry = registry();
+        let a = HttpBroker::builder(registry.clone()).max_body(4).build();
+        let mut s = a
+            .subscribe("small", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let id = registry
+            .instances(&ServiceKey::new(service_name("small")))
+            .await
+            .unwrap()
+            .remove(0)
+            .id;
+        let status = raw_post(
+            a.address().unwrap(),
+            &format!("{PATH_PREFIX}{id}"),
+            &[(TOPIC_HEADER, "small")],
+            "too large",
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_is_registered_again() {
+        let registry = registry();
+        let a = HttpBroker::builder(registry.clone())
+            .ttl(Duration::from_millis(300))
+            .build();
+        let _s = a
+            .subscribe("orders", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let service = ServiceKey::new(service_name("orders"));
+        let instance = registry.instances(&service).await.unwrap().remove(0);
+        let mut watch = registry
+            .watch(&service, Some(registry.revision()))
+            .await
+            .unwrap();
+        registry.deregister(&instance.instance_key()).await.unwrap();
+        let event = bounded(watch.next()).await.unwrap().unwrap();
+        assert!(matches!(event, WatchEvent::Delete { .. }), "{event:?}");
+        // The next heartbeat finds it gone and registers it again.
+        let event = bounded(watch.next()).await.unwrap().unwrap();
+        assert!(
+            matches!(&event, WatchEvent::Put { instance: i, .. } if i.id == instance.id),
+            "{event:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn advertised_addresses() {
+        let local: SocketAddr = "127.0.0.1:4100".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:4100".parse().unwrap();
+        assert_eq!(advertised(None, local).unwrap(), "127.0.0.1:4100");
+        assert!(matches!(
+            advertised(None, any),
+            Err(BrokerError::Invalid(_))
+        ));
+        assert_eq!(
+            advertised(Some("10.0.0.7:0"), any).unwrap(),
+            "10.0.0.7:4100"
+        );
+        assert_eq!(
+            advertised(Some("host.example:80"), any).unwrap(),
+            "host.example:80"
+        );
+        assert_eq!(advertised(Some("[::1]:0"), any).unwrap(), "[::1]:4100");
+        assert!(advertised(Some("no-port"), any).is_err());
+        assert!(advertised(Some(":80"), any).is_err());
+
+        // An advertised host with the port the server got.
+        let registry = registry();
+        let a = HttpBroker::builder(registry.clone())
+            .bind("127.0.0.1:0".parse().unwrap())
+            .advertise("127.0.0.1:0")
+            .build();
+        let b = broker(&registry);
+        let mut s = a
+            .subscribe("named", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        let address = a.address().unwrap();
+        assert!(
+            address.starts_with("127.0.0.1:") && !address.ends_with(":0"),
+            "{address}"
+        );
+        b.publish(Message::new("named", "hi")).await.unwrap();
+        assert_eq!(next(&mut s).await.body, "hi");
+    }
+
+    #[tokio::test]
+    async fn a_new_subscriber_gets_the_next_publish() {
+        let registry = registry();
+        let (a, b) = (broker(&registry), broker(&registry));
+        let mut first = a
+            .subscribe("news", SubscribeOptions::queue("g"))
+            .await
+            .unwrap();
+        // The publisher's cache exists before the next subscriptions.
+        b.publish(Message::new("news", "0")).await.unwrap();
+        assert_eq!(next(&mut first).await.body, "0");
+        drop(first);
+        let mut second = a
+            .subscribe("news", SubscribeOptions::queue("g"))
+            .await
+            .unwrap();
+        let mut third = a
+            .subscribe("news", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        b.publish(Message::new("news", "1")).await.unwrap();
+        assert_eq!(next(&mut second).await.body, "1");
+        assert_eq!(next(&mut third).await.body, "1");
+    }
+
+    /// A registry whose first watches fail, or that never answers them.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: MemoryRegistry,
+        failures: AtomicU64,
+        hang: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl Registry for Flaky {
+        async fn register(&self, instance: Instance, ttl: Duration) -> Result<(), RegistryError> {
+            self.inner.register(instance, ttl).await
+        }
+        async fn heartbeat(&self, key: &InstanceKey) -> Result<(), RegistryError> {
+            self.inner.heartbeat(key).await
+        }
+        async fn deregister(&self, key: &InstanceKey) -> Result<(), RegistryError> {
+            self.inner.deregister(key).await
+        }
+        async fn instances(&self, service: &ServiceKey) -> Result<Vec<Instance>, RegistryError> {
+            self.inner.instances(service).await
+        }
+        async fn services(&self, namespace: &str) -> Result<Vec<ServiceKey>, RegistryError> {
+            self.inner.services(namespace).await
+        }
+        async fn watch(
+            &self,
+            service: &ServiceKey,
+            since: Option<Revision>,
+        ) -> Result<WatchStream, RegistryError> {
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
+            let failed = self
+                .failures
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            if failed.is_ok() {
+                return Err(RegistryError::Unavailable("flaky".to_owned()));
+            }
+            self.inner.watch(service, since).await
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watch_is_retried_and_a_silent_registry_is_unavailable() {
+        let flaky = Arc::new(Flaky {
+            inner: MemoryRegistry::new(),
+            failures: AtomicU64::new(2),
+            hang: false,
+        });
+        let a = HttpBroker::new(flaky.clone());
+        let mut s = a
+            .subscribe("retry", SubscribeOptions::broadcast())
+            .await
+            .unwrap();
+        // The first publish waits through two failed watches (with backoff).
+        bounded(a.publish(Message::new("retry", "x")))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut s).await.body, "x");
+        assert_eq!(flaky.failures.load(Ordering::Relaxed), 0);
+
+        let silent = Arc::new(Flaky {
+            inner: MemoryRegistry::new(),
+            failures: AtomicU64::new(0),
+            hang: true,
+        });
+        let b = HttpBroker::builder(silent)
+            .request_timeout(Duration::from_millis(200))
+            .build();
+        let error = bounded(b.publish(Message::new("retry", "x")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, BrokerError::Unavailable(m) if m.contains("broker.retry")),
+            "{error:?}"
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! Typed events over any [`Broker`]: publish protobuf messages, and handle
+//! them in subscribers that the [`Service`](crate::Service) builder starts
+//! and drains with the service.
+//!
+//! Everything published through here carries
+//! [`content-type`](header::CONTENT_TYPE) (`application/protobuf`, or what
+//! [`EventPublisher::publish_bytes`] is given), a fresh
+//! [`message-id`](header::MESSAGE_ID), and, when the publishing task is
+//! handling a traced request, its [`traceparent`](header::TRACEPARENT).
+//!
+//! ```
+//! use lodestar::events::{self, EventPublisher};
+//! use lodestar::MemoryBroker;
+//! use lodestar::broker::{Broker, SubscribeOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = MemoryBroker::new();
+//! let mut subscription = broker.subscribe("numbers", SubscribeOptions::broadcast()).await?;
+//! let publisher = EventPublisher::new(broker.clone());
+//! publisher.publish("numbers", &42u32).await?;
+//!
+//! let delivery = subscription.next().await.unwrap();
+//! assert_eq!(delivery.message.header("content-type"), Some("application/protobuf"));
+//! assert!(delivery.message.id().is_some());
+//! let number: u32 = events::decode(&delivery.message)?;
+//! assert_eq!(number, 42);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+pub use lodestar_core::broker::{
+    Broker, BrokerError, Delivery, Durable, Message, SubscribeOptions, Subscription, header,
+};
+
+/// The content type of protobuf bodies.
+pub const PROTOBUF: &str = "application/protobuf";
+
+tokio::task_local! {
+    /// The W3C trace context of the request the current task is handling.
+    static TRACEPARENT: String;
+}
+
+/// Runs `future` with `traceparent` as the trace context that events it
+/// publishes carry. lodestar's server does this for each request that
+/// arrives with a `traceparent` header.
+pub async fn with_trace_context<F: Future>(traceparent: String, future: F) -> F::Output {
+    TRACEPARENT.scope(traceparent, future).await
+}
+
+/// The current task's trace context, if any.
+pub fn current_trace_context() -> Option<String> {
+    TRACEPARENT.try_with(Clone::clone).ok()
+}
+
+/// A new message id: 128 random-looking bits, as 32 hex digits.
+pub fn new_message_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let half = |salt: u64| {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(count ^ salt);
+        hasher.write_u32(std::process::id());
+        hasher.finish()
+    };
+    format!("{:016x}{:016x}", half(0), half(u64::MAX))
+}
+
+/// Decodes a protobuf body. A body that does not decode is
+/// [`BrokerError::Invalid`], naming the topic and message id.
+pub fn decode<T: prost::Message + Default>(message: &Message) -> Result<T, BrokerError> {
+    T::decode(message.body.clone()).map_err(|e| {
+        BrokerError::Invalid(format!(
+            "message {} on `{}` is not a valid {}: {e}",
+            message.id().unwrap_or("without id"),
+            message.topic,
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+/// Publishes with lodestar's headers set. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EventPublisher {
+    broker: Arc<dyn Broker>,
+}
+
+impl EventPublisher {
+    /// A publisher over `broker`.
+    pub fn new(broker: impl Broker) -> Self {
+        Self {
+            broker: Arc::new(broker),
+        }
+    }
+
+    /// A publisher over a shared broker.
+    pub fn from_arc(broker: Arc<dyn Broker>) -> Self {
+        Self { broker }
+    }
+
+    /// The broker underneath.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// Publishes a protobuf message on `topic`.
+    pub async fn publish<T: prost::Message>(
+        &self,
+        topic: &str,
+        event: &T,
+    ) -> Result<(), BrokerError> {
+        self.publish_bytes(topic, PROTOBUF, event.encode_to_vec())
+            .await
+    }
+
+    /// Publishes `body` with the given content type.
+    pub async fn publish_bytes(
+        &self,
+        topic: &str,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<(), BrokerError> {
+        self.broker
+            .publish(stamp(Message::new(topic, body), content_type))
+            .await
+    }
+}
+
+/// Sets lodestar's headers on `message`, keeping any already there.
+pub fn stamp(mut message: Message, content_type: &str) -> Message {
+    message
+        .headers
+        .entry(header::CONTENT_TYPE.to_owned())
+        .or_insert_with(|| content_type.to_owned());
+    message
+        .headers
+        .entry(header::MESSAGE_ID.to_owned())
+        .or_insert_with(new_message_id);
+    if let Some(traceparent) = current_trace_context() {
+        message
+            .headers
+            .entry(header::TRACEPARENT.to_owned())
+            .or_insert(traceparent);
+    }
+    message
+}
+
+/// Why a handler did not handle a message; the delivery is nacked (and, for
+/// durable subscriptions, delivered again).
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a subscriber's handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+/// A type-erased handler of raw messages.
+pub type Handler = Arc<dyn Fn(Message) -> HandlerFuture + Send + Sync>;
+
+/// A handler of raw messages from a closure.
+pub fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    Arc::new(move |message| Box::pin(f(message)))
+}
+
+/// A handler of protobuf messages: the body is decoded into `T` first; a
+/// body that does not decode is an error (nacked, so a durable subscription
+/// dead-letters it after its retry limit).
+pub fn proto_handler<T, F, Fut>(f: F) -> Handler
+where
+    T: prost::Message + Default + 'static,
+    F: Fn(T, Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    Arc::new(move |message: Message| {
+        let f = f.clone();
+        Box::pin(async move {
+            let event = decode::<T>(&message)?;
+            f(event, message).await
+        })
+    })
+}
+
+/// One subscription declared on a service: topic, options, handler.
+#[derive(Clone)]
+pub struct Subscriber {
+    /// The topic.
+    pub topic: String,
+    /// Broadcast, queue group or durable.
+    pub options: SubscribeOptions,
+    /// What handles each message.
+    pub handler: Handler,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("topic", &self.topic)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a nacked delivery waits before it is delivered again.
+pub const NACK_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Runs one subscription: each delivery is handled in turn (so a
+/// publisher's order is kept), acked when the handler succeeds and nacked
+/// when it fails. Stops taking deliveries when `stop` turns true, finishes
+/// the one in hand, then unsubscribes.
+pub(crate) async fn run_subscriber(
+    mut subscription: Subscription,
+    handler: Handler,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let topic = subscription.topic().to_owned();
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => break,
+            delivery = subscription.next() => delivery,
+        };
+        let Some(delivery) = delivery else {
+            tracing::warn!(%topic, "the subscription ended");
+            return;
+        };
+        let traceparent = delivery
+            .message
+            .header(header::TRACEPARENT)
+            .map(str::to_owned);
+        let handled = handler(delivery.message.clone());
+        let result = match traceparent {
+            Some(traceparent) => with_trace_context(traceparent, handled).await,
+            None => handled.await,
+        };
+        let settled = match result {
+            Ok(()) => delivery.ack().await,
+            Err(e) => {
+                tracing::warn!(%topic, id = delivery.message.id(), attempt = delivery.attempt, error = %e,
+                    "the handler failed; the message is nacked");
+                delivery.nack(NACK_DELAY).await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(%topic, error = %e, "cannot settle a delivery; it will be delivered again");
+        }
+    }
+    if let Err(e) = subscription.unsubscribe().await {
+        tracing::warn!(%topic, error = %e, "unsubscribe failed");
+    }
+}
