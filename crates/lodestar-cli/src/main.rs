@@ -6,13 +6,14 @@ use clap::{Parser, Subcommand};
 
 mod cert;
 mod demo;
+mod events;
 mod registry;
 
 /// lodestar: services from .proto, called by name, with discovery and governance.
 #[derive(Parser, Debug)]
 #[command(name = "lodestar", version, about, propagate_version = true)]
 #[command(
-    after_help = "Examples:\n  lodestar demo                  run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs\n  lodestar cert --out certs      a development CA and certificates for TLS\n  lodestar registry --data-dir /var/lib/lodestar   run the registry server\n  lodestar describe route-guide --output json       instances of a service, for scripts"
+    after_help = "Examples:\n  lodestar demo                  run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs\n  lodestar cert --out certs      a development CA and certificates for TLS\n  lodestar registry --data-dir /var/lib/lodestar   run the registry server\n  lodestar describe route-guide --output json       instances of a service, for scripts\n  lodestar subscribe orders.created --queue billing  print events as JSON lines\n  lodestar publish orders.created '{\"id\":7}' --header content-type=application/json"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +37,10 @@ enum Command {
     Services(registry::RegistryArg),
     /// Shows the instances of a service.
     Describe(registry::DescribeArgs),
+    /// Publishes one message on a topic.
+    Publish(events::PublishArgs),
+    /// Prints each message on a topic, one JSON line each, until interrupted.
+    Subscribe(events::SubscribeArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +69,8 @@ fn main() -> ExitCode {
             Command::Registry(args) => registry::serve(args).await,
             Command::Services(args) => registry::services(args).await,
             Command::Describe(args) => registry::describe(args).await,
+            Command::Publish(args) => events::publish(args).await,
+            Command::Subscribe(args) => events::subscribe(args).await,
         }
     });
     match result {

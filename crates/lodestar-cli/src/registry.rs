@@ -68,7 +68,8 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
 /// Where to find the registry, for the commands that read it.
 #[derive(clap::Args, Debug)]
 pub(crate) struct RegistryArg {
-    /// Registry URL (memory://, lodestar://host:port[,host:port]). Default:
+    /// Registry URL (memory://, lodestar://host:port[,host:port],
+    /// etcd://host:port[,host:port]). Default:
     /// LODESTAR_REGISTRY, then lodestar://127.0.0.1:7070.
     #[arg(long)]
     registry: Option<String>,
