@@ -13,8 +13,10 @@ use lodestar::{
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 
+pub mod broker_conformance;
 pub mod conformance;
 pub mod etcd;
+pub mod nats;
 
 /// Generated code for the `lodestar.test` package.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
