@@ -383,6 +383,36 @@ mod service {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_handler_fails_one_message_and_the_subscription_goes_on() {
+        let broker: Arc<dyn Broker> = Arc::new(lodestar::MemoryBroker::new());
+        let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<u64>();
+        let running = Service::builder("fragile")
+            .broker(broker.clone())
+            .subscribe(
+                "numbers",
+                SubscribeOptions::broadcast(),
+                events::proto_handler(move |n: u64, _message: Message| {
+                    let seen = seen_tx.clone();
+                    async move {
+                        assert_ne!(n, 13, "unlucky");
+                        let _ = seen.send(n);
+                        Ok(())
+                    }
+                }),
+            )
+            .start()
+            .await
+            .unwrap();
+        let publisher = EventPublisher::from_arc(broker);
+        for n in [1u64, 13, 2] {
+            publisher.publish("numbers", &n).await.unwrap();
+        }
+        assert_eq!(bounded("1", seen_rx.recv()).await, Some(1));
+        assert_eq!(bounded("2, after the panic", seen_rx.recv()).await, Some(2));
+        running.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn handlers_see_the_trace_context_and_pass_it_on() {
         let broker: Arc<dyn Broker> = Arc::new(lodestar::MemoryBroker::new());
         let mut downstream = broker

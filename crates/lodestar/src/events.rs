@@ -237,11 +237,15 @@ pub(crate) async fn run_subscriber(
             .message
             .header(header::TRACEPARENT)
             .map(str::to_owned);
-        let handled = handler(delivery.message.clone());
+        // A handler that panics fails this message only: it is nacked, and
+        // the subscription carries on.
+        let handled = std::panic::AssertUnwindSafe(handler(delivery.message.clone()));
+        let handled = futures_util::FutureExt::catch_unwind(handled);
         let result = match traceparent {
             Some(traceparent) => with_trace_context(traceparent, handled).await,
             None => handled.await,
-        };
+        }
+        .unwrap_or_else(|_| Err("the handler panicked".into()));
         let settled = match result {
             Ok(()) => delivery.ack().await,
             Err(e) => {
