@@ -36,7 +36,10 @@ pub struct UrlError {
 /// A broker from its URL:
 ///
 /// * `memory://`: a broker inside this process;
-/// * `http://`: the HTTP broker, finding subscribers through `registry`;
+/// * `http://[bind_host:port][?advertise=host:port]`: the HTTP broker,
+///   finding subscribers through `registry`; its subscribers listen on
+///   `bind` (default `127.0.0.1:0`) and register `advertise` (default the
+///   bound address; required for an unspecified one like `0.0.0.0`);
 /// * `nats://host:4222[,host:4222…]`: a NATS cluster (feature `nats`).
 ///
 /// Connecting to NATS happens here, so an unreachable server is an error.
@@ -64,12 +67,77 @@ pub async fn from_url(
         .ok_or_else(|| error(expected.to_owned()))?;
     match scheme {
         "memory" if rest.is_empty() => Ok(Arc::new(lodestar::MemoryBroker::new())),
-        "http" if rest.is_empty() || rest == "/" => Ok(Arc::new(HttpBroker::new(registry))),
+        "http" => http_broker(rest, registry).map_err(error),
         #[cfg(feature = "nats")]
         "nats" => match NatsBroker::connect(url).await {
             Ok(broker) => Ok(Arc::new(broker)),
             Err(e) => Err(error(e.to_string())),
         },
         _ => Err(error(expected.to_owned())),
+    }
+}
+
+/// The HTTP broker from the part of its URL after `http://`.
+fn http_broker(
+    rest: &str,
+    registry: Arc<dyn lodestar::Registry>,
+) -> Result<Arc<dyn Broker>, String> {
+    let (bind, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut builder = HttpBroker::builder(registry);
+    let bind = bind.trim_end_matches('/');
+    if !bind.is_empty() {
+        let address: std::net::SocketAddr = bind
+            .parse()
+            .map_err(|_| format!("`{bind}` is not an address to listen on (ip:port)"))?;
+        builder = builder.bind(address);
+    }
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("advertise", address)) if address.rsplit_once(':').is_some() => {
+                builder = builder.advertise(address);
+            }
+            _ => {
+                return Err(format!(
+                    "unknown parameter `{pair}` (expected advertise=host:port)"
+                ));
+            }
+        }
+    }
+    Ok(Arc::new(builder.build()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls_are_checked_with_clear_errors() {
+        let registry: Arc<dyn lodestar::Registry> = Arc::new(lodestar::MemoryRegistry::new());
+        for good in [
+            "memory://",
+            "http://",
+            "http://127.0.0.1:0",
+            "http://0.0.0.0:0?advertise=10.0.0.7:0",
+        ] {
+            assert!(from_url(good, registry.clone()).await.is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("memory://x", "expected memory://"),
+            ("http://nohost", "not an address to listen on"),
+            ("http://127.0.0.1:0?advertise", "unknown parameter"),
+            ("nats://h", "is not host:port"),
+            ("nats://127.0.0.1:1", "cannot connect"),
+            ("amqp://h:5672", "expected memory://"),
+            ("no-scheme", "expected memory://"),
+        ] {
+            let error = from_url(bad, registry.clone())
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(bad) && error.contains(says),
+                "{bad}: {error}"
+            );
+        }
     }
 }

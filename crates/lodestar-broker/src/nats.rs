@@ -33,7 +33,9 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Broker, BrokerError, Delivery, Durable, Message, SubscribeOptions, Subscription};
-use lodestar::broker::{Acker, Headers, Unsubscribe, header, validate_options, validate_topic};
+use lodestar::broker::{
+    Acker, Headers, Unsubscribe, header, validate_message, validate_options, validate_topic,
+};
 
 /// How long a "no stream holds this topic" answer is trusted.
 const NEGATIVE_STREAM_CACHE: Duration = Duration::from_secs(2);
@@ -405,7 +407,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 #[async_trait::async_trait]
 impl Broker for NatsBroker {
     async fn publish(&self, message: Message) -> Result<(), BrokerError> {
-        validate_topic(&message.topic)?;
+        validate_message(&message)?;
         let limit = self.client.server_info().max_payload;
         if limit > 0 && message.body.len() > limit {
             return Err(BrokerError::TooLarge {

@@ -256,6 +256,30 @@ pub async fn bad_input_is_refused_clearly(
         );
     }
     let topic = format!("{prefix}.bad");
+    // Headers every backend can carry unchanged, or a clear refusal.
+    let too_many = (0..=lodestar::broker::MAX_HEADERS).fold(Message::new(&topic, "x"), |m, i| {
+        m.with_header(format!("h{i}"), "v")
+    });
+    for message in [
+        Message::new(&topic, "x").with_header("Content-Type", "text/plain"),
+        Message::new(&topic, "x").with_header("has space", "v"),
+        Message::new(&topic, "x").with_header("k", "two\nlines"),
+        Message::new(&topic, "x").with_header("k", " padded "),
+        too_many,
+    ] {
+        let error = publisher.publish(message.clone()).await.unwrap_err();
+        assert!(
+            matches!(error, BrokerError::Invalid(_)),
+            "{:?}: {error:?}",
+            message.headers
+        );
+    }
+    let long_topic = "t".repeat(lodestar::broker::MAX_TOPIC + 1);
+    let error = publisher
+        .publish(Message::new(long_topic, "x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BrokerError::Invalid(_)), "{error:?}");
     let error = subscriber
         .subscribe(&topic, SubscribeOptions::queue("no spaces"))
         .await

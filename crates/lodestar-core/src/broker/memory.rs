@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription, Unsubscribe,
-    validate_options, validate_topic,
+    validate_message, validate_options, validate_topic,
 };
 
 /// How many undelivered messages a subscriber may hold before publishers wait.
@@ -134,7 +134,7 @@ impl Unsubscribe for Guard {
 #[async_trait::async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, message: Message) -> Result<(), BrokerError> {
-        validate_topic(&message.topic)?;
+        validate_message(&message)?;
         // Pick the receivers under the lock, send outside it.
         let targets: Vec<mpsc::Sender<Delivery>> = {
             let mut topics = self.inner.topics();

@@ -399,6 +399,60 @@ impl<B: Broker + ?Sized> Broker for Arc<B> {
     }
 }
 
+/// The longest topic, in bytes: short enough that every backend can name
+/// what it keeps per topic after it (JetStream streams, dead-letter topics).
+pub const MAX_TOPIC: usize = 200;
+/// The most headers a message may carry.
+pub const MAX_HEADERS: usize = 64;
+/// The longest header value, in bytes.
+pub const MAX_HEADER_VALUE: usize = 4096;
+
+/// Checks a message before it is published: its topic, and headers every
+/// backend carries unchanged: at most [`MAX_HEADERS`]; names of lowercase
+/// letters, digits, `-`, `_` and `.` (at most 128 bytes); values of
+/// printable text without leading or trailing spaces (at most
+/// [`MAX_HEADER_VALUE`] bytes).
+///
+/// ```
+/// use lodestar_core::broker::{Message, validate_message};
+/// assert!(validate_message(&Message::new("t", "x").with_header("content-type", "text/plain")).is_ok());
+/// assert!(validate_message(&Message::new("t", "x").with_header("Content-Type", "text/plain")).is_err());
+/// assert!(validate_message(&Message::new("t", "x").with_header("k", "two\nlines")).is_err());
+/// ```
+pub fn validate_message(message: &Message) -> Result<(), BrokerError> {
+    validate_topic(&message.topic)?;
+    if message.headers.len() > MAX_HEADERS {
+        return Err(BrokerError::Invalid(format!(
+            "{} headers on `{}`: at most {MAX_HEADERS}",
+            message.headers.len(),
+            message.topic
+        )));
+    }
+    for (name, value) in &message.headers {
+        let name_ok = !name.is_empty()
+            && name.len() <= 128
+            && name.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+            });
+        if !name_ok {
+            return Err(BrokerError::Invalid(format!(
+                "header name `{name}`: expected lowercase letters, digits, `-`, `_` and `.` \
+                 (at most 128 bytes)"
+            )));
+        }
+        let value_ok = value.len() <= MAX_HEADER_VALUE
+            && !value.chars().any(char::is_control)
+            && value.trim() == value;
+        if !value_ok {
+            return Err(BrokerError::Invalid(format!(
+                "the value of header `{name}`: expected text without control characters or \
+                 leading and trailing spaces (at most {MAX_HEADER_VALUE} bytes)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a topic (or queue group) name: dot-separated non-empty tokens of
 /// letters, digits, `-` and `_`. Wildcards are not part of lodestar's broker
 /// contract, so that every backend behaves the same.
@@ -415,12 +469,12 @@ pub fn validate_topic(topic: &str) -> Result<(), BrokerError> {
             && t.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
-    if topic.len() <= 255 && topic.split('.').all(valid_token) {
+    if topic.len() <= MAX_TOPIC && topic.split('.').all(valid_token) {
         Ok(())
     } else {
         Err(BrokerError::Invalid(format!(
             "topic `{topic}`: expected dot-separated tokens of letters, digits, `-` and `_` \
-             (at most 255 bytes, no wildcards)"
+             (at most {MAX_TOPIC} bytes, no wildcards)"
         )))
     }
 }
