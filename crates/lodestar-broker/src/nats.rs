@@ -17,12 +17,19 @@
 //!   duplicate. Other topics are published fire-and-forget, as NATS core is.
 //! * After [`Durable::max_deliver`] failed deliveries, a message is copied
 //!   to the dead-letter topic (its own stream, `dead.{topic}` by default)
-//!   with [`header::DEAD_LETTER_TOPIC`] and
-//!   [`header::DEAD_LETTER_ATTEMPTS`],
-//!   and terminated. The consumer allows one delivery more than
-//!   `max_deliver` so that a subscriber that crashed on the last attempt
-//!   does not lose the message: the extra delivery goes straight to the
-//!   dead-letter topic.
+//!   with [`header::DEAD_LETTER_TOPIC`], [`header::DEAD_LETTER_ATTEMPTS`] and
+//!   [`header::DEAD_LETTER_CONSUMER`], and terminated. The server's consumer
+//!   has no delivery limit of its own: lodestar counts, so a message whose
+//!   last attempt died with its subscriber, or whose dead-lettering failed,
+//!   is delivered again and dead-lettered then, never dropped.
+//! * A durable subscription pulls 16 messages at a time and buffers 8, since
+//!   the ack wait runs while a message waits; a handler must finish within
+//!   the ack wait. A consumer or stream deleted under a subscription is
+//!   created again, and resubscribing with a new ack wait updates it.
+//! * Streams keep messages without limit (JetStream's defaults); set limits
+//!   on them with NATS's own tools. A new durable name starts from the
+//!   beginning of its stream.
+//!
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,8 +46,13 @@ use lodestar::broker::{
 
 /// How long a "no stream holds this topic" answer is trusted.
 const NEGATIVE_STREAM_CACHE: Duration = Duration::from_secs(2);
-/// How many deliveries a subscription buffers before NATS waits for it.
+/// How many deliveries a core subscription buffers before NATS waits for it.
 const BUFFER: usize = 256;
+/// How many durable deliveries wait for the subscriber: few, because their
+/// ack wait runs while they wait.
+const DURABLE_BUFFER: usize = 8;
+/// How many messages a durable subscription pulls at once.
+const DURABLE_BATCH: usize = 16;
 
 /// A NATS broker: core subjects and JetStream durable subscriptions.
 ///
@@ -133,9 +145,25 @@ impl NatsBroker {
             Some((false, at)) if at.elapsed() < NEGATIVE_STREAM_CACHE => return false,
             _ => {}
         }
-        let stored = self.jetstream.stream_by_subject(topic).await.is_ok();
-        self.remember(topic, stored);
-        stored
+        match self.jetstream.stream_by_subject(topic).await {
+            Ok(_) => {
+                self.remember(topic, true);
+                true
+            }
+            Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                self.remember(topic, false);
+                false
+            }
+            // Unknown: publish through JetStream, whose answer says.
+            Err(_) => true,
+        }
+    }
+
+    fn forget(&self, topic: &str) {
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
     }
 
     fn remember(&self, topic: &str, stored: bool) {
@@ -162,39 +190,59 @@ impl NatsBroker {
         Ok(stream)
     }
 
-    async fn durable(&self, topic: &str, durable: Durable) -> Result<Subscription, BrokerError> {
+    /// The durable consumer for `topic`, creating its stream, the
+    /// dead-letter stream and the consumer if missing, and bringing an
+    /// existing consumer's ack wait up to date.
+    async fn consumer(
+        &self,
+        topic: &str,
+        durable: &Durable,
+    ) -> Result<consumer::PullConsumer, BrokerError> {
         let stream = self.ensure_stream(topic).await?;
+        self.ensure_stream(&durable.dead_letter_topic(topic))
+            .await?;
+        let config = consumer::pull::Config {
+            durable_name: Some(durable.name.clone()),
+            filter_subject: topic.to_owned(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: durable.ack_wait,
+            // Unlimited on the server: lodestar counts the attempts and
+            // dead-letters, so that a message whose dead-lettering failed is
+            // delivered again rather than dropped (see the module docs).
+            max_deliver: -1,
+            ..consumer::pull::Config::default()
+        };
+        let error = |e: &dyn std::fmt::Display| {
+            BrokerError::Unavailable(format!(
+                "{self:?}: durable consumer `{}` on `{topic}`: {e}",
+                durable.name
+            ))
+        };
+        let mut consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(&durable.name, config.clone())
+            .await
+            .map_err(|e| error(&e))?;
+        let existing = &consumer.cached_info().config;
+        if existing.ack_wait != durable.ack_wait || existing.max_deliver != -1 {
+            consumer = stream
+                .update_consumer(config)
+                .await
+                .map_err(|e| error(&format!("cannot update its settings: {e}")))?;
+        }
+        Ok(consumer)
+    }
+
+    async fn durable(&self, topic: &str, durable: Durable) -> Result<Subscription, BrokerError> {
         let dead_letter = durable.dead_letter_topic(topic);
         validate_topic(&dead_letter)?;
-        self.ensure_stream(&dead_letter).await?;
-        let max_deliver = i64::from(durable.max_deliver);
-        let consumer: consumer::PullConsumer = stream
-            .get_or_create_consumer(
-                &durable.name,
-                consumer::pull::Config {
-                    durable_name: Some(durable.name.clone()),
-                    filter_subject: topic.to_owned(),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: durable.ack_wait,
-                    // One more than asked: see the module docs.
-                    max_deliver: max_deliver + 1,
-                    ..consumer::pull::Config::default()
-                },
-            )
-            .await
-            .map_err(|e| {
-                BrokerError::Unavailable(format!(
-                    "{self:?}: durable consumer `{}` on `{topic}`: {e}",
-                    durable.name
-                ))
-            })?;
-        let (tx, rx) = mpsc::channel(BUFFER);
+        let consumer = self.consumer(topic, &durable).await?;
+        let (tx, rx) = mpsc::channel(DURABLE_BUFFER);
         let (stop_tx, stop_rx) = oneshot::channel::<oneshot::Sender<()>>();
         let pump = DurablePump {
             broker: self.clone(),
             topic: topic.to_owned(),
             dead_letter,
-            max_deliver: durable.max_deliver,
+            durable,
             consumer,
             tx,
         };
@@ -217,25 +265,27 @@ impl NatsBroker {
         self.flush_client().await?;
         let (tx, rx) = mpsc::channel(BUFFER);
         let (stop_tx, mut stop_rx) = oneshot::channel::<oneshot::Sender<()>>();
+        let client = self.client.clone();
         tokio::spawn(async move {
             let mut subscriber = subscriber;
-            loop {
+            let stop = loop {
+                let message = tokio::select! {
+                    stop = &mut stop_rx => break stop.ok(),
+                    message = subscriber.next() => message,
+                };
+                let Some(message) = message else { return };
+                // Waiting for room in the buffer, but not past a stop.
                 tokio::select! {
-                    stop = &mut stop_rx => {
-                        let _ = subscriber.unsubscribe().await;
-                        if let Ok(done) = stop {
-                            let _ = done.send(());
-                        }
-                        return;
-                    }
-                    message = subscriber.next() => {
-                        let Some(message) = message else { return };
-                        if tx.send(Delivery::new(from_nats(message))).await.is_err() {
-                            let _ = subscriber.unsubscribe().await;
-                            return;
-                        }
-                    }
+                    stop = &mut stop_rx => break stop.ok(),
+                    sent = tx.send(Delivery::new(from_nats(message))) => if sent.is_err() { break None },
                 }
+            };
+            let _ = subscriber.unsubscribe().await;
+            if let Some(done) = stop {
+                // Confirmed only once the server has the UNSUB, so that
+                // nothing more is routed to this member afterwards.
+                let _ = client.flush().await;
+                let _ = done.send(());
             }
         });
         Ok(Subscription::new(
@@ -266,55 +316,90 @@ impl Unsubscribe for Stop {
 }
 
 /// Moves a durable consumer's messages into a subscription, resuming after
-/// errors (a server restart, say) until stopped.
+/// errors (a server restart, a deleted consumer) until stopped.
 struct DurablePump {
     broker: NatsBroker,
     topic: String,
     dead_letter: String,
-    max_deliver: u32,
+    durable: Durable,
     consumer: consumer::PullConsumer,
     tx: mpsc::Sender<Delivery>,
 }
 
+/// What stopped a pump's inner loop.
+enum Pumped {
+    /// Told to stop, or nobody listens any more.
+    Stop,
+    /// The message stream failed or ended: get the consumer again.
+    Resume,
+}
+
 impl DurablePump {
-    async fn run(self, mut stop: oneshot::Receiver<oneshot::Sender<()>>) {
+    async fn run(mut self, mut stop: oneshot::Receiver<oneshot::Sender<()>>) {
         let mut backoff = Duration::from_millis(50);
+        let mut fresh = true;
         loop {
+            if !fresh {
+                // The consumer (or its stream) may have been deleted.
+                let recreated = tokio::select! {
+                    done = &mut stop => return confirm(done),
+                    consumer = self.broker.consumer(&self.topic, &self.durable) => consumer,
+                };
+                match recreated {
+                    Ok(consumer) => self.consumer = consumer,
+                    Err(e) => {
+                        tracing::warn!(topic = %self.topic, error = %e, "durable consumer unavailable; retrying")
+                    }
+                }
+            }
+            fresh = false;
             let messages = tokio::select! {
-                done = &mut stop => { if let Ok(done) = done { let _ = done.send(()); } return; }
-                messages = self.consumer.messages() => messages,
+                done = &mut stop => return confirm(done),
+                messages = self.consumer.stream().max_messages_per_batch(DURABLE_BATCH).messages() => messages,
             };
-            let mut messages = match messages {
-                Ok(messages) => messages,
+            let pumped = match messages {
+                Ok(messages) => self.pump(messages, &mut stop, &mut backoff).await,
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, error = %e, "durable consumer unavailable; retrying");
-                    tokio::select! {
-                        done = &mut stop => { if let Ok(done) = done { let _ = done.send(()); } return; }
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
+                    Pumped::Resume
                 }
             };
-            loop {
-                let next = tokio::select! {
-                    done = &mut stop => { if let Ok(done) = done { let _ = done.send(()); } return; }
-                    next = messages.next() => next,
-                };
-                match next {
-                    Some(Ok(message)) => {
-                        backoff = Duration::from_millis(50);
-                        if !self.deliver(message).await {
-                            return;
-                        }
+            if let Pumped::Stop = pumped {
+                return;
+            }
+            tokio::select! {
+                done = &mut stop => return confirm(done),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn pump(
+        &self,
+        mut messages: consumer::pull::Stream,
+        stop: &mut oneshot::Receiver<oneshot::Sender<()>>,
+        backoff: &mut Duration,
+    ) -> Pumped {
+        loop {
+            let next = tokio::select! {
+                done = &mut *stop => { confirm(done); return Pumped::Stop; }
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    *backoff = Duration::from_millis(50);
+                    // Waiting for room in the buffer, but not past a stop.
+                    tokio::select! {
+                        done = &mut *stop => { confirm(done); return Pumped::Stop; }
+                        delivered = self.deliver(message) => if !delivered { return Pumped::Stop; },
                     }
-                    Some(Err(e)) => {
-                        // Heartbeats missed, server gone: async-nats keeps
-                        // the stream going where it can; log and carry on.
-                        tracing::debug!(topic = %self.topic, error = %e, "durable consumer hiccup");
-                    }
-                    None => break,
                 }
+                Some(Err(e)) => {
+                    tracing::warn!(topic = %self.topic, error = %e, "durable consumer interrupted; resuming");
+                    return Pumped::Resume;
+                }
+                None => return Pumped::Resume,
             }
         }
     }
@@ -327,15 +412,21 @@ impl DurablePump {
         let acker = Arc::new(JetStreamAck {
             message,
             attempt,
-            max_deliver: self.max_deliver,
+            max_deliver: self.durable.max_deliver,
+            durable: self.durable.name.clone(),
             dead_letter: self.dead_letter.clone(),
             topic: self.topic.clone(),
             jetstream: self.broker.jetstream.clone(),
         });
-        if attempt > self.max_deliver {
-            // The last attempt was never settled (its subscriber crashed).
+        if attempt > self.durable.max_deliver {
+            // The last attempt was never settled (its subscriber crashed),
+            // or dead-lettering it failed: try (again) now.
             if let Err(e) = acker.dead_letter().await {
-                tracing::warn!(topic = %self.topic, error = %e, "cannot dead-letter a message");
+                tracing::warn!(topic = %self.topic, error = %e, "cannot dead-letter a message; it will be delivered again");
+                let _ = acker
+                    .message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
             return true;
         }
@@ -345,10 +436,18 @@ impl DurablePump {
     }
 }
 
+/// Confirms a stop request, if it was one (not a dropped handle).
+fn confirm(done: Result<oneshot::Sender<()>, oneshot::error::RecvError>) {
+    if let Ok(done) = done {
+        let _ = done.send(());
+    }
+}
+
 struct JetStreamAck {
     message: jetstream::Message,
     attempt: u32,
     max_deliver: u32,
+    durable: String,
     dead_letter: String,
     topic: String,
     jetstream: jetstream::Context,
@@ -363,6 +462,16 @@ impl JetStreamAck {
             header::DEAD_LETTER_ATTEMPTS,
             self.attempt.to_string().as_str(),
         );
+        headers.insert(header::DEAD_LETTER_CONSUMER, self.durable.as_str());
+        // De-duplicated per message and consumer: another durable's dead
+        // letter for the same message is its own.
+        if let Ok(info) = self.message.info() {
+            let id = format!(
+                "dead-{}-{}-{}",
+                info.stream, self.durable, info.stream_sequence
+            );
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
         self.jetstream
             .publish_with_headers(
                 self.dead_letter.clone(),
@@ -390,7 +499,14 @@ impl Acker for JetStreamAck {
 
     async fn nack(&self, delay: Duration) -> Result<(), BrokerError> {
         if self.attempt >= self.max_deliver {
-            return self.dead_letter().await;
+            match self.dead_letter().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // Keep the message: it comes back, and is dead-lettered
+                    // on its next delivery.
+                    tracing::warn!(topic = %self.topic, error = %e, "cannot dead-letter a message; it will be delivered again");
+                }
+            }
         }
         let delay = (!delay.is_zero()).then_some(delay);
         self.message
@@ -419,22 +535,54 @@ impl Broker for NatsBroker {
         for (name, value) in &message.headers {
             headers.insert(name.as_str(), value.as_str());
         }
+        let size = message.body.len();
         if self.stored(&message.topic).await {
             if let Some(id) = message.id() {
                 headers.insert("Nats-Msg-Id", id);
             }
-            self.jetstream
+            use jetstream::context::PublishErrorKind as Kind;
+            let topic = message.topic.clone();
+            let acked = match self
+                .jetstream
                 .publish_with_headers(message.topic, headers, message.body)
                 .await
-                .map_err(unavailable)?
-                .await
-                .map_err(|e| BrokerError::Unavailable(format!("{self:?}: not stored: {e}")))?;
-            return Ok(());
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            return match acked {
+                Ok(_) => Ok(()),
+                // No stream (any more): nothing stores the subject, and
+                // whoever subscribes to it has had the message, as with a
+                // core publish.
+                Err(e) if e.kind() == Kind::StreamNotFound => {
+                    self.forget(&topic);
+                    Ok(())
+                }
+                Err(e) if e.kind() == Kind::MaxPayloadExceeded => Err(BrokerError::TooLarge {
+                    size,
+                    limit: self.client.server_info().max_payload,
+                }),
+                Err(e) => {
+                    if e.kind() == Kind::TimedOut {
+                        self.forget(&topic);
+                    }
+                    Err(BrokerError::Unavailable(format!(
+                        "{self:?}: not stored: {e}"
+                    )))
+                }
+            };
         }
         self.client
             .publish_with_headers(message.topic, headers, message.body)
             .await
-            .map_err(|e| BrokerError::Unavailable(format!("{self:?}: {e}")))
+            .map_err(|e| match e.kind() {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded => BrokerError::TooLarge {
+                    size,
+                    limit: self.client.server_info().max_payload,
+                },
+                _ => BrokerError::Unavailable(format!("{self:?}: {e}")),
+            })
     }
 
     async fn subscribe(

@@ -1149,7 +1149,9 @@ mod events {
         let mut survivor = broker
             .subscribe(
                 "js.batch",
-                SubscribeOptions::durable(Durable::new("ledger")),
+                // Members of one durable share its settings (others would
+                // update the consumer for all of them).
+                SubscribeOptions::durable(Durable::new("ledger").ack_wait(Duration::from_secs(1))),
             )
             .await
             .unwrap();

@@ -179,6 +179,16 @@ pub async fn unsubscribe_stops_delivery(
     prefix: &str,
 ) {
     let topic = format!("{prefix}.unsub");
+    // Unsubscribing returns even with a backlog nobody read.
+    let backlog = format!("{prefix}.backlog");
+    let idle = subscribe(subscriber, &backlog, SubscribeOptions::broadcast()).await;
+    for i in 0..300 {
+        publish(publisher, Message::new(&backlog, i.to_string())).await;
+    }
+    bounded("unsubscribe with a backlog", idle.unsubscribe())
+        .await
+        .unwrap();
+
     let leaving = subscribe(subscriber, &topic, SubscribeOptions::queue("g")).await;
     let mut staying = subscribe(subscriber, &topic, SubscribeOptions::queue("g")).await;
     let mut watcher = subscribe(subscriber, &topic, SubscribeOptions::broadcast()).await;

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use lodestar::Broker;
 use lodestar::broker::{Durable, Message, SubscribeOptions, header};
@@ -362,6 +363,34 @@ mod service {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_running_service_keeps_handling_events() {
+        let broker: Arc<dyn Broker> = Arc::new(lodestar::MemoryBroker::new());
+        let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<u64>();
+        let running = Service::builder("background")
+            .broker(broker.clone())
+            .subscribe(
+                "ticks",
+                SubscribeOptions::broadcast(),
+                events::proto_handler(move |n: u64, _message: Message| {
+                    let seen = seen_tx.clone();
+                    async move {
+                        let _ = seen.send(n);
+                        Ok(())
+                    }
+                }),
+            )
+            .start()
+            .await
+            .unwrap();
+        drop(running);
+        EventPublisher::from_arc(broker)
+            .publish("ticks", &5u64)
+            .await
+            .unwrap();
+        assert_eq!(bounded("the event", seen_rx.recv()).await, Some(5));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscriber_without_a_broker_or_with_a_bad_topic_fails_start_clearly() {
         let handler = events::handler(|_message| async { Ok(()) });
         let error = Service::builder("svc")
@@ -403,13 +432,39 @@ mod service {
             .start()
             .await
             .unwrap();
+        // A handler that panics before it even returns a future.
+        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Bytes>();
+        let raw = Service::builder("fragile-raw")
+            .broker(broker.clone())
+            .subscribe(
+                "numbers",
+                SubscribeOptions::broadcast(),
+                events::handler(move |message: Message| {
+                    assert_ne!(
+                        events::decode::<u64>(&message).unwrap(),
+                        13,
+                        "unlucky, early"
+                    );
+                    let _ = raw_tx.send(message.body);
+                    async { Ok(()) }
+                }),
+            )
+            .start()
+            .await
+            .unwrap();
         let publisher = EventPublisher::from_arc(broker);
         for n in [1u64, 13, 2] {
             publisher.publish("numbers", &n).await.unwrap();
         }
         assert_eq!(bounded("1", seen_rx.recv()).await, Some(1));
         assert_eq!(bounded("2, after the panic", seen_rx.recv()).await, Some(2));
+        bounded("1", raw_rx.recv()).await.unwrap();
+        let after = bounded("2, after the early panic", raw_rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(events::decode::<u64>(&Message::new("n", after)).unwrap(), 2);
         running.shutdown().await.unwrap();
+        raw.shutdown().await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,4 +635,163 @@ async fn an_http_publisher_with_a_lagging_cache_finds_a_replacement_queue_member
         .unwrap();
     let delivery = bounded("the replacement", second.next()).await.unwrap();
     assert_eq!(delivery.message.body, "after");
+}
+
+mod jetstream_recovery {
+    use super::*;
+
+    async fn durable(
+        broker: &NatsBroker,
+        topic: &str,
+        durable: Durable,
+    ) -> lodestar::broker::Subscription {
+        bounded(
+            "subscribe",
+            broker.subscribe(topic, SubscribeOptions::durable(durable)),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlog_is_not_dead_lettered_while_it_waits_for_a_slow_subscriber() {
+        let server = Nats::start().await;
+        let broker = NatsBroker::connect(&server.url()).await.unwrap();
+        let settings = Durable::new("slow")
+            .ack_wait(Duration::from_secs(1))
+            .max_deliver(2);
+        let mut subscription = durable(&broker, "js.backlog", settings).await;
+        let mut dead = durable(&broker, "dead.js.backlog", Durable::new("inspector")).await;
+        for i in 0..40 {
+            broker
+                .publish(Message::new("js.backlog", i.to_string()))
+                .await
+                .unwrap();
+        }
+        // 40 × 50ms is twice the ack wait: only what is handed out may be
+        // waiting on the clock.
+        let mut handled = BTreeSet::new();
+        while handled.len() < 40 {
+            let delivery = bounded("a delivery", subscription.next()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            delivery.ack().await.unwrap();
+            handled.insert(String::from_utf8_lossy(&delivery.message.body).into_owned());
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), dead.next())
+                .await
+                .is_err(),
+            "a healthy message was dead-lettered"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsubscribing_a_durable_with_a_backlog_returns() {
+        let server = Nats::start().await;
+        let broker = NatsBroker::connect(&server.url()).await.unwrap();
+        let subscription = durable(&broker, "js.full", Durable::new("idle")).await;
+        for i in 0..100 {
+            broker
+                .publish(Message::new("js.full", i.to_string()))
+                .await
+                .unwrap();
+        }
+        bounded("unsubscribe", subscription.unsubscribe())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_consumer_and_stream_are_recreated() {
+        let server = Nats::start().await;
+        let broker = NatsBroker::connect(&server.url()).await.unwrap();
+        let plain = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+        let mut subscription = durable(
+            &broker,
+            "js.phoenix",
+            Durable::new("p").ack_wait(Duration::from_secs(1)),
+        )
+        .await;
+        broker
+            .publish(Message::new("js.phoenix", "before"))
+            .await
+            .unwrap();
+        let first = bounded("before", subscription.next()).await.unwrap();
+        first.ack().await.unwrap();
+        // An operator deletes the stream (and with it the consumer).
+        let name = plain.stream_by_subject("js.phoenix").await.unwrap();
+        plain.delete_stream(&name).await.unwrap();
+        // Publishing still works (the stream is gone, so it is a plain
+        // publish), and the subscription comes back with its stream.
+        bounded(
+            "a publish without the stream",
+            broker.publish(Message::new("js.phoenix", "gap")),
+        )
+        .await
+        .unwrap();
+        bounded("the stream to come back", async {
+            while plain.stream_by_subject("js.phoenix").await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        broker
+            .publish(Message::new("js.phoenix", "after"))
+            .await
+            .unwrap();
+        loop {
+            let delivery = bounded("after", subscription.next()).await.unwrap();
+            delivery.ack().await.unwrap();
+            if delivery.message.body == "after" {
+                break;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resubscribing_with_new_settings_updates_the_consumer() {
+        let server = Nats::start().await;
+        let broker = NatsBroker::connect(&server.url()).await.unwrap();
+        let plain = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+        let first = durable(
+            &broker,
+            "js.settings",
+            Durable::new("s").ack_wait(Duration::from_secs(30)),
+        )
+        .await;
+        first.unsubscribe().await.unwrap();
+        let _second = durable(
+            &broker,
+            "js.settings",
+            Durable::new("s").ack_wait(Duration::from_secs(2)),
+        )
+        .await;
+        let name = plain.stream_by_subject("js.settings").await.unwrap();
+        let stream = plain.get_stream(&name).await.unwrap();
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer("s").await.unwrap();
+        assert_eq!(
+            consumer.info().await.unwrap().config.ack_wait,
+            Duration::from_secs(2)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_over_the_servers_limit_is_too_large() {
+        let server = Nats::start().await;
+        let broker = NatsBroker::connect(&server.url()).await.unwrap();
+        let limit = broker.client().server_info().max_payload;
+        // Over the limit counting the headers, though not the body alone.
+        for topic in ["plain.big", "js.big"] {
+            if topic.starts_with("js") {
+                let _keep = durable(&broker, topic, Durable::new("big")).await;
+            }
+            let message = Message::new(topic, vec![b'x'; limit]).with_header("message-id", "m");
+            let error = broker.publish(message).await.unwrap_err();
+            assert!(
+                matches!(error, lodestar::BrokerError::TooLarge { .. }),
+                "{topic}: {error:?}"
+            );
+        }
+    }
 }

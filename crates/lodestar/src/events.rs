@@ -226,7 +226,9 @@ pub(crate) async fn run_subscriber(
     loop {
         let delivery = tokio::select! {
             biased;
-            _ = stop.wait_for(|stop| *stop) => break,
+            // A dropped sender (the RunningService was dropped) is not a
+            // stop: the service runs on in the background.
+            Ok(_) = stop.wait_for(|stop| *stop) => break,
             delivery = subscription.next() => delivery,
         };
         let Some(delivery) = delivery else {
@@ -239,7 +241,8 @@ pub(crate) async fn run_subscriber(
             .map(str::to_owned);
         // A handler that panics fails this message only: it is nacked, and
         // the subscription carries on.
-        let handled = std::panic::AssertUnwindSafe(handler(delivery.message.clone()));
+        let message = delivery.message.clone();
+        let handled = std::panic::AssertUnwindSafe(async { handler(message).await });
         let handled = futures_util::FutureExt::catch_unwind(handled);
         let result = match traceparent {
             Some(traceparent) => with_trace_context(traceparent, handled).await,

@@ -51,6 +51,8 @@ pub mod header {
     pub const DEAD_LETTER_TOPIC: &str = "dead-letter-topic";
     /// On a dead-lettered message: how many times it was delivered.
     pub const DEAD_LETTER_ATTEMPTS: &str = "dead-letter-attempts";
+    /// On a dead-lettered message: the durable subscription that gave up.
+    pub const DEAD_LETTER_CONSUMER: &str = "dead-letter-consumer";
 }
 
 /// Message headers: names are lowercase by convention.
@@ -343,8 +345,13 @@ impl Subscription {
     }
 
     /// Unsubscribes and waits until the backend has stopped delivery.
-    pub async fn unsubscribe(mut self) -> Result<(), BrokerError> {
-        match self.handle.take() {
+    /// Deliveries not yet taken from the subscription are dropped.
+    pub async fn unsubscribe(self) -> Result<(), BrokerError> {
+        // Drop the receiving side first, so that a backend task blocked on
+        // a full buffer is free to hear the request.
+        let Subscription { stream, handle, .. } = self;
+        drop(stream);
+        match handle {
             Some(handle) => handle.unsubscribe().await,
             None => Ok(()),
         }

@@ -850,9 +850,17 @@ impl RunningService {
         }
         // Stop taking events, finish the ones in hand, unsubscribe.
         let _ = self.subscribers_stop.send(true);
+        let aborts: Vec<_> = self
+            .subscriber_tasks
+            .iter()
+            .map(|t| t.abort_handle())
+            .collect();
         let subscribers = futures_util::future::join_all(self.subscriber_tasks);
         if tokio::time::timeout(self.grace, subscribers).await.is_err() {
-            tracing::warn!(service = %key, "event handlers still running at the end of the grace period");
+            tracing::warn!(service = %key, "event handlers still running at the end of the grace period; cut");
+            for abort in aborts {
+                abort.abort();
+            }
         }
         let _ = self.stop.send(true);
         self.serve
