@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
@@ -46,6 +47,8 @@ use lodestar::broker::{
 
 /// How long a "no stream holds this topic" answer is trusted.
 const NEGATIVE_STREAM_CACHE: Duration = Duration::from_secs(2);
+/// How long a round trip to the server may take.
+const ROUND_TRIP: Duration = Duration::from_secs(5);
 /// How many deliveries a core subscription buffers before NATS waits for it.
 const BUFFER: usize = 256;
 /// How many durable deliveries wait for the subscriber: few, because their
@@ -130,6 +133,28 @@ impl NatsBroker {
             .flush()
             .await
             .map_err(|e| BrokerError::Unavailable(format!("{self:?}: {e}")))
+    }
+
+    /// Waits until the server has processed everything this connection sent
+    /// so far (a SUB, an UNSUB). async-nats's `flush` only waits for the
+    /// bytes to leave; the server handles one connection's operations in
+    /// order, so a message to ourselves coming back is the proof.
+    async fn round_trip(client: &async_nats::Client) -> Result<(), BrokerError> {
+        let inbox = client.new_inbox();
+        let mut echo = client.subscribe(inbox.clone()).await.map_err(unavailable)?;
+        client
+            .publish(inbox, Bytes::new())
+            .await
+            .map_err(unavailable)?;
+        let answered = tokio::time::timeout(ROUND_TRIP, echo.next()).await;
+        let _ = echo.unsubscribe().await;
+        match answered {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(BrokerError::Closed),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "the NATS server did not answer within {ROUND_TRIP:?}"
+            ))),
+        }
     }
 
     /// Whether a JetStream stream holds `topic` (cached).
@@ -261,8 +286,8 @@ impl NatsBroker {
         }
         .map_err(|e| BrokerError::Unavailable(format!("{self:?}: subscribe to `{topic}`: {e}")))?;
         // Make sure the server has the subscription before returning, so a
-        // publish that follows is received.
-        self.flush_client().await?;
+        // publish that follows (from any connection) is received.
+        Self::round_trip(&self.client).await?;
         let (tx, rx) = mpsc::channel(BUFFER);
         let (stop_tx, mut stop_rx) = oneshot::channel::<oneshot::Sender<()>>();
         let client = self.client.clone();
@@ -284,7 +309,7 @@ impl NatsBroker {
             if let Some(done) = stop {
                 // Confirmed only once the server has the UNSUB, so that
                 // nothing more is routed to this member afterwards.
-                let _ = client.flush().await;
+                let _ = NatsBroker::round_trip(&client).await;
                 let _ = done.send(());
             }
         });

@@ -76,6 +76,7 @@ async fn nats_messages_cross_to_and_from_plain_nats_clients() {
         .publish_with_headers("interop.from-plain", headers, "with headers".into())
         .await
         .unwrap();
+    plain.flush().await.unwrap();
     let first = bounded("lodestar", sub.next()).await.unwrap();
     assert_eq!(first.message.body, "bare");
     assert!(first.message.headers.is_empty());
