@@ -84,7 +84,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use lodestar::broker::{
     Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription, Unsubscribe,
-    validate_message, validate_options, validate_topic,
+    validate_message, validate_plain_subscription, validate_topic,
 };
 use lodestar::{
     Instance, InstanceKey, Registry, RegistryError, Revision, ServiceKey, WatchEvent, WatchStream,
@@ -1145,14 +1145,7 @@ impl Broker for HttpBroker {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, BrokerError> {
-        validate_topic(topic)?;
-        validate_options(&options)?;
-        if options.durable.is_some() {
-            return Err(BrokerError::Unsupported(
-                "the HTTP broker has no durable subscriptions; use nats:// with JetStream"
-                    .to_owned(),
-            ));
-        }
+        validate_plain_subscription(topic, &options, "HTTP")?;
         let inner = &self.inner;
         let server = inner.server().await?;
         let id = inner.subscription_id();

@@ -226,7 +226,7 @@ fn status(http_addr: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&http(http_addr, "GET", "/v1/status", None, None).1).unwrap()
 }
 
-async fn ids(registry: &RemoteRegistry) -> Vec<String> {
+async fn ids(registry: &dyn Registry) -> Vec<String> {
     let mut ids: Vec<String> = registry
         .instances(&ServiceKey::new(SERVICE_NAME))
         .await
@@ -847,18 +847,6 @@ mod etcd {
     use super::*;
     use lodestar_tests::etcd::{Etcd, cluster, ready, url};
 
-    async fn etcd_ids(registry: &dyn Registry) -> Vec<String> {
-        let mut ids: Vec<String> = registry
-            .instances(&ServiceKey::new(SERVICE_NAME))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|i| i.id)
-            .collect();
-        ids.sort();
-        ids
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn services_in_other_processes_are_found_through_etcd_and_a_killed_one_vanishes() {
         let server = Etcd::single();
@@ -866,7 +854,7 @@ mod etcd {
         let (a, _) = instance(&server.url(), "rg-a", 1000);
         let (_b, _) = instance(&server.url(), "rg-b", 1000);
         let registry = lodestar_etcd::EtcdRegistry::from_url(&server.url()).unwrap();
-        assert_eq!(etcd_ids(&registry).await, ["rg-a", "rg-b"]);
+        assert_eq!(ids(&registry).await, ["rg-a", "rg-b"]);
         let client = Client::new(registry.clone());
         let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
         let mut seen = std::collections::BTreeSet::new();
@@ -902,7 +890,7 @@ mod etcd {
             "vanished after {:?}",
             killed.elapsed()
         );
-        assert_eq!(etcd_ids(&registry).await, ["rg-b"]);
+        assert_eq!(ids(&registry).await, ["rg-b"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -911,7 +899,7 @@ mod etcd {
         ready(std::slice::from_ref(&server)).await;
         let (paused, _) = instance(&server.url(), "rg-paused", 1000);
         let registry = lodestar_etcd::EtcdRegistry::from_url(&server.url()).unwrap();
-        assert_eq!(etcd_ids(&registry).await, ["rg-paused"]);
+        assert_eq!(ids(&registry).await, ["rg-paused"]);
         let pid = paused.child.id().to_string();
         let signal = |name: &str| {
             assert!(
@@ -925,7 +913,7 @@ mod etcd {
         // A long pause (a stop-the-world stall, a frozen VM): the lease runs out.
         signal("-STOP");
         bounded("the lease to run out", async {
-            while !etcd_ids(&registry).await.is_empty() {
+            while !ids(&registry).await.is_empty() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -933,7 +921,7 @@ mod etcd {
         // It wakes up, finds its lease gone, and registers again with a new one.
         signal("-CONT");
         bounded("the instance to register again", async {
-            while etcd_ids(&registry).await != ["rg-paused"] {
+            while ids(&registry).await != ["rg-paused"] {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -959,7 +947,7 @@ mod etcd {
         server.restart();
         ready(std::slice::from_ref(&server)).await;
         bounded("both instances to be registered after the restart", async {
-            while etcd_ids(&registry).await != ["rg-a", "rg-b"] {
+            while ids(&registry).await != ["rg-a", "rg-b"] {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -982,7 +970,7 @@ mod etcd {
         let all = url(&members);
         let (_a, _) = instance(&all, "rg-a", 1500);
         let registry = lodestar_etcd::EtcdRegistry::from_url(&all).unwrap();
-        assert_eq!(etcd_ids(&registry).await, ["rg-a"]);
+        assert_eq!(ids(&registry).await, ["rg-a"]);
 
         // Find the leader, and stop it.
         let mut leader = None;
@@ -1013,10 +1001,10 @@ mod etcd {
             }
         })
         .await;
-        assert_eq!(etcd_ids(&registry).await, ["rg-a", "rg-late"]);
+        assert_eq!(ids(&registry).await, ["rg-a", "rg-late"]);
         // rg-a keeps heartbeating through the others: still there after several leases.
         tokio::time::sleep(Duration::from_secs(4)).await;
-        assert_eq!(etcd_ids(&registry).await, ["rg-a", "rg-late"]);
+        assert_eq!(ids(&registry).await, ["rg-a", "rg-late"]);
     }
 }
 

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription, Unsubscribe,
-    validate_message, validate_options, validate_topic,
+    validate_message, validate_plain_subscription,
 };
 
 /// How many undelivered messages a subscriber may hold before publishers wait.
@@ -169,14 +169,7 @@ impl Broker for MemoryBroker {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, BrokerError> {
-        validate_topic(topic)?;
-        validate_options(&options)?;
-        if options.durable.is_some() {
-            return Err(BrokerError::Unsupported(
-                "the memory broker has no durable subscriptions; use a nats:// broker with JetStream"
-                    .to_owned(),
-            ));
-        }
+        validate_plain_subscription(topic, &options, "memory")?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.inner.capacity);
         {

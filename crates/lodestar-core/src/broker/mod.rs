@@ -486,6 +486,24 @@ pub fn validate_topic(topic: &str) -> Result<(), BrokerError> {
     }
 }
 
+/// Checks a subscription for a backend without durable subscriptions
+/// (`backend` names it in the error): the topic, the options, and that no
+/// durable subscription is asked for.
+pub fn validate_plain_subscription(
+    topic: &str,
+    options: &SubscribeOptions,
+    backend: &str,
+) -> Result<(), BrokerError> {
+    validate_topic(topic)?;
+    validate_options(options)?;
+    if options.durable.is_some() {
+        return Err(BrokerError::Unsupported(format!(
+            "the {backend} broker has no durable subscriptions; use nats:// with JetStream"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the options for `topic`.
 pub fn validate_options(options: &SubscribeOptions) -> Result<(), BrokerError> {
     if let Some(queue) = &options.queue {
