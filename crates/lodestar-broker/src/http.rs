@@ -325,14 +325,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A random starting point for a queue group's round robin.
-fn random_start() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0);
-    hasher.finish()
-}
-
 /// A unique-enough prefix for this broker's subscription ids.
 fn broker_uid() -> String {
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -676,12 +668,6 @@ async fn heartbeat(registry: Arc<dyn Registry>, instance: Instance, ttl: Duratio
     }
 }
 
-fn receiver_stream(
-    mut rx: mpsc::Receiver<Delivery>,
-) -> impl futures_util::Stream<Item = Delivery> + Send {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
 // ---------------------------------------------------------------------------
 // The publishers' side: per-topic subscriber caches fed by registry watches.
 
@@ -838,7 +824,7 @@ impl Subscribers {
             let next = state
                 .next
                 .entry(group.clone())
-                .or_insert_with(|| random_start() as usize);
+                .or_insert_with(|| fastrand::usize(..));
             let start = *next % members.len();
             *next = start.wrapping_add(1);
             members.rotate_left(start);
@@ -1183,7 +1169,7 @@ impl Broker for HttpBroker {
             instance,
             ttl,
         )));
-        Ok(Subscription::new(topic, receiver_stream(rx), handle))
+        Ok(Subscription::from_channel(topic, rx, handle))
     }
 }
 

@@ -272,11 +272,7 @@ impl NatsBroker {
             tx,
         };
         tokio::spawn(pump.run(stop_rx));
-        Ok(Subscription::new(
-            topic,
-            receiver_stream(rx),
-            Stop(Some(stop_tx)),
-        ))
+        Ok(Subscription::from_channel(topic, rx, Stop(Some(stop_tx))))
     }
 
     async fn core(&self, topic: &str, queue: Option<String>) -> Result<Subscription, BrokerError> {
@@ -313,11 +309,7 @@ impl NatsBroker {
                 let _ = done.send(());
             }
         });
-        Ok(Subscription::new(
-            topic,
-            receiver_stream(rx),
-            Stop(Some(stop_tx)),
-        ))
+        Ok(Subscription::from_channel(topic, rx, Stop(Some(stop_tx))))
     }
 }
 
@@ -664,12 +656,6 @@ fn stream_name(topic: &str) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     format!("LODESTAR_{}_{:08x}", topic.replace('.', "_"), hash as u32)
-}
-
-fn receiver_stream(
-    mut rx: mpsc::Receiver<Delivery>,
-) -> impl futures_util::Stream<Item = Delivery> + Send {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 #[cfg(test)]

@@ -32,7 +32,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 pub use lodestar_core::broker::{
@@ -59,18 +58,9 @@ pub fn current_trace_context() -> Option<String> {
     TRACEPARENT.try_with(Clone::clone).ok()
 }
 
-/// A new message id: 128 random-looking bits, as 32 hex digits.
+/// A new message id: 128 random bits, as 32 hex digits.
 pub fn new_message_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let half = |salt: u64| {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(count ^ salt);
-        hasher.write_u32(std::process::id());
-        hasher.finish()
-    };
-    format!("{:016x}{:016x}", half(0), half(u64::MAX))
+    format!("{:032x}", fastrand::u128(..))
 }
 
 /// Decodes a protobuf body. A body that does not decode is

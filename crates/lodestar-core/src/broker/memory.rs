@@ -191,13 +191,6 @@ impl Broker for MemoryBroker {
             topic: topic.to_owned(),
             id,
         };
-        Ok(Subscription::new(topic, receiver_stream(rx), guard))
+        Ok(Subscription::from_channel(topic, rx, guard))
     }
-}
-
-/// A stream over an mpsc receiver.
-fn receiver_stream(
-    mut rx: mpsc::Receiver<Delivery>,
-) -> impl futures_util::Stream<Item = Delivery> + Send {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

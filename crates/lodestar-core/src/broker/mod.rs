@@ -334,6 +334,17 @@ impl Subscription {
         }
     }
 
+    /// A subscription to `topic` delivering what arrives on `deliveries`
+    /// (the usual shape of a backend: a task or server feeding a channel).
+    pub fn from_channel(
+        topic: impl Into<String>,
+        mut deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+        handle: impl Unsubscribe + 'static,
+    ) -> Self {
+        let stream = futures_util::stream::poll_fn(move |cx| deliveries.poll_recv(cx));
+        Self::new(topic, stream, handle)
+    }
+
     /// The subscribed topic.
     pub fn topic(&self) -> &str {
         &self.topic

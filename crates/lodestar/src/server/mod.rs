@@ -531,7 +531,7 @@ impl ServiceBuilder {
             format!(
                 "{}-{:012x}",
                 instance.key.service,
-                random_u64() & 0xffff_ffff_ffff
+                fastrand::u64(..) & 0xffff_ffff_ffff
             )
         });
 
@@ -935,11 +935,4 @@ async fn keep_registered(
             }
         }
     }
-}
-
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(u64::from(std::process::id()));
-    hasher.finish()
 }
