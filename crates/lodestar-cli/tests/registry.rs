@@ -740,15 +740,16 @@ async fn a_service_started_before_its_registry_serves_and_registers_when_it_appe
             .unwrap(),
         "early"
     );
-    assert!(
-        child
-            .stderr
-            .lock()
-            .unwrap()
-            .contains("waiting for the registry"),
-        "{}",
-        child.stderr.lock().unwrap()
-    );
+    // The warning reaches us through a reader thread: wait for it, bounded.
+    let deadline = Instant::now() + TIMEOUT;
+    while !child.stderr().contains("waiting for the registry") {
+        assert!(
+            Instant::now() < deadline,
+            "no warning; stderr:\n{}",
+            child.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let registry = registry(&format!("127.0.0.1:{port}"), &[]);
     let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
     bounded("the early service to register", async {

@@ -111,10 +111,13 @@ pub async fn queue_groups_share_messages(
     // and check no worker got an extra copy by then.
     publish(publisher, Message::new(&topic, "marker")).await;
     assert_eq!(body(&mut watcher).await, "marker");
-    let extra = tokio::select! {
-        d = first.next() => d.map(|d| d.message.body),
-        d = second.next() => d.map(|d| d.message.body),
-    };
+    let extra = bounded("the marker at a worker", async {
+        tokio::select! {
+            d = first.next() => d.map(|d| d.message.body),
+            d = second.next() => d.map(|d| d.message.body),
+        }
+    })
+    .await;
     assert_eq!(extra, Some(Bytes::from("marker")), "only the marker, once");
 }
 

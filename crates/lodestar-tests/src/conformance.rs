@@ -183,10 +183,13 @@ pub async fn leases_expire_without_heartbeats(registry: &dyn Registry, ns: &str,
             }
         }
     };
-    tokio::select! {
-        () = lapsed => {}
-        () = keep_alive => unreachable!(),
-    }
+    bounded("the lapsed instance to go", async {
+        tokio::select! {
+            () = lapsed => {}
+            () = keep_alive => unreachable!(),
+        }
+    })
+    .await;
     let kept_now = registry
         .instances(&svc)
         .await

@@ -115,6 +115,19 @@ impl Echo for TestEcho {
                 echoed.insert(key.clone(), value.clone());
             }
         }
+        // With inspect_compression on, say whether the request came compressed.
+        if let Some(compressed) =
+            lodestar::compression::ReceivedFlags::of(&request).and_then(|flags| flags.next())
+        {
+            echoed.insert(
+                "x-received-compressed",
+                lodestar::metadata::MetadataValue::from_static(if compressed {
+                    "true"
+                } else {
+                    "false"
+                }),
+            );
+        }
         let message = request.into_inner();
         let mut response = Response::new(self.reply(message.message, message.payload.len()));
         *response.metadata_mut() = echoed;
