@@ -7,8 +7,8 @@ use std::io::Read as _;
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lodestar::compression::Encoding;
 use lodestar::Service;
+use lodestar::compression::Encoding;
 use lodestar_tests::*;
 use prost::Message as _;
 

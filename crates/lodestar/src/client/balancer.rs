@@ -183,18 +183,16 @@ impl Balancer {
         }
     }
 
-    /// The current endpoints.
+    /// The current endpoints (for inspection, not the call path).
     pub(crate) fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.endpoints.load_full()
     }
 
-    /// Picks an endpoint not in `tried` (endpoint addresses, from
-    /// `Arc::as_ptr`), preferring ones not ejected.
-    pub(crate) fn pick(
-        &self,
-        endpoints: &[Arc<Endpoint>],
-        tried: &[usize],
-    ) -> Option<Arc<Endpoint>> {
+    /// Picks a current endpoint whose connection is not in `tried`,
+    /// preferring ones not ejected. Reads the endpoint list without touching
+    /// its shared reference count.
+    pub(crate) fn pick(&self, tried: &[Arc<Connection>]) -> Option<Arc<Endpoint>> {
+        let endpoints = self.endpoints.load();
         let n = endpoints.len();
         if n == 0 {
             return None;
@@ -206,7 +204,9 @@ impl Balancer {
         let now = Instant::now();
         let mut fallback = None;
         for endpoint in endpoints[start..].iter().chain(&endpoints[..start]) {
-            if tried.contains(&(Arc::as_ptr(endpoint) as usize)) {
+            // By connection: it outlives the endpoint's rebuilds when the
+            // instance's metadata changes, and holding it rules out address reuse.
+            if tried.iter().any(|c| Arc::ptr_eq(c, &endpoint.connection)) {
                 continue;
             }
             if !endpoint.connection.is_ejected(now) {

@@ -186,12 +186,13 @@ struct CallPlan {
 }
 
 impl CallPlan {
-    /// A fresh rewriter for one attempt's request body. Attempts after the
-    /// first follow the per-message choices as they were when the call began.
-    fn reframer(&self, first_attempt: bool) -> Option<Reframer> {
+    /// A fresh rewriter for one attempt's request body. `live`: the body is
+    /// the caller's own (not yet sent); a replayed copy follows the
+    /// per-message choices as they were when the call began.
+    fn reframer(&self, live: bool) -> Option<Reframer> {
         let reframer = match &self.compression {
             Some((encoding, default, plan)) => {
-                let plan = if first_attempt {
+                let plan = if live {
                     plan.clone()
                 } else {
                     self.replay_plan.as_ref().map(PerMessage::snapshot)
@@ -277,19 +278,20 @@ async fn dispatch(
         Request::from_parts(parts, body)
     };
 
-    let mut tried = [0usize; super::MAX_ATTEMPTS];
-    let mut tried_count = 0;
+    // Connections already tried (allocates only when a call is retried).
+    let mut tried: Vec<Arc<super::connection::Connection>> = Vec::new();
+    // Whether the body is now the buffered copy rather than the caller's.
+    let mut replayed = false;
     let mut last_error: Option<(String, String)> = None;
-    for attempt in 0..balancer.config.max_attempts {
+    for _ in 0..balancer.config.max_attempts {
         // The instance set may have changed since the last attempt.
-        let endpoints = balancer.endpoints();
-        let Some(endpoint) = balancer.pick(&endpoints, &tried[..tried_count]) else {
+        let Some(endpoint) = balancer.pick(&tried) else {
             break;
         };
         if let Some(deadline) = deadline {
             deadline::set_header(request.headers_mut(), deadline);
         }
-        let reframer = plan.reframer(attempt == 0);
+        let reframer = plan.reframer(!replayed);
         let (retry, error) = match send(balancer, &endpoint, request, reframer, request_error).await
         {
             Ok(response) => return Ok(response),
@@ -303,16 +305,20 @@ async fn dispatch(
             }
         );
         if !same_endpoint {
-            tried[tried_count] = Arc::as_ptr(&endpoint) as usize;
-            tried_count += 1;
+            tried.push(endpoint.connection.clone());
         }
         request = match retry {
+            // Never sent: the caller's body, and its live per-message
+            // choices, are still ahead.
             Retry::Untouched { request, .. } => request,
             Retry::Replay => match &replay {
-                Some((parts, bytes)) => Request::from_parts(
-                    clone_parts(parts),
-                    Body::new(http_body_util::Full::new(bytes.clone())),
-                ),
+                Some((parts, bytes)) => {
+                    replayed = true;
+                    Request::from_parts(
+                        clone_parts(parts),
+                        Body::new(http_body_util::Full::new(bytes.clone())),
+                    )
+                }
                 None => return Err(Status::unavailable(error)),
             },
             Retry::Fail(status) => return Err(status),
