@@ -24,6 +24,8 @@ pub(crate) struct Balancer {
     synced: AtomicBool,
     synced_notify: Notify,
     cursor: AtomicUsize,
+    /// Whether the last update was below the protection threshold.
+    protecting: AtomicBool,
     /// Whether a resolver task is running; it clears this when it ends
     /// (for example because the runtime it ran on shut down).
     resolving: Arc<AtomicBool>,
@@ -62,6 +64,7 @@ impl Balancer {
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
             cursor: AtomicUsize::new(0),
+            protecting: AtomicBool::new(false),
             resolving: Arc::new(AtomicBool::new(false)),
             resolver: Mutex::new(None),
         }
@@ -119,9 +122,15 @@ impl Balancer {
         let threshold = self.config.protection_threshold;
         // Below the protection threshold, every enabled instance takes traffic.
         let protect = threshold > 0.0 && (healthy as f64) < threshold * enabled.len() as f64;
-        if protect {
-            tracing::warn!(service = %self.key, healthy, enabled = enabled.len(),
-                "below the protection threshold: calling every enabled instance");
+        // Said once when it begins and once when it ends, not on every update.
+        if protect != self.protecting.swap(protect, Ordering::Relaxed) {
+            if protect {
+                tracing::warn!(service = %self.key, healthy, enabled = enabled.len(),
+                    "below the protection threshold: calling every enabled instance");
+            } else {
+                tracing::info!(service = %self.key, healthy, enabled = enabled.len(),
+                    "back above the protection threshold: calling healthy instances only");
+            }
         }
         let instances = enabled.into_iter().filter(|i| protect || i.healthy);
         let old = self.endpoints.load();

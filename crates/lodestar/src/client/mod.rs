@@ -73,7 +73,10 @@ pub enum Strategy {
 #[non_exhaustive]
 pub enum Error {
     /// The registry has no instance of the service that takes traffic.
-    #[error("no instances of service `{service}` are registered")]
+    #[error(
+        "no instance of service `{service}` takes traffic: none is registered, or all are \
+         unhealthy or disabled (see `lodestar describe {}`)", service.service
+    )]
     NoInstances {
         /// The service, as `namespace/group/name`.
         service: ServiceKey,
