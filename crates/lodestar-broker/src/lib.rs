@@ -27,10 +27,36 @@ pub const DEFAULT_URL: &str = "memory://";
 
 /// A broker URL that cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unsupported broker URL `{url}`: {reason}")]
+#[error("{}", match .unreachable {
+    false => format!("unsupported broker URL `{}`: {}", .url, .reason),
+    true => format!("the broker at `{}` cannot be used: {}", .url, .reason),
+})]
 pub struct UrlError {
+    /// The URL, with any credentials removed.
     url: String,
     reason: String,
+    /// The URL is fine; the broker could not be reached.
+    unreachable: bool,
+}
+
+impl UrlError {
+    /// Whether the URL itself is fine and the broker could not be reached
+    /// (worth retrying), rather than the URL being unusable.
+    pub fn is_unreachable(&self) -> bool {
+        self.unreachable
+    }
+}
+
+/// `url` without `user:password@` parts.
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let hosts: Vec<&str> = rest
+        .split(',')
+        .map(|h| h.rsplit_once('@').map_or(h, |(_, host)| host))
+        .collect();
+    format!("{scheme}://{}", hosts.join(","))
 }
 
 /// A broker from its URL:
@@ -58,8 +84,9 @@ pub async fn from_url(
     registry: Arc<dyn lodestar::Registry>,
 ) -> Result<Arc<dyn Broker>, UrlError> {
     let error = |reason: String| UrlError {
-        url: url.to_owned(),
+        url: without_credentials(url),
         reason,
+        unreachable: false,
     };
     let expected = "expected memory://, http:// or nats://host:4222[,host:4222]";
     let (scheme, rest) = url
@@ -71,6 +98,10 @@ pub async fn from_url(
         #[cfg(feature = "nats")]
         "nats" => match NatsBroker::connect(url).await {
             Ok(broker) => Ok(Arc::new(broker)),
+            Err(BrokerError::Unavailable(reason)) => Err(UrlError {
+                unreachable: true,
+                ..error(reason)
+            }),
             Err(e) => Err(error(e.to_string())),
         },
         _ => Err(error(expected.to_owned())),
@@ -126,7 +157,7 @@ mod tests {
             ("http://nohost", "not an address to listen on"),
             ("http://127.0.0.1:0?advertise", "unknown parameter"),
             ("nats://h", "is not host:port"),
-            ("nats://127.0.0.1:1", "cannot connect"),
+            ("nats://127.0.0.1:1", "cannot be used: cannot connect"),
             ("amqp://h:5672", "expected memory://"),
             ("no-scheme", "expected memory://"),
         ] {

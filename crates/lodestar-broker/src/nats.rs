@@ -91,21 +91,27 @@ impl NatsBroker {
     /// be reached now.
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
         let hosts = url.strip_prefix("nats://").ok_or_else(|| {
-            BrokerError::Invalid(format!("`{url}`: expected nats://host:port[,host:port]"))
+            BrokerError::Invalid("expected nats://[user:password@]host:port[,host:port]".to_owned())
         })?;
+        // What errors and Debug show: the hosts without any credentials.
+        let shown: Vec<&str> = hosts
+            .split(',')
+            .map(|h| h.trim().rsplit_once('@').map_or(h.trim(), |(_, host)| host))
+            .collect();
+        let shown = shown.join(",");
         let mut servers = Vec::new();
-        for host in hosts.split(',').map(str::trim) {
-            let valid = host
+        for (host, bare) in hosts.split(',').map(str::trim).zip(shown.split(',')) {
+            let valid = bare
                 .rsplit_once(':')
                 .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
             if !valid {
                 return Err(BrokerError::Invalid(format!(
-                    "`{host}` in `{url}` is not host:port"
+                    "`{bare}` in nats://{shown} is not host:port"
                 )));
             }
             let address: async_nats::ServerAddr = format!("nats://{host}")
                 .parse()
-                .map_err(|e| BrokerError::Invalid(format!("`{host}`: {e}")))?;
+                .map_err(|e| BrokerError::Invalid(format!("`{bare}`: {e}")))?;
             servers.push(address);
         }
         let client = async_nats::ConnectOptions::new()
@@ -113,11 +119,13 @@ impl NatsBroker {
             .connection_timeout(Duration::from_secs(5))
             .connect(servers)
             .await
-            .map_err(|e| BrokerError::Unavailable(format!("cannot connect to {url}: {e}")))?;
+            .map_err(|e| {
+                BrokerError::Unavailable(format!("cannot connect to nats://{shown}: {e}"))
+            })?;
         Ok(Self {
             jetstream: jetstream::new(client.clone()),
             client,
-            servers: hosts.to_owned(),
+            servers: shown,
             streams: Arc::default(),
         })
     }

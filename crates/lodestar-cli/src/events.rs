@@ -22,9 +22,15 @@ pub(crate) struct BrokerArg {
 
 impl BrokerArg {
     async fn connect(&self) -> Result<Arc<dyn Broker>, Box<dyn Error>> {
-        let registry = match &self.registry {
-            Some(url) => lodestar_registry::from_url(url)?,
-            None => lodestar_registry::from_env()?,
+        // Only the HTTP broker finds subscribers through a registry; the
+        // others must not fail over a registry setting they never use.
+        let registry: Arc<dyn lodestar::Registry> = if self.broker.starts_with("http://") {
+            match &self.registry {
+                Some(url) => lodestar_registry::from_url(url)?,
+                None => lodestar_registry::from_env()?,
+            }
+        } else {
+            Arc::new(lodestar::MemoryRegistry::new())
         };
         Ok(lodestar_broker::from_url(&self.broker, registry).await?)
     }

@@ -41,7 +41,7 @@ pub(crate) struct ServeArgs {
 pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
     let seconds = |name: &str, value: f64| {
         Duration::try_from_secs_f64(value)
-            .map_err(|_| format!("--{name} must be a number of seconds, not {value}"))
+            .map_err(|_| format!("--{name} must be a non-negative number of seconds, not {value}"))
     };
     let mut config = lodestar_registry_server::Config {
         addr: args.addr,

@@ -81,7 +81,14 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
             let mut token = None;
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 match pair.split_once('=') {
-                    Some(("token", value)) => token = Some(value.to_owned()),
+                    Some(("token", value)) => {
+                        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+                            return Err(error(
+                                "the token must be printable ASCII without spaces (it travels in a header)",
+                            ));
+                        }
+                        token = Some(value.to_owned());
+                    }
                     _ => {
                         return Err(error(&format!(
                             "unknown parameter `{pair}` (expected token=…)"
@@ -100,6 +107,10 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
             Ok(registry) => Ok(Arc::new(registry)),
             Err(reason) => Err(error(&reason)),
         },
+        #[cfg(not(feature = "etcd"))]
+        "etcd" => Err(error(
+            "this build has no etcd support (build lodestar-registry with the `etcd` feature)",
+        )),
         _ => Err(error(expected)),
     }
 }
@@ -133,7 +144,8 @@ pub struct RemoteRegistry {
 struct Inner {
     addresses: Vec<String>,
     client: Client,
-    token: Option<String>,
+    /// `Bearer {token}`, parsed once.
+    authorization: Option<lodestar::metadata::AsciiMetadataValue>,
     /// The last known instances of each service looked up or watched.
     cache: Mutex<HashMap<ServiceKey, Cached>>,
 }
@@ -169,7 +181,7 @@ impl RemoteRegistry {
             inner: Arc::new(Inner {
                 addresses: addresses.to_vec(),
                 client,
-                token: None,
+                authorization: None,
                 cache: Mutex::new(HashMap::new()),
             }),
         }
@@ -177,10 +189,17 @@ impl RemoteRegistry {
 
     /// Sends `token` with every write (`authorization: Bearer <token>`).
     pub fn with_token(self, token: impl Into<String>) -> Self {
+        let token = token.into();
+        let authorization = format!("Bearer {token}").parse().ok();
+        if authorization.is_none() {
+            tracing::warn!(
+                "the registry token has characters a header cannot carry; writes will be refused"
+            );
+        }
         let inner = Arc::new(Inner {
             addresses: self.inner.addresses.clone(),
             client: self.inner.client.clone(),
-            token: Some(token.into()),
+            authorization,
             cache: Mutex::new(HashMap::new()),
         });
         Self { inner }
@@ -193,12 +212,16 @@ impl RemoteRegistry {
     fn request<T>(&self, message: T) -> lodestar::Request<T> {
         let mut request = lodestar::Request::new(message);
         request.set_timeout(CALL_TIMEOUT);
-        if let Some(token) = &self.inner.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
+        self.authorize(&mut request);
         request
+    }
+
+    fn authorize<T>(&self, request: &mut lodestar::Request<T>) {
+        if let Some(value) = &self.inner.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
     }
 
     fn error(&self, status: Status, key: Option<&InstanceKey>) -> RegistryError {
@@ -332,11 +355,7 @@ impl Registry for RemoteRegistry {
         };
         // No deadline: a watch lasts as long as both sides do.
         let mut request = lodestar::Request::new(request);
-        if let Some(token) = &self.inner.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
+        self.authorize(&mut request);
         let stream = self
             .api()
             .watch(request)

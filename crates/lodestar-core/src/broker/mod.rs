@@ -482,16 +482,21 @@ pub fn validate_message(message: &Message) -> Result<(), BrokerError> {
 /// assert!(validate_topic("").is_err());
 /// ```
 pub fn validate_topic(topic: &str) -> Result<(), BrokerError> {
+    validate_name("topic", topic)
+}
+
+/// Checks a topic or queue group name; `kind` names it in the error.
+fn validate_name(kind: &str, name: &str) -> Result<(), BrokerError> {
     let valid_token = |t: &str| {
         !t.is_empty()
             && t.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
-    if topic.len() <= MAX_TOPIC && topic.split('.').all(valid_token) {
+    if name.len() <= MAX_TOPIC && name.split('.').all(valid_token) {
         Ok(())
     } else {
         Err(BrokerError::Invalid(format!(
-            "topic `{topic}`: expected dot-separated tokens of letters, digits, `-` and `_` \
+            "{kind} `{name}`: expected dot-separated tokens of letters, digits, `-` and `_` \
              (at most {MAX_TOPIC} bytes, no wildcards)"
         )))
     }
@@ -518,11 +523,7 @@ pub fn validate_plain_subscription(
 /// Checks the options for `topic`.
 pub fn validate_options(options: &SubscribeOptions) -> Result<(), BrokerError> {
     if let Some(queue) = &options.queue {
-        validate_topic(queue).map_err(|_| {
-            BrokerError::Invalid(format!(
-                "queue group `{queue}`: expected letters, digits, `-`, `_` and `.`"
-            ))
-        })?;
+        validate_name("queue group", queue)?;
     }
     if let Some(durable) = &options.durable {
         let valid = !durable.name.is_empty()
@@ -536,10 +537,17 @@ pub fn validate_options(options: &SubscribeOptions) -> Result<(), BrokerError> {
                 durable.name
             )));
         }
-        if durable.max_deliver == 0 || durable.ack_wait.is_zero() {
-            return Err(BrokerError::Invalid(
-                "durable subscriptions need max_deliver ≥ 1 and a non-zero ack_wait".to_owned(),
-            ));
+        if durable.max_deliver == 0 {
+            return Err(BrokerError::Invalid(format!(
+                "durable `{}`: max_deliver is 0; it must be at least 1",
+                durable.name
+            )));
+        }
+        if durable.ack_wait.is_zero() {
+            return Err(BrokerError::Invalid(format!(
+                "durable `{}`: ack_wait is 0; it must be longer than a handler takes",
+                durable.name
+            )));
         }
     }
     Ok(())
