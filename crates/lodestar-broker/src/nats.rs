@@ -99,16 +99,9 @@ impl NatsBroker {
             .map(|h| h.trim().rsplit_once('@').map_or(h.trim(), |(_, host)| host))
             .collect();
         let shown = shown.join(",");
+        lodestar::parse_host_ports(&shown).map_err(BrokerError::Invalid)?;
         let mut servers = Vec::new();
         for (host, bare) in hosts.split(',').map(str::trim).zip(shown.split(',')) {
-            let valid = bare
-                .rsplit_once(':')
-                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
-                return Err(BrokerError::Invalid(format!(
-                    "`{bare}` in nats://{shown} is not host:port"
-                )));
-            }
             let address: async_nats::ServerAddr = format!("nats://{host}")
                 .parse()
                 .map_err(|e| BrokerError::Invalid(format!("`{bare}`: {e}")))?;

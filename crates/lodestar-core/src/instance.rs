@@ -208,3 +208,28 @@ impl Instance {
         self.healthy && self.enabled
     }
 }
+
+/// Splits a comma-separated list of `host:port` addresses (as URLs carry
+/// them: `h1:2379,h2:2379`), checking each; the error names the first that
+/// is not `host:port`.
+///
+/// ```
+/// use lodestar_core::parse_host_ports;
+/// assert_eq!(parse_host_ports("a:1, b:2").unwrap(), ["a:1", "b:2"]);
+/// assert_eq!(parse_host_ports("a:1,b").unwrap_err(), "`b` is not host:port");
+/// ```
+pub fn parse_host_ports(list: &str) -> Result<Vec<String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .map(|address| {
+            let valid = address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if valid {
+                Ok(address.to_owned())
+            } else {
+                Err(format!("`{address}` is not host:port"))
+            }
+        })
+        .collect()
+}

@@ -32,7 +32,9 @@ pub mod registry;
 
 pub use broker::memory::MemoryBroker;
 pub use broker::{Broker, BrokerError, Message};
-pub use instance::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, ServiceKey};
+pub use instance::{
+    DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, ServiceKey, parse_host_ports,
+};
 pub use registry::memory::{
     MemoryRegistry, MemoryRegistryBuilder, RegistryStats, SelfPreservation,
 };

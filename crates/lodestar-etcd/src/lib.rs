@@ -114,15 +114,7 @@ impl EtcdConfig {
             .strip_prefix("etcd://")
             .ok_or_else(|| "not an etcd URL (etcd://host:port[,host:port])".to_owned())?;
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let endpoints: Vec<String> = hosts.split(',').map(|h| h.trim().to_owned()).collect();
-        for endpoint in &endpoints {
-            let valid = endpoint
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
-                return Err(format!("`{endpoint}` in `etcd://{hosts}` is not host:port"));
-            }
-        }
+        let endpoints = lodestar::parse_host_ports(hosts)?;
         let mut config = Self::new(endpoints);
         let (mut user, mut password) = (None, None);
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -367,27 +359,9 @@ impl EtcdRegistry {
     }
 }
 
+/// The shared checks, and the one etcd adds: `/` separates key parts.
 fn validate(instance: &Instance, ttl: Duration) -> Result<(), RegistryError> {
-    let missing = [
-        ("id", instance.id.is_empty()),
-        ("service", instance.key.service.is_empty()),
-        ("address", instance.address.is_empty()),
-        ("namespace", instance.key.namespace.is_empty()),
-        ("group", instance.key.group.is_empty()),
-    ]
-    .into_iter()
-    .find(|(_, empty)| *empty);
-    if let Some((field, _)) = missing {
-        return Err(RegistryError::Invalid(format!(
-            "instance `{}` of service `{}` has an empty {field}",
-            instance.id, instance.key
-        )));
-    }
-    if ttl.is_zero() {
-        return Err(RegistryError::Invalid(
-            "the lease TTL must be greater than zero".into(),
-        ));
-    }
+    lodestar::registry::validate(instance, ttl)?;
     for part in [
         &instance.key.namespace,
         &instance.key.group,

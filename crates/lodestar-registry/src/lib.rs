@@ -68,16 +68,8 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
         "memory" if rest.is_empty() => Ok(Arc::new(MemoryRegistry::new())),
         "lodestar" => {
             let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let addresses: Vec<String> =
-                hosts.split(',').map(str::trim).map(str::to_owned).collect();
-            for address in &addresses {
-                let valid = address
-                    .rsplit_once(':')
-                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-                if !valid {
-                    return Err(error(&format!("`{address}` is not host:port ({expected})")));
-                }
-            }
+            let addresses = lodestar::parse_host_ports(hosts)
+                .map_err(|e| error(&format!("{e} ({expected})")))?;
             let mut token = None;
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 match pair.split_once('=') {

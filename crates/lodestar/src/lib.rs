@@ -65,7 +65,7 @@ pub use json::Codec;
 pub use lodestar_core::{
     Broker, BrokerError, DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, MemoryBroker,
     MemoryRegistry, Message, Registry, RegistryError, Revision, ServiceKey, StaticRegistry,
-    WatchEvent, WatchStream, broker, registry,
+    WatchEvent, WatchStream, broker, parse_host_ports, registry,
 };
 pub use server::{RunningService, Service, ServiceBuilder};
 /// gRPC metadata (headers and trailers) types.

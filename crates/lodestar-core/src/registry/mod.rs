@@ -167,7 +167,16 @@ impl<R: Registry + ?Sized> Registry for std::sync::Arc<R> {
     }
 }
 
-pub(crate) fn validate(instance: &Instance, ttl: Duration) -> Result<(), RegistryError> {
+/// Checks a registration as every backend must: no empty id, service,
+/// address, namespace or group, and a TTL above zero.
+///
+/// ```
+/// use std::time::Duration;
+/// use lodestar_core::{Instance, registry::validate};
+/// assert!(validate(&Instance::new("svc", "10.0.0.1:80"), Duration::from_secs(5)).is_ok());
+/// assert!(validate(&Instance::new("svc", ""), Duration::from_secs(5)).is_err());
+/// ```
+pub fn validate(instance: &Instance, ttl: Duration) -> Result<(), RegistryError> {
     let missing = if instance.id.is_empty() {
         Some("id")
     } else if instance.key.service.is_empty() {
