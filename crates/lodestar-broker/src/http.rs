@@ -649,12 +649,23 @@ impl Unsubscribe for SubscriptionHandle {
 async fn heartbeat(registry: Arc<dyn Registry>, instance: Instance, ttl: Duration) {
     let period = (ttl / 3).max(Duration::from_millis(10));
     let key = instance.instance_key();
+    // Each call is bounded by the period, so that one hung call cannot hold
+    // the next renewal past the lease.
+    let bounded = |call| async move {
+        tokio::time::timeout(period, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RegistryError::Unavailable(format!(
+                    "no answer within {period:?}"
+                )))
+            })
+    };
     loop {
         tokio::time::sleep(period).await;
-        match registry.heartbeat(&key).await {
+        match bounded(registry.heartbeat(&key)).await {
             Ok(()) => {}
             Err(RegistryError::LeaseExpired(_) | RegistryError::NotFound(_)) => {
-                match registry.register(instance.clone(), ttl).await {
+                match bounded(registry.register(instance.clone(), ttl)).await {
                     Ok(()) => {
                         tracing::info!(%key, "HTTP broker: subscription registered again after its lease was lost")
                     }

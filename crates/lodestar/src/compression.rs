@@ -89,7 +89,8 @@ impl PerMessage {
         Self(Arc::new(Mutex::new(choices)))
     }
 
-    fn pop(&self) -> Option<bool> {
+    /// The choice for the next message, if one was made.
+    pub(crate) fn next_choice(&self) -> Option<bool> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
     }
 }
@@ -158,12 +159,6 @@ pub(crate) fn gunzip(message: &[u8], limit: usize) -> Result<Vec<u8>, tonic::Sta
     Ok(out)
 }
 
-impl PerMessage {
-    pub(crate) fn next_choice(&self) -> Option<bool> {
-        self.pop()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,8 +175,8 @@ mod tests {
         assert_eq!(flags.0.lock().unwrap().len(), 1024);
         let copy = plan.snapshot();
         assert_eq!(
-            copy.pop(),
-            plan.pop(),
+            copy.next_choice(),
+            plan.next_choice(),
             "a snapshot starts where the plan is"
         );
     }
