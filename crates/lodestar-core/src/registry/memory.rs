@@ -317,10 +317,7 @@ impl MemoryRegistry {
     pub fn lookup(&self, service: &ServiceKey) -> (Vec<Instance>, bool) {
         let mut state = self.shared.lock();
         self.ensure_sweeper(&mut state);
-        let raw = state.snapshot(service);
-        let looked = state.lookup(service);
-        let protected = raw.iter().zip(&looked).any(|(r, l)| r.healthy != l.healthy);
-        (looked, protected)
+        state.lookup(service)
     }
 
     /// How many instances a service has, and how many are really healthy
@@ -681,19 +678,23 @@ impl State {
 
     /// A lookup: the instances, all reported healthy while the service is
     /// below its protection threshold.
-    fn lookup(&self, key: &ServiceKey) -> Vec<Instance> {
+    /// The instances of `key` as lookups report them, and whether the
+    /// protection threshold changed what they say.
+    fn lookup(&self, key: &ServiceKey) -> (Vec<Instance>, bool) {
         let mut instances = self.snapshot(key);
         let protection = self.services.get(key).map_or(0.0, |s| s.protection);
-        if protection > 0.0 && !instances.is_empty() {
-            let healthy = instances.iter().filter(|i| i.healthy).count();
-            if (healthy as f64) < protection * instances.len() as f64 {
-                tracing::debug!(service = %key, healthy, total = instances.len(), "protection threshold: returning every instance");
-                for instance in &mut instances {
-                    instance.healthy = true;
-                }
+        let enabled = instances.iter().filter(|i| i.enabled);
+        let (healthy, total) =
+            enabled.fold((0, 0), |(h, t), i| (h + usize::from(i.healthy), t + 1));
+        let protect = super::below_protection_threshold(healthy, total, protection)
+            && instances.iter().any(|i| !i.healthy);
+        if protect {
+            tracing::debug!(service = %key, healthy, total, "protection threshold: returning every instance");
+            for instance in &mut instances {
+                instance.healthy = true;
             }
         }
-        instances
+        (instances, protect)
     }
 }
 
@@ -753,7 +754,7 @@ impl Registry for MemoryRegistry {
     async fn instances(&self, service: &ServiceKey) -> Result<Vec<Instance>, RegistryError> {
         let mut state = self.shared.lock();
         self.ensure_sweeper(&mut state);
-        Ok(state.lookup(service))
+        Ok(state.lookup(service).0)
     }
 
     async fn services(&self, namespace: &str) -> Result<Vec<ServiceKey>, RegistryError> {

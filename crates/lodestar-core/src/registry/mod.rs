@@ -167,6 +167,23 @@ impl<R: Registry + ?Sized> Registry for std::sync::Arc<R> {
     }
 }
 
+/// Whether a service is below its protection threshold: fewer than
+/// `threshold` (a fraction, 0 = off) of its enabled instances are healthy.
+/// Below it, a registry's lookups and a client's balancer treat every
+/// enabled instance as healthy, so that a mass health failure (more likely
+/// a checker's fault than the fleet's) does not pile all traffic on the
+/// few left.
+///
+/// ```
+/// use lodestar_core::registry::below_protection_threshold;
+/// assert!(below_protection_threshold(1, 4, 0.5));
+/// assert!(!below_protection_threshold(2, 4, 0.5));
+/// assert!(!below_protection_threshold(0, 4, 0.0));
+/// ```
+pub fn below_protection_threshold(healthy: usize, enabled: usize, threshold: f64) -> bool {
+    threshold > 0.0 && enabled > 0 && (healthy as f64) < threshold * enabled as f64
+}
+
 /// Checks a registration as every backend must: no empty id, service,
 /// address, namespace or group, and a TTL above zero.
 ///

@@ -121,7 +121,8 @@ impl Balancer {
         let healthy = enabled.iter().filter(|i| i.healthy).count();
         let threshold = self.config.protection_threshold;
         // Below the protection threshold, every enabled instance takes traffic.
-        let protect = threshold > 0.0 && (healthy as f64) < threshold * enabled.len() as f64;
+        let protect =
+            crate::registry::below_protection_threshold(healthy, enabled.len(), threshold);
         // Said once when it begins and once when it ends, not on every update.
         if protect != self.protecting.swap(protect, Ordering::Relaxed) {
             if protect {
