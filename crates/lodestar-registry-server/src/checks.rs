@@ -24,7 +24,10 @@ pub(crate) async fn run(server: Arc<Server>) {
         tick.tick().await;
         let now = tokio::time::Instant::now();
         let checks = server.store.checks();
-        due.retain(|key, _| checks.iter().any(|(k, _)| k == key));
+        let current: std::collections::HashSet<&InstanceKey> =
+            checks.iter().map(|(k, _)| k).collect();
+        due.retain(|key, _| current.contains(key));
+        drop(current);
         for (key, check) in checks {
             if check.kind == "none" || due.get(&key).is_some_and(|at| *at > now) {
                 continue;
@@ -43,10 +46,9 @@ pub(crate) async fn run(server: Arc<Server>) {
             due.insert(key.clone(), now + interval);
             let address = server
                 .registry
-                .persistent_instances()
-                .into_iter()
-                .find(|i| i.instance_key() == key)
-                .map(|i| i.address);
+                .get(&key)
+                .filter(|(_, persistent)| *persistent)
+                .map(|(instance, _)| instance.address);
             let Some(address) = address else {
                 running
                     .lock()

@@ -176,9 +176,8 @@ impl pb::registry_server::Registry for Api {
         let persistent = self
             .server
             .registry
-            .persistent_instances()
-            .iter()
-            .any(|i| i.instance_key() == key);
+            .get(&key)
+            .is_some_and(|(_, persistent)| persistent);
         self.server
             .registry
             .deregister(&key)

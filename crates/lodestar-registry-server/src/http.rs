@@ -310,9 +310,8 @@ async fn deregister(
     };
     let persistent = server
         .registry
-        .persistent_instances()
-        .iter()
-        .any(|i| i.instance_key() == key);
+        .get(&key)
+        .is_some_and(|(_, persistent)| persistent);
     match server.registry.deregister(&key).await {
         Ok(()) => {
             if persistent {

@@ -151,19 +151,10 @@ impl Server {
     /// Refuses to turn a persistent instance ephemeral or the other way
     /// round: deregister it first.
     pub(crate) fn check_kind(&self, key: &InstanceKey, persistent: bool) -> Result<(), String> {
-        let is_persistent = self
-            .registry
-            .persistent_instances()
-            .iter()
-            .any(|i| i.instance_key() == *key);
-        let exists = is_persistent
-            || self
-                .registry
-                .lookup(&key.service)
-                .0
-                .iter()
-                .any(|i| i.id == key.id);
-        if exists && is_persistent != persistent {
+        let Some((_, is_persistent)) = self.registry.get(key) else {
+            return Ok(());
+        };
+        if is_persistent != persistent {
             let (was, now) = if is_persistent {
                 ("persistent", "ephemeral")
             } else {

@@ -329,6 +329,14 @@ impl MemoryRegistry {
         (instances.len(), healthy)
     }
 
+    /// One instance as stored (real health, whatever the protection
+    /// threshold), and whether it is persistent; `None` if unknown.
+    pub fn get(&self, key: &InstanceKey) -> Option<(Instance, bool)> {
+        let state = self.shared.lock();
+        let lease = state.services.get(&key.service)?.instances.get(&key.id)?;
+        Some((lease.instance.clone(), lease.ttl.is_none()))
+    }
+
     /// Every persistent instance (for saving them).
     pub fn persistent_instances(&self) -> Vec<Instance> {
         let state = self.shared.lock();
