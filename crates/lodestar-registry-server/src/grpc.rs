@@ -137,12 +137,9 @@ impl pb::registry_server::Registry for Api {
             .check_kind(&instance.instance_key(), request.persistent)
             .map_err(Status::failed_precondition)?;
         if request.persistent {
-            let key = instance.instance_key();
-            registry.register_persistent(instance).map_err(status)?;
             self.server
-                .store
-                .remember(key, Check::from_pb(request.check));
-            self.server.save();
+                .register_persistent(instance, Check::from_pb(request.check))
+                .map_err(status)?;
         } else {
             if request.ttl_ms == 0 {
                 return Err(Status::invalid_argument(
@@ -173,20 +170,7 @@ impl pb::registry_server::Registry for Api {
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         self.authorize(&request)?;
         let key = key_of(request.into_inner())?;
-        let persistent = self
-            .server
-            .registry
-            .get(&key)
-            .is_some_and(|(_, persistent)| persistent);
-        self.server
-            .registry
-            .deregister(&key)
-            .await
-            .map_err(status)?;
-        if persistent {
-            self.server.forget_check(&key);
-            self.server.save();
-        }
+        self.server.deregister(&key).await.map_err(status)?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
 

@@ -246,10 +246,7 @@ async fn register(
                 ),
             );
         }
-        server.registry.register_persistent(instance).map(|()| {
-            server.store.remember(key.clone(), check);
-            server.save();
-        })
+        server.register_persistent(instance, check)
     } else {
         match r.ttl_ms {
             Some(ttl) if ttl > 0 => {
@@ -308,18 +305,8 @@ async fn deregister(
         service: scope.key(service),
         id,
     };
-    let persistent = server
-        .registry
-        .get(&key)
-        .is_some_and(|(_, persistent)| persistent);
-    match server.registry.deregister(&key).await {
-        Ok(()) => {
-            if persistent {
-                server.forget_check(&key);
-                server.save();
-            }
-            StatusCode::NO_CONTENT.into_response()
-        }
+    match server.deregister(&key).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => registry_error(e),
     }
 }

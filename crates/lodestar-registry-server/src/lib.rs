@@ -144,8 +144,36 @@ impl Server {
         }
     }
 
-    pub(crate) fn forget_check(&self, key: &InstanceKey) {
-        self.store.forget(key);
+    /// Registers a persistent instance with its health check, and saves.
+    pub(crate) fn register_persistent(
+        &self,
+        instance: lodestar::Instance,
+        check: store::Check,
+    ) -> Result<(), lodestar::RegistryError> {
+        let key = instance.instance_key();
+        self.registry.register_persistent(instance)?;
+        self.store.remember(key, check);
+        self.save();
+        Ok(())
+    }
+
+    /// Deregisters an instance; a persistent one also loses its check, and
+    /// the change is saved.
+    pub(crate) async fn deregister(
+        &self,
+        key: &InstanceKey,
+    ) -> Result<(), lodestar::RegistryError> {
+        use lodestar::Registry as _;
+        let persistent = self
+            .registry
+            .get(key)
+            .is_some_and(|(_, persistent)| persistent);
+        self.registry.deregister(key).await?;
+        if persistent {
+            self.store.forget(key);
+            self.save();
+        }
+        Ok(())
     }
 
     /// Refuses to turn a persistent instance ephemeral or the other way
