@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 #[test]
 fn demo_succeeds_and_reports_every_call_kind() {
     let started = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_lodestar"))
-        .arg("demo")
-        .output()
-        .expect("run lodestar demo");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_lodestar"));
+    demo.arg("demo");
+    let output = lodestar_tests::run_bounded(demo, Duration::from_secs(60));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -34,15 +33,14 @@ fn demo_succeeds_and_reports_every_call_kind() {
 
 #[test]
 fn help_lists_the_demo() {
-    let output = Command::new(env!("CARGO_BIN_EXE_lodestar"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let lodestar = |arg: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
+        command.arg(arg);
+        lodestar_tests::run_bounded(command, Duration::from_secs(10))
+    };
+    let output = lodestar("--help");
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("demo"));
-    let output = Command::new(env!("CARGO_BIN_EXE_lodestar"))
-        .arg("no-such-command")
-        .output()
-        .unwrap();
+    let output = lodestar("no-such-command");
     assert_eq!(output.status.code(), Some(2), "a usage error exits 2");
 }

@@ -310,7 +310,7 @@ fn cli_sees_two_healthy_instances(url: &str) {
         if let Some(url) = env {
             command.env("LODESTAR_REGISTRY", url);
         }
-        let output = command.output().unwrap();
+        let output = lodestar_tests::run_bounded(command, TIMEOUT);
         assert!(
             output.status.success(),
             "lodestar {args:?}: {}",
@@ -1036,12 +1036,12 @@ mod events {
 
     /// `lodestar publish …`: its exit status and standard error.
     fn publish(args: &[&str]) -> (bool, String) {
-        let output = Command::new(env!("CARGO_BIN_EXE_lodestar"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
+        command
             .arg("publish")
             .args(args)
-            .env_remove("LODESTAR_BROKER")
-            .output()
-            .unwrap();
+            .env_remove("LODESTAR_BROKER");
+        let output = lodestar_tests::run_bounded(command, TIMEOUT);
         (
             output.status.success(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
