@@ -190,6 +190,10 @@ impl CallPlan {
     /// the caller's own (not yet sent); a replayed copy follows the
     /// per-message choices as they were when the call began.
     fn reframer(&self, live: bool) -> Option<Reframer> {
+        if self.compression.is_none() && self.request.is_none() {
+            // The common call: nothing to rewrite.
+            return None;
+        }
         let reframer = match &self.compression {
             Some((encoding, default, plan)) => {
                 let plan = if live {
