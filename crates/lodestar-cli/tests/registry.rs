@@ -724,11 +724,7 @@ async fn malformed_or_unauthorized_calls_get_clear_errors_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_started_before_its_registry_serves_and_registers_when_it_appears() {
     // A free port for a registry that is not there yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = lodestar_tests::free_port();
     let url = format!("lodestar://127.0.0.1:{port}");
     let (child, address) = instance(&url, "early", 1500);
     // It serves already.
@@ -764,10 +760,7 @@ async fn a_service_started_before_its_registry_serves_and_registers_when_it_appe
 async fn persistent_instances_are_health_checked_and_the_protection_threshold_applies() {
     let registry = registry("127.0.0.1:0", &[]);
     let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], lodestar_tests::free_port()));
     for (id, address) in [("db-live", live.local_addr().unwrap()), ("db-dead", dead)] {
         let body = format!(
             r#"{{"service": "db", "id": "{id}", "address": "{address}", "persistent": true, "check": {{"kind": "tcp", "interval_ms": 100}}}}"#

@@ -8,13 +8,7 @@ use std::time::Duration;
 
 use lodestar_etcd::EtcdRegistry;
 
-/// A free loopback port (bound, then released for the server to take).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+pub use crate::free_port;
 
 /// The etcd binary: `LODESTAR_ETCD`, else `etcd` on the PATH.
 pub fn binary() -> String {
@@ -224,13 +218,7 @@ pub fn cluster(n: usize) -> Vec<Etcd> {
 
 /// `n` members, with ports and data directories but not yet started.
 fn new_members(n: usize) -> Vec<Etcd> {
-    let unique = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
+    let unique = crate::unique_name();
     (0..n)
         .map(|i| Etcd {
             name: format!("m{i}"),

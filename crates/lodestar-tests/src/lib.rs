@@ -480,3 +480,26 @@ pub fn run_bounded(mut command: std::process::Command, timeout: Duration) -> std
         stderr: stderr.join().unwrap_or_default(),
     }
 }
+
+/// A free loopback port (bound, then released for a server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A name no other test process or call uses, for temporary directories.
+pub fn unique_name() -> String {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // The time too: a crashed earlier run may have left a directory under
+    // a process id that is now ours.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}

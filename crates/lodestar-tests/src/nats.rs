@@ -46,15 +46,9 @@ pub struct Nats {
 impl Nats {
     /// Starts a server and waits until it accepts connections.
     pub async fn start() -> Nats {
-        let unique = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        );
+        let unique = crate::unique_name();
         let mut nats = Nats {
-            address: SocketAddr::from(([127, 0, 0, 1], crate::etcd::free_port())),
+            address: SocketAddr::from(([127, 0, 0, 1], crate::free_port())),
             store: std::env::temp_dir().join(format!("lodestar-nats-{unique}")),
             child: None,
         };
