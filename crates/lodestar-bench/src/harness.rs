@@ -1,0 +1,759 @@
+//! What every scenario shares: child processes pinned to a core, CPU and
+//! memory readings from `/proc`, latency percentiles, alternating
+//! repetitions, and the report (a table and JSON).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// Errors of the harness and its scenarios: a benchmark either runs or
+/// says why it could not.
+pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
+/// The harness's result.
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How long and how often to measure.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// A few hundred milliseconds per scenario, one repetition: proves the
+    /// harness works, measures nothing worth reporting.
+    pub smoke: bool,
+    /// Repetitions of each case per variant.
+    pub reps: usize,
+    /// Load before measuring, in every run.
+    pub warmup: Duration,
+    /// How long each measured run lasts.
+    pub duration: Duration,
+    /// Pin clients and servers to their own cores (`taskset`).
+    pub pin: bool,
+}
+
+impl Settings {
+    /// The settings of a real run.
+    pub(crate) fn full(reps: usize, duration: Duration) -> Self {
+        Settings {
+            smoke: false,
+            reps,
+            warmup: Duration::from_secs(1),
+            duration,
+            pin: pinning_available(),
+        }
+    }
+
+    /// The settings of a smoke run.
+    pub(crate) fn smoke() -> Self {
+        Settings {
+            smoke: true,
+            reps: 1,
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_millis(300),
+            pin: pinning_available(),
+        }
+    }
+
+    /// The core for load generators (clients, publishers).
+    pub(crate) fn client_cpu(&self) -> Option<usize> {
+        self.pin.then_some(0)
+    }
+
+    /// The core for the system under test (servers).
+    pub(crate) fn server_cpu(&self) -> Option<usize> {
+        self.pin.then_some(1)
+    }
+}
+
+/// Whether there are two cores and `taskset` to pin to them.
+fn pinning_available() -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores >= 2
+        && std::process::Command::new("taskset")
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// A child process, optionally pinned to one core, that talks to the
+/// orchestrator in JSON lines on its stdout. Killed when dropped.
+#[derive(Debug)]
+pub(crate) struct Proc {
+    name: String,
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    pid: u32,
+}
+
+impl Proc {
+    /// Starts this benchmark binary with `args` (a hidden child command).
+    pub(crate) fn spawn_self(name: &str, cpu: Option<usize>, args: &[String]) -> Result<Proc> {
+        let exe = std::env::current_exe()?;
+        Self::spawn(name, cpu, &exe, args)
+    }
+
+    /// Starts `program` with `args`, pinned to `cpu` when given.
+    pub(crate) fn spawn(
+        name: &str,
+        cpu: Option<usize>,
+        program: impl AsRef<Path>,
+        args: &[String],
+    ) -> Result<Proc> {
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut command = Command::new("taskset");
+                command
+                    .arg("-c")
+                    .arg(cpu.to_string())
+                    .arg(program.as_ref());
+                command
+            }
+            None => Command::new(program.as_ref()),
+        };
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {name} ({:?}): {e}", program.as_ref()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| format!("{name}: no stdout"))?;
+        let pid = child.id().ok_or_else(|| format!("{name}: exited at once"))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            stdout: BufReader::new(stdout).lines(),
+            pid,
+        })
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The next JSON line the child prints (other lines are skipped), or an
+    /// error if it exits or says nothing within `timeout`.
+    pub(crate) async fn message(&mut self, timeout: Duration) -> Result<serde_json::Value> {
+        let read = async {
+            while let Some(line) = self.stdout.next_line().await? {
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
+                        return Err(format!("{}: {error}", self.name).into());
+                    }
+                    return Ok(value);
+                }
+            }
+            Err(format!("{} exited before reporting", self.name).into())
+        };
+        tokio::time::timeout(timeout, read)
+            .await
+            .map_err(|_| format!("{} said nothing within {timeout:?}", self.name))?
+    }
+
+    /// The next message, which must have field `key`; returns that field.
+    pub(crate) async fn expect(&mut self, key: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let message = self.message(timeout).await?;
+        message
+            .get(key)
+            .cloned()
+            .ok_or_else(|| format!("{}: expected `{key}`, got {message}", self.name).into())
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub(crate) fn cpu_time(&self) -> Result<Duration> {
+        cpu_time_of(self.pid)
+    }
+
+    /// Resident memory now, in bytes.
+    pub(crate) fn rss(&self) -> Result<u64> {
+        status_kib(self.pid, "VmRSS:").map(|kib| kib * 1024)
+    }
+
+    /// The most resident memory the process has had, in bytes.
+    pub(crate) fn peak_rss(&self) -> Result<u64> {
+        status_kib(self.pid, "VmHWM:").map(|kib| kib * 1024)
+    }
+
+    /// Waits for the process to exit by itself, for at most `timeout`.
+    pub(crate) async fn wait(&mut self, timeout: Duration) -> Result<()> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .map_err(|_| format!("{} did not exit within {timeout:?}", self.name))??;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{} exited with {status}", self.name).into())
+        }
+    }
+
+    /// SIGTERM, and wait up to 10 s for a graceful exit; SIGKILL after.
+    pub(crate) async fn terminate(&mut self) -> Result<()> {
+        if let Ok(pid) = libc::pid_t::try_from(self.pid) {
+            // SAFETY: kill(2) with a pid we started and have not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(status) => {
+                status?;
+                Ok(())
+            }
+            Err(_) => {
+                self.kill().await?;
+                Err(format!("{} ignored SIGTERM for 10 s", self.name).into())
+            }
+        }
+    }
+
+    /// SIGKILL, and reap.
+    pub(crate) async fn kill(&mut self) -> Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// CPU time (user + system, all threads) that process `pid` has used.
+pub(crate) fn cpu_time_of(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it do not.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or("malformed /proc/pid/stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the name: state is field 3 of stat(5), utime 14, stime 15.
+    let ticks = |i: usize| -> Result<u64> {
+        Ok(fields
+            .get(i - 3)
+            .ok_or("short /proc/pid/stat")?
+            .parse::<u64>()?)
+    };
+    let total = ticks(14)? + ticks(15)?;
+    Ok(Duration::from_secs_f64(total as f64 / clock_ticks()))
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// CPU time this process has used, finer than `/proc` ticks.
+pub(crate) fn self_cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the struct we pass and nothing else.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// This process's peak resident memory, in bytes.
+pub(crate) fn self_peak_rss() -> u64 {
+    status_kib(std::process::id(), "VmHWM:").map_or(0, |kib| kib * 1024)
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(line
+        .trim_start_matches(field)
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?)
+}
+
+/// Prints one JSON line for the orchestrator.
+pub(crate) fn say(value: serde_json::Value) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// Latencies of individual operations.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Latencies {
+    nanos: Vec<u64>,
+}
+
+impl Latencies {
+    /// Room for `capacity` samples.
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Latencies {
+            nanos: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Records one operation.
+    pub(crate) fn record(&mut self, latency: Duration) {
+        self.nanos
+            .push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Adds another recorder's samples.
+    pub(crate) fn merge(&mut self, other: Latencies) {
+        self.nanos.extend(other.nanos);
+    }
+
+    /// How many operations were recorded.
+    pub(crate) fn len(&self) -> usize {
+        self.nanos.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.nanos.is_empty()
+    }
+
+    /// p50, p99 and p99.9, in microseconds.
+    pub(crate) fn percentiles_us(&mut self) -> [f64; 3] {
+        self.nanos.sort_unstable();
+        [0.50, 0.99, 0.999].map(|q| {
+            if self.nanos.is_empty() {
+                return 0.0;
+            }
+            let rank = ((self.nanos.len() as f64 * q).ceil() as usize).clamp(1, self.nanos.len());
+            self.nanos[rank - 1] as f64 / 1000.0
+        })
+    }
+}
+
+/// One number a scenario reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Metric {
+    /// Its key in the JSON.
+    pub name: &'static str,
+    /// Its unit, for the table.
+    pub unit: &'static str,
+    /// Whether more is better (throughput) or less is (latency, CPU, RSS).
+    pub higher_is_better: bool,
+}
+
+impl Metric {
+    /// A metric where more is better.
+    pub(crate) const fn higher(name: &'static str, unit: &'static str) -> Self {
+        Metric {
+            name,
+            unit,
+            higher_is_better: true,
+        }
+    }
+    /// A metric where less is better.
+    pub(crate) const fn lower(name: &'static str, unit: &'static str) -> Self {
+        Metric {
+            name,
+            unit,
+            higher_is_better: false,
+        }
+    }
+}
+
+/// Operations per second.
+pub(crate) const THROUGHPUT: Metric = Metric::higher("throughput", "ops/s");
+/// Median latency.
+pub(crate) const P50: Metric = Metric::lower("p50", "µs");
+/// 99th percentile latency.
+pub(crate) const P99: Metric = Metric::lower("p99", "µs");
+/// 99.9th percentile latency.
+pub(crate) const P999: Metric = Metric::lower("p99.9", "µs");
+/// Client (load generator) CPU time per operation.
+pub(crate) const CLIENT_CPU: Metric = Metric::lower("client cpu/op", "µs");
+/// Server CPU time per operation.
+pub(crate) const SERVER_CPU: Metric = Metric::lower("server cpu/op", "µs");
+/// Server peak resident memory.
+pub(crate) const SERVER_RSS: Metric = Metric::lower("server peak rss", "MiB");
+/// Client peak resident memory.
+pub(crate) const CLIENT_RSS: Metric = Metric::lower("client peak rss", "MiB");
+
+/// The numbers of one run of one variant.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sample {
+    values: Vec<(Metric, f64)>,
+}
+
+impl Sample {
+    /// Adds a number.
+    pub(crate) fn set(&mut self, metric: Metric, value: f64) -> &mut Self {
+        self.values.push((metric, value));
+        self
+    }
+
+    /// Adds p50, p99 and p99.9 of `latencies`.
+    pub(crate) fn latencies(&mut self, latencies: &mut Latencies) -> &mut Self {
+        let [p50, p99, p999] = latencies.percentiles_us();
+        self.set(P50, p50).set(P99, p99).set(P999, p999)
+    }
+
+    /// The value of `metric`, if set.
+    pub(crate) fn get(&self, metric: &str) -> Option<f64> {
+        self.values
+            .iter()
+            .find(|(m, _)| m.name == metric)
+            .map(|(_, v)| *v)
+    }
+
+    /// As a JSON object.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.values
+                .iter()
+                .map(|(m, v)| (m.name.to_owned(), serde_json::json!(v)))
+                .collect(),
+        )
+    }
+
+    /// Reads the numbers a child reported with [`Sample::to_json`] back,
+    /// for the metrics in `metrics`.
+    pub(crate) fn from_json(value: &serde_json::Value, metrics: &[Metric]) -> Result<Sample> {
+        let mut sample = Sample::default();
+        for metric in metrics {
+            let v = value
+                .get(metric.name)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| format!("missing `{}` in {value}", metric.name))?;
+            sample.set(*metric, v);
+        }
+        Ok(sample)
+    }
+}
+
+/// The runs of one variant (lodestar, or a peer) of one case.
+#[derive(Debug, Clone)]
+pub(crate) struct Variant {
+    /// "lodestar", "tonic", "etcd", "async-nats"...
+    pub name: String,
+    /// One per repetition.
+    pub samples: Vec<Sample>,
+}
+
+/// One case of a scenario, e.g. "unary 1 KiB": lodestar first, then its
+/// peers.
+#[derive(Debug, Clone)]
+pub(crate) struct Case {
+    /// The scenario: "rpc", "registry", "broker", "failover", "footprint".
+    pub scenario: &'static str,
+    /// What this case does, with its parameters.
+    pub name: String,
+    /// lodestar first.
+    pub variants: Vec<Variant>,
+}
+
+/// Runs `variants` `settings.reps` times each, alternating (ABAB, then BA
+/// BA...), so drift on the machine hits each the same.
+pub(crate) async fn alternate<F, Fut>(
+    settings: &Settings,
+    scenario: &'static str,
+    name: impl Into<String>,
+    variants: &[&str],
+    mut run: F,
+) -> Result<Case>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Sample>>,
+{
+    let name = name.into();
+    let mut results: Vec<Variant> = variants
+        .iter()
+        .map(|v| Variant {
+            name: (*v).to_owned(),
+            samples: Vec::new(),
+        })
+        .collect();
+    for rep in 0..settings.reps.max(1) {
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            eprintln!(
+                "  {scenario} / {name} / {} (run {} of {})",
+                variants[i],
+                rep + 1,
+                settings.reps
+            );
+            let sample = run(variants[i].to_owned())
+                .await
+                .map_err(|e| format!("{scenario} / {name} / {}: {e}", variants[i]))?;
+            results[i].samples.push(sample);
+        }
+    }
+    Ok(Case {
+        scenario,
+        name,
+        variants: results,
+    })
+}
+
+/// Median, minimum and maximum.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Spread {
+    /// The median (the mean of the middle two for an even count).
+    pub median: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+}
+
+impl Spread {
+    /// Of `values`; `None` when empty.
+    pub(crate) fn of(values: &[f64]) -> Option<Spread> {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+}
+
+impl Case {
+    /// The metrics any variant reported, in first-seen order.
+    fn metrics(&self) -> Vec<Metric> {
+        let mut out: Vec<Metric> = Vec::new();
+        for variant in &self.variants {
+            for sample in &variant.samples {
+                for (metric, _) in &sample.values {
+                    if !out.iter().any(|m| m.name == metric.name) {
+                        out.push(*metric);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn spread(&self, variant: &Variant, metric: &Metric) -> Option<Spread> {
+        let values: Vec<f64> = variant
+            .samples
+            .iter()
+            .filter_map(|s| s.get(metric.name))
+            .collect();
+        Spread::of(&values)
+    }
+
+    /// lodestar's advantage over `peer` on `metric`: above 1.0 lodestar is
+    /// better (more throughput, or less latency/CPU/memory).
+    fn advantage(&self, peer: &Variant, metric: &Metric) -> Option<f64> {
+        let ours = self.spread(self.variants.first()?, metric)?.median;
+        let theirs = self.spread(peer, metric)?.median;
+        let ratio = if metric.higher_is_better {
+            ours / theirs
+        } else {
+            theirs / ours
+        };
+        ratio.is_finite().then_some(ratio)
+    }
+}
+
+/// Everything one `run` measured.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    /// In the order they ran.
+    pub cases: Vec<Case>,
+}
+
+impl Report {
+    /// The report as JSON: machine, settings, and for each case and variant
+    /// every sample, the spreads and the ratios against lodestar.
+    pub(crate) fn to_json(&self, settings: &Settings) -> serde_json::Value {
+        let cases: Vec<serde_json::Value> = self
+            .cases
+            .iter()
+            .map(|case| {
+                let metrics = case.metrics();
+                let variants: Vec<serde_json::Value> = case
+                    .variants
+                    .iter()
+                    .enumerate()
+                    .map(|(i, variant)| {
+                        let spreads: serde_json::Map<String, serde_json::Value> = metrics
+                            .iter()
+                            .filter_map(|m| {
+                                case.spread(variant, m)
+                                    .map(|s| (m.name.to_owned(), serde_json::json!(s)))
+                            })
+                            .collect();
+                        let advantage: serde_json::Map<String, serde_json::Value> = if i == 0 {
+                            serde_json::Map::new()
+                        } else {
+                            metrics
+                                .iter()
+                                .filter_map(|m| {
+                                    case.advantage(variant, m)
+                                        .map(|r| (m.name.to_owned(), serde_json::json!(r)))
+                                })
+                                .collect()
+                        };
+                        serde_json::json!({
+                            "name": variant.name,
+                            "samples": variant.samples.iter().map(Sample::to_json).collect::<Vec<_>>(),
+                            "spread": spreads,
+                            "lodestar_advantage": advantage,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "scenario": case.scenario,
+                    "case": case.name,
+                    "units": metrics.iter().map(|m| (m.name.to_owned(), serde_json::json!(m.unit))).collect::<serde_json::Map<_, _>>(),
+                    "variants": variants,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "machine": machine(),
+            "settings": {
+                "smoke": settings.smoke,
+                "reps": settings.reps,
+                "warmup_ms": settings.warmup.as_millis() as u64,
+                "duration_ms": settings.duration.as_millis() as u64,
+                "pinned": settings.pin,
+            },
+            "cases": cases,
+        })
+    }
+
+    /// The report as Markdown tables, one per scenario: for each case and
+    /// metric, each variant's median with its min–max, and lodestar's
+    /// advantage over each peer.
+    pub(crate) fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let mut scenario = "";
+        for case in &self.cases {
+            if case.scenario != scenario {
+                scenario = case.scenario;
+                let peers = self
+                    .cases
+                    .iter()
+                    .filter(|c| c.scenario == scenario)
+                    .map(|c| c.variants.len())
+                    .max()
+                    .unwrap_or(1);
+                let _ = write!(out, "\n### {scenario}\n\n| case | metric | lodestar |");
+                for _ in 1..peers {
+                    let _ = write!(out, " peer | lodestar advantage |");
+                }
+                out.push('\n');
+                out.push_str("|---|---|---:|");
+                for _ in 1..peers {
+                    out.push_str("---:|---:|");
+                }
+                out.push('\n');
+            }
+            for metric in case.metrics() {
+                let _ = write!(out, "| {} | {} ({}) |", case.name, metric.name, metric.unit);
+                for (i, variant) in case.variants.iter().enumerate() {
+                    let cell = match case.spread(variant, &metric) {
+                        Some(s) if variant.samples.len() > 1 => format!(
+                            "{} {} [{}–{}]",
+                            if i == 0 { String::new() } else { format!("{}:", variant.name) },
+                            fmt_num(s.median),
+                            fmt_num(s.min),
+                            fmt_num(s.max)
+                        ),
+                        Some(s) => format!(
+                            "{} {}",
+                            if i == 0 { String::new() } else { format!("{}:", variant.name) },
+                            fmt_num(s.median)
+                        ),
+                        None => "–".to_owned(),
+                    };
+                    let _ = write!(out, " {} |", cell.trim());
+                    if i > 0 {
+                        let ratio = case
+                            .advantage(variant, &metric)
+                            .map_or_else(|| "–".to_owned(), |r| format!("{r:.2}×"));
+                        let _ = write!(out, " {ratio} |");
+                    }
+                }
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// A number for a table: thousands separated, at most three significant
+/// decimals for small values.
+pub(crate) fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        return x.to_string();
+    }
+    if x.abs() >= 1000.0 {
+        let rounded = x.round() as i64;
+        let digits = rounded.unsigned_abs().to_string();
+        let mut grouped = String::new();
+        for (i, ch) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                grouped.push(',');
+            }
+            grouped.push(ch);
+        }
+        if rounded < 0 {
+            grouped.insert(0, '-');
+        }
+        grouped
+    } else if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// The machine the numbers come from.
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut map = BTreeMap::new();
+    map.insert("cpu", serde_json::json!(cpu));
+    map.insert("cores", serde_json::json!(cores));
+    map.insert("kernel", serde_json::json!(kernel));
+    serde_json::json!(map)
+}
+
+/// Bytes to MiB.
+pub(crate) fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
