@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -107,10 +108,7 @@ impl Proc {
         let mut command = match cpu {
             Some(cpu) => {
                 let mut command = Command::new("taskset");
-                command
-                    .arg("-c")
-                    .arg(cpu.to_string())
-                    .arg(program.as_ref());
+                command.arg("-c").arg(cpu.to_string()).arg(program.as_ref());
                 command
             }
             None => Command::new(program.as_ref()),
@@ -128,7 +126,9 @@ impl Proc {
             .stdout
             .take()
             .ok_or_else(|| format!("{name}: no stdout"))?;
-        let pid = child.id().ok_or_else(|| format!("{name}: exited at once"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| format!("{name}: exited at once"))?;
         Ok(Proc {
             name: name.to_owned(),
             child,
@@ -161,13 +161,21 @@ impl Proc {
             .map_err(|_| format!("{} said nothing within {timeout:?}", self.name))?
     }
 
-    /// The next message, which must have field `key`; returns that field.
-    pub(crate) async fn expect(&mut self, key: &str, timeout: Duration) -> Result<serde_json::Value> {
-        let message = self.message(timeout).await?;
-        message
-            .get(key)
-            .cloned()
-            .ok_or_else(|| format!("{}: expected `{key}`, got {message}", self.name).into())
+    /// Waits for a message with field `key` (skipping others) and returns
+    /// that field.
+    pub(crate) async fn expect(
+        &mut self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let message = self.message(left).await?;
+            if let Some(value) = message.get(key) {
+                return Ok(value.clone());
+            }
+        }
     }
 
     /// CPU time (user + system) the process has used so far.
@@ -288,39 +296,76 @@ pub(crate) fn say(value: serde_json::Value) {
     let _ = out.flush();
 }
 
-/// Latencies of individual operations.
-#[derive(Debug, Default, Clone)]
+/// Latencies of individual operations: every one, or, for recorders made
+/// with [`Latencies::sampled`], a uniform random sample of bounded size
+/// (so that millions of messages do not inflate the load generator's RSS).
+#[derive(Debug, Clone)]
 pub(crate) struct Latencies {
     nanos: Vec<u64>,
+    /// Keep at most this many (reservoir sampling, algorithm R).
+    capacity: usize,
+    /// Values offered so far.
+    seen: u64,
+    rng: fastrand::Rng,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
 }
 
 impl Latencies {
-    /// Room for `capacity` samples.
+    /// Keeps every sample; room for `capacity` to start with.
     pub(crate) fn with_capacity(capacity: usize) -> Self {
         Latencies {
             nanos: Vec::with_capacity(capacity),
+            capacity: usize::MAX,
+            seen: 0,
+            rng: fastrand::Rng::with_seed(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    /// Keeps a uniform random sample of at most `capacity` latencies.
+    pub(crate) fn sampled(capacity: usize) -> Self {
+        Latencies {
+            capacity,
+            ..Self::with_capacity(capacity)
         }
     }
 
     /// Records one operation.
     pub(crate) fn record(&mut self, latency: Duration) {
-        self.nanos
-            .push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.seen += 1;
+        if self.nanos.len() < self.capacity {
+            self.nanos.push(nanos);
+            return;
+        }
+        // Kept with probability capacity / seen, in a random slot.
+        let slot = self.rng.u64(..self.seen);
+        if let Some(kept) = usize::try_from(slot)
+            .ok()
+            .and_then(|slot| self.nanos.get_mut(slot))
+        {
+            *kept = nanos;
+        }
     }
 
     /// Adds another recorder's samples.
     pub(crate) fn merge(&mut self, other: Latencies) {
+        self.seen += other.seen;
         self.nanos.extend(other.nanos);
     }
 
-    /// How many operations were recorded.
+    /// How many operations were recorded (sampled or not).
     pub(crate) fn len(&self) -> usize {
-        self.nanos.len()
+        usize::try_from(self.seen).unwrap_or(usize::MAX)
     }
 
-    /// Whether nothing was recorded.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.nanos.is_empty()
+    /// The slowest, in microseconds.
+    pub(crate) fn max_us(&self) -> f64 {
+        self.nanos.iter().max().map_or(0.0, |&n| n as f64 / 1000.0)
     }
 
     /// p50, p99 and p99.9, in microseconds.
@@ -502,6 +547,62 @@ where
     })
 }
 
+/// [`alternate`] for runs that measure several cases at once
+/// (one sample per name in `names`): the variants still alternate run by
+/// run, and each case gets its own samples.
+pub(crate) async fn alternate_steps<F, Fut>(
+    settings: &Settings,
+    scenario: &'static str,
+    names: &[String],
+    variants: &[&str],
+    mut run: F,
+) -> Result<Vec<Case>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Sample>>>,
+{
+    let first = names.first().ok_or("no case to measure")?;
+    // The samples of the cases after the first, per variant.
+    let rest: Mutex<Vec<(String, Vec<Sample>)>> = Mutex::new(Vec::new());
+    let case = alternate(settings, scenario, first.clone(), variants, |variant| {
+        let run = run(variant.clone());
+        let rest = &rest;
+        async move {
+            let mut samples = run.await?;
+            if samples.len() != names.len() {
+                return Err(format!("{} samples for {} cases", samples.len(), names.len()).into());
+            }
+            let first = samples.remove(0);
+            rest.lock()
+                .map_err(|_| "samples lock poisoned")?
+                .push((variant, samples));
+            Ok(first)
+        }
+    })
+    .await?;
+    let rest = rest.into_inner().map_err(|_| "samples lock poisoned")?;
+    let mut cases = vec![case];
+    for (i, name) in names.iter().enumerate().skip(1) {
+        let variants = variants
+            .iter()
+            .map(|variant| Variant {
+                name: (*variant).to_owned(),
+                samples: rest
+                    .iter()
+                    .filter(|(v, _)| v == variant)
+                    .filter_map(|(_, samples)| samples.get(i - 1).cloned())
+                    .collect(),
+            })
+            .collect();
+        cases.push(Case {
+            scenario,
+            name: name.clone(),
+            variants,
+        });
+    }
+    Ok(cases)
+}
+
 /// Median, minimum and maximum.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct Spread {
@@ -675,14 +776,22 @@ impl Report {
                     let cell = match case.spread(variant, &metric) {
                         Some(s) if variant.samples.len() > 1 => format!(
                             "{} {} [{}–{}]",
-                            if i == 0 { String::new() } else { format!("{}:", variant.name) },
+                            if i == 0 {
+                                String::new()
+                            } else {
+                                format!("{}:", variant.name)
+                            },
                             fmt_num(s.median),
                             fmt_num(s.min),
                             fmt_num(s.max)
                         ),
                         Some(s) => format!(
                             "{} {}",
-                            if i == 0 { String::new() } else { format!("{}:", variant.name) },
+                            if i == 0 {
+                                String::new()
+                            } else {
+                                format!("{}:", variant.name)
+                            },
                             fmt_num(s.median)
                         ),
                         None => "–".to_owned(),
@@ -713,7 +822,7 @@ pub(crate) fn fmt_num(x: f64) -> String {
         let digits = rounded.unsigned_abs().to_string();
         let mut grouped = String::new();
         for (i, ch) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
                 grouped.push(',');
             }
             grouped.push(ch);

@@ -88,7 +88,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let child = matches!(args.command, Command::Run(_)).then_some(()).is_none();
+    let child = matches!(args.command, Command::Run(_))
+        .then_some(())
+        .is_none();
     match runtime.block_on(dispatch(args.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -156,7 +158,10 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     let markdown = report.to_markdown();
     println!("{markdown}");
     for (path, contents) in [
-        (&args.json, serde_json::to_string_pretty(&report.to_json(&settings))?),
+        (
+            &args.json,
+            serde_json::to_string_pretty(&report.to_json(&settings))?,
+        ),
         (&args.markdown, markdown),
     ] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -183,7 +183,8 @@ async fn serve(side: Side, registry: Option<String>, id: Option<String>) -> Resu
             running.shutdown().await?;
         }
         Side::Tonic => {
-            let incoming = tonic::transport::server::TcpIncoming::bind(any)?.with_nodelay(Some(true));
+            let incoming =
+                tonic::transport::server::TcpIncoming::bind(any)?.with_nodelay(Some(true));
             let addr = incoming.local_addr()?;
             harness::say(serde_json::json!({ "ready": { "addr": addr.to_string() } }));
             tonic::transport::Server::builder()
@@ -204,12 +205,23 @@ trait Op: Send + 'static {
     fn call(&mut self) -> impl std::future::Future<Output = Result<u64>> + Send;
 }
 
-struct LodestarUnary(pb::bench_client::BenchClient<lodestar::client::Channel>, Vec<u8>);
-struct RawUnary(raw::bench_client::BenchClient<tonic::transport::Channel>, Vec<u8>);
+struct LodestarUnary(
+    pb::bench_client::BenchClient<lodestar::client::Channel>,
+    Vec<u8>,
+);
+struct RawUnary(
+    raw::bench_client::BenchClient<tonic::transport::Channel>,
+    Vec<u8>,
+);
 
 impl Op for LodestarUnary {
     async fn call(&mut self) -> Result<u64> {
-        let reply = self.0.unary(pb::Payload { body: self.1.clone() }).await?;
+        let reply = self
+            .0
+            .unary(pb::Payload {
+                body: self.1.clone(),
+            })
+            .await?;
         check_len(reply.get_ref().body.len(), self.1.len())?;
         Ok(1)
     }
@@ -217,7 +229,12 @@ impl Op for LodestarUnary {
 
 impl Op for RawUnary {
     async fn call(&mut self) -> Result<u64> {
-        let reply = self.0.unary(raw::Payload { body: self.1.clone() }).await?;
+        let reply = self
+            .0
+            .unary(raw::Payload {
+                body: self.1.clone(),
+            })
+            .await?;
         check_len(reply.get_ref().body.len(), self.1.len())?;
         Ok(1)
     }
@@ -322,7 +339,8 @@ impl Clients {
 }
 
 /// A boxed [`Op`] factory, one op per worker.
-type Worker = Box<dyn FnMut() -> Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>> + Send>;
+type Worker =
+    Box<dyn FnMut() -> Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>> + Send>;
 
 fn worker<O: Op>(op: O) -> Worker {
     let op = Arc::new(tokio::sync::Mutex::new(op));
@@ -442,16 +460,20 @@ async fn load(args: ClientArgs) -> Result<()> {
                 let mut inflight = tokio::task::JoinSet::new();
                 while next < measure_to {
                     tokio::time::sleep_until(next.into()).await;
-                    // Calls start on schedule whatever the server does, so
-                    // queueing shows up as latency (no coordinated omission).
+                    // Calls start on schedule whatever the server does: a
+                    // slow server faces more calls in flight, not fewer
+                    // calls (no coordinated omission).
                     while next <= Instant::now() && next < measure_to {
                         let scheduled = next;
                         let call = pool[i % workers]();
                         i += 1;
                         next += interval;
+                        // Latency counts from the moment the call starts,
+                        // not from the timer's (millisecond) tick.
+                        let started = Instant::now();
                         inflight.spawn(async move {
                             call.await?;
-                            Ok::<_, harness::Error>((scheduled, scheduled.elapsed()))
+                            Ok::<_, harness::Error>((scheduled, started.elapsed()))
                         });
                     }
                     while let Some(done) = inflight.try_join_next() {
@@ -480,7 +502,10 @@ async fn load(args: ClientArgs) -> Result<()> {
     }
     let mut sample = Sample::default();
     sample
-        .set(harness::THROUGHPUT, tally.ops as f64 / duration.as_secs_f64())
+        .set(
+            harness::THROUGHPUT,
+            tally.ops as f64 / duration.as_secs_f64(),
+        )
         .latencies(&mut tally.latencies)
         .set(
             harness::CLIENT_CPU,
@@ -608,20 +633,15 @@ pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
     let (_registry, registry_url) = crate::registry::start_server(None).await?;
     let mut cases = Vec::new();
     for case in CASES {
-        let result = harness::alternate(
-            settings,
-            "rpc",
-            case.name,
-            &["lodestar", "tonic"],
-            |side| {
+        let result =
+            harness::alternate(settings, "rpc", case.name, &["lodestar", "tonic"], |side| {
                 let registry_url = registry_url.clone();
                 async move {
                     let side = Side::parse(&side)?;
                     one_run(settings, case, side, &registry_url).await
                 }
-            },
-        )
-        .await?;
+            })
+            .await?;
         cases.push(result);
     }
     Ok(cases)
