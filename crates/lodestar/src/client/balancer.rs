@@ -8,7 +8,6 @@ use arc_swap::ArcSwap;
 use http::uri::Authority;
 use lodestar_core::{Instance, Registry, ServiceKey};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use super::connection::Connection;
 use super::{ClientConfig, Strategy, resolver};
@@ -211,7 +210,7 @@ impl Balancer {
             Strategy::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
             Strategy::Random => fastrand::usize(..n),
         };
-        let now = Instant::now();
+        let mut now = None;
         let mut fallback = None;
         for endpoint in endpoints[start..].iter().chain(&endpoints[..start]) {
             // By connection: it outlives the endpoint's rebuilds when the
@@ -219,7 +218,7 @@ impl Balancer {
             if tried.iter().any(|c| Arc::ptr_eq(c, &endpoint.connection)) {
                 continue;
             }
-            if !endpoint.connection.is_ejected(now) {
+            if !endpoint.connection.is_ejected(&mut now) {
                 return Some(endpoint.clone());
             }
             // Everything ejected: rather try one than fail outright.

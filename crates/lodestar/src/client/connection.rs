@@ -81,6 +81,19 @@ impl Connection {
         if let Some(sender) = self.live() {
             return Ok(sender);
         }
+        // Boxed: every call's future would otherwise be as large as a TCP
+        // and TLS handshake's, and be moved around at that size.
+        Box::pin(self.connect(connect_timeout, tls, settings)).await
+    }
+
+    /// Opens the connection, or waits for a concurrent caller that is
+    /// opening it.
+    async fn connect(
+        &self,
+        connect_timeout: Duration,
+        tls: Option<&ClientTls>,
+        settings: crate::Http2Settings,
+    ) -> Result<Arc<Sender>, ConnectError> {
         let seen = self.attempts.load(Ordering::Acquire);
         let _opening = self.opening.lock().await;
         if let Some(sender) = self.live() {
@@ -223,9 +236,12 @@ impl Connection {
         Ok(sender)
     }
 
-    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+    /// Whether the address is ejected at `now`, which is read from the
+    /// clock only when some ejection is in force (and then kept for the
+    /// caller's next question).
+    pub(crate) fn is_ejected(&self, now: &mut Option<Instant>) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && nanos_since_epoch(now) < until
+        until != 0 && nanos_since_epoch(*now.get_or_insert_with(Instant::now)) < until
     }
 
     /// Skips this address for a while: `base`, doubled for each failure in
