@@ -22,6 +22,19 @@
 //!   has no delivery limit of its own: lodestar counts, so a message whose
 //!   last attempt died with its subscriber, or whose dead-lettering failed,
 //!   is delivered again and dead-lettered then, never dropped.
+//! * An ack (and a nack) is sent without waiting for JetStream's answer, as
+//!   plain NATS clients do: an ack lost on the way (the process died right
+//!   after it) means the message comes back after the ack wait, which at
+//!   least once allows. Ending a durable subscription, by
+//!   [`Subscription::unsubscribe`] or by dropping it, first makes sure the
+//!   server has every ack sent before, so that a drained subscriber leaves no
+//!   handled message to be delivered again; `unsubscribe` returns an error
+//!   if the server cannot confirm that.
+//! * Whether a stream holds a topic is looked up once (concurrent publishers
+//!   share the lookup) and remembered. A "no stream" answer is checked again
+//!   in the background every 2 seconds, while publishes go on as core ones
+//!   (a stream created meanwhile by someone else still stores them; they
+//!   just do not wait for its acknowledgement until the check sees it).
 //! * A durable subscription pulls 16 messages at a time and buffers 8, since
 //!   the ack wait runs while a message waits; a handler must finish within
 //!   the ack wait. A consumer or stream deleted under a subscription is
@@ -32,25 +45,26 @@
 //!
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{Broker, BrokerError, Delivery, Durable, Message, SubscribeOptions, Subscription};
 use lodestar::broker::{
     Acker, Headers, Unsubscribe, header, validate_message, validate_options, validate_topic,
 };
 
-/// How long a "no stream holds this topic" answer is trusted.
+/// How long a "no stream holds this topic" answer is trusted before it is
+/// checked again (in the background).
 const NEGATIVE_STREAM_CACHE: Duration = Duration::from_secs(2);
 /// How long a round trip to the server may take.
 const ROUND_TRIP: Duration = Duration::from_secs(5);
-/// How many deliveries a core subscription buffers before NATS waits for it.
-const BUFFER: usize = 256;
 /// How many durable deliveries wait for the subscriber: few, because their
 /// ack wait runs while they wait.
 const DURABLE_BUFFER: usize = 8;
@@ -75,8 +89,8 @@ pub struct NatsBroker {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     servers: String,
-    /// Topic → whether a JetStream stream holds it (and when we asked).
-    streams: Arc<Mutex<HashMap<String, (bool, Instant)>>>,
+    /// Which topics a JetStream stream holds.
+    streams: Arc<StreamCache>,
 }
 
 impl std::fmt::Debug for NatsBroker {
@@ -137,66 +151,104 @@ impl NatsBroker {
     }
 
     /// Waits until the server has processed everything this connection sent
-    /// so far (a SUB, an UNSUB). async-nats's `flush` only waits for the
-    /// bytes to leave; the server handles one connection's operations in
-    /// order, so a message to ourselves coming back is the proof.
+    /// so far (a SUB, an UNSUB, acks). async-nats's `flush` only waits for
+    /// the bytes to leave; the server handles one connection's operations in
+    /// order, so a message to ourselves coming back is the proof. Bounded by
+    /// [`ROUND_TRIP`] as a whole, queueing behind a full client included.
     async fn round_trip(client: &async_nats::Client) -> Result<(), BrokerError> {
-        let inbox = client.new_inbox();
-        let mut echo = client.subscribe(inbox.clone()).await.map_err(unavailable)?;
-        client
-            .publish(inbox, Bytes::new())
-            .await
-            .map_err(unavailable)?;
-        let answered = tokio::time::timeout(ROUND_TRIP, echo.next()).await;
-        let _ = echo.unsubscribe().await;
-        match answered {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(BrokerError::Closed),
+        let echo = async {
+            let inbox = client.new_inbox();
+            let mut echo = client.subscribe(inbox.clone()).await.map_err(unavailable)?;
+            client
+                .publish(inbox, Bytes::new())
+                .await
+                .map_err(unavailable)?;
+            let answered = echo.next().await;
+            let _ = echo.unsubscribe().await;
+            answered.map(drop).ok_or(BrokerError::Closed)
+        };
+        match tokio::time::timeout(ROUND_TRIP, echo).await {
+            Ok(answered) => answered,
             Err(_) => Err(BrokerError::Unavailable(format!(
                 "the NATS server did not answer within {ROUND_TRIP:?}"
             ))),
         }
     }
 
-    /// Whether a JetStream stream holds `topic` (cached).
+    /// Whether a JetStream stream holds `topic`.
+    ///
+    /// The first question about a topic waits for the server's answer, one
+    /// lookup for all the publishers asking at once. Then a stream is
+    /// trusted until a publish finds it gone ([`Self::forget`]); "no stream"
+    /// is trusted for [`NEGATIVE_STREAM_CACHE`] and then checked again in
+    /// the background, publishes going on as core ones meanwhile (a stream
+    /// that someone else created stores those as well).
     async fn stored(&self, topic: &str) -> bool {
-        let cached = self
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(topic)
-            .copied();
-        match cached {
-            Some((true, _)) => return true,
-            Some((false, at)) if at.elapsed() < NEGATIVE_STREAM_CACHE => return false,
-            _ => {}
-        }
-        match self.jetstream.stream_by_subject(topic).await {
-            Ok(_) => {
-                self.remember(topic, true);
-                true
+        let mut answer = {
+            let mut cache = self.streams.lock();
+            let CacheState { topics, lookups } = &mut *cache;
+            match topics.get_mut(topic) {
+                Some(Known::Stored) => return true,
+                Some(Known::NotStored { checked, refresh }) => {
+                    if refresh.is_none() && checked.elapsed() >= NEGATIVE_STREAM_CACHE {
+                        *lookups += 1;
+                        *refresh = Some(*lookups);
+                        self.look_up(topic, *lookups, None);
+                    }
+                    return false;
+                }
+                Some(Known::Asking { answer, .. }) => answer.clone(),
+                None => {
+                    *lookups += 1;
+                    let (tell, answer) = watch::channel(None);
+                    topics.insert(
+                        topic.to_owned(),
+                        Known::Asking {
+                            id: *lookups,
+                            answer: answer.clone(),
+                        },
+                    );
+                    self.look_up(topic, *lookups, Some(tell));
+                    answer
+                }
             }
-            Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
-                self.remember(topic, false);
-                false
-            }
-            // Unknown: publish through JetStream, whose answer says.
+        };
+        // The lookup answers once; should it end without answering (its
+        // runtime shutting down), the answer is unknown: publish through
+        // JetStream, whose answer says.
+        match answer.wait_for(Option::is_some).await {
+            Ok(stored) => stored.unwrap_or(true),
             Err(_) => true,
         }
     }
 
-    fn forget(&self, topic: &str) {
-        self.streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(topic);
+    /// Asks the server whether a stream holds `topic`, in a task of its own
+    /// (so that a publisher giving up does not leave the others waiting),
+    /// records the answer under lookup `id`, and tells `tell`.
+    fn look_up(&self, topic: &str, id: u64, tell: Option<watch::Sender<Option<bool>>>) {
+        let jetstream = self.jetstream.clone();
+        let streams = self.streams.clone();
+        let topic = topic.to_owned();
+        tokio::spawn(async move {
+            let stored = match jetstream.stream_by_subject(topic.as_str()).await {
+                Ok(_) => Some(true),
+                Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                    Some(false)
+                }
+                // Unknown: ask again next time.
+                Err(_) => None,
+            };
+            streams.settle(&topic, id, stored);
+            if let Some(tell) = tell {
+                // Unknown: publish through JetStream, whose answer says.
+                tell.send_replace(Some(stored.unwrap_or(true)));
+            }
+        });
     }
 
-    fn remember(&self, topic: &str, stored: bool) {
-        self.streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(topic.to_owned(), (stored, Instant::now()));
+    /// Forgets what is known about `topic`: the next publish asks again.
+    fn forget(&self, topic: &str) {
+        self.streams.lock().topics.remove(topic);
     }
 
     /// Creates (or finds) the stream holding `topic`.
@@ -212,7 +264,10 @@ impl NatsBroker {
             .map_err(|e| {
                 BrokerError::Unavailable(format!("{self:?}: JetStream stream for `{topic}`: {e}"))
             })?;
-        self.remember(topic, true);
+        self.streams
+            .lock()
+            .topics
+            .insert(topic.to_owned(), Known::Stored);
         Ok(stream)
     }
 
@@ -263,17 +318,26 @@ impl NatsBroker {
         validate_topic(&dead_letter)?;
         let consumer = self.consumer(topic, &durable).await?;
         let (tx, rx) = mpsc::channel(DURABLE_BUFFER);
-        let (stop_tx, stop_rx) = oneshot::channel::<oneshot::Sender<()>>();
+        let (stop_tx, stop_rx) = oneshot::channel();
         let pump = DurablePump {
             broker: self.clone(),
-            topic: topic.to_owned(),
-            dead_letter,
+            settle: Arc::new(Settle {
+                topic: topic.to_owned(),
+                durable: durable.name.clone(),
+                max_deliver: durable.max_deliver,
+                dead_letter,
+                jetstream: self.jetstream.clone(),
+            }),
             durable,
             consumer,
             tx,
         };
         tokio::spawn(pump.run(stop_rx));
-        Ok(Subscription::from_channel(topic, rx, Stop(Some(stop_tx))))
+        Ok(Subscription::from_channel(
+            topic,
+            rx,
+            DurableStop(Some(stop_tx)),
+        ))
     }
 
     async fn core(&self, topic: &str, queue: Option<String>) -> Result<Subscription, BrokerError> {
@@ -285,51 +349,168 @@ impl NatsBroker {
         // Make sure the server has the subscription before returning, so a
         // publish that follows (from any connection) is received.
         Self::round_trip(&self.client).await?;
-        let (tx, rx) = mpsc::channel(BUFFER);
-        let (stop_tx, mut stop_rx) = oneshot::channel::<oneshot::Sender<()>>();
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            let mut subscriber = subscriber;
-            let stop = loop {
-                let message = tokio::select! {
-                    stop = &mut stop_rx => break stop.ok(),
-                    message = subscriber.next() => message,
-                };
-                let Some(message) = message else { return };
-                // Waiting for room in the buffer, but not past a stop.
-                tokio::select! {
-                    stop = &mut stop_rx => break stop.ok(),
-                    sent = tx.send(Delivery::new(from_nats(message))) => if sent.is_err() { break None },
-                }
-            };
-            let _ = subscriber.unsubscribe().await;
-            if let Some(done) = stop {
-                // Confirmed only once the server has the UNSUB, so that
-                // nothing more is routed to this member afterwards.
-                let _ = NatsBroker::round_trip(&client).await;
-                let _ = done.send(());
-            }
-        });
-        Ok(Subscription::from_channel(topic, rx, Stop(Some(stop_tx))))
+        let (park, parked) = oneshot::channel();
+        let deliveries = CoreDeliveries {
+            subscriber: Some(subscriber),
+            park: Some(park),
+        };
+        let stop = CoreStop {
+            client: self.client.clone(),
+            parked,
+        };
+        Ok(Subscription::new(topic, deliveries, stop))
     }
 }
 
-/// Ends a subscription's task: sends it a channel to confirm on, or, when
-/// dropped, just stops it.
-struct Stop(Option<oneshot::Sender<oneshot::Sender<()>>>);
+/// Which topics a JetStream stream holds, as far as this broker knows.
+#[derive(Default)]
+struct StreamCache(Mutex<CacheState>);
+
+#[derive(Default)]
+struct CacheState {
+    topics: HashMap<String, Known>,
+    /// How many lookups were started: the last one's id.
+    lookups: u64,
+}
+
+/// What is known about one topic.
+enum Known {
+    /// A stream holds it: publishes wait for JetStream's acknowledgement.
+    Stored,
+    /// No stream held it at `checked`; `refresh` is the id of the lookup
+    /// asking again, while one runs.
+    NotStored {
+        checked: Instant,
+        refresh: Option<u64>,
+    },
+    /// Lookup `id`, the first, runs; publishers wait for its `answer`.
+    Asking {
+        id: u64,
+        answer: watch::Receiver<Option<bool>>,
+    },
+}
+
+impl StreamCache {
+    fn lock(&self) -> MutexGuard<'_, CacheState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records lookup `id`'s answer (`None`: unknown), unless something
+    /// newer replaced what it was asked for (a stream created here, a
+    /// publish that found the stream gone).
+    fn settle(&self, topic: &str, id: u64, stored: Option<bool>) {
+        let mut cache = self.lock();
+        let ours = match cache.topics.get(topic) {
+            Some(Known::Asking { id: asking, .. }) => *asking == id,
+            Some(Known::NotStored { refresh, .. }) => *refresh == Some(id),
+            _ => false,
+        };
+        if !ours {
+            return;
+        }
+        match stored {
+            Some(true) => {
+                cache.topics.insert(topic.to_owned(), Known::Stored);
+            }
+            Some(false) => {
+                let checked = Instant::now();
+                let refresh = None;
+                cache
+                    .topics
+                    .insert(topic.to_owned(), Known::NotStored { checked, refresh });
+            }
+            None => {
+                cache.topics.remove(topic);
+            }
+        }
+    }
+}
+
+/// A core subscription's deliveries: the async-nats subscriber itself, each
+/// message turned into a [`Delivery`] as it is taken (no task, no second
+/// buffer). When dropped, it hands the subscriber to its [`CoreStop`],
+/// which unsubscribes it.
+struct CoreDeliveries {
+    subscriber: Option<async_nats::Subscriber>,
+    park: Option<oneshot::Sender<async_nats::Subscriber>>,
+}
+
+impl Stream for CoreDeliveries {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        match self.subscriber.as_mut() {
+            Some(subscriber) => subscriber
+                .poll_next_unpin(cx)
+                .map(|message| message.map(|message| Delivery::new(from_nats(&message)))),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for CoreDeliveries {
+    fn drop(&mut self) {
+        if let (Some(subscriber), Some(park)) = (self.subscriber.take(), self.park.take()) {
+            // Without a `CoreStop` to take it (the whole subscription was
+            // dropped), the subscriber comes back and is dropped here, and
+            // async-nats unsubscribes it in the background.
+            let _ = park.send(subscriber);
+        }
+    }
+}
+
+/// Ends a core subscription: takes the subscriber back from its dropped
+/// [`CoreDeliveries`] and unsubscribes it.
+struct CoreStop {
+    client: async_nats::Client,
+    parked: oneshot::Receiver<async_nats::Subscriber>,
+}
 
 #[async_trait::async_trait]
-impl Unsubscribe for Stop {
+impl Unsubscribe for CoreStop {
+    async fn unsubscribe(self: Box<Self>) -> Result<(), BrokerError> {
+        let CoreStop { client, parked } = *self;
+        // `Subscription::unsubscribe` drops the deliveries first, which hand
+        // the subscriber over at once.
+        let Ok(mut subscriber) = parked.await else {
+            return Ok(());
+        };
+        // Waits for room in the client's queue, unlike a drop. A closed
+        // client has no subscription left to end.
+        if subscriber.unsubscribe().await.is_err() {
+            return Ok(());
+        }
+        drop(subscriber);
+        // Confirmed only once the server has the UNSUB, so that nothing more
+        // is routed to this member (of a queue group) afterwards. Without a
+        // connection there is nothing to confirm: the client does not
+        // restore an unsubscribed subscription when it reconnects.
+        let _ = NatsBroker::round_trip(&client).await;
+        Ok(())
+    }
+}
+
+/// What a durable subscription's pump answers `unsubscribe` with.
+type StopRequest = oneshot::Sender<Result<(), BrokerError>>;
+
+/// Ends a durable subscription's pump: sends it a channel to answer on, or,
+/// when dropped, just stops it.
+struct DurableStop(Option<oneshot::Sender<StopRequest>>);
+
+#[async_trait::async_trait]
+impl Unsubscribe for DurableStop {
     async fn unsubscribe(mut self: Box<Self>) -> Result<(), BrokerError> {
         let Some(stop) = self.0.take() else {
             return Ok(());
         };
         let (done_tx, done_rx) = oneshot::channel();
-        if stop.send(done_tx).is_ok() {
-            // The task may already have ended, which is as good.
-            let _ = done_rx.await;
+        if stop.send(done_tx).is_err() {
+            // The pump has ended, after confirming its acks.
+            return Ok(());
         }
-        Ok(())
+        // A pump that ends without answering has confirmed its acks too
+        // (it noticed first that nobody takes deliveries any more).
+        done_rx.await.unwrap_or(Ok(()))
     }
 }
 
@@ -337,56 +518,105 @@ impl Unsubscribe for Stop {
 /// errors (a server restart, a deleted consumer) until stopped.
 struct DurablePump {
     broker: NatsBroker,
-    topic: String,
-    dead_letter: String,
     durable: Durable,
     consumer: consumer::PullConsumer,
     tx: mpsc::Sender<Delivery>,
+    /// What every delivery's acker shares.
+    settle: Arc<Settle>,
+}
+
+/// Why a pump stops.
+enum Stopped {
+    /// `unsubscribe` asked, and waits for the answer.
+    Unsubscribed(StopRequest),
+    /// The subscription was dropped.
+    Dropped,
+    /// Nobody takes deliveries any more: the subscription is being dropped
+    /// or unsubscribed.
+    Unheard,
+}
+
+impl From<Result<StopRequest, oneshot::error::RecvError>> for Stopped {
+    fn from(request: Result<StopRequest, oneshot::error::RecvError>) -> Self {
+        match request {
+            Ok(request) => Stopped::Unsubscribed(request),
+            Err(_) => Stopped::Dropped,
+        }
+    }
 }
 
 /// What stopped a pump's inner loop.
 enum Pumped {
-    /// Told to stop, or nobody listens any more.
-    Stop,
+    /// Time to stop.
+    Stop(Stopped),
     /// The message stream failed or ended: get the consumer again.
     Resume,
 }
 
 impl DurablePump {
-    async fn run(mut self, mut stop: oneshot::Receiver<oneshot::Sender<()>>) {
+    async fn run(mut self, mut stop: oneshot::Receiver<StopRequest>) {
+        let stopped = self.pump_until_stopped(&mut stop).await;
+        // The acks (and nacks) of this subscription's deliveries went out on
+        // this connection before this point, and the server handles one
+        // connection's messages in order: once it answers a message sent
+        // now, it has them all, and its consumer applies them long before
+        // their ack wait could run out. Done when the subscription is just
+        // dropped too, so that the acks leave this process even if the
+        // client is dropped next.
+        let confirmed = NatsBroker::round_trip(&self.broker.client)
+            .await
+            .map_err(|e| {
+                BrokerError::Unavailable(format!(
+                    "{:?}: durable `{}` on `{}`: cannot confirm that the server has the acks sent; \
+                     their messages may be delivered again: {e}",
+                    self.broker, self.settle.durable, self.settle.topic
+                ))
+            });
+        let request = match stopped {
+            Stopped::Unsubscribed(request) => Some(request),
+            // An `unsubscribe` may be waiting already.
+            Stopped::Unheard => stop.try_recv().ok(),
+            Stopped::Dropped => None,
+        };
+        if let Some(request) = request {
+            let _ = request.send(confirmed);
+        }
+    }
+
+    async fn pump_until_stopped(&mut self, stop: &mut oneshot::Receiver<StopRequest>) -> Stopped {
         let mut backoff = Duration::from_millis(50);
         let mut fresh = true;
         loop {
             if !fresh {
                 // The consumer (or its stream) may have been deleted.
                 let recreated = tokio::select! {
-                    done = &mut stop => return confirm(done),
-                    consumer = self.broker.consumer(&self.topic, &self.durable) => consumer,
+                    request = &mut *stop => return request.into(),
+                    consumer = self.broker.consumer(&self.settle.topic, &self.durable) => consumer,
                 };
                 match recreated {
                     Ok(consumer) => self.consumer = consumer,
                     Err(e) => {
-                        tracing::warn!(topic = %self.topic, error = %e, "durable consumer unavailable; retrying")
+                        tracing::warn!(topic = %self.settle.topic, error = %e, "durable consumer unavailable; retrying")
                     }
                 }
             }
             fresh = false;
             let messages = tokio::select! {
-                done = &mut stop => return confirm(done),
+                request = &mut *stop => return request.into(),
                 messages = self.consumer.stream().max_messages_per_batch(DURABLE_BATCH).messages() => messages,
             };
             let pumped = match messages {
-                Ok(messages) => self.pump(messages, &mut stop, &mut backoff).await,
+                Ok(messages) => self.pump(messages, stop, &mut backoff).await,
                 Err(e) => {
-                    tracing::warn!(topic = %self.topic, error = %e, "durable consumer unavailable; retrying");
+                    tracing::warn!(topic = %self.settle.topic, error = %e, "durable consumer unavailable; retrying");
                     Pumped::Resume
                 }
             };
-            if let Pumped::Stop = pumped {
-                return;
+            if let Pumped::Stop(stopped) = pumped {
+                return stopped;
             }
             tokio::select! {
-                done = &mut stop => return confirm(done),
+                request = &mut *stop => return request.into(),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -396,12 +626,12 @@ impl DurablePump {
     async fn pump(
         &self,
         mut messages: consumer::pull::Stream,
-        stop: &mut oneshot::Receiver<oneshot::Sender<()>>,
+        stop: &mut oneshot::Receiver<StopRequest>,
         backoff: &mut Duration,
     ) -> Pumped {
         loop {
             let next = tokio::select! {
-                done = &mut *stop => { confirm(done); return Pumped::Stop; }
+                request = &mut *stop => return Pumped::Stop(request.into()),
                 next = messages.next() => next,
             };
             match next {
@@ -409,12 +639,14 @@ impl DurablePump {
                     *backoff = Duration::from_millis(50);
                     // Waiting for room in the buffer, but not past a stop.
                     tokio::select! {
-                        done = &mut *stop => { confirm(done); return Pumped::Stop; }
-                        delivered = self.deliver(message) => if !delivered { return Pumped::Stop; },
+                        request = &mut *stop => return Pumped::Stop(request.into()),
+                        delivered = self.deliver(message) => if !delivered {
+                            return Pumped::Stop(Stopped::Unheard);
+                        },
                     }
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(topic = %self.topic, error = %e, "durable consumer interrupted; resuming");
+                    tracing::warn!(topic = %self.settle.topic, error = %e, "durable consumer interrupted; resuming");
                     return Pumped::Resume;
                 }
                 None => return Pumped::Resume,
@@ -430,17 +662,13 @@ impl DurablePump {
         let acker = Arc::new(JetStreamAck {
             message,
             attempt,
-            max_deliver: self.durable.max_deliver,
-            durable: self.durable.name.clone(),
-            dead_letter: self.dead_letter.clone(),
-            topic: self.topic.clone(),
-            jetstream: self.broker.jetstream.clone(),
+            settle: self.settle.clone(),
         });
-        if attempt > self.durable.max_deliver {
+        if attempt > self.settle.max_deliver {
             // The last attempt was never settled (its subscriber crashed),
             // or dead-lettering it failed: try (again) now.
             if let Err(e) = acker.dead_letter().await {
-                tracing::warn!(topic = %self.topic, error = %e, "cannot dead-letter a message; it will be delivered again");
+                tracing::warn!(topic = %self.settle.topic, error = %e, "cannot dead-letter a message; it will be delivered again");
                 let _ = acker
                     .message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
@@ -448,51 +676,51 @@ impl DurablePump {
             }
             return true;
         }
-        let delivery =
-            Delivery::with_acker(from_nats(acker.message.message.clone()), attempt, acker);
+        let delivery = Delivery::with_acker(from_nats(&acker.message.message), attempt, acker);
         self.tx.send(delivery).await.is_ok()
     }
 }
 
-/// Confirms a stop request, if it was one (not a dropped handle).
-fn confirm(done: Result<oneshot::Sender<()>, oneshot::error::RecvError>) {
-    if let Ok(done) = done {
-        let _ = done.send(());
-    }
+/// What the ackers of one durable subscription's deliveries share.
+struct Settle {
+    topic: String,
+    /// The durable's name.
+    durable: String,
+    max_deliver: u32,
+    dead_letter: String,
+    jetstream: jetstream::Context,
 }
 
 struct JetStreamAck {
     message: jetstream::Message,
     attempt: u32,
-    max_deliver: u32,
-    durable: String,
-    dead_letter: String,
-    topic: String,
-    jetstream: jetstream::Context,
+    settle: Arc<Settle>,
 }
 
 impl JetStreamAck {
     /// Copies the message to the dead-letter topic, then terminates it.
     async fn dead_letter(&self) -> Result<(), BrokerError> {
+        let settle = &*self.settle;
         let mut headers = self.message.headers.clone().unwrap_or_default();
-        headers.insert(header::DEAD_LETTER_TOPIC, self.topic.as_str());
+        headers.insert(header::DEAD_LETTER_TOPIC, settle.topic.as_str());
         headers.insert(
             header::DEAD_LETTER_ATTEMPTS,
             self.attempt.to_string().as_str(),
         );
-        headers.insert(header::DEAD_LETTER_CONSUMER, self.durable.as_str());
+        headers.insert(header::DEAD_LETTER_CONSUMER, settle.durable.as_str());
         // De-duplicated per message and consumer: another durable's dead
         // letter for the same message is its own.
         if let Ok(info) = self.message.info() {
             let id = format!(
                 "dead-{}-{}-{}",
-                info.stream, self.durable, info.stream_sequence
+                info.stream, settle.durable, info.stream_sequence
             );
             headers.insert("Nats-Msg-Id", id.as_str());
         }
-        self.jetstream
+        settle
+            .jetstream
             .publish_with_headers(
-                self.dead_letter.clone(),
+                settle.dead_letter.clone(),
                 headers,
                 self.message.payload.clone(),
             )
@@ -500,6 +728,9 @@ impl JetStreamAck {
             .map_err(unavailable)?
             .await
             .map_err(unavailable)?;
+        // Terminated only once the dead letter is stored: if this is lost,
+        // the message comes back and is dead-lettered again (the same
+        // message id, so JetStream keeps one copy).
         self.message
             .ack_with(AckKind::Term)
             .await
@@ -510,19 +741,30 @@ impl JetStreamAck {
 #[async_trait::async_trait]
 impl Acker for JetStreamAck {
     async fn ack(&self) -> Result<(), BrokerError> {
-        // A double ack: JetStream confirms it, so an ack lost on the way is
-        // an error here rather than a silent redelivery later.
-        self.message.double_ack().await.map_err(unavailable)
+        // A plain ack, not JetStream's confirmed "double" ack: that one
+        // subscribes an inbox, waits for the server's answer and
+        // unsubscribes, per message, which cost a durable subscriber two
+        // thirds of its throughput and the server five times the CPU. At
+        // least once does not need it: an ack lost on the way means a
+        // redelivery after the ack wait. What it did guarantee, that a
+        // subscriber which stopped cleanly leaves no handled message
+        // behind, ending the subscription guarantees (`DurablePump::run`).
+        self.message.ack().await.map_err(|e| {
+            BrokerError::Unavailable(format!(
+                "cannot ack a message on `{}`: {e}",
+                self.settle.topic
+            ))
+        })
     }
 
     async fn nack(&self, delay: Duration) -> Result<(), BrokerError> {
-        if self.attempt >= self.max_deliver {
+        if self.attempt >= self.settle.max_deliver {
             match self.dead_letter().await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     // Keep the message: it comes back, and is dead-lettered
                     // on its next delivery.
-                    tracing::warn!(topic = %self.topic, error = %e, "cannot dead-letter a message; it will be delivered again");
+                    tracing::warn!(topic = %self.settle.topic, error = %e, "cannot dead-letter a message; it will be delivered again");
                 }
             }
         }
@@ -542,7 +784,9 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 impl Broker for NatsBroker {
     async fn publish(&self, message: Message) -> Result<(), BrokerError> {
         validate_message(&message)?;
-        let limit = self.client.server_info().max_payload;
+        // The limit the server announced, which async-nats keeps at hand
+        // (`server_info()` would copy the server's whole INFO per publish).
+        let limit = self.client.max_payload();
         if limit > 0 && message.body.len() > limit {
             return Err(BrokerError::TooLarge {
                 size: message.body.len(),
@@ -579,7 +823,7 @@ impl Broker for NatsBroker {
                 }
                 Err(e) if e.kind() == Kind::MaxPayloadExceeded => Err(BrokerError::TooLarge {
                     size,
-                    limit: self.client.server_info().max_payload,
+                    limit: self.client.max_payload(),
                 }),
                 Err(e) => {
                     if e.kind() == Kind::TimedOut {
@@ -597,7 +841,7 @@ impl Broker for NatsBroker {
             .map_err(|e| match e.kind() {
                 async_nats::client::PublishErrorKind::MaxPayloadExceeded => BrokerError::TooLarge {
                     size,
-                    limit: self.client.server_info().max_payload,
+                    limit: self.client.max_payload(),
                 },
                 _ => BrokerError::Unavailable(format!("{self:?}: {e}")),
             })
@@ -633,19 +877,20 @@ impl Broker for NatsBroker {
 
 /// A lodestar message from a NATS one: the subject is the topic, headers
 /// keep their names (first value of each).
-fn from_nats(message: async_nats::Message) -> Message {
+fn from_nats(message: &async_nats::Message) -> Message {
     let mut headers = Headers::new();
     if let Some(map) = &message.headers {
         for (name, values) in map.iter() {
             if let Some(value) = values.first() {
-                headers.insert(name.to_string(), value.to_string());
+                let name: &str = name.as_ref();
+                headers.insert(name.to_owned(), value.as_str().to_owned());
             }
         }
     }
     Message {
-        topic: message.subject.to_string(),
+        topic: message.subject.as_str().to_owned(),
         headers,
-        body: message.payload,
+        body: message.payload.clone(),
     }
 }
 
@@ -661,6 +906,8 @@ fn stream_name(topic: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
 
     #[test]
@@ -670,5 +917,283 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("LODESTAR_a_b_"));
         assert!(!a.contains('.'));
+    }
+
+    /// A nats-server with JetStream on a free loopback port, killed (and its
+    /// store removed) when dropped.
+    struct Server {
+        url: String,
+        store: std::path::PathBuf,
+        child: std::process::Child,
+    }
+
+    impl Server {
+        async fn start() -> Server {
+            let binary = std::env::var("LODESTAR_NATS_SERVER").unwrap_or_else(|_| {
+                ["nats-server", "/usr/sbin/nats-server"]
+                    .into_iter()
+                    .find(|b| {
+                        std::process::Command::new(b)
+                            .arg("--version")
+                            .output()
+                            .is_ok_and(|o| o.status.success())
+                    })
+                    .expect("nats-server (Debian: apt-get install nats-server)")
+                    .to_owned()
+            });
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let store = std::env::temp_dir().join(format!(
+                "lodestar-broker-nats-{}-{port}-{:x}",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            let child = std::process::Command::new(binary)
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .arg(&store)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            bounded("nats-server to accept connections", async {
+                while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err()
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            Server {
+                url: format!("nats://127.0.0.1:{port}"),
+                store,
+                child,
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.store);
+        }
+    }
+
+    async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    }
+
+    fn lookups(broker: &NatsBroker) -> u64 {
+        broker.streams.lock().lookups
+    }
+
+    /// Makes the "no stream" answer for `topic` old enough to be checked again.
+    fn age(broker: &NatsBroker, topic: &str) {
+        match broker.streams.lock().topics.get_mut(topic) {
+            Some(Known::NotStored { checked, .. }) => {
+                *checked = checked.checked_sub(NEGATIVE_STREAM_CACHE).unwrap();
+            }
+            _ => panic!("`{topic}` is not known to have no stream"),
+        }
+    }
+
+    /// Waits until the background lookup for `topic` has answered.
+    async fn refreshed(broker: &NatsBroker, topic: &str) {
+        bounded("the background lookup", async {
+            while matches!(
+                broker.streams.lock().topics.get(topic),
+                Some(Known::NotStored {
+                    refresh: Some(_),
+                    ..
+                })
+            ) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publishers_share_one_stream_lookup_and_refresh_in_the_background() {
+        let server = Server::start().await;
+        let broker = NatsBroker::connect(&server.url).await.unwrap();
+        let publish_all = |n: usize| {
+            let broker = broker.clone();
+            async move {
+                let publishes = (0..n).map(|i| {
+                    let broker = broker.clone();
+                    async move {
+                        broker
+                            .publish(Message::new("cache.core", i.to_string()))
+                            .await
+                    }
+                });
+                for published in futures_util::future::join_all(publishes).await {
+                    published.unwrap();
+                }
+            }
+        };
+        // The first publishers to a topic all wait for one lookup.
+        bounded("16 publishes", publish_all(16)).await;
+        assert_eq!(lookups(&broker), 1);
+        bounded("16 publishes", publish_all(16)).await;
+        assert_eq!(lookups(&broker), 1, "a fresh answer was asked again");
+
+        // Once the answer is old, one lookup checks it again, in the
+        // background: the publishes meanwhile are core ones.
+        age(&broker, "cache.core");
+        bounded("16 publishes", publish_all(16)).await;
+        assert_eq!(lookups(&broker), 2);
+        refreshed(&broker, "cache.core").await;
+
+        // A stream created since (by someone else) is found by the next
+        // check, and from then on publishes wait for JetStream to store.
+        let plain = jetstream::new(async_nats::connect(&server.url).await.unwrap());
+        plain
+            .create_stream(stream::Config {
+                name: "ELSEWHERE".to_owned(),
+                subjects: vec!["cache.core".to_owned()],
+                ..stream::Config::default()
+            })
+            .await
+            .unwrap();
+        age(&broker, "cache.core");
+        bounded("a publish", publish_all(1)).await;
+        refreshed(&broker, "cache.core").await;
+        assert!(matches!(
+            broker.streams.lock().topics.get("cache.core"),
+            Some(Known::Stored)
+        ));
+        bounded("a stored publish", publish_all(1)).await;
+        let mut stream = plain.get_stream("ELSEWHERE").await.unwrap();
+        // The first publish after the check went through JetStream, so it
+        // is stored by the time `publish` returned.
+        assert!(stream.info().await.unwrap().state.messages >= 1);
+
+        // The stream deleted: a publish finds it gone, and the next asks.
+        plain.delete_stream("ELSEWHERE").await.unwrap();
+        bounded("a publish without the stream", publish_all(1)).await;
+        bounded("a publish without the stream", publish_all(1)).await;
+        assert!(matches!(
+            broker.streams.lock().topics.get("cache.core"),
+            Some(Known::NotStored { .. })
+        ));
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the server process.
+    fn signal(server: &Server, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(server.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsubscribing_a_durable_waits_until_the_server_has_its_acks() {
+        let server = Server::start().await;
+        let publisher = NatsBroker::connect(&server.url).await.unwrap();
+        let subscriber = NatsBroker::connect(&server.url).await.unwrap();
+        let ack_wait = Duration::from_secs(2);
+        let options = SubscribeOptions::durable(Durable::new("drained").ack_wait(ack_wait));
+        let mut subscription = bounded(
+            "a durable subscription",
+            subscriber.subscribe("js.drained", options.clone()),
+        )
+        .await
+        .unwrap();
+        for i in 0..50 {
+            let message = Message::new("js.drained", i.to_string());
+            bounded("a publish", publisher.publish(message))
+                .await
+                .unwrap();
+        }
+        let mut deliveries = Vec::new();
+        for _ in 0..50 {
+            deliveries.push(bounded("a delivery", subscription.next()).await.unwrap());
+        }
+        // The server stops reading, and enough goes out on the subscriber's
+        // connection before the acks to fill the socket: the acks wait in
+        // the client.
+        signal(&server, "STOP");
+        let junk = Bytes::from(vec![0u8; 900 * 1024]);
+        for _ in 0..32 {
+            subscriber
+                .client()
+                .publish("junk", junk.clone())
+                .await
+                .unwrap();
+        }
+        for delivery in &deliveries {
+            delivery.ack().await.unwrap();
+        }
+        let mut unsubscribed = tokio::spawn(subscription.unsubscribe());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut unsubscribed)
+                .await
+                .is_err(),
+            "unsubscribe returned while the server could not have the acks"
+        );
+        signal(&server, "CONT");
+        bounded("unsubscribe", unsubscribed).await.unwrap().unwrap();
+        // The connection closes at once, with nothing left to send.
+        drop(deliveries);
+        drop(subscriber);
+
+        // Nothing acked comes back, even after the ack wait.
+        let subscriber = NatsBroker::connect(&server.url).await.unwrap();
+        let mut subscription = bounded(
+            "a durable subscription",
+            subscriber.subscribe("js.drained", options),
+        )
+        .await
+        .unwrap();
+        let redelivered =
+            tokio::time::timeout(ack_wait + Duration::from_millis(500), subscription.next()).await;
+        assert!(
+            redelivered.is_err(),
+            "an acked message came back: {redelivered:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_core_subscription_unsubscribes_with_a_full_client_buffer() {
+        let server = Server::start().await;
+        let publisher = NatsBroker::connect(&server.url).await.unwrap();
+        let subscriber = NatsBroker::connect(&server.url).await.unwrap();
+        let mut subscription = subscriber
+            .subscribe("core.backlog", SubscribeOptions::queue("g"))
+            .await
+            .unwrap();
+        for i in 0..2000 {
+            publisher
+                .publish(Message::new("core.backlog", i.to_string()))
+                .await
+                .unwrap();
+        }
+        publisher.flush().await.unwrap();
+        let first = bounded("a delivery", subscription.next()).await.unwrap();
+        assert_eq!(first.message.body, "0");
+        bounded("unsubscribe", subscription.unsubscribe())
+            .await
+            .unwrap();
+        // The group has no member left: another one gets what follows.
+        let mut next = subscriber
+            .subscribe("core.backlog", SubscribeOptions::queue("g"))
+            .await
+            .unwrap();
+        publisher
+            .publish(Message::new("core.backlog", "after"))
+            .await
+            .unwrap();
+        let delivery = bounded("the new member", next.next()).await.unwrap();
+        assert_eq!(delivery.message.body, "after");
     }
 }
