@@ -13,12 +13,10 @@
 //!   fixed rate 5,000 messages/s.
 //! * **JetStream, durable, at least once**: a lodestar durable subscription
 //!   (`SubscribeOptions::durable`; lodestar pulls 16 at a time and acks each
-//!   message with `double_ack`, one round trip to the server per message)
-//!   against a raw durable pull consumer (`consumer.messages()`, explicit
-//!   acks) acking with `ack` (fire and forget, what a user writes first)
-//!   and, at full speed, a second peer acking with `double_ack`, so that
-//!   the table separates the cost of the ack kind from the cost of
-//!   lodestar's layer. Both sides publish through JetStream and wait for
+//!   message without waiting for the server's answer, confirming them all
+//!   when the subscription ends) against a raw durable pull consumer
+//!   (`consumer.messages()`, explicit acks, `ack`: fire and forget, what a
+//!   user writes first). Both sides publish through JetStream and wait for
 //!   each publish ack, as lodestar does for a topic a stream holds, from 32
 //!   concurrent publishers; both streams have JetStream's default
 //!   configuration (file storage); fixed rate 2,000 messages/s.
@@ -108,12 +106,10 @@ pub(crate) enum Side {
     /// Raw async-nats core publish and subscribe.
     Nats,
     /// lodestar's `NatsBroker`: a durable (JetStream) subscription, each
-    /// delivery acked (lodestar uses `double_ack`).
+    /// delivery acked.
     LodestarDurable,
     /// Raw async-nats JetStream: durable pull consumer, `ack`.
     Jetstream,
-    /// Raw async-nats JetStream: durable pull consumer, `double_ack`.
-    JetstreamDoubleAck,
     /// lodestar's `HttpBroker`, subscribers found through a registry.
     LodestarHttp,
     /// lodestar's in-process `MemoryBroker`.
@@ -124,11 +120,9 @@ impl Side {
     /// What runs on the server core for this side.
     fn infra(self) -> Infra {
         match self {
-            Side::LodestarNats
-            | Side::Nats
-            | Side::LodestarDurable
-            | Side::Jetstream
-            | Side::JetstreamDoubleAck => Infra::Nats,
+            Side::LodestarNats | Side::Nats | Side::LodestarDurable | Side::Jetstream => {
+                Infra::Nats
+            }
             Side::LodestarHttp => Infra::Registry,
             Side::Memory => Infra::None,
         }
@@ -232,11 +226,8 @@ enum Receiver {
     Lodestar(Subscription),
     /// Raw core NATS.
     Nats(async_nats::Subscriber),
-    /// Raw JetStream pull consumer; `double` acks with `double_ack`.
-    JetStream {
-        messages: Box<jetstream::consumer::pull::Stream>,
-        double: bool,
-    },
+    /// Raw JetStream pull consumer, acking each message.
+    JetStream(Box<jetstream::consumer::pull::Stream>),
 }
 
 impl Receiver {
@@ -258,17 +249,13 @@ impl Receiver {
                 .next()
                 .await
                 .map(|message| (message.payload, Instant::now()))),
-            Receiver::JetStream { messages, double } => {
+            Receiver::JetStream(messages) => {
                 let Some(message) = messages.next().await else {
                     return Ok(None);
                 };
                 let message = message?;
                 let arrived = Instant::now();
-                if *double {
-                    message.double_ack().await?;
-                } else {
-                    message.ack().await?;
-                }
+                message.ack().await?;
                 Ok(Some((message.message.payload, arrived)))
             }
         }
@@ -302,7 +289,7 @@ async fn connect(args: &LoadArgs) -> Result<(Publisher, Receiver)> {
                 Receiver::Nats(subscription),
             )
         }
-        Side::Jetstream | Side::JetstreamDoubleAck => {
+        Side::Jetstream => {
             let publisher = jetstream::new(async_nats::connect(&args.url).await?);
             let subscriber = jetstream::new(async_nats::connect(&args.url).await?);
             let stream = subscriber
@@ -325,10 +312,7 @@ async fn connect(args: &LoadArgs) -> Result<(Publisher, Receiver)> {
             let messages = Box::new(consumer.messages().await?);
             (
                 Publisher::JetStream(publisher, subject),
-                Receiver::JetStream {
-                    messages,
-                    double: args.side == Side::JetstreamDoubleAck,
-                },
+                Receiver::JetStream(messages),
             )
         }
         Side::LodestarHttp => {
@@ -623,17 +607,16 @@ const CASES: &[BrokerCase] = &[
     },
     BrokerCase {
         name: "jetstream durable, 128 B, full speed (32 publishers awaiting publish acks, \
-               ≤1,000 in flight; ops = msgs delivered and acked; lodestar acks with double_ack)",
+               ≤1,000 in flight; ops = msgs delivered and acked)",
         variants: &[
             ("lodestar", Side::LodestarDurable),
             ("async-nats (ack)", Side::Jetstream),
-            ("async-nats (double_ack)", Side::JetstreamDoubleAck),
         ],
         publishers: 32,
         rate: None,
     },
     BrokerCase {
-        name: "jetstream durable, 128 B, fixed 2,000 msgs/s (lodestar acks with double_ack)",
+        name: "jetstream durable, 128 B, fixed 2,000 msgs/s",
         variants: &[
             ("lodestar", Side::LodestarDurable),
             ("async-nats (ack)", Side::Jetstream),
