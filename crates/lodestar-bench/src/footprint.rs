@@ -16,6 +16,9 @@ use crate::rpc::{self, Side};
 const STARTUP: Metric = Metric::lower("start → serving", "ms");
 /// Resident memory once idle.
 const IDLE_RSS: Metric = Metric::lower("idle rss", "MiB");
+/// Of which anonymous (heap, stacks): what the process allocated, as
+/// opposed to the pages of the binary it touched.
+const IDLE_ANON: Metric = Metric::lower("idle anon rss", "MiB");
 /// CPU used per second of idleness.
 const IDLE_CPU: Metric = Metric::lower("idle cpu", "ms/s");
 
@@ -87,6 +90,7 @@ async fn one_run(settings: &Settings, side: Side, registry_url: &str) -> Result<
     sample
         .set(STARTUP, startup.as_secs_f64() * 1000.0)
         .set(IDLE_RSS, harness::mib(server.rss()?))
+        .set(IDLE_ANON, harness::mib(server.anon_rss()?))
         .set(
             IDLE_CPU,
             (cpu_to - cpu_from).as_secs_f64() * 1000.0 / idle.as_secs_f64(),

@@ -188,6 +188,12 @@ impl Proc {
         status_kib(self.pid, "VmRSS:").map(|kib| kib * 1024)
     }
 
+    /// Resident anonymous memory now (heap and stacks, not the binary's
+    /// pages), in bytes.
+    pub(crate) fn anon_rss(&self) -> Result<u64> {
+        status_kib(self.pid, "RssAnon:").map(|kib| kib * 1024)
+    }
+
     /// The most resident memory the process has had, in bytes.
     pub(crate) fn peak_rss(&self) -> Result<u64> {
         status_kib(self.pid, "VmHWM:").map(|kib| kib * 1024)
