@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use lodestar::{Registry, RegistryError, Request, Response, Status, WatchEvent};
-use lodestar_registry::{from_pb, key_from_pb, to_pb};
+use lodestar_registry::{from_pb, key_from_pb};
 
 use crate::Server;
 use crate::pb;
@@ -95,6 +95,41 @@ fn service_of(service: Option<pb::ServiceKey>) -> Result<lodestar::ServiceKey, S
     Ok(key_from_pb(service))
 }
 
+/// The wire form of an instance, moving its strings rather than copying
+/// them (what `lodestar_registry::to_pb` does from a reference).
+fn into_pb(instance: lodestar::Instance) -> pb::Instance {
+    let lodestar::Instance {
+        id,
+        key,
+        version,
+        address,
+        protocol,
+        metadata,
+        weight,
+        zone,
+        healthy,
+        enabled,
+        ephemeral,
+    } = instance;
+    pb::Instance {
+        id,
+        service: Some(pb::ServiceKey {
+            namespace: key.namespace,
+            group: key.group,
+            service: key.service,
+        }),
+        version,
+        address,
+        protocol,
+        metadata: metadata.into_iter().collect(),
+        weight,
+        zone,
+        healthy,
+        enabled,
+        ephemeral,
+    }
+}
+
 fn event_to_pb(event: WatchEvent, warming: bool) -> pb::WatchEvent {
     let (revision, kind) = match event {
         WatchEvent::Snapshot {
@@ -103,12 +138,12 @@ fn event_to_pb(event: WatchEvent, warming: bool) -> pb::WatchEvent {
         } => (
             revision,
             pb::watch_event::Kind::Snapshot(pb::Snapshot {
-                instances: instances.iter().map(to_pb).collect(),
+                instances: instances.into_iter().map(into_pb).collect(),
                 warming,
             }),
         ),
         WatchEvent::Put { revision, instance } => {
-            (revision, pb::watch_event::Kind::Put(to_pb(&instance)))
+            (revision, pb::watch_event::Kind::Put(into_pb(instance)))
         }
         WatchEvent::Delete { revision, id } => (revision, pb::watch_event::Kind::Delete(id)),
     };
@@ -179,11 +214,11 @@ impl pb::registry_server::Registry for Api {
         request: Request<pb::GetInstancesRequest>,
     ) -> Result<Response<pb::GetInstancesResponse>, Status> {
         let service = service_of(request.into_inner().service)?;
-        let (instances, protected) = self.server.registry.lookup(&service);
+        let found = self.server.registry.lookup_with_revision(&service);
         Ok(Response::new(pb::GetInstancesResponse {
-            instances: instances.iter().map(to_pb).collect(),
-            revision: self.server.registry.revision(),
-            protected,
+            instances: found.instances.into_iter().map(into_pb).collect(),
+            revision: found.revision,
+            protected: found.protected,
             warming: self.server.warming(),
         }))
     }
@@ -289,5 +324,32 @@ impl pb::registry_server::Registry for Api {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(crate::status(&self.server)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moving_an_instance_to_the_wire_gives_what_copying_does() {
+        let mut instance = lodestar::Instance::new("orders", "10.0.0.7:8080")
+            .with_service_key(
+                lodestar::ServiceKey::new("orders")
+                    .with_namespace("staging")
+                    .with_group("shop"),
+            )
+            .with_id("orders-a")
+            .with_version("1.2.3")
+            .with_protocol("http")
+            .with_zone("eu-west-1a")
+            .with_weight(7)
+            .with_label("canary", "true");
+        instance.healthy = false;
+        instance.ephemeral = false;
+        assert_eq!(
+            into_pb(instance.clone()),
+            lodestar_registry::to_pb(&instance)
+        );
     }
 }

@@ -164,10 +164,7 @@ impl Server {
         key: &InstanceKey,
     ) -> Result<(), lodestar::RegistryError> {
         use lodestar::Registry as _;
-        let persistent = self
-            .registry
-            .get(key)
-            .is_some_and(|(_, persistent)| persistent);
+        let persistent = self.registry.is_persistent(key).unwrap_or(false);
         self.registry.deregister(key).await?;
         if persistent {
             self.store.forget(key);
@@ -179,7 +176,7 @@ impl Server {
     /// Refuses to turn a persistent instance ephemeral or the other way
     /// round: deregister it first.
     pub(crate) fn check_kind(&self, key: &InstanceKey, persistent: bool) -> Result<(), String> {
-        let Some((_, is_persistent)) = self.registry.get(key) else {
+        let Some(is_persistent) = self.registry.is_persistent(key) else {
             return Ok(());
         };
         if is_persistent != persistent {

@@ -1,6 +1,7 @@
 //! [`MemoryRegistry`]: a complete registry inside one process.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use futures_util::stream;
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
+use super::packed::Packed;
 use super::{Registry, RegistryError, Revision, WatchEvent, WatchStream, validate};
 use crate::{Instance, InstanceKey, ServiceKey};
 
@@ -16,6 +18,8 @@ const DEFAULT_HISTORY: usize = 4096;
 /// How many undelivered events a watcher may fall behind before it is sent a
 /// fresh snapshot instead.
 const WATCH_BUFFER: usize = 256;
+/// How often self-preservation is judged while leases exist.
+const PRESERVATION_TICK: Duration = Duration::from_millis(250);
 
 /// Eureka's self-preservation, done right.
 ///
@@ -76,6 +80,18 @@ pub struct RegistryStats {
     pub self_preservation: bool,
 }
 
+/// What [`MemoryRegistry::lookup_with_revision`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lookup {
+    /// The instances of the service, in id order; every one reported
+    /// healthy when `protected`.
+    pub instances: Vec<Instance>,
+    /// Whether the service's protection threshold applied.
+    pub protected: bool,
+    /// The revision these instances reflect.
+    pub revision: Revision,
+}
+
 /// Configures a [`MemoryRegistry`]; every setting has a documented default.
 #[derive(Debug, Clone)]
 pub struct MemoryRegistryBuilder {
@@ -130,8 +146,14 @@ impl MemoryRegistryBuilder {
                     preservation: self.preservation,
                     preserving: false,
                     preserving_since: None,
-                    disabled: std::collections::HashSet::new(),
+                    disabled: HashSet::new(),
+                    instances: 0,
+                    populated: 0,
                     ephemeral: 0,
+                    renewals: Renewals::default(),
+                    timers: BinaryHeap::new(),
+                    frozen: Vec::new(),
+                    next_wake: None,
                 }),
                 wake: Arc::new(Notify::new()),
             }),
@@ -179,11 +201,24 @@ struct Shared {
     wake: Arc<Notify>,
 }
 
+/// Everything a registry holds, behind one lock.
+///
+/// Nothing here scans every instance on a timer or per request. Each lease
+/// has one [`Timer`], for the next moment something may happen to it: it
+/// stops counting as renewing, its lease runs out, or its grace period
+/// ends. The timers sit in a heap ordered by time, so the sweeper does work
+/// in proportion to what comes due, and is woken only when a new timer is
+/// due before it planned to look again. Heartbeats, the most frequent
+/// writes, leave the timer alone: finding it early, the sweeper queues it
+/// again for the right time. The counts self-preservation judges by
+/// ([`Renewals`]) move with each registration, heartbeat, expiry and
+/// deregistration.
 struct State {
     revision: Revision,
-    services: HashMap<ServiceKey, ServiceEntry>,
+    /// Each service under a shared key that history and timers also hold.
+    services: HashMap<Arc<ServiceKey>, ServiceEntry>,
     /// Recent changes, oldest first, for watchers that resume.
-    history: VecDeque<(ServiceKey, WatchEvent)>,
+    history: VecDeque<Change>,
     history_cap: usize,
     /// Watchers resuming from a revision below this get a snapshot.
     compacted: Revision,
@@ -196,30 +231,220 @@ struct State {
     /// Since when.
     preserving_since: Option<Instant>,
     /// Instances operators took out of traffic; kept across re-registrations.
-    disabled: std::collections::HashSet<InstanceKey>,
+    disabled: HashSet<InstanceKey>,
+    /// How many instances there are, ephemeral and persistent.
+    instances: usize,
+    /// How many services have at least one instance.
+    populated: usize,
     /// How many instances hold leases.
     ephemeral: usize,
+    /// Which leases are keeping up, for self-preservation.
+    renewals: Renewals,
+    /// When each lease needs looking at next, soonest first.
+    timers: BinaryHeap<Timer>,
+    /// Timers that came due while self-preservation froze expiry; they are
+    /// looked at again when it releases.
+    frozen: Vec<Timer>,
+    /// When the sweeper will next look at the timers of its own accord
+    /// (`None`: only when woken). A timer due earlier wakes it.
+    next_wake: Option<Instant>,
 }
 
 struct ServiceEntry {
-    instances: BTreeMap<String, Lease>,
+    /// Each instance under its id, shared with its timer and history.
+    instances: BTreeMap<Arc<str>, Lease>,
     events: Option<broadcast::Sender<WatchEvent>>,
     /// Below this healthy fraction, lookups return every instance.
     protection: f64,
 }
 
 struct Lease {
-    instance: Instance,
+    instance: Packed,
     /// `None` for persistent instances, which never expire.
     ttl: Option<Duration>,
     renewed: Instant,
     /// The lease ran out and the instance is marked unhealthy.
     expired: bool,
+    /// Renewed within two heartbeat intervals (ephemeral instances only):
+    /// counted in [`State::renewals`] as keeping up.
+    fresh: bool,
+    /// When the timer that speaks for this lease is due; `None` for
+    /// persistent instances. Timers due at another time are left over from
+    /// before and ignored.
+    queued: Option<Instant>,
+}
+
+/// `by` after `at`; far in the future rather than a panic if that is
+/// past what the clock can hold.
+fn after(at: Instant, by: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+    at.checked_add(by)
+        .or_else(|| at.checked_add(FAR))
+        .unwrap_or(at)
+}
+
+/// Two heartbeat intervals of a lease: how recently it must have renewed
+/// to count as keeping up.
+fn two_intervals(ttl: Duration) -> Duration {
+    ttl.saturating_mul(2) / 3
 }
 
 impl Lease {
     fn expires(&self) -> Option<Instant> {
-        self.ttl.map(|ttl| self.renewed + ttl)
+        self.ttl.map(|ttl| after(self.renewed, ttl))
+    }
+
+    /// When the lease stops keeping up: two heartbeat intervals after its
+    /// last renewal.
+    fn stale_at(&self) -> Option<Instant> {
+        self.ttl.map(|ttl| after(self.renewed, two_intervals(ttl)))
+    }
+
+    /// The next moment something may happen to the lease: it stops keeping
+    /// up, it runs out, or its grace period ends.
+    fn next_check(&self, grace: Duration) -> Option<Instant> {
+        let ttl = self.ttl?;
+        Some(if self.fresh {
+            after(self.renewed, two_intervals(ttl))
+        } else if !self.expired {
+            after(self.renewed, ttl)
+        } else {
+            after(self.renewed, ttl.saturating_add(grace))
+        })
+    }
+
+    /// Notes that the lease stopped keeping up, if it did by `now`.
+    fn settle(&mut self, renewals: &mut Renewals, now: Instant) {
+        if let Some(ttl) = self.ttl
+            && self.fresh
+            && self.stale_at().is_some_and(|at| at <= now)
+        {
+            self.fresh = false;
+            renewals.went_stale(ttl);
+        }
+    }
+}
+
+/// A lease to look at: the instance `id` of `service`, at `at`.
+///
+/// Timers are lazy. A heartbeat does not move its lease's timer; the
+/// sweeper, finding the timer early, queues it again. Only the timer due at
+/// the lease's [`Lease::queued`] speaks for it; others (left over from a
+/// heartbeat after expiry, a re-registration, a deregistration) are dropped
+/// when they come due.
+struct Timer {
+    at: Instant,
+    service: Arc<ServiceKey>,
+    id: Arc<str>,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Timer {}
+
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Timer {
+    /// Reversed, so that the heap (a max-heap) yields the soonest first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.at.cmp(&self.at)
+    }
+}
+
+/// How many ephemeral instances keep up, and the share of the expected
+/// renewals they stand for: each instance weighs as much as the heartbeats
+/// it should send (in proportion to 1 / TTL), so that instances with long
+/// leases cannot hide the silence of those with short ones. Kept up to date
+/// as leases come, renew, go stale and go; weights are integers so that
+/// adding and taking away never drifts.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Renewals {
+    /// Ephemeral instances that renewed within two heartbeat intervals.
+    count: usize,
+    /// Their weights, summed.
+    fresh: u128,
+    /// The weights of every ephemeral instance, summed.
+    total: u128,
+}
+
+impl Renewals {
+    /// How much an instance with this TTL weighs: its heartbeat rate, in
+    /// units fine enough for TTLs from a millisecond to years.
+    fn weight(ttl: Duration) -> u128 {
+        (1u128 << 60) / ttl.as_micros().max(1000)
+    }
+
+    /// A new lease, renewed just now.
+    fn add(&mut self, ttl: Duration) {
+        self.total += Self::weight(ttl);
+        self.renewed(ttl);
+    }
+
+    /// A lease went away; `fresh` says whether it was keeping up.
+    fn remove(&mut self, ttl: Duration, fresh: bool) {
+        self.total = self.total.saturating_sub(Self::weight(ttl));
+        if fresh {
+            self.went_stale(ttl);
+        }
+    }
+
+    /// A lease that had stopped keeping up renewed.
+    fn renewed(&mut self, ttl: Duration) {
+        self.count += 1;
+        self.fresh += Self::weight(ttl);
+    }
+
+    /// A lease stopped keeping up.
+    fn went_stale(&mut self, ttl: Duration) {
+        self.count = self.count.saturating_sub(1);
+        self.fresh = self.fresh.saturating_sub(Self::weight(ttl));
+    }
+
+    /// The share of the expected renewals that arrive (1 without leases).
+    fn keeping_up(&self) -> f64 {
+        if self.total > 0 {
+            self.fresh as f64 / self.total as f64
+        } else {
+            1.0
+        }
+    }
+}
+
+/// One change, as the history keeps it.
+struct Change {
+    service: Arc<ServiceKey>,
+    revision: Revision,
+    what: Changed,
+}
+
+enum Changed {
+    /// An instance was added or changed; it is now this.
+    Put(Arc<str>, Packed),
+    /// An instance left.
+    Delete(Arc<str>),
+}
+
+impl Change {
+    fn event(&self) -> WatchEvent {
+        let revision = self.revision;
+        match &self.what {
+            Changed::Put(id, instance) => WatchEvent::Put {
+                revision,
+                instance: instance.unpack(&self.service, id),
+            },
+            Changed::Delete(id) => WatchEvent::Delete {
+                revision,
+                id: id.to_string(),
+            },
+        }
     }
 }
 
@@ -229,6 +454,15 @@ fn new_service() -> ServiceEntry {
         events: None,
         protection: 0.0,
     }
+}
+
+/// The lease of instance `id` of `service`.
+fn lease_in<'a>(
+    services: &'a mut HashMap<Arc<ServiceKey>, ServiceEntry>,
+    service: &ServiceKey,
+    id: &str,
+) -> Option<&'a mut Lease> {
+    services.get_mut(service)?.instances.get_mut(id)
 }
 
 impl Default for MemoryRegistry {
@@ -275,8 +509,7 @@ impl MemoryRegistry {
     pub fn register_persistent(&self, mut instance: Instance) -> Result<(), RegistryError> {
         validate(&instance, Duration::from_secs(1))?;
         instance.ephemeral = false;
-        self.upsert(instance, None);
-        Ok(())
+        self.upsert(instance, None)
     }
 
     /// Sets the health of a registered instance (for persistent instances,
@@ -307,7 +540,7 @@ impl MemoryRegistry {
         let mut state = self.shared.lock();
         state
             .services
-            .entry(service.clone())
+            .entry(Arc::new(service.clone()))
             .or_insert_with(new_service)
             .protection = threshold.clamp(0.0, 1.0);
     }
@@ -320,21 +553,48 @@ impl MemoryRegistry {
         state.lookup(service)
     }
 
+    /// A lookup, whether the service's protection threshold applied, and
+    /// the revision it reflects, all under one lock.
+    pub fn lookup_with_revision(&self, service: &ServiceKey) -> Lookup {
+        let mut state = self.shared.lock();
+        self.ensure_sweeper(&mut state);
+        let (instances, protected) = state.lookup(service);
+        Lookup {
+            instances,
+            protected,
+            revision: state.revision,
+        }
+    }
+
     /// How many instances a service has, and how many are really healthy
     /// (whatever the protection threshold makes lookups say).
     pub fn health(&self, service: &ServiceKey) -> (usize, usize) {
         let state = self.shared.lock();
-        let instances = state.snapshot(service);
-        let healthy = instances.iter().filter(|i| i.healthy).count();
-        (instances.len(), healthy)
+        state.services.get(service).map_or((0, 0), |s| {
+            let healthy = s.instances.values().filter(|l| l.instance.healthy);
+            (s.instances.len(), healthy.count())
+        })
     }
 
     /// One instance as stored (real health, whatever the protection
     /// threshold), and whether it is persistent; `None` if unknown.
     pub fn get(&self, key: &InstanceKey) -> Option<(Instance, bool)> {
         let state = self.shared.lock();
-        let lease = state.services.get(&key.service)?.instances.get(&key.id)?;
-        Some((lease.instance.clone(), lease.ttl.is_none()))
+        let (service, entry) = state.services.get_key_value(&key.service)?;
+        let (id, lease) = entry.instances.get_key_value(key.id.as_str())?;
+        Some((lease.instance.unpack(service, id), lease.ttl.is_none()))
+    }
+
+    /// Whether an instance is persistent (`Some(true)`) or ephemeral
+    /// (`Some(false)`); `None` if unknown. Cheaper than [`get`](Self::get).
+    pub fn is_persistent(&self, key: &InstanceKey) -> Option<bool> {
+        let state = self.shared.lock();
+        let lease = state
+            .services
+            .get(&key.service)?
+            .instances
+            .get(key.id.as_str())?;
+        Some(lease.ttl.is_none())
     }
 
     /// Every persistent instance (for saving them).
@@ -342,26 +602,23 @@ impl MemoryRegistry {
         let state = self.shared.lock();
         state
             .services
-            .values()
-            .flat_map(|s| s.instances.values())
-            .filter(|l| l.ttl.is_none())
-            .map(|l| l.instance.clone())
+            .iter()
+            .flat_map(|(service, s)| s.instances.iter().map(move |(id, l)| (service, id, l)))
+            .filter(|(_, _, l)| l.ttl.is_none())
+            .map(|(service, id, l)| l.instance.unpack(service, id))
             .collect()
     }
 
     /// What the registry is doing.
     pub fn stats(&self) -> RegistryStats {
-        let state = self.shared.lock();
+        let mut state = self.shared.lock();
+        state.catch_up(Instant::now());
         RegistryStats {
             revision: state.revision,
-            services: state
-                .services
-                .values()
-                .filter(|s| !s.instances.is_empty())
-                .count(),
-            instances: state.services.values().map(|s| s.instances.len()).sum(),
+            services: state.populated,
+            instances: state.instances,
             ephemeral: state.ephemeral,
-            renewing: state.renewing(Instant::now()).0,
+            renewing: state.renewals.count,
             self_preservation: state.preserving,
         }
     }
@@ -369,57 +626,53 @@ impl MemoryRegistry {
     fn update(
         &self,
         key: &InstanceKey,
-        change: impl FnOnce(&mut Instance),
+        change: impl FnOnce(&mut Packed),
     ) -> Result<(), RegistryError> {
-        let mut state = self.shared.lock();
-        let lease = state
+        let mut guard = self.shared.lock();
+        let state = &mut *guard;
+        let not_found = || RegistryError::NotFound(key.clone());
+        let (service, entry) = state
             .services
-            .get_mut(&key.service)
-            .and_then(|s| s.instances.get_mut(&key.id))
-            .ok_or_else(|| RegistryError::NotFound(key.clone()))?;
-        let before = lease.instance.clone();
+            .get_key_value(&key.service)
+            .ok_or_else(not_found)?;
+        let service = service.clone();
+        let id = entry
+            .instances
+            .get_key_value(key.id.as_str())
+            .ok_or_else(not_found)?
+            .0
+            .clone();
+        let lease = lease_in(&mut state.services, &key.service, &key.id).ok_or_else(not_found)?;
+        let before = (lease.instance.healthy, lease.instance.enabled);
         change(&mut lease.instance);
-        if lease.instance != before {
+        if (lease.instance.healthy, lease.instance.enabled) != before {
             let instance = lease.instance.clone();
-            let revision = state.next_revision();
-            state.record(&key.service, WatchEvent::Put { revision, instance });
+            state.record(service, Changed::Put(id, instance));
         }
         Ok(())
     }
 
     /// Adds or replaces an instance; `ttl: None` means persistent.
-    fn upsert(&self, mut instance: Instance, ttl: Option<Duration>) {
+    fn upsert(&self, mut instance: Instance, ttl: Option<Duration>) -> Result<(), RegistryError> {
         let now = Instant::now();
-        let key = instance.key.clone();
         let mut state = self.shared.lock();
         self.ensure_sweeper(&mut state);
-        if state.disabled.contains(&instance.instance_key()) {
+        if !state.disabled.is_empty() && state.disabled.contains(&instance.instance_key()) {
             // An operator took it out of traffic; registering again does not undo that.
             instance.enabled = false;
         }
-        let lease = Lease {
-            instance: instance.clone(),
-            ttl,
-            renewed: now,
-            expired: false,
+        let Some(packed) = Packed::new(&instance) else {
+            return Err(RegistryError::Invalid(format!(
+                "instance `{}` of service `{}` is too large (4 GiB or more of text)",
+                instance.id, instance.key
+            )));
         };
-        let previous = state
-            .services
-            .entry(key.clone())
-            .or_insert_with(new_service)
-            .instances
-            .insert(instance.id.clone(), lease);
-        if let Some(previous) = &previous {
-            state.forget_lease(previous.ttl);
-        }
-        state.add_lease(ttl);
-        // Re-registering an unchanged instance only renews its lease.
-        if previous.as_ref().is_none_or(|p| p.instance != instance) {
-            let revision = state.next_revision();
-            state.record(&key, WatchEvent::Put { revision, instance });
-        }
+        let wake = state.put(instance.key, instance.id, packed, ttl, now);
         drop(state);
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// The revision of the latest change.
@@ -436,6 +689,9 @@ impl MemoryRegistry {
         };
         let weak = Arc::downgrade(&self.shared);
         let wake = self.shared.wake.clone();
+        // A new sweeper looks at everything first; until then, any new
+        // timer is worth waking it for.
+        state.next_wake = None;
         state.sweeper = Some(handle.spawn(sweep(weak, wake)));
     }
 }
@@ -480,55 +736,136 @@ impl Shared {
 }
 
 impl State {
-    fn next_revision(&mut self) -> Revision {
+    /// Records a change under the next revision: tells the service's
+    /// watchers, and remembers it for those that resume.
+    fn record(&mut self, service: Arc<ServiceKey>, what: Changed) {
         self.revision += 1;
-        self.revision
-    }
-
-    fn record(&mut self, key: &ServiceKey, event: WatchEvent) {
-        if let Some(tx) = self.services.get(key).and_then(|s| s.events.as_ref()) {
-            // No receivers is fine: nobody is watching right now.
-            let _ = tx.send(event.clone());
+        let change = Change {
+            service,
+            revision: self.revision,
+            what,
+        };
+        if let Some(tx) = self
+            .services
+            .get(&*change.service)
+            .and_then(|s| s.events.as_ref())
+            && tx.receiver_count() > 0
+        {
+            // Receivers may all go in the meantime; that is fine.
+            let _ = tx.send(change.event());
         }
-        self.history.push_back((key.clone(), event));
+        self.history.push_back(change);
         while self.history.len() > self.history_cap {
-            if let Some((_, old)) = self.history.pop_front() {
-                self.compacted = old.revision();
+            if let Some(old) = self.history.pop_front() {
+                self.compacted = old.revision;
             }
         }
     }
 
-    fn add_lease(&mut self, ttl: Option<Duration>) {
-        if ttl.is_some() {
+    /// Queues a timer; true if the sweeper must be woken for it.
+    fn schedule(&mut self, timer: Timer) -> bool {
+        let wake = self.next_wake.is_none_or(|planned| timer.at < planned);
+        if wake {
+            self.next_wake = Some(timer.at);
+        }
+        self.timers.push(timer);
+        wake
+    }
+
+    /// Adds or replaces an instance; `ttl: None` means persistent. True if
+    /// the sweeper must be woken.
+    fn put(
+        &mut self,
+        key: ServiceKey,
+        id: String,
+        instance: Packed,
+        ttl: Option<Duration>,
+        now: Instant,
+    ) -> bool {
+        let service = match self.services.get_key_value(&key) {
+            Some((service, _)) => service.clone(),
+            None => {
+                let service = Arc::new(key);
+                self.services.insert(service.clone(), new_service());
+                service
+            }
+        };
+        let Some(entry) = self.services.get_mut(&*service) else {
+            return false;
+        };
+        let known = entry.instances.get_key_value(id.as_str());
+        // Re-registering an unchanged instance only renews its lease.
+        let changed = known.is_none_or(|(_, l)| l.instance != instance);
+        let id = known.map_or_else(|| Arc::from(id), |(id, _)| id.clone());
+        let record = changed.then(|| instance.clone());
+        let lease = Lease {
+            instance,
+            ttl,
+            renewed: now,
+            expired: false,
+            fresh: ttl.is_some(),
+            queued: ttl.map(|ttl| after(now, two_intervals(ttl))),
+        };
+        let queued = lease.queued;
+        let previous = entry.instances.insert(id.clone(), lease);
+        let first = entry.instances.len() == 1;
+        match &previous {
+            Some(previous) => self.forget(previous),
+            None => {
+                self.instances += 1;
+                self.populated += usize::from(first);
+            }
+        }
+        if let Some(ttl) = ttl {
             self.ephemeral += 1;
+            self.renewals.add(ttl);
         }
+        let wake = queued.is_some_and(|at| {
+            self.schedule(Timer {
+                at,
+                service: service.clone(),
+                id: id.clone(),
+            })
+        });
+        if let Some(instance) = record {
+            self.record(service, Changed::Put(id, instance));
+        }
+        wake
     }
 
-    fn forget_lease(&mut self, ttl: Option<Duration>) {
-        if ttl.is_some() {
+    /// Takes a lease that went away out of the counts.
+    fn forget(&mut self, lease: &Lease) {
+        if let Some(ttl) = lease.ttl {
             self.ephemeral = self.ephemeral.saturating_sub(1);
+            self.renewals.remove(ttl, lease.fresh);
         }
     }
 
-    /// Ephemeral instances that renewed within two heartbeat intervals,
-    /// and the share of the expected renewals they stand for: each instance
-    /// weighs as much as the heartbeats it should send (3 / TTL), so that
-    /// instances with long leases cannot hide the silence of those with
-    /// short ones.
-    fn renewing(&self, now: Instant) -> (usize, f64) {
-        let (mut count, mut fresh, mut total) = (0, 0.0, 0.0);
-        for lease in self.services.values().flat_map(|s| s.instances.values()) {
-            let Some(ttl) = lease.ttl else {
+    /// Takes the timers due by `now` off the heap (dropping those left over),
+    /// and notes which of their leases stopped keeping up.
+    fn due(&mut self, now: Instant) -> Vec<Timer> {
+        let mut due = Vec::new();
+        while self.timers.peek().is_some_and(|t| t.at <= now) {
+            let Some(timer) = self.timers.pop() else {
+                break;
+            };
+            let Some(lease) = lease_in(&mut self.services, &timer.service, &timer.id) else {
                 continue;
             };
-            let weight = 3.0 / ttl.as_secs_f64().max(0.001);
-            total += weight;
-            if now.saturating_duration_since(lease.renewed) < ttl * 2 / 3 {
-                count += 1;
-                fresh += weight;
+            if lease.queued != Some(timer.at) {
+                continue;
             }
+            lease.settle(&mut self.renewals, now);
+            due.push(timer);
         }
-        (count, if total > 0.0 { fresh / total } else { 1.0 })
+        due
+    }
+
+    /// Brings the counts of leases keeping up to `now`, without expiring
+    /// anything (that is the sweeper's job).
+    fn catch_up(&mut self, now: Instant) {
+        let due = self.due(now);
+        self.timers.extend(due);
     }
 
     /// Engages or releases self-preservation; true while engaged.
@@ -537,7 +874,8 @@ impl State {
             return false;
         };
         let total = self.ephemeral;
-        let (renewing, keeping_up) = self.renewing(now);
+        let renewing = self.renewals.count;
+        let keeping_up = self.renewals.keeping_up();
         let engage = total >= preservation.min_instances && keeping_up < preservation.threshold;
         let overdue = self
             .preserving_since
@@ -569,15 +907,7 @@ impl State {
             // get one full TTL from now, since heartbeats come back spread
             // over an interval. (After giving up, they are taken to be gone.)
             if !overdue {
-                for lease in self
-                    .services
-                    .values_mut()
-                    .flat_map(|s| s.instances.values_mut())
-                {
-                    if lease.expires().is_some_and(|expires| expires <= now) {
-                        lease.renewed = now;
-                    }
-                }
+                self.renew_expired(now);
             }
             tracing::warn!(
                 renewing,
@@ -588,27 +918,52 @@ impl State {
         self.preserving
     }
 
+    /// Renews every lease that has run out by `now`. A scan of every lease,
+    /// but only once per release of self-preservation.
+    fn renew_expired(&mut self, now: Instant) {
+        for (service, entry) in &mut self.services {
+            for (id, lease) in &mut entry.instances {
+                let Some(ttl) = lease.ttl else {
+                    continue;
+                };
+                if lease.expires().is_none_or(|expires| expires > now) {
+                    continue;
+                }
+                lease.renewed = now;
+                if !lease.fresh {
+                    lease.fresh = true;
+                    self.renewals.renewed(ttl);
+                }
+                let at = after(now, two_intervals(ttl));
+                lease.queued = Some(at);
+                self.timers.push(Timer {
+                    at,
+                    service: service.clone(),
+                    id: id.clone(),
+                });
+            }
+        }
+    }
+
     fn remove(&mut self, key: &ServiceKey, id: &str) -> bool {
-        let removed = self
-            .services
-            .get_mut(key)
-            .and_then(|s| s.instances.remove(id));
-        if let Some(lease) = &removed {
-            self.forget_lease(lease.ttl);
+        let Some(service) = self.services.get_key_value(key).map(|(s, _)| s.clone()) else {
+            return false;
+        };
+        let Some(entry) = self.services.get_mut(key) else {
+            return false;
+        };
+        let Some((id, lease)) = entry.instances.remove_entry(id) else {
+            return false;
+        };
+        let emptied = entry.instances.is_empty();
+        self.forget(&lease);
+        self.instances = self.instances.saturating_sub(1);
+        if emptied {
+            self.populated = self.populated.saturating_sub(1);
         }
-        let removed = removed.is_some();
-        if removed {
-            let revision = self.next_revision();
-            self.record(
-                key,
-                WatchEvent::Delete {
-                    revision,
-                    id: id.to_owned(),
-                },
-            );
-            self.drop_if_unused(key);
-        }
-        removed
+        self.record(service, Changed::Delete(id));
+        self.drop_if_unused(key);
+        true
     }
 
     fn drop_if_unused(&mut self, key: &ServiceKey) {
@@ -623,85 +978,121 @@ impl State {
     }
 
     /// Marks instances whose lease ran out unhealthy, and evicts those past
-    /// the grace period, unless self-preservation holds; returns when to look again.
+    /// the grace period, unless self-preservation holds; returns when to look
+    /// again. The work is in proportion to the timers that came due.
     fn evict_expired(&mut self, now: Instant) -> Option<Instant> {
+        let mut due = self.due(now);
+        let was_preserving = self.preserving;
         let preserving = self.preserve(now);
-        let mut unhealthy = Vec::new();
-        let mut evicted = Vec::new();
-        let mut next: Option<Instant> = None;
-        let mut soonest = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
-        for (key, service) in &self.services {
-            for (id, lease) in &service.instances {
-                let Some(expires) = lease.expires() else {
-                    continue;
-                };
-                let evict_at = expires + self.grace;
-                if preserving {
-                    continue;
-                }
-                if evict_at <= now {
-                    evicted.push((key.clone(), id.clone()));
-                } else if expires <= now && !lease.expired {
-                    unhealthy.push((key.clone(), id.clone()));
-                    soonest(evict_at);
-                } else if expires <= now {
-                    soonest(evict_at);
-                } else {
-                    soonest(expires);
-                }
-            }
+        if was_preserving && !preserving {
+            due.append(&mut self.frozen);
         }
-        for (key, id) in unhealthy {
-            tracing::info!(service = %key, instance = %id, "lease expired; instance marked unhealthy");
-            if let Some(lease) = self
-                .services
-                .get_mut(&key)
-                .and_then(|s| s.instances.get_mut(&id))
-            {
-                lease.expired = true;
-                lease.instance.healthy = false;
-                let instance = lease.instance.clone();
-                let revision = self.next_revision();
-                self.record(&key, WatchEvent::Put { revision, instance });
-            }
+        for timer in due {
+            self.visit(timer, now, preserving);
         }
-        for (key, id) in evicted {
-            tracing::info!(service = %key, instance = %id, "lease expired; instance evicted");
-            self.remove(&key, &id);
-        }
+        let mut next = self.timers.peek().map(|t| t.at);
         // Self-preservation is judged continually while leases exist.
         if self.preservation.is_some() && self.ephemeral > 0 {
-            let tick = now + Duration::from_millis(250);
+            let tick = after(now, PRESERVATION_TICK);
             next = Some(next.map_or(tick, |n| n.min(tick)));
         }
+        self.next_wake = next;
         next
+    }
+
+    /// Does what is due to the lease of a due timer, and queues the timer
+    /// again for the lease's next moment.
+    fn visit(&mut self, mut timer: Timer, now: Instant, preserving: bool) {
+        let grace = self.grace;
+        let Some(lease) = lease_in(&mut self.services, &timer.service, &timer.id) else {
+            return;
+        };
+        if lease.queued != Some(timer.at) {
+            return;
+        }
+        lease.settle(&mut self.renewals, now);
+        let Some(expires) = lease.expires() else {
+            lease.queued = None;
+            return;
+        };
+        let mut marked = None;
+        if !preserving {
+            if after(expires, grace) <= now {
+                tracing::info!(service = %timer.service, instance = %timer.id, "lease expired; instance evicted");
+                self.remove(&timer.service, &timer.id);
+                return;
+            }
+            if expires <= now && !lease.expired {
+                lease.expired = true;
+                lease.instance.healthy = false;
+                marked = Some(lease.instance.clone());
+            }
+        }
+        match lease.next_check(grace) {
+            Some(at) if at > now => {
+                lease.queued = Some(at);
+                timer.at = at;
+            }
+            // Only while preserving is anything due now still due after a
+            // visit: it waits for expiry to resume.
+            _ if preserving => {
+                self.frozen.push(timer);
+                return;
+            }
+            // Not reached; a millisecond on rather than a busy loop if it were.
+            _ => {
+                let at = after(now, Duration::from_millis(1));
+                lease.queued = Some(at);
+                timer.at = at;
+            }
+        }
+        if let Some(instance) = marked {
+            tracing::info!(service = %timer.service, instance = %timer.id, "lease expired; instance marked unhealthy");
+            self.record(
+                timer.service.clone(),
+                Changed::Put(timer.id.clone(), instance),
+            );
+        }
+        self.timers.push(timer);
     }
 
     fn snapshot(&self, key: &ServiceKey) -> Vec<Instance> {
         self.services
-            .get(key)
-            .map(|s| s.instances.values().map(|l| l.instance.clone()).collect())
+            .get_key_value(key)
+            .map(|(service, s)| {
+                let instances = s.instances.iter();
+                instances
+                    .map(|(id, l)| l.instance.unpack(service, id))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    /// A lookup: the instances, all reported healthy while the service is
-    /// below its protection threshold.
-    /// The instances of `key` as lookups report them, and whether the
-    /// protection threshold changed what they say.
+    /// The instances of `key` as lookups report them (every one healthy
+    /// while the service is below its protection threshold), and whether
+    /// the protection threshold changed what they say.
     fn lookup(&self, key: &ServiceKey) -> (Vec<Instance>, bool) {
-        let mut instances = self.snapshot(key);
-        let protection = self.services.get(key).map_or(0.0, |s| s.protection);
-        let enabled = instances.iter().filter(|i| i.enabled);
-        let (healthy, total) =
-            enabled.fold((0, 0), |(h, t), i| (h + usize::from(i.healthy), t + 1));
-        let protect = super::below_protection_threshold(healthy, total, protection)
-            && instances.iter().any(|i| !i.healthy);
+        let Some((service, entry)) = self.services.get_key_value(key) else {
+            return (Vec::new(), false);
+        };
+        let leases = || entry.instances.values().map(|l| &l.instance);
+        let (healthy, total) = leases()
+            .filter(|i| i.enabled)
+            .fold((0, 0), |(h, t), i| (h + usize::from(i.healthy), t + 1));
+        let protect = super::below_protection_threshold(healthy, total, entry.protection)
+            && leases().any(|i| !i.healthy);
         if protect {
             tracing::debug!(service = %key, healthy, total, "protection threshold: returning every instance");
-            for instance in &mut instances {
-                instance.healthy = true;
-            }
         }
+        let instances = entry
+            .instances
+            .iter()
+            .map(|(id, l)| {
+                let mut instance = l.instance.unpack(service, id);
+                instance.healthy |= protect;
+                instance
+            })
+            .collect();
         (instances, protect)
     }
 }
@@ -711,45 +1102,67 @@ impl Registry for MemoryRegistry {
     async fn register(&self, mut instance: Instance, ttl: Duration) -> Result<(), RegistryError> {
         validate(&instance, ttl)?;
         instance.ephemeral = true;
-        self.upsert(instance, Some(ttl));
-        Ok(())
+        self.upsert(instance, Some(ttl))
     }
 
     async fn heartbeat(&self, key: &InstanceKey) -> Result<(), RegistryError> {
         let now = Instant::now();
-        let mut state = self.shared.lock();
-        let grace = state.grace;
-        let lease = state
-            .services
-            .get_mut(&key.service)
-            .and_then(|s| s.instances.get_mut(&key.id));
-        let Some(lease) = lease else {
+        let mut guard = self.shared.lock();
+        let state = &mut *guard;
+        let Some(lease) = lease_in(&mut state.services, &key.service, &key.id) else {
             return Err(RegistryError::NotFound(key.clone()));
         };
         if lease
             .expires()
-            .is_some_and(|expires| expires + grace <= now)
+            .is_some_and(|expires| after(expires, state.grace) <= now)
             && !state.preserving
         {
             // Past eviction, and the sweeper has not got to it yet.
             state.remove(&key.service, &key.id);
             return Err(RegistryError::LeaseExpired(key.clone()));
         }
-        let Some(lease) = state
-            .services
-            .get_mut(&key.service)
-            .and_then(|s| s.instances.get_mut(&key.id))
-        else {
-            return Err(RegistryError::NotFound(key.clone()));
-        };
         lease.renewed = now;
-        if lease.expired {
+        // A lease that was keeping up has a timer due no later than its
+        // new one would be; the sweeper queues it again when it comes due.
+        let mut requeue = None;
+        if let Some(ttl) = lease.ttl
+            && !lease.fresh
+        {
+            lease.fresh = true;
+            state.renewals.renewed(ttl);
+            let at = after(now, two_intervals(ttl));
+            lease.queued = Some(at);
+            requeue = Some(at);
+        }
+        let healed = lease.expired.then(|| {
             // Back within the grace period: healthy again.
             lease.expired = false;
             lease.instance.healthy = true;
-            let instance = lease.instance.clone();
-            let revision = state.next_revision();
-            state.record(&key.service, WatchEvent::Put { revision, instance });
+            lease.instance.clone()
+        });
+        if requeue.is_none() && healed.is_none() {
+            return Ok(());
+        }
+        let service = state.services.get_key_value(&key.service).map(|(s, e)| {
+            let id = e.instances.get_key_value(key.id.as_str()).map(|(id, _)| id);
+            (s.clone(), id.cloned())
+        });
+        let Some((service, Some(id))) = service else {
+            return Ok(());
+        };
+        let wake = requeue.is_some_and(|at| {
+            state.schedule(Timer {
+                at,
+                service: service.clone(),
+                id: id.clone(),
+            })
+        });
+        if let Some(instance) = healed {
+            state.record(service, Changed::Put(id, instance));
+        }
+        drop(guard);
+        if wake {
+            self.shared.wake.notify_one();
         }
         Ok(())
     }
@@ -771,7 +1184,7 @@ impl Registry for MemoryRegistry {
             .services
             .iter()
             .filter(|(k, s)| k.namespace == namespace && !s.instances.is_empty())
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| ServiceKey::clone(k))
             .collect();
         keys.sort();
         Ok(keys)
@@ -789,8 +1202,8 @@ impl Registry for MemoryRegistry {
             Some(since) if since >= state.compacted && since <= revision => state
                 .history
                 .iter()
-                .filter(|(k, e)| k == service && e.revision() > since)
-                .map(|(_, e)| e.clone())
+                .filter(|c| *c.service == *service && c.revision > since)
+                .map(Change::event)
                 .collect(),
             _ => VecDeque::from([WatchEvent::Snapshot {
                 revision,
@@ -799,7 +1212,7 @@ impl Registry for MemoryRegistry {
         };
         let entry = state
             .services
-            .entry(service.clone())
+            .entry(Arc::new(service.clone()))
             .or_insert_with(new_service);
         let rx = entry
             .events
@@ -1270,5 +1683,212 @@ mod tests {
             .await
             .unwrap();
         assert!(r.instances(&key).await.unwrap()[0].enabled);
+    }
+
+    /// Checks the counts kept as things happen against a count from
+    /// scratch, the way self-preservation used to count: a scan of every
+    /// lease.
+    fn assert_counts_right(r: &MemoryRegistry) -> Renewals {
+        let mut state = r.shared.lock();
+        let now = Instant::now();
+        state.catch_up(now);
+        let mut expected = Renewals::default();
+        let mut ephemeral = 0;
+        for lease in state.services.values().flat_map(|s| s.instances.values()) {
+            let Some(ttl) = lease.ttl else {
+                continue;
+            };
+            ephemeral += 1;
+            expected.total += Renewals::weight(ttl);
+            if now.saturating_duration_since(lease.renewed) < ttl * 2 / 3 {
+                expected.count += 1;
+                expected.fresh += Renewals::weight(ttl);
+            }
+        }
+        assert_eq!(state.renewals, expected);
+        assert_eq!(state.ephemeral, ephemeral);
+        let instances: usize = state.services.values().map(|s| s.instances.len()).sum();
+        assert_eq!(state.instances, instances);
+        let populated = state.services.values().filter(|s| !s.instances.is_empty());
+        assert_eq!(state.populated, populated.count());
+        expected
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_deadline_does_not_delay_an_earlier_one() {
+        let r = MemoryRegistry::new();
+        let mut w = r.watch(&ServiceKey::new("svc"), None).await.unwrap();
+        next(&mut w).await;
+        let start = Instant::now();
+        r.register(inst("long"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        r.register(inst("short"), Duration::from_secs(2))
+            .await
+            .unwrap();
+        next(&mut w).await;
+        next(&mut w).await;
+        assert!(matches!(next(&mut w).await, WatchEvent::Delete { id, .. } if id == "short"));
+        assert_eq!(start.elapsed(), Duration::from_secs(2), "evicted on time");
+        assert_eq!(r.instances(&ServiceKey::new("svc")).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_pushes_expiry_out_by_a_full_ttl() {
+        let r = MemoryRegistry::new();
+        let mut w = r.watch(&ServiceKey::new("svc"), None).await.unwrap();
+        next(&mut w).await;
+        r.register(inst("a"), Duration::from_secs(3)).await.unwrap();
+        next(&mut w).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let renewed = Instant::now();
+        r.heartbeat(&inst("a").instance_key()).await.unwrap();
+        assert!(matches!(next(&mut w).await, WatchEvent::Delete { id, .. } if id == "a"));
+        assert_eq!(renewed.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_sooner_deadline_wakes_the_sweeper() {
+        let r = MemoryRegistry::new();
+        let registered = Instant::now();
+        r.register(inst("a"), Duration::from_secs(3)).await.unwrap();
+        // Let the sweeper plan: it looks again when `a` stops keeping up.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let planned = registered + Duration::from_secs(2);
+        let mut state = r.shared.lock();
+        assert_eq!(state.next_wake, Some(planned));
+        let now = Instant::now();
+        let packed = Packed::new(&inst("b")).unwrap();
+        let key = ServiceKey::new("svc");
+        let ttl = Some(Duration::from_secs(60));
+        assert!(!state.put(key.clone(), "later".into(), packed.clone(), ttl, now));
+        assert_eq!(state.next_wake, Some(planned));
+        let ttl = Some(Duration::from_secs(1));
+        assert!(state.put(key, "sooner".into(), packed, ttl, now));
+        assert!(state.next_wake < Some(planned));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_do_not_pile_up_timers_and_persistent_instances_have_none() {
+        let r = MemoryRegistry::builder()
+            .self_preservation(SelfPreservation::default())
+            .build();
+        let all = many(10);
+        for i in &all {
+            r.register(i.clone(), Duration::from_secs(3)).await.unwrap();
+        }
+        r.register_persistent(inst("db")).unwrap();
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            beat(&r, &all).await;
+        }
+        assert!(r.shared.lock().timers.len() <= all.len());
+        assert_eq!(r.stats().renewing, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_counts_stay_right_through_register_heartbeat_expiry_and_deregister() {
+        let r = MemoryRegistry::builder()
+            .eviction_grace(Duration::from_secs(1))
+            .build();
+        let svc = ServiceKey::new("svc");
+        let key = |id: &str| inst(id).instance_key();
+        r.register(inst("a"), Duration::from_secs(3)).await.unwrap();
+        r.register(inst("bb"), Duration::from_secs(3))
+            .await
+            .unwrap();
+        r.register(inst("long"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        r.register_persistent(inst("db").with_service_key(ServiceKey::new("other")))
+            .unwrap();
+        assert_eq!(assert_counts_right(&r).count, 3);
+
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        r.heartbeat(&key("a")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // `bb` last renewed 2.5 s ago: no longer keeping up; `a` 1.5 s ago is.
+        assert_eq!(assert_counts_right(&r).count, 2);
+        assert_eq!(r.stats().renewing, 2);
+
+        r.heartbeat(&key("bb")).await.unwrap();
+        assert_eq!(assert_counts_right(&r).count, 3);
+
+        r.deregister(&key("long")).await.unwrap();
+        assert_eq!(assert_counts_right(&r).count, 2);
+        // Replacing a lease counts it once, with its new TTL.
+        r.register(inst("a"), Duration::from_secs(6)).await.unwrap();
+        let counts = assert_counts_right(&r);
+        assert_eq!(counts.count, 2);
+        assert_eq!(
+            counts.total,
+            Renewals::weight(Duration::from_secs(6)) + Renewals::weight(Duration::from_secs(3))
+        );
+
+        // `bb` runs out and is marked unhealthy, then heals within its grace.
+        tokio::time::sleep(Duration::from_millis(3200)).await;
+        assert!(
+            r.instances(&svc)
+                .await
+                .unwrap()
+                .iter()
+                .any(|i| i.id == "bb" && !i.healthy)
+        );
+        assert_eq!(assert_counts_right(&r).count, 1);
+        r.heartbeat(&key("bb")).await.unwrap();
+        assert_eq!(assert_counts_right(&r).count, 2);
+        assert!(r.instances(&svc).await.unwrap().iter().all(|i| i.healthy));
+
+        // Everyone falls silent: marked, then evicted; only the persistent one stays.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let counts = assert_counts_right(&r);
+        assert_eq!(counts, Renewals::default());
+        assert!(r.instances(&svc).await.unwrap().is_empty());
+        let stats = r.stats();
+        assert_eq!(
+            (stats.instances, stats.ephemeral, stats.services),
+            (1, 0, 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_counts_stay_right_through_self_preservation() {
+        let r = MemoryRegistry::builder()
+            .eviction_grace(Duration::from_secs(2))
+            .self_preservation(SelfPreservation::default())
+            .build();
+        let all = many(10);
+        for i in &all {
+            r.register(i.clone(), Duration::from_secs(3)).await.unwrap();
+        }
+        // Eight fall silent: preservation engages and nothing expires.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all[..2]).await;
+            assert_counts_right(&r);
+        }
+        assert!(r.stats().self_preservation);
+        assert_eq!(r.stats().renewing, 2);
+        // They come back: released, and the counts follow.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all).await;
+            assert_counts_right(&r);
+        }
+        assert!(!r.stats().self_preservation);
+        assert_eq!(assert_counts_right(&r).count, 10);
+        // Most leave gracefully, and the two left (too few for
+        // preservation) fall silent: they expire on time.
+        for i in &all[2..] {
+            r.deregister(&i.instance_key()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(assert_counts_right(&r), Renewals::default());
+        assert!(
+            r.instances(&ServiceKey::new("svc"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }

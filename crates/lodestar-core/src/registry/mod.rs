@@ -29,6 +29,7 @@
 
 mod fixed;
 pub mod memory;
+mod packed;
 
 pub use fixed::StaticRegistry;
 
