@@ -154,6 +154,7 @@ fn event_to_pb(event: WatchEvent, warming: bool) -> pb::WatchEvent {
 }
 
 type WatchResponses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+type KeepAliveResponses = Pin<Box<dyn Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send>>;
 
 #[lodestar::async_trait]
 impl pb::registry_server::Registry for Api {
@@ -197,6 +198,41 @@ impl pb::registry_server::Registry for Api {
         let key = key_of(request.into_inner())?;
         self.server.registry.heartbeat(&key).await.map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    type KeepAliveStream = KeepAliveResponses;
+
+    async fn keep_alive(
+        &self,
+        request: Request<lodestar::codegen::tonic::Streaming<pb::InstanceRef>>,
+    ) -> Result<Response<KeepAliveResponses>, Status> {
+        self.authorize(&request)?;
+        let server = self.server.clone();
+        let mut closing = self.server.closing.clone();
+        let closing = async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        };
+        // The stream ends when shutdown begins: the client sends its next
+        // heartbeats elsewhere (or as calls) instead of holding the drain up.
+        let heartbeats = request.into_inner().take_until(closing);
+        let answers = heartbeats.then(move |reference| {
+            let server = server.clone();
+            async move {
+                // A failed heartbeat is an answer, not the end of the stream.
+                let renewed = match key_of(reference?) {
+                    Ok(key) => server.registry.heartbeat(&key).await.map_err(status),
+                    Err(invalid) => Err(invalid),
+                };
+                Ok(match renewed {
+                    Ok(()) => pb::KeepAliveResponse::default(),
+                    Err(status) => pb::KeepAliveResponse {
+                        code: status.code() as u32,
+                        message: status.message().to_owned(),
+                    },
+                })
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn deregister(

@@ -116,6 +116,9 @@ pub(crate) struct Server {
     pub(crate) warmup: Duration,
     pub(crate) store: store::Store,
     pub(crate) check_interval: Duration,
+    /// Set when shutdown begins: long-lived streams (keep-alive) end then,
+    /// rather than hold the drain up until its grace period runs out.
+    pub(crate) closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Server {
@@ -203,6 +206,7 @@ pub struct RunningRegistry {
     grpc: RunningService,
     http_addr: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl RunningRegistry {
@@ -221,6 +225,7 @@ impl RunningRegistry {
         for task in &self.tasks {
             task.abort();
         }
+        self.closing.send_replace(true);
         self.grpc.shutdown().await?;
         Ok(())
     }
@@ -243,6 +248,7 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
     if restored > 0 {
         tracing::info!(restored, "persistent instances restored");
     }
+    let closing = tokio::sync::watch::Sender::new(false);
     let server = Arc::new(Server {
         registry,
         token: config.token.clone(),
@@ -250,6 +256,7 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
         warmup: config.warmup,
         store,
         check_interval: config.check_interval,
+        closing: closing.subscribe(),
     });
 
     let grpc = Service::builder(lodestar_registry::SERVICE_NAME)
@@ -278,6 +285,7 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
         grpc,
         http_addr,
         tasks,
+        closing,
     })
 }
 

@@ -24,6 +24,8 @@ use lodestar::{
     ServiceKey, StaticRegistry, Status, WatchEvent, WatchStream,
 };
 
+mod keepalive;
+
 /// Generated code for `lodestar.registry.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod pb {
@@ -140,6 +142,8 @@ struct Inner {
     authorization: Option<lodestar::metadata::AsciiMetadataValue>,
     /// The last known instances of each service looked up or watched.
     cache: Mutex<HashMap<ServiceKey, Cached>>,
+    /// The stream heartbeats go on.
+    keepalive: keepalive::KeepAlive,
 }
 
 /// What this client knows of one service.
@@ -175,6 +179,7 @@ impl RemoteRegistry {
                 client,
                 authorization: None,
                 cache: Mutex::new(HashMap::new()),
+                keepalive: keepalive::KeepAlive::default(),
             }),
         }
     }
@@ -193,6 +198,7 @@ impl RemoteRegistry {
             client: self.inner.client.clone(),
             authorization,
             cache: Mutex::new(HashMap::new()),
+            keepalive: keepalive::KeepAlive::default(),
         });
         Self { inner }
     }
@@ -275,6 +281,19 @@ impl Registry for RemoteRegistry {
     }
 
     async fn heartbeat(&self, key: &InstanceKey) -> Result<(), RegistryError> {
+        let on_stream = self
+            .inner
+            .keepalive
+            .heartbeat(
+                || self.api(),
+                self.inner.authorization.as_ref(),
+                instance_ref(key),
+                CALL_TIMEOUT,
+            )
+            .await;
+        if let Ok(answer) = on_stream {
+            return answer.map_err(|s| self.error(s, Some(key)));
+        }
         self.api()
             .heartbeat(self.request(instance_ref(key)))
             .await

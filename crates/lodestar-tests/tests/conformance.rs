@@ -175,3 +175,108 @@ async fn etcd_resume_from_a_compacted_revision_resynchronises() {
         other => panic!("expected a snapshot after compaction, got {other:?}"),
     }
 }
+
+/// The registry server's `KeepAlive` stream, which `RemoteRegistry` sends
+/// its heartbeats on: each reference gets its answer, in order, on one
+/// stream; a failed heartbeat is an answer, not the end of the stream; and
+/// the stream needs the write token.
+#[tokio::test]
+async fn keepalive_stream_answers_each_heartbeat_in_order_and_needs_the_token() {
+    use lodestar_registry::pb;
+    let server = lodestar_registry_server::start(lodestar_registry_server::Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: None,
+        warmup: Duration::ZERO,
+        token: Some("s3cret".to_owned()),
+        ..lodestar_registry_server::Config::default()
+    })
+    .await
+    .unwrap();
+    let address = server.local_addr().to_string();
+    let registry =
+        lodestar_registry::RemoteRegistry::new(std::slice::from_ref(&address)).with_token("s3cret");
+    let instance = lodestar::Instance::new("kept", "127.0.0.1:1");
+    registry
+        .register(instance.clone(), Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let client = lodestar::Client::new(
+        lodestar::StaticRegistry::new().with(lodestar_registry::SERVICE_NAME, [address]),
+    );
+    let mut api =
+        pb::registry_client::RegistryClient::by_name(&client, lodestar_registry::SERVICE_NAME);
+    let reference = |id: &str| pb::InstanceRef {
+        service: Some(lodestar_registry::key_to_pb(&instance.key)),
+        id: id.to_owned(),
+    };
+    let (outbound, requests) = tokio::sync::mpsc::channel(8);
+    let mut request = lodestar::Request::new(tokio_stream::wrappers::ReceiverStream::new(requests));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let mut answers = lodestar_tests::bounded("open KeepAlive", api.keep_alive(request))
+        .await
+        .unwrap()
+        .into_inner();
+    for id in [instance.id.as_str(), "nobody", "", instance.id.as_str()] {
+        outbound.send(reference(id)).await.unwrap();
+    }
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let answer = lodestar_tests::bounded("a KeepAlive answer", answers.message())
+            .await
+            .unwrap()
+            .expect("an answer");
+        codes.push(answer.code);
+    }
+    // OK, NOT_FOUND, INVALID_ARGUMENT, and the stream still renews after.
+    assert_eq!(codes, [0, 5, 3, 0]);
+    drop(outbound);
+    assert!(
+        lodestar_tests::bounded("the end of KeepAlive", answers.message())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Without the token, no stream.
+    let (_outbound, requests) = tokio::sync::mpsc::channel::<pb::InstanceRef>(1);
+    let refused = lodestar_tests::bounded(
+        "KeepAlive without the token",
+        api.keep_alive(tokio_stream::wrappers::ReceiverStream::new(requests)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), lodestar::Code::Unauthenticated);
+
+    // RemoteRegistry's heartbeats (on its own stream) say the same.
+    registry.heartbeat(&instance.instance_key()).await.unwrap();
+    let unknown = lodestar::InstanceKey {
+        service: instance.key.clone(),
+        id: "nobody".to_owned(),
+    };
+    assert!(matches!(
+        registry.heartbeat(&unknown).await,
+        Err(lodestar::RegistryError::NotFound(_))
+    ));
+    // Many at once share the stream and each gets its own answer.
+    let many = (0..64).map(|i| {
+        let registry = registry.clone();
+        let key = if i % 2 == 0 {
+            instance.instance_key()
+        } else {
+            unknown.clone()
+        };
+        async move { (i, registry.heartbeat(&key).await) }
+    });
+    for (i, result) in futures_util::future::join_all(many).await {
+        assert_eq!(result.is_ok(), i % 2 == 0, "heartbeat {i}: {result:?}");
+    }
+    // RemoteRegistry's stream is still open: shutting down ends it rather
+    // than waiting out the drain's grace period (10 s).
+    tokio::time::timeout(Duration::from_secs(3), server.shutdown())
+        .await
+        .expect("shutdown waited for the keep-alive stream")
+        .unwrap();
+}
