@@ -546,64 +546,107 @@ async fn closed_loop<W: Worker>(
     report(step, ops, duration, &mut latencies, cpu)
 }
 
-/// Renews its share of the leases, one after another, round and round.
+/// Renews its share of the leases, one after another, round and round,
+/// on one keep-alive stream per worker: lodestar's `KeepAlive` (what
+/// `RemoteRegistry` sends heartbeats on) and etcd's `LeaseKeepAlive`.
 struct Heartbeats {
     conn: Conn,
-    /// etcd: this worker's keep-alive stream, opened on first use.
+    /// This worker's keep-alive stream, opened on first use.
     keep_alive: Option<KeepAlive>,
     /// lodestar's reference to each instance, and its etcd lease.
     targets: Vec<(pb::InstanceRef, i64)>,
     next: usize,
 }
 
-struct KeepAlive {
-    requests: mpsc::Sender<etcd::LeaseKeepAliveRequest>,
-    responses: Streaming<etcd::LeaseKeepAliveResponse>,
+/// A keep-alive stream: requests out, one answer back for each.
+struct Stream<Q, A> {
+    requests: mpsc::Sender<Q>,
+    responses: Streaming<A>,
+}
+
+impl<Q, A> Stream<Q, A> {
+    /// Sends `request` (unless it went when the stream was opened) and
+    /// waits for its answer.
+    async fn round_trip(&mut self, request: Q, sent: bool) -> Result<A> {
+        if !sent {
+            self.requests
+                .send(request)
+                .await
+                .map_err(|_| "the keep-alive stream closed")?;
+        }
+        Ok(self
+            .responses
+            .message()
+            .await?
+            .ok_or("the server ended the keep-alive stream")?)
+    }
+}
+
+enum KeepAlive {
+    Lodestar(Stream<pb::InstanceRef, pb::KeepAliveResponse>),
+    Etcd(Stream<etcd::LeaseKeepAliveRequest, etcd::LeaseKeepAliveResponse>),
+}
+
+impl Heartbeats {
+    /// Opens this worker's stream. The first request goes with the call:
+    /// etcd answers the call only once it has something to say.
+    async fn open(&mut self, reference: &pb::InstanceRef, lease: i64) -> Result<KeepAlive> {
+        Ok(match &mut self.conn {
+            Conn::Lodestar(client) => {
+                let (requests, rx) = mpsc::channel(1);
+                requests
+                    .send(reference.clone())
+                    .await
+                    .map_err(|_| "the keep-alive stream closed")?;
+                let responses = client
+                    .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                KeepAlive::Lodestar(Stream {
+                    requests,
+                    responses,
+                })
+            }
+            Conn::Etcd { lease: client, .. } => {
+                let (requests, rx) = mpsc::channel(1);
+                requests
+                    .send(etcd::LeaseKeepAliveRequest { id: lease })
+                    .await
+                    .map_err(|_| "the keep-alive stream closed")?;
+                let responses = client
+                    .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                KeepAlive::Etcd(Stream {
+                    requests,
+                    responses,
+                })
+            }
+        })
+    }
 }
 
 impl Worker for Heartbeats {
     async fn op(&mut self) -> Result<()> {
-        let (reference, lease) = &self.targets[self.next % self.targets.len()];
+        let (reference, lease) = self.targets[self.next % self.targets.len()].clone();
         self.next += 1;
-        match &mut self.conn {
-            Conn::Lodestar(client) => {
-                client.heartbeat(reference.clone()).await?;
+        let (stream, first) = match self.keep_alive.take() {
+            Some(stream) => (stream, false),
+            None => (self.open(&reference, lease).await?, true),
+        };
+        let stream = self.keep_alive.insert(stream);
+        match stream {
+            KeepAlive::Lodestar(stream) => {
+                let answer = stream.round_trip(reference.clone(), first).await?;
+                if answer.code != 0 {
+                    return Err(format!("{}: not renewed: {}", reference.id, answer.message).into());
+                }
             }
-            Conn::Etcd { lease: client, .. } => {
-                let request = etcd::LeaseKeepAliveRequest { id: *lease };
-                let stream = match &mut self.keep_alive {
-                    Some(stream) => {
-                        stream
-                            .requests
-                            .send(request)
-                            .await
-                            .map_err(|_| "the keep-alive stream closed")?;
-                        stream
-                    }
-                    None => {
-                        // The first request goes with the call: etcd answers
-                        // the call only once it has something to say.
-                        let (requests, rx) = mpsc::channel(1);
-                        requests
-                            .send(request)
-                            .await
-                            .map_err(|_| "the keep-alive stream closed")?;
-                        let responses = client
-                            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-                            .await?
-                            .into_inner();
-                        self.keep_alive.insert(KeepAlive {
-                            requests,
-                            responses,
-                        })
-                    }
-                };
+            KeepAlive::Etcd(stream) => {
                 let answer = stream
-                    .responses
-                    .message()
-                    .await?
-                    .ok_or("etcd ended the keep-alive stream")?;
-                if answer.id != *lease || answer.ttl <= 0 {
+                    .round_trip(etcd::LeaseKeepAliveRequest { id: lease }, first)
+                    .await?;
+                if answer.id != lease || answer.ttl <= 0 {
                     return Err(format!("lease {lease}: renewed {answer:?}").into());
                 }
             }
