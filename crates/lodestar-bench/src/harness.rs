@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt as _, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 /// Errors of the harness and its scenarios: a benchmark either runs or
 /// says why it could not.
@@ -87,6 +87,7 @@ fn pinning_available() -> bool {
 pub(crate) struct Proc {
     name: String,
     child: Child,
+    stdin: Option<ChildStdin>,
     stdout: Lines<BufReader<ChildStdout>>,
     pid: u32,
 }
@@ -115,10 +116,22 @@ impl Proc {
         };
         command
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        // SAFETY: prctl(2) is async-signal-safe; it only sets a flag of the
+        // child. The child dies with the thread that started it, so killing
+        // the orchestrator (a timeout in the smoke test, say) leaves no
+        // server behind to hold ports, directories or a pipe open.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start {name} ({:?}): {e}", program.as_ref()))?;
@@ -126,12 +139,14 @@ impl Proc {
             .stdout
             .take()
             .ok_or_else(|| format!("{name}: no stdout"))?;
+        let stdin = child.stdin.take();
         let pid = child
             .id()
             .ok_or_else(|| format!("{name}: exited at once"))?;
         Ok(Proc {
             name: name.to_owned(),
             child,
+            stdin,
             stdout: BufReader::new(stdout).lines(),
             pid,
         })
@@ -162,8 +177,8 @@ impl Proc {
     }
 
     /// Waits for a message with field `key` (skipping others) and returns
-    /// that field.
-    pub(crate) async fn expect(
+    /// it whole.
+    pub(crate) async fn expect_message(
         &mut self,
         key: &str,
         timeout: Duration,
@@ -172,10 +187,35 @@ impl Proc {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let message = self.message(left).await?;
-            if let Some(value) = message.get(key) {
-                return Ok(value.clone());
+            if message.get(key).is_some() {
+                return Ok(message);
             }
         }
+    }
+
+    /// Waits for a message with field `key` (skipping others) and returns
+    /// that field.
+    pub(crate) async fn expect(
+        &mut self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let mut message = self.expect_message(key, timeout).await?;
+        Ok(message
+            .get_mut(key)
+            .map(serde_json::Value::take)
+            .unwrap_or_default())
+    }
+
+    /// Tells a child waiting in [`say_and_wait`] to go on.
+    pub(crate) async fn go(&mut self) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| format!("{}: no stdin", self.name))?;
+        stdin.write_all(b"go\n").await?;
+        stdin.flush().await?;
+        Ok(())
     }
 
     /// CPU time (user + system) the process has used so far.
@@ -237,8 +277,31 @@ impl Proc {
     }
 }
 
-/// CPU time (user + system, all threads) that process `pid` has used.
+/// CPU time that process `pid`'s threads have used, to the nanosecond
+/// (`/proc/<pid>/task/*/schedstat`); from `/proc/<pid>/stat`, in clock
+/// ticks, where that is not available.
 pub(crate) fn cpu_time_of(pid: u32) -> Result<Duration> {
+    match threads_cpu_time(pid) {
+        Ok(total) => Ok(total),
+        Err(_) => ticks_cpu_time(pid),
+    }
+}
+
+fn threads_cpu_time(pid: u32) -> Result<Duration> {
+    let mut nanos: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
+        let on_cpu: u64 = stat
+            .split_whitespace()
+            .next()
+            .ok_or("empty schedstat")?
+            .parse()?;
+        nanos = nanos.saturating_add(on_cpu);
+    }
+    Ok(Duration::from_nanos(nanos))
+}
+
+fn ticks_cpu_time(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may hold spaces; the fields after it do not.
     let after = stat
@@ -292,6 +355,24 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
         .trim_end_matches("kB")
         .trim()
         .parse()?)
+}
+
+/// Prints one JSON line for the orchestrator, then waits (at most
+/// `patience`) until it answers with [`Proc::go`]: for a child whose work
+/// starts right after a marker, so that the orchestrator's readings come
+/// before the work, not during it.
+pub(crate) async fn say_and_wait(value: serde_json::Value, patience: Duration) -> Result<()> {
+    say(value);
+    let mut line = String::new();
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    tokio::time::timeout(patience, stdin.read_line(&mut line))
+        .await
+        .map_err(|_| format!("no go from the orchestrator within {patience:?}"))??;
+    if line.trim() == "go" {
+        Ok(())
+    } else {
+        Err(format!("expected `go` from the orchestrator, got {line:?}").into())
+    }
 }
 
 /// Prints one JSON line for the orchestrator.
@@ -672,12 +753,18 @@ impl Case {
     fn advantage(&self, peer: &Variant, metric: &Metric) -> Option<f64> {
         let ours = self.spread(self.variants.first()?, metric)?.median;
         let theirs = self.spread(peer, metric)?.median;
+        if ours == theirs {
+            // Both zero (no failed call on either side) included.
+            return Some(1.0);
+        }
         let ratio = if metric.higher_is_better {
             ours / theirs
         } else {
             theirs / ours
         };
-        ratio.is_finite().then_some(ratio)
+        // Infinite when lodestar's is zero and the peer's is not (failed
+        // calls, say): shown as ∞, kept in JSON as "inf".
+        (!ratio.is_nan()).then_some(ratio)
     }
 }
 
@@ -716,7 +803,7 @@ impl Report {
                                 .iter()
                                 .filter_map(|m| {
                                     case.advantage(variant, m)
-                                        .map(|r| (m.name.to_owned(), serde_json::json!(r)))
+                                        .map(|r| (m.name.to_owned(), ratio_json(r)))
                                 })
                                 .collect()
                         };
@@ -806,7 +893,7 @@ impl Report {
                     if i > 0 {
                         let ratio = case
                             .advantage(variant, &metric)
-                            .map_or_else(|| "–".to_owned(), |r| format!("{r:.2}×"));
+                            .map_or_else(|| "–".to_owned(), fmt_ratio);
                         let _ = write!(out, " {ratio} |");
                     }
                 }
@@ -814,6 +901,26 @@ impl Report {
             }
         }
         out
+    }
+}
+
+/// A ratio for the JSON report (JSON has no infinity).
+fn ratio_json(ratio: f64) -> serde_json::Value {
+    if ratio.is_finite() {
+        serde_json::json!(ratio)
+    } else {
+        serde_json::json!(if ratio > 0.0 { "inf" } else { "-inf" })
+    }
+}
+
+/// A ratio for a table.
+fn fmt_ratio(ratio: f64) -> String {
+    if ratio.is_infinite() {
+        "∞".to_owned()
+    } else if ratio == 0.0 {
+        "0×".to_owned()
+    } else {
+        format!("{ratio:.2}×")
     }
 }
 

@@ -417,11 +417,23 @@ async fn load(args: LoadArgs) -> Result<()> {
     watch_fan_out(&args).await
 }
 
-/// Says that a step's measured part starts, and returns the CPU time so far.
+/// Says that a step's measured part starts (its load already running),
+/// and returns the CPU time so far.
 fn warm(step: &str) -> Duration {
     let cpu = harness::self_cpu_time();
     harness::say(serde_json::json!({ "warm": step }));
     cpu
+}
+
+/// Says that a step's work is about to start, waits until the orchestrator
+/// has taken its readings, and returns the CPU time so far.
+async fn ready(step: &str) -> Result<Duration> {
+    harness::say_and_wait(
+        serde_json::json!({ "warm": step, "wait": true }),
+        Duration::from_secs(60),
+    )
+    .await?;
+    Ok(harness::self_cpu_time())
 }
 
 /// Says that a step's measured part ended, and returns the CPU time it
@@ -459,7 +471,7 @@ async fn register_all(args: &LoadArgs, conns: &[Conn]) -> Result<Vec<i64>> {
         conn.clone().lookup(&ServiceKey::new("warm-up")).await?;
     }
     let next = Arc::new(AtomicUsize::new(0));
-    let cpu_from = warm(STEPS[0]);
+    let cpu_from = ready(STEPS[0]).await?;
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     for conn in conns {
@@ -834,7 +846,7 @@ async fn watch_fan_out(args: &LoadArgs) -> Result<()> {
     )
     .await?;
 
-    let cpu_from = warm(STEPS[3]);
+    let cpu_from = ready(STEPS[3]).await?;
     let start = Instant::now();
     write_changes(&writers, args.warm_changes..total, &started, &deliveries);
     drop(deliveries);
@@ -968,7 +980,7 @@ impl Plan {
             format!("heartbeats, N={n}, {k} in flight"),
             format!("lookups of a 10-instance service, N={n}, {k} in flight"),
             format!(
-                "watch fan-out, N={n}, {} watchers × {} changes by {} writers (ops = deliveries)",
+                "watch fan-out, N={n}, {} watchers × {} registrations by {} writers (ops = deliveries; latency = registration start → seen by a watcher; etcd: lease grant + put)",
                 self.watchers, self.changes, self.writers
             ),
         ]
@@ -1081,10 +1093,13 @@ async fn one_run(
     let mut samples = Vec::with_capacity(STEPS.len());
     for step in STEPS {
         let patience = plan.patience(step, n);
-        load.expect("warm", patience).await?;
-        let (cpu_from, rss_from) = (server.proc.cpu_time()?, server.proc.rss()?);
+        let marker = load.expect_message("warm", patience).await?;
+        let (cpu_from, rss_from) = (server.proc.cpu_time()?, server.proc.anon_rss()?);
+        if marker.get("wait").is_some() {
+            load.go().await?;
+        }
         load.expect("measured", patience).await?;
-        let (cpu_to, rss_to) = (server.proc.cpu_time()?, server.proc.rss()?);
+        let (cpu_to, rss_to) = (server.proc.cpu_time()?, server.proc.anon_rss()?);
         let result = load.message(patience).await?;
         let ops = result["ops"]
             .as_f64()
