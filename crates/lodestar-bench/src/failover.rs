@@ -135,11 +135,11 @@ async fn load(
     let mut failed = 0u64;
     let mut last_failure: Option<Instant> = None;
     let mut latencies = Latencies::with_capacity((rate as usize) * 8);
-    let mut record = |scheduled: Instant, done: Instant, success: bool| {
+    let mut record = |scheduled: Instant, started: Instant, done: Instant, success: bool| {
         if scheduled < measure_from {
             return;
         }
-        latencies.record(done - scheduled);
+        latencies.record(done - started);
         if success {
             ok += 1;
         } else {
@@ -159,20 +159,21 @@ async fn load(
             let scheduled = next;
             next += interval;
             let call = caller.clone().call();
+            let started = Instant::now();
             inflight.spawn(async move {
                 let success = call.await;
-                (scheduled, Instant::now(), success)
+                (scheduled, started, Instant::now(), success)
             });
         }
         while let Some(done) = inflight.try_join_next() {
-            let (scheduled, at, success) = done?;
-            record(scheduled, at, success);
+            let (scheduled, started, at, success) = done?;
+            record(scheduled, started, at, success);
         }
     }
     let drain = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(done) = inflight.join_next().await {
-            let (scheduled, at, success) = done?;
-            record(scheduled, at, success);
+            let (scheduled, started, at, success) = done?;
+            record(scheduled, started, at, success);
         }
         Ok::<_, harness::Error>(())
     });
@@ -196,30 +197,30 @@ async fn load(
 /// Runs the scenario.
 pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
     eprintln!("failover: SIGKILL one of three instances under load");
-    let (_registry, registry_url) = crate::registry::start_server(None).await?;
     let rate = 1000;
     let case = harness::alternate(
         settings,
         "failover",
         format!("unary, idempotent, fixed {rate} calls/s, 1 of 3 instances SIGKILLed"),
         &["lodestar", "tonic balance_list"],
-        |variant| {
-            let registry_url = registry_url.clone();
-            async move {
-                let side = if variant == "lodestar" {
-                    Side::Lodestar
-                } else {
-                    Side::Tonic
-                };
-                one_run(settings, side, &registry_url, rate).await
-            }
+        |variant| async move {
+            let side = if variant == "lodestar" {
+                Side::Lodestar
+            } else {
+                Side::Tonic
+            };
+            one_run(settings, side, rate).await
         },
     )
     .await?;
     Ok(vec![case])
 }
 
-async fn one_run(settings: &Settings, side: Side, registry_url: &str, rate: u64) -> Result<Sample> {
+async fn one_run(settings: &Settings, side: Side, rate: u64) -> Result<Sample> {
+    // A registry of its own: the instance killed in one run must not be
+    // found (still leased) by the next.
+    let (_registry, registry_url) = crate::registry::start_server(settings.server_cpu()).await?;
+    let registry_url = registry_url.as_str();
     let mut servers = Vec::new();
     let mut addresses = Vec::new();
     let run = lodestar_tests::unique_name();

@@ -25,7 +25,7 @@ const IDLE_CPU: Metric = Metric::lower("idle cpu", "ms/s");
 /// Runs the scenario.
 pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
     eprintln!("footprint: an idle service");
-    let (_registry, registry_url) = crate::registry::start_server(None).await?;
+    let (_registry, registry_url) = crate::registry::start_server(settings.server_cpu()).await?;
     let case = harness::alternate(
         settings,
         "footprint",

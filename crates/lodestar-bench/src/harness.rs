@@ -979,3 +979,105 @@ fn machine() -> serde_json::Value {
 pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn case(metric: Metric, ours: &[f64], theirs: &[f64]) -> Case {
+        let variant = |name: &str, values: &[f64]| Variant {
+            name: name.to_owned(),
+            samples: values
+                .iter()
+                .map(|v| {
+                    let mut sample = Sample::default();
+                    sample.set(metric, *v);
+                    sample
+                })
+                .collect(),
+        };
+        Case {
+            scenario: "test",
+            name: "case".to_owned(),
+            variants: vec![variant("lodestar", ours), variant("peer", theirs)],
+        }
+    }
+
+    #[test]
+    fn spread_is_median_min_max() {
+        let odd = Spread::of(&[3.0, 1.0, 2.0]).expect("values");
+        assert_eq!((odd.median, odd.min, odd.max), (2.0, 1.0, 3.0));
+        let even = Spread::of(&[4.0, 1.0, 3.0, 2.0]).expect("values");
+        assert_eq!((even.median, even.min, even.max), (2.5, 1.0, 4.0));
+        assert!(Spread::of(&[]).is_none());
+    }
+
+    #[test]
+    fn percentiles_take_the_rank_at_or_above() {
+        let mut latencies = Latencies::default();
+        for micros in 1..=1000 {
+            latencies.record(Duration::from_micros(micros));
+        }
+        assert_eq!(latencies.percentiles_us(), [500.0, 990.0, 999.0]);
+        assert_eq!(latencies.max_us(), 1000.0);
+        assert_eq!(latencies.len(), 1000);
+    }
+
+    #[test]
+    fn a_sampled_recorder_stays_bounded_and_counts_everything() {
+        let mut latencies = Latencies::sampled(100);
+        for micros in 0..10_000 {
+            latencies.record(Duration::from_micros(micros));
+        }
+        assert_eq!(latencies.len(), 10_000);
+        assert_eq!(latencies.nanos.len(), 100);
+        // A uniform sample: its median is near the true one (5,000 µs).
+        let [p50, _, _] = latencies.percentiles_us();
+        assert!((3000.0..7000.0).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn advantage_is_above_one_when_lodestar_is_better() {
+        let more = case(THROUGHPUT, &[200.0, 220.0, 180.0], &[100.0, 100.0, 100.0]);
+        assert_eq!(more.advantage(&more.variants[1], &THROUGHPUT), Some(2.0));
+        let less = case(P99, &[50.0], &[100.0]);
+        assert_eq!(less.advantage(&less.variants[1], &P99), Some(2.0));
+        let worse = case(P99, &[200.0], &[100.0]);
+        assert_eq!(worse.advantage(&worse.variants[1], &P99), Some(0.5));
+        // No failure against some: infinitely better, shown as such.
+        let failed = Metric::lower("failed calls", "calls");
+        let none = case(failed, &[0.0], &[12.0]);
+        assert_eq!(
+            none.advantage(&none.variants[1], &failed),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(fmt_ratio(f64::INFINITY), "∞");
+        let both = case(failed, &[0.0], &[0.0]);
+        assert_eq!(both.advantage(&both.variants[1], &failed), Some(1.0));
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(fmt_num(1_234_567.4), "1,234,567");
+        assert_eq!(fmt_num(123.4), "123");
+        assert_eq!(fmt_num(12.34), "12.3");
+        assert_eq!(fmt_num(1.234), "1.23");
+    }
+
+    #[test]
+    fn the_table_names_each_peer_and_its_ratio() {
+        let mut report = Report::default();
+        report
+            .cases
+            .push(case(THROUGHPUT, &[200.0, 200.0], &[100.0, 100.0]));
+        let table = report.to_markdown();
+        assert!(table.contains("| case | metric | lodestar | peer | lodestar advantage |"));
+        assert!(
+            table.contains(
+                "| case | throughput (ops/s) | 200 [200–200] | peer: 100 [100–100] | 2.00× |"
+            ),
+            "{table}"
+        );
+    }
+}

@@ -25,6 +25,9 @@ pub(crate) mod raw {
     include!(concat!(env!("OUT_DIR"), "/raw/lodestar.bench.v1.rs"));
 }
 
+/// Latencies kept in all (a uniform sample of each worker's beyond that).
+const LATENCY_SAMPLES: usize = 64 * 1024;
+
 /// The name the lodestar server registers under.
 pub(crate) const SERVICE: &str = "bench";
 
@@ -419,13 +422,16 @@ async fn load(args: ClientArgs) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     match args.rate {
         None => {
+            let per_worker = (LATENCY_SAMPLES / args.concurrency.max(1)).max(1024);
             for _ in 0..args.concurrency.max(1) {
                 let mut op = make_worker(&clients, &args).await?;
                 let tally = tally.clone();
                 tasks.spawn(async move {
+                    // A bounded sample: the client's peak RSS must not
+                    // grow with its throughput.
                     let mut mine = Tally {
                         ops: 0,
-                        latencies: Latencies::with_capacity(64 * 1024),
+                        latencies: Latencies::sampled(per_worker),
                     };
                     loop {
                         let began = Instant::now();
@@ -630,7 +636,7 @@ const CASES: &[RpcCase] = &[
 pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
     eprintln!("rpc: lodestar (by name, through a registry server) vs raw tonic");
     // Discovery for the lodestar side; idle while measuring.
-    let (_registry, registry_url) = crate::registry::start_server(None).await?;
+    let (_registry, registry_url) = crate::registry::start_server(settings.server_cpu()).await?;
     let mut cases = Vec::new();
     for case in CASES {
         let result =

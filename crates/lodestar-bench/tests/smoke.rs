@@ -47,6 +47,19 @@ fn smoke_run_reports_every_scenario() {
             );
             let sample = samples[0].as_object().expect("a sample");
             assert!(!sample.is_empty(), "{name}: an empty sample");
+            let value = |metric: &str| sample.get(metric).and_then(|v| v.as_f64());
+            if let (Some(p50), Some(p99), Some(p999)) = (value("p50"), value("p99"), value("p99.9"))
+            {
+                assert!(
+                    0.0 < p50 && p50 <= p99 && p99 <= p999,
+                    "{name} / {}: percentiles out of order: {p50} {p99} {p999}",
+                    variant["name"]
+                );
+            }
+            if let Some(cpu) = value("server cpu/op") {
+                // Under load, a server whose CPU reads 0 was not measured.
+                assert!(cpu > 0.0, "{name} / {}: no server CPU", variant["name"]);
+            }
             if let Some(throughput) = sample.get("throughput") {
                 assert!(
                     throughput.as_f64().is_some_and(|t| t > 0.0),
