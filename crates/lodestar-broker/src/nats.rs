@@ -227,9 +227,17 @@ impl NatsBroker {
     /// records the answer under lookup `id`, and tells `tell`.
     fn look_up(&self, topic: &str, id: u64, tell: Option<watch::Sender<Option<bool>>>) {
         let jetstream = self.jetstream.clone();
-        let streams = self.streams.clone();
-        let topic = topic.to_owned();
+        // Settles the lookup even if the task is dropped unfinished (its
+        // runtime shutting down): the topic is then asked about again,
+        // instead of waiting on a refresh that will never come.
+        let mut lookup = Lookup {
+            streams: self.streams.clone(),
+            topic: topic.to_owned(),
+            id,
+            settled: false,
+        };
         tokio::spawn(async move {
+            let topic = lookup.topic.clone();
             let stored = match jetstream.stream_by_subject(topic.as_str()).await {
                 Ok(_) => Some(true),
                 Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
@@ -238,7 +246,7 @@ impl NatsBroker {
                 // Unknown: ask again next time.
                 Err(_) => None,
             };
-            streams.settle(&topic, id, stored);
+            lookup.settle(stored);
             if let Some(tell) = tell {
                 // Unknown: publish through JetStream, whose answer says.
                 tell.send_replace(Some(stored.unwrap_or(true)));
@@ -327,6 +335,11 @@ impl NatsBroker {
                 max_deliver: durable.max_deliver,
                 dead_letter,
                 jetstream: self.jetstream.clone(),
+                connects: self
+                    .client
+                    .statistics()
+                    .connects
+                    .load(std::sync::atomic::Ordering::Relaxed),
             }),
             durable,
             consumer,
@@ -426,6 +439,29 @@ impl StreamCache {
     }
 }
 
+/// One stream lookup in flight, settled exactly once.
+struct Lookup {
+    streams: Arc<StreamCache>,
+    topic: String,
+    id: u64,
+    settled: bool,
+}
+
+impl Lookup {
+    fn settle(&mut self, stored: Option<bool>) {
+        self.settled = true;
+        self.streams.settle(&self.topic, self.id, stored);
+    }
+}
+
+impl Drop for Lookup {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.streams.settle(&self.topic, self.id, None);
+        }
+    }
+}
+
 /// A core subscription's deliveries: the async-nats subscriber itself, each
 /// message turned into a [`Delivery`] as it is taken (no task, no second
 /// buffer). When dropped, it hands the subscriber to its [`CoreStop`],
@@ -475,10 +511,16 @@ impl Unsubscribe for CoreStop {
         let Ok(mut subscriber) = parked.await else {
             return Ok(());
         };
-        // Waits for room in the client's queue, unlike a drop. A closed
-        // client has no subscription left to end.
-        if subscriber.unsubscribe().await.is_err() {
-            return Ok(());
+        // Waits (bounded) for room in the client's queue, unlike a drop.
+        match tokio::time::timeout(ROUND_TRIP, subscriber.unsubscribe()).await {
+            Ok(Ok(())) => {}
+            // A closed client has no subscription left to end.
+            Ok(Err(_)) => return Ok(()),
+            Err(_) => {
+                return Err(BrokerError::Unavailable(format!(
+                    "unsubscribing took longer than {ROUND_TRIP:?} (the NATS client is backed up)"
+                )));
+            }
         }
         drop(subscriber);
         // Confirmed only once the server has the UNSUB, so that nothing more
@@ -565,6 +607,24 @@ impl DurablePump {
         // client is dropped next.
         let confirmed = NatsBroker::round_trip(&self.broker.client)
             .await
+            .and_then(|()| {
+                // A reconnection since the subscription began may have lost
+                // acks that were still in the client: the round trip on the
+                // new connection says nothing about those.
+                let connects = self
+                    .broker
+                    .client
+                    .statistics()
+                    .connects
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if connects == self.settle.connects {
+                    Ok(())
+                } else {
+                    Err(BrokerError::Unavailable(
+                        "the connection to NATS was re-established during the subscription".into(),
+                    ))
+                }
+            })
             .map_err(|e| {
                 BrokerError::Unavailable(format!(
                     "{:?}: durable `{}` on `{}`: cannot confirm that the server has the acks sent; \
@@ -689,6 +749,9 @@ struct Settle {
     max_deliver: u32,
     dead_letter: String,
     jetstream: jetstream::Context,
+    /// The client's connection count when the subscription began: acks
+    /// still in the client when a connection dropped were lost with it.
+    connects: u64,
 }
 
 struct JetStreamAck {

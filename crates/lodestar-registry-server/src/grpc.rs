@@ -210,7 +210,12 @@ impl pb::registry_server::Registry for Api {
         let server = self.server.clone();
         let mut closing = self.server.closing.clone();
         let closing = async move {
-            let _ = closing.wait_for(|closing| *closing).await;
+            if closing.wait_for(|closing| *closing).await.is_err() {
+                // The handle was dropped without a shutdown: the server
+                // keeps serving (as a dropped RunningService does), and so
+                // does the stream.
+                std::future::pending::<()>().await;
+            }
         };
         // The stream ends when shutdown begins: the client sends its next
         // heartbeats elsewhere (or as calls) instead of holding the drain up.

@@ -145,6 +145,64 @@ async fn jetstream_redelivers_what_a_crashed_subscriber_never_acked() {
     assert_eq!(all, (0..10).map(|i| i.to_string()).collect());
 }
 
+/// Acks are sent without waiting; ending a durable subscription confirms
+/// the server has them. Acks still in the client when its connection
+/// dropped cannot be confirmed by a round trip on the new connection, so
+/// `unsubscribe` says they may come back instead of claiming success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribing_a_durable_after_a_reconnection_does_not_claim_the_acks_landed() {
+    let mut server = Nats::start().await;
+    let broker = NatsBroker::connect(&server.url()).await.unwrap();
+    let durable = Durable::new("audit").ack_wait(Duration::from_secs(5));
+
+    // No reconnection: the acks are confirmed.
+    let mut quiet = durable_subscription(&broker, "js.audit", durable.clone()).await;
+    broker
+        .publish(Message::new("js.audit", "a").with_header(header::MESSAGE_ID, "a-1"))
+        .await
+        .unwrap();
+    bounded("a delivery", quiet.next())
+        .await
+        .unwrap()
+        .ack()
+        .await
+        .unwrap();
+    bounded("unsubscribe", quiet.unsubscribe()).await.unwrap();
+
+    // A reconnection in between: not confirmed.
+    let mut subscription = durable_subscription(&broker, "js.audit", durable).await;
+    broker
+        .publish(Message::new("js.audit", "b").with_header(header::MESSAGE_ID, "a-2"))
+        .await
+        .unwrap();
+    bounded("a delivery", subscription.next())
+        .await
+        .unwrap()
+        .ack()
+        .await
+        .unwrap();
+    server.kill();
+    server.restart().await;
+    // The client is back once a publish goes through again.
+    bounded("a publish after the restart", async {
+        while broker
+            .publish(Message::new("js.audit", "c").with_header(header::MESSAGE_ID, "a-3"))
+            .await
+            .is_err()
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let error = bounded("unsubscribe", subscription.unsubscribe())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("may be delivered again"),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_dead_letters_a_poison_message_after_the_retry_limit() {
     let server = Nats::start().await;

@@ -280,3 +280,51 @@ async fn keepalive_stream_answers_each_heartbeat_in_order_and_needs_the_token() 
         .expect("shutdown waited for the keep-alive stream")
         .unwrap();
 }
+
+/// A registry server whose handle is dropped (not shut down) keeps serving,
+/// as a dropped `RunningService` does, and its KeepAlive streams with it.
+#[tokio::test]
+async fn keepalive_streams_outlive_a_dropped_registry_handle() {
+    use lodestar_registry::pb;
+    let server = lodestar_registry_server::start(lodestar_registry_server::Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: None,
+        warmup: Duration::ZERO,
+        ..lodestar_registry_server::Config::default()
+    })
+    .await
+    .unwrap();
+    let address = server.local_addr().to_string();
+    drop(server);
+    let registry = lodestar_registry::RemoteRegistry::new(std::slice::from_ref(&address));
+    let instance = lodestar::Instance::new("kept", "127.0.0.1:1");
+    registry
+        .register(instance.clone(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let client = lodestar::Client::new(
+        lodestar::StaticRegistry::new().with(lodestar_registry::SERVICE_NAME, [address]),
+    );
+    let mut api =
+        pb::registry_client::RegistryClient::by_name(&client, lodestar_registry::SERVICE_NAME);
+    let (outbound, requests) = tokio::sync::mpsc::channel(1);
+    let mut answers = lodestar_tests::bounded(
+        "open KeepAlive",
+        api.keep_alive(tokio_stream::wrappers::ReceiverStream::new(requests)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    outbound
+        .send(pb::InstanceRef {
+            service: Some(lodestar_registry::key_to_pb(&instance.key)),
+            id: instance.id.clone(),
+        })
+        .await
+        .unwrap();
+    let answer = lodestar_tests::bounded("a KeepAlive answer", answers.message())
+        .await
+        .unwrap()
+        .expect("an answer, not the end of the stream");
+    assert_eq!(answer.code, 0);
+}
