@@ -867,11 +867,16 @@ impl Broker for NatsBroker {
             }
             use jetstream::context::PublishErrorKind as Kind;
             let topic = message.topic.clone();
-            let acked = match self
-                .jetstream
-                .publish_with_headers(message.topic, headers, message.body)
-                .await
-            {
+            // No headers: a plain PUB, which the server parses for less
+            // than an HPUB with an empty header block.
+            let sent = if headers.is_empty() {
+                self.jetstream.publish(message.topic, message.body).await
+            } else {
+                self.jetstream
+                    .publish_with_headers(message.topic, headers, message.body)
+                    .await
+            };
+            let acked = match sent {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
             };
@@ -898,16 +903,20 @@ impl Broker for NatsBroker {
                 }
             };
         }
-        self.client
-            .publish_with_headers(message.topic, headers, message.body)
-            .await
-            .map_err(|e| match e.kind() {
-                async_nats::client::PublishErrorKind::MaxPayloadExceeded => BrokerError::TooLarge {
-                    size,
-                    limit: self.client.max_payload(),
-                },
-                _ => BrokerError::Unavailable(format!("{self:?}: {e}")),
-            })
+        let sent = if headers.is_empty() {
+            self.client.publish(message.topic, message.body).await
+        } else {
+            self.client
+                .publish_with_headers(message.topic, headers, message.body)
+                .await
+        };
+        sent.map_err(|e| match e.kind() {
+            async_nats::client::PublishErrorKind::MaxPayloadExceeded => BrokerError::TooLarge {
+                size,
+                limit: self.client.max_payload(),
+            },
+            _ => BrokerError::Unavailable(format!("{self:?}: {e}")),
+        })
     }
 
     async fn subscribe(

@@ -399,23 +399,41 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 }
 
 #[async_trait::async_trait]
+// Hands out the inner broker's futures as they are: an `async fn` here
+// would box a second future around each (one allocation per publish).
 impl<B: Broker + ?Sized> Broker for Arc<B> {
-    async fn publish(&self, message: Message) -> Result<(), BrokerError> {
-        (**self).publish(message).await
+    fn publish<'a, 'f>(&'a self, message: Message) -> BoxFuture<'f, Result<(), BrokerError>>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
+        (**self).publish(message)
     }
 
-    async fn subscribe(
-        &self,
-        topic: &str,
+    fn subscribe<'a, 'b, 'f>(
+        &'a self,
+        topic: &'b str,
         options: SubscribeOptions,
-    ) -> Result<Subscription, BrokerError> {
-        (**self).subscribe(topic, options).await
+    ) -> BoxFuture<'f, Result<Subscription, BrokerError>>
+    where
+        'a: 'f,
+        'b: 'f,
+        Self: 'f,
+    {
+        (**self).subscribe(topic, options)
     }
 
-    async fn flush(&self) -> Result<(), BrokerError> {
-        (**self).flush().await
+    fn flush<'a, 'f>(&'a self) -> BoxFuture<'f, Result<(), BrokerError>>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
+        (**self).flush()
     }
 }
+
+/// What the [`Broker`] methods return (as `async_trait` writes them).
+type BoxFuture<'f, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'f>>;
 
 /// The longest topic, in bytes: short enough that every backend can name
 /// what it keeps per topic after it (JetStream streams, dead-letter topics).
