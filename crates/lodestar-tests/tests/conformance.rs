@@ -328,3 +328,156 @@ async fn keepalive_streams_outlive_a_dropped_registry_handle() {
         .expect("an answer, not the end of the stream");
     assert_eq!(answer.code, 0);
 }
+
+/// A registry server as `RemoteRegistry`'s heartbeats may meet it: one
+/// without `KeepAlive` (older), or one whose stream never answers (hung).
+/// It counts the `Heartbeat` calls it gets.
+mod keepalive_fallback {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use futures_util::Stream;
+    use lodestar::{Registry, Request, Response, Status};
+    use lodestar_registry::pb;
+
+    type Answers<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+    #[derive(Clone, Copy)]
+    enum KeepAlive {
+        Unimplemented,
+        Silent,
+    }
+
+    struct Fake {
+        keep_alive: KeepAlive,
+        heartbeats: Arc<AtomicUsize>,
+    }
+
+    #[lodestar::async_trait]
+    impl pb::registry_server::Registry for Fake {
+        async fn register(
+            &self,
+            _: Request<pb::RegisterRequest>,
+        ) -> Result<Response<pb::RegisterResponse>, Status> {
+            Ok(Response::new(pb::RegisterResponse { revision: 1 }))
+        }
+        async fn heartbeat(
+            &self,
+            _: Request<pb::InstanceRef>,
+        ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+            self.heartbeats.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(pb::HeartbeatResponse {}))
+        }
+        type KeepAliveStream = Answers<pb::KeepAliveResponse>;
+        async fn keep_alive(
+            &self,
+            _: Request<lodestar::codegen::tonic::Streaming<pb::InstanceRef>>,
+        ) -> Result<Response<Self::KeepAliveStream>, Status> {
+            match self.keep_alive {
+                KeepAlive::Unimplemented => Err(Status::unimplemented("no KeepAlive here")),
+                KeepAlive::Silent => Ok(Response::new(Box::pin(futures_util::stream::pending()))),
+            }
+        }
+        async fn deregister(
+            &self,
+            _: Request<pb::InstanceRef>,
+        ) -> Result<Response<pb::DeregisterResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn get_instances(
+            &self,
+            _: Request<pb::GetInstancesRequest>,
+        ) -> Result<Response<pb::GetInstancesResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn list_services(
+            &self,
+            _: Request<pb::ListServicesRequest>,
+        ) -> Result<Response<pb::ListServicesResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        type WatchStream = Answers<pb::WatchResponse>;
+        async fn watch(
+            &self,
+            _: Request<pb::WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn set_enabled(
+            &self,
+            _: Request<pb::SetEnabledRequest>,
+        ) -> Result<Response<pb::SetEnabledResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn set_protection(
+            &self,
+            _: Request<pb::SetProtectionRequest>,
+        ) -> Result<Response<pb::SetProtectionResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn status(
+            &self,
+            _: Request<pb::StatusRequest>,
+        ) -> Result<Response<pb::StatusResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+    }
+
+    async fn serve(keep_alive: KeepAlive) -> (lodestar::RunningService, Arc<AtomicUsize>, String) {
+        let heartbeats = Arc::new(AtomicUsize::new(0));
+        let fake = Fake {
+            keep_alive,
+            heartbeats: heartbeats.clone(),
+        };
+        let running = lodestar::Service::builder(lodestar_registry::SERVICE_NAME)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .add_service(pb::registry_server::RegistryServer::new(fake))
+            .start()
+            .await
+            .unwrap();
+        let address = running.local_addr().to_string();
+        (running, heartbeats, address)
+    }
+
+    #[tokio::test]
+    async fn heartbeats_go_as_calls_to_a_server_without_keepalive() {
+        let (_server, heartbeats, address) = serve(KeepAlive::Unimplemented).await;
+        let registry = lodestar_registry::RemoteRegistry::new(&[address]);
+        let instance = lodestar::Instance::new("older", "127.0.0.1:1");
+        registry
+            .register(instance.clone(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            lodestar_tests::bounded("a heartbeat", registry.heartbeat(&instance.instance_key()))
+                .await
+                .unwrap();
+        }
+        assert_eq!(heartbeats.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_never_answers_is_given_up_in_time_for_the_lease() {
+        let (_server, heartbeats, address) = serve(KeepAlive::Silent).await;
+        let registry = lodestar_registry::RemoteRegistry::new(&[address]);
+        let instance = lodestar::Instance::new("hung", "127.0.0.1:1");
+        registry
+            .register(instance.clone(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        lodestar_tests::bounded("a heartbeat", registry.heartbeat(&instance.instance_key()))
+            .await
+            .expect("renewed by a call once the stream stalled");
+        // Given up after about a second: well before the 3 s a heartbeat
+        // may take, and the lease of a default service (6 s).
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(heartbeats.load(Ordering::SeqCst), 1);
+    }
+}
