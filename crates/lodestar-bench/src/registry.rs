@@ -204,22 +204,7 @@ fn change_number(id: &str) -> Option<usize> {
 
 /// Where lodestar's etcd backend keeps the instances of `key`.
 fn etcd_service_prefix(key: &ServiceKey) -> String {
-    format!(
-        "{ETCD_PREFIX}/{}/{}/{}/",
-        key.namespace, key.group, key.service
-    )
-}
-
-/// The smallest key above every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
+    lodestar_etcd::service_prefix(ETCD_PREFIX, key)
 }
 
 /// One connection to the server, with the generated clients of its side.
@@ -303,7 +288,7 @@ impl Conn {
                 let prefix = etcd_service_prefix(key).into_bytes();
                 let reply = kv
                     .range(etcd::RangeRequest {
-                        range_end: prefix_end(&prefix),
+                        range_end: lodestar_etcd::prefix_end(&prefix),
                         key: prefix,
                         ..Default::default()
                     })
@@ -728,7 +713,7 @@ impl Watch {
                 let create = etcd::WatchRequest {
                     request_union: Some(etcd::watch_request::RequestUnion::CreateRequest(
                         etcd::WatchCreateRequest {
-                            range_end: prefix_end(&prefix),
+                            range_end: lodestar_etcd::prefix_end(&prefix),
                             key: prefix,
                             ..Default::default()
                         },

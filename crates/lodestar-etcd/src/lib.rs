@@ -167,8 +167,31 @@ impl std::fmt::Debug for EtcdRegistry {
     }
 }
 
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    // The smallest key greater than every key with this prefix.
+/// Where the instances of `service` are kept under the key prefix
+/// `prefix` (see [`EtcdConfig::prefix`]): `{prefix}/{namespace}/{group}/{service}/`.
+/// An instance's key is this followed by its id.
+///
+/// ```
+/// let key = lodestar::ServiceKey::new("orders");
+/// assert_eq!(
+///     lodestar_etcd::service_prefix(lodestar_etcd::DEFAULT_PREFIX, &key),
+///     "/lodestar/registry/default/default/orders/"
+/// );
+/// ```
+pub fn service_prefix(prefix: &str, service: &ServiceKey) -> String {
+    format!(
+        "{prefix}/{}/{}/{}/",
+        service.namespace, service.group, service.service
+    )
+}
+
+/// The `range_end` that makes an etcd range cover exactly the keys that
+/// start with `prefix`: the smallest key greater than all of them.
+///
+/// ```
+/// assert_eq!(lodestar_etcd::prefix_end(b"/a/"), b"/a0".to_vec());
+/// ```
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -207,10 +230,7 @@ impl EtcdRegistry {
     }
 
     fn service_prefix(&self, key: &ServiceKey) -> String {
-        format!(
-            "{}/{}/{}/{}/",
-            self.inner.config.prefix, key.namespace, key.group, key.service
-        )
+        service_prefix(&self.inner.config.prefix, key)
     }
 
     fn instance_key(&self, key: &InstanceKey) -> String {
