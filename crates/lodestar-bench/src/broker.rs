@@ -79,7 +79,7 @@ use futures_util::StreamExt;
 use lodestar_broker::{Broker, Durable, Message, SubscribeOptions, Subscription};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::harness::{self, Case, Latencies, Proc, Result, Sample, Settings};
+use crate::harness::{self, Case, Latencies, Proc, Result, Sample, Settings, Tally};
 
 /// The scenario's name in the report.
 const SCENARIO: &str = "broker";
@@ -386,15 +386,6 @@ impl Shared {
     }
 }
 
-/// What the subscriber measured.
-#[derive(Default)]
-struct Tally {
-    /// Deliveries settled inside the measured window.
-    delivered: u64,
-    /// Of messages sent inside the measured window (a uniform sample).
-    latencies: Latencies,
-}
-
 /// One publishing task: takes a permit (and, at a fixed rate, a token from
 /// the ticker), stamps the body with the time, publishes; until `to`.
 async fn publish_loop(
@@ -465,7 +456,7 @@ async fn receive_loop(
         {
             let mut tally = tally.lock().map_err(|_| "tally lock poisoned")?;
             if settled >= shared.from && settled < shared.to {
-                tally.delivered += 1;
+                tally.ops += 1;
             }
             if sent >= shared.stamp(shared.from) && sent < shared.stamp(shared.to) {
                 let latency = shared.stamp(arrived).saturating_sub(sent);
@@ -501,7 +492,7 @@ async fn load(args: LoadArgs) -> Result<()> {
         to,
     });
     let tally = Arc::new(std::sync::Mutex::new(Tally {
-        delivered: 0,
+        ops: 0,
         latencies: Latencies::sampled(LATENCY_SAMPLES),
     }));
     let subscriber = tokio::spawn(receive_loop(receiver, shared.clone(), tally.clone()));
@@ -554,24 +545,10 @@ async fn load(args: LoadArgs) -> Result<()> {
     let delivered = shared.delivered.load(Ordering::Relaxed);
 
     let mut tally = std::mem::take(&mut *tally.lock().map_err(|_| "tally lock poisoned")?);
-    if tally.delivered == 0 {
-        return Err("no message was delivered in the measured window".into());
-    }
-    let mut sample = Sample::default();
-    sample
-        .set(
-            harness::THROUGHPUT,
-            tally.delivered as f64 / duration.as_secs_f64(),
-        )
-        .latencies(&mut tally.latencies)
-        .set(
-            harness::CLIENT_CPU,
-            (cpu_to - cpu_from).as_secs_f64() * 1e6 / tally.delivered as f64,
-        )
-        .set(harness::CLIENT_RSS, harness::mib(harness::self_peak_rss()));
+    let sample = tally.sample(duration, cpu_to - cpu_from)?;
     harness::say(serde_json::json!({
         "result": sample.to_json(),
-        "ops": tally.delivered,
+        "ops": tally.ops,
         "published": published,
         "undelivered": published.saturating_sub(delivered),
     }));

@@ -468,6 +468,34 @@ impl Latencies {
     }
 }
 
+/// What a load generator counted in its measured window: operations, and
+/// their latencies.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Operations that count.
+    pub(crate) ops: u64,
+    /// Their latencies (or a sample of them).
+    pub(crate) latencies: Latencies,
+}
+
+impl Tally {
+    /// The load generator's numbers: throughput over `window`, latencies,
+    /// `cpu` (this process's, over the window) per operation, peak RSS.
+    pub(crate) fn sample(&mut self, window: Duration, cpu: Duration) -> Result<Sample> {
+        if self.ops == 0 {
+            return Err("no operation completed in the measured window".into());
+        }
+        let ops = self.ops as f64;
+        let mut sample = Sample::default();
+        sample
+            .set(THROUGHPUT, ops / window.as_secs_f64())
+            .latencies(&mut self.latencies)
+            .set(CLIENT_CPU, cpu.as_secs_f64() * 1e6 / ops)
+            .set(CLIENT_RSS, mib(self_peak_rss()));
+        Ok(sample)
+    }
+}
+
 /// One number a scenario reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Metric {

@@ -64,7 +64,7 @@ use tokio::time::Instant;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::harness::{self, Case, Latencies, Metric, Proc, Result, Sample, Settings};
+use crate::harness::{self, Case, Latencies, Metric, Proc, Result, Sample, Settings, Tally};
 
 /// The child processes of this scenario.
 #[derive(clap::Subcommand, Debug)]
@@ -437,14 +437,13 @@ fn report(
     latencies: &mut Latencies,
     cpu: Duration,
 ) -> Result<()> {
-    if ops == 0 {
-        return Err(format!("{step}: no operation completed while measuring").into());
-    }
-    let mut sample = Sample::default();
-    sample
-        .set(harness::THROUGHPUT, ops as f64 / elapsed.as_secs_f64())
-        .latencies(latencies)
-        .set(harness::CLIENT_CPU, cpu.as_secs_f64() * 1e6 / ops as f64);
+    let mut tally = Tally {
+        ops,
+        latencies: std::mem::take(latencies),
+    };
+    let sample = tally
+        .sample(elapsed, cpu)
+        .map_err(|e| format!("{step}: {e}"))?;
     harness::say(serde_json::json!({ "result": sample.to_json(), "ops": ops, "step": step }));
     Ok(())
 }
@@ -562,6 +561,28 @@ struct Stream<Q, A> {
 }
 
 impl<Q, A> Stream<Q, A> {
+    /// Opens the stream with `open` (the side's generated call), `first`
+    /// request already on its way: etcd answers the call only once it has
+    /// something to say.
+    async fn open<F, Fut>(first: Q, open: F) -> Result<Self>
+    where
+        F: FnOnce(tokio_stream::wrappers::ReceiverStream<Q>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Streaming<A>>, tonic::Status>>,
+    {
+        let (requests, rx) = mpsc::channel(1);
+        requests
+            .send(first)
+            .await
+            .map_err(|_| "the keep-alive stream closed")?;
+        let responses = open(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Stream {
+            requests,
+            responses,
+        })
+    }
+
     /// Sends `request` (unless it went when the stream was opened) and
     /// waits for its answer.
     async fn round_trip(&mut self, request: Q, sent: bool) -> Result<A> {
@@ -585,40 +606,18 @@ enum KeepAlive {
 }
 
 impl Heartbeats {
-    /// Opens this worker's stream. The first request goes with the call:
-    /// etcd answers the call only once it has something to say.
+    /// Opens this worker's stream, with the first heartbeat on it.
     async fn open(&mut self, reference: &pb::InstanceRef, lease: i64) -> Result<KeepAlive> {
         Ok(match &mut self.conn {
-            Conn::Lodestar(client) => {
-                let (requests, rx) = mpsc::channel(1);
-                requests
-                    .send(reference.clone())
-                    .await
-                    .map_err(|_| "the keep-alive stream closed")?;
-                let responses = client
-                    .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await?
-                    .into_inner();
-                KeepAlive::Lodestar(Stream {
-                    requests,
-                    responses,
+            Conn::Lodestar(client) => KeepAlive::Lodestar(
+                Stream::open(reference.clone(), |rx| client.keep_alive(rx)).await?,
+            ),
+            Conn::Etcd { lease: client, .. } => KeepAlive::Etcd(
+                Stream::open(etcd::LeaseKeepAliveRequest { id: lease }, |rx| {
+                    client.lease_keep_alive(rx)
                 })
-            }
-            Conn::Etcd { lease: client, .. } => {
-                let (requests, rx) = mpsc::channel(1);
-                requests
-                    .send(etcd::LeaseKeepAliveRequest { id: lease })
-                    .await
-                    .map_err(|_| "the keep-alive stream closed")?;
-                let responses = client
-                    .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await?
-                    .into_inner();
-                KeepAlive::Etcd(Stream {
-                    requests,
-                    responses,
-                })
-            }
+                .await?,
+            ),
         })
     }
 }
