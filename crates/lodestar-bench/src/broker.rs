@@ -747,24 +747,11 @@ async fn one_run(
     let cpu_to = server.as_ref().map(|s| s.proc().cpu_time()).transpose()?;
     let result = client.message(patience).await?;
     client.wait(Duration::from_secs(10)).await?;
-    let ops = result["ops"]
-        .as_f64()
-        .ok_or("broker load: no message count")?;
     if let Some(lost) = result["undelivered"].as_u64().filter(|n| *n > 0) {
         // At most once may lose messages; say so rather than hide it.
         eprintln!("    {lost} published message(s) were not delivered");
     }
-    let mut sample = Sample::from_json(
-        &result["result"],
-        &[
-            harness::THROUGHPUT,
-            harness::P50,
-            harness::P99,
-            harness::P999,
-            harness::CLIENT_CPU,
-            harness::CLIENT_RSS,
-        ],
-    )?;
+    let (mut sample, ops) = Sample::from_load(&result)?;
     // The registry behind the HTTP broker is not a broker: no server column.
     let broker_server = matches!(side.infra(), Infra::Nats);
     if let (true, Some(server), Some(from), Some(to)) = (broker_server, &server, cpu_from, cpu_to) {

@@ -580,6 +580,20 @@ impl Sample {
         )
     }
 
+    /// Reads back what a load generator reported with a [`Tally`]'s sample
+    /// (`{"result": …, "ops": n}`): the sample, and how many operations
+    /// it counted.
+    pub(crate) fn from_load(report: &serde_json::Value) -> Result<(Sample, f64)> {
+        let ops = report["ops"]
+            .as_f64()
+            .ok_or_else(|| format!("no operation count in {report}"))?;
+        let sample = Self::from_json(
+            &report["result"],
+            &[THROUGHPUT, P50, P99, P999, CLIENT_CPU, CLIENT_RSS],
+        )?;
+        Ok((sample, ops))
+    }
+
     /// Reads the numbers a child reported with [`Sample::to_json`] back,
     /// for the metrics in `metrics`.
     pub(crate) fn from_json(value: &serde_json::Value, metrics: &[Metric]) -> Result<Sample> {

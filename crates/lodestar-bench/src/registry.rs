@@ -554,7 +554,7 @@ struct Heartbeats {
     next: usize,
 }
 
-/// A keep-alive stream: requests out, one answer back for each.
+/// A bidi stream of requests out and answers back (keep-alives, watches).
 struct Stream<Q, A> {
     requests: mpsc::Sender<Q>,
     responses: Streaming<A>,
@@ -573,7 +573,7 @@ impl<Q, A> Stream<Q, A> {
         requests
             .send(first)
             .await
-            .map_err(|_| "the keep-alive stream closed")?;
+            .map_err(|_| "the request stream closed")?;
         let responses = open(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
@@ -590,13 +590,13 @@ impl<Q, A> Stream<Q, A> {
             self.requests
                 .send(request)
                 .await
-                .map_err(|_| "the keep-alive stream closed")?;
+                .map_err(|_| "the request stream closed")?;
         }
         Ok(self
             .responses
             .message()
             .await?
-            .ok_or("the server ended the keep-alive stream")?)
+            .ok_or("the server ended the stream")?)
     }
 }
 
@@ -676,11 +676,8 @@ impl Worker for Lookups {
 /// A watch of one service, established.
 enum Watch {
     Lodestar(Streaming<pb::WatchResponse>),
-    Etcd {
-        /// Kept open for as long as the watch lasts.
-        _requests: mpsc::Sender<etcd::WatchRequest>,
-        responses: Streaming<etcd::WatchResponse>,
-    },
+    /// Its request side is kept open for as long as the watch lasts.
+    Etcd(Stream<etcd::WatchRequest, etcd::WatchResponse>),
 }
 
 impl Watch {
@@ -718,26 +715,17 @@ impl Watch {
                         },
                     )),
                 };
-                let (requests, rx) = mpsc::channel(1);
-                requests
-                    .send(create)
-                    .await
-                    .map_err(|_| "the watch request stream closed")?;
-                let mut responses = etcd::watch_client::WatchClient::new(channel)
-                    .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await?
-                    .into_inner();
-                let first = responses
+                let mut client = etcd::watch_client::WatchClient::new(channel);
+                let mut stream = Stream::open(create, |rx| client.watch(rx)).await?;
+                let first = stream
+                    .responses
                     .message()
                     .await?
                     .ok_or("the watch ended at once")?;
                 if !first.created {
                     return Err(format!("a watch began with {first:?}, not `created`").into());
                 }
-                Ok(Watch::Etcd {
-                    _requests: requests,
-                    responses,
-                })
+                Ok(Watch::Etcd(stream))
             }
         }
     }
@@ -759,8 +747,8 @@ impl Watch {
                     }
                 }
             }
-            Watch::Etcd { responses, .. } => {
-                let response = responses.message().await?.ok_or("the watch ended")?;
+            Watch::Etcd(stream) => {
+                let response = stream.responses.message().await?.ok_or("the watch ended")?;
                 if response.canceled || response.compact_revision > 0 {
                     return Err(format!("etcd cancelled a watch: {response:?}").into());
                 }
@@ -1085,19 +1073,8 @@ async fn one_run(
         load.expect("measured", patience).await?;
         let (cpu_to, rss_to) = (server.proc.cpu_time()?, server.proc.anon_rss()?);
         let result = load.message(patience).await?;
-        let ops = result["ops"]
-            .as_f64()
-            .ok_or_else(|| format!("registry load: no op count for {step}"))?;
-        let mut sample = Sample::from_json(
-            &result["result"],
-            &[
-                harness::THROUGHPUT,
-                harness::P50,
-                harness::P99,
-                harness::P999,
-                harness::CLIENT_CPU,
-            ],
-        )?;
+        let (mut sample, ops) =
+            Sample::from_load(&result).map_err(|e| format!("registry load, {step}: {e}"))?;
         sample.set(
             harness::SERVER_CPU,
             (cpu_to - cpu_from).as_secs_f64() * 1e6 / ops,

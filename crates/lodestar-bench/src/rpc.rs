@@ -667,18 +667,7 @@ async fn one_run(
     let server_cpu_to = server.cpu_time()?;
     let result = client.message(patience).await?;
     client.wait(Duration::from_secs(10)).await?;
-    let ops = result["ops"].as_f64().ok_or("rpc client: no op count")?;
-    let mut sample = Sample::from_json(
-        &result["result"],
-        &[
-            harness::THROUGHPUT,
-            harness::P50,
-            harness::P99,
-            harness::P999,
-            harness::CLIENT_CPU,
-            harness::CLIENT_RSS,
-        ],
-    )?;
+    let (mut sample, ops) = Sample::from_load(&result)?;
     sample
         .set(
             harness::SERVER_CPU,
