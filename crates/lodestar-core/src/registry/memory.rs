@@ -762,13 +762,18 @@ impl State {
         }
     }
 
-    /// Queues a timer; true if the sweeper must be woken for it.
-    fn schedule(&mut self, timer: Timer) -> bool {
-        let wake = self.next_wake.is_none_or(|planned| timer.at < planned);
+    /// Queues a timer for instance `id` of `service` at `at`; true if the
+    /// sweeper must be woken for it.
+    fn schedule(&mut self, at: Instant, service: &Arc<ServiceKey>, id: &Arc<str>) -> bool {
+        let wake = self.next_wake.is_none_or(|planned| at < planned);
         if wake {
-            self.next_wake = Some(timer.at);
+            self.next_wake = Some(at);
         }
-        self.timers.push(timer);
+        self.timers.push(Timer {
+            at,
+            service: service.clone(),
+            id: id.clone(),
+        });
         wake
     }
 
@@ -820,13 +825,7 @@ impl State {
             self.ephemeral += 1;
             self.renewals.add(ttl);
         }
-        let wake = queued.is_some_and(|at| {
-            self.schedule(Timer {
-                at,
-                service: service.clone(),
-                id: id.clone(),
-            })
-        });
+        let wake = queued.is_some_and(|at| self.schedule(at, &service, &id));
         if let Some(instance) = record {
             self.record(service, Changed::Put(id, instance));
         }
@@ -1150,13 +1149,7 @@ impl Registry for MemoryRegistry {
         let Some((service, Some(id))) = service else {
             return Ok(());
         };
-        let wake = requeue.is_some_and(|at| {
-            state.schedule(Timer {
-                at,
-                service: service.clone(),
-                id: id.clone(),
-            })
-        });
+        let wake = requeue.is_some_and(|at| state.schedule(at, &service, &id));
         if let Some(instance) = healed {
             state.record(service, Changed::Put(id, instance));
         }
