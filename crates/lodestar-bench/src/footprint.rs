@@ -33,14 +33,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
         &["lodestar", "tonic"],
         |variant| {
             let registry_url = registry_url.clone();
-            async move {
-                let side = if variant == "lodestar" {
-                    Side::Lodestar
-                } else {
-                    Side::Tonic
-                };
-                one_run(settings, side, &registry_url).await
-            }
+            async move { one_run(settings, Side::parse(&variant)?, &registry_url).await }
         },
     )
     .await?;

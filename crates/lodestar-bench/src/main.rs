@@ -88,9 +88,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let child = matches!(args.command, Command::Run(_))
-        .then_some(())
-        .is_none();
+    let child = !matches!(args.command, Command::Run(_));
     match runtime.block_on(dispatch(args.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -41,11 +41,12 @@ pub(crate) enum Side {
 }
 
 impl Side {
-    fn parse(name: &str) -> Result<Side> {
+    /// The side a variant name (`lodestar`, `tonic`) stands for.
+    pub(crate) fn parse(name: &str) -> Result<Side> {
         match name {
             "lodestar" => Ok(Side::Lodestar),
             "tonic" => Ok(Side::Tonic),
-            other => Err(format!("unknown side `{other}`").into()),
+            other => Err(format!("unknown side `{other}`: expected `lodestar` or `tonic`").into()),
         }
     }
 }
