@@ -9,12 +9,15 @@ use futures_util::stream;
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
+use super::limits::{Limits, instance_size, quoted};
 use super::packed::Packed;
-use super::{Registry, RegistryError, Revision, WatchEvent, WatchStream, validate};
+use super::{Registry, RegistryError, Revision, WatchEvent, WatchStream};
 use crate::{Instance, InstanceKey, ServiceKey};
 
 /// How many recent changes the registry remembers for watchers that resume.
 const DEFAULT_HISTORY: usize = 4096;
+/// How many bytes of instances those changes may hold at most.
+const DEFAULT_HISTORY_BYTES: usize = 16 * 1024 * 1024;
 /// How many undelivered events a watcher may fall behind before it is sent a
 /// fresh snapshot instead.
 const WATCH_BUFFER: usize = 256;
@@ -96,6 +99,8 @@ pub struct Lookup {
 #[derive(Debug, Clone)]
 pub struct MemoryRegistryBuilder {
     history: usize,
+    history_bytes: usize,
+    limits: Limits,
     grace: Duration,
     preservation: Option<SelfPreservation>,
     first_revision: Revision,
@@ -105,6 +110,22 @@ impl MemoryRegistryBuilder {
     /// How many recent changes to remember for watchers that resume. Default: 4096.
     pub fn history(mut self, changes: usize) -> Self {
         self.history = changes.max(1);
+        self
+    }
+
+    /// How many bytes of instances the remembered changes may hold; the
+    /// oldest are forgotten first (a watcher resuming from before them gets
+    /// a snapshot). Default: 16 MiB, so that even changes to the largest
+    /// instances [`Limits`] allows cannot make the history grow past it.
+    pub fn history_bytes(mut self, bytes: usize) -> Self {
+        self.history_bytes = bytes;
+        self
+    }
+
+    /// What registrations are accepted: names, sizes, TTLs. Default:
+    /// [`Limits::default`].
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -140,6 +161,9 @@ impl MemoryRegistryBuilder {
                     services: HashMap::new(),
                     history: VecDeque::new(),
                     history_cap: self.history,
+                    history_bytes: 0,
+                    history_bytes_cap: self.history_bytes,
+                    reserved: HashSet::new(),
                     compacted: self.first_revision,
                     sweeper: None,
                     grace: self.grace,
@@ -156,6 +180,7 @@ impl MemoryRegistryBuilder {
                     next_wake: None,
                 }),
                 wake: Arc::new(Notify::new()),
+                limits: self.limits,
             }),
         }
     }
@@ -199,6 +224,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the expiry task when a lease may now end sooner, or on drop.
     wake: Arc<Notify>,
+    /// What registrations are accepted.
+    limits: Limits,
 }
 
 /// Everything a registry holds, behind one lock.
@@ -220,6 +247,13 @@ struct State {
     /// Recent changes, oldest first, for watchers that resume.
     history: VecDeque<Change>,
     history_cap: usize,
+    /// What the changes in `history` hold, in bytes, and the most they may.
+    history_bytes: usize,
+    history_bytes_cap: usize,
+    /// Keys being registered as persistent right now (see
+    /// [`MemoryRegistry::reserve_persistent`]): ephemeral registrations of
+    /// them are refused meanwhile.
+    reserved: HashSet<InstanceKey>,
     /// Watchers resuming from a revision below this get a snapshot.
     compacted: Revision,
     sweeper: Option<tokio::task::JoinHandle<()>>,
@@ -256,10 +290,14 @@ struct ServiceEntry {
     events: Option<broadcast::Sender<WatchEvent>>,
     /// Below this healthy fraction, lookups return every instance.
     protection: f64,
+    /// What the instances add up to, as [`instance_size`] counts them.
+    bytes: usize,
 }
 
 struct Lease {
     instance: Packed,
+    /// What the instance counts for in its service's `bytes`.
+    size: u32,
     /// `None` for persistent instances, which never expire.
     ttl: Option<Duration>,
     renewed: Instant,
@@ -433,6 +471,15 @@ enum Changed {
 }
 
 impl Change {
+    /// What keeping this change costs, in bytes.
+    fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + match &self.what {
+                Changed::Put(_, instance) => instance.footprint(),
+                Changed::Delete(_) => 0,
+            }
+    }
+
     fn event(&self) -> WatchEvent {
         let revision = self.revision;
         match &self.what {
@@ -453,6 +500,7 @@ fn new_service() -> ServiceEntry {
         instances: BTreeMap::new(),
         events: None,
         protection: 0.0,
+        bytes: 0,
     }
 }
 
@@ -463,6 +511,30 @@ fn lease_in<'a>(
     id: &str,
 ) -> Option<&'a mut Lease> {
     services.get_mut(service)?.instances.get_mut(id)
+}
+
+/// A key held for a persistent registration in progress; see
+/// [`MemoryRegistry::reserve_persistent`]. Dropping it releases the key.
+#[derive(Debug)]
+pub struct Reservation {
+    key: InstanceKey,
+    /// `None` once released.
+    registry: Option<Weak<Shared>>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(shared) = self.registry.take().and_then(|r| r.upgrade()) {
+            shared.lock().reserved.remove(&self.key);
+        }
+    }
+}
+
+/// An instance registered as `was` that someone tried to register as `now`.
+fn conflict(key: &InstanceKey, was: &str, now: &str) -> RegistryError {
+    RegistryError::Conflict(format!(
+        "instance {key} is registered as {was}; deregister it before registering it as {now}"
+    ))
 }
 
 impl Default for MemoryRegistry {
@@ -497,6 +569,8 @@ impl MemoryRegistry {
     pub fn builder() -> MemoryRegistryBuilder {
         MemoryRegistryBuilder {
             history: DEFAULT_HISTORY,
+            history_bytes: DEFAULT_HISTORY_BYTES,
+            limits: Limits::default(),
             grace: Duration::ZERO,
             preservation: None,
             first_revision: 0,
@@ -506,10 +580,52 @@ impl MemoryRegistry {
     /// Registers an instance without a lease: it stays until deregistered,
     /// and its health is whatever [`set_health`](Self::set_health) last said
     /// (initially `instance.healthy`).
+    ///
+    /// An instance is persistent or ephemeral for as long as it is
+    /// registered: registering a known ephemeral instance as persistent
+    /// (or one being registered as persistent as ephemeral) fails with
+    /// [`RegistryError::Conflict`]; deregister it first.
     pub fn register_persistent(&self, mut instance: Instance) -> Result<(), RegistryError> {
-        validate(&instance, Duration::from_secs(1))?;
+        self.shared.limits.check_instance(&instance)?;
         instance.ephemeral = false;
-        self.upsert(instance, None)
+        self.upsert(instance, None, None)
+    }
+
+    /// Reserves `key` for a persistent registration that is about to be
+    /// made durable elsewhere (the registry server's disk) before it is
+    /// applied with [`register_reserved`](Self::register_reserved). Until
+    /// then, or until the reservation is dropped, ephemeral registrations
+    /// of the key are refused, so that the check of its kind and the write
+    /// are one step. Fails with [`RegistryError::Conflict`] if the key is
+    /// registered as ephemeral or reserved already, and with
+    /// [`RegistryError::Invalid`] if the instance is not acceptable.
+    pub fn reserve_persistent(&self, instance: &Instance) -> Result<Reservation, RegistryError> {
+        self.shared.limits.check_instance(instance)?;
+        let key = instance.instance_key();
+        let mut state = self.shared.lock();
+        if state.is_persistent(&key) == Some(false) {
+            return Err(conflict(&key, "ephemeral", "persistent"));
+        }
+        if !state.reserved.insert(key.clone()) {
+            return Err(RegistryError::Conflict(format!(
+                "instance {key} is being registered by another request; try again"
+            )));
+        }
+        Ok(Reservation {
+            key,
+            registry: Some(Arc::downgrade(&self.shared)),
+        })
+    }
+
+    /// Registers the persistent instance a [`Reservation`] was taken for,
+    /// and releases the reservation, in one step.
+    pub fn register_reserved(
+        &self,
+        reservation: Reservation,
+        mut instance: Instance,
+    ) -> Result<(), RegistryError> {
+        instance.ephemeral = false;
+        self.upsert(instance, None, Some(reservation))
     }
 
     /// Sets the health of a registered instance (for persistent instances,
@@ -588,13 +704,7 @@ impl MemoryRegistry {
     /// Whether an instance is persistent (`Some(true)`) or ephemeral
     /// (`Some(false)`); `None` if unknown. Cheaper than [`get`](Self::get).
     pub fn is_persistent(&self, key: &InstanceKey) -> Option<bool> {
-        let state = self.shared.lock();
-        let lease = state
-            .services
-            .get(&key.service)?
-            .instances
-            .get(key.id.as_str())?;
-        Some(lease.ttl.is_none())
+        self.shared.lock().is_persistent(key)
     }
 
     /// Every persistent instance (for saving them).
@@ -652,23 +762,67 @@ impl MemoryRegistry {
         Ok(())
     }
 
-    /// Adds or replaces an instance; `ttl: None` means persistent.
-    fn upsert(&self, mut instance: Instance, ttl: Option<Duration>) -> Result<(), RegistryError> {
+    /// Adds or replaces an instance; `ttl: None` means persistent. The
+    /// instance was checked against the limits already; here it is checked
+    /// against what is registered (its kind, its service's size), all under
+    /// one lock with the write.
+    fn upsert(
+        &self,
+        mut instance: Instance,
+        ttl: Option<Duration>,
+        reservation: Option<Reservation>,
+    ) -> Result<(), RegistryError> {
+        let size = instance_size(&instance);
         let now = Instant::now();
-        let mut state = self.shared.lock();
-        self.ensure_sweeper(&mut state);
-        if !state.disabled.is_empty() && state.disabled.contains(&instance.instance_key()) {
+        let mut guard = self.shared.lock();
+        let state = &mut *guard;
+        self.ensure_sweeper(state);
+        let key = instance.instance_key();
+        let reserved_here = reservation.as_ref().is_some_and(|r| r.key == key);
+        if let Some(mut reservation) = reservation {
+            // Released here, under this lock, rather than by its drop.
+            reservation.registry = None;
+            state.reserved.remove(&reservation.key);
+        }
+        match (state.is_persistent(&key), ttl.is_some()) {
+            (Some(true), true) => return Err(conflict(&key, "persistent", "ephemeral")),
+            (Some(false), false) => return Err(conflict(&key, "ephemeral", "persistent")),
+            (None, true) if !reserved_here && state.reserved.contains(&key) => {
+                return Err(conflict(&key, "persistent (right now)", "ephemeral"));
+            }
+            _ => {}
+        }
+        let limit = self.shared.limits.max_service_bytes;
+        let service_bytes = state.services.get(&key.service).map_or(0, |s| {
+            let previous = s
+                .instances
+                .get(key.id.as_str())
+                .map_or(0, |l| l.size as usize);
+            s.bytes - previous
+        });
+        if service_bytes + size > limit {
+            return Err(RegistryError::Invalid(format!(
+                "instance {} of service {}: the service's instances would add up to {} bytes, past \
+                 its limit of {limit}; the instance list must fit in one message",
+                quoted(&key.id),
+                quoted(&key.service.to_string()),
+                service_bytes + size,
+            )));
+        }
+        if !state.disabled.is_empty() && state.disabled.contains(&key) {
             // An operator took it out of traffic; registering again does not undo that.
             instance.enabled = false;
         }
         let Some(packed) = Packed::new(&instance) else {
             return Err(RegistryError::Invalid(format!(
-                "instance `{}` of service `{}` is too large (4 GiB or more of text)",
-                instance.id, instance.key
+                "instance {} of service {} is too large (4 GiB or more of text)",
+                quoted(&instance.id),
+                quoted(&instance.key.to_string())
             )));
         };
-        let wake = state.put(instance.key, instance.id, packed, ttl, now);
-        drop(state);
+        let size = u32::try_from(size).unwrap_or(u32::MAX);
+        let wake = state.put(instance.key, instance.id, packed, size, ttl, now);
+        drop(guard);
         if wake {
             self.shared.wake.notify_one();
         }
@@ -736,6 +890,16 @@ impl Shared {
 }
 
 impl State {
+    /// Whether an instance is persistent; `None` if unknown.
+    fn is_persistent(&self, key: &InstanceKey) -> Option<bool> {
+        let lease = self
+            .services
+            .get(&key.service)?
+            .instances
+            .get(key.id.as_str())?;
+        Some(lease.ttl.is_none())
+    }
+
     /// Records a change under the next revision: tells the service's
     /// watchers, and remembers it for those that resume.
     fn record(&mut self, service: Arc<ServiceKey>, what: Changed) {
@@ -754,11 +918,14 @@ impl State {
             // Receivers may all go in the meantime; that is fine.
             let _ = tx.send(change.event());
         }
+        self.history_bytes += change.footprint();
         self.history.push_back(change);
-        while self.history.len() > self.history_cap {
-            if let Some(old) = self.history.pop_front() {
-                self.compacted = old.revision;
-            }
+        while self.history.len() > self.history_cap || self.history_bytes > self.history_bytes_cap {
+            let Some(old) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes = self.history_bytes.saturating_sub(old.footprint());
+            self.compacted = old.revision;
         }
     }
 
@@ -784,6 +951,7 @@ impl State {
         key: ServiceKey,
         id: String,
         instance: Packed,
+        size: u32,
         ttl: Option<Duration>,
         now: Instant,
     ) -> bool {
@@ -805,6 +973,7 @@ impl State {
         let record = changed.then(|| instance.clone());
         let lease = Lease {
             instance,
+            size,
             ttl,
             renewed: now,
             expired: false,
@@ -813,6 +982,10 @@ impl State {
         };
         let queued = lease.queued;
         let previous = entry.instances.insert(id.clone(), lease);
+        entry.bytes += size as usize;
+        if let Some(previous) = &previous {
+            entry.bytes = entry.bytes.saturating_sub(previous.size as usize);
+        }
         let first = entry.instances.len() == 1;
         match &previous {
             Some(previous) => self.forget(previous),
@@ -875,7 +1048,20 @@ impl State {
         let total = self.ephemeral;
         let renewing = self.renewals.count;
         let keeping_up = self.renewals.keeping_up();
-        let engage = total >= preservation.min_instances && keeping_up < preservation.threshold;
+        // By heartbeats expected, so that long leases cannot hide the
+        // silence of short ones; and by instances, so that a few leases
+        // with tiny TTLs (each weighing like thousands of ordinary ones)
+        // cannot freeze expiry on their own: a partition silences many.
+        let counted = if total > 0 {
+            renewing as f64 / total as f64
+        } else {
+            1.0
+        };
+        let silent = total.saturating_sub(renewing);
+        let engage = total >= preservation.min_instances
+            && silent >= preservation.min_instances
+            && keeping_up < preservation.threshold
+            && counted < (1.0 + preservation.threshold) / 2.0;
         let overdue = self
             .preserving_since
             .is_some_and(|since| now.saturating_duration_since(since) >= preservation.max_duration);
@@ -895,9 +1081,11 @@ impl State {
             tracing::warn!(
                 renewing,
                 instances = total,
-                "SELF-PRESERVATION ENGAGED: only {renewing} of {total} instances are renewing their \
-                 leases; nothing expires until they recover (a partition on the registry's side is \
-                 likelier than all of them dying at once)"
+                "SELF-PRESERVATION ENGAGED: {silent} of {total} instances stopped renewing their \
+                 leases ({renewing} renew, bringing {:.0}% of the heartbeats expected); nothing \
+                 that was alive until now expires until they recover (a partition on the \
+                 registry's side is likelier than all of them dying at once)",
+                keeping_up * 100.0
             );
         } else if self.preserving && release {
             self.preserving = false;
@@ -955,6 +1143,7 @@ impl State {
             return false;
         };
         let emptied = entry.instances.is_empty();
+        entry.bytes = entry.bytes.saturating_sub(lease.size as usize);
         self.forget(&lease);
         self.instances = self.instances.saturating_sub(1);
         if emptied {
@@ -1015,7 +1204,11 @@ impl State {
             return;
         };
         let mut marked = None;
-        if !preserving {
+        // Leases that had run out before self-preservation engaged belong to
+        // owners that were gone before whatever silenced the rest: they
+        // expire as usual.
+        let gone_before = self.preserving_since.is_some_and(|since| expires <= since);
+        if !preserving || gone_before {
             if after(expires, grace) <= now {
                 tracing::info!(service = %timer.service, instance = %timer.id, "lease expired; instance evicted");
                 self.remove(&timer.service, &timer.id);
@@ -1099,9 +1292,9 @@ impl State {
 #[async_trait::async_trait]
 impl Registry for MemoryRegistry {
     async fn register(&self, mut instance: Instance, ttl: Duration) -> Result<(), RegistryError> {
-        validate(&instance, ttl)?;
+        self.shared.limits.check(&instance, ttl)?;
         instance.ephemeral = true;
-        self.upsert(instance, Some(ttl))
+        self.upsert(instance, Some(ttl), None)
     }
 
     async fn heartbeat(&self, key: &InstanceKey) -> Result<(), RegistryError> {
@@ -1754,10 +1947,10 @@ mod tests {
         let packed = Packed::new(&inst("b")).unwrap();
         let key = ServiceKey::new("svc");
         let ttl = Some(Duration::from_secs(60));
-        assert!(!state.put(key.clone(), "later".into(), packed.clone(), ttl, now));
+        assert!(!state.put(key.clone(), "later".into(), packed.clone(), 0, ttl, now));
         assert_eq!(state.next_wake, Some(planned));
         let ttl = Some(Duration::from_secs(1));
-        assert!(state.put(key, "sooner".into(), packed, ttl, now));
+        assert!(state.put(key, "sooner".into(), packed, 0, ttl, now));
         assert!(state.next_wake < Some(planned));
     }
 
@@ -1883,5 +2076,157 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_few_tiny_leases_cannot_freeze_expiry_and_the_gone_are_still_evicted() {
+        // Limits that let a 1 ms lease in, to show that the rule itself holds.
+        let limits = Limits {
+            min_ttl: Duration::from_millis(1),
+            ..Limits::default()
+        };
+        let r = MemoryRegistry::builder()
+            .limits(limits)
+            .self_preservation(SelfPreservation::default())
+            .build();
+        let healthy = many(150);
+        for i in &healthy {
+            r.register(i.clone(), Duration::from_secs(6)).await.unwrap();
+        }
+        let tiny: Vec<Instance> = (0..2).map(|n| inst(&format!("tiny{n}"))).collect();
+        for i in &tiny {
+            r.register(i.clone(), Duration::from_millis(1))
+                .await
+                .unwrap();
+        }
+        // The tiny leases go silent (their weight dwarfs the rest); the
+        // others keep renewing.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            beat(&r, &healthy).await;
+            assert!(!r.stats().self_preservation, "{:?}", r.stats());
+        }
+        let ids: Vec<String> = r
+            .instances(&ServiceKey::new("svc"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids.len(), 150, "the silent ones were evicted");
+        assert!(!ids.iter().any(|id| id.starts_with("tiny")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_gone_before_self_preservation_engaged_are_still_evicted() {
+        let r = MemoryRegistry::builder()
+            .eviction_grace(Duration::from_secs(3))
+            .self_preservation(SelfPreservation::default())
+            .build();
+        let key = ServiceKey::new("svc");
+        let all = many(10);
+        for i in &all {
+            r.register(i.clone(), Duration::from_secs(3)).await.unwrap();
+        }
+        // One dies first; its lease runs out while the rest still renew.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all[1..]).await;
+        }
+        assert!(!r.stats().self_preservation);
+        // Then most go silent together (a partition): preservation engages.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            beat(&r, &all[1..3]).await;
+        }
+        assert!(r.stats().self_preservation, "{:?}", r.stats());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let left = r.instances(&key).await.unwrap();
+        assert_eq!(left.len(), 9, "the one gone before is evicted");
+        assert!(!left.iter().any(|i| i.id == all[0].id));
+    }
+
+    #[tokio::test]
+    async fn the_history_is_bounded_in_bytes_and_services_in_size() {
+        let r = MemoryRegistry::builder().history_bytes(1024 * 1024).build();
+        let limits = Limits::default();
+        let mut big = inst("big");
+        for n in 0..4 {
+            big.metadata.insert(format!("k{n}"), "v".repeat(4000));
+        }
+        for n in 0..2_000 {
+            big.version = format!("v{n}");
+            r.register(big.clone(), Duration::from_secs(30))
+                .await
+                .unwrap();
+        }
+        let state = r.shared.lock();
+        assert!(
+            state.history_bytes <= 1024 * 1024,
+            "{}",
+            state.history_bytes
+        );
+        assert!(state.history.len() < 2_000 && !state.history.is_empty());
+        drop(state);
+        // A resume from before the forgotten changes gets a snapshot.
+        let mut w = r.watch(&ServiceKey::new("svc"), Some(1)).await.unwrap();
+        assert!(matches!(next(&mut w).await, WatchEvent::Snapshot { .. }));
+
+        // A service's instances cannot add up to more than fits in a message.
+        let mut n = 0;
+        let error = loop {
+            big.id = format!("big{n}");
+            n += 1;
+            if let Err(e) = r.register(big.clone(), Duration::from_secs(30)).await {
+                break e;
+            }
+        };
+        assert!(matches!(error, RegistryError::Invalid(_)), "{error}");
+        assert!(error.to_string().contains("past its limit"), "{error}");
+        let bytes: usize = r
+            .instances(&ServiceKey::new("svc"))
+            .await
+            .unwrap()
+            .iter()
+            .map(instance_size)
+            .sum();
+        assert!(bytes <= limits.max_service_bytes);
+        // Deregistering makes room again.
+        for id in ["big0", "big1"] {
+            r.deregister(&inst(id).instance_key()).await.unwrap();
+        }
+        r.register(big, Duration::from_secs(30)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_instance_keeps_its_kind_and_a_reservation_holds_it() {
+        let r = MemoryRegistry::new();
+        let i = inst("a");
+        r.register(i.clone(), Duration::from_secs(5)).await.unwrap();
+        assert!(matches!(
+            r.register_persistent(i.clone()),
+            Err(RegistryError::Conflict(_))
+        ));
+        assert!(matches!(
+            r.reserve_persistent(&i),
+            Err(RegistryError::Conflict(_))
+        ));
+        let p = inst("p");
+        let held = r.reserve_persistent(&p).unwrap();
+        let error = r
+            .register(p.clone(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, RegistryError::Conflict(_)), "{error}");
+        assert!(matches!(
+            r.reserve_persistent(&p),
+            Err(RegistryError::Conflict(_))
+        ));
+        r.register_reserved(held, p.clone()).unwrap();
+        assert_eq!(r.is_persistent(&p.instance_key()), Some(true));
+        // A dropped reservation frees the key.
+        let q = inst("q");
+        drop(r.reserve_persistent(&q).unwrap());
+        r.register(q, Duration::from_secs(5)).await.unwrap();
     }
 }

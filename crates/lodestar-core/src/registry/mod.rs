@@ -28,10 +28,12 @@
 //! registry` server, etcd) implement the same trait.
 
 mod fixed;
+pub mod limits;
 pub mod memory;
 mod packed;
 
 pub use fixed::StaticRegistry;
+pub use limits::Limits;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -99,6 +101,11 @@ pub enum RegistryError {
     /// The registry could not be reached or failed; the message names it.
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// The write conflicts with what is registered (for example, an
+    /// ephemeral instance registered again as persistent); the message
+    /// says what to do.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The registry refused a write: no token, or the wrong one.
     #[error("not authorized: {0}")]
     Unauthorized(String),
@@ -185,8 +192,8 @@ pub fn below_protection_threshold(healthy: usize, enabled: usize, threshold: f64
     threshold > 0.0 && enabled > 0 && (healthy as f64) < threshold * enabled as f64
 }
 
-/// Checks a registration as every backend must: no empty id, service,
-/// address, namespace or group, and a TTL above zero.
+/// Checks a registration as every backend must, with the default
+/// [`Limits`]: names, id, address, sizes and the lease TTL.
 ///
 /// ```
 /// use std::time::Duration;
@@ -195,30 +202,5 @@ pub fn below_protection_threshold(healthy: usize, enabled: usize, threshold: f64
 /// assert!(validate(&Instance::new("svc", ""), Duration::from_secs(5)).is_err());
 /// ```
 pub fn validate(instance: &Instance, ttl: Duration) -> Result<(), RegistryError> {
-    let missing = if instance.id.is_empty() {
-        Some("id")
-    } else if instance.key.service.is_empty() {
-        Some("service")
-    } else if instance.address.is_empty() {
-        Some("address")
-    } else if instance.key.namespace.is_empty() {
-        Some("namespace")
-    } else if instance.key.group.is_empty() {
-        Some("group")
-    } else {
-        None
-    };
-    if let Some(field) = missing {
-        return Err(RegistryError::Invalid(format!(
-            "instance `{}` of service `{}` has an empty {field}",
-            instance.id, instance.key
-        )));
-    }
-    if ttl.is_zero() {
-        return Err(RegistryError::Invalid(format!(
-            "instance `{}` of service `{}`: the lease TTL must be greater than zero",
-            instance.id, instance.key
-        )));
-    }
-    Ok(())
+    Limits::default().check(instance, ttl)
 }

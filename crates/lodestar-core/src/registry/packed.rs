@@ -84,6 +84,11 @@ impl Packed {
         self.slice(start, self.fixed[n])
     }
 
+    /// The bytes it holds on the heap, and itself: what keeping a copy costs.
+    pub(super) fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>() + self.text.len() + self.labels.len() * 4
+    }
+
     /// The address (`host:port`).
     pub(super) fn address(&self) -> &str {
         self.field(1)
