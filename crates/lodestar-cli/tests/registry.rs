@@ -763,7 +763,7 @@ async fn persistent_instances_are_health_checked_and_the_protection_threshold_ap
     let dead = std::net::SocketAddr::from(([127, 0, 0, 1], lodestar_tests::free_port()));
     for (id, address) in [("db-live", live.local_addr().unwrap()), ("db-dead", dead)] {
         let body = format!(
-            r#"{{"service": "db", "id": "{id}", "address": "{address}", "persistent": true, "check": {{"kind": "tcp", "interval_ms": 100}}}}"#
+            r#"{{"service": "db", "id": "{id}", "address": "{address}", "persistent": true, "check": {{"kind": "tcp", "interval_ms": 1000}}}}"#
         );
         assert_eq!(
             http(registry.http, "POST", "/v1/instances", Some(&body), None).0,

@@ -1,10 +1,21 @@
 //! Health checks of persistent instances.
+//!
+//! A check is data a client sent, and the registry acts on it every
+//! interval, across restarts: it must not be a way to make the registry
+//! send arbitrary requests or scan a network. So a check's target is
+//! checked when it is registered (an HTTP check's target is a path, a gRPC
+//! check's a service name), requests are built by an HTTP client that
+//! refuses what is not a valid request, intervals have a minimum, and the
+//! operator can restrict the networks checks may reach
+//! ([`Config::check_networks`](crate::Config::check_networks)): every
+//! address a name resolves to must be in one of them, and the check
+//! connects to the address it checked.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lodestar::InstanceKey;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::Server;
@@ -12,6 +23,132 @@ use crate::store::Check;
 
 /// How long one check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The shortest interval a check may ask for: 1 s.
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest interval a check may ask for: 1 hour.
+const MAX_INTERVAL: Duration = Duration::from_secs(60 * 60);
+/// The longest HTTP check path, in bytes.
+const MAX_PATH: usize = 1024;
+/// The longest gRPC health service name, in bytes.
+const MAX_SERVICE: usize = 256;
+
+/// A network checks may reach: an address and a prefix length, as in
+/// `10.0.0.0/8` or `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    address: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    /// `ADDRESS/PREFIX`, or a lone address (a network of one).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (address, prefix) = s.split_once('/').unwrap_or((s, ""));
+        let address: IpAddr = address.parse().map_err(|_| {
+            format!("`{s}` is not a network (expected e.g. 10.0.0.0/8 or fd00::/8)")
+        })?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?
+        };
+        Ok(Self { address, prefix })
+    }
+}
+
+impl Network {
+    /// Whether `ip` is in this network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.address, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Check {
+    /// Checks a check as registered: a known kind, a target that fits it,
+    /// an interval within bounds.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        match self.kind.as_str() {
+            "none" | "tcp" if !self.target.is_empty() => {
+                return Err(format!("a `{}` check takes no target", self.kind));
+            }
+            "none" | "tcp" => {}
+            "http" => check_path(&self.target)?,
+            "grpc" => {
+                let ok = self.target.len() <= MAX_SERVICE
+                    && self
+                        .target
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                if !ok {
+                    return Err(format!(
+                        "a `grpc` check's target is a health service name (up to {MAX_SERVICE} \
+                         bytes of letters, digits, `.`, `_` and `-`), not {}",
+                        lodestar::registry::limits::quoted(&self.target)
+                    ));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown check kind {} (expected none, tcp, http or grpc)",
+                    lodestar::registry::limits::quoted(other)
+                ));
+            }
+        }
+        let interval = Duration::from_millis(u64::from(self.interval_ms));
+        if self.interval_ms != 0 && !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval) {
+            return Err(format!(
+                "the check interval is {} ms; expected 0 (the server's default) or {} to {} ms",
+                self.interval_ms,
+                MIN_INTERVAL.as_millis(),
+                MAX_INTERVAL.as_millis()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP check's target: an absolute path (and query) of printable ASCII.
+fn check_path(path: &str) -> Result<(), String> {
+    let valid = path.is_empty()
+        || (path.starts_with('/')
+            && path.len() <= MAX_PATH
+            && path.bytes().all(|b| b.is_ascii_graphic() && b != b'#')
+            && path.parse::<http::uri::PathAndQuery>().is_ok());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "an `http` check's target is a path such as `/healthz` (up to {MAX_PATH} bytes of \
+             printable ASCII), not {}",
+            lodestar::registry::limits::quoted(path)
+        ))
+    }
+}
 
 /// Checks every persistent instance that has a check, each at its interval.
 pub(crate) async fn run(server: Arc<Server>) {
@@ -42,7 +179,8 @@ pub(crate) async fn run(server: Arc<Server>) {
             let interval = match check.interval_ms {
                 0 => server.check_interval,
                 ms => Duration::from_millis(u64::from(ms)),
-            };
+            }
+            .max(MIN_INTERVAL);
             due.insert(key.clone(), now + interval);
             let address = server
                 .registry
@@ -59,12 +197,16 @@ pub(crate) async fn run(server: Arc<Server>) {
             let server = server.clone();
             let running = running.clone();
             tokio::spawn(async move {
-                let healthy = tokio::time::timeout(CHECK_TIMEOUT, probe(&address, &check))
-                    .await
-                    .unwrap_or(false);
-                if server.registry.set_health(&key, healthy).is_ok() {
-                    tracing::debug!(instance = %key, healthy, "health check");
+                let healthy = tokio::time::timeout(
+                    CHECK_TIMEOUT,
+                    probe(&address, &check, &server.check_networks),
+                )
+                .await
+                .unwrap_or_else(|_| Err("no answer in time".to_owned()));
+                if let Err(why) = &healthy {
+                    tracing::debug!(instance = %key, why, "health check failed");
                 }
+                let _ = server.registry.set_health(&key, healthy.is_ok());
                 running
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -74,38 +216,76 @@ pub(crate) async fn run(server: Arc<Server>) {
     }
 }
 
-async fn probe(address: &str, check: &Check) -> bool {
+/// Resolves `address` and picks the first address to check, refusing any
+/// outside `networks` (when the operator set some).
+async fn resolve(address: &str, networks: &[Network]) -> Result<SocketAddr, String> {
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("cannot resolve {address}: {e}"))?
+        .collect();
+    if !networks.is_empty()
+        && let Some(outside) = resolved
+            .iter()
+            .find(|a| !networks.iter().any(|n| n.contains(a.ip())))
+    {
+        return Err(format!(
+            "{address} resolves to {}, outside the networks checks may reach",
+            outside.ip()
+        ));
+    }
+    resolved
+        .first()
+        .copied()
+        .ok_or_else(|| format!("{address} resolves to nothing"))
+}
+
+async fn probe(address: &str, check: &Check, networks: &[Network]) -> Result<(), String> {
+    let target = resolve(address, networks).await?;
     match check.kind.as_str() {
-        "tcp" => TcpStream::connect(address).await.is_ok(),
-        "http" => http_ok(address, &check.target).await,
-        "grpc" => grpc_serving(address, &check.target).await,
-        _ => true,
+        "tcp" => TcpStream::connect(target)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        "http" => http_ok(target, address, &check.target).await,
+        "grpc" => grpc_serving(target, &check.target).await,
+        _ => Ok(()),
     }
 }
 
-/// `GET http://address{path}` answers 2xx.
-async fn http_ok(address: &str, path: &str) -> bool {
+/// `GET http://address{path}` answers 2xx, asked by an HTTP/1.1 client.
+async fn http_ok(target: SocketAddr, host: &str, path: &str) -> Result<(), String> {
     let path = if path.is_empty() { "/" } else { path };
-    let Ok(mut stream) = TcpStream::connect(address).await else {
-        return false;
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
+    let request = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .header(http::header::USER_AGENT, "lodestar-registry-health-check")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("cannot make the request: {e}"))?;
+    let stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    let connection = tokio::spawn(connection);
+    let answer = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string());
+    connection.abort();
+    let status = answer?.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}"))
     }
-    let mut head = [0u8; 12];
-    if stream.read_exact(&mut head).await.is_err() {
-        return false;
-    }
-    // "HTTP/1.1 200"
-    head.starts_with(b"HTTP/1.") && head[9] == b'2'
 }
 
 /// `grpc.health.v1.Health/Check` says SERVING.
-async fn grpc_serving(address: &str, service: &str) -> bool {
+async fn grpc_serving(target: SocketAddr, service: &str) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    let registry = lodestar::StaticRegistry::new().with("checked", [address]);
+    let registry = lodestar::StaticRegistry::new().with("checked", [target.to_string()]);
     let client = lodestar::Client::builder(registry)
         .connect_timeout(CHECK_TIMEOUT)
         .timeout(CHECK_TIMEOUT)
@@ -114,8 +294,69 @@ async fn grpc_serving(address: &str, service: &str) -> bool {
     let request = tonic_health::pb::HealthCheckRequest {
         service: service.to_owned(),
     };
-    health
-        .check(request)
-        .await
-        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+    match health.check(request).await {
+        Ok(r) if r.get_ref().status() == ServingStatus::Serving => Ok(()),
+        Ok(r) => Err(format!("{:?}", r.get_ref().status())),
+        Err(status) => Err(status.message().to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(kind: &str, target: &str, interval_ms: u32) -> Check {
+        Check {
+            kind: kind.into(),
+            target: target.into(),
+            interval_ms,
+        }
+    }
+
+    #[test]
+    fn checks_are_validated_when_registered() {
+        for good in [
+            check("none", "", 0),
+            check("tcp", "", 1000),
+            check("http", "/healthz?full=1", 0),
+            check("http", "", 0),
+            check("grpc", "orders.v1.Orders", 5000),
+        ] {
+            assert_eq!(good.validate(), Ok(()), "{good:?}");
+        }
+        for (bad, says) in [
+            (
+                check("http", "/ HTTP/1.1\r\nHost: x\r\n\r\nDELETE /", 0),
+                "path",
+            ),
+            (check("http", "http://evil/", 0), "path"),
+            (check("http", "/a b", 0), "path"),
+            (check("grpc", "x\r\ny", 0), "service name"),
+            (check("tcp", "/x", 0), "no target"),
+            (check("smtp", "", 0), "unknown check kind"),
+            (check("tcp", "", 10), "interval"),
+        ] {
+            let error = bad.validate().unwrap_err();
+            assert!(error.contains(says), "{bad:?}: {error}");
+            assert!(!error.contains('\r') && !error.contains('\n'), "{error}");
+        }
+    }
+
+    #[test]
+    fn networks_parse_and_contain() {
+        let net: Network = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.1.2.3".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let one: Network = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let v6: Network = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        let all: Network = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope/8", "10.0.0.0/x"] {
+            assert!(bad.parse::<Network>().is_err(), "{bad}");
+        }
+    }
 }

@@ -3,7 +3,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use lodestar::{Registry, RegistryError, Request, Response, Status, WatchEvent};
@@ -11,6 +10,7 @@ use lodestar_registry::{from_pb, key_from_pb};
 
 use crate::Server;
 use crate::pb;
+use crate::registration::Registration;
 use crate::store::Check;
 
 /// The API over the shared server state.
@@ -66,6 +66,7 @@ fn status(error: RegistryError) -> Status {
             format!("instance {key} is not registered (its lease may have expired)"),
         ),
         RegistryError::Invalid(message) => Status::invalid_argument(message),
+        RegistryError::Conflict(message) => Status::failed_precondition(message),
         RegistryError::Unauthorized(message) => Status::unauthenticated(message),
         other => Status::unavailable(other.to_string()),
     }
@@ -122,10 +123,10 @@ fn into_pb(instance: lodestar::Instance) -> pb::Instance {
         address,
         protocol,
         metadata: metadata.into_iter().collect(),
-        weight,
+        weight: Some(weight),
         zone,
         healthy,
-        enabled,
+        enabled: Some(enabled),
         ephemeral,
     }
 }
@@ -167,26 +168,20 @@ impl pb::registry_server::Registry for Api {
         let instance = request
             .instance
             .ok_or_else(|| Status::invalid_argument("the request has no instance"))?;
-        let instance = from_pb(instance);
-        let registry = &self.server.registry;
-        self.server
-            .check_kind(&instance.instance_key(), request.persistent)
-            .map_err(Status::failed_precondition)?;
-        if request.persistent {
-            self.server
-                .register_persistent(instance, Check::from_pb(request.check))
-                .map_err(status)?;
-        } else {
-            if request.ttl_ms == 0 {
-                return Err(Status::invalid_argument(
-                    "an ephemeral instance needs ttl_ms > 0 (or set persistent)",
-                ));
-            }
-            let ttl = Duration::from_millis(u64::from(request.ttl_ms));
-            registry.register(instance, ttl).await.map_err(status)?;
-        }
+        let check = match request.check {
+            None => None,
+            some => Some(Check::from_pb(some).map_err(Status::invalid_argument)?),
+        };
+        let registration = Registration::new(
+            from_pb(instance),
+            Some(u64::from(request.ttl_ms)),
+            request.persistent,
+            check,
+        )
+        .map_err(status)?;
+        self.server.register(registration).await.map_err(status)?;
         Ok(Response::new(pb::RegisterResponse {
-            revision: registry.revision(),
+            revision: self.server.registry.revision(),
         }))
     }
 
@@ -334,10 +329,9 @@ impl pb::registry_server::Registry for Api {
         let request = request.into_inner();
         let key = key_of(request.instance.unwrap_or_default())?;
         self.server
-            .registry
             .set_enabled(&key, request.enabled)
+            .await
             .map_err(status)?;
-        self.server.save();
         Ok(Response::new(pb::SetEnabledResponse {}))
     }
 
@@ -348,15 +342,10 @@ impl pb::registry_server::Registry for Api {
         self.authorize(&request)?;
         let request = request.into_inner();
         let service = service_of(request.service)?;
-        if !(0.0..=1.0).contains(&request.threshold) {
-            return Err(Status::invalid_argument(format!(
-                "the protection threshold must be between 0 and 1, not {}",
-                request.threshold
-            )));
-        }
         self.server
-            .registry
-            .set_protection_threshold(&service, request.threshold);
+            .set_protection(&service, request.threshold)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::SetProtectionResponse {}))
     }
 

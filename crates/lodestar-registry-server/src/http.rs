@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
@@ -74,6 +73,7 @@ fn registry_error(e: RegistryError) -> Response {
             error(StatusCode::NOT_FOUND, e.to_string())
         }
         RegistryError::Invalid(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        RegistryError::Conflict(_) => error(StatusCode::CONFLICT, e.to_string()),
         RegistryError::Unauthorized(_) => error(StatusCode::UNAUTHORIZED, e.to_string()),
         _ => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -228,45 +228,16 @@ async fn register(
     instance.weight = r.weight.unwrap_or(100);
     instance.zone = r.zone.unwrap_or_default();
     instance.enabled = r.enabled.unwrap_or(true);
-    let key = instance.instance_key();
-    if let Err(message) = server.check_kind(&key, r.persistent) {
-        return error(StatusCode::CONFLICT, message);
-    }
-    let result = if r.persistent {
-        let mut check = r.check.unwrap_or_default();
-        if check.kind.is_empty() {
-            check.kind = "none".to_owned();
-        }
-        if !["none", "tcp", "http", "grpc"].contains(&check.kind.as_str()) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "unknown check kind `{}` (expected none, tcp, http or grpc)",
-                    check.kind
-                ),
-            );
-        }
-        server.register_persistent(instance, check)
-    } else {
-        match r.ttl_ms {
-            Some(ttl) if ttl > 0 => {
-                server
-                    .registry
-                    .register(instance, Duration::from_millis(ttl))
-                    .await
-            }
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "an ephemeral instance needs \"ttl_ms\" > 0 (or \"persistent\": true)",
-                );
-            }
-        }
-    };
-    match result {
+    let id = instance.id.clone();
+    let registered =
+        match crate::registration::Registration::new(instance, r.ttl_ms, r.persistent, r.check) {
+            Ok(registration) => server.register(registration).await,
+            Err(invalid) => Err(invalid),
+        };
+    match registered {
         Ok(()) => (
             StatusCode::CREATED,
-            Json(json!({ "id": key.id, "revision": server.registry.revision() })),
+            Json(json!({ "id": id, "revision": server.registry.revision() })),
         )
             .into_response(),
         Err(e) => registry_error(e),
@@ -335,11 +306,8 @@ async fn enabled(
         service: scope.key(service),
         id,
     };
-    match server.registry.set_enabled(&key, enabled) {
-        Ok(()) => {
-            server.save();
-            StatusCode::NO_CONTENT.into_response()
-        }
+    match server.set_enabled(&key, enabled).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => registry_error(e),
     }
 }
@@ -364,14 +332,8 @@ async fn protection(
         Ok(p) => p.threshold,
         Err(bad) => return bad,
     };
-    if !(0.0..=1.0).contains(&threshold) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("\"threshold\" must be between 0 and 1, not {threshold}"),
-        );
+    match server.set_protection(&scope.key(service), threshold).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => registry_error(e),
     }
-    server
-        .registry
-        .set_protection_threshold(&scope.key(service), threshold);
-    StatusCode::NO_CONTENT.into_response()
 }

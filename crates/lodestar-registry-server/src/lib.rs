@@ -37,15 +37,21 @@
 mod checks;
 mod grpc;
 mod http;
+mod registration;
 mod store;
+
+pub use checks::Network;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lodestar::registry::Limits;
 use lodestar::registry::memory::SelfPreservation;
-use lodestar::{InstanceKey, MemoryRegistry, RunningService, Service};
+use lodestar::{
+    InstanceKey, MemoryRegistry, Registry as _, RegistryError, RunningService, Service, ServiceKey,
+};
 use tokio::time::Instant;
 
 pub use lodestar_registry::pb;
@@ -71,6 +77,16 @@ pub struct Config {
     pub check_interval: Duration,
     /// Self-preservation; `None` turns it off. Default: on, with its defaults.
     pub self_preservation: Option<SelfPreservation>,
+    /// What registrations are accepted: names, sizes, lease TTLs.
+    /// Default: [`Limits::default`].
+    pub limits: Limits,
+    /// How many bytes of instances the watch history may hold. Default:
+    /// 16 MiB.
+    pub history_bytes: usize,
+    /// The networks health checks may reach; empty: any. Default: empty.
+    /// An operator whose registry takes registrations from untrusted
+    /// clients sets this to the networks its services live in.
+    pub check_networks: Vec<Network>,
 }
 
 impl Default for Config {
@@ -84,6 +100,9 @@ impl Default for Config {
             warmup: Duration::from_secs(10),
             check_interval: Duration::from_secs(5),
             self_preservation: Some(SelfPreservation::default()),
+            limits: Limits::default(),
+            history_bytes: 16 * 1024 * 1024,
+            check_networks: Vec::new(),
         }
     }
 }
@@ -116,6 +135,7 @@ pub(crate) struct Server {
     pub(crate) warmup: Duration,
     pub(crate) store: store::Store,
     pub(crate) check_interval: Duration,
+    pub(crate) check_networks: Vec<Network>,
     /// Set when shutdown begins: long-lived streams (keep-alive) end then,
     /// rather than hold the drain up until its grace period runs out.
     pub(crate) closing: tokio::sync::watch::Receiver<bool>,
@@ -140,58 +160,101 @@ impl Server {
         }
     }
 
-    /// Saves the persistent instances, logging (not failing) on error.
-    pub(crate) fn save(&self) {
-        if let Err(e) = self.store.save(&self.registry) {
-            tracing::error!(error = %e, "cannot save the persistent instances");
+    /// Registers, as either API was asked to: an ephemeral instance in
+    /// memory, a persistent one on disk first and then in memory.
+    pub(crate) async fn register(
+        &self,
+        registration: registration::Registration,
+    ) -> Result<(), RegistryError> {
+        let registration::Registration { instance, kind } = registration;
+        match kind {
+            registration::Kind::Lease(ttl) => self.registry.register(instance, ttl).await,
+            registration::Kind::Persistent(check) => {
+                self.register_persistent(instance, check).await
+            }
         }
     }
 
-    /// Registers a persistent instance with its health check, and saves.
-    pub(crate) fn register_persistent(
+    /// Registers a persistent instance with its health check. It is
+    /// acknowledged only once it is on disk; the check of its kind, the
+    /// write and its application in memory are one step.
+    async fn register_persistent(
         &self,
         instance: lodestar::Instance,
         check: store::Check,
-    ) -> Result<(), lodestar::RegistryError> {
+    ) -> Result<(), RegistryError> {
+        let mut gate = self.store.gate().await;
+        let reservation = self.registry.reserve_persistent(&instance)?;
         let key = instance.instance_key();
-        self.registry.register_persistent(instance)?;
+        let before = self
+            .registry
+            .get(&key)
+            .filter(|(_, persistent)| *persistent);
+        self.store.put(&mut gate, &instance, &check).await?;
+        if let Err(refused) = self.registry.register_reserved(reservation, instance) {
+            // On disk but refused in memory (its service grew meanwhile):
+            // put the disk back as it was.
+            let undone = match before {
+                Some((before, _)) => {
+                    let check = self.store.check(&key).unwrap_or_default();
+                    self.store.put(&mut gate, &before, &check).await
+                }
+                None => self.store.delete(&mut gate, &key).await,
+            };
+            if let Err(e) = undone {
+                tracing::error!(instance = %key, error = %e, "cannot undo a refused registration on disk");
+            }
+            return Err(refused);
+        }
         self.store.remember(key, check);
-        self.save();
+        self.store.maybe_compact(&mut gate, &self.registry).await;
         Ok(())
     }
 
-    /// Deregisters an instance; a persistent one also loses its check, and
-    /// the change is saved.
-    pub(crate) async fn deregister(
+    /// Deregisters an instance; a persistent one leaves the disk first.
+    pub(crate) async fn deregister(&self, key: &InstanceKey) -> Result<(), RegistryError> {
+        let mut gate = self.store.gate().await;
+        if self.registry.is_persistent(key) == Some(true) {
+            self.store.delete(&mut gate, key).await?;
+            self.store.forget(key);
+        }
+        self.registry.deregister(key).await?;
+        self.store.maybe_compact(&mut gate, &self.registry).await;
+        Ok(())
+    }
+
+    /// Takes an instance out of traffic or puts it back; remembered on
+    /// disk, across re-registrations and restarts.
+    pub(crate) async fn set_enabled(
         &self,
         key: &InstanceKey,
-    ) -> Result<(), lodestar::RegistryError> {
-        use lodestar::Registry as _;
-        let persistent = self.registry.is_persistent(key).unwrap_or(false);
-        self.registry.deregister(key).await?;
-        if persistent {
-            self.store.forget(key);
-            self.save();
+        enabled: bool,
+    ) -> Result<(), RegistryError> {
+        let mut gate = self.store.gate().await;
+        if self.registry.get(key).is_none() {
+            return Err(RegistryError::NotFound(key.clone()));
         }
+        self.store.enabled(&mut gate, key, enabled).await?;
+        self.registry.set_enabled(key, enabled)?;
+        self.store.maybe_compact(&mut gate, &self.registry).await;
         Ok(())
     }
 
-    /// Refuses to turn a persistent instance ephemeral or the other way
-    /// round: deregister it first.
-    pub(crate) fn check_kind(&self, key: &InstanceKey, persistent: bool) -> Result<(), String> {
-        let Some(is_persistent) = self.registry.is_persistent(key) else {
-            return Ok(());
-        };
-        if is_persistent != persistent {
-            let (was, now) = if is_persistent {
-                ("persistent", "ephemeral")
-            } else {
-                ("ephemeral", "persistent")
-            };
-            return Err(format!(
-                "instance {key} is registered as {was}; deregister it before registering it as {now}"
-            ));
+    /// Sets a service's protection threshold, remembered on disk.
+    pub(crate) async fn set_protection(
+        &self,
+        service: &ServiceKey,
+        threshold: f64,
+    ) -> Result<(), RegistryError> {
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(RegistryError::Invalid(format!(
+                "the protection threshold of service {service} must be between 0 and 1, not {threshold}"
+            )));
         }
+        let mut gate = self.store.gate().await;
+        self.store.protection(&mut gate, service, threshold).await?;
+        self.registry.set_protection_threshold(service, threshold);
+        self.store.maybe_compact(&mut gate, &self.registry).await;
         Ok(())
     }
 }
@@ -237,14 +300,16 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     let mut registry = MemoryRegistry::builder()
+        .limits(config.limits)
+        .history_bytes(config.history_bytes)
         .eviction_grace(config.eviction_grace)
         .first_revision(first_revision);
     if let Some(preservation) = config.self_preservation {
         registry = registry.self_preservation(preservation);
     }
     let registry = registry.build();
-    let store = store::Store::open(config.data_dir.clone()).map_err(Error::Store)?;
-    let restored = store.load(&registry).map_err(Error::Store)?;
+    let (store, restored) =
+        store::Store::open(config.data_dir.clone(), &registry).map_err(Error::Store)?;
     if restored > 0 {
         tracing::info!(restored, "persistent instances restored");
     }
@@ -256,6 +321,7 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
         warmup: config.warmup,
         store,
         check_interval: config.check_interval,
+        check_networks: config.check_networks.clone(),
         closing: closing.subscribe(),
     });
 

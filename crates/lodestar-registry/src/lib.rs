@@ -467,15 +467,16 @@ pub fn to_pb(instance: &Instance) -> pb::Instance {
         address: instance.address.clone(),
         protocol: instance.protocol.clone(),
         metadata: instance.metadata.clone().into_iter().collect(),
-        weight: instance.weight,
+        weight: Some(instance.weight),
         zone: instance.zone.clone(),
         healthy: instance.healthy,
-        enabled: instance.enabled,
+        enabled: Some(instance.enabled),
         ephemeral: instance.ephemeral,
     }
 }
 
-/// An instance from the wire form.
+/// An instance from the wire form; an unset weight is 100 and an unset
+/// `enabled` is true, as [`Instance::new`] has them.
 pub fn from_pb(instance: pb::Instance) -> Instance {
     let key = key_from_pb(instance.service.unwrap_or_default());
     let mut out = Instance::new(key.service.clone(), instance.address).with_service_key(key);
@@ -485,10 +486,14 @@ pub fn from_pb(instance: pb::Instance) -> Instance {
         out.protocol = instance.protocol;
     }
     out.metadata = instance.metadata.into_iter().collect();
-    out.weight = instance.weight;
+    if let Some(weight) = instance.weight {
+        out.weight = weight;
+    }
     out.zone = instance.zone;
     out.healthy = instance.healthy;
-    out.enabled = instance.enabled;
+    if let Some(enabled) = instance.enabled {
+        out.enabled = enabled;
+    }
     out.ephemeral = instance.ephemeral;
     out
 }

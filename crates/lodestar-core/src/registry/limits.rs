@@ -11,11 +11,11 @@
 //! |---|---|
 //! | namespace, group, service | 1–[`MAX_NAME`] bytes of `A–Z a–z 0–9 . _ - :`, not `.` or `..` |
 //! | instance id | 1–[`MAX_ID`] bytes of those and `@ [ ] + = ~`, not `.` or `..` |
-//! | address | `host:port`: a DNS name, an IPv4 address or a bracketed IPv6 address, and a port from 1 to 65535; at most [`MAX_ADDRESS`] bytes |
+//! | address | `host:port`: a DNS name, an IPv4 address or a bracketed IPv6 address, and a port (0 to 65535); at most [`MAX_ADDRESS`] bytes |
 //! | version | at most [`MAX_VERSION`] bytes of printable ASCII without spaces |
 //! | protocol | at most [`MAX_PROTOCOL`] bytes of `a–z 0–9 . + -` |
 //! | zone | at most [`MAX_NAME`] bytes of name characters |
-//! | metadata | see [`Limits::max_labels`], [`Limits::max_label_key`], [`Limits::max_label_value`], [`Limits::max_metadata`]; keys are name characters and `/`, values any text without control or bidirectional-override characters |
+//! | metadata | see [`Limits::max_labels`], [`Limits::max_label_key`], [`Limits::max_label_value`], [`Limits::max_metadata`]; keys and values are any text without control or bidirectional-override characters, keys not empty |
 //! | weight | at most [`MAX_WEIGHT`] |
 //! | lease TTL | from [`Limits::min_ttl`] to [`Limits::max_ttl`] |
 //!
@@ -71,7 +71,7 @@ pub struct Limits {
     /// The most bytes of metadata (keys and values together) an instance
     /// may have. Default: 16 KiB.
     pub max_metadata: usize,
-    /// The shortest lease TTL. Default: 1 s. A shorter lease cannot be
+    /// The shortest lease TTL. Default: 500 ms. A shorter lease cannot be
     /// kept alive reliably (its heartbeats would be due every third of it)
     /// and would only churn the registry.
     pub min_ttl: Duration,
@@ -93,7 +93,7 @@ impl Default for Limits {
             max_label_key: 128,
             max_label_value: 4096,
             max_metadata: 16 * 1024,
-            min_ttl: Duration::from_secs(1),
+            min_ttl: Duration::from_millis(500),
             max_ttl: Duration::from_secs(60 * 60),
             max_service_bytes: 3 * 1024 * 1024,
         }
@@ -185,9 +185,7 @@ impl Limits {
         }
         let mut total = 0usize;
         for (k, v) in metadata {
-            check_name("metadata key", k, self.max_label_key, |c| {
-                is_name_char(c) || c == '/'
-            })?;
+            check_name("metadata key", k, self.max_label_key, |c| !is_unsafe(c))?;
             if v.len() > self.max_label_value {
                 return Err(format!(
                     "the value of metadata label {} is {} bytes; expected at most {}",
@@ -283,7 +281,11 @@ fn check_text(
 
 /// `host:port`, with a DNS name, an IPv4 address or a bracketed IPv6 address.
 fn check_address(address: &str) -> Result<(), String> {
-    let expected = "expected host:port (a DNS name, an IPv4 address or [an IPv6 address], and a port from 1 to 65535)";
+    let expected =
+        "expected host:port (a DNS name, an IPv4 address or [an IPv6 address], and a port)";
+    if address.is_empty() {
+        return Err("it has an empty address".to_owned());
+    }
     if address.len() > MAX_ADDRESS {
         return Err(format!(
             "the address is {} bytes; expected at most {MAX_ADDRESS}",
@@ -296,9 +298,8 @@ fn check_address(address: &str) -> Result<(), String> {
             quoted(address)
         ));
     };
-    let port_ok = !port.is_empty()
-        && port.bytes().all(|b| b.is_ascii_digit())
-        && port.parse::<u16>().is_ok_and(|p| p > 0);
+    let port_ok =
+        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok();
     let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         v6.parse::<std::net::Ipv6Addr>().is_ok()
     } else {
@@ -411,7 +412,6 @@ mod tests {
         }
         for bad in [
             "10.0.0.1",
-            "h:0",
             "h:65536",
             ":80",
             "h:8o",
@@ -420,8 +420,13 @@ mod tests {
             "[zz]:80",
             "-h:1",
         ] {
-            let error = refused(&Instance::new("s", bad).with_id("i"));
-            assert!(error.contains("address"), "{bad}: {error}");
+            let error = Limits::default().check_instance(&Instance::new("s", bad).with_id("i"));
+            assert!(
+                error
+                    .as_ref()
+                    .is_err_and(|e| e.to_string().contains("address")),
+                "{bad}: {error:?}"
+            );
         }
     }
 
@@ -452,8 +457,8 @@ mod tests {
     fn ttls_outside_the_range_are_refused() {
         let limits = Limits::default();
         let i = Instance::new("s", "h:1");
-        assert!(limits.check(&i, Duration::from_millis(999)).is_err());
-        assert!(limits.check(&i, Duration::from_secs(1)).is_ok());
+        assert!(limits.check(&i, Duration::from_millis(499)).is_err());
+        assert!(limits.check(&i, Duration::from_millis(500)).is_ok());
         assert!(limits.check(&i, Duration::from_secs(3600)).is_ok());
         assert!(limits.check(&i, Duration::from_secs(3601)).is_err());
     }

@@ -636,16 +636,49 @@ impl MemoryRegistry {
 
     /// Takes an instance out of traffic (`false`) or puts it back, without
     /// touching its lease. The choice outlives re-registrations of the
-    /// instance (until this registry restarts).
+    /// instance (until this registry restarts). An unknown instance is an
+    /// error ([`RegistryError::NotFound`]); the choice is remembered for
+    /// when it registers all the same.
     pub fn set_enabled(&self, key: &InstanceKey, enabled: bool) -> Result<(), RegistryError> {
-        self.update(key, |i| i.enabled = enabled)?;
-        let mut state = self.shared.lock();
-        if enabled {
-            state.disabled.remove(key);
-        } else {
-            state.disabled.insert(key.clone());
+        {
+            let mut state = self.shared.lock();
+            if enabled {
+                state.disabled.remove(key);
+            } else {
+                state.disabled.insert(key.clone());
+            }
         }
-        Ok(())
+        self.update(key, |i| i.enabled = enabled)
+    }
+
+    /// Takes `key` out of traffic whenever it is registered, from now on
+    /// (what [`set_enabled`](Self::set_enabled)`(key, false)` does, for an
+    /// instance that need not be registered yet: a restarted registry
+    /// remembers operators' choices this way).
+    pub fn remember_disabled(&self, key: InstanceKey) {
+        let _ = self.update(&key, |i| i.enabled = false);
+        self.shared.lock().disabled.insert(key);
+    }
+
+    /// The instances operators took out of traffic, in key order.
+    pub fn disabled(&self) -> Vec<InstanceKey> {
+        let mut keys: Vec<InstanceKey> = self.shared.lock().disabled.iter().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// The services with a protection threshold, and their thresholds, in
+    /// key order.
+    pub fn protection_thresholds(&self) -> Vec<(ServiceKey, f64)> {
+        let state = self.shared.lock();
+        let mut thresholds: Vec<(ServiceKey, f64)> = state
+            .services
+            .iter()
+            .filter(|(_, s)| s.protection > 0.0)
+            .map(|(k, s)| (ServiceKey::clone(k), s.protection))
+            .collect();
+        thresholds.sort_by(|a, b| a.0.cmp(&b.0));
+        thresholds
     }
 
     /// Sets the protection threshold of a service (0 turns it off, the
@@ -2160,14 +2193,12 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let state = r.shared.lock();
-        assert!(
-            state.history_bytes <= 1024 * 1024,
-            "{}",
-            state.history_bytes
-        );
-        assert!(state.history.len() < 2_000 && !state.history.is_empty());
-        drop(state);
+        let (bytes, changes) = {
+            let state = r.shared.lock();
+            (state.history_bytes, state.history.len())
+        };
+        assert!(bytes <= 1024 * 1024, "{bytes}");
+        assert!(changes < 2_000 && changes > 0, "{changes}");
         // A resume from before the forgotten changes gets a snapshot.
         let mut w = r.watch(&ServiceKey::new("svc"), Some(1)).await.unwrap();
         assert!(matches!(next(&mut w).await, WatchEvent::Snapshot { .. }));
