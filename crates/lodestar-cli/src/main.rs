@@ -76,7 +76,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("lodestar: {e}");
+            eprintln!(
+                "lodestar: {}",
+                lodestar::registry::limits::printable(&e.to_string())
+            );
             ExitCode::from(1)
         }
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use lodestar::registry::limits::printable;
 use lodestar::{DEFAULT_NAMESPACE, Registry, ServiceKey};
 
 /// Options of `lodestar registry`.
@@ -36,6 +37,21 @@ pub(crate) struct ServeArgs {
     /// Turn self-preservation off.
     #[arg(long)]
     no_self_preservation: bool,
+    /// A network health checks may reach (`10.0.0.0/8`, `fd00::/8`, or one
+    /// address); repeat for more. Default: any. Set it when untrusted
+    /// clients may register persistent instances, so that checks cannot
+    /// be aimed at other networks.
+    #[arg(long = "check-network", value_name = "CIDR")]
+    check_networks: Vec<lodestar_registry_server::Network>,
+    /// The most bytes of metadata (keys and values) an instance may have.
+    #[arg(long, default_value_t = lodestar::registry::Limits::default().max_metadata)]
+    max_metadata_bytes: usize,
+    /// The shortest lease TTL accepted, in seconds.
+    #[arg(long, default_value_t = lodestar::registry::Limits::default().min_ttl.as_secs_f64())]
+    min_ttl: f64,
+    /// The longest lease TTL accepted, in seconds.
+    #[arg(long, default_value_t = lodestar::registry::Limits::default().max_ttl.as_secs_f64())]
+    max_ttl: f64,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
@@ -50,6 +66,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
         token: args.token,
         eviction_grace: seconds("eviction-grace", args.eviction_grace)?,
         warmup: seconds("warmup", args.warmup)?,
+        check_networks: args.check_networks,
+        limits: lodestar::registry::Limits {
+            max_metadata: args.max_metadata_bytes,
+            min_ttl: seconds("min-ttl", args.min_ttl)?,
+            max_ttl: seconds("max-ttl", args.max_ttl)?,
+            ..lodestar::registry::Limits::default()
+        },
         ..lodestar_registry_server::Config::default()
     };
     if args.no_self_preservation {
@@ -124,9 +147,11 @@ pub(crate) async fn services(args: RegistryArg) -> Result<ExitCode, Box<dyn Erro
                 "SERVICE", "GROUP", "INSTANCES", "HEALTHY"
             );
             for (key, total, healthy) in &rows {
+                // Names come from whoever registered: printed safely.
                 println!(
                     "{:<32} {:<16} {total:>9} {healthy:>8}",
-                    key.service, key.group
+                    printable(&key.service),
+                    printable(&key.group)
                 );
             }
         }
@@ -161,7 +186,11 @@ pub(crate) async fn describe(args: DescribeArgs) -> Result<ExitCode, Box<dyn Err
             println!("{value}");
         }
         Output::Table => {
-            println!("{key}: {} instance(s)", instances.len());
+            println!(
+                "{}: {} instance(s)",
+                printable(&key.to_string()),
+                instances.len()
+            );
             println!(
                 "{:<36} {:<22} {:<8} {:<8} {:<10} {:>6}",
                 "ID", "ADDRESS", "HEALTHY", "ENABLED", "VERSION", "WEIGHT"
@@ -169,14 +198,22 @@ pub(crate) async fn describe(args: DescribeArgs) -> Result<ExitCode, Box<dyn Err
             for i in &instances {
                 println!(
                     "{:<36} {:<22} {:<8} {:<8} {:<10} {:>6}",
-                    i.id, i.address, i.healthy, i.enabled, i.version, i.weight
+                    printable(&i.id),
+                    printable(&i.address),
+                    i.healthy,
+                    i.enabled,
+                    printable(&i.version),
+                    i.weight
                 );
             }
         }
     }
     Ok(
         if instances.is_empty() && args.registry.output == Output::Table {
-            eprintln!("no instances of `{key}` are registered");
+            eprintln!(
+                "no instances of {} are registered",
+                lodestar::registry::limits::quoted(&key.to_string())
+            );
             ExitCode::from(1)
         } else {
             ExitCode::SUCCESS

@@ -13,6 +13,9 @@ use lodestar_registry::RemoteRegistry;
 use route_guide::{Point, RouteGuideClient, SERVICE_NAME};
 use tokio_stream::StreamExt;
 
+#[path = "registry/hardening.rs"]
+mod hardening;
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {

@@ -21,7 +21,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -57,6 +58,12 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>
                 "no such API; see GET /v1/status, /v1/services",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this API does not take that method; see the table in the registry's docs",
+            )
+        })
         .with_state(server);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "the registry HTTP API stopped");
@@ -88,6 +95,40 @@ fn authorize(server: &Server, headers: &HeaderMap) -> Result<(), Response> {
             StatusCode::UNAUTHORIZED,
             "writes to this registry need `Authorization: Bearer <token>` with its token",
         ))
+    }
+}
+
+/// Query parameters, refused as the API's JSON error when malformed.
+struct Params<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(e) => Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid query: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
+/// Path segments, refused as the API's JSON error when malformed.
+struct Segments<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Segments<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(e) => Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid path: {}", e.body_text()),
+            )),
+        }
     }
 }
 
@@ -135,7 +176,7 @@ async fn status(State(server): Shared) -> Json<Value> {
     }))
 }
 
-async fn services(State(server): Shared, Query(scope): Query<Scope>) -> Response {
+async fn services(State(server): Shared, Params(scope): Params<Scope>) -> Response {
     let namespace = scope
         .namespace
         .unwrap_or_else(|| lodestar::DEFAULT_NAMESPACE.to_owned());
@@ -163,8 +204,8 @@ async fn services(State(server): Shared, Query(scope): Query<Scope>) -> Response
 
 async fn instances(
     State(server): Shared,
-    Path(service): Path<String>,
-    Query(scope): Query<Scope>,
+    Segments(service): Segments<String>,
+    Params(scope): Params<Scope>,
 ) -> Response {
     let key = scope.key(service);
     let (instances, protected) = server.registry.lookup(&key);
@@ -247,8 +288,8 @@ async fn register(
 async fn heartbeat(
     State(server): Shared,
     headers: HeaderMap,
-    Path((service, id)): Path<(String, String)>,
-    Query(scope): Query<Scope>,
+    Segments((service, id)): Segments<(String, String)>,
+    Params(scope): Params<Scope>,
 ) -> Response {
     if let Err(denied) = authorize(&server, &headers) {
         return denied;
@@ -266,8 +307,8 @@ async fn heartbeat(
 async fn deregister(
     State(server): Shared,
     headers: HeaderMap,
-    Path((service, id)): Path<(String, String)>,
-    Query(scope): Query<Scope>,
+    Segments((service, id)): Segments<(String, String)>,
+    Params(scope): Params<Scope>,
 ) -> Response {
     if let Err(denied) = authorize(&server, &headers) {
         return denied;
@@ -291,8 +332,8 @@ struct Enabled {
 async fn enabled(
     State(server): Shared,
     headers: HeaderMap,
-    Path((service, id)): Path<(String, String)>,
-    Query(scope): Query<Scope>,
+    Segments((service, id)): Segments<(String, String)>,
+    Params(scope): Params<Scope>,
     parsed: Result<Json<Enabled>, JsonRejection>,
 ) -> Response {
     if let Err(denied) = authorize(&server, &headers) {
@@ -321,8 +362,8 @@ struct Protection {
 async fn protection(
     State(server): Shared,
     headers: HeaderMap,
-    Path(service): Path<String>,
-    Query(scope): Query<Scope>,
+    Segments(service): Segments<String>,
+    Params(scope): Params<Scope>,
     parsed: Result<Json<Protection>, JsonRejection>,
 ) -> Response {
     if let Err(denied) = authorize(&server, &headers) {

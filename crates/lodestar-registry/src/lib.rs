@@ -226,6 +226,7 @@ impl RemoteRegistry {
         match (status.code(), key) {
             (Code::NotFound, Some(key)) => RegistryError::NotFound(key.clone()),
             (Code::InvalidArgument, _) => RegistryError::Invalid(status.message().to_owned()),
+            (Code::FailedPrecondition, _) => RegistryError::Conflict(status.message().to_owned()),
             (Code::Unauthenticated | Code::PermissionDenied, _) => {
                 RegistryError::Unauthorized(status.message().to_owned())
             }

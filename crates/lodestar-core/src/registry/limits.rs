@@ -331,6 +331,29 @@ fn is_dns_name(host: &str) -> bool {
         })
 }
 
+/// Text from a peer, safe to print on a terminal or in a log line: control
+/// and bidirectional-override characters escaped, everything else as it is.
+///
+/// ```
+/// use lodestar_core::registry::limits::printable;
+/// assert_eq!(printable("orders"), "orders");
+/// assert_eq!(printable("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\\nc");
+/// ```
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(is_unsafe) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_unsafe(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Text from a peer, quoted for a log line or a terminal: at most 80
 /// characters, with control, bidirectional and non-ASCII characters escaped.
 ///

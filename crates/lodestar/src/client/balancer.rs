@@ -29,6 +29,9 @@ pub(crate) struct Balancer {
     /// (for example because the runtime it ran on shut down).
     resolving: Arc<AtomicBool>,
     resolver: Mutex<Option<AbortOnDrop>>,
+    /// Why the registry last failed to answer, until it answers: named in
+    /// the error of a call that found no instances in time.
+    last_error: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -66,7 +69,13 @@ impl Balancer {
             protecting: AtomicBool::new(false),
             resolving: Arc::new(AtomicBool::new(false)),
             resolver: Mutex::new(None),
+            last_error: Mutex::new(None),
         }
+    }
+
+    /// Notes why the registry failed to answer (`None`: it answered).
+    pub(crate) fn registry_failed(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
     /// Makes sure a resolver runs (starting one needs a runtime, so it
@@ -90,12 +99,19 @@ impl Balancer {
         };
         tokio::time::timeout(self.config.resolve_timeout, wait)
             .await
-            .map_err(|_| super::Error::Resolve {
-                service: self.key.clone(),
-                reason: format!(
-                    "the registry did not list its instances within {:?}",
-                    self.config.resolve_timeout
-                ),
+            .map_err(|_| {
+                let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+                let cause = last
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                super::Error::Resolve {
+                    service: self.key.clone(),
+                    reason: format!(
+                        "the registry did not list its instances within {:?}{cause}",
+                        self.config.resolve_timeout
+                    ),
+                }
             })
     }
 

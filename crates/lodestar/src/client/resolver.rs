@@ -29,6 +29,9 @@ pub(crate) async fn run(
                         Ok(event) => event,
                         Err(e) => {
                             tracing::warn!(service = %key, error = %e, "registry watch failed; keeping the last known instances");
+                            if let Some(balancer) = balancer.upgrade() {
+                                balancer.registry_failed(Some(e.to_string()));
+                            }
                             break;
                         }
                     };
@@ -48,11 +51,15 @@ pub(crate) async fn run(
                     let Some(balancer) = balancer.upgrade() else {
                         return;
                     };
+                    balancer.registry_failed(None);
                     balancer.update(instances.values().cloned());
                 }
             }
             Err(e) => {
                 tracing::warn!(service = %key, error = %e, "cannot watch the registry; keeping the last known instances");
+                if let Some(balancer) = balancer.upgrade() {
+                    balancer.registry_failed(Some(e.to_string()));
+                }
             }
         }
         if balancer.strong_count() == 0 {
