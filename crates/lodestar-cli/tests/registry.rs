@@ -148,19 +148,26 @@ impl RegistryProc {
     }
 }
 
+/// This test binary, to run only the ignored test `test` (which reads
+/// its part from the environment) in a process of its own.
+fn child_process(test: &str) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.args([
+        test,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    command
+}
+
 /// A RouteGuide instance in a process of its own (this test binary, run as
 /// `child_instance`), registering in `url` with a lease of `ttl_ms`.
 fn instance(url: &str, name: &str, ttl_ms: u64) -> (Proc, SocketAddr) {
-    let mut command = Command::new(std::env::current_exe().unwrap());
+    let mut command = child_process("child_instance");
     command
-        .args([
-            "child_instance",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
         .env("LODESTAR_CHILD_REGISTRY", url)
         .env("LODESTAR_CHILD_NAME", name)
         .env("LODESTAR_CHILD_TTL_MS", ttl_ms.to_string())
@@ -845,18 +852,8 @@ async fn persistent_instances_are_health_checked_and_the_protection_threshold_ap
 /// `child_client`), on the registry `url` (with its `snapshot=`): it makes
 /// three calls, says whether the service is stale, saves, and exits.
 fn client(url: &str) -> Proc {
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .args([
-            "child_client",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("LODESTAR_CLIENT_REGISTRY", url)
-        .env("RUST_LOG", "warn,lodestar_registry=info");
+    let mut command = child_process("child_client");
+    command.env("LODESTAR_CLIENT_REGISTRY", url);
     Proc::spawn(command)
 }
 
@@ -968,22 +965,32 @@ async fn a_client_started_while_the_registry_is_down_calls_the_instances_of_its_
     let key = ServiceKey::new(SERVICE_NAME);
     let client = Client::new(snapshotted.clone());
     let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+    let started = Instant::now();
     assert_eq!(
         bounded("a call from the snapshot", served_by(&mut guide))
             .await
             .unwrap(),
         "rg-a"
     );
+    eprintln!(
+        "first call from the snapshot, registry down: {:?}",
+        started.elapsed()
+    );
     assert!(snapshotted.is_stale(&key));
     // ...until the registry is back: then its live view replaces the
     // snapshot's, and changes flow again (and reach the file).
     let second = registry(&grpc.to_string(), &[]);
+    let restarted = Instant::now();
     bounded("the registry to answer", async {
         while snapshotted.is_stale(&key) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
+    eprintln!(
+        "live view replaced the snapshot {:?} after the registry restarted",
+        restarted.elapsed()
+    );
     let (_b, _) = instance(&second.url(), "rg-b", 1500);
     let view = client.channel(SERVICE_NAME);
     bounded("the client to see rg-b", async {
