@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use lodestar::{Client, Registry, ServiceKey, StaticRegistry, WatchEvent};
-use lodestar_registry::RemoteRegistry;
+use lodestar_registry::{RemoteRegistry, SnapshotRegistry};
 use route_guide::{Point, RouteGuideClient, SERVICE_NAME};
 use tokio_stream::StreamExt;
 
@@ -85,6 +85,19 @@ impl Proc {
         }
     }
 
+    /// Waits (bounded) until stderr, read by a thread, says `needle`.
+    fn wait_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}`; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -138,19 +151,26 @@ impl RegistryProc {
     }
 }
 
+/// This test binary, to run only the ignored test `test` (which reads
+/// its part from the environment) in a process of its own.
+fn child_process(test: &str) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.args([
+        test,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    command
+}
+
 /// A RouteGuide instance in a process of its own (this test binary, run as
 /// `child_instance`), registering in `url` with a lease of `ttl_ms`.
 fn instance(url: &str, name: &str, ttl_ms: u64) -> (Proc, SocketAddr) {
-    let mut command = Command::new(std::env::current_exe().unwrap());
+    let mut command = child_process("child_instance");
     command
-        .args([
-            "child_instance",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
         .env("LODESTAR_CHILD_REGISTRY", url)
         .env("LODESTAR_CHILD_NAME", name)
         .env("LODESTAR_CHILD_TTL_MS", ttl_ms.to_string())
@@ -739,16 +759,7 @@ async fn a_service_started_before_its_registry_serves_and_registers_when_it_appe
             .unwrap(),
         "early"
     );
-    // The warning reaches us through a reader thread: wait for it, bounded.
-    let deadline = Instant::now() + TIMEOUT;
-    while !child.stderr().contains("waiting for the registry") {
-        assert!(
-            Instant::now() < deadline,
-            "no warning; stderr:\n{}",
-            child.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    child.wait_stderr("waiting for the registry");
     let registry = registry(&format!("127.0.0.1:{port}"), &[]);
     let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
     bounded("the early service to register", async {
@@ -838,6 +849,166 @@ async fn persistent_instances_are_health_checked_and_the_protection_threshold_ap
     );
     assert_eq!(code, 400, "{text}");
     drop(live);
+}
+
+/// A RouteGuide client in a process of its own (this test binary, run as
+/// `child_client`), on the registry `url` (with its `snapshot=`): it makes
+/// three calls, says whether the service is stale, saves, and exits.
+fn client(url: &str) -> Proc {
+    let mut command = child_process("child_client");
+    command.env("LODESTAR_CLIENT_REGISTRY", url);
+    Proc::spawn(command)
+}
+
+/// Runs as a separate process for the tests above; does nothing otherwise.
+#[test]
+#[ignore = "a RouteGuide client the registry tests start as a separate process"]
+fn child_client() {
+    let Ok(url) = std::env::var("LODESTAR_CLIENT_REGISTRY") else {
+        return;
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("warn,lodestar_registry=info")
+        .init();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let registry = SnapshotRegistry::from_url(&url).unwrap();
+        // Not the default 5 s: a client with nothing to call gives up sooner.
+        let client = Client::builder(registry.clone())
+            .resolve_timeout(Duration::from_secs(1))
+            .build();
+        let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+        for _ in 0..3 {
+            match served_by(&mut guide).await {
+                Ok(by) => println!("client served by {by}"),
+                Err(status) => println!("client call failed: {status}"),
+            }
+        }
+        let stale = registry.is_stale(&ServiceKey::new(SERVICE_NAME));
+        println!("client stale: {stale}");
+        match registry.save().await {
+            Ok(()) => println!("client saved: ok"),
+            Err(error) => println!("client saved: {error}"),
+        }
+    });
+}
+
+/// The ids of the RouteGuide instances in the snapshot file at `path`.
+fn ids_in_snapshot(path: &std::path::Path) -> Vec<String> {
+    let snapshot: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut ids: Vec<String> = snapshot["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["service"]["service"] == SERVICE_NAME)
+        .flat_map(|s| s["instances"].as_array().unwrap().iter())
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_started_while_the_registry_is_down_calls_the_instances_of_its_snapshot() {
+    let dir = std::env::temp_dir().join(format!(
+        "lodestar-snapshot-test-{}",
+        lodestar_tests::unique_name()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("registry.snapshot");
+    let first = registry("127.0.0.1:0", &[]);
+    let grpc = first.grpc;
+    let (_a, _) = instance(&first.url(), "rg-a", 1500);
+    let url = format!("{}?snapshot={}", first.url(), path.display());
+
+    // A corrupt snapshot: a warning, then calls go as without one, and the
+    // client saves a good snapshot over it.
+    std::fs::write(&path, br#"{"format": "lodestar-registry-snap"#).unwrap();
+    let writer = client(&url);
+    assert_eq!(writer.line("client served by"), "rg-a");
+    assert_eq!(writer.line("client stale:"), "false");
+    assert_eq!(writer.line("client saved:"), "ok");
+    writer.wait_stderr("is corrupt");
+    assert_eq!(ids_in_snapshot(&path), ["rg-a"]);
+    // The same snapshot, as if saved from another registry.
+    let foreign = dir.join("foreign.snapshot");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &foreign,
+        text.replace(&format!("lodestar://{grpc}"), "lodestar://10.9.9.9:7070"),
+    )
+    .unwrap();
+
+    first.proc.kill();
+    // A new client process, started while the registry is down, calls the
+    // instance its snapshot names, and says the view is stale.
+    let reader = client(&url);
+    for _ in 0..3 {
+        assert_eq!(reader.line("client served by"), "rg-a");
+    }
+    assert_eq!(reader.line("client stale:"), "true");
+    reader.wait_stderr("serving the instances of the snapshot");
+    // A foreign snapshot is ignored: that client has nothing to call.
+    let foreign_url = format!("lodestar://{grpc}?snapshot={}", foreign.display());
+    let ignorer = client(&foreign_url);
+    assert!(
+        ignorer
+            .line("client call failed:")
+            .contains("did not list its instances"),
+        "stderr:\n{}",
+        ignorer.stderr()
+    );
+    assert_eq!(ignorer.line("client stale:"), "false");
+    ignorer.wait_stderr("saved from the registry `lodestar://10.9.9.9:7070`");
+
+    // In this process too: a new instance, calls from the snapshot...
+    let snapshotted = SnapshotRegistry::from_url(&url).unwrap();
+    let key = ServiceKey::new(SERVICE_NAME);
+    let client = Client::new(snapshotted.clone());
+    let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+    let started = Instant::now();
+    assert_eq!(
+        bounded("a call from the snapshot", served_by(&mut guide))
+            .await
+            .unwrap(),
+        "rg-a"
+    );
+    eprintln!(
+        "first call from the snapshot, registry down: {:?}",
+        started.elapsed()
+    );
+    assert!(snapshotted.is_stale(&key));
+    // ...until the registry is back: then its live view replaces the
+    // snapshot's, and changes flow again (and reach the file).
+    let second = registry(&grpc.to_string(), &[]);
+    let restarted = Instant::now();
+    bounded("the registry to answer", async {
+        while snapshotted.is_stale(&key) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    eprintln!(
+        "live view replaced the snapshot {:?} after the registry restarted",
+        restarted.elapsed()
+    );
+    let (_b, _) = instance(&second.url(), "rg-b", 1500);
+    let view = client.channel(SERVICE_NAME);
+    bounded("the client to see rg-b", async {
+        while view.addresses().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    bounded("the snapshot to list rg-b", async {
+        while ids_in_snapshot(&path) != ["rg-a", "rg-b"] {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 mod etcd {

@@ -4,8 +4,12 @@
 //!   registry` server (or several, for failover): registrations and
 //!   heartbeats go to the server; lookups are cached, so that while the
 //!   server is unreachable the last known instances keep being served.
+//! * [`SnapshotRegistry`] wraps any registry and keeps what it knows in a
+//!   file, so that a process started while the registry is unreachable
+//!   can still call (see [below](#a-snapshot-on-disk)).
 //! * [`from_url`] turns a registry URL into a registry:
-//!   `memory://`, `lodestar://host:port[,host:port…][?token=…]`.
+//!   `memory://`, `lodestar://host:port[,host:port…][?token=…]`,
+//!   `etcd://…`, each but the first with an optional `snapshot=PATH`.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,8 +17,64 @@
 //! let client = lodestar::Client::new(registry);
 //! # Ok(()) }
 //! ```
+//!
+//! # A snapshot on disk
+//!
+//! The caches of [`RemoteRegistry`] (and of the etcd backend) live in
+//! memory: they carry a running process through a registry outage, but a
+//! process that *starts* during one knows nothing, and its first call
+//! fails once the client gives up waiting for the registry. With a
+//! snapshot, opt-in as in Polaris' and Eureka's clients, it calls the
+//! instances the last process saw instead:
+//!
+//! ```no_run
+//! # fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = lodestar_registry::from_url(
+//!     "lodestar://10.0.0.1:7070?snapshot=/var/lib/orders/registry.snapshot",
+//! )?;
+//! # Ok(()) }
+//! ```
+//!
+//! * **What is kept.** The last known instances of every service the
+//!   process looked up ([`Registry::instances`]) or watched (every service
+//!   a [`Client`] calls), plus those read from the file at start that
+//!   this run has not refreshed, as one JSON file. Services with no
+//!   instances are left out.
+//! * **When it is served.** When the wrapped registry is unreachable
+//!   ([`RegistryError::Unavailable`]): a lookup answers with the last known
+//!   instances; a new watch (the one a client's channel starts with)
+//!   opens with them as its snapshot, then keeps trying the registry (every
+//!   0.1 s doubling up to 5 s) and follows the registry's own watch once it
+//!   answers. Other errors (a refused token, a bad request) pass through.
+//! * **Stale until the registry answers.** Instances read from the file
+//!   are *stale*: [`SnapshotRegistry::is_stale`] says so, and the first time
+//!   they are served a warning names the service, the file and the
+//!   snapshot's age. The registry's first answer for the service replaces
+//!   them (logged at `info`), and the service is no longer stale.
+//! * **Which file is used.** The file is read once, when the registry is
+//!   built. It records its format, its format version and the registry it
+//!   came from (scheme, hosts in any order, and etcd's `prefix`; never a
+//!   token or password). A file that is larger than [`MAX_SNAPSHOT_BYTES`],
+//!   not valid JSON, another program's, another version's, or saved from
+//!   another registry is ignored with a warning; the process then starts
+//!   as it would without a snapshot, and the next write replaces the file.
+//! * **How it is written.** After a change, on a blocking thread
+//!   (`spawn_blocking`), at most once per [`MIN_WRITE_INTERVAL`]: to a
+//!   temporary file beside it, flushed (`fsync`), renamed over it, and the
+//!   directory flushed, so a crash leaves the old file or the new one.
+//!   [`SnapshotRegistry::save`] writes at once (at shutdown), and dropping
+//!   the last handle writes what is left. A snapshot that would be larger
+//!   than [`MAX_SNAPSHOT_BYTES`] is not written.
+//! * **One file per program.** Processes of one program may share a file
+//!   (the last write wins, whole); programs that call different services
+//!   should each have their own.
+//!
+//! It is a wrapper rather than a part of [`RemoteRegistry`] so that every
+//! backend gets it the same way (`etcd://…?snapshot=…` too), and so that a
+//! process without a snapshot pays nothing for it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +85,9 @@ use lodestar::{
 };
 
 mod keepalive;
+mod snapshot;
+
+pub use snapshot::{MAX_SNAPSHOT_BYTES, MIN_WRITE_INTERVAL, SnapshotError, SnapshotRegistry};
 
 /// Generated code for `lodestar.registry.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
@@ -52,6 +115,16 @@ pub struct UrlError {
     reason: String,
 }
 
+impl UrlError {
+    /// `url` (shown redacted) cannot be used, for `reason`.
+    fn new(url: &str, reason: &str) -> Self {
+        Self {
+            url: redacted(url),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 /// A registry from its URL:
 ///
 /// * `memory://`: a registry inside this process;
@@ -59,13 +132,28 @@ pub struct UrlError {
 ///   servers (tried in turn), with an optional write token;
 /// * `etcd://host:port[,host:port…][?prefix=…&user=…&password=…&ca=…]`:
 ///   an etcd cluster (with the default `etcd` feature).
+///
+/// Any of the last two may add `snapshot=PATH` (percent-encoded): the
+/// registry is then a [`SnapshotRegistry`] keeping its snapshot in the file
+/// `PATH` (see [A snapshot on disk](crate#a-snapshot-on-disk)).
 pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
-    let error = |reason: &str| UrlError {
-        url: redacted(url),
-        reason: reason.to_owned(),
-    };
+    let (base, snapshot) = split_snapshot(url)?;
+    match snapshot {
+        Some(path) => Ok(Arc::new(SnapshotRegistry::new(
+            open(&base, url)?,
+            registry_name(&base),
+            path,
+        ))),
+        None => open(&base, url),
+    }
+}
+
+/// The registry named by `base` (a URL without `snapshot=`); errors show
+/// `url`, the URL as the user wrote it.
+fn open(base: &str, url: &str) -> Result<Arc<dyn Registry>, UrlError> {
+    let error = |reason: &str| UrlError::new(url, reason);
     let expected = "expected memory://, lodestar://host:port[,host:port][?token=…] or etcd://host:port[,host:port]";
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| error(expected))?;
+    let (scheme, rest) = base.split_once("://").ok_or_else(|| error(expected))?;
     match scheme {
         "memory" if rest.is_empty() => Ok(Arc::new(MemoryRegistry::new())),
         "lodestar" => {
@@ -85,7 +173,7 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
                     }
                     _ => {
                         return Err(error(&format!(
-                            "unknown parameter `{pair}` (expected token=…)"
+                            "unknown parameter `{pair}` (expected token=… or snapshot=…)"
                         )));
                     }
                 }
@@ -97,7 +185,7 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
             Ok(Arc::new(registry))
         }
         #[cfg(feature = "etcd")]
-        "etcd" => match lodestar_etcd::EtcdRegistry::from_url(url) {
+        "etcd" => match lodestar_etcd::EtcdRegistry::from_url(base) {
             Ok(registry) => Ok(Arc::new(registry)),
             Err(reason) => Err(error(&reason)),
         },
@@ -107,6 +195,65 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
         )),
         _ => Err(error(expected)),
     }
+}
+
+/// `url` without its `snapshot=` parameter, and that parameter's path.
+fn split_snapshot(url: &str) -> Result<(String, Option<PathBuf>), UrlError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let mut kept = Vec::new();
+    let mut snapshot = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        if pair != "snapshot" && !pair.starts_with("snapshot=") {
+            kept.push(pair);
+            continue;
+        }
+        let path: String = form_urlencoded::parse(pair.as_bytes())
+            .map(|(_, value)| value.into_owned())
+            .collect();
+        if path.is_empty() {
+            return Err(UrlError::new(url, "snapshot= needs the path of a file"));
+        }
+        if snapshot.replace(PathBuf::from(path)).is_some() {
+            return Err(UrlError::new(url, "snapshot= is given more than once"));
+        }
+    }
+    if snapshot.is_some() && base.starts_with("memory://") {
+        return Err(UrlError::new(
+            url,
+            "a memory:// registry ends with its process; there is nothing to keep a snapshot of",
+        ));
+    }
+    let base = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((base, snapshot))
+}
+
+/// What a snapshot file records as its registry, for a URL without
+/// `snapshot=`: the scheme, the hosts (in any order: the same cluster), and
+/// etcd's key prefix; never a token or password, nor settings that do not
+/// change which instances the registry holds.
+fn registry_name(base: &str) -> String {
+    let (scheme, rest) = base.split_once("://").unwrap_or(("", base));
+    let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    hosts.sort_unstable();
+    let mut name = format!("{scheme}://{}", hosts.join(","));
+    if scheme == "etcd" {
+        let prefix = form_urlencoded::parse(query.as_bytes())
+            .filter(|(key, _)| key == "prefix")
+            .last()
+            .map(|(_, value)| value.trim_end_matches('/').to_owned());
+        if let Some(prefix) = prefix {
+            name.push_str("?prefix=");
+            name.push_str(&prefix);
+        }
+    }
+    name
 }
 
 /// `url` with the values of `token` and `password` parameters hidden.
