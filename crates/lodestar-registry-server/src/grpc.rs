@@ -10,6 +10,7 @@ use lodestar::{Registry, RegistryError, Request, Response, Status, WatchEvent};
 use lodestar_registry::{from_pb, key_from_pb};
 
 use crate::Server;
+use crate::auth::{Access, Caller, Denied};
 use crate::pb;
 use crate::store::Check;
 
@@ -29,18 +30,13 @@ impl Api {
         }
     }
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    /// Who sent `request`; an unknown token is refused here.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let given = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        if self.server.allows_write(given) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
-                "writes to this registry need `authorization: Bearer <token>` with its token",
-            ))
-        }
+        self.server.auth.caller(given).map_err(|d| refused(&d))
     }
 
     /// The revision at which warm-up ended, noting it the first time it is asked after.
@@ -58,6 +54,27 @@ impl Api {
             .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
         Some(self.warmed_at.load(Ordering::Acquire))
     }
+}
+
+/// A refusal: `UNAUTHENTICATED` when the caller is not known or gave no
+/// token, `PERMISSION_DENIED` when its token lacks the right.
+fn refused(denied: &Denied) -> Status {
+    if denied.unauthenticated() {
+        Status::unauthenticated(denied.to_string())
+    } else {
+        Status::permission_denied(denied.to_string())
+    }
+}
+
+/// Whether `caller` may `access` the namespace of `service`.
+fn authorize(
+    caller: &Caller,
+    access: Access,
+    service: &lodestar::ServiceKey,
+) -> Result<(), Status> {
+    caller
+        .may(access, &service.namespace)
+        .map_err(|d| refused(&d))
 }
 
 fn status(error: RegistryError) -> Status {
@@ -162,12 +179,13 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let instance = request
             .instance
             .ok_or_else(|| Status::invalid_argument("the request has no instance"))?;
         let instance = from_pb(instance);
+        authorize(&caller, Access::Write, &instance.key)?;
         let registry = &self.server.registry;
         self.server
             .check_kind(&instance.instance_key(), request.persistent)
@@ -194,8 +212,9 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::InstanceRef>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let key = key_of(request.into_inner())?;
+        authorize(&caller, Access::Write, &key.service)?;
         self.server.registry.heartbeat(&key).await.map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
@@ -206,7 +225,7 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<lodestar::codegen::tonic::Streaming<pb::InstanceRef>>,
     ) -> Result<Response<KeepAliveResponses>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let server = self.server.clone();
         let mut closing = self.server.closing.clone();
         let closing = async move {
@@ -222,9 +241,12 @@ impl pb::registry_server::Registry for Api {
         let heartbeats = request.into_inner().take_until(closing);
         let answers = heartbeats.then(move |reference| {
             let server = server.clone();
+            let caller = caller.clone();
             async move {
                 // A failed heartbeat is an answer, not the end of the stream.
-                let renewed = match key_of(reference?) {
+                let renewed = match key_of(reference?)
+                    .and_then(|key| authorize(&caller, Access::Write, &key.service).map(|()| key))
+                {
                     Ok(key) => server.registry.heartbeat(&key).await.map_err(status),
                     Err(invalid) => Err(invalid),
                 };
@@ -244,8 +266,9 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::InstanceRef>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let key = key_of(request.into_inner())?;
+        authorize(&caller, Access::Write, &key.service)?;
         self.server.deregister(&key).await.map_err(status)?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
@@ -254,7 +277,9 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::GetInstancesRequest>,
     ) -> Result<Response<pb::GetInstancesResponse>, Status> {
+        let caller = self.caller(&request)?;
         let service = service_of(request.into_inner().service)?;
+        authorize(&caller, Access::Read, &service)?;
         let found = self.server.registry.lookup_with_revision(&service);
         Ok(Response::new(pb::GetInstancesResponse {
             instances: found.instances.into_iter().map(into_pb).collect(),
@@ -268,10 +293,14 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let caller = self.caller(&request)?;
         let mut namespace = request.into_inner().namespace;
         if namespace.is_empty() {
             namespace = lodestar::DEFAULT_NAMESPACE.to_owned();
         }
+        caller
+            .may(Access::Read, &namespace)
+            .map_err(|d| refused(&d))?;
         let registry = &self.server.registry;
         let mut services = Vec::new();
         for key in registry.services(&namespace).await.map_err(status)? {
@@ -292,8 +321,10 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchResponses>, Status> {
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let service = service_of(request.service)?;
+        authorize(&caller, Access::Read, &service)?;
         // One reading of the clock decides whether this watch is in warm-up.
         let warming = self.server.warming();
         // A watcher from before warm-up ended may hold instances that never
@@ -330,9 +361,10 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::SetEnabledRequest>,
     ) -> Result<Response<pb::SetEnabledResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let key = key_of(request.instance.unwrap_or_default())?;
+        authorize(&caller, Access::Write, &key.service)?;
         self.server
             .registry
             .set_enabled(&key, request.enabled)
@@ -345,9 +377,10 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::SetProtectionRequest>,
     ) -> Result<Response<pb::SetProtectionResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let service = service_of(request.service)?;
+        authorize(&caller, Access::Write, &service)?;
         if !(0.0..=1.0).contains(&request.threshold) {
             return Err(Status::invalid_argument(format!(
                 "the protection threshold must be between 0 and 1, not {}",
