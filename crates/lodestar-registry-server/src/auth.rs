@@ -11,14 +11,7 @@
 //!
 //! Tokens come from a JSON file ([`Tokens::from_file`]), from one legacy
 //! token with write access to every namespace ([`Tokens::single`]), or
-//! both. A file may hold each token's SHA-256 instead of the token itself:
-//!
-//! ```json
-//! {"tokens": [
-//!   {"name": "orders-team", "sha256": "9f86d0…", "namespaces": ["orders"], "access": "write"},
-//!   {"name": "dashboards", "secret": "r3ad-0nly", "namespaces": ["*"], "access": "read"}
-//! ]}
-//! ```
+//! both.
 //!
 //! Errors name the token (by its name), the namespace and the right that
 //! was missing; never the secret. Secrets are compared as SHA-256 digests
@@ -81,7 +74,28 @@ fn covers(namespaces: &[String], namespace: &str) -> bool {
         .any(|n| n == ALL_NAMESPACES || n == namespace)
 }
 
-/// The tokens a registry accepts. See the [module docs](self).
+/// The tokens a registry accepts, each with a name, namespaces and an
+/// [`Access`]. In a file (JSON), each token gives its secret, or the
+/// secret's SHA-256 in hexadecimal so that the file holds no secrets:
+///
+/// ```json
+/// {"tokens": [
+///   {"name": "orders-team", "sha256": "9f86d0…", "namespaces": ["orders"], "access": "write"},
+///   {"name": "dashboards", "secret": "r3ad-0nly", "namespaces": ["*"], "access": "read"}
+/// ]}
+/// ```
+///
+/// `Debug` shows names and scopes, never secrets.
+///
+/// ```
+/// use lodestar_registry_server::Tokens;
+///
+/// let tokens = Tokens::from_json(
+///     r#"{"tokens": [{"name": "ci", "secret": "s3cret", "namespaces": ["staging"], "access": "write"}]}"#,
+/// )?;
+/// assert!(!format!("{tokens:?}").contains("s3cret"));
+/// # Ok::<(), lodestar_registry_server::TokensError>(())
+/// ```
 #[derive(Clone, Default)]
 pub struct Tokens {
     grants: Vec<Arc<Grant>>,
@@ -177,7 +191,7 @@ impl Tokens {
         })
     }
 
-    /// Tokens from a JSON document (see the [module docs](self)).
+    /// Tokens from a JSON document (in the format [`Tokens`] shows).
     pub fn from_json(json: &str) -> Result<Self, TokensError> {
         let file: File = serde_json::from_str(json).map_err(|e| {
             TokensError(format!(
@@ -192,7 +206,7 @@ impl Tokens {
         Ok(tokens)
     }
 
-    /// Tokens from a JSON file (see the [module docs](self)).
+    /// Tokens from a JSON file (in the format [`Tokens`] shows).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokensError> {
         let path = path.as_ref();
         let json = std::fs::read_to_string(path)

@@ -226,6 +226,9 @@ impl pb::registry_server::Registry for Api {
         request: Request<lodestar::codegen::tonic::Streaming<pb::InstanceRef>>,
     ) -> Result<Response<KeepAliveResponses>, Status> {
         let caller = self.caller(&request)?;
+        // A stream only for callers who may renew something; each
+        // heartbeat on it is then checked against its namespace.
+        caller.may_write_somewhere().map_err(|d| refused(&d))?;
         let server = self.server.clone();
         let mut closing = self.server.closing.clone();
         let closing = async move {

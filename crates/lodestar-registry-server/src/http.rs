@@ -102,10 +102,10 @@ async fn guard(State(guard): State<Arc<Guard>>, mut request: Request, next: Next
         Ok(caller) => caller,
         Err(denied) => return refused(&denied),
     };
-    if ![Method::GET, Method::HEAD].contains(request.method()) {
-        if let Err(denied) = caller.may_write_somewhere() {
-            return refused(&denied);
-        }
+    if ![Method::GET, Method::HEAD].contains(request.method())
+        && let Err(denied) = caller.may_write_somewhere()
+    {
+        return refused(&denied);
     }
     let declared = request
         .headers()
