@@ -13,7 +13,7 @@ mod registry;
 #[derive(Parser, Debug)]
 #[command(name = "lodestar", version, about, propagate_version = true)]
 #[command(
-    after_help = "Examples:\n  lodestar demo                  run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs\n  lodestar cert --out certs      a development CA and certificates for TLS\n  lodestar registry --data-dir /var/lib/lodestar   run the registry server\n  lodestar describe route-guide --output json       instances of a service, for scripts\n  lodestar subscribe orders.created --queue billing  print events as JSON lines\n  lodestar publish orders.created '{\"id\":7}' --header content-type=application/json"
+    after_help = "Examples:\n  lodestar demo                  run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs\n  lodestar cert --out certs      a development CA and certificates for TLS\n  lodestar registry --data-dir /var/lib/lodestar   run the registry server\n  lodestar registry --tokens tokens.json --tls-cert certs/server.pem --tls-key certs/server.key\n                                 tenant tokens and TLS (see lodestar registry --help)\n  LODESTAR_REGISTRY_TOKEN=… lodestar services --registry 'lodestars://host:7070?ca=certs/ca.pem'\n  lodestar describe route-guide --output json       instances of a service, for scripts\n  lodestar subscribe orders.created --queue billing  print events as JSON lines\n  lodestar publish orders.created '{\"id\":7}' --header content-type=application/json"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,7 +32,7 @@ enum Command {
     Cert(cert::Args),
     /// Runs the registry server: gRPC and HTTP/JSON APIs, leases and
     /// heartbeats, persistent instances, self-preservation.
-    Registry(registry::ServeArgs),
+    Registry(Box<registry::ServeArgs>),
     /// Lists the services in a registry.
     Services(registry::RegistryArg),
     /// Shows the instances of a service.
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Cert(args) => cert::run(args),
-            Command::Registry(args) => registry::serve(args).await,
+            Command::Registry(args) => registry::serve(*args).await,
             Command::Services(args) => registry::services(args).await,
             Command::Describe(args) => registry::describe(args).await,
             Command::Publish(args) => events::publish(args).await,

@@ -24,10 +24,48 @@ pub(crate) struct ServeArgs {
     /// Directory for persistent instances (default: keep them in memory only).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Token that writes must present (`authorization: Bearer <token>`);
-    /// also read from LODESTAR_REGISTRY_TOKEN.
+    /// A token with write access to every namespace (`authorization:
+    /// Bearer <token>`). Prefer LODESTAR_REGISTRY_TOKEN or --token-file:
+    /// a token given here shows in process listings.
     #[arg(long, env = "LODESTAR_REGISTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the token of --token (its first line).
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// JSON file of tokens scoped to namespaces:
+    /// {"tokens": [{"name": "team-a", "secret": "…" or "sha256": "<hex>",
+    /// "namespaces": ["a"] or ["*"], "access": "read" or "write"}]}.
+    /// With it, reads need a token too unless --open-reads.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Namespaces anyone may read without a token (comma-separated; alone:
+    /// all). Default: all with --token only, none with --tokens.
+    #[arg(long, num_args = 0..=1, default_missing_value = "*", value_delimiter = ',')]
+    open_reads: Option<Vec<String>>,
+    /// TLS for both APIs: the server certificate chain (PEM), e.g. from
+    /// `lodestar cert`.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the server's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate from this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Seconds a connection has to send a request's headers (HTTP API,
+    /// idle keep-alive time included) or finish its TLS handshake and
+    /// HTTP/2 preface (gRPC API).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds one HTTP request, its body included, may take (408 after).
+    #[arg(long, default_value_t = 30.0)]
+    request_timeout: f64,
+    /// Connections the HTTP API serves at once; more are closed.
+    #[arg(long, default_value_t = 512)]
+    http_max_connections: usize,
+    /// Largest HTTP request body in bytes (413 past it).
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_body: usize,
     /// Seconds an instance whose lease ran out stays (unhealthy) before eviction.
     #[arg(long, default_value_t = 10.0)]
     eviction_grace: f64,
@@ -59,11 +97,48 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
         Duration::try_from_secs_f64(value)
             .map_err(|_| format!("--{name} must be a non-negative number of seconds, not {value}"))
     };
+    let token = match (&args.token, &args.token_file) {
+        (Some(token), _) => Some(token.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--token-file {}: {e}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let mut tokens = match &token {
+        Some(token) => lodestar_registry_server::Tokens::single(token)?,
+        None => lodestar_registry_server::Tokens::none(),
+    };
+    if let Some(path) = &args.tokens {
+        tokens = tokens.merge(lodestar_registry_server::Tokens::from_file(path)?)?;
+    }
+    let open_reads = match args.open_reads {
+        Some(namespaces) => namespaces,
+        None if args.tokens.is_some() => Vec::new(),
+        None => vec![lodestar_registry_server::ALL_NAMESPACES.to_owned()],
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = lodestar::tls::ServerTls::from_pem_files(cert, key)?;
+            Some(match &args.tls_client_ca {
+                Some(ca) => tls.require_client_certs_from_file(ca)?,
+                None => tls,
+            })
+        }
+        _ => None,
+    };
     let mut config = lodestar_registry_server::Config {
         addr: args.addr,
         http_addr: (!args.no_http).then_some(args.http_addr),
         data_dir: args.data_dir,
-        token: args.token,
+        tokens,
+        open_reads,
+        tls,
         eviction_grace: seconds("eviction-grace", args.eviction_grace)?,
         warmup: seconds("warmup", args.warmup)?,
         check_networks: args.check_networks,
@@ -73,6 +148,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
             max_ttl: seconds("max-ttl", args.max_ttl)?,
             ..lodestar::registry::Limits::default()
         },
+        header_timeout: seconds("header-timeout", args.header_timeout)?,
+        request_timeout: seconds("request-timeout", args.request_timeout)?,
+        http_max_connections: args.http_max_connections,
+        max_body: args.max_body,
         ..lodestar_registry_server::Config::default()
     };
     if args.no_self_preservation {
@@ -81,7 +160,12 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
     let running = lodestar_registry_server::start(config).await?;
     println!("lodestar registry: gRPC on {}", running.local_addr());
     if let Some(http) = running.http_addr() {
-        println!("lodestar registry: HTTP on http://{http}/v1/status");
+        let scheme = if args.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("lodestar registry: HTTP on {scheme}://{http}/v1/status");
     }
     lodestar::server::shutdown_signal().await;
     running.shutdown().await?;
@@ -92,8 +176,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
 #[derive(clap::Args, Debug)]
 pub(crate) struct RegistryArg {
     /// Registry URL (memory://, lodestar://host:port[,host:port],
-    /// etcd://host:port[,host:port]). Default:
-    /// LODESTAR_REGISTRY, then lodestar://127.0.0.1:7070.
+    /// lodestars://host:port?ca=PATH[&cert=PATH&key=PATH] for TLS,
+    /// etcd://host:port[,host:port]). Default: LODESTAR_REGISTRY, then
+    /// lodestar://127.0.0.1:7070. The token comes from
+    /// LODESTAR_REGISTRY_TOKEN (or ?token=…, which shows in process listings).
     #[arg(long)]
     registry: Option<String>,
     /// Namespace.

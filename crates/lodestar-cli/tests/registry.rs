@@ -119,6 +119,11 @@ struct RegistryProc {
 }
 
 fn registry(grpc: &str, extra: &[&str]) -> RegistryProc {
+    start_registry(registry_command(grpc, extra))
+}
+
+/// The command [`registry`] runs, to add to before [`start_registry`].
+fn registry_command(grpc: &str, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
     command
         .args([
@@ -135,10 +140,16 @@ fn registry(grpc: &str, extra: &[&str]) -> RegistryProc {
     if !extra.contains(&"--warmup") {
         command.args(["--warmup", "0"]);
     }
+    command
+}
+
+fn start_registry(command: Command) -> RegistryProc {
     let proc = Proc::spawn(command);
     let grpc = proc.line("lodestar registry: gRPC on").parse().unwrap();
-    let http = proc
-        .line("lodestar registry: HTTP on http://")
+    let http = proc.line("lodestar registry: HTTP on");
+    let http = http
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
         .trim_end_matches("/v1/status")
         .parse()
         .unwrap();
@@ -1405,5 +1416,431 @@ mod events {
         );
         // The broadcast subscriber still got it.
         assert_eq!(json_line(&watcher_b)["body"]["text"], "third");
+    }
+}
+
+/// Tokens scoped to namespaces, TLS, and the bounds of the HTTP API.
+mod auth {
+    use super::*;
+    use lodestar::RegistryError;
+    use std::path::{Path, PathBuf};
+
+    const SECRET_A: &str = "tenant-a-s3cret-9f2c";
+    const SECRET_B: &str = "tenant-b-s3cret-41d7";
+
+    fn temp_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "lodestar-registry-auth-{}",
+            lodestar_tests::unique_name()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A tokens file: `tenant-a` may write namespace `a`, `tenant-b` namespace `b`.
+    fn tenants(dir: &Path) -> String {
+        let path = dir.join("tokens.json");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"tokens": [
+                    {{"name": "tenant-a", "secret": "{SECRET_A}", "namespaces": ["a"], "access": "write"}},
+                    {{"name": "tenant-b", "secret": "{SECRET_B}", "namespaces": ["b"], "access": "write"}}
+                ]}}"#
+            ),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+
+    fn orders_in(namespace: &str, id: &str) -> lodestar::Instance {
+        lodestar::Instance::new("orders", "10.0.0.2:80")
+            .with_service_key(ServiceKey::new("orders").with_namespace(namespace))
+            .with_id(id)
+    }
+
+    fn said_no_secret(text: &str) {
+        assert!(
+            !text.contains(SECRET_A) && !text.contains(SECRET_B),
+            "a token leaked: {text}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_token_can_neither_see_nor_change_another_namespace_over_either_api() {
+        let dir = temp_dir();
+        let mut command = registry_command("127.0.0.1:0", &["--tokens", &tenants(&dir)]);
+        command.env("RUST_LOG", "debug");
+        let registry = start_registry(command);
+        let grpc = [registry.grpc.to_string()];
+        let a = RemoteRegistry::new(&grpc).with_token(SECRET_A);
+        let b = RemoteRegistry::new(&grpc).with_token(SECRET_B);
+        let ttl = Duration::from_secs(30);
+
+        // Each tenant works in its own namespace, over both APIs.
+        b.register(orders_in("b", "b-grpc"), ttl).await.unwrap();
+        let in_b = r#"{"service": "orders", "namespace": "b", "address": "10.0.0.3:80", "id": "b-http", "ttl_ms": 30000}"#;
+        let (code, text) = http(
+            registry.http,
+            "POST",
+            "/v1/instances",
+            Some(in_b),
+            Some(SECRET_B),
+        );
+        assert_eq!(code, 201, "{text}");
+        a.register(orders_in("a", "a-1"), ttl).await.unwrap();
+        assert_eq!(a.services("a").await.unwrap().len(), 1);
+        let (code, text) = http(
+            registry.http,
+            "GET",
+            "/v1/services?namespace=a",
+            None,
+            Some(SECRET_A),
+        );
+        assert_eq!(code, 200, "{text}");
+
+        // Tenant A can neither list, read, watch, register, renew nor
+        // deregister anything in b over gRPC...
+        let orders_b = ServiceKey::new("orders").with_namespace("b");
+        let b_grpc = orders_in("b", "b-grpc").instance_key();
+        let errors = [
+            a.services("b").await.unwrap_err(),
+            a.instances(&orders_b).await.unwrap_err(),
+            a.watch(&orders_b, None).await.err().unwrap(),
+            a.register(orders_in("b", "intruder"), ttl)
+                .await
+                .unwrap_err(),
+            a.heartbeat(&b_grpc).await.unwrap_err(),
+            a.deregister(&b_grpc).await.unwrap_err(),
+        ];
+        for error in &errors {
+            assert!(
+                matches!(error, RegistryError::Unauthorized(m)
+                    if m.contains("token `tenant-a`") && m.contains("namespace `b`")),
+                "{error:?}"
+            );
+            said_no_secret(&error.to_string());
+        }
+        // ... nor over HTTP.
+        let intruder = r#"{"service": "orders", "namespace": "b", "address": "10.0.0.9:80", "id": "intruder", "ttl_ms": 30000}"#;
+        for (method, path, body) in [
+            ("GET", "/v1/services?namespace=b", None),
+            ("GET", "/v1/services/orders/instances?namespace=b", None),
+            ("POST", "/v1/instances", Some(intruder)),
+            (
+                "PUT",
+                "/v1/services/orders/instances/b-http/heartbeat?namespace=b",
+                None,
+            ),
+            (
+                "PUT",
+                "/v1/services/orders/instances/b-http/enabled?namespace=b",
+                Some(r#"{"enabled": false}"#),
+            ),
+            (
+                "DELETE",
+                "/v1/services/orders/instances/b-http?namespace=b",
+                None,
+            ),
+            (
+                "PUT",
+                "/v1/services/orders/protection?namespace=b",
+                Some(r#"{"threshold": 1}"#),
+            ),
+        ] {
+            let (code, text) = http(registry.http, method, path, body, Some(SECRET_A));
+            assert_eq!(code, 403, "{method} {path}: {text}");
+            let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let error = error["error"].as_str().unwrap();
+            assert!(
+                error.contains("token `tenant-a`") && error.contains("namespace `b`"),
+                "{method} {path}: {error}"
+            );
+            said_no_secret(error);
+        }
+        // Without a token, or with one the registry does not know, nothing
+        // is readable either (no --open-reads).
+        for token in [None, Some("not-a-token")] {
+            let (code, text) = http(
+                registry.http,
+                "GET",
+                "/v1/services?namespace=b",
+                None,
+                token,
+            );
+            assert_eq!(code, 401, "{token:?}: {text}");
+            assert!(!text.contains("not-a-token"), "{text}");
+        }
+        let anonymous = RemoteRegistry::new(&grpc);
+        assert!(matches!(
+            anonymous.instances(&orders_b).await,
+            Err(RegistryError::Unauthorized(_))
+        ));
+
+        // What B registered is all there, untouched.
+        let instances = b.instances(&orders_b).await.unwrap();
+        let mut ids: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["b-grpc", "b-http"]);
+        assert!(instances.iter().all(|i| i.enabled && i.healthy));
+
+        // The CLI takes its token from LODESTAR_REGISTRY_TOKEN.
+        let services_in_b = |token: &str| {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
+            command
+                .args(["services", "--namespace", "b", "--output", "json"])
+                .args(["--registry", &registry.url()])
+                .env("LODESTAR_REGISTRY_TOKEN", token);
+            lodestar_tests::run_bounded(command, TIMEOUT)
+        };
+        let refused = services_in_b(SECRET_A);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success());
+        assert!(stderr.contains("namespace `b`"), "{stderr}");
+        said_no_secret(&stderr);
+        let listed = services_in_b(SECRET_B);
+        assert!(listed.status.success(), "{listed:?}");
+        let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        assert_eq!(listed["services"][0]["service"], "orders");
+
+        // The registry's own log (at debug) names tokens, never their secrets.
+        let log = registry.proc.stderr();
+        assert!(log.contains("tenant-a"), "the log was captured: {log}");
+        said_no_secret(&log);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// `GET path` over HTTPS, trusting `ca`, presenting `identity` if given.
+    fn https(
+        address: SocketAddr,
+        ca: &str,
+        identity: Option<(&str, &str)>,
+        path: &str,
+    ) -> std::io::Result<(u16, String)> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(cert)
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(key).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        // What curl offers.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let tcp = TcpStream::connect(address)?;
+        tcp.set_read_timeout(Some(TIMEOUT))?;
+        let mut tls = rustls::StreamOwned::new(connection, tcp);
+        write!(
+            tls,
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = Vec::new();
+        tls.read_to_end(&mut response)?;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let code = response
+            .get(9..12)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response}")))?;
+        Ok((code, response))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_registry_its_services_clients_and_the_cli_work_over_tls_and_mutual_tls() {
+        let dir = temp_dir();
+        let mut cert = Command::new(env!("CARGO_BIN_EXE_lodestar"));
+        cert.args(["cert", "--out", dir.to_str().unwrap()]);
+        assert!(lodestar_tests::run_bounded(cert, TIMEOUT).status.success());
+        let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        let (ca, server_cert, server_key) =
+            (file("ca.pem"), file("server.pem"), file("server.key"));
+        let (client_cert, client_key) = (file("client.pem"), file("client.key"));
+        for mutual in [false, true] {
+            let mut flags = vec!["--tls-cert", &server_cert, "--tls-key", &server_key];
+            if mutual {
+                flags.extend(["--tls-client-ca", &ca]);
+            }
+            let registry = registry("127.0.0.1:0", &flags);
+            let mut url = format!("lodestars://{}?ca={ca}", registry.grpc);
+            if mutual {
+                url.push_str(&format!("&cert={client_cert}&key={client_key}"));
+            }
+            // A service registers over TLS, and a client finds and calls it by name.
+            let (_a, _) = instance(&url, "rg-a", 3000);
+            let (_b, _) = instance(&url, "rg-b", 3000);
+            let remote = lodestar_registry::from_url(&url).unwrap();
+            assert_eq!(ids(&*remote).await, ["rg-a", "rg-b"], "mutual: {mutual}");
+            let client = Client::new(remote);
+            let mut guide = RouteGuideClient::by_name(&client, SERVICE_NAME);
+            bounded("a call", served_by(&mut guide)).await.unwrap();
+            // The CLI too.
+            cli_sees_two_healthy_instances(&url);
+            // The HTTP API serves HTTPS, on the same certificates.
+            let identity = mutual.then_some((client_cert.as_str(), client_key.as_str()));
+            let (code, text) = https(registry.http, &ca, identity, "/v1/status").unwrap();
+            assert_eq!(code, 200, "{text}");
+            // Plaintext is refused.
+            let plain = RemoteRegistry::new(&[registry.grpc.to_string()]);
+            assert!(plain.services("default").await.is_err());
+            if mutual {
+                // Without a client certificate: refused, over both APIs.
+                let no_cert = format!("lodestars://{}?ca={ca}", registry.grpc);
+                let no_cert = lodestar_registry::from_url(&no_cert).unwrap();
+                assert!(no_cert.services("default").await.is_err());
+                let refused = https(registry.http, &ca, None, "/v1/status");
+                assert!(refused.is_err(), "{refused:?}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The resident memory of process `pid`, in KiB.
+    fn rss_kib(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_without_a_valid_token_is_refused_before_its_body_is_read() {
+        let registry = registry("127.0.0.1:0", &["--token", "s3cret"]);
+        let head = |token: Option<&str>| {
+            let auth = token
+                .map(|t| format!("Authorization: Bearer {t}\r\n"))
+                .unwrap_or_default();
+            format!(
+                "POST /v1/instances HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 2097152\r\n\r\n"
+            )
+        };
+        // Headers announcing 2 MB, and no body: the answer comes without
+        // waiting for it (a token that may write gets 413: over the limit).
+        for (token, code) in [
+            (None, "401"),
+            (Some("wrong"), "401"),
+            (Some("s3cret"), "413"),
+        ] {
+            let mut stream = TcpStream::connect(registry.http).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream.write_all(head(token).as_bytes()).unwrap();
+            let mut response = [0u8; 12];
+            stream
+                .read_exact(&mut response)
+                .unwrap_or_else(|e| panic!("{token:?}: no answer without the body: {e}"));
+            assert_eq!(&response[9..12], code.as_bytes(), "{token:?}");
+        }
+        // Many callers sending big bodies cost the server nothing it keeps.
+        let pid = registry.proc.child.id();
+        let before = rss_kib(pid);
+        let body = vec![b' '; 1 << 20];
+        let mut streams = Vec::new();
+        for _ in 0..64 {
+            let mut stream = TcpStream::connect(registry.http).unwrap();
+            stream
+                .set_write_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
+            stream.write_all(head(None).as_bytes()).unwrap();
+            // Fails once the server has answered and closed: that is the point.
+            let _ = stream.write_all(&body);
+            streams.push(stream);
+        }
+        let after = rss_kib(pid);
+        assert!(
+            after < before + 16 * 1024,
+            "resident memory grew from {before} KiB to {after} KiB"
+        );
+    }
+
+    /// Reads until the server closes the connection (or `TIMEOUT`): what it
+    /// sent, and how long that took.
+    fn until_closed(stream: &mut TcpStream) -> (String, Duration) {
+        let started = Instant::now();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut received = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("the connection stayed open {:?}: {e}", started.elapsed()),
+            }
+        }
+        (
+            String::from_utf8_lossy(&received).into_owned(),
+            started.elapsed(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn half_sent_headers_and_idle_connections_are_closed_after_the_header_timeout() {
+        let registry = registry("127.0.0.1:0", &["--header-timeout", "0.5"]);
+        let mut half = TcpStream::connect(registry.http).unwrap();
+        half.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let (_, took) = until_closed(&mut half);
+        assert!(took >= Duration::from_millis(400), "closed after {took:?}");
+        // A kept-alive connection idle after its request, likewise.
+        let mut idle = TcpStream::connect(registry.http).unwrap();
+        idle.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let (response, _) = until_closed(&mut idle);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_http_limit_are_closed_and_the_grpc_api_still_answers() {
+        let mut command = registry_command("127.0.0.1:0", &["--http-max-connections", "4"]);
+        command.env("RUST_LOG", "info");
+        let registry = start_registry(command);
+        let mut held: Vec<TcpStream> = (0..4)
+            .map(|_| TcpStream::connect(registry.http).unwrap())
+            .collect();
+        // Accepted in order: the fifth is past the limit.
+        let mut fifth = TcpStream::connect(registry.http).unwrap();
+        let _ = fifth.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (response, _) = until_closed(&mut fifth);
+        assert_eq!(response, "", "served past the limit");
+        // The gRPC API answers all the while.
+        let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
+        bounded("a gRPC call", remote.services("default"))
+            .await
+            .unwrap();
+        // A freed slot serves again (once the server has seen it close).
+        held.pop();
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let mut stream = TcpStream::connect(registry.http).unwrap();
+            let _ = stream
+                .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            if until_closed(&mut stream).0.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no slot came free");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = registry.proc.stderr();
+        assert!(log.contains("connection limit"), "{log}");
+        assert!(log.contains("open-file limit"), "{log}");
+        drop(held);
     }
 }

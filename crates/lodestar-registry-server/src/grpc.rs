@@ -9,6 +9,7 @@ use lodestar::{Registry, RegistryError, Request, Response, Status, WatchEvent};
 use lodestar_registry::{from_pb, key_from_pb};
 
 use crate::Server;
+use crate::auth::{Access, Caller, Denied};
 use crate::pb;
 use crate::registration::Registration;
 use crate::store::Check;
@@ -29,18 +30,13 @@ impl Api {
         }
     }
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    /// Who sent `request`; an unknown token is refused here.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let given = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        if self.server.allows_write(given) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
-                "writes to this registry need `authorization: Bearer <token>` with its token",
-            ))
-        }
+        self.server.auth.caller(given).map_err(|d| refused(&d))
     }
 
     /// The revision at which warm-up ended, noting it the first time it is asked after.
@@ -58,6 +54,27 @@ impl Api {
             .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
         Some(self.warmed_at.load(Ordering::Acquire))
     }
+}
+
+/// A refusal: `UNAUTHENTICATED` when the caller is not known or gave no
+/// token, `PERMISSION_DENIED` when its token lacks the right.
+fn refused(denied: &Denied) -> Status {
+    if denied.unauthenticated() {
+        Status::unauthenticated(denied.to_string())
+    } else {
+        Status::permission_denied(denied.to_string())
+    }
+}
+
+/// Whether `caller` may `access` the namespace of `service`.
+fn authorize(
+    caller: &Caller,
+    access: Access,
+    service: &lodestar::ServiceKey,
+) -> Result<(), Status> {
+    caller
+        .may(access, &service.namespace)
+        .map_err(|d| refused(&d))
 }
 
 fn status(error: RegistryError) -> Status {
@@ -163,17 +180,19 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let instance = request
             .instance
             .ok_or_else(|| Status::invalid_argument("the request has no instance"))?;
+        let instance = from_pb(instance);
+        authorize(&caller, Access::Write, &instance.key)?;
         let check = match request.check {
             None => None,
             some => Some(Check::from_pb(some).map_err(Status::invalid_argument)?),
         };
         let registration = Registration::new(
-            from_pb(instance),
+            instance,
             Some(u64::from(request.ttl_ms)),
             request.persistent,
             check,
@@ -189,8 +208,9 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::InstanceRef>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let key = key_of(request.into_inner())?;
+        authorize(&caller, Access::Write, &key.service)?;
         self.server.registry.heartbeat(&key).await.map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
@@ -201,7 +221,10 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<lodestar::codegen::tonic::Streaming<pb::InstanceRef>>,
     ) -> Result<Response<KeepAliveResponses>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
+        // A stream only for callers who may renew something; each
+        // heartbeat on it is then checked against its namespace.
+        caller.may_write_somewhere().map_err(|d| refused(&d))?;
         let server = self.server.clone();
         let mut closing = self.server.closing.clone();
         let closing = async move {
@@ -217,9 +240,12 @@ impl pb::registry_server::Registry for Api {
         let heartbeats = request.into_inner().take_until(closing);
         let answers = heartbeats.then(move |reference| {
             let server = server.clone();
+            let caller = caller.clone();
             async move {
                 // A failed heartbeat is an answer, not the end of the stream.
-                let renewed = match key_of(reference?) {
+                let renewed = match key_of(reference?)
+                    .and_then(|key| authorize(&caller, Access::Write, &key.service).map(|()| key))
+                {
                     Ok(key) => server.registry.heartbeat(&key).await.map_err(status),
                     Err(invalid) => Err(invalid),
                 };
@@ -239,8 +265,9 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::InstanceRef>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let key = key_of(request.into_inner())?;
+        authorize(&caller, Access::Write, &key.service)?;
         self.server.deregister(&key).await.map_err(status)?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
@@ -249,7 +276,9 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::GetInstancesRequest>,
     ) -> Result<Response<pb::GetInstancesResponse>, Status> {
+        let caller = self.caller(&request)?;
         let service = service_of(request.into_inner().service)?;
+        authorize(&caller, Access::Read, &service)?;
         let found = self.server.registry.lookup_with_revision(&service);
         Ok(Response::new(pb::GetInstancesResponse {
             instances: found.instances.into_iter().map(into_pb).collect(),
@@ -263,10 +292,14 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let caller = self.caller(&request)?;
         let mut namespace = request.into_inner().namespace;
         if namespace.is_empty() {
             namespace = lodestar::DEFAULT_NAMESPACE.to_owned();
         }
+        caller
+            .may(Access::Read, &namespace)
+            .map_err(|d| refused(&d))?;
         let registry = &self.server.registry;
         let mut services = Vec::new();
         for key in registry.services(&namespace).await.map_err(status)? {
@@ -287,8 +320,10 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchResponses>, Status> {
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let service = service_of(request.service)?;
+        authorize(&caller, Access::Read, &service)?;
         // One reading of the clock decides whether this watch is in warm-up.
         let warming = self.server.warming();
         // A watcher from before warm-up ended may hold instances that never
@@ -325,9 +360,10 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::SetEnabledRequest>,
     ) -> Result<Response<pb::SetEnabledResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let key = key_of(request.instance.unwrap_or_default())?;
+        authorize(&caller, Access::Write, &key.service)?;
         self.server
             .set_enabled(&key, request.enabled)
             .await
@@ -339,9 +375,10 @@ impl pb::registry_server::Registry for Api {
         &self,
         request: Request<pb::SetProtectionRequest>,
     ) -> Result<Response<pb::SetProtectionResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let service = service_of(request.service)?;
+        authorize(&caller, Access::Write, &service)?;
         self.server
             .set_protection(&service, request.threshold)
             .await

@@ -11,7 +11,14 @@
 //! | `PUT /v1/services/{service}/instances/{id}/enabled?namespace=&group=` | `{"enabled": false}` takes it out of traffic |
 //! | `PUT /v1/services/{service}/protection?namespace=&group=` | `{"threshold": 0.5}` |
 //!
-//! Writes need `Authorization: Bearer <token>` when the server has a token.
+//! Requests carry `Authorization: Bearer <token>` when the server has
+//! tokens (see [`crate::auth`]): 401 without a token where one is needed
+//! or with an unknown one, 403 when the token lacks the right for the
+//! namespace (`?namespace=`, or `"namespace"` in a registration). A token
+//! is checked before any body is read, and a caller that may not write
+//! anywhere gets its 401 or 403 without the body being read. Bodies over
+//! the limit get 413, requests that take too long 408. `GET /v1/status`
+//! is open: counts and flags, no names.
 //! Errors are `{"error": "…"}` with a fitting status code.
 
 // The error of these helpers is the HTTP response itself, as is usual with axum.
@@ -19,11 +26,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -32,12 +41,19 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::Server;
+use crate::auth::{Access, Caller, Denied};
 use crate::store::Check;
 
 type Shared = State<Arc<Server>>;
 
-pub(crate) async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
-    let app = Router::new()
+/// The API's routes, behind [`guard`].
+pub(crate) fn router(server: Arc<Server>, max_body: usize, request_timeout: Duration) -> Router {
+    let guard_state = Guard {
+        server: server.clone(),
+        max_body,
+        request_timeout,
+    };
+    Router::new()
         .route("/v1/status", get(status))
         .route("/v1/services", get(services))
         .route("/v1/services/{service}/instances", get(instances))
@@ -64,10 +80,82 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>
                 "this API does not take that method; see the table in the registry's docs",
             )
         })
-        .with_state(server);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "the registry HTTP API stopped");
+        .with_state(server)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(guard_state),
+            guard,
+        ))
+}
+
+/// What [`guard`] needs.
+struct Guard {
+    server: Arc<Server>,
+    max_body: usize,
+    request_timeout: Duration,
+}
+
+/// Runs before any handler, so before any body is read: finds the caller
+/// (401 for an unknown token), refuses writes from callers who may write
+/// nowhere and bodies declared over the limit, and bounds the time the
+/// whole request may take. Handlers then check the caller's right to the
+/// namespace the request touches.
+async fn guard(State(guard): State<Arc<Guard>>, mut request: Request, next: Next) -> Response {
+    let authorization = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let caller = match guard.server.auth.caller(authorization) {
+        Ok(caller) => caller,
+        Err(denied) => return refused(&denied),
+    };
+    if ![Method::GET, Method::HEAD].contains(request.method())
+        && let Err(denied) = caller.may_write_somewhere()
+    {
+        return refused(&denied);
     }
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > guard.max_body as u64) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request bodies are limited to {} bytes", guard.max_body),
+        );
+    }
+    request.extensions_mut().insert(caller);
+    match tokio::time::timeout(guard.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than {:?} (its body too slow?)",
+                guard.request_timeout
+            ),
+        ),
+    }
+}
+
+/// A refusal: 401 when the caller is not known or gave no token, 403 when
+/// its token lacks the right.
+fn refused(denied: &Denied) -> Response {
+    let code = if denied.unauthenticated() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::FORBIDDEN
+    };
+    error(code, denied.to_string())
+}
+
+/// Whether `caller` may `access` `namespace` (absent: the default, as
+/// [`Scope::key`] has it).
+fn authorize(caller: &Caller, access: Access, namespace: Option<&str>) -> Result<(), Response> {
+    let namespace = namespace.unwrap_or(lodestar::DEFAULT_NAMESPACE);
+    caller
+        .may(access, namespace)
+        .map_err(|denied| refused(&denied))
 }
 
 fn error(code: StatusCode, message: impl Into<String>) -> Response {
@@ -83,18 +171,6 @@ fn registry_error(e: RegistryError) -> Response {
         RegistryError::Conflict(_) => error(StatusCode::CONFLICT, e.to_string()),
         RegistryError::Unauthorized(_) => error(StatusCode::UNAUTHORIZED, e.to_string()),
         _ => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
-}
-
-fn authorize(server: &Server, headers: &HeaderMap) -> Result<(), Response> {
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok());
-    if server.allows_write(given) {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::UNAUTHORIZED,
-            "writes to this registry need `Authorization: Bearer <token>` with its token",
-        ))
     }
 }
 
@@ -132,13 +208,15 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
     }
 }
 
-/// A body that must be JSON of the given shape; a clear 400 otherwise.
+/// A body that must be JSON of the given shape; a clear 400 otherwise
+/// (413 when it is over the limit).
 fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
     parsed.map(|Json(value)| value).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {}", e.body_text()),
-        )
+        let code = match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        error(code, format!("invalid request body: {}", e.body_text()))
     })
 }
 
@@ -176,7 +254,14 @@ async fn status(State(server): Shared) -> Json<Value> {
     }))
 }
 
-async fn services(State(server): Shared, Params(scope): Params<Scope>) -> Response {
+async fn services(
+    State(server): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(scope): Params<Scope>,
+) -> Response {
+    if let Err(denied) = authorize(&caller, Access::Read, scope.namespace.as_deref()) {
+        return denied;
+    }
     let namespace = scope
         .namespace
         .unwrap_or_else(|| lodestar::DEFAULT_NAMESPACE.to_owned());
@@ -204,9 +289,13 @@ async fn services(State(server): Shared, Params(scope): Params<Scope>) -> Respon
 
 async fn instances(
     State(server): Shared,
+    Extension(caller): Extension<Caller>,
     Segments(service): Segments<String>,
     Params(scope): Params<Scope>,
 ) -> Response {
+    if let Err(denied) = authorize(&caller, Access::Read, scope.namespace.as_deref()) {
+        return denied;
+    }
     let key = scope.key(service);
     let (instances, protected) = server.registry.lookup(&key);
     Json(json!({
@@ -242,16 +331,16 @@ struct Registration {
 
 async fn register(
     State(server): Shared,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     parsed: Result<Json<Registration>, JsonRejection>,
 ) -> Response {
-    if let Err(denied) = authorize(&server, &headers) {
-        return denied;
-    }
     let r = match body(parsed) {
         Ok(r) => r,
         Err(bad) => return bad,
     };
+    if let Err(denied) = authorize(&caller, Access::Write, r.namespace.as_deref()) {
+        return denied;
+    }
     let scope = Scope {
         namespace: r.namespace,
         group: r.group,
@@ -287,11 +376,11 @@ async fn register(
 
 async fn heartbeat(
     State(server): Shared,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Segments((service, id)): Segments<(String, String)>,
     Params(scope): Params<Scope>,
 ) -> Response {
-    if let Err(denied) = authorize(&server, &headers) {
+    if let Err(denied) = authorize(&caller, Access::Write, scope.namespace.as_deref()) {
         return denied;
     }
     let key = InstanceKey {
@@ -306,11 +395,11 @@ async fn heartbeat(
 
 async fn deregister(
     State(server): Shared,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Segments((service, id)): Segments<(String, String)>,
     Params(scope): Params<Scope>,
 ) -> Response {
-    if let Err(denied) = authorize(&server, &headers) {
+    if let Err(denied) = authorize(&caller, Access::Write, scope.namespace.as_deref()) {
         return denied;
     }
     let key = InstanceKey {
@@ -331,12 +420,12 @@ struct Enabled {
 
 async fn enabled(
     State(server): Shared,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Segments((service, id)): Segments<(String, String)>,
     Params(scope): Params<Scope>,
     parsed: Result<Json<Enabled>, JsonRejection>,
 ) -> Response {
-    if let Err(denied) = authorize(&server, &headers) {
+    if let Err(denied) = authorize(&caller, Access::Write, scope.namespace.as_deref()) {
         return denied;
     }
     let enabled = match body(parsed) {
@@ -361,12 +450,12 @@ struct Protection {
 
 async fn protection(
     State(server): Shared,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Segments(service): Segments<String>,
     Params(scope): Params<Scope>,
     parsed: Result<Json<Protection>, JsonRejection>,
 ) -> Response {
-    if let Err(denied) = authorize(&server, &headers) {
+    if let Err(denied) = authorize(&caller, Access::Write, scope.namespace.as_deref()) {
         return denied;
     }
     let threshold = match body(parsed) {

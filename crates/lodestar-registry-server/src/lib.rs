@@ -31,15 +31,45 @@
 //!   still coming back; snapshots say so, and clients merge them with what
 //!   they knew instead of dropping instances the registry has not heard
 //!   from yet. When warm-up ends, watchers get a full snapshot.
-//! * **Auth**: with a token, every write needs `authorization: Bearer
-//!   <token>` (gRPC metadata or HTTP header). Reads are open.
+//! * **Auth**: tokens scoped to namespaces, with read or write rights
+//!   ([`Tokens`]; `authorization: Bearer <token>` as gRPC metadata or an
+//!   HTTP header). Every request is checked against the namespace it
+//!   touches: `ListServices` by its namespace; `GetInstances`, `Watch`,
+//!   `Register`, `Heartbeat`, `KeepAlive` (each heartbeat on it),
+//!   `Deregister`, `SetEnabled` and `SetProtection` by the namespace of
+//!   the service they name. Anonymous callers may read the namespaces of
+//!   [`Config::open_reads`]. `Status` (and `GET /v1/status`) is open to
+//!   all: it holds only counts and flags, no names. Refusals say which
+//!   token (by name), namespace and right; never the secret. With no
+//!   tokens, everything is open. A single [`Config::tokens`] from
+//!   [`Tokens::single`] is the legacy `--token`: write access everywhere.
+//! * **TLS** ([`Config::tls`]): both APIs, with the same certificates;
+//!   with mutual TLS, clients without a certificate from the CA are
+//!   refused during the handshake. Clients use `lodestars://` URLs (see
+//!   [`lodestar_registry::from_url`]).
+//! * **Bounds**: the HTTP API reads no body before the request is
+//!   authorized (a caller that may not write anywhere is answered before
+//!   its body is read), takes JSON bodies up to [`Config::max_body`]
+//!   (413 past it), closes connections that do not send a request's
+//!   headers within [`Config::header_timeout`] (idle keep-alive
+//!   connections included) or take longer than [`Config::request_timeout`]
+//!   for a whole request, and serves at most [`Config::http_max_connections`]
+//!   connections at once (more are closed as they are accepted). The gRPC
+//!   API closes connections that do not finish the TLS handshake and the
+//!   HTTP/2 preface within [`Config::header_timeout`], and pings idle ones
+//!   (see [`lodestar::Http2Settings`]). At start, the soft open-file limit
+//!   is raised to the hard limit, so that connections do not run out of
+//!   file descriptors first.
 
+mod auth;
 mod checks;
+mod conn;
 mod grpc;
 mod http;
 mod registration;
 mod store;
 
+pub use auth::{ALL_NAMESPACES, Access, SINGLE_TOKEN_NAME, Tokens, TokensError};
 pub use checks::Network;
 
 use std::net::SocketAddr;
@@ -65,8 +95,30 @@ pub struct Config {
     pub http_addr: Option<SocketAddr>,
     /// Where persistent instances are kept; `None`: in memory only.
     pub data_dir: Option<PathBuf>,
-    /// The token writes need; `None`: writes are open.
-    pub token: Option<String>,
+    /// The tokens requests are checked against (see [`Tokens`]); none:
+    /// everything is open. Default: none.
+    pub tokens: Tokens,
+    /// Namespaces anonymous callers may read (`"*"`: all); when no tokens
+    /// are configured, everything is open anyway. Default: `["*"]`, reads
+    /// open (as before tokens had scopes); set `[]` for a registry whose
+    /// tenants must not see each other.
+    pub open_reads: Vec<String>,
+    /// TLS for both APIs (mutual TLS if it requires client certificates);
+    /// `None`: plaintext. Default: `None`.
+    pub tls: Option<lodestar::tls::ServerTls>,
+    /// How long a connection has to send a request's headers (the HTTP
+    /// API, also while idle between requests), or to finish its TLS
+    /// handshake and HTTP/2 preface (the gRPC API). Default: 10 s.
+    pub header_timeout: Duration,
+    /// How long one HTTP request (its body included) may take before it
+    /// is answered 408. Default: 30 s.
+    pub request_timeout: Duration,
+    /// How many connections the HTTP API serves at once; more are closed
+    /// as they are accepted. Default: 512.
+    pub http_max_connections: usize,
+    /// The largest HTTP request body, in bytes; larger ones are answered
+    /// 413 (registrations are well under 1 KiB). Default: 64 KiB.
+    pub max_body: usize,
     /// How long an instance whose lease ran out stays (unhealthy) before
     /// it is evicted. Default: 10 s.
     pub eviction_grace: Duration,
@@ -95,7 +147,13 @@ impl Default for Config {
             addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
             http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 7071))),
             data_dir: None,
-            token: None,
+            tokens: Tokens::none(),
+            open_reads: vec![ALL_NAMESPACES.to_owned()],
+            tls: None,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            http_max_connections: 512,
+            max_body: 64 * 1024,
             eviction_grace: Duration::from_secs(10),
             warmup: Duration::from_secs(10),
             check_interval: Duration::from_secs(5),
@@ -125,12 +183,15 @@ pub enum Error {
     /// The data directory could not be used.
     #[error("registry data directory: {0}")]
     Store(String),
+    /// A limit is out of range.
+    #[error("registry limits: {0}")]
+    Limits(String),
 }
 
 /// What the APIs share.
 pub(crate) struct Server {
     pub(crate) registry: MemoryRegistry,
-    pub(crate) token: Option<String>,
+    pub(crate) auth: auth::Auth,
     pub(crate) started: Instant,
     pub(crate) warmup: Duration,
     pub(crate) store: store::Store,
@@ -148,16 +209,6 @@ impl Server {
 
     pub(crate) fn warmup_ends(&self) -> Instant {
         self.started + self.warmup
-    }
-
-    /// Whether `authorization` (a header value) allows a write.
-    pub(crate) fn allows_write(&self, authorization: Option<&str>) -> bool {
-        match &self.token {
-            None => true,
-            Some(token) => authorization
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())),
-        }
     }
 
     /// Registers, as either API was asked to: an ephemeral instance in
@@ -259,10 +310,6 @@ impl Server {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// A running registry server.
 #[derive(Debug)]
 pub struct RunningRegistry {
@@ -296,6 +343,13 @@ impl RunningRegistry {
 
 /// Starts a registry server.
 pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
+    if config.http_max_connections == 0 || config.max_body == 0 {
+        return Err(Error::Limits(format!(
+            "http_max_connections ({}) and max_body ({}) must be at least 1",
+            config.http_max_connections, config.max_body
+        )));
+    }
+    conn::raise_open_file_limit();
     let first_revision = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
@@ -316,7 +370,7 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
     let closing = tokio::sync::watch::Sender::new(false);
     let server = Arc::new(Server {
         registry,
-        token: config.token.clone(),
+        auth: auth::Auth::new(config.tokens.clone(), config.open_reads.clone()),
         started: Instant::now(),
         warmup: config.warmup,
         store,
@@ -325,8 +379,16 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
         closing: closing.subscribe(),
     });
 
-    let grpc = Service::builder(lodestar_registry::SERVICE_NAME)
+    let mut grpc = Service::builder(lodestar_registry::SERVICE_NAME)
         .bind(config.addr)
+        .http2(lodestar::Http2Settings {
+            handshake_timeout: config.header_timeout,
+            ..lodestar::Http2Settings::server()
+        });
+    if let Some(tls) = &config.tls {
+        grpc = grpc.tls(tls.clone());
+    }
+    let grpc = grpc
         .add_service(pb::registry_server::RegistryServer::new(grpc::Api::new(
             server.clone(),
         )))
@@ -342,11 +404,27 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
             let bound = listener
                 .local_addr()
                 .map_err(|source| Error::Http { address, source })?;
-            tasks.push(tokio::spawn(http::serve(listener, server.clone())));
+            let limits = conn::Limits {
+                max_connections: config.http_max_connections,
+                header_timeout: config.header_timeout,
+                tls: config
+                    .tls
+                    .as_ref()
+                    .map(lodestar::tls::ServerTls::http1_acceptor),
+            };
+            let app = http::router(server.clone(), config.max_body, config.request_timeout);
+            tasks.push(tokio::spawn(conn::serve_http1(listener, app, limits)));
             Some(bound)
         }
     };
-    tracing::info!(grpc = %grpc.local_addr(), http = ?http_addr, "registry serving");
+    tracing::info!(
+        grpc = %grpc.local_addr(),
+        http = ?http_addr,
+        tls = config.tls.is_some(),
+        tokens = ?config.tokens,
+        open_reads = ?config.open_reads,
+        "registry serving"
+    );
     Ok(RunningRegistry {
         grpc,
         http_addr,

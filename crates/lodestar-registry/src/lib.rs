@@ -8,8 +8,11 @@
 //!   file, so that a process started while the registry is unreachable
 //!   can still call (see [below](#a-snapshot-on-disk)).
 //! * [`from_url`] turns a registry URL into a registry:
-//!   `memory://`, `lodestar://host:port[,host:port…][?token=…]`,
+//!   `memory://`, `lodestar://host:port[,host:port…]`, or with TLS
+//!   `lodestars://host:port[,host:port…]?ca=…[&cert=…&key=…][&server_name=…]`,
 //!   `etcd://…`, each but the first with an optional `snapshot=PATH`.
+//!   The token comes from `LODESTAR_REGISTRY_TOKEN` (or, as a fallback
+//!   that shows in process listings and shell history, `?token=…`).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -125,15 +128,29 @@ impl UrlError {
     }
 }
 
+/// The environment variable registry clients read their token from.
+pub const TOKEN_ENV: &str = "LODESTAR_REGISTRY_TOKEN";
+
 /// A registry from its URL:
 ///
 /// * `memory://`: a registry inside this process;
-/// * `lodestar://host:port[,host:port…][?token=…]`: `lodestar registry`
-///   servers (tried in turn), with an optional write token;
+/// * `lodestar://host:port[,host:port…]`: `lodestar registry` servers
+///   (tried in turn), in plaintext;
+/// * `lodestars://host:port[,host:port…]?ca=PATH[&cert=PATH&key=PATH][&server_name=NAME]`:
+///   the same over TLS, trusting the CA certificate(s) in `ca`; with
+///   `cert` and `key`, presenting that client certificate (mutual TLS);
+///   with `server_name`, verifying the servers' certificates against that
+///   name instead of the hosts in the URL;
 /// * `etcd://host:port[,host:port…][?prefix=…&user=…&password=…&ca=…]`:
 ///   an etcd cluster (with the default `etcd` feature).
 ///
-/// Any of the last two may add `snapshot=PATH` (percent-encoded): the
+/// `lodestar` and `lodestars` clients send the token in
+/// [`TOKEN_ENV`] (`LODESTAR_REGISTRY_TOKEN`) with every call, reads
+/// included. `?token=…` in the URL is accepted as a fallback and wins
+/// over the environment; it shows wherever the URL does (process listings,
+/// shell history), so prefer the environment.
+///
+/// Any but `memory://` may add `snapshot=PATH` (percent-encoded): the
 /// registry is then a [`SnapshotRegistry`] keeping its snapshot in the file
 /// `PATH` (see [A snapshot on disk](crate#a-snapshot-on-disk)).
 pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
@@ -152,33 +169,56 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
 /// `url`, the URL as the user wrote it.
 fn open(base: &str, url: &str) -> Result<Arc<dyn Registry>, UrlError> {
     let error = |reason: &str| UrlError::new(url, reason);
-    let expected = "expected memory://, lodestar://host:port[,host:port][?token=…] or etcd://host:port[,host:port]";
+    let expected = "expected memory://, lodestar://host:port[,host:port], \
+                    lodestars://host:port[,host:port]?ca=… or etcd://host:port[,host:port]";
     let (scheme, rest) = base.split_once("://").ok_or_else(|| error(expected))?;
     match scheme {
         "memory" if rest.is_empty() => Ok(Arc::new(MemoryRegistry::new())),
-        "lodestar" => {
+        "lodestar" | "lodestars" => {
+            let tls = scheme == "lodestars";
             let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
             let addresses = lodestar::parse_host_ports(hosts)
                 .map_err(|e| error(&format!("{e} ({expected})")))?;
+            let known = if tls {
+                "token, ca, cert, key or server_name"
+            } else {
+                "token; TLS parameters need lodestars://"
+            };
             let mut token = None;
+            let (mut ca, mut cert, mut key, mut server_name) = (None, None, None, None);
             for pair in query.split('&').filter(|p| !p.is_empty()) {
-                match pair.split_once('=') {
-                    Some(("token", value)) => {
-                        if !value.bytes().all(|b| b.is_ascii_graphic()) {
-                            return Err(error(
-                                "the token must be printable ASCII without spaces (it travels in a header)",
-                            ));
-                        }
-                        token = Some(value.to_owned());
-                    }
-                    _ => {
+                let slot = match pair.split_once('=') {
+                    Some(("token", _)) => &mut token,
+                    Some(("ca", _)) if tls => &mut ca,
+                    Some(("cert", _)) if tls => &mut cert,
+                    Some(("key", _)) if tls => &mut key,
+                    Some(("server_name", _)) if tls => &mut server_name,
+                    Some((name, _)) => {
                         return Err(error(&format!(
-                            "unknown parameter `{pair}` (expected token=… or snapshot=…)"
+                            "unknown parameter `{name}` (expected {known}, or snapshot=…)"
                         )));
                     }
-                }
+                    None => {
+                        return Err(error(&format!(
+                            "unknown parameter `{pair}` (expected {known})"
+                        )));
+                    }
+                };
+                *slot = pair.split_once('=').map(|(_, value)| value.to_owned());
+            }
+            let token = token.or_else(|| std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()));
+            if let Some(token) = &token
+                && !token.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(error(
+                    "the token must be printable ASCII without spaces (it travels in a header)",
+                ));
             }
             let mut registry = RemoteRegistry::new(&addresses);
+            if tls {
+                let client_tls = client_tls(ca, cert, key, server_name).map_err(|e| error(&e))?;
+                registry = registry.with_tls(client_tls);
+            }
             if let Some(token) = token {
                 registry = registry.with_token(token);
             }
@@ -256,6 +296,28 @@ fn registry_name(base: &str) -> String {
     name
 }
 
+/// The TLS settings of a `lodestars://` URL.
+fn client_tls(
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    server_name: Option<String>,
+) -> Result<lodestar::tls::ClientTls, String> {
+    let ca = ca.ok_or("lodestars:// needs ca=PATH (the CA certificate servers chain to)")?;
+    let mut tls = lodestar::tls::ClientTls::from_ca_file(&ca).map_err(|e| e.to_string())?;
+    tls = match (cert, key) {
+        (Some(cert), Some(key)) => tls
+            .with_identity_files(&cert, &key)
+            .map_err(|e| e.to_string())?,
+        (None, None) => tls,
+        _ => return Err("cert=PATH and key=PATH go together (mutual TLS)".to_owned()),
+    };
+    if let Some(name) = server_name {
+        tls = tls.with_server_name(&name).map_err(|e| e.to_string())?;
+    }
+    Ok(tls)
+}
+
 /// `url` with the values of `token` and `password` parameters hidden.
 fn redacted(url: &str) -> String {
     let Some((base, query)) = url.split_once('?') else {
@@ -285,6 +347,8 @@ pub struct RemoteRegistry {
 struct Inner {
     addresses: Vec<String>,
     client: Client,
+    /// TLS towards the servers, if any.
+    tls: Option<lodestar::tls::ClientTls>,
     /// `Bearer {token}`, parsed once.
     authorization: Option<lodestar::metadata::AsciiMetadataValue>,
     /// The last known instances of each service looked up or watched.
@@ -305,7 +369,12 @@ struct Cached {
 
 impl std::fmt::Debug for RemoteRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "lodestar://{}", self.inner.addresses.join(","))
+        let scheme = if self.inner.tls.is_some() {
+            "lodestars"
+        } else {
+            "lodestar"
+        };
+        write!(f, "{scheme}://{}", self.inner.addresses.join(","))
     }
 }
 
@@ -315,39 +384,57 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 impl RemoteRegistry {
     /// A registry served at `addresses` (`host:port`; tried in turn).
     pub fn new(addresses: &[String]) -> Self {
+        Self::build(addresses.to_vec(), None, None)
+    }
+
+    fn build(
+        addresses: Vec<String>,
+        tls: Option<lodestar::tls::ClientTls>,
+        authorization: Option<lodestar::metadata::AsciiMetadataValue>,
+    ) -> Self {
         let known = StaticRegistry::new().with(SERVICE_NAME, addresses.iter().cloned());
-        let client = Client::builder(known)
+        let mut client = Client::builder(known)
             .connect_timeout(Duration::from_secs(1))
-            .ejection(Duration::from_millis(500), Duration::from_secs(5))
-            .build();
+            .ejection(Duration::from_millis(500), Duration::from_secs(5));
+        if let Some(tls) = &tls {
+            client = client.tls(tls.clone());
+        }
         Self {
             inner: Arc::new(Inner {
-                addresses: addresses.to_vec(),
-                client,
-                authorization: None,
+                addresses,
+                client: client.build(),
+                tls,
+                authorization,
                 cache: Mutex::new(HashMap::new()),
                 keepalive: keepalive::KeepAlive::default(),
             }),
         }
     }
 
-    /// Sends `token` with every write (`authorization: Bearer <token>`).
+    /// Sends `token` with every call, reads included
+    /// (`authorization: Bearer <token>`).
     pub fn with_token(self, token: impl Into<String>) -> Self {
         let token = token.into();
         let authorization = format!("Bearer {token}").parse().ok();
         if authorization.is_none() {
             tracing::warn!(
-                "the registry token has characters a header cannot carry; writes will be refused"
+                "the registry token has characters a header cannot carry; calls that need it will be refused"
             );
         }
-        let inner = Arc::new(Inner {
-            addresses: self.inner.addresses.clone(),
-            client: self.inner.client.clone(),
+        Self::build(
+            self.inner.addresses.clone(),
+            self.inner.tls.clone(),
             authorization,
-            cache: Mutex::new(HashMap::new()),
-            keepalive: keepalive::KeepAlive::default(),
-        });
-        Self { inner }
+        )
+    }
+
+    /// Talks to the servers over TLS (mutual TLS if `tls` has an identity).
+    pub fn with_tls(self, tls: lodestar::tls::ClientTls) -> Self {
+        Self::build(
+            self.inner.addresses.clone(),
+            Some(tls),
+            self.inner.authorization.clone(),
+        )
     }
 
     fn api(&self) -> RegistryClient<lodestar::client::Channel> {
@@ -658,7 +745,13 @@ mod tests {
             ("127.0.0.1:7070", "expected memory://"),
             ("lodestar://nohost", "`nohost` is not host:port"),
             ("lodestar://h:notaport", "is not host:port"),
-            ("lodestar://h:1?tok=x", "unknown parameter `tok=x`"),
+            ("lodestar://h:1?tok=x", "unknown parameter `tok`"),
+            ("lodestar://h:1?ca=/x", "TLS parameters need lodestars://"),
+            ("lodestars://h:1", "needs ca=PATH"),
+            (
+                "lodestars://h:1?ca=/nonexistent/ca.pem",
+                "cannot read the CA certificate",
+            ),
             ("consul://h:8500", "expected memory://"),
             ("etcd://h", "is not host:port"),
         ] {

@@ -187,7 +187,7 @@ async fn keepalive_stream_answers_each_heartbeat_in_order_and_needs_the_token() 
         addr: "127.0.0.1:0".parse().unwrap(),
         http_addr: None,
         warmup: Duration::ZERO,
-        token: Some("s3cret".to_owned()),
+        tokens: lodestar_registry_server::Tokens::single("s3cret").unwrap(),
         ..lodestar_registry_server::Config::default()
     })
     .await

@@ -66,7 +66,7 @@ async fn unsafe_or_oversized_registrations_are_refused_with_the_reason_over_both
         (r#"{"service": "a\u001b[2J", "address": "10.0.0.1:80", "ttl_ms": 5000}"#.into(), "service"),
         (r#"{"service": "a\u0000b", "address": "10.0.0.1:80", "ttl_ms": 5000}"#.into(), "service"),
         (r#"{"service": "svc", "id": "x\u202eevil", "address": "10.0.0.1:80", "ttl_ms": 5000}"#.into(), "id"),
-        (format!(r#"{{"service": "svc", "id": "{}", "address": "10.0.0.1:80", "ttl_ms": 5000}}"#, "i".repeat(100_000)), "id"),
+        (format!(r#"{{"service": "svc", "id": "{}", "address": "10.0.0.1:80", "ttl_ms": 5000}}"#, "i".repeat(5_000)), "id"),
         (r#"{"service": "svc", "id": "x", "address": "10.0.0.1:80\r\nHost: evil", "ttl_ms": 5000}"#.into(), "address"),
         (r#"{"service": "svc", "address": "10.0.0.1:80", "ttl_ms": 1}"#.into(), "TTL"),
         (r#"{"service": "svc", "address": "10.0.0.1:80", "ttl_ms": 99999999999}"#.into(), "TTL"),
@@ -76,7 +76,7 @@ async fn unsafe_or_oversized_registrations_are_refused_with_the_reason_over_both
     ];
     for (body, says) in &cases {
         let (code, text) = http(registry.http, "POST", "/v1/instances", Some(body), None);
-        assert!(code == 400 || code == 413, "{code}: {text}");
+        assert_eq!(code, 400, "{text}");
         let error = error_of(&text);
         assert!(error.contains(says), "{says}: {error}");
         assert!(

@@ -711,7 +711,7 @@ mod tests {
             ("memory://?snapshot=/a", "ends with its process"),
             (
                 "lodestar://h:1?snapshot=/a&tok=x",
-                "unknown parameter `tok=x`",
+                "unknown parameter `tok`",
             ),
         ] {
             let error = SnapshotRegistry::from_url(bad)

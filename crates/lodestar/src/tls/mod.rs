@@ -161,6 +161,15 @@ impl ServerTls {
         Ok(Arc::new(config))
     }
 
+    /// An acceptor for HTTP/1.1 servers next to the gRPC one (an HTTP/JSON
+    /// API on the same certificates): the same settings, offering
+    /// `http/1.1` instead of `h2` in ALPN.
+    pub fn http1_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
     pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
