@@ -459,3 +459,36 @@ async fn health_checks_are_validated_sent_as_real_requests_and_kept_to_allowed_n
         "a check reached a network it may not"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cannot_resolve_a_service_says_why_the_registry_refused() {
+    // A registry whose reads need a token, and a client without one.
+    let dir = std::env::temp_dir().join(format!(
+        "lodestar-registry-why-{}",
+        lodestar_tests::unique_name()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens.json");
+    std::fs::write(
+        &tokens,
+        r#"{"tokens": [{"name": "ops", "secret": "not-for-clients", "namespaces": ["*"], "access": "write"}]}"#,
+    )
+    .unwrap();
+    let registry = registry("127.0.0.1:0", &["--tokens", tokens.to_str().unwrap()]);
+    let client = Client::builder(RemoteRegistry::new(&[registry.grpc.to_string()]))
+        .resolve_timeout(Duration::from_millis(500))
+        .build();
+    let mut guide = route_guide::RouteGuideClient::by_name(&client, "orders");
+    let status = bounded(
+        "a call to fail",
+        guide.get_feature(route_guide::Point::default()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        status.message().contains("did not list its instances")
+            && status.message().contains("not authorized"),
+        "the cause is hidden: {status:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
