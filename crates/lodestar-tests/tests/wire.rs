@@ -771,3 +771,48 @@ async fn a_connection_that_never_speaks_is_closed_after_the_handshake_timeout() 
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_grpc_timeout_is_refused_rather_than_ignored() {
+    let world = World::new();
+    let running = world.start("echo", "a").await;
+    let request = EchoRequest::default().encode_to_vec();
+    // Not digits, a sign, nine digits, no unit, an unknown unit.
+    for bad in ["abc", "-1S", "123456789S", "5", "5X"] {
+        let (_, trailers, messages) = raw_frame_call(
+            running.local_addr(),
+            "/lodestar.test.Echo/Unary",
+            "application/grpc",
+            None,
+            &[("grpc-timeout", bad)],
+            0,
+            &request,
+        )
+        .await;
+        assert!(messages.is_empty(), "{bad}: {messages:?}");
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+            Some("13"),
+            "{bad}: {trailers:?}"
+        );
+        let message = trailers.get("grpc-message").unwrap().to_str().unwrap();
+        // grpc-message is percent-encoded.
+        assert!(
+            message.starts_with("malformed%20grpc-timeout"),
+            "{bad}: {message}"
+        );
+    }
+    // Eight digits and a unit are fine.
+    let (_, trailers, messages) = raw_frame_call(
+        running.local_addr(),
+        "/lodestar.test.Echo/Unary",
+        "application/grpc",
+        None,
+        &[("grpc-timeout", "99999999m")],
+        0,
+        &request,
+    )
+    .await;
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+    assert_eq!(messages.len(), 1);
+}

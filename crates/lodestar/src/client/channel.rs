@@ -97,7 +97,10 @@ impl tower_service::Service<Request<Body>> for Channel {
         let balancer = self.balancer.clone();
         let idempotent = self.idempotent.contains(&request.uri().path());
         // Read the inbound deadline here, inside the caller's task.
-        let deadline = deadline::outbound(request.headers(), balancer.config.timeout);
+        let deadline = match deadline::outbound(request.headers(), balancer.config.timeout) {
+            Ok(deadline) => deadline,
+            Err(status) => return Box::pin(std::future::ready(Err(status))),
+        };
         let received = balancer
             .config
             .inspect_compression

@@ -92,7 +92,13 @@ impl tower_service::Service<Request<Incoming>> for Stack {
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        let deadline = deadline::inbound(request.headers());
+        let deadline = match deadline::inbound(request.headers()) {
+            Ok(deadline) => deadline,
+            Err(status) => {
+                let json = json::is_json(request.headers());
+                return Box::pin(std::future::ready(Ok(reject(status, json))));
+            }
+        };
         if let Some(deadline) = deadline {
             request.extensions_mut().insert(deadline);
         }
