@@ -49,6 +49,7 @@
 
 mod body;
 pub mod client;
+mod codec;
 pub mod compression;
 mod deadline;
 pub mod events;
@@ -186,6 +187,7 @@ macro_rules! include_proto {
 /// the generator and may change.
 #[doc(hidden)]
 pub mod codegen {
+    pub use crate::codec::ProstCodec;
     pub use prost;
     pub use prost_types;
     pub use tonic;
