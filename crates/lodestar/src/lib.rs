@@ -68,7 +68,7 @@ pub use lodestar_core::{
     MemoryRegistry, Message, Registry, RegistryError, Revision, ServiceKey, StaticRegistry,
     WatchEvent, WatchStream, broker, parse_host_ports, registry,
 };
-pub use server::{RunningService, Service, ServiceBuilder};
+pub use server::{ConnectionLimits, RunningService, Service, ServiceBuilder};
 /// gRPC metadata (headers and trailers) types.
 pub use tonic::metadata;
 pub use tonic::{Code, Request, Response, Status, Streaming, async_trait};
