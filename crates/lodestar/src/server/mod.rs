@@ -661,9 +661,11 @@ impl ServiceBuilder {
             stop_rx,
             self.grace,
             events.clone(),
-            self.tls.as_ref().map(ServerTls::acceptor),
-            self.http2,
-            self.connections,
+            serve::Connections {
+                tls: self.tls.as_ref().map(ServerTls::acceptor),
+                http2: self.http2,
+                limits: self.connections,
+            },
         ));
         events.announce(Lifecycle::Serving(local_addr));
 

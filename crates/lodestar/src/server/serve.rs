@@ -266,6 +266,13 @@ fn reject(status: tonic::Status, json: bool) -> Response<CallBody<Body>> {
     response.map(|body| CallBody::new(body, None, Side::ServerResponse, None))
 }
 
+/// How connections are served: TLS or not, HTTP/2 settings, and limits.
+pub(crate) struct Connections {
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) http2: crate::Http2Settings,
+    pub(crate) limits: ConnectionLimits,
+}
+
 /// Accepts connections until told to stop, then closes the listener, asks
 /// every connection to finish (GOAWAY), and waits up to `grace` for them.
 pub(crate) async fn serve(
@@ -274,10 +281,13 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
     events: Arc<Announcer>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    settings: crate::Http2Settings,
-    limits: ConnectionLimits,
+    connections: Connections,
 ) {
+    let Connections {
+        tls,
+        http2: settings,
+        limits,
+    } = connections;
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
