@@ -1743,7 +1743,7 @@ mod tests {
     async fn a_lost_lease_is_registered_again() {
         let registry = registry();
         let a = HttpBroker::builder(registry.clone())
-            .ttl(Duration::from_millis(300))
+            .ttl(Duration::from_millis(600))
             .build();
         let _s = a
             .subscribe("orders", SubscribeOptions::broadcast())

@@ -170,7 +170,7 @@ impl Builder {
                 .build_client(self.build_client)
                 .build_server(self.build_server)
                 .build_transport(false)
-                .codec_path("::lodestar::codegen::tonic_prost::ProstCodec")
+                .codec_path("::lodestar::codegen::ProstCodec")
                 .service_generator();
             config.service_generator(Box::new(Generator {
                 tonic,

@@ -63,6 +63,9 @@ pub(crate) struct ServeArgs {
     /// Connections the HTTP API serves at once; more are closed.
     #[arg(long, default_value_t = 512)]
     http_max_connections: usize,
+    /// Connections the gRPC API serves at once; more are closed.
+    #[arg(long, default_value_t = 4096)]
+    grpc_max_connections: usize,
     /// Largest HTTP request body in bytes (413 past it).
     #[arg(long, default_value_t = 64 * 1024)]
     max_body: usize,
@@ -151,6 +154,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
         header_timeout: seconds("header-timeout", args.header_timeout)?,
         request_timeout: seconds("request-timeout", args.request_timeout)?,
         http_max_connections: args.http_max_connections,
+        grpc_max_connections: args.grpc_max_connections,
         max_body: args.max_body,
         ..lodestar_registry_server::Config::default()
     };

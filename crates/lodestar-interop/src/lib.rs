@@ -65,6 +65,24 @@ fn zeros(size: i32) -> Option<Payload> {
     })
 }
 
+/// The largest response payload the server makes, in bytes: the default
+/// send limit (4 MiB), since a larger message could not be sent anyway.
+pub const MAX_RESPONSE_SIZE: usize = 4 * 1024 * 1024;
+
+/// The payload a request asks the server to answer with; a negative size,
+/// or one over [`MAX_RESPONSE_SIZE`], is refused before anything is allocated.
+fn response_payload(size: i32) -> Result<Option<Payload>, Status> {
+    match usize::try_from(size) {
+        Err(_) => Err(Status::invalid_argument(format!(
+            "response size {size} is negative"
+        ))),
+        Ok(len) if len > MAX_RESPONSE_SIZE => Err(Status::resource_exhausted(format!(
+            "response size {len} is over this server's limit of {MAX_RESPONSE_SIZE} bytes"
+        ))),
+        Ok(_) => Ok(zeros(size)),
+    }
+}
+
 fn yes(value: bool) -> Option<BoolValue> {
     Some(BoolValue { value })
 }
@@ -119,7 +137,8 @@ type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<StreamingOutputCallResponse, Status>> + Send>>;
 
 /// Sends the responses `parameters` ask for, honouring `interval_us` and
-/// per-message compression; false when the client went away.
+/// per-message compression; false when the client went away or a size
+/// was refused (the stream then ends with why).
 async fn respond(
     tx: &mpsc::Sender<Result<StreamingOutputCallResponse, Status>>,
     plan: &PerMessage,
@@ -132,11 +151,16 @@ async fn respond(
             ))
             .await;
         }
+        let payload = match response_payload(p.size) {
+            Ok(payload) => payload,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return false;
+            }
+        };
         plan.push(p.compressed.is_some_and(|c| c.value));
         if tx
-            .send(Ok(StreamingOutputCallResponse {
-                payload: zeros(p.size),
-            }))
+            .send(Ok(StreamingOutputCallResponse { payload }))
             .await
             .is_err()
         {
@@ -177,7 +201,7 @@ impl TestService for InteropServer {
             return Err(status);
         }
         let mut response = Response::new(SimpleResponse {
-            payload: zeros(request.response_size),
+            payload: response_payload(request.response_size)?,
             ..SimpleResponse::default()
         });
         response.extensions_mut().insert(Compress(

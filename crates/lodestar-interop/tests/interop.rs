@@ -93,3 +93,73 @@ fn every_case_passes_between_lodestar_client_and_server_over_tls() {
     );
     assert_all_passed(&stdout, "over TLS");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_absurd_response_sizes_before_allocating_them() {
+    use lodestar::{Code, MemoryRegistry, Service};
+    use lodestar_interop::pb::test_service_client::TestServiceClient;
+    use lodestar_interop::pb::{ResponseParameters, SimpleRequest, StreamingOutputCallRequest};
+    use lodestar_interop::{InteropServer, SERVICE_NAME, TestServiceServer};
+
+    async fn bounded<F: std::future::Future>(future: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .expect("an answer in time")
+    }
+    let registry = MemoryRegistry::new();
+    let running = Service::builder(SERVICE_NAME)
+        .registry(registry.clone())
+        .add_service(TestServiceServer::new(InteropServer))
+        .start()
+        .await
+        .unwrap();
+    let client = lodestar::Client::new(registry);
+    let mut test = TestServiceClient::by_name(&client, SERVICE_NAME);
+    let unary = |response_size| SimpleRequest {
+        response_size,
+        ..SimpleRequest::default()
+    };
+    // 2 GiB asked for in a few bytes.
+    let status = bounded(test.unary_call(unary(i32::MAX))).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("response size 2147483647 is over this server's limit"),
+        "{status:?}"
+    );
+    let status = bounded(test.unary_call(unary(-1))).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Streams too, after the messages before.
+    let sizes = [10, 64 * 1024 * 1024];
+    let request = StreamingOutputCallRequest {
+        response_parameters: sizes
+            .iter()
+            .map(|&size| ResponseParameters {
+                size,
+                ..ResponseParameters::default()
+            })
+            .collect(),
+        ..StreamingOutputCallRequest::default()
+    };
+    let mut stream = bounded(test.streaming_output_call(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = bounded(stream.message()).await.unwrap().unwrap();
+    assert_eq!(first.payload.unwrap().body.len(), 10);
+    let status = bounded(stream.message()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("response size"), "{status:?}");
+    // The largest allowed size is served.
+    let reply = bounded(test.unary_call(unary(
+        i32::try_from(lodestar_interop::MAX_RESPONSE_SIZE - 16).unwrap(),
+    )))
+    .await
+    .unwrap();
+    assert_eq!(
+        reply.into_inner().payload.unwrap().body.len(),
+        lodestar_interop::MAX_RESPONSE_SIZE - 16
+    );
+    running.shutdown().await.unwrap();
+}

@@ -116,6 +116,10 @@ pub struct Config {
     /// How many connections the HTTP API serves at once; more are closed
     /// as they are accepted. Default: 512.
     pub http_max_connections: usize,
+    /// How many connections the gRPC API serves at once; more are closed
+    /// as they are accepted (lodestar's [`lodestar::ConnectionLimits`]).
+    /// Default: 4096.
+    pub grpc_max_connections: usize,
     /// The largest HTTP request body, in bytes; larger ones are answered
     /// 413 (registrations are well under 1 KiB). Default: 64 KiB.
     pub max_body: usize,
@@ -153,6 +157,7 @@ impl Default for Config {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             http_max_connections: 512,
+            grpc_max_connections: 4096,
             max_body: 64 * 1024,
             eviction_grace: Duration::from_secs(10),
             warmup: Duration::from_secs(10),
@@ -384,6 +389,10 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
         .http2(lodestar::Http2Settings {
             handshake_timeout: config.header_timeout,
             ..lodestar::Http2Settings::server()
+        })
+        .connection_limits(lodestar::ConnectionLimits {
+            max_connections: config.grpc_max_connections,
+            ..lodestar::ConnectionLimits::default()
         });
     if let Some(tls) = &config.tls {
         grpc = grpc.tls(tls.clone());

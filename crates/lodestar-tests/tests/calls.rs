@@ -885,3 +885,29 @@ async fn below_its_protection_threshold_a_client_calls_every_enabled_instance() 
     // One in four healthy is below half: every enabled instance takes calls.
     assert_eq!(spread_with(0.5).await.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_does_not_send_a_malformed_grpc_timeout() {
+    let mut world = World::new();
+    let _running = world.start("echo", "a").await;
+    let mut echo = EchoClient::by_name(&world.client(), "echo");
+    let mut request = Request::new(sleep_request("never", Duration::from_secs(30)));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "abc".parse().unwrap());
+    let status = bounded("the refused call", echo.sleep(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(
+        status.message().contains("malformed grpc-timeout \"abc\""),
+        "{status:?}"
+    );
+    // Refused before sending: the handler never ran.
+    let mut request = Request::new(sleep_request("sent", Duration::ZERO));
+    request.set_timeout(Duration::from_secs(5));
+    bounded("a well-formed call", echo.sleep(request))
+        .await
+        .unwrap();
+    assert_eq!(world.next_event().await, Event::SleepStarted("sent".into()));
+}

@@ -771,3 +771,294 @@ async fn a_connection_that_never_speaks_is_closed_after_the_handshake_timeout() 
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_grpc_timeout_is_refused_rather_than_ignored() {
+    let world = World::new();
+    let running = world.start("echo", "a").await;
+    let request = EchoRequest::default().encode_to_vec();
+    // Not digits, a sign, nine digits, no unit, an unknown unit.
+    for bad in ["abc", "-1S", "123456789S", "5", "5X"] {
+        let (_, trailers, messages) = raw_frame_call(
+            running.local_addr(),
+            "/lodestar.test.Echo/Unary",
+            "application/grpc",
+            None,
+            &[("grpc-timeout", bad)],
+            0,
+            &request,
+        )
+        .await;
+        assert!(messages.is_empty(), "{bad}: {messages:?}");
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+            Some("13"),
+            "{bad}: {trailers:?}"
+        );
+        let message = trailers.get("grpc-message").unwrap().to_str().unwrap();
+        // grpc-message is percent-encoded.
+        assert!(
+            message.starts_with("malformed%20grpc-timeout"),
+            "{bad}: {message}"
+        );
+    }
+    // Eight digits and a unit are fine.
+    let (_, trailers, messages) = raw_frame_call(
+        running.local_addr(),
+        "/lodestar.test.Echo/Unary",
+        "application/grpc",
+        None,
+        &[("grpc-timeout", "99999999m")],
+        0,
+        &request,
+    )
+    .await;
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+    assert_eq!(messages.len(), 1);
+}
+
+/// Slow readers: what a server holds for responses nobody reads.
+mod unread {
+    use super::*;
+    use lodestar::ConnectionLimits;
+    use std::time::Duration;
+
+    type Sender = h2::client::SendRequest<Bytes>;
+
+    /// An HTTP/2 connection whose streams open `window` bytes to the server
+    /// (0: the server may send no response data at all), and its task.
+    pub(super) async fn connect(
+        address: std::net::SocketAddr,
+        window: u32,
+    ) -> (Sender, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+        let tcp = bounded("connect", tokio::net::TcpStream::connect(address))
+            .await
+            .unwrap();
+        let (sender, connection) = bounded(
+            "the HTTP/2 handshake",
+            h2::client::Builder::new()
+                .initial_window_size(window)
+                .handshake(tcp),
+        )
+        .await
+        .unwrap();
+        (sender, tokio::spawn(connection))
+    }
+
+    /// Starts an Echo call whose reply carries `reply` bytes.
+    pub(super) async fn echo(
+        sender: &Sender,
+        reply: usize,
+    ) -> Result<h2::client::ResponseFuture, h2::Error> {
+        let request = http::Request::post("http://localhost/lodestar.test.Echo/Unary")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let message = EchoRequest {
+            message: "a".repeat(reply),
+            payload: vec![],
+        }
+        .encode_to_vec();
+        let mut frame = vec![0];
+        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&message);
+        let mut sender = sender.clone().ready().await?;
+        let (response, mut body) = sender.send_request(request, false)?;
+        body.send_data(Bytes::from(frame), true)?;
+        Ok(response)
+    }
+
+    /// How a call ended: (grpc-status, grpc-message). Reads the response's
+    /// data first if `read`; otherwise only what needs no flow-control window.
+    pub(super) async fn ending(
+        response: h2::client::ResponseFuture,
+        read: bool,
+    ) -> Result<(String, String), h2::Error> {
+        let response = response.await?;
+        let (parts, mut body) = response.into_parts();
+        let trailers = if parts.headers.contains_key("grpc-status") {
+            parts.headers
+        } else {
+            while read && let Some(chunk) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk?.len());
+            }
+            body.trailers().await?.unwrap_or_default()
+        };
+        let text = |name| {
+            trailers
+                .get(name)
+                .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        Ok((text("grpc-status"), text("grpc-message")))
+    }
+
+    /// Makes `calls` Echo calls with `reply`-byte replies on each of
+    /// `connections` new connections that never read, and waits for
+    /// `refused` of them to end; returns their endings. The connections
+    /// stay open until the returned tasks are dropped.
+    async fn unread_calls(
+        address: std::net::SocketAddr,
+        connections: usize,
+        calls: usize,
+        reply: usize,
+        refused: usize,
+    ) -> (Vec<(String, String)>, Vec<Sender>) {
+        let mut senders = Vec::new();
+        let mut endings = tokio::task::JoinSet::new();
+        for _ in 0..connections {
+            let (sender, _connection) = connect(address, 0).await;
+            for _ in 0..calls {
+                let response = echo(&sender, reply).await.unwrap();
+                endings.spawn(ending(response, false));
+            }
+            senders.push(sender);
+        }
+        let mut ended = Vec::new();
+        bounded("the calls over the budget to be refused", async {
+            while ended.len() < refused {
+                ended.push(endings.join_next().await.unwrap().unwrap().unwrap());
+            }
+        })
+        .await;
+        // The others stay held: their endings wait behind data nobody reads.
+        endings.detach_all();
+        (ended, senders)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_reads_nothing_pins_at_most_its_budget() {
+        const REPLY: usize = 300 * 1024;
+        let world = World::new();
+        // One connection may hold 1 MiB: three of twelve 300 KiB replies.
+        let running = world
+            .builder("echo", "a")
+            .connection_limits(ConnectionLimits {
+                max_unsent_bytes_per_connection: 1024 * 1024,
+                ..ConnectionLimits::default()
+            })
+            .add_service(EchoServer::new(world.echo("a")))
+            .start()
+            .await
+            .unwrap();
+        let (ended, _held) = unread_calls(running.local_addr(), 1, 12, REPLY, 9).await;
+        for (status, message) in &ended {
+            assert_eq!(status, "8", "{message}");
+            assert!(
+                message.contains("max_unsent_bytes_per_connection"),
+                "{message}"
+            );
+        }
+        // Other connections are served as ever.
+        let mut echo = EchoClient::by_name(&world.client(), "echo");
+        bounded(
+            "a call on another connection",
+            echo.unary(EchoRequest::default()),
+        )
+        .await
+        .unwrap();
+
+        // All connections together may hold 1 MiB: three of four replies,
+        // two connections asking for two each.
+        let running = world
+            .builder("echo", "b")
+            .connection_limits(ConnectionLimits {
+                max_unsent_bytes: 1024 * 1024,
+                ..ConnectionLimits::default()
+            })
+            .add_service(EchoServer::new(world.echo("b")))
+            .start()
+            .await
+            .unwrap();
+        let (ended, _held) = unread_calls(running.local_addr(), 2, 2, REPLY, 1).await;
+        let (status, message) = &ended[0];
+        assert_eq!(status, "8", "{message}");
+        assert!(message.contains("max_unsent_bytes)"), "{message}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_that_sends_nothing_it_holds_is_closed_after_the_stall_timeout() {
+        let world = World::new();
+        let stall_timeout = Duration::from_millis(300);
+        let running = world
+            .builder("echo", "a")
+            .connection_limits(ConnectionLimits {
+                stall_timeout,
+                ..ConnectionLimits::default()
+            })
+            .add_service(EchoServer::new(world.echo("a")))
+            .start()
+            .await
+            .unwrap();
+        let address = running.local_addr();
+        // An idle connection, and one that reads nothing.
+        let (idle, _idle_task) = connect(address, 1024 * 1024).await;
+        let call = echo(&idle, 10).await.unwrap();
+        assert_eq!(ending(call, true).await.unwrap().0, "0");
+        let started = std::time::Instant::now();
+        let (stalled, stalled_task) = connect(address, 0).await;
+        let held = echo(&stalled, 100 * 1024).await.unwrap();
+        // The server closes it, and the call ends with it.
+        let closed = bounded("the server to close the stalled connection", stalled_task)
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= stall_timeout,
+            "closed after {waited:?}: {closed:?}"
+        );
+        assert!(
+            bounded("the held call", ending(held, false)).await.is_err(),
+            "the held call ended normally"
+        );
+        // The idle connection, older than the timeout, is still served.
+        let call = echo(&idle, 10).await.unwrap();
+        assert_eq!(ending(call, true).await.unwrap().0, "0");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_limit_are_closed_until_one_ends() {
+        let world = World::new();
+        let running = world
+            .builder("echo", "a")
+            .connection_limits(ConnectionLimits {
+                max_connections: 1,
+                ..ConnectionLimits::default()
+            })
+            .add_service(EchoServer::new(world.echo("a")))
+            .start()
+            .await
+            .unwrap();
+        let address = running.local_addr();
+        let (first, first_task) = connect(address, 1024 * 1024).await;
+        let call = echo(&first, 10).await.unwrap();
+        assert_eq!(ending(call, true).await.unwrap().0, "0");
+        // A second connection is closed at once.
+        let (second, second_task) = connect(address, 1024 * 1024).await;
+        let refused = bounded("the second connection's call", async {
+            ending(echo(&second, 10).await?, true).await
+        })
+        .await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert!(
+            bounded("the second connection to end", second_task)
+                .await
+                .is_ok()
+        );
+        // Once the first ends, a new one is served.
+        drop(first);
+        first_task.abort();
+        bounded("a connection once the first ended", async {
+            loop {
+                let (sender, _task) = connect(address, 1024 * 1024).await;
+                let served = async { ending(echo(&sender, 10).await?, true).await };
+                if let Ok((status, _)) = served.await {
+                    assert_eq!(status, "0");
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}

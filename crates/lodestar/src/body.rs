@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+use crate::codec;
 use crate::compression::ReceivedFlags;
 use crate::deadline::{self, Deadline};
 use crate::frames::Reframer;
@@ -147,15 +148,32 @@ where
         loop {
             // A server's response stream runs with the inbound deadline
             // current, so calls made while producing it are bounded by it too.
-            let frame = match (*this.side, *this.deadline) {
+            let inner = this.inner.as_mut();
+            let poll = || match (*this.side, *this.deadline) {
                 (Side::ServerResponse, Some(deadline)) => {
-                    deadline::sync_scope(deadline, || this.inner.as_mut().poll_frame(cx))
+                    deadline::sync_scope(deadline, || inner.poll_frame(cx))
                 }
-                _ => this.inner.as_mut().poll_frame(cx),
+                _ => inner.poll_frame(cx),
+            };
+            // A server's response is encoded here: messages over the send
+            // limit are refused before they are encoded.
+            let (frame, refused) = match (*this.side, this.limit.as_ref()) {
+                (Side::ServerResponse, Some(limit)) => codec::with_send_limit(limit.limit, poll),
+                _ => (poll(), None),
             };
             let Poll::Ready(frame) = frame else {
                 return Poll::Pending;
             };
+            // The status of a refused message, and where its frame starts.
+            let refused = refused
+                .zip(this.limit.as_ref())
+                .map(|(refused, limit)| (too_large(refused.len as u64, limit.limit), refused));
+            if let Some((status, _)) = &refused
+                && !matches!(&frame, Some(Ok(frame)) if frame.is_data())
+            {
+                *this.done = true;
+                return Poll::Ready(Some(end(*this.side, status.clone())));
+            }
             let frame = match frame {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => {
@@ -194,7 +212,11 @@ where
                     return Poll::Ready(Some(Ok(frame)));
                 }
             };
-            if let Some(limit) = this.limit.as_mut()
+            if let Some((status, refused)) = refused {
+                // Deliver the complete messages before the refused one first.
+                *this.pending = Some(status);
+                data = data.slice(..refused.offset_in(&data));
+            } else if let Some(limit) = this.limit.as_mut()
                 && let Err((valid, status)) = limit.scan(&data)
             {
                 // Deliver the complete messages before the oversized one first.
@@ -241,7 +263,8 @@ fn end(side: Side, status: tonic::Status) -> Result<Frame<Bytes>, BoxError> {
     }
 }
 
-fn status_trailers(status: &tonic::Status) -> HeaderMap {
+/// The trailers that end a call with `status`.
+pub(crate) fn status_trailers(status: &tonic::Status) -> HeaderMap {
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from(status.code() as i32));
     if let Ok(message) = HeaderValue::from_str(status.message()) {
@@ -304,17 +327,21 @@ impl FrameLimit {
                     flags.record(flag != 0);
                 }
                 if u64::from(len) > self.limit as u64 {
-                    let status = tonic::Status::resource_exhausted(format!(
-                        "message of {len} bytes is larger than the limit of {} bytes",
-                        self.limit
-                    ));
-                    return Err((began, status));
+                    return Err((began, too_large(u64::from(len), self.limit)));
                 }
                 self.remaining = u64::from(len);
             }
         }
         Ok(())
     }
+}
+
+/// The status of a call that would send or receive a message of `len`
+/// bytes over `limit`.
+fn too_large(len: u64, limit: usize) -> tonic::Status {
+    tonic::Status::resource_exhausted(format!(
+        "message of {len} bytes is larger than the limit of {limit} bytes"
+    ))
 }
 
 pin_project_lite::pin_project! {
@@ -372,7 +399,17 @@ impl Body for RequestBody {
         }
         let mut inner = this.inner;
         loop {
-            let frame = match inner.as_mut().poll_frame(cx) {
+            // The request is encoded here: messages over the send limit are
+            // refused before they are encoded.
+            let (frame, refused) =
+                codec::with_send_limit(this.limit.limit, || inner.as_mut().poll_frame(cx));
+            let refused = refused.map(|r| (too_large(r.len as u64, this.limit.limit), r));
+            if let Some((status, _)) = &refused
+                && !matches!(&frame, Poll::Ready(Some(Ok(frame))) if frame.is_data())
+            {
+                return fail(this.error, status.clone());
+            }
+            let frame = match frame {
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(Some(Err(status))) => return fail(this.error, status),
                 other => return other,
@@ -381,7 +418,10 @@ impl Body for RequestBody {
                 Ok(data) => data,
                 Err(frame) => return Poll::Ready(Some(Ok(frame))),
             };
-            if let Err((valid, status)) = this.limit.scan(&data) {
+            if let Some((status, refused)) = refused {
+                *this.pending = Some(status);
+                data = data.slice(..refused.offset_in(&data));
+            } else if let Err((valid, status)) = this.limit.scan(&data) {
                 *this.pending = Some(status);
                 data = data.slice(..valid);
             }

@@ -104,24 +104,27 @@ pub(crate) fn sync_scope<R>(deadline: Deadline, f: impl FnOnce() -> R) -> R {
 
 /// The deadline for an outbound request: the earliest of its own
 /// `grpc-timeout`, the current inbound deadline, and the client default.
-pub(crate) fn outbound(headers: &HeaderMap, default: Option<Duration>) -> Option<Deadline> {
-    let own = headers
-        .get(grpc_timeout::HEADER)
-        .and_then(grpc_timeout::parse);
+/// A malformed `grpc-timeout` (set by hand in the request's metadata) is
+/// refused rather than sent.
+pub(crate) fn outbound(
+    headers: &HeaderMap,
+    default: Option<Duration>,
+) -> Result<Option<Deadline>, tonic::Status> {
+    let own = timeout(headers)?;
     let current = Deadline::current();
     if own.is_none() && default.is_none() {
         // The common call: no clock read.
-        return current;
+        return Ok(current);
     }
     let now = Instant::now();
-    [
+    Ok([
         own.map(|d| Deadline(later(now, d))),
         current,
         default.map(|d| Deadline(later(now, d))),
     ]
     .into_iter()
     .flatten()
-    .min()
+    .min())
 }
 
 /// Sets `grpc-timeout` to the time left until `deadline`, just before a
@@ -133,12 +136,29 @@ pub(crate) fn set_header(headers: &mut HeaderMap, deadline: Deadline) {
     );
 }
 
-/// The deadline of an inbound request, from its `grpc-timeout` header.
-pub(crate) fn inbound(headers: &HeaderMap) -> Option<Deadline> {
-    headers
-        .get(grpc_timeout::HEADER)
-        .and_then(grpc_timeout::parse)
-        .map(Deadline::after)
+/// The deadline of an inbound request, from its `grpc-timeout` header; a
+/// malformed one is an error (`INTERNAL`, as grpc-go answers it), so that a
+/// call is never served without the deadline its caller meant to set.
+pub(crate) fn inbound(headers: &HeaderMap) -> Result<Option<Deadline>, tonic::Status> {
+    Ok(timeout(headers)?.map(Deadline::after))
+}
+
+/// The `grpc-timeout` of a request, if it has one.
+fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, tonic::Status> {
+    let Some(value) = headers.get(grpc_timeout::HEADER) else {
+        return Ok(None);
+    };
+    grpc_timeout::parse(value).map(Some).ok_or_else(|| {
+        // Quote a short value; a long one is wrong whatever it says.
+        const QUOTED: usize = 16;
+        let shown = match value.as_bytes() {
+            short if short.len() <= QUOTED => format!("{:?}", String::from_utf8_lossy(short)),
+            long => format!("of {} bytes", long.len()),
+        };
+        tonic::Status::internal(format!(
+            "malformed grpc-timeout {shown}: expected 1 to 8 ASCII digits and a unit (H, M, S, m, u or n)"
+        ))
+    })
 }
 
 pub(crate) fn exceeded(context: impl std::fmt::Display) -> tonic::Status {

@@ -49,6 +49,7 @@
 
 mod body;
 pub mod client;
+mod codec;
 pub mod compression;
 mod deadline;
 pub mod events;
@@ -67,7 +68,7 @@ pub use lodestar_core::{
     MemoryRegistry, Message, Registry, RegistryError, Revision, ServiceKey, StaticRegistry,
     WatchEvent, WatchStream, broker, parse_host_ports, registry,
 };
-pub use server::{RunningService, Service, ServiceBuilder};
+pub use server::{ConnectionLimits, RunningService, Service, ServiceBuilder};
 /// gRPC metadata (headers and trailers) types.
 pub use tonic::metadata;
 pub use tonic::{Code, Request, Response, Status, Streaming, async_trait};
@@ -186,6 +187,7 @@ macro_rules! include_proto {
 /// the generator and may change.
 #[doc(hidden)]
 pub mod codegen {
+    pub use crate::codec::ProstCodec;
     pub use prost;
     pub use prost_types;
     pub use tonic;

@@ -492,3 +492,22 @@ async fn a_client_that_cannot_resolve_a_service_says_why_the_registry_refused() 
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_api_serves_at_most_its_connection_limit() {
+    let registry = registry("127.0.0.1:0", &["--grpc-max-connections", "1"]);
+    // One connection holds the only place (it has sent nothing yet).
+    let held = std::net::TcpStream::connect(registry.grpc).unwrap();
+    let services = |registry: &super::RegistryProc| {
+        let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
+        async move { remote.services("default").await }
+    };
+    let refused = bounded("a refused call", services(&registry)).await;
+    assert!(refused.is_err(), "a second connection was served");
+    drop(held);
+    let deadline = Instant::now() + TIMEOUT;
+    while bounded("a call", services(&registry)).await.is_err() {
+        assert!(Instant::now() < deadline, "the freed place is not served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -17,8 +17,9 @@ struct Args {
     /// Port to listen on (0: any free port; the bound address is printed).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address to listen on. Default: loopback only; `0.0.0.0` serves every
+    /// interface (the interop server is a test tool, not hardened for exposure).
+    #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
     /// Serve over TLS.
     #[arg(long = "use_tls", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]

@@ -97,7 +97,10 @@ impl tower_service::Service<Request<Body>> for Channel {
         let balancer = self.balancer.clone();
         let idempotent = self.idempotent.contains(&request.uri().path());
         // Read the inbound deadline here, inside the caller's task.
-        let deadline = deadline::outbound(request.headers(), balancer.config.timeout);
+        let deadline = match deadline::outbound(request.headers(), balancer.config.timeout) {
+            Ok(deadline) => deadline,
+            Err(status) => return Box::pin(std::future::ready(Err(status))),
+        };
         let received = balancer
             .config
             .inspect_compression
@@ -274,8 +277,13 @@ async fn dispatch(
     let mut replay: Option<(http::request::Parts, Bytes)> = None;
     let mut request = if idempotent {
         // The body is the encoded message; encoding errors (such as a
-        // message over the send limit) come out here as they are.
-        let bytes = body.collect().await?.to_bytes();
+        // message over the send limit, refused before it is encoded) come
+        // out here as they are.
+        let limit = balancer.config.limits.max_encoding_message_size;
+        let bytes = RequestBody::new(body, limit, None, request_error.clone())
+            .collect()
+            .await?
+            .to_bytes();
         replay = Some((clone_parts(&parts), bytes.clone()));
         Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)))
     } else {

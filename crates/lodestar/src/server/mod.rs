@@ -16,6 +16,7 @@
 //!
 //! Each step is announced as a [`Lifecycle`] event.
 
+mod budget;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -209,6 +210,59 @@ impl LifecycleEvents {
     }
 }
 
+/// Limits on what clients may cost a server through its connections: how
+/// many connections, and how much response data it holds for clients that
+/// do not read it. Set with [`ServiceBuilder::connection_limits`].
+///
+/// Response data is counted from the moment a handler's body yields it
+/// until HTTP/2 has written it to the socket, so a client that stops
+/// reading (or never opens its flow-control window) pins at most
+/// `max_unsent_bytes_per_connection`, and all clients together at most
+/// `max_unsent_bytes`. See `docs/limits.md` for every limit.
+///
+/// ```
+/// use std::time::Duration;
+/// use lodestar::server::ConnectionLimits;
+///
+/// let limits = ConnectionLimits {
+///     max_connections: 512,
+///     stall_timeout: Duration::from_secs(10),
+///     ..ConnectionLimits::default()
+/// };
+/// assert_eq!(limits.max_unsent_bytes_per_connection, 32 * 1024 * 1024);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections served at once. One more is accepted and closed at once,
+    /// so its client can try another instance. Default: 4096.
+    pub max_connections: usize,
+    /// Response bytes one connection may hold unsent. A response message
+    /// that does not fit ends its call with `RESOURCE_EXHAUSTED`. Keep it
+    /// above the send limit ([`MessageLimits`]), or messages that large can
+    /// never be sent. Default: 32 MiB (eight 4 MiB messages).
+    pub max_unsent_bytes_per_connection: usize,
+    /// Response bytes all connections together may hold unsent; past it, as
+    /// above. Default: 256 MiB.
+    pub max_unsent_bytes: usize,
+    /// A connection that holds unsent response data and sends none of it for
+    /// this long is closed (every call on it ends), freeing what it holds.
+    /// A slow reader that takes some data now and then is not affected.
+    /// Detected between one and two times this after the last byte went
+    /// out. Default: 30 s.
+    pub stall_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_unsent_bytes_per_connection: 32 * 1024 * 1024,
+            max_unsent_bytes: 256 * 1024 * 1024,
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Entry point: `Service::builder("name")`.
 #[derive(Debug)]
 pub struct Service {
@@ -232,6 +286,7 @@ impl Service {
             inspect_compression: false,
             tls: None,
             http2: crate::Http2Settings::server(),
+            connections: ConnectionLimits::default(),
             services: Vec::new(),
             names: Vec::new(),
             descriptors: Vec::new(),
@@ -275,6 +330,7 @@ pub struct ServiceBuilder {
     inspect_compression: bool,
     tls: Option<ServerTls>,
     http2: crate::Http2Settings,
+    connections: ConnectionLimits,
     services: Vec<AddService>,
     names: Vec<&'static str>,
     descriptors: Vec<&'static [u8]>,
@@ -380,7 +436,8 @@ impl ServiceBuilder {
     }
 
     /// Message size limits for every service of this server; a message over
-    /// the receive limit is refused with `RESOURCE_EXHAUSTED`.
+    /// the receive limit is refused with `RESOURCE_EXHAUSTED`, and so is a
+    /// response over the send limit, before it is encoded.
     /// Default: [`MessageLimits::default`] (4 MiB each way).
     pub fn message_limits(mut self, limits: MessageLimits) -> Self {
         self.limits = limits;
@@ -410,6 +467,15 @@ impl ServiceBuilder {
     /// flow control. Default: [`Http2Settings::server`](crate::Http2Settings::server).
     pub fn http2(mut self, settings: crate::Http2Settings) -> Self {
         self.http2 = settings;
+        self
+    }
+
+    /// Limits on connections and on the response data held for clients
+    /// that do not read it. Default: [`ConnectionLimits::default`] (4096
+    /// connections; 32 MiB unsent per connection, 256 MiB in all; a
+    /// connection that sends nothing it holds for 30 s is closed).
+    pub fn connection_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.connections = limits;
         self
     }
 
@@ -595,8 +661,11 @@ impl ServiceBuilder {
             stop_rx,
             self.grace,
             events.clone(),
-            self.tls.as_ref().map(ServerTls::acceptor),
-            self.http2,
+            serve::Connections {
+                tls: self.tls.as_ref().map(ServerTls::acceptor),
+                http2: self.http2,
+                limits: self.connections,
+            },
         ));
         events.announce(Lifecycle::Serving(local_addr));
 

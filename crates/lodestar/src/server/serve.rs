@@ -18,7 +18,8 @@ use tonic::service::Routes;
 
 use std::sync::Arc;
 
-use super::{Announcer, Lifecycle};
+use super::budget::{Budgeted, ConnectionBudget, ServerBudget};
+use super::{Announcer, ConnectionLimits, Lifecycle};
 use crate::MessageLimits;
 use crate::body::{CallBody, Side};
 use crate::compression::{Compress, Encoding, PerMessage, ReceivedFlags};
@@ -38,6 +39,8 @@ pub(crate) struct Stack {
     send_compressed: Option<Encoding>,
     inspect_compression: bool,
     descriptors: Descriptors,
+    /// The budget of the connection this serves (set per connection).
+    budget: Option<Arc<ConnectionBudget>>,
 }
 
 impl Stack {
@@ -54,6 +57,15 @@ impl Stack {
             send_compressed,
             inspect_compression,
             descriptors,
+            budget: None,
+        }
+    }
+
+    /// This stack, for a connection whose responses count against `budget`.
+    fn for_connection(&self, budget: Arc<ConnectionBudget>) -> Self {
+        Self {
+            budget: Some(budget),
+            ..self.clone()
         }
     }
 }
@@ -79,11 +91,13 @@ fn compress_response<B>(
     Some(Reframer::compressing(encoding, !disabled, plan))
 }
 
-type StackFuture =
-    Pin<Box<dyn Future<Output = Result<Response<CallBody<Body>>, Infallible>> + Send>>;
+/// A response as the server sends it.
+type ServerResponse = Response<Budgeted<CallBody<Body>>>;
+
+type StackFuture = Pin<Box<dyn Future<Output = Result<ServerResponse, Infallible>> + Send>>;
 
 impl tower_service::Service<Request<Incoming>> for Stack {
-    type Response = Response<CallBody<Body>>;
+    type Response = ServerResponse;
     type Error = Infallible;
     type Future = StackFuture;
 
@@ -92,7 +106,17 @@ impl tower_service::Service<Request<Incoming>> for Stack {
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        let deadline = deadline::inbound(request.headers());
+        let budget = self.budget.clone();
+        let budgeted = move |response: Response<CallBody<Body>>| -> ServerResponse {
+            response.map(|body| Budgeted::new(body, budget))
+        };
+        let deadline = match deadline::inbound(request.headers()) {
+            Ok(deadline) => deadline,
+            Err(status) => {
+                let json = json::is_json(request.headers());
+                return Box::pin(std::future::ready(Ok(budgeted(reject(status, json)))));
+            }
+        };
         if let Some(deadline) = deadline {
             request.extensions_mut().insert(deadline);
         }
@@ -111,7 +135,9 @@ impl tower_service::Service<Request<Incoming>> for Stack {
         let json = if json::is_json(request.headers()) {
             match self.json_method(&request) {
                 Ok(method) => Some(method),
-                Err(status) => return Box::pin(std::future::ready(Ok(reject(status, true)))),
+                Err(status) => {
+                    return Box::pin(std::future::ready(Ok(budgeted(reject(status, true)))));
+                }
             }
         } else {
             None
@@ -176,17 +202,15 @@ impl tower_service::Service<Request<Incoming>> for Stack {
         Box::pin(async move {
             let Some(deadline) = deadline else {
                 let Ok(response) = future.await;
-                return Ok(respond(response, None));
+                return Ok(budgeted(respond(response, None)));
             };
             // The handler runs with the inbound deadline as the current one, and
             // is dropped (cancelled) when it passes.
             match tokio::time::timeout_at(deadline.instant(), deadline.scope(future)).await {
-                Ok(Ok(response)) => Ok(respond(response, Some(deadline))),
+                Ok(Ok(response)) => Ok(budgeted(respond(response, Some(deadline)))),
                 Err(_) => {
                     let status = deadline::exceeded("before the handler answered");
-                    Ok(status
-                        .into_http::<Body>()
-                        .map(|body| CallBody::new(body, None, Side::ServerResponse, None)))
+                    Ok(budgeted(reject(status, false)))
                 }
             }
         })
@@ -242,6 +266,13 @@ fn reject(status: tonic::Status, json: bool) -> Response<CallBody<Body>> {
     response.map(|body| CallBody::new(body, None, Side::ServerResponse, None))
 }
 
+/// How connections are served: TLS or not, HTTP/2 settings, and limits.
+pub(crate) struct Connections {
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) http2: crate::Http2Settings,
+    pub(crate) limits: ConnectionLimits,
+}
+
 /// Accepts connections until told to stop, then closes the listener, asks
 /// every connection to finish (GOAWAY), and waits up to `grace` for them.
 pub(crate) async fn serve(
@@ -250,9 +281,13 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
     events: Arc<Announcer>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    settings: crate::Http2Settings,
+    connections: Connections,
 ) {
+    let Connections {
+        tls,
+        http2: settings,
+        limits,
+    } = connections;
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -262,6 +297,9 @@ pub(crate) async fn serve(
         .max_concurrent_streams(settings.max_concurrent_streams);
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let unsent = ServerBudget::new(limits.max_unsent_bytes);
+    // Whether the last connection was refused, to warn once per episode.
+    let mut refusing = false;
     let stopped = async move {
         // A dropped sender means the handle was dropped: keep serving.
         if stop.wait_for(|s| *s).await.is_err() {
@@ -274,13 +312,34 @@ pub(crate) async fn serve(
             biased;
             () = &mut stopped => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
+                    // Count only connections still open.
+                    while connections.try_join_next().is_some() {}
+                    if connections.len() >= limits.max_connections {
+                        if !refusing {
+                            tracing::warn!(max_connections = limits.max_connections,
+                                "at the connection limit: closing new connections until some end");
+                        }
+                        refusing = true;
+                        tracing::debug!(%peer, "connection refused: at the connection limit");
+                        drop(stream);
+                        continue;
+                    }
+                    refusing = false;
+                    let budget = ConnectionBudget::new(
+                        limits.max_unsent_bytes_per_connection,
+                        unsent.clone(),
+                    );
                     connections.spawn(serve_connection(
                         stream,
                         settings.handshake_timeout,
                         tls.clone(),
                         http2.clone(),
-                        stack.clone(),
+                        Served {
+                            stack: stack.for_connection(budget.clone()),
+                            budget,
+                            stall_timeout: limits.stall_timeout,
+                        },
                         drain_rx.clone(),
                     ));
                 }
@@ -321,12 +380,20 @@ pub(crate) async fn serve(
 /// The client connection preface every HTTP/2 connection starts with.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// What serves one connection: the stack for its calls, and the budget it
+/// watches for stalls.
+struct Served {
+    stack: Stack,
+    budget: Arc<ConnectionBudget>,
+    stall_timeout: Duration,
+}
+
 async fn serve_connection(
     stream: TcpStream,
     handshake_timeout: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    stack: Stack,
+    served: Served,
     drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -336,7 +403,7 @@ async fn serve_connection(
     // a client that never finishes its handshake is dropped.
     let Some(acceptor) = tls else {
         if let Some(stream) = expect_preface(stream, started, peer).await {
-            run_connection(TokioIo::new(stream), http2, stack, drain).await;
+            run_connection(TokioIo::new(stream), http2, served, drain, peer).await;
         }
         return;
     };
@@ -348,7 +415,7 @@ async fn serve_connection(
         }
     };
     if let Some(stream) = expect_preface(stream, started, peer).await {
-        run_connection(TokioIo::new(stream), http2, stack, drain).await;
+        run_connection(TokioIo::new(stream), http2, served, drain, peer).await;
     }
 }
 
@@ -380,24 +447,46 @@ where
 async fn run_connection<I>(
     io: I,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    stack: Stack,
+    served: Served,
     mut drain: watch::Receiver<bool>,
+    peer: Option<std::net::SocketAddr>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let Served {
+        stack,
+        budget,
+        stall_timeout,
+    } = served;
     let connection = http2.serve_connection(io, TowerToHyperService::new(stack));
     tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
+    // A stall: data held at two checks in a row, and none of it sent between.
+    let mut stall_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + stall_timeout, stall_timeout);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (budget.held(), budget.sent());
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, draining, "connection ended with an error");
+                }
+                return;
             }
-            return;
+            _ = drain.wait_for(|d| *d), if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = stall_check.tick() => {
+                let now = (budget.held(), budget.sent());
+                if last.0 > 0 && now.0 > 0 && now.1 == last.1 {
+                    tracing::info!(?peer, held = now.0, ?stall_timeout,
+                        "closing a connection whose client reads none of its responses");
+                    return;
+                }
+                last = now;
+            }
         }
-        _ = drain.wait_for(|d| *d) => {}
-    }
-    connection.as_mut().graceful_shutdown();
-    if let Err(e) = connection.await {
-        tracing::debug!(error = %e, "connection ended with an error while draining");
     }
 }
