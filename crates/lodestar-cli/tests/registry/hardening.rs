@@ -511,3 +511,69 @@ async fn the_grpc_api_serves_at_most_its_connection_limit() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tiny_lease_cannot_freeze_expiry_for_the_whole_registry() {
+    // The report's registry let a 1 ms lease in; let it in here too, to
+    // show that the self-preservation rule itself holds.
+    let registry = registry("127.0.0.1:0", &["--min-ttl", "0.001"]);
+    let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
+    let ttl = Duration::from_secs(3);
+    let fleet: Vec<Instance> = (0..150)
+        .map(|n| {
+            Instance::new("fleet", format!("10.0.{}.{}:80", n / 100, n % 100))
+                .with_id(format!("f{n}"))
+        })
+        .collect();
+    for instance in &fleet {
+        remote.register(instance.clone(), ttl).await.unwrap();
+    }
+    remote
+        .register(
+            Instance::new("fleet", "10.9.9.9:80").with_id("tiny"),
+            Duration::from_millis(1),
+        )
+        .await
+        .unwrap();
+    // Everyone but one renews; the tiny lease and `f0` (its process died)
+    // go silent.
+    let alive = fleet[1..].to_vec();
+    let beating = {
+        let remote = remote.clone();
+        tokio::spawn(async move {
+            loop {
+                for instance in &alive {
+                    let _ = remote.heartbeat(&instance.instance_key()).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    // `f0` is marked unhealthy when its lease runs out (3 s), evicted a
+    // second later (the grace of these tests), and expiry never freezes.
+    let started = Instant::now();
+    let deadline = started + TIMEOUT;
+    loop {
+        let (_, text) = http(registry.http, "GET", "/v1/status", None, None);
+        let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(status["self_preservation"], false, "{status}");
+        let ids: Vec<String> = remote
+            .instances(&ServiceKey::new("fleet"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        if !ids.iter().any(|id| id == "f0" || id == "tiny") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead stay: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    beating.abort();
+}
