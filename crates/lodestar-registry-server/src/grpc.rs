@@ -171,6 +171,34 @@ fn event_to_pb(event: WatchEvent, warming: bool) -> pb::WatchEvent {
     }
 }
 
+/// The most bytes of events one `WatchResponse` carries: 1 MiB. Events
+/// that are ready together travel together up to this, so that no
+/// response nears the 4 MiB message limit of a gRPC peer (a service's
+/// snapshot alone is at most 3 MiB, see `Limits::max_service_bytes`).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// `events` in responses of at most [`MAX_BATCH_BYTES`] each (an event
+/// larger than that travels alone).
+fn batches(events: Vec<pb::WatchEvent>) -> Vec<pb::WatchResponse> {
+    use lodestar::codegen::prost::Message as _;
+    let mut responses = Vec::new();
+    let mut current = pb::WatchResponse::default();
+    let mut bytes = 0;
+    for event in events {
+        let size = event.encoded_len();
+        if !current.events.is_empty() && bytes + size > MAX_BATCH_BYTES {
+            responses.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.events.push(event);
+    }
+    if !current.events.is_empty() {
+        responses.push(current);
+    }
+    responses
+}
+
 type WatchResponses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 type KeepAliveResponses = Pin<Box<dyn Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send>>;
 
@@ -340,13 +368,19 @@ impl pb::registry_server::Registry for Api {
             .watch(&service, since)
             .await
             .map_err(status)?;
-        let responses = events.ready_chunks(256).map(move |chunk| {
-            let mut events = Vec::with_capacity(chunk.len());
-            for event in chunk {
-                events.push(event_to_pb(event.map_err(status)?, warming));
-            }
-            Ok(pb::WatchResponse { events })
-        });
+        let responses = events
+            .ready_chunks(256)
+            .map(move |chunk| {
+                let mut events = Vec::with_capacity(chunk.len());
+                for event in chunk {
+                    match event {
+                        Ok(event) => events.push(event_to_pb(event, warming)),
+                        Err(e) => return vec![Err(status(e))],
+                    }
+                }
+                batches(events).into_iter().map(Ok).collect()
+            })
+            .flat_map(futures_util::stream::iter);
         if warming {
             // When warm-up ends this stream ends; the watcher comes back and
             // gets a full snapshot.
@@ -397,6 +431,39 @@ impl pb::registry_server::Registry for Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_ready_together_are_sent_in_responses_well_under_the_message_limit() {
+        use lodestar::codegen::prost::Message as _;
+        let big = lodestar::Instance::new("svc", "10.0.0.1:80")
+            .with_label("blob", "x".repeat(16 * 1024 - 8));
+        let events: Vec<pb::WatchEvent> = (0..256u64)
+            .map(|revision| {
+                event_to_pb(
+                    WatchEvent::Put {
+                        revision,
+                        instance: big.clone(),
+                    },
+                    false,
+                )
+            })
+            .collect();
+        let responses = batches(events);
+        assert!(responses.len() > 1);
+        assert_eq!(responses.iter().map(|r| r.events.len()).sum::<usize>(), 256);
+        for response in &responses {
+            assert!(
+                response.encoded_len() <= MAX_BATCH_BYTES + 1024,
+                "{}",
+                response.encoded_len()
+            );
+        }
+        let revisions: Vec<u64> = responses
+            .iter()
+            .flat_map(|r| r.events.iter().map(|e| e.revision))
+            .collect();
+        assert!(revisions.windows(2).all(|w| w[0] < w[1]), "out of order");
+    }
 
     #[test]
     fn moving_an_instance_to_the_wire_gives_what_copying_does() {
