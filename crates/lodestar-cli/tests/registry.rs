@@ -18,6 +18,10 @@ mod hardening;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Durability of what the registry keeps on disk.
+#[path = "registry/persistence.rs"]
+mod persistence;
+
 async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(TIMEOUT, future)
         .await
@@ -234,26 +238,56 @@ fn http(
     body: Option<&str>,
     token: Option<&str>,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let code = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+    Primed::send(address, method, path, body, token).complete()
+}
+
+/// An HTTP/1.1 request on a connection of its own, sent but for its last
+/// byte: requests primed this way reach the server as close together as
+/// the calls that complete them.
+struct Primed {
+    stream: TcpStream,
+    last: u8,
+}
+
+impl Primed {
+    fn send(
+        address: SocketAddr,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> Self {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let body = body.unwrap_or("");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (last, rest) = request.as_bytes().split_last().unwrap();
+        stream.write_all(rest).unwrap();
+        Self {
+            stream,
+            last: *last,
+        }
+    }
+
+    /// Sends the last byte; the status code and body of the answer.
+    fn complete(mut self) -> (u16, String) {
+        self.stream.write_all(&[self.last]).unwrap();
+        let mut response = String::new();
+        self.stream.read_to_string(&mut response).unwrap();
+        let code = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, body)
+    }
 }
 
 fn status(http_addr: SocketAddr) -> serde_json::Value {
