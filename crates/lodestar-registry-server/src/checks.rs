@@ -11,12 +11,15 @@
 //! address a name resolves to must be in one of them, and the check
 //! connects to the address it checked.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lodestar::InstanceKey;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::Server;
 use crate::store::Check;
@@ -150,25 +153,163 @@ fn check_path(path: &str) -> Result<(), String> {
     }
 }
 
+/// The checks of persistent instances, and when each is due next.
+///
+/// The checker does work in proportion to the checks that come due, not
+/// to how many instances there are: each check sits in a heap ordered by
+/// time, is taken off when due and put back one interval later. A check
+/// replaced or forgotten leaves its old entry behind, dropped when it comes
+/// up (each entry carries the generation of the check it was queued for).
+/// The first check of each instance is spread over a second by its key, so
+/// that a restart with many persistent instances does not probe them all
+/// at once.
+#[derive(Default)]
+pub(crate) struct Checks {
+    inner: std::sync::Mutex<Schedule>,
+    /// Wakes the checker when a check is added (it may be due sooner than
+    /// the checker planned to look).
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Schedule {
+    checks: HashMap<InstanceKey, (Check, u64)>,
+    due: BinaryHeap<Reverse<Due>>,
+    generations: u64,
+}
+
+/// A check due at `at`, queued for the check of `generation`.
+struct Due {
+    at: Instant,
+    generation: u64,
+    key: InstanceKey,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.generation) == (other.at, other.generation)
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.generation).cmp(&(other.at, other.generation))
+    }
+}
+
+impl Checks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the check of a persistent instance (replacing any), due within
+    /// a second.
+    pub(crate) fn remember(&self, key: InstanceKey, check: Check) {
+        let probes = check.kind != "none";
+        let mut schedule = self.lock();
+        schedule.generations += 1;
+        let generation = schedule.generations;
+        if probes {
+            let spread = {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut hasher);
+                Duration::from_millis(hasher.finish() % 1000)
+            };
+            schedule.due.push(Reverse(Due {
+                at: Instant::now() + spread,
+                generation,
+                key: key.clone(),
+            }));
+        }
+        schedule.checks.insert(key, (check, generation));
+        drop(schedule);
+        if probes {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Forgets the check of an instance that left.
+    pub(crate) fn forget(&self, key: &InstanceKey) {
+        self.lock().checks.remove(key);
+    }
+
+    /// The check of an instance.
+    pub(crate) fn get(&self, key: &InstanceKey) -> Option<Check> {
+        self.lock().checks.get(key).map(|(check, _)| check.clone())
+    }
+
+    /// Every check (for a snapshot of the state).
+    pub(crate) fn all(&self) -> HashMap<InstanceKey, Check> {
+        let schedule = self.lock();
+        schedule
+            .checks
+            .iter()
+            .map(|(key, (check, _))| (key.clone(), check.clone()))
+            .collect()
+    }
+
+    /// Takes the checks due by `now` off the schedule, and says when the
+    /// next one is due.
+    fn take_due(&self, now: Instant) -> (Vec<(InstanceKey, Check, u64)>, Option<Instant>) {
+        let mut schedule = self.lock();
+        let mut due = Vec::new();
+        while schedule.due.peek().is_some_and(|Reverse(d)| d.at <= now) {
+            let Some(Reverse(entry)) = schedule.due.pop() else {
+                break;
+            };
+            if let Some((check, generation)) = schedule.checks.get(&entry.key)
+                && *generation == entry.generation
+            {
+                due.push((entry.key, check.clone(), entry.generation));
+            }
+        }
+        let next = schedule.due.peek().map(|Reverse(d)| d.at);
+        (due, next)
+    }
+
+    /// Queues the check of `generation` again at `at`, unless it was
+    /// replaced or forgotten meanwhile.
+    fn requeue(&self, key: InstanceKey, generation: u64, at: Instant) {
+        let mut schedule = self.lock();
+        if schedule
+            .checks
+            .get(&key)
+            .is_some_and(|(_, current)| *current == generation)
+        {
+            schedule.due.push(Reverse(Due {
+                at,
+                generation,
+                key,
+            }));
+        }
+    }
+}
+
 /// Checks every persistent instance that has a check, each at its interval.
 pub(crate) async fn run(server: Arc<Server>) {
-    let mut due: std::collections::HashMap<InstanceKey, tokio::time::Instant> = Default::default();
+    let checks = &server.store.checks;
     // Checks in flight: a new one starts only when the last has answered, so
     // a slow answer can never overwrite a newer one.
-    let running: Arc<std::sync::Mutex<std::collections::HashSet<InstanceKey>>> = Arc::default();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let running: Arc<std::sync::Mutex<HashSet<InstanceKey>>> = Arc::default();
     loop {
-        tick.tick().await;
-        let now = tokio::time::Instant::now();
-        let checks = server.store.checks();
-        let current: std::collections::HashSet<&InstanceKey> =
-            checks.iter().map(|(k, _)| k).collect();
-        due.retain(|key, _| current.contains(key));
-        drop(current);
-        for (key, check) in checks {
-            if check.kind == "none" || due.get(&key).is_some_and(|at| *at > now) {
-                continue;
+        let now = Instant::now();
+        let (due, next) = checks.take_due(now);
+        for (key, check, generation) in due {
+            let interval = match check.interval_ms {
+                0 => server.check_interval,
+                ms => Duration::from_millis(u64::from(ms)),
             }
+            .max(MIN_INTERVAL);
+            checks.requeue(key.clone(), generation, now + interval);
             if !running
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -176,12 +317,6 @@ pub(crate) async fn run(server: Arc<Server>) {
             {
                 continue;
             }
-            let interval = match check.interval_ms {
-                0 => server.check_interval,
-                ms => Duration::from_millis(u64::from(ms)),
-            }
-            .max(MIN_INTERVAL);
-            due.insert(key.clone(), now + interval);
             let address = server
                 .registry
                 .get(&key)
@@ -212,6 +347,16 @@ pub(crate) async fn run(server: Arc<Server>) {
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&key);
             });
+        }
+        // A check added meanwhile has left a permit: this returns at once.
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = checks.wake.notified() => {}
+                }
+            }
+            None => checks.wake.notified().await,
         }
     }
 }
@@ -340,6 +485,42 @@ mod tests {
             assert!(error.contains(says), "{bad:?}: {error}");
             assert!(!error.contains('\r') && !error.contains('\n'), "{error}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checks_come_due_at_their_interval_and_forgotten_ones_never() {
+        let checks = Checks::default();
+        let key = |id: &str| {
+            lodestar::Instance::new("db", "h:1")
+                .with_id(id)
+                .instance_key()
+        };
+        checks.remember(key("a"), check("tcp", "", 1000));
+        checks.remember(key("b"), check("tcp", "", 1000));
+        checks.remember(key("none"), check("none", "", 0));
+        for n in 0..10_000 {
+            checks.remember(key(&format!("quiet{n}")), check("none", "", 0));
+        }
+        // All first checks are due within a second; `none` never is.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (due, next) = checks.take_due(Instant::now());
+        let mut ids: Vec<&str> = due.iter().map(|(k, _, _)| k.id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(next, None);
+        for (key, _, generation) in due {
+            checks.requeue(key, generation, Instant::now() + Duration::from_secs(1));
+        }
+        // `b` leaves and `a` is replaced: `b` never comes again, `a` once.
+        checks.forget(&key("b"));
+        checks.remember(key("a"), check("tcp", "", 2000));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (due, _) = checks.take_due(Instant::now());
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].1.interval_ms, 2000);
+        let (again, next) = checks.take_due(Instant::now());
+        assert!(again.is_empty());
+        assert_eq!(next, None, "stale entries are dropped, not kept");
     }
 
     #[test]

@@ -32,7 +32,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use lodestar::{Instance, InstanceKey, MemoryRegistry, RegistryError, ServiceKey};
 use serde::{Deserialize, Serialize};
@@ -154,7 +153,8 @@ pub(crate) struct Store {
     /// next begins, so the disk and memory agree on the order.
     log: tokio::sync::Mutex<Option<Log>>,
     on_disk: bool,
-    checks: Mutex<HashMap<InstanceKey, Check>>,
+    /// The checks of persistent instances, which the checker runs.
+    pub(crate) checks: crate::checks::Checks,
 }
 
 /// Whether the next write may go ahead: a guard on the ordered log.
@@ -178,7 +178,7 @@ impl Store {
             let store = Self {
                 log: tokio::sync::Mutex::new(None),
                 on_disk: false,
-                checks: Mutex::new(HashMap::new()),
+                checks: crate::checks::Checks::default(),
             };
             return Ok((store, 0));
         };
@@ -218,12 +218,12 @@ impl Store {
         for (service, threshold) in &replayed.protection {
             registry.set_protection_threshold(service, *threshold);
         }
-        let mut checks = HashMap::new();
+        let checks = crate::checks::Checks::default();
         for (key, (instance, check)) in replayed.instances {
             registry
                 .register_persistent(instance)
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
-            checks.insert(key, check);
+            checks.remember(key, check);
         }
         let store = Self {
             log: tokio::sync::Mutex::new(Some(Log {
@@ -233,7 +233,7 @@ impl Store {
                 snapshot,
             })),
             on_disk: true,
-            checks: Mutex::new(checks),
+            checks,
         };
         if migrate {
             let mut log = store.log.try_lock().map_err(|e| e.to_string())?;
@@ -366,11 +366,7 @@ impl Store {
 
     /// Every record the current state needs.
     fn state(&self, registry: &MemoryRegistry) -> Vec<Record> {
-        let checks = self
-            .checks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let checks = self.checks.all();
         let mut records: Vec<Record> = registry
             .persistent_instances()
             .into_iter()
@@ -396,34 +392,16 @@ impl Store {
     }
 
     pub(crate) fn remember(&self, key: InstanceKey, check: Check) {
-        self.checks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, check);
+        self.checks.remember(key, check);
     }
 
     /// The check of a persistent instance.
     pub(crate) fn check(&self, key: &InstanceKey) -> Option<Check> {
-        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-        checks.get(key).cloned()
+        self.checks.get(key)
     }
 
     pub(crate) fn forget(&self, key: &InstanceKey) {
-        self.checks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-    }
-
-    /// The checks that probe something (all but `none`): what the checker
-    /// runs. Instances without one cost it nothing, however many there are.
-    pub(crate) fn checks(&self) -> Vec<(InstanceKey, Check)> {
-        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-        checks
-            .iter()
-            .filter(|(_, c)| c.kind != "none")
-            .map(|(k, c)| (k.clone(), c.clone()))
-            .collect()
+        self.checks.forget(key);
     }
 }
 
@@ -625,7 +603,8 @@ mod tests {
         let reopened = MemoryRegistry::new();
         let (store, restored) = Store::open(Some(dir.clone()), &reopened).unwrap();
         assert_eq!(restored, 1);
-        assert_eq!(store.checks(), vec![(key("a"), check.clone())]);
+        assert_eq!(store.check(&key("a")), Some(check.clone()));
+        assert_eq!(store.checks.all().len(), 1);
         assert_eq!(reopened.disabled(), vec![key("eph")]);
         assert_eq!(
             reopened.protection_thresholds(),
