@@ -84,8 +84,10 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Registry>, UrlError> {
                         token = Some(value.to_owned());
                     }
                     _ => {
+                        // The name only: the value may be a secret (password=…).
+                        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
                         return Err(error(&format!(
-                            "unknown parameter `{pair}` (expected token=…)"
+                            "unknown parameter `{name}` (expected token=…)"
                         )));
                     }
                 }
@@ -505,7 +507,7 @@ mod tests {
             ("127.0.0.1:7070", "expected memory://"),
             ("lodestar://nohost", "`nohost` is not host:port"),
             ("lodestar://h:notaport", "is not host:port"),
-            ("lodestar://h:1?tok=x", "unknown parameter `tok=x`"),
+            ("lodestar://h:1?tok=x", "unknown parameter `tok`"),
             ("consul://h:8500", "expected memory://"),
             ("etcd://h", "is not host:port"),
         ] {
@@ -523,6 +525,11 @@ mod tests {
             (
                 "etcd://h:1?user=u&password=s3cret&ttl=1",
                 "etcd://h:1?user=u&password=***&ttl=1",
+            ),
+            // A password where a lodestar:// URL takes none is still hidden.
+            (
+                "lodestar://h:1?password=s3cret",
+                "lodestar://h:1?password=***",
             ),
         ] {
             let error = from_url(bad).map(|_| ()).unwrap_err().to_string();
