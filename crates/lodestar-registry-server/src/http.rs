@@ -37,7 +37,14 @@ use crate::store::Check;
 type Shared = State<Arc<Server>>;
 
 pub(crate) async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
-    let app = Router::new()
+    if let Err(e) = axum::serve(listener, router(server)).await {
+        tracing::error!(error = %e, "the registry HTTP API stopped");
+    }
+}
+
+/// The API's routes over `server`.
+pub(crate) fn router(server: Arc<Server>) -> Router {
+    Router::new()
         .route("/v1/status", get(status))
         .route("/v1/services", get(services))
         .route("/v1/services/{service}/instances", get(instances))
@@ -58,10 +65,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>
                 "no such API; see GET /v1/status, /v1/services",
             )
         })
-        .with_state(server);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "the registry HTTP API stopped");
-    }
+        .with_state(server)
 }
 
 fn error(code: StatusCode, message: impl Into<String>) -> Response {

@@ -35,6 +35,8 @@
 //!   <token>` (gRPC metadata or HTTP header). Reads are open.
 
 mod checks;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grpc;
 mod http;
 mod store;
