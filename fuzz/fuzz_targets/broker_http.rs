@@ -41,12 +41,12 @@ fuzz_target!(|input: &[u8]| {
             message.body.len()
         );
     }
-    // Each delivered message was answered 200 (pipelined requests may
+    // Each delivered message was answered 200, in HTTP/1.1 or 1.0 (pipelined requests may
     // get other answers before or after).
     let ok = served
         .response
-        .windows(15)
-        .filter(|w| w == b"HTTP/1.1 200 OK")
+        .windows(8)
+        .filter(|w| w == b"200 OK\r\n")
         .count();
     assert!(
         ok >= served.delivered.len(),

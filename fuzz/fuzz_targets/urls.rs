@@ -67,7 +67,9 @@ fuzz_target!(|input: &[u8]| {
         }
     }
 
-    if !reads_files(url) {
+    // Inputs that hold the sentinel themselves (libFuzzer learns it from
+    // the comparisons) cannot tell a leak from an echo.
+    if !reads_files(url) && !url.contains(SECRET) {
         let url = with_sentinels(url);
         match lodestar_registry::from_url(&url) {
             Ok(registry) => {
