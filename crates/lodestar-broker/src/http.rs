@@ -374,7 +374,7 @@ struct Server {
 }
 
 /// The live subscriptions of one server, by subscription id.
-struct Endpoints {
+pub(crate) struct Endpoints {
     subscriptions: Mutex<HashMap<String, Endpoint>>,
     max_body: usize,
 }
@@ -409,10 +409,7 @@ async fn start_server(config: &Config) -> Result<Server, BrokerError> {
         BrokerError::Unavailable(format!("the HTTP broker's listening address: {e}"))
     })?;
     let address = advertised(config.advertise.as_deref(), local)?;
-    let endpoints = Arc::new(Endpoints {
-        subscriptions: Mutex::new(HashMap::new()),
-        max_body: config.max_body,
-    });
+    let endpoints = Arc::new(Endpoints::new(config.max_body));
     let accept = tokio::spawn(accept_loop(listener, endpoints.clone()));
     tracing::debug!(%local, %address, "HTTP broker listening");
     Ok(Server {
@@ -465,13 +462,22 @@ async fn accept_loop(listener: TcpListener, endpoints: Arc<Endpoints>) {
 
 async fn serve_connection(stream: TcpStream, endpoints: Arc<Endpoints>) {
     let _ = stream.set_nodelay(true);
+    serve_io(stream, endpoints).await;
+}
+
+/// Serves the HTTP/1.1 connection `io` (a TCP stream, or in-memory bytes
+/// for the fuzz targets).
+pub(crate) async fn serve_io<I>(io: I, endpoints: Arc<Endpoints>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let service = hyper::service::service_fn(move |request| {
         let endpoints = endpoints.clone();
         async move { Ok::<_, Infallible>(endpoints.handle(request).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .await;
     if let Err(e) = served {
         tracing::debug!(error = %error_chain(&e), "HTTP broker: connection ended with an error");
@@ -489,8 +495,17 @@ fn reply(status: StatusCode, text: String) -> Response<Full<Bytes>> {
 }
 
 impl Endpoints {
-    fn insert(&self, id: String, endpoint: Endpoint) {
-        lock(&self.subscriptions).insert(id, endpoint);
+    /// Endpoints refusing bodies over `max_body` bytes, with no subscriptions yet.
+    pub(crate) fn new(max_body: usize) -> Self {
+        Self {
+            subscriptions: Mutex::new(HashMap::new()),
+            max_body,
+        }
+    }
+
+    /// Delivers the messages POSTed to subscription `id` (of `topic`) to `tx`.
+    pub(crate) fn subscribe(&self, id: String, topic: String, tx: mpsc::Sender<Delivery>) {
+        lock(&self.subscriptions).insert(id, Endpoint { topic, tx });
     }
 
     fn remove(&self, id: &str) {
@@ -1148,13 +1163,7 @@ impl Broker for HttpBroker {
         let id = inner.subscription_id();
         let (tx, rx) = mpsc::channel(inner.config.capacity);
         // Ready to receive before anyone can find the subscription.
-        server.endpoints.insert(
-            id.clone(),
-            Endpoint {
-                topic: topic.to_owned(),
-                tx,
-            },
-        );
+        server.endpoints.subscribe(id.clone(), topic.to_owned(), tx);
         let mut instance = Instance::new(service_name(topic), server.address.clone())
             .with_id(id.clone())
             .with_protocol(PROTOCOL);

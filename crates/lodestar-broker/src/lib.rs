@@ -9,6 +9,8 @@
 //! [`from_url`] picks one from a URL: `memory://`, `http://` (with a
 //! registry) or `nats://host:4222[,host:4222]`.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 #[cfg(feature = "nats")]
 pub mod nats;

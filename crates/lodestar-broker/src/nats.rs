@@ -99,28 +99,34 @@ impl std::fmt::Debug for NatsBroker {
     }
 }
 
+/// The servers of a `nats://[user:password@]host:port[,…]` URL, and the
+/// hosts without credentials (what errors and `Debug` show).
+pub(crate) fn servers(url: &str) -> Result<(Vec<async_nats::ServerAddr>, String), BrokerError> {
+    let hosts = url.strip_prefix("nats://").ok_or_else(|| {
+        BrokerError::Invalid("expected nats://[user:password@]host:port[,host:port]".to_owned())
+    })?;
+    let shown: Vec<&str> = hosts
+        .split(',')
+        .map(|h| h.trim().rsplit_once('@').map_or(h.trim(), |(_, host)| host))
+        .collect();
+    let shown = shown.join(",");
+    lodestar::parse_host_ports(&shown).map_err(BrokerError::Invalid)?;
+    let mut servers = Vec::new();
+    for (host, bare) in hosts.split(',').map(str::trim).zip(shown.split(',')) {
+        let address: async_nats::ServerAddr = format!("nats://{host}")
+            .parse()
+            .map_err(|e| BrokerError::Invalid(format!("`{bare}`: {e}")))?;
+        servers.push(address);
+    }
+    Ok((servers, shown))
+}
+
 impl NatsBroker {
     /// Connects to `nats://host:port[,host:port…]`. The client reconnects
     /// on its own after a server restart; this call fails if no server can
     /// be reached now.
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
-        let hosts = url.strip_prefix("nats://").ok_or_else(|| {
-            BrokerError::Invalid("expected nats://[user:password@]host:port[,host:port]".to_owned())
-        })?;
-        // What errors and Debug show: the hosts without any credentials.
-        let shown: Vec<&str> = hosts
-            .split(',')
-            .map(|h| h.trim().rsplit_once('@').map_or(h.trim(), |(_, host)| host))
-            .collect();
-        let shown = shown.join(",");
-        lodestar::parse_host_ports(&shown).map_err(BrokerError::Invalid)?;
-        let mut servers = Vec::new();
-        for (host, bare) in hosts.split(',').map(str::trim).zip(shown.split(',')) {
-            let address: async_nats::ServerAddr = format!("nats://{host}")
-                .parse()
-                .map_err(|e| BrokerError::Invalid(format!("`{bare}`: {e}")))?;
-            servers.push(address);
-        }
+        let (servers, shown) = servers(url)?;
         let client = async_nats::ConnectOptions::new()
             .name("lodestar")
             .connection_timeout(Duration::from_secs(5))

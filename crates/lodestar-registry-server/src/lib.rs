@@ -64,6 +64,8 @@
 mod auth;
 mod checks;
 mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grpc;
 mod http;
 mod registration;
@@ -208,6 +210,41 @@ pub(crate) struct Server {
 }
 
 impl Server {
+    /// The state both APIs share, as `config` has it, with what the data
+    /// directory holds loaded; the error says why the data directory
+    /// cannot be used.
+    pub(crate) fn new(
+        config: &Config,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Self, String> {
+        let first_revision = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let mut registry = MemoryRegistry::builder()
+            .limits(config.limits)
+            .history_bytes(config.history_bytes)
+            .eviction_grace(config.eviction_grace)
+            .first_revision(first_revision);
+        if let Some(preservation) = config.self_preservation {
+            registry = registry.self_preservation(preservation);
+        }
+        let registry = registry.build();
+        let (store, restored) = store::Store::open(config.data_dir.clone(), &registry)?;
+        if restored > 0 {
+            tracing::info!(restored, "persistent instances restored");
+        }
+        Ok(Self {
+            registry,
+            auth: auth::Auth::new(config.tokens.clone(), config.open_reads.clone()),
+            started: Instant::now(),
+            warmup: config.warmup,
+            store,
+            check_interval: config.check_interval,
+            check_networks: config.check_networks.clone(),
+            closing,
+        })
+    }
+
     pub(crate) fn warming(&self) -> bool {
         self.started.elapsed() < self.warmup
     }
@@ -355,34 +392,8 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
         )));
     }
     conn::raise_open_file_limit();
-    let first_revision = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    let mut registry = MemoryRegistry::builder()
-        .limits(config.limits)
-        .history_bytes(config.history_bytes)
-        .eviction_grace(config.eviction_grace)
-        .first_revision(first_revision);
-    if let Some(preservation) = config.self_preservation {
-        registry = registry.self_preservation(preservation);
-    }
-    let registry = registry.build();
-    let (store, restored) =
-        store::Store::open(config.data_dir.clone(), &registry).map_err(Error::Store)?;
-    if restored > 0 {
-        tracing::info!(restored, "persistent instances restored");
-    }
     let closing = tokio::sync::watch::Sender::new(false);
-    let server = Arc::new(Server {
-        registry,
-        auth: auth::Auth::new(config.tokens.clone(), config.open_reads.clone()),
-        started: Instant::now(),
-        warmup: config.warmup,
-        store,
-        check_interval: config.check_interval,
-        check_networks: config.check_networks.clone(),
-        closing: closing.subscribe(),
-    });
+    let server = Arc::new(Server::new(&config, closing.subscribe()).map_err(Error::Store)?);
 
     let mut grpc = Service::builder(lodestar_registry::SERVICE_NAME)
         .bind(config.addr)

@@ -770,6 +770,11 @@ mod tests {
                 "etcd://h:1?user=u&password=s3cret&ttl=1",
                 "etcd://h:1?user=u&password=***&ttl=1",
             ),
+            // A password where a lodestar:// URL takes none is still hidden.
+            (
+                "lodestar://h:1?password=s3cret",
+                "lodestar://h:1?password=***",
+            ),
         ] {
             let error = from_url(bad).map(|_| ()).unwrap_err().to_string();
             assert!(error.contains(shown), "{error}");

@@ -146,7 +146,9 @@ pub(crate) fn gunzip(message: &[u8], limit: usize) -> Result<Vec<u8>, tonic::Sta
     use std::io::Read as _;
     let mut out = Vec::new();
     let read = flate2::read::GzDecoder::new(message)
-        .take(limit as u64 + 1)
+        // One byte past the limit tells "over" from "exactly"; a limit of
+        // usize::MAX (no limit) must not wrap to reading nothing.
+        .take((limit as u64).saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|e| {
             tonic::Status::internal(format!("a gzip-compressed message is corrupt: {e}"))
@@ -179,6 +181,12 @@ mod tests {
             plan.next_choice(),
             "a snapshot starts where the plan is"
         );
+    }
+
+    #[test]
+    fn an_unlimited_decompression_limit_still_decompresses() {
+        let message = gzip(b"hello").unwrap();
+        assert_eq!(gunzip(&message, usize::MAX).unwrap(), b"hello");
     }
 
     #[test]

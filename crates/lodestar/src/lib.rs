@@ -54,6 +54,8 @@ pub mod compression;
 mod deadline;
 pub mod events;
 mod frames;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grpc_timeout;
 mod io;
 pub mod json;
