@@ -110,7 +110,17 @@ pub(crate) fn servers(url: &str) -> Result<(Vec<async_nats::ServerAddr>, String)
         .map(|h| h.trim().rsplit_once('@').map_or(h.trim(), |(_, host)| host))
         .collect();
     let shown = shown.join(",");
-    lodestar::parse_host_ports(&shown).map_err(BrokerError::Invalid)?;
+    lodestar::parse_host_ports(&shown).map_err(|e| {
+        BrokerError::Invalid(if hosts.contains('@') {
+            // The bad part may be a piece of the credentials (a `,` in a
+            // password splits it): say so without showing it.
+            "an address in the URL is not host:port (not shown, since the URL has credentials; \
+             percent-encode `,` and `@` in them)"
+                .to_owned()
+        } else {
+            e
+        })
+    })?;
     let mut servers = Vec::new();
     for (host, bare) in hosts.split(',').map(str::trim).zip(shown.split(',')) {
         let address: async_nats::ServerAddr = format!("nats://{host}")
@@ -987,6 +997,15 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    #[test]
+    fn a_bad_address_in_a_url_with_credentials_is_not_shown() {
+        let error = servers("nats://ops:pa,ss@h:4222").unwrap_err().to_string();
+        assert!(!error.contains("pa") && !error.contains("ops"), "{error}");
+        assert!(error.contains("not host:port"), "{error}");
+        let error = servers("nats://h:4222,nohost").unwrap_err().to_string();
+        assert!(error.contains("`nohost`"), "{error}");
+    }
 
     #[test]
     fn stream_names_are_valid_and_distinct() {

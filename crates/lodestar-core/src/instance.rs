@@ -217,6 +217,8 @@ impl Instance {
 /// use lodestar_core::parse_host_ports;
 /// assert_eq!(parse_host_ports("a:1, b:2").unwrap(), ["a:1", "b:2"]);
 /// assert_eq!(parse_host_ports("a:1,b").unwrap_err(), "`b` is not host:port");
+/// // What may be a secret is not repeated.
+/// assert!(!parse_host_ports("h:2379&password=s3cret").unwrap_err().contains("s3cret"));
 /// ```
 pub fn parse_host_ports(list: &str) -> Result<Vec<String>, String> {
     list.split(',')
@@ -227,6 +229,14 @@ pub fn parse_host_ports(list: &str) -> Result<Vec<String>, String> {
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if valid {
                 Ok(address.to_owned())
+            } else if address.contains(['@', '=', '&', '?']) {
+                // Part of a query or of credentials (a URL missing its `?`):
+                // not shown, since it may hold a password.
+                Err(
+                    "an address is not host:port (not shown: it looks like part of a query or \
+                     of credentials)"
+                        .to_owned(),
+                )
             } else {
                 Err(format!("`{address}` is not host:port"))
             }
