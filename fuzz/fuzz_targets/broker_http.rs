@@ -8,7 +8,9 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
+#[path = "common.rs"]
+mod common;
+
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
@@ -16,23 +18,12 @@ use lodestar_broker::fuzzing::serve_http;
 
 const TOPIC: &str = "orders.created";
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("a runtime")
-    })
-}
-
 fuzz_target!(|input: &[u8]| {
     let [limit, ref bytes @ ..] = *input else {
         return;
     };
     let max_body = usize::from(limit) * 4;
-    let served = runtime().block_on(serve_http(bytes, TOPIC, max_body, Duration::from_secs(60)));
+    let served = common::paused_runtime().block_on(serve_http(bytes, TOPIC, max_body, Duration::from_secs(60)));
     for message in &served.delivered {
         assert_eq!(message.topic, TOPIC);
         assert!(
