@@ -23,7 +23,12 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let max_body = usize::from(limit) * 4;
-    let served = common::paused_runtime().block_on(serve_http(bytes, TOPIC, max_body, Duration::from_secs(60)));
+    let served = common::paused_runtime().block_on(serve_http(
+        bytes,
+        TOPIC,
+        max_body,
+        Duration::from_secs(60),
+    ));
     for message in &served.delivered {
         assert_eq!(message.topic, TOPIC);
         assert!(
