@@ -20,6 +20,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use lodestar::registry::limits::quoted;
 use serde::Deserialize;
 
 /// What a token allows in its namespaces.
@@ -385,8 +386,8 @@ pub(crate) enum Denied {
     Unknown,
     /// No token, and the request needs one.
     #[error(
-        "{} namespace `{namespace}` needs a token with {} access \
-         (`authorization: Bearer <token>`)", access.verb(), access.noun()
+        "{} namespace {} needs a token with {} access \
+         (`authorization: Bearer <token>`)", access.verb(), quoted(namespace), access.noun()
     )]
     Missing {
         /// The namespace.
@@ -398,7 +399,7 @@ pub(crate) enum Denied {
     #[error("writes to this registry need `authorization: Bearer <token>` with a write token")]
     Anonymous,
     /// The token does not cover the namespace with the right needed.
-    #[error("token `{token}` has no {} access to namespace `{namespace}`", access.noun())]
+    #[error("token `{token}` has no {} access to namespace {}", access.noun(), quoted(namespace))]
     Forbidden {
         /// The token's name.
         token: String,

@@ -339,12 +339,22 @@ impl Server {
         service: &ServiceKey,
         threshold: f64,
     ) -> Result<(), RegistryError> {
+        lodestar::registry::limits::check_service_key(service)?;
         if !(0.0..=1.0).contains(&threshold) {
             return Err(RegistryError::Invalid(format!(
-                "the protection threshold of service {service} must be between 0 and 1, not {threshold}"
+                "the protection threshold of service {} must be between 0 and 1, not {threshold}",
+                lodestar::registry::limits::quoted(&service.to_string())
             )));
         }
         let mut gate = self.store.gate().await;
+        // Only for a service that exists: otherwise any name would cost
+        // memory and a record for good.
+        if self.registry.health(service).0 == 0 {
+            return Err(RegistryError::Invalid(format!(
+                "service {} has no instances; register one before setting its protection threshold",
+                lodestar::registry::limits::quoted(&service.to_string())
+            )));
+        }
         self.store.protection(&mut gate, service, threshold).await?;
         self.registry.set_protection_threshold(service, threshold);
         self.store.maybe_compact(&mut gate, &self.registry).await;

@@ -131,6 +131,26 @@ async fn unsafe_or_oversized_registrations_are_refused_with_the_reason_over_both
     // Nothing was registered by any of it.
     assert!(remote.services("default").await.unwrap().is_empty());
 
+    // A protection threshold only for a service that exists, by a valid name.
+    for (path, says) in [
+        ("/v1/services/nobody/protection", "no instances"),
+        ("/v1/services/a%0Ab/protection", "service"),
+    ] {
+        let (code, text) = http(
+            registry.http,
+            "PUT",
+            path,
+            Some(r#"{"threshold": 0.5}"#),
+            None,
+        );
+        assert_eq!(code, 400, "{path}: {text}");
+        let error = error_of(&text);
+        assert!(
+            error.contains(says) && !error.contains('\n'),
+            "{path}: {error}"
+        );
+    }
+
     // Malformed queries and paths, and wrong methods, answer in the
     // documented JSON shape too.
     for (method, path, code) in [

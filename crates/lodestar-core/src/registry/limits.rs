@@ -143,10 +143,7 @@ impl Limits {
     /// Checks everything about an instance but a lease: names, id,
     /// address, version, protocol, zone, weight and metadata.
     pub fn check_instance(&self, instance: &Instance) -> Result<(), RegistryError> {
-        let key = &instance.key;
-        check_name("namespace", &key.namespace, MAX_NAME, is_name_char)
-            .and_then(|()| check_name("group", &key.group, MAX_NAME, is_name_char))
-            .and_then(|()| check_name("service", &key.service, MAX_NAME, is_name_char))
+        service_key(&instance.key)
             .and_then(|()| check_name("id", &instance.id, MAX_ID, is_id_char))
             .and_then(|()| check_address(&instance.address))
             .and_then(|()| {
@@ -212,6 +209,26 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// Checks the names of a service (namespace, group, service), as every
+/// request that names one (a protection threshold, say) must.
+///
+/// ```
+/// use lodestar_core::{ServiceKey, registry::limits::check_service_key};
+/// assert!(check_service_key(&ServiceKey::new("orders")).is_ok());
+/// assert!(check_service_key(&ServiceKey::new("a\nb")).is_err());
+/// ```
+pub fn check_service_key(key: &crate::ServiceKey) -> Result<(), RegistryError> {
+    service_key(key).map_err(|why| {
+        RegistryError::Invalid(format!("service {}: {why}", quoted(&key.to_string())))
+    })
+}
+
+fn service_key(key: &crate::ServiceKey) -> Result<(), String> {
+    check_name("namespace", &key.namespace, MAX_NAME, is_name_char)
+        .and_then(|()| check_name("group", &key.group, MAX_NAME, is_name_char))
+        .and_then(|()| check_name("service", &key.service, MAX_NAME, is_name_char))
 }
 
 fn invalid(instance: &Instance, why: String) -> RegistryError {
