@@ -1017,6 +1017,31 @@ mod unread {
         assert_eq!(ending(call, true).await.unwrap().0, "0");
     }
 
+    #[tokio::test]
+    async fn connection_limits_that_cannot_work_are_refused_at_start() {
+        let world = World::new();
+        for limits in [
+            ConnectionLimits {
+                stall_timeout: Duration::ZERO,
+                ..ConnectionLimits::default()
+            },
+            ConnectionLimits {
+                max_connections: 0,
+                ..ConnectionLimits::default()
+            },
+        ] {
+            let error = world
+                .builder("echo", "a")
+                .connection_limits(limits)
+                .add_service(EchoServer::new(world.echo("a")))
+                .start()
+                .await
+                .err()
+                .expect("refused");
+            assert!(error.to_string().contains("ConnectionLimits"), "{error}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_past_the_limit_are_closed_until_one_ends() {
         let world = World::new();

@@ -54,12 +54,17 @@ impl<T: Message> Encoder for CheckedEncoder<T> {
     type Error = Status;
 
     fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        if !admit(item.encoded_len()) {
+        let len = item.encoded_len();
+        if !admit(len) {
             // Left empty; the body polling us cuts the stream before it.
             return Ok(());
         }
-        item.encode(dst)
-            .map_err(|e| Status::internal(format!("encoding a message: {e}")))
+        // The length is known: encode without measuring the message again
+        // (prost's `encode` would, to check the capacity `EncodeBuf` grows
+        // to anyway).
+        dst.reserve(len);
+        item.encode_raw(dst);
+        Ok(())
     }
 }
 

@@ -101,9 +101,10 @@ impl Balancer {
             .await
             .map_err(|_| {
                 let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+                // The registry's words, from the network: printed safely.
                 let cause = last
                     .as_deref()
-                    .map(|e| format!(": {e}"))
+                    .map(|e| format!(": {}", crate::registry::limits::printable(e)))
                     .unwrap_or_default();
                 super::Error::Resolve {
                     service: self.key.clone(),

@@ -118,6 +118,9 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        if self.bytes == 0 {
+            return; // all written: nothing left to give back
+        }
         self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
         self.budget
             .server

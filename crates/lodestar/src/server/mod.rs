@@ -109,6 +109,10 @@ pub enum ServeError {
     /// The serving task failed or panicked.
     #[error("the server task ended abnormally: {0}")]
     Task(String),
+    /// A setting cannot work; the message names it, its value and what
+    /// it must be.
+    #[error("invalid setting: {0}")]
+    Setting(String),
     /// A declared subscription could not be made.
     #[error("cannot subscribe to `{topic}`: {source}")]
     Subscribe {
@@ -570,6 +574,13 @@ impl ServiceBuilder {
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
         ];
+        let limits = &self.connections;
+        if limits.max_connections == 0 || limits.stall_timeout.is_zero() {
+            return Err(ServeError::Setting(format!(
+                "ConnectionLimits::max_connections ({}) and stall_timeout ({:?}) must be above zero",
+                limits.max_connections, limits.stall_timeout
+            )));
+        }
         let mut seen = std::collections::HashSet::new();
         for name in builtin.iter().chain(&self.names) {
             if !seen.insert(*name) {
