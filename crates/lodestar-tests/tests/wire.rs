@@ -1036,8 +1036,7 @@ mod unread {
                 .add_service(EchoServer::new(world.echo("a")))
                 .start()
                 .await
-                .err()
-                .expect("refused");
+                .expect_err("refused");
             assert!(error.to_string().contains("ConnectionLimits"), "{error}");
         }
     }
