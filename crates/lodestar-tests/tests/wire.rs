@@ -1017,6 +1017,43 @@ mod unread {
         assert_eq!(ending(call, true).await.unwrap().0, "0");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_whose_client_only_trickles_is_closed_too() {
+        let world = World::new();
+        let stall_timeout = Duration::from_millis(300);
+        let running = world
+            .builder("echo", "a")
+            .connection_limits(ConnectionLimits {
+                stall_timeout,
+                ..ConnectionLimits::default()
+            })
+            .add_service(EchoServer::new(world.echo("a")))
+            .start()
+            .await
+            .unwrap();
+        // A window of 16 bytes, given back every 50 ms: a few hundred
+        // bytes a second, while the server holds 100 KiB for it.
+        let (trickling, task) = connect(running.local_addr(), 16).await;
+        let response = echo(&trickling, 100 * 1024).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let Ok(response) = response.await else { return };
+            let mut body = response.into_body();
+            while let Some(Ok(chunk)) = body.data().await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+        });
+        // The reply would take minutes at this pace: only the server
+        // closing the connection ends it in time.
+        let started = std::time::Instant::now();
+        bounded("the server to close the trickling connection", task)
+            .await
+            .unwrap()
+            .ok();
+        assert!(started.elapsed() >= stall_timeout);
+        reader.abort();
+    }
+
     #[tokio::test]
     async fn connection_limits_that_cannot_work_are_refused_at_start() {
         let world = World::new();

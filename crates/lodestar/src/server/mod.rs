@@ -248,11 +248,12 @@ pub struct ConnectionLimits {
     /// Response bytes all connections together may hold unsent; past it, as
     /// above. Default: 256 MiB.
     pub max_unsent_bytes: usize,
-    /// A connection that holds unsent response data and sends none of it for
-    /// this long is closed (every call on it ends), freeing what it holds.
-    /// A slow reader that takes some data now and then is not affected.
-    /// Detected between one and two times this after the last byte went
-    /// out. Default: 30 s.
+    /// A connection that holds unsent response data and sends less than
+    /// 64 KiB of it (or less than all it held) in this long is closed (every
+    /// call on it ends), freeing what it holds: a client that takes a byte
+    /// now and then pins the server's budget as surely as one that takes
+    /// nothing. Detected between one and two times this after progress
+    /// stopped. Must be above zero. Default: 30 s.
     pub stall_timeout: Duration,
 }
 

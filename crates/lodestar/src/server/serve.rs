@@ -30,6 +30,10 @@ use crate::json::{self, Descriptors, Transcode};
 use http::HeaderValue;
 use tonic::codec::SingleMessageCompressionOverride;
 
+/// The least a connection holding response data must send per
+/// `stall_timeout` not to count as stalled: 64 KiB (or all it held).
+const MIN_PROGRESS: usize = 64 * 1024;
+
 /// What runs for every request: the inbound deadline, then routing to the
 /// service and method.
 #[derive(Clone)]
@@ -460,7 +464,8 @@ async fn run_connection<I>(
     } = served;
     let connection = http2.serve_connection(io, TowerToHyperService::new(stack));
     tokio::pin!(connection);
-    // A stall: data held at two checks in a row, and none of it sent between.
+    // A stall: data held at two checks in a row, and less than
+    // MIN_PROGRESS of it (or of what was held) sent between.
     let mut stall_check =
         tokio::time::interval_at(tokio::time::Instant::now() + stall_timeout, stall_timeout);
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -480,9 +485,14 @@ async fn run_connection<I>(
             }
             _ = stall_check.tick() => {
                 let now = (budget.held(), budget.sent());
-                if last.0 > 0 && now.0 > 0 && now.1 == last.1 {
-                    tracing::info!(?peer, held = now.0, ?stall_timeout,
-                        "closing a connection whose client reads none of its responses");
+                // A client that takes a trickle (a byte now and then) holds
+                // its budget as surely as one that takes nothing: progress
+                // is at least MIN_PROGRESS, or all that was held.
+                let needed = last.0.min(MIN_PROGRESS);
+                let sent = now.1.saturating_sub(last.1);
+                if last.0 > 0 && now.0 > 0 && sent < needed as u64 {
+                    tracing::info!(?peer, held = now.0, sent, ?stall_timeout,
+                        "closing a connection whose client reads too little of its responses");
                     return;
                 }
                 last = now;
