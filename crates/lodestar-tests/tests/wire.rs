@@ -981,16 +981,7 @@ mod unread {
     async fn a_connection_that_sends_nothing_it_holds_is_closed_after_the_stall_timeout() {
         let world = World::new();
         let stall_timeout = Duration::from_millis(300);
-        let running = world
-            .builder("echo", "a")
-            .connection_limits(ConnectionLimits {
-                stall_timeout,
-                ..ConnectionLimits::default()
-            })
-            .add_service(EchoServer::new(world.echo("a")))
-            .start()
-            .await
-            .unwrap();
+        let running = with_stall_timeout(&world, stall_timeout).await;
         let address = running.local_addr();
         // An idle connection, and one that reads nothing.
         let (idle, _idle_task) = connect(address, 1024 * 1024).await;
@@ -1017,11 +1008,12 @@ mod unread {
         assert_eq!(ending(call, true).await.unwrap().0, "0");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_connection_whose_client_only_trickles_is_closed_too() {
-        let world = World::new();
-        let stall_timeout = Duration::from_millis(300);
-        let running = world
+    /// An Echo server that closes stalled connections after `stall_timeout`.
+    async fn with_stall_timeout(
+        world: &World,
+        stall_timeout: Duration,
+    ) -> lodestar::RunningService {
+        world
             .builder("echo", "a")
             .connection_limits(ConnectionLimits {
                 stall_timeout,
@@ -1030,7 +1022,14 @@ mod unread {
             .add_service(EchoServer::new(world.echo("a")))
             .start()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_whose_client_only_trickles_is_closed_too() {
+        let world = World::new();
+        let stall_timeout = Duration::from_millis(300);
+        let running = with_stall_timeout(&world, stall_timeout).await;
         // A window of 16 bytes, given back every 50 ms: a few hundred
         // bytes a second, while the server holds 100 KiB for it.
         let (trickling, task) = connect(running.local_addr(), 16).await;
