@@ -3,8 +3,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::codec::Transcode;
 use crate::compression::{Encoding, PerMessage, gunzip, gzip};
-use crate::json::Transcode;
 
 /// Collects whole gRPC frames from a body's chunks and rewrites each one:
 /// decompress (if asked and the frame is compressed), transcode, then

@@ -13,9 +13,9 @@ use http_body::{Body as _, Frame};
 use prost_reflect::{DescriptorPool, MessageDescriptor};
 
 use crate::body::{CallBody, Side};
+use crate::codec::Transcode;
 use crate::compression::{Encoding, PerMessage};
 use crate::frames::{Decompress, Reframer};
-use crate::json::Transcode;
 
 /// The transcoder of one message type, from an encoded `FileDescriptorSet`.
 #[derive(Debug, Clone)]

@@ -49,7 +49,7 @@
 
 mod body;
 pub mod client;
-mod codec;
+pub mod codec;
 pub mod compression;
 mod deadline;
 pub mod events;
@@ -58,13 +58,13 @@ mod frames;
 pub mod fuzzing;
 mod grpc_timeout;
 mod io;
-pub mod json;
+
 pub mod server;
 pub mod tls;
 
 pub use client::Client;
+pub use codec::Codec;
 pub use deadline::Deadline;
-pub use json::Codec;
 pub use lodestar_core::{
     Broker, BrokerError, DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, MemoryBroker,
     MemoryRegistry, Message, Registry, RegistryError, Revision, ServiceKey, StaticRegistry,

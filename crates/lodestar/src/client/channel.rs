@@ -18,10 +18,10 @@ use super::Error;
 use super::balancer::{Balancer, Endpoint};
 use super::connection::Sender;
 use crate::body::{CallBody, RequestBody, RequestError, Side};
+use crate::codec::{self as json, Codec, Descriptors, Transcode};
 use crate::compression::{Compress, Encoding, PerMessage, ReceivedFlags};
 use crate::deadline;
 use crate::frames::{Decompress, Reframer};
-use crate::json::{self, Codec, Descriptors, Transcode};
 
 /// The body of a response received through a [`Channel`]: it fails with
 /// `DEADLINE_EXCEEDED` if still open at the call's deadline, and with

@@ -37,8 +37,8 @@ pub use channel::{Channel, ResponseBody};
 use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
 
 use crate::MessageLimits;
+use crate::codec::Codec;
 use crate::compression::Encoding;
-use crate::json::Codec;
 use crate::tls::ClientTls;
 use balancer::Balancer;
 

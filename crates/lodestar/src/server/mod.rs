@@ -36,8 +36,8 @@ use tonic_health::server::HealthReporter;
 
 use crate::MessageLimits;
 use crate::client::IntoRegistry;
+use crate::codec::Descriptors;
 use crate::compression::Encoding;
-use crate::json::Descriptors;
 use crate::tls::ServerTls;
 
 /// What `lodestar-build` generates for each server so that [`ServiceBuilder`]

@@ -22,11 +22,11 @@ use super::budget::{Budgeted, ConnectionBudget, ServerBudget};
 use super::{Announcer, ConnectionLimits, Lifecycle};
 use crate::MessageLimits;
 use crate::body::{CallBody, Side};
+use crate::codec::{self as json, Descriptors, Transcode};
 use crate::compression::{Compress, Encoding, PerMessage, ReceivedFlags};
 use crate::deadline;
 use crate::frames::{Decompress, Reframer};
 use crate::io::Rewind;
-use crate::json::{self, Descriptors, Transcode};
 use http::HeaderValue;
 use tonic::codec::SingleMessageCompressionOverride;
 
