@@ -34,6 +34,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+use crate::trace::TraceContext;
 pub use lodestar_core::broker::{
     Broker, BrokerError, Delivery, Durable, Message, SubscribeOptions, Subscription, header,
 };
@@ -41,21 +43,20 @@ pub use lodestar_core::broker::{
 /// The content type of protobuf bodies.
 pub const PROTOBUF: &str = "application/protobuf";
 
-tokio::task_local! {
-    /// The W3C trace context of the request the current task is handling.
-    static TRACEPARENT: String;
-}
-
 /// Runs `future` with `traceparent` as the trace context that events it
-/// publishes carry. lodestar's server does this for each request that
-/// arrives with a `traceparent` header.
+/// publishes carry (a malformed one is ignored). lodestar's server does
+/// this for each request that arrives with a `traceparent` header; see
+/// [`crate::trace`].
 pub async fn with_trace_context<F: Future>(traceparent: String, future: F) -> F::Output {
-    TRACEPARENT.scope(traceparent, future).await
+    match TraceContext::parse(&traceparent, None) {
+        Some(context) => context.scope(future).await,
+        None => future.await,
+    }
 }
 
-/// The current task's trace context, if any.
+/// The current task's `traceparent`, if any.
 pub fn current_trace_context() -> Option<String> {
-    TRACEPARENT.try_with(Clone::clone).ok()
+    TraceContext::current().map(|c| c.traceparent().to_owned())
 }
 
 /// A new message id: 128 random bits, as 32 hex digits.
@@ -133,11 +134,18 @@ pub fn stamp(mut message: Message, content_type: &str) -> Message {
         .headers
         .entry(header::MESSAGE_ID.to_owned())
         .or_insert_with(new_message_id);
-    if let Some(traceparent) = current_trace_context() {
+    if let Some(context) = TraceContext::current()
+        && !message.headers.contains_key(header::TRACEPARENT)
+    {
+        let traceparent = context.traceparent().to_owned();
         message
             .headers
-            .entry(header::TRACEPARENT.to_owned())
-            .or_insert(traceparent);
+            .insert(header::TRACEPARENT.to_owned(), traceparent);
+        if let Some(tracestate) = context.tracestate() {
+            message
+                .headers
+                .insert(crate::trace::TRACESTATE.to_owned(), tracestate.to_owned());
+        }
     }
     message
 }
@@ -225,17 +233,16 @@ pub(crate) async fn run_subscriber(
             tracing::warn!(%topic, "the subscription ended");
             return;
         };
-        let traceparent = delivery
-            .message
-            .header(header::TRACEPARENT)
-            .map(str::to_owned);
+        let context = delivery.message.header(header::TRACEPARENT).and_then(|t| {
+            TraceContext::parse(t, delivery.message.header(crate::trace::TRACESTATE))
+        });
         // A handler that panics fails this message only: it is nacked, and
         // the subscription carries on.
         let message = delivery.message.clone();
         let handled = std::panic::AssertUnwindSafe(async { handler(message).await });
         let handled = futures_util::FutureExt::catch_unwind(handled);
-        let result = match traceparent {
-            Some(traceparent) => with_trace_context(traceparent, handled).await,
+        let result = match context {
+            Some(context) => context.scope(handled).await,
             None => handled.await,
         }
         .unwrap_or_else(|_| Err("the handler panicked".into()));

@@ -61,6 +61,7 @@ mod io;
 
 pub mod server;
 pub mod tls;
+pub mod trace;
 
 pub use client::Client;
 pub use codec::Codec;

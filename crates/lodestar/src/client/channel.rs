@@ -101,6 +101,8 @@ impl tower_service::Service<Request<Body>> for Channel {
             Ok(deadline) => deadline,
             Err(status) => return Box::pin(std::future::ready(Err(status))),
         };
+        // And the trace context of the call being served, likewise.
+        crate::trace::TraceContext::inject_current(request.headers_mut());
         let received = balancer
             .config
             .inspect_compression

@@ -166,21 +166,16 @@ impl tower_service::Service<Request<Incoming>> for Stack {
         });
         let json = json.map(|(method, _)| method);
         let outbound = json.map(|method| Transcode::ProtoToJson(method.output()));
-        // The caller's W3C trace context, for events the handler publishes.
-        let traceparent = request
-            .headers()
-            .get(crate::events::header::TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 128)
-            .map(str::to_owned);
+        // The caller's W3C trace context, for the calls and events the handler makes.
+        let trace = crate::trace::TraceContext::from_headers(request.headers());
         let future = self.routes.call(request.map(|body| {
             CallBody::new(body, None, Side::Received, receive)
                 .with_received_flags(received)
                 .with_reframer(inbound)
         }));
         let future = async move {
-            match traceparent {
-                Some(traceparent) => crate::events::with_trace_context(traceparent, future).await,
+            match trace {
+                Some(trace) => trace.scope(future).await,
                 None => future.await,
             }
         };
