@@ -199,8 +199,13 @@ impl prost_build::ServiceGenerator for Generator {
         let mut tonic_code = String::new();
         self.packages_with_services.insert(service.package.clone());
         let lodestar_code = lodestar_items(&service, self.build_client, self.build_server);
+        let method_infos = self.build_client.then(|| method_infos(&service));
         self.tonic.generate(service, &mut tonic_code);
-        buf.push_str(&reroot_tonic_paths(&tonic_code));
+        let mut code = reroot_tonic_paths(&tonic_code);
+        if let Some(infos) = method_infos {
+            code = add_method_infos(&code, &infos);
+        }
+        buf.push_str(&code);
         buf.push_str(&lodestar_code);
     }
 
@@ -272,13 +277,6 @@ fn lodestar_items(service: &Service, client: bool, server: bool) -> String {
     let name = &service.name;
     let mut out = String::new();
     if client {
-        let idempotent: Vec<String> = service
-            .methods
-            .iter()
-            // Only a single request message can be buffered and sent again.
-            .filter(|m| !m.client_streaming && is_idempotent(m))
-            .map(|m| format!("{:?}", format!("/{full_name}/{}", m.proto_name)))
-            .collect();
         let _ = write!(
             out,
             r#"
@@ -287,22 +285,16 @@ impl {module}_client::{name}Client<::lodestar::client::Channel> {{
     /// registered as `service`, found through `client`'s registry and
     /// balanced by its selector. Connections are made lazily.
     pub fn by_name(client: &::lodestar::Client, service: &str) -> Self {{
-        const IDEMPOTENT: &[&str] = &[{idempotent}];
         let limits = client.message_limits();
         // The channel enforces the send limit itself, with the status code
         // gRPC specifies (RESOURCE_EXHAUSTED); tonic's own check is off.
-        let channel = client
-            .channel(service)
-            .with_idempotent_methods(IDEMPOTENT)
-            .with_descriptors(FILE_DESCRIPTOR_SET);
-        Self::new(channel)
+        Self::new(client.channel(service))
             .accept_compressed(::lodestar::codegen::tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(limits.max_decoding_message_size)
             .max_encoding_message_size(usize::MAX)
     }}
 }}
-"#,
-            idempotent = idempotent.join(", ")
+"#
         );
     }
     if server {
@@ -326,6 +318,52 @@ impl<T: {module}_server::{name}> ::lodestar::server::ServiceDefinition for {modu
         );
     }
     out
+}
+
+/// For each method of `service`: how tonic's client names the method in a
+/// request's extensions, and the statement lodestar adds after that one.
+fn method_infos(service: &Service) -> Vec<(String, String)> {
+    let full_name = if service.package.is_empty() {
+        service.proto_name.clone()
+    } else {
+        format!("{}.{}", service.package, service.proto_name)
+    };
+    service
+        .methods
+        .iter()
+        .map(|method| {
+            let anchor = format!("GrpcMethod::new({full_name:?}, {:?})", method.proto_name);
+            // Only a single request message can be kept and sent again.
+            let idempotent = !method.client_streaming && is_idempotent(method);
+            let info = format!(
+                "req.extensions_mut().insert(::lodestar::client::MethodInfo::new(super::FILE_DESCRIPTOR_SET).idempotent({idempotent}));"
+            );
+            (anchor, info)
+        })
+        .collect()
+}
+
+/// Adds to each client method in `code` the [`MethodInfo`] of its method
+/// (descriptors, idempotency), so that it travels with each call through
+/// any layers a user wraps the channel in. A method tonic wrote differently
+/// than expected becomes a compile error naming it.
+fn add_method_infos(code: &str, infos: &[(String, String)]) -> String {
+    let mut code = code.to_owned();
+    for (anchor, info) in infos {
+        // After the statement that names the method (however it is wrapped).
+        let end = code
+            .find(anchor.as_str())
+            .and_then(|at| code[at..].find(';').map(|semicolon| at + semicolon + 1));
+        if let Some(end) = end {
+            code.insert_str(end, &format!("\n{info}"));
+        } else {
+            code.push_str(&format!(
+                "\ncompile_error!({:?});\n",
+                format!("lodestar-build: tonic's client code no longer contains `{anchor}`")
+            ));
+        }
+    }
+    code
 }
 
 /// Rewrites `tonic::` paths in tonic's output to `::lodestar::codegen::tonic::`,

@@ -375,9 +375,16 @@ impl RequestBody {
         }
     }
 
-    /// The wrapped body, for sending again elsewhere.
-    pub(crate) fn into_inner(self) -> tonic::body::Body {
-        self.inner
+    /// A body of `bytes` (a kept copy of a request, already checked and
+    /// encoded) that reports its errors to `error`.
+    pub(crate) fn replay(bytes: Bytes, error: RequestError) -> Self {
+        let body = tonic::body::Body::new(http_body_util::Full::new(bytes));
+        Self::new(body, usize::MAX, None, error)
+    }
+
+    /// Where this body reports the first error it yields.
+    pub(crate) fn error(&self) -> &RequestError {
+        &self.error
     }
 }
 

@@ -103,15 +103,15 @@ pub(crate) fn sync_scope<R>(deadline: Deadline, f: impl FnOnce() -> R) -> R {
 }
 
 /// The deadline for an outbound request: the earliest of its own
-/// `grpc-timeout`, the current inbound deadline, and the client default.
-/// A malformed `grpc-timeout` (set by hand in the request's metadata) is
-/// refused rather than sent.
+/// `grpc-timeout`, `current` (the deadline of the call being served), and
+/// the client default. A malformed `grpc-timeout` (set by hand in the
+/// request's metadata) is refused rather than sent.
 pub(crate) fn outbound(
     headers: &HeaderMap,
+    current: Option<Deadline>,
     default: Option<Duration>,
 ) -> Result<Option<Deadline>, tonic::Status> {
     let own = timeout(headers)?;
-    let current = Deadline::current();
     if own.is_none() && default.is_none() {
         // The common call: no clock read.
         return Ok(current);

@@ -60,6 +60,7 @@ mod grpc_timeout;
 mod io;
 
 pub mod server;
+mod status;
 pub mod tls;
 pub mod trace;
 

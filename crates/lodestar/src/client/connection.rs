@@ -1,8 +1,7 @@
-//! One lazily opened HTTP/2 connection to one address, and that address's
-//! ejection state.
+//! One lazily opened HTTP/2 connection to one address.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -10,7 +9,6 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::body::RequestBody;
 use crate::io::Rewind;
@@ -30,9 +28,6 @@ pub(crate) struct Connection {
     /// Finished connect attempts; tells a queued caller that one failed meanwhile.
     attempts: AtomicU64,
     last_error: Mutex<Option<ConnectError>>,
-    /// Ejected until this many nanoseconds after [`epoch`]; 0 when not ejected.
-    ejected_until: AtomicU64,
-    failures: AtomicU32,
 }
 
 /// A connection could not be had.
@@ -49,15 +44,6 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn nanos_since_epoch(at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
-}
-
 impl Connection {
     pub(crate) fn new(address: String) -> Self {
         Self {
@@ -66,8 +52,6 @@ impl Connection {
             opening: tokio::sync::Mutex::new(()),
             attempts: AtomicU64::new(0),
             last_error: Mutex::new(None),
-            ejected_until: AtomicU64::new(0),
-            failures: AtomicU32::new(0),
         }
     }
 
@@ -234,32 +218,6 @@ impl Connection {
             }
         });
         Ok(sender)
-    }
-
-    /// Whether the address is ejected at `now`, which is read from the
-    /// clock only when some ejection is in force (and then kept for the
-    /// caller's next question).
-    pub(crate) fn is_ejected(&self, now: &mut Option<Instant>) -> bool {
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && nanos_since_epoch(*now.get_or_insert_with(Instant::now)) < until
-    }
-
-    /// Skips this address for a while: `base`, doubled for each failure in
-    /// a row, at most `max`.
-    pub(crate) fn eject(&self, base: Duration, max: Duration) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
-        let duration = base.saturating_mul(1u32 << failures).min(max);
-        let until = nanos_since_epoch(crate::deadline::later(Instant::now(), duration)).max(1);
-        self.ejected_until.store(until, Ordering::Relaxed);
-        tracing::debug!(address = %self.address, ?duration, "address ejected");
-    }
-
-    /// Clears the ejection after a success.
-    pub(crate) fn succeeded(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
-            self.ejected_until.store(0, Ordering::Relaxed);
-        }
     }
 }
 

@@ -8,52 +8,113 @@
 //!
 //! # What happens on a call
 //!
-//! 1. **Deadline**: the earliest of the request's own timeout, the deadline
+//! A call passes through a stack of layers, built in one place
+//! (`client/stack`), outer to inner:
+//!
+//! 1. **Your layers** ([`ClientBuilder::layer`]): any tower layers, which
+//!    see each call once, as the caller made it.
+//! 2. **Deadline**: the earliest of the request's own timeout, the deadline
 //!    of the call being served (see [`Deadline`](crate::Deadline)) and the
 //!    client's default. It bounds everything below.
-//! 2. **Pick** an instance from the local cache, round robin by default
-//!    ([`Strategy`]). The registry is never asked on this path.
-//! 3. **Send** over that instance's connection, connecting first if needed.
+//! 3. **Codec**: JSON or protobuf, compression, and the message size limits.
+//! 4. **Retry**: a request that never reached a server (the connection
+//!    could not be made, or was found closed before the request went out)
+//!    is sent to another instance, whatever its kind. A unary request to a
+//!    method marked idempotent in its `.proto` is also sent again when the
+//!    instance fails before answering. Otherwise the caller gets
+//!    `UNAVAILABLE`.
+//! 5. **Balance**: the instances come from a local cache kept fresh by a
+//!    watch of the registry (the registry is never asked on this path), and
+//!    the [`Selector`](selector::Selector) picks one, round robin by
+//!    default. An instance that refuses connections is *ejected*: skipped
+//!    for a while (1 s, doubling on each further failure up to 30 s by
+//!    default) unless no other instance is left. Every attempt is counted
+//!    on its endpoint ([`EndpointStats`](selector::EndpointStats)) and
+//!    reported to [observers](observe).
+//! 6. **Endpoint**: one lazily opened HTTP/2 connection per instance.
 //!
-//! An instance that refuses connections is *ejected*: skipped for a while
-//! (1 s, doubling on each further failure up to 30 s by default) unless no
-//! other instance is left. A request that never reached a server (the
-//! connection could not be made, or was found closed before the request
-//! went out) is sent to another instance, whatever its kind. A unary request
-//! to a method marked idempotent in its `.proto` is also sent again when the
-//! instance fails before answering. Otherwise the caller gets `UNAVAILABLE`.
+//! The trace context of the call being served
+//! ([`TraceContext`](crate::trace::TraceContext)) goes out with every call,
+//! as its deadline does.
 
-mod balancer;
 mod channel;
 mod connection;
-mod resolver;
+pub mod observe;
+
+pub mod selector;
+mod stack;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::body::CallBody;
-pub use channel::{Channel, ResponseBody};
+pub use channel::{BoxChannel, Channel, ResponseBody};
 use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
+use tower::util::BoxCloneSyncService;
 
 use crate::MessageLimits;
 use crate::codec::Codec;
 use crate::compression::Encoding;
 use crate::tls::ClientTls;
-use balancer::Balancer;
+
+use observe::{Observer, ObserverDebug};
+use selector::Selector;
+pub(crate) use stack::error_chain;
+use stack::Balance;
 
 /// The most instances one call is ever sent to.
 const MAX_ATTEMPTS: usize = 8;
 
-/// How a [`Channel`] picks an instance for each call.
+/// How a [`Channel`] picks an instance for each call: a shorthand for the
+/// built-in [selectors](selector).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Strategy {
-    /// Each instance in turn (the default).
+    /// Each instance in turn (the default): [`selector::RoundRobin`].
     #[default]
     RoundRobin,
-    /// An instance chosen uniformly at random.
+    /// An instance chosen uniformly at random: [`selector::Random`].
     Random,
+}
+
+/// What a call needs to know about its method, carried in the request's
+/// extensions so that it reaches the channel through any layers. Clients
+/// that `lodestar-build` generates add it to every call.
+///
+/// ```
+/// use lodestar::client::MethodInfo;
+///
+/// static DESCRIPTORS: &[u8] = &[]; // a generated FILE_DESCRIPTOR_SET
+/// let mut request = http::Request::new(());
+/// request
+///     .extensions_mut()
+///     .insert(MethodInfo::new(DESCRIPTORS).idempotent(true));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MethodInfo {
+    /// The encoded `FileDescriptorSet` that declares the method, which the
+    /// JSON codec needs.
+    pub(crate) descriptors: Option<&'static [u8]>,
+    /// Whether a unary call may be sent again when an instance fails
+    /// before answering (the method is marked idempotent in its `.proto`).
+    pub(crate) idempotent: bool,
+}
+
+impl MethodInfo {
+    /// A method declared in `file_descriptor_set`, not idempotent.
+    pub const fn new(file_descriptor_set: &'static [u8]) -> Self {
+        Self {
+            descriptors: Some(file_descriptor_set),
+            idempotent: false,
+        }
+    }
+
+    /// Marks the method as safe to send again (or not).
+    pub const fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
+    }
 }
 
 /// Errors a lodestar client attaches as the source of a failed call's
@@ -129,12 +190,24 @@ struct ClientInner {
     channels: Mutex<HashMap<ServiceKey, Channel>>,
 }
 
+/// Makes each channel's own selector.
+pub(crate) type SelectorFactory = Arc<dyn Fn() -> Box<dyn Selector> + Send + Sync>;
+
+fn selector_factory<S: Selector + Clone>(selector: S) -> SelectorFactory {
+    Arc::new(move || Box::new(selector.clone()))
+}
+
+/// Wraps a channel's stack in one of the user's layers.
+pub(crate) type UserLayer = Arc<dyn Fn(BoxChannel) -> BoxChannel + Send + Sync>;
+
 /// Settings shared by all the channels of a [`Client`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ClientConfig {
     pub(crate) namespace: String,
     pub(crate) group: String,
-    pub(crate) strategy: Strategy,
+    pub(crate) selector: SelectorFactory,
+    pub(crate) observers: Arc<[Arc<dyn ObserverDebug>]>,
+    pub(crate) layers: Vec<UserLayer>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) connect_timeout: Duration,
     pub(crate) resolve_timeout: Duration,
@@ -150,12 +223,27 @@ pub(crate) struct ClientConfig {
     pub(crate) protection_threshold: f64,
 }
 
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("namespace", &self.namespace)
+            .field("group", &self.group)
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("observers", &self.observers.len())
+            .field("layers", &self.layers.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             group: DEFAULT_GROUP.to_owned(),
-            strategy: Strategy::RoundRobin,
+            selector: selector_factory(selector::RoundRobin::default()),
+            observers: Arc::new([]),
+            layers: Vec::new(),
             timeout: None,
             connect_timeout: Duration::from_secs(3),
             resolve_timeout: Duration::from_secs(5),
@@ -210,11 +298,9 @@ impl Client {
         channels
             .entry(key.clone())
             .or_insert_with(|| {
-                Channel::new(Arc::new(Balancer::new(
-                    key,
-                    self.inner.registry.clone(),
-                    self.inner.config.clone(),
-                )))
+                let config = &self.inner.config;
+                let balance = Balance::new(key, self.inner.registry.clone(), config.clone());
+                Channel::new(Arc::new(balance), &config.layers)
             })
             .clone()
     }
@@ -250,9 +336,72 @@ impl ClientBuilder {
         self
     }
 
-    /// How instances are picked. Default: [`Strategy::RoundRobin`].
-    pub fn strategy(mut self, strategy: Strategy) -> Self {
-        self.config.strategy = strategy;
+    /// How instances are picked, by name. Default: [`Strategy::RoundRobin`].
+    /// The same as [`selector`](Self::selector) with the built-in selector.
+    pub fn strategy(self, strategy: Strategy) -> Self {
+        match strategy {
+            Strategy::RoundRobin => self.selector(selector::RoundRobin::default()),
+            Strategy::Random => self.selector(selector::Random),
+        }
+    }
+
+    /// How instances are picked: each channel (one per service) gets its
+    /// own clone of `selector`. Default: [`selector::RoundRobin`].
+    pub fn selector<S: Selector + Clone>(mut self, selector: S) -> Self {
+        self.config.selector = selector_factory(selector);
+        self
+    }
+
+    /// Adds an observer of every attempt of every call (see [`observe`]).
+    /// Several may be added. Default: none.
+    pub fn observe(mut self, observer: impl Observer) -> Self {
+        let mut observers: Vec<Arc<dyn ObserverDebug>> = self.config.observers.to_vec();
+        observers.push(Arc::new(observer));
+        self.config.observers = observers.into();
+        self
+    }
+
+    /// Wraps every call in a tower layer: around the whole stack (above
+    /// deadlines and retries, so it sees each call once, as the caller made
+    /// it). Several may be added; the first added is the outermost. Each
+    /// channel (one per service) gets its own instance of the layer's
+    /// service, so a `ConcurrencyLimitLayer` limits each service's calls.
+    ///
+    /// The layer wraps a service of `http::Request<tonic::body::Body>` to
+    /// `http::Response<`[`ResponseBody`]`>`. Its errors reach the caller
+    /// as statuses: a [`Status`](tonic::Status) as itself, `tower`'s load-shed
+    /// `Overloaded` as `RESOURCE_EXHAUSTED`, its timeout's `Elapsed` as
+    /// `DEADLINE_EXCEEDED`, anything else as `UNAVAILABLE` with its text.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lodestar::{Client, MemoryRegistry};
+    ///
+    /// let client = Client::builder(MemoryRegistry::new())
+    ///     .layer(tower::limit::ConcurrencyLimitLayer::new(64))
+    ///     .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(1)))
+    ///     .build();
+    /// # drop(client);
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<BoxChannel> + Send + Sync + 'static,
+        L::Service: tower_service::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<ResponseBody>,
+                Future: Send + 'static,
+                Error: Into<crate::status::BoxError>,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.config.layers.push(Arc::new(move |inner| {
+            let service = tower::util::MapErr::new(layer.layer(inner), |e: <L::Service as tower_service::Service<http::Request<tonic::body::Body>>>::Error| {
+                crate::status::from_layer_error(e.into())
+            });
+            BoxCloneSyncService::new(service)
+        }));
         self
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lodestar_core::{Instance, Registry, Revision, ServiceKey, WatchEvent};
 
-use super::balancer::{Balancer, ResolvingGuard};
+use super::balance::{Balance, ResolvingGuard};
 
 /// Watches `key` and publishes every change into the balancer, until the
 /// balancer is dropped. On errors it keeps the last known instances and
@@ -15,7 +15,7 @@ use super::balancer::{Balancer, ResolvingGuard};
 pub(crate) async fn run(
     registry: Arc<dyn Registry>,
     key: ServiceKey,
-    balancer: Weak<Balancer>,
+    balancer: Weak<Balance>,
     _running: ResolvingGuard,
 ) {
     let mut instances: BTreeMap<String, Instance> = BTreeMap::new();

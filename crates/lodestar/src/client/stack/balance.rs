@@ -1,28 +1,49 @@
-//! The instances of one service, and how one is picked for a call.
+//! The balance layer: the instances of one service (discovery), and which
+//! one each attempt goes to (selection).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use http::uri::Authority;
+use http::uri::{Authority, PathAndQuery};
+use http::{Request, Response};
+use tokio::time::Instant;
+use tonic::Status;
 use lodestar_core::{Instance, Registry, ServiceKey};
 use tokio::sync::Notify;
 
-use super::connection::Connection;
-use super::{ClientConfig, Strategy, resolver};
+use super::retry::Leftover;
+use crate::body::RequestBody;
 
-/// Everything a [`Channel`](super::Channel) shares: the instance snapshot,
-/// the picking cursor, and the resolver that keeps the snapshot fresh.
+use crate::client::connection::Connection;
+use crate::client::observe::{AttemptGuard, Observed, Watchers};
+use crate::client::selector::{CallInfo, Endpoint, EndpointStats, nanos_since_epoch};
+use super::resolver;
+use crate::client::{ClientConfig, Error};
+use crate::deadline::Deadline;
+
+/// Everything a [`Channel`](crate::client::Channel) shares: the endpoint
+/// set, the selector, and the resolver that keeps the set fresh.
+///
+/// Selection reads the endpoint set without locking, and filters it (which
+/// allocates) only when the call has tried an endpoint already or some
+/// endpoint is ejected. An endpoint whose connection is refused is ejected:
+/// skipped for a while (1 s, doubling on each further failure up to 30 s
+/// by default) unless no other is left.
 #[derive(Debug)]
-pub(crate) struct Balancer {
+pub(crate) struct Balance {
     pub(crate) key: ServiceKey,
     pub(crate) config: Arc<ClientConfig>,
     registry: Arc<dyn Registry>,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     synced: AtomicBool,
     synced_notify: Notify,
-    cursor: AtomicUsize,
+    watchers: Arc<Watchers>,
+    /// The latest end of an ejection (nanoseconds, as [`EndpointStats`]
+    /// keeps them), 0 if none was ever made: while it is 0 or past, no
+    /// endpoint is ejected, and selection reads no clock.
+    ejections: AtomicU64,
     /// Whether the last update was below the protection threshold.
     protecting: AtomicBool,
     /// Whether a resolver task is running; it clears this when it ends
@@ -43,6 +64,24 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Why an attempt did not produce a response.
+pub(crate) enum Failure {
+    /// No endpoint is left for this call.
+    NoEndpoint,
+    /// The call cannot go on (the registry never listed the service).
+    Fatal(Status),
+    /// The attempt failed; what is left of the request says what may follow.
+    Attempt(Box<AttemptFailure>),
+}
+
+/// A failed attempt.
+pub(crate) struct AttemptFailure {
+    pub(crate) leftover: Leftover,
+    pub(crate) message: String,
+    pub(crate) address: String,
+    pub(crate) connection: Arc<Connection>,
+}
+
 /// Clears the `resolving` flag when the resolver task ends or is dropped.
 pub(crate) struct ResolvingGuard(Arc<AtomicBool>);
 
@@ -52,12 +91,17 @@ impl Drop for ResolvingGuard {
     }
 }
 
-impl Balancer {
+impl Balance {
     pub(crate) fn new(
         key: ServiceKey,
         registry: Arc<dyn Registry>,
         config: Arc<ClientConfig>,
     ) -> Self {
+        let watchers = Arc::new(Watchers {
+            service: key.clone(),
+            selector: (config.selector)(),
+            observers: config.observers.clone(),
+        });
         Self {
             key,
             config,
@@ -65,7 +109,8 @@ impl Balancer {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
-            cursor: AtomicUsize::new(0),
+            watchers,
+            ejections: AtomicU64::new(0),
             protecting: AtomicBool::new(false),
             resolving: Arc::new(AtomicBool::new(false)),
             resolver: Mutex::new(None),
@@ -81,7 +126,7 @@ impl Balancer {
     /// Makes sure a resolver runs (starting one needs a runtime, so it
     /// happens on first use, and again if the old one's runtime is gone),
     /// and waits for the first snapshot.
-    pub(crate) async fn ready(self: &Arc<Self>) -> Result<(), super::Error> {
+    pub(crate) async fn ready(self: &Arc<Self>) -> Result<(), Error> {
         if !self.resolving.load(Ordering::Acquire) {
             self.start_resolver();
         }
@@ -106,7 +151,7 @@ impl Balancer {
                     .as_deref()
                     .map(|e| format!(": {}", crate::registry::limits::printable(e)))
                     .unwrap_or_default();
-                super::Error::Resolve {
+                Error::Resolve {
                     service: self.key.clone(),
                     reason: format!(
                         "the registry did not list its instances within {:?}{cause}",
@@ -168,11 +213,13 @@ impl Balancer {
                         instance,
                         authority: same.authority.clone(),
                         connection: same.connection.clone(),
+                        stats: same.stats.clone(),
                     }));
                 }
                 match self.authority(&instance.address) {
                     Ok(authority) => Some(Arc::new(Endpoint {
                         connection: Arc::new(Connection::new(instance.address.clone())),
+                        stats: Arc::new(EndpointStats::default()),
                         instance,
                         authority,
                     })),
@@ -214,41 +261,94 @@ impl Balancer {
         self.endpoints.load_full()
     }
 
-    /// Picks a current endpoint whose connection is not in `tried`,
-    /// preferring ones not ejected. Reads the endpoint list without touching
-    /// its shared reference count.
-    pub(crate) fn pick(&self, tried: &[Arc<Connection>]) -> Option<Arc<Endpoint>> {
+    /// The endpoint for one attempt: chosen by the selector among those
+    /// not in `tried` and not ejected (or, if every one left is ejected,
+    /// among those: rather try one than fail outright).
+    fn pick(&self, tried: &[Arc<Connection>], call: &CallInfo<'_>) -> Option<Arc<Endpoint>> {
         let endpoints = self.endpoints.load();
-        let n = endpoints.len();
-        if n == 0 {
+        if endpoints.is_empty() {
             return None;
         }
-        let start = match self.config.strategy {
-            Strategy::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
-            Strategy::Random => fastrand::usize(..n),
-        };
         let mut now = None;
-        let mut fallback = None;
-        for endpoint in endpoints[start..].iter().chain(&endpoints[..start]) {
-            // By connection: it outlives the endpoint's rebuilds when the
-            // instance's metadata changes, and holding it rules out address reuse.
-            if tried.iter().any(|c| Arc::ptr_eq(c, &endpoint.connection)) {
-                continue;
-            }
-            if !endpoint.connection.is_ejected(&mut now) {
-                return Some(endpoint.clone());
-            }
-            // Everything ejected: rather try one than fail outright.
-            fallback.get_or_insert(endpoint);
+        let ejections = self.ejections.load(Ordering::Relaxed);
+        let some_ejected = ejections != 0 && {
+            let now = *now.get_or_insert_with(Instant::now);
+            nanos_since_epoch(now) < ejections
+        };
+        if tried.is_empty() && !some_ejected {
+            // The common call: every endpoint may be used.
+            let chosen = self.watchers.selector.select(&endpoints, call)?;
+            return endpoints.get(chosen).cloned();
         }
-        fallback.cloned()
+        // By connection: it outlives the endpoint's rebuilds when the
+        // instance's metadata changes, and holding it rules out address reuse.
+        let untried = endpoints
+            .iter()
+            .filter(|e| !tried.iter().any(|c| Arc::ptr_eq(c, &e.connection)));
+        let mut usable: Vec<Arc<Endpoint>> = untried
+            .clone()
+            .filter(|e| !e.stats.ejected(&mut now))
+            .cloned()
+            .collect();
+        if usable.is_empty() {
+            usable = untried.cloned().collect();
+        }
+        if usable.is_empty() {
+            return None;
+        }
+        let chosen = self.watchers.selector.select(&usable, call)?;
+        usable.get(chosen).cloned()
+    }
+
+    /// Notes that `endpoint` refused a connection: it is skipped for a while.
+    pub(crate) fn eject(&self, endpoint: &Endpoint) {
+        let config = &self.config;
+        let duration = endpoint
+            .stats
+            .eject(config.ejection_base, config.ejection_max);
+        let until =
+            nanos_since_epoch(crate::deadline::later(Instant::now(), duration));
+        self.ejections.fetch_max(until, Ordering::Relaxed);
+        tracing::debug!(service = %self.key, address = %endpoint.instance.address, ?duration,
+            "instance ejected");
+    }
+
+    /// One attempt of a call: waits for the service's instances to be known,
+    /// picks one, and sends the request to it.
+    pub(crate) async fn attempt(
+        self: &Arc<Self>,
+        request: Request<RequestBody>,
+        tried: &[Arc<Connection>],
+        number: usize,
+        deadline: Option<Deadline>,
+    ) -> Result<Response<Observed>, Failure> {
+        self.ready()
+            .await
+            .map_err(|e| Failure::Fatal(unavailable(e)))?;
+        let number = u32::try_from(number).unwrap_or(u32::MAX);
+        let call = CallInfo {
+            service: &self.key,
+            method: request.uri().path(),
+            headers: request.headers(),
+            attempt: number,
+        };
+        let Some(endpoint) = self.pick(tried, &call) else {
+            return Err(Failure::NoEndpoint);
+        };
+        let method = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let guard =
+            AttemptGuard::start(self.watchers.clone(), endpoint.clone(), method, number, deadline);
+        super::endpoint::send(self, &endpoint, request, guard).await
     }
 }
 
-/// One instance and the connection to its address.
-#[derive(Debug)]
-pub(crate) struct Endpoint {
-    pub(crate) instance: Instance,
-    pub(crate) authority: Authority,
-    pub(crate) connection: Arc<Connection>,
+/// `UNAVAILABLE`, with `error` as its source.
+pub(crate) fn unavailable(error: Error) -> Status {
+    let mut status = Status::unavailable(error.to_string());
+    status.set_source(Arc::new(error));
+    status
 }

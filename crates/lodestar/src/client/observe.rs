@@ -1,0 +1,284 @@
+//! Seeing every attempt of every call: the [`Observer`] hook.
+//!
+//! A call may go to several endpoints (see the [client docs](super)); layers
+//! added with [`ClientBuilder::layer`](super::ClientBuilder::layer) see it
+//! once, as the caller made it. An observer sees each attempt: the endpoint
+//! it went to, how it ended, how long it took and whether the request was
+//! sent. This is what metrics, outlier detection and retry budgets build on.
+//!
+//! An attempt that got a response ends when the response does: with the
+//! `grpc-status` of its trailers, or `CANCELLED` if the caller dropped it
+//! first (`DEADLINE_EXCEEDED` if that was because its deadline passed).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use lodestar::client::observe::Attempt;
+//!
+//! let failures = Arc::new(AtomicUsize::new(0));
+//! let counted = failures.clone();
+//! let client = lodestar::Client::builder(lodestar::MemoryRegistry::new())
+//!     .observe(move |attempt: &Attempt<'_>| {
+//!         if attempt.outcome.is_failure() {
+//!             counted.fetch_add(1, Ordering::Relaxed);
+//!         }
+//!     })
+//!     .build();
+//! # drop(client);
+//! ```
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use lodestar_core::ServiceKey;
+use tokio::time::Instant;
+use tonic::Code;
+
+use super::selector::{Endpoint, Selector};
+use crate::Deadline;
+
+/// Sees every attempt of every call a client makes. Closures
+/// `Fn(&Attempt<'_>)` are observers.
+///
+/// Called on the task that ends the attempt, once per attempt: keep it
+/// short (count, record, send to a channel).
+pub trait Observer: Send + Sync + 'static {
+    /// One attempt ended.
+    fn attempt(&self, attempt: &Attempt<'_>);
+}
+
+impl<F> Observer for F
+where
+    F: Fn(&Attempt<'_>) + Send + Sync + 'static,
+{
+    fn attempt(&self, attempt: &Attempt<'_>) {
+        self(attempt);
+    }
+}
+
+/// One attempt of a call, as it ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Attempt<'a> {
+    /// The service called.
+    pub service: &'a ServiceKey,
+    /// The method, as `/package.Service/Method`.
+    pub method: &'a str,
+    /// The endpoint the attempt went to.
+    pub endpoint: &'a Endpoint,
+    /// Which attempt of the call: 1 for the first.
+    pub number: u32,
+    /// How it ended.
+    pub outcome: &'a Outcome,
+    /// From the moment it was handed to the endpoint until it ended.
+    pub latency: Duration,
+    /// Whether the request may have reached the server. An attempt that
+    /// was not sent (no connection could be had, or the connection was
+    /// found closed first) can always be sent elsewhere.
+    pub sent: bool,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// With this gRPC status (`OK` included); `CANCELLED` when the caller
+    /// dropped the call, `DEADLINE_EXCEEDED` when its deadline passed.
+    Status(Code),
+    /// The connection failed: refused, reset, or closed; the text says how.
+    Transport(String),
+}
+
+impl Outcome {
+    /// Whether this counts against the endpoint: a transport failure, or
+    /// `UNAVAILABLE`, `INTERNAL`, `UNKNOWN` or `DATA_LOSS` — what a sick
+    /// instance answers. A caller's own cancellation or deadline, and the
+    /// codes that describe the request (`INVALID_ARGUMENT`, `NOT_FOUND`,
+    /// …), do not.
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Outcome::Transport(_) => true,
+            Outcome::Status(code) => matches!(
+                code,
+                Code::Unavailable | Code::Internal | Code::Unknown | Code::DataLoss
+            ),
+        }
+    }
+}
+
+/// Who is told about the attempts of one channel's calls.
+#[derive(Debug)]
+pub(crate) struct Watchers {
+    pub(crate) service: ServiceKey,
+    pub(crate) selector: Box<dyn Selector>,
+    pub(crate) observers: Arc<[Arc<dyn ObserverDebug>]>,
+}
+
+/// An [`Observer`] the client can print (as its type name).
+pub(crate) trait ObserverDebug: Observer {}
+impl<T: Observer> ObserverDebug for T {}
+
+impl std::fmt::Debug for dyn ObserverDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
+/// One attempt in progress: counts it in flight on its endpoint, and
+/// reports how it ended exactly once, however it ends (dropped included).
+#[derive(Debug)]
+pub(crate) struct AttemptGuard {
+    watchers: Arc<Watchers>,
+    endpoint: Arc<Endpoint>,
+    method: PathAndQuery,
+    number: u32,
+    started: Instant,
+    deadline: Option<Deadline>,
+    sent: bool,
+    reported: bool,
+}
+
+impl AttemptGuard {
+    pub(crate) fn start(
+        watchers: Arc<Watchers>,
+        endpoint: Arc<Endpoint>,
+        method: PathAndQuery,
+        number: u32,
+        deadline: Option<Deadline>,
+    ) -> Self {
+        endpoint.stats.started();
+        Self {
+            watchers,
+            endpoint,
+            method,
+            number,
+            started: Instant::now(),
+            deadline,
+            sent: false,
+            reported: false,
+        }
+    }
+
+    /// The request went out (it may have reached the server).
+    pub(crate) fn sent(&mut self) {
+        self.sent = true;
+    }
+
+    /// The request did not go out after all (the connection was found
+    /// closed first).
+    pub(crate) fn unsent(&mut self) {
+        self.sent = false;
+    }
+
+    /// The response's headers arrived.
+    pub(crate) fn answered(&self) {
+        self.endpoint.stats.record_latency(self.started.elapsed());
+    }
+
+    /// The attempt ended with `outcome`.
+    pub(crate) fn finish(mut self, outcome: Outcome) {
+        self.report(outcome);
+    }
+
+    fn report(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        self.endpoint.stats.record_outcome(outcome.is_failure());
+        let attempt = Attempt {
+            service: &self.watchers.service,
+            method: self.method.path(),
+            endpoint: &self.endpoint,
+            number: self.number,
+            outcome: &outcome,
+            latency: self.started.elapsed(),
+            sent: self.sent,
+        };
+        self.watchers.selector.report(&attempt);
+        for observer in self.watchers.observers.iter() {
+            observer.attempt(&attempt);
+        }
+    }
+}
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        if !self.reported {
+            // Dropped before it ended: the caller gave up, or its deadline passed.
+            let code = match self.deadline {
+                Some(deadline) if deadline.is_expired() => Code::DeadlineExceeded,
+                _ => Code::Cancelled,
+            };
+            self.report(Outcome::Status(code));
+        }
+        self.endpoint.stats.finished();
+    }
+}
+
+/// The `grpc-status` in `headers`, if there is one: `UNKNOWN` for a value
+/// that is not a number.
+pub(crate) fn status_in(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .map(|v| Code::from_bytes(v.as_bytes()))
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that ends its attempt when it ends.
+    #[derive(Debug)]
+    pub struct Observed {
+        #[pin]
+        inner: Incoming,
+        guard: Option<AttemptGuard>,
+    }
+}
+
+impl Observed {
+    pub(crate) fn new(inner: Incoming, guard: Option<AttemptGuard>) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if this.guard.is_some() {
+            let outcome = match &polled {
+                Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
+                    // A response without a status is an error (gRPC says UNKNOWN).
+                    Outcome::Status(status_in(trailers).unwrap_or(Code::Unknown))
+                }),
+                Poll::Ready(Some(Err(e))) => {
+                    Some(Outcome::Transport(super::stack::error_chain(e)))
+                }
+                Poll::Ready(None) => Some(Outcome::Status(Code::Unknown)),
+                Poll::Pending => None,
+            };
+            if let (Some(outcome), Some(guard)) = (outcome, this.guard.take()) {
+                guard.finish(outcome);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

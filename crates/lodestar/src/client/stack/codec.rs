@@ -1,0 +1,193 @@
+//! The codec layer: how a call's messages are encoded and compressed, and
+//! the limits on their size.
+
+use std::sync::OnceLock;
+
+use http::{HeaderValue, Request, Response};
+use prost_reflect::MethodDescriptor;
+use tonic::Status;
+use tonic::body::Body;
+
+use super::Call;
+use crate::MessageLimits;
+use crate::body::{CallBody, RequestBody, RequestError, Side};
+use crate::client::observe::Observed;
+use crate::client::{MethodInfo, ResponseBody};
+use crate::codec::{self, Codec as Encoding, Descriptors, Transcode};
+use crate::compression::{Compress, Encoding as Compression, PerMessage, ReceivedFlags};
+use crate::deadline::Deadline;
+use crate::frames::{Decompress, Reframer};
+
+/// Settings of the codec layer (from the [`ClientBuilder`](crate::client::ClientBuilder)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Params {
+    pub(crate) codec: Encoding,
+    pub(crate) limits: MessageLimits,
+    pub(crate) send_compressed: Option<Compression>,
+    pub(crate) inspect_compression: bool,
+}
+
+/// Encodes the request's messages as the client is set to (JSON is
+/// transcoded from the generated client's protobuf; messages are
+/// compressed), refusing any over the send limit before it is encoded; and
+/// decodes the response's back, refusing any over the receive limit, and
+/// ending it at the call's deadline.
+#[derive(Debug)]
+pub(crate) struct Codec<S> {
+    params: Params,
+    /// The descriptors the channel's JSON calls last used, by address of
+    /// the encoded set, so that a call finds them without a shared lock.
+    descriptors: OnceLock<(usize, Result<Descriptors, String>)>,
+    inner: S,
+}
+
+impl<S> Codec<S> {
+    pub(crate) fn new(params: Params, inner: S) -> Self {
+        Self {
+            params,
+            descriptors: OnceLock::new(),
+            inner,
+        }
+    }
+
+    /// The descriptor of the method `request` calls, which the JSON codec needs.
+    fn json_method(&self, request: &Request<Body>) -> Result<MethodDescriptor, Status> {
+        let path = request.uri().path();
+        let Some(set) = request
+            .extensions()
+            .get::<MethodInfo>()
+            .and_then(|m| m.descriptors)
+        else {
+            return Err(Status::internal(format!(
+                "the JSON codec needs the descriptors of {path}: call through a client \
+                 lodestar-build generated, or give the channel `with_descriptors`"
+            )));
+        };
+        let key = set.as_ptr() as usize;
+        let cached = self
+            .descriptors
+            .get_or_init(|| (key, Descriptors::of_static(set)));
+        let loaded;
+        let descriptors = if cached.0 == key {
+            &cached.1
+        } else {
+            // Another generated client on the same channel: rare, and cached globally.
+            loaded = Descriptors::of_static(set);
+            &loaded
+        };
+        let descriptors = descriptors.as_ref().map_err(|e| {
+            Status::internal(format!(
+                "the JSON codec cannot use this client's descriptors: {e}"
+            ))
+        })?;
+        descriptors.method(path).ok_or_else(|| {
+            Status::internal(format!("the client's descriptors do not declare {path}"))
+        })
+    }
+}
+
+impl<S> Call<Request<Body>> for Codec<S>
+where
+    S: Call<Request<RequestBody>, Response = Response<Observed>>,
+{
+    type Response = Response<ResponseBody>;
+
+    async fn call(&self, mut request: Request<Body>) -> Result<Self::Response, Status> {
+        let params = &self.params;
+        let plan = Plan::new(params, &mut request, |r| self.json_method(r))?;
+        let deadline = request.extensions().get::<Deadline>().copied();
+        let received = params.inspect_compression.then(ReceivedFlags::default);
+        let request_error = RequestError::default();
+        let request = request.map(|body| {
+            RequestBody::new(
+                body,
+                params.limits.max_encoding_message_size,
+                plan.request,
+                request_error.clone(),
+            )
+        });
+        let response = self.inner.call(request).await?;
+        let limit = params.limits.max_decoding_message_size;
+        // A JSON answer is transcoded back to protobuf for the generated client.
+        let inbound = plan
+            .response
+            .filter(|_| codec::is_json(response.headers()))
+            .map(|transcode| {
+                let gzip = response
+                    .headers()
+                    .get("grpc-encoding")
+                    .is_some_and(|e| e.as_bytes() == b"gzip");
+                Reframer::transcoding(transcode, Decompress { limit, gzip })
+            });
+        let mut response = response.map(|body| {
+            CallBody::new(body, deadline, Side::Received, Some(limit))
+                .with_request_error(request_error)
+                .with_received_flags(received.clone())
+                .with_reframer(inbound)
+        });
+        if plan.json {
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+        }
+        if let Some(received) = received {
+            response.extensions_mut().insert(received);
+        }
+        Ok(response)
+    }
+}
+
+/// How one call's messages are rewritten.
+#[derive(Default)]
+struct Plan {
+    /// Compression and transcoding of the request's messages, if any.
+    request: Option<Reframer>,
+    /// Transcoding of the response's messages (JSON to protobuf).
+    response: Option<Transcode>,
+    json: bool,
+}
+
+impl Plan {
+    /// Decides how the call's messages are encoded and compressed, and sets
+    /// `grpc-encoding` and `content-type` accordingly.
+    fn new(
+        params: &Params,
+        request: &mut Request<Body>,
+        json_method: impl FnOnce(&Request<Body>) -> Result<MethodDescriptor, Status>,
+    ) -> Result<Self, Status> {
+        let mut plan = Plan::default();
+        let mut transcode = None;
+        if params.codec == Encoding::Json {
+            let method = json_method(request)?;
+            transcode = Some(Transcode::ProtoToJson(method.input()));
+            plan.response = Some(Transcode::JsonToProto {
+                descriptor: method.output(),
+                peer_is_at_fault: false,
+            });
+            plan.json = true;
+            request.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static(codec::CONTENT_TYPE),
+            );
+        }
+        let mut reframer = None;
+        if let Some(encoding) = params.send_compressed {
+            let default = request.extensions().get::<Compress>().is_none_or(|c| c.0);
+            let per_message = request.extensions().get::<PerMessage>().cloned();
+            if default || per_message.is_some() {
+                request
+                    .headers_mut()
+                    .insert("grpc-encoding", encoding.header_value());
+                reframer = Some(Reframer::compressing(encoding, default, per_message));
+            }
+        }
+        if transcode.is_some() {
+            plan.request = Some(reframer.unwrap_or_default().with_transcode(transcode));
+        } else {
+            plan.request = reframer;
+        }
+        Ok(plan)
+    }
+}
+
