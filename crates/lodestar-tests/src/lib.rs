@@ -257,10 +257,20 @@ impl Echo for TestEcho {
         request: Request<()>,
     ) -> Result<Response<DeadlineReport>, Status> {
         let deadline = Deadline::from_request(&request);
+        let trace = lodestar::trace::TraceContext::current();
         Ok(Response::new(DeadlineReport {
             has_deadline: deadline.is_some(),
             remaining_ms: deadline.map_or(-1, |d| d.remaining().as_millis() as i64),
             served_by: self.name.clone(),
+            traceparent: trace
+                .as_ref()
+                .map(|t| t.traceparent().to_owned())
+                .unwrap_or_default(),
+            tracestate: trace
+                .as_ref()
+                .and_then(|t| t.tracestate())
+                .map(str::to_owned)
+                .unwrap_or_default(),
         }))
     }
 

@@ -39,10 +39,16 @@ mod tests {
         assert_eq!((status.code(), status.message()), (Code::NotFound, "x"));
         let overloaded = from_layer_error(Box::new(tower::load_shed::error::Overloaded::new()));
         assert_eq!(overloaded.code(), Code::ResourceExhausted);
-        assert!(overloaded.message().contains("overloaded"), "{overloaded:?}");
+        assert!(
+            overloaded.message().contains("overloaded"),
+            "{overloaded:?}"
+        );
         let elapsed = from_layer_error(Box::new(tower::timeout::error::Elapsed::new()));
         assert_eq!(elapsed.code(), Code::DeadlineExceeded);
         let other = from_layer_error("no token".into());
-        assert_eq!((other.code(), other.message()), (Code::Unavailable, "no token"));
+        assert_eq!(
+            (other.code(), other.message()),
+            (Code::Unavailable, "no token")
+        );
     }
 }

@@ -92,7 +92,8 @@ impl Channel {
     /// that do not bring a [`MethodInfo`] (clients lodestar-build generated
     /// do).
     pub fn with_descriptors(mut self, file_descriptor_set: &'static [u8]) -> Self {
-        Arc::make_mut(self.defaults.get_or_insert_with(Default::default)).descriptors = Some(file_descriptor_set);
+        Arc::make_mut(self.defaults.get_or_insert_with(Default::default)).descriptors =
+            Some(file_descriptor_set);
         self
     }
 
@@ -127,9 +128,7 @@ impl Channel {
 fn prepare(request: &mut Request<Body>, defaults: Option<&Defaults>) {
     TraceContext::inject_current(request.headers_mut());
     if let Some(deadline) = Deadline::current() {
-        request
-            .extensions_mut()
-            .insert(stack::Inherited(deadline));
+        request.extensions_mut().insert(stack::Inherited(deadline));
     }
     if let Some(defaults) = defaults
         && request.extensions().get::<MethodInfo>().is_none()

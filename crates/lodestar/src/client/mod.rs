@@ -60,8 +60,8 @@ use crate::tls::ClientTls;
 
 use observe::{Observer, ObserverDebug};
 use selector::Selector;
-pub(crate) use stack::error_chain;
 use stack::Balance;
+pub(crate) use stack::error_chain;
 
 /// The most instances one call is ever sent to.
 const MAX_ATTEMPTS: usize = 8;
@@ -397,9 +397,13 @@ impl ClientBuilder {
             + 'static,
     {
         self.config.layers.push(Arc::new(move |inner| {
-            let service = tower::util::MapErr::new(layer.layer(inner), |e: <L::Service as tower_service::Service<http::Request<tonic::body::Body>>>::Error| {
-                crate::status::from_layer_error(e.into())
-            });
+            let service =
+                tower::util::MapErr::new(
+                    layer.layer(inner),
+                    |e: <L::Service as tower_service::Service<
+                        http::Request<tonic::body::Body>,
+                    >>::Error| { crate::status::from_layer_error(e.into()) },
+                );
             BoxCloneSyncService::new(service)
         }));
         self

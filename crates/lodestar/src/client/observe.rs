@@ -261,13 +261,13 @@ impl Body for Observed {
                     // A response without a status is an error (gRPC says UNKNOWN).
                     Outcome::Status(status_in(trailers).unwrap_or(Code::Unknown))
                 }),
-                Poll::Ready(Some(Err(e))) => {
-                    Some(Outcome::Transport(super::stack::error_chain(e)))
-                }
+                Poll::Ready(Some(Err(e))) => Some(Outcome::Transport(super::stack::error_chain(e))),
                 Poll::Ready(None) => Some(Outcome::Status(Code::Unknown)),
                 Poll::Pending => None,
             };
-            if let (Some(outcome), Some(guard)) = (outcome, this.guard.take()) {
+            if let Some(outcome) = outcome
+                && let Some(guard) = this.guard.take()
+            {
                 guard.finish(outcome);
             }
         }

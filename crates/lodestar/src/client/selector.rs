@@ -226,7 +226,10 @@ impl EndpointStats {
     /// Skips this endpoint for a while after a refused connection: `base`,
     /// doubled for each failure in a row, at most `max`.
     pub(crate) fn eject(&self, base: Duration, max: Duration) -> Duration {
-        let failures = self.connect_failures.fetch_add(1, Ordering::Relaxed).min(16);
+        let failures = self
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .min(16);
         let duration = base.saturating_mul(1u32 << failures).min(max);
         let until = nanos_since_epoch(crate::deadline::later(Instant::now(), duration)).max(1);
         self.ejected_until.store(until, Ordering::Relaxed);

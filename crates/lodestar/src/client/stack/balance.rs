@@ -8,18 +8,18 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response};
-use tokio::time::Instant;
-use tonic::Status;
 use lodestar_core::{Instance, Registry, ServiceKey};
 use tokio::sync::Notify;
+use tokio::time::Instant;
+use tonic::Status;
 
 use super::retry::Leftover;
 use crate::body::RequestBody;
 
+use super::resolver;
 use crate::client::connection::Connection;
 use crate::client::observe::{AttemptGuard, Observed, Watchers};
 use crate::client::selector::{CallInfo, Endpoint, EndpointStats, nanos_since_epoch};
-use super::resolver;
 use crate::client::{ClientConfig, Error};
 use crate::deadline::Deadline;
 
@@ -306,8 +306,7 @@ impl Balance {
         let duration = endpoint
             .stats
             .eject(config.ejection_base, config.ejection_max);
-        let until =
-            nanos_since_epoch(crate::deadline::later(Instant::now(), duration));
+        let until = nanos_since_epoch(crate::deadline::later(Instant::now(), duration));
         self.ejections.fetch_max(until, Ordering::Relaxed);
         tracing::debug!(service = %self.key, address = %endpoint.instance.address, ?duration,
             "instance ejected");
@@ -340,8 +339,13 @@ impl Balance {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let guard =
-            AttemptGuard::start(self.watchers.clone(), endpoint.clone(), method, number, deadline);
+        let guard = AttemptGuard::start(
+            self.watchers.clone(),
+            endpoint.clone(),
+            method,
+            number,
+            deadline,
+        );
         super::endpoint::send(self, &endpoint, request, guard).await
     }
 }

@@ -190,4 +190,3 @@ impl Plan {
         Ok(plan)
     }
 }
-
