@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::limits::{Limits, instance_size, quoted};
 use super::packed::Packed;
 use super::{Registry, RegistryError, Revision, WatchEvent, WatchStream};
+use crate::sync::MutexExt;
 use crate::{Instance, InstanceKey, ServiceKey};
 
 /// How many recent changes the registry remembers for watchers that resume.
@@ -918,7 +919,7 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-changed
         // in a way that matters more than losing the registry, so recover.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock_unpoisoned()
     }
 }
 
