@@ -70,7 +70,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -86,9 +86,11 @@ use lodestar::broker::{
     Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription, Unsubscribe,
     validate_message, validate_plain_subscription, validate_topic,
 };
-use lodestar::{
-    Instance, InstanceKey, Registry, RegistryError, Revision, ServiceKey, WatchEvent, WatchStream,
-};
+use lodestar::{Instance, InstanceKey, Registry, RegistryError, ServiceKey};
+use lodestar_core::error::chain;
+use lodestar_core::registry::{Follow, KeepRegistered};
+use lodestar_core::sync::MutexExt;
+use lodestar_core::task::AbortOnDrop;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OnceCell, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -121,10 +123,6 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 
 /// The largest message body a subscriber accepts unless configured.
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
-
-/// How long to wait before re-opening a registry watch that failed, at first
-/// and at most.
-const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
 
 /// How long pooled connections to subscribers may stay idle.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -315,16 +313,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A topic not published to for this long stops being watched.
 const IDLE_TOPIC: Duration = Duration::from_secs(300);
 
-/// Aborts a task when dropped.
-#[derive(Debug)]
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A unique-enough prefix for this broker's subscription ids.
 fn broker_uid() -> String {
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -340,27 +328,11 @@ fn broker_uid() -> String {
     )
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn registry_error(error: RegistryError) -> BrokerError {
     match error {
         RegistryError::Invalid(reason) => BrokerError::Invalid(reason),
         other => BrokerError::Unavailable(other.to_string()),
     }
-}
-
-/// An error and its sources, `: `-separated (hyper's own messages are terse).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 // ---------------------------------------------------------------------------
@@ -370,7 +342,7 @@ struct Server {
     /// The advertised `host:port`.
     address: String,
     endpoints: Arc<Endpoints>,
-    _accept: AbortOnDrop,
+    _accept: AbortOnDrop<()>,
 }
 
 /// The live subscriptions of one server, by subscription id.
@@ -415,7 +387,7 @@ async fn start_server(config: &Config) -> Result<Server, BrokerError> {
     Ok(Server {
         address,
         endpoints,
-        _accept: AbortOnDrop(accept),
+        _accept: AbortOnDrop::new(accept),
     })
 }
 
@@ -480,7 +452,7 @@ where
         .serve_connection(TokioIo::new(io), service)
         .await;
     if let Err(e) = served {
-        tracing::debug!(error = %error_chain(&e), "HTTP broker: connection ended with an error");
+        tracing::debug!(error = %chain(&e), "HTTP broker: connection ended with an error");
     }
 }
 
@@ -505,11 +477,13 @@ impl Endpoints {
 
     /// Delivers the messages POSTed to subscription `id` (of `topic`) to `tx`.
     pub(crate) fn subscribe(&self, id: String, topic: String, tx: mpsc::Sender<Delivery>) {
-        lock(&self.subscriptions).insert(id, Endpoint { topic, tx });
+        self.subscriptions
+            .lock_unpoisoned()
+            .insert(id, Endpoint { topic, tx });
     }
 
     fn remove(&self, id: &str) {
-        lock(&self.subscriptions).remove(id);
+        self.subscriptions.lock_unpoisoned().remove(id);
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -534,7 +508,7 @@ impl Endpoints {
                 .insert(ALLOW, HeaderValue::from_static("POST"));
             return response;
         }
-        let Some(endpoint) = lock(&self.subscriptions).get(&id).cloned() else {
+        let Some(endpoint) = self.subscriptions.lock_unpoisoned().get(&id).cloned() else {
             return reply(
                 StatusCode::NOT_FOUND,
                 format!("no subscription `{id}` here (it may have unsubscribed)\n"),
@@ -659,41 +633,6 @@ impl Unsubscribe for SubscriptionHandle {
     }
 }
 
-/// Renews the lease of `instance` every third of `ttl`, registering it again
-/// when the registry lost it.
-async fn heartbeat(registry: Arc<dyn Registry>, instance: Instance, ttl: Duration) {
-    let period = (ttl / 3).max(Duration::from_millis(10));
-    let key = instance.instance_key();
-    // Each call is bounded by the period, so that one hung call cannot hold
-    // the next renewal past the lease.
-    let bounded = |call| async move {
-        tokio::time::timeout(period, call)
-            .await
-            .unwrap_or_else(|_| {
-                Err(RegistryError::Unavailable(format!(
-                    "no answer within {period:?}"
-                )))
-            })
-    };
-    loop {
-        tokio::time::sleep(period).await;
-        match bounded(registry.heartbeat(&key)).await {
-            Ok(()) => {}
-            Err(RegistryError::LeaseExpired(_) | RegistryError::NotFound(_)) => {
-                match bounded(registry.register(instance.clone(), ttl)).await {
-                    Ok(()) => {
-                        tracing::info!(%key, "HTTP broker: subscription registered again after its lease was lost")
-                    }
-                    Err(e) => {
-                        tracing::warn!(%key, error = %e, "HTTP broker: registering a subscription again failed")
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(%key, error = %e, "HTTP broker: heartbeat failed"),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The publishers' side: per-topic subscriber caches fed by registry watches.
 
@@ -702,36 +641,26 @@ struct TopicWatch {
     subscribers: Arc<Subscribers>,
     /// When this topic was last published to.
     used: Instant,
-    _task: AbortOnDrop,
+    _task: AbortOnDrop<()>,
 }
 
 /// The known subscribers of one topic.
 struct Subscribers {
-    state: Mutex<SubscriberState>,
-    feed: Mutex<Feed>,
+    known: Mutex<Known>,
     /// `true` once the first snapshot arrived.
     ready: watch::Sender<bool>,
 }
 
-/// The open watch stream. The watch task waits on it; a publisher also
-/// applies whatever events are already waiting in it before choosing
-/// targets, so that a subscription registered just before a publish (in the
-/// same process, or one the registry already reported) is not missed.
-#[derive(Default)]
-struct Feed {
-    stream: Option<WatchStream>,
-    /// The watch task's waker. Whoever polls the stream polls with it, so
+/// The followed registry watch and what publishing keeps beside it. The
+/// watch task advances the watch; a publisher also takes in whatever
+/// events are already waiting before choosing targets, so that a
+/// subscription registered just before a publish (in the same process, or
+/// one the registry already reported) is not missed.
+struct Known {
+    follow: Follow,
+    /// The watch task's waker. Whoever advances `follow` polls with it, so
     /// that the task is still woken for the next event.
     waker: Option<Waker>,
-    /// Why the stream broke, when a publisher found out first.
-    broken: Option<String>,
-}
-
-#[derive(Default)]
-struct SubscriberState {
-    instances: BTreeMap<String, Instance>,
-    /// The revision of the last applied event, to resume the watch from.
-    revision: Option<Revision>,
     /// Round-robin position per queue group.
     next: HashMap<String, usize>,
     /// Why the watch last failed, to explain a publish that cannot wait.
@@ -754,80 +683,41 @@ struct Targets {
 }
 
 impl Subscribers {
-    fn apply(&self, event: WatchEvent) {
-        let mut state = lock(&self.state);
-        state.revision = Some(event.revision());
-        match event {
-            WatchEvent::Snapshot { instances, .. } => {
-                state.instances = instances
-                    .into_iter()
-                    .map(|instance| (instance.id.clone(), instance))
-                    .collect();
-            }
-            WatchEvent::Put { instance, .. } => {
-                state.instances.insert(instance.id.clone(), instance);
-            }
-            WatchEvent::Delete { id, .. } => {
-                state.instances.remove(&id);
-            }
-        }
-        state.last_error = None;
-        drop(state);
-        self.ready.send_replace(true);
-    }
-
-    fn failed(&self, error: String) {
-        lock(&self.state).last_error = Some(error);
-    }
-
-    /// Applies the events ready in the watch stream; `Ready(why)` once the
-    /// stream failed or ended.
-    fn pump(&self, feed: &mut Feed, cx: &mut Context<'_>) -> Poll<String> {
-        if let Some(why) = feed.broken.take() {
-            return Poll::Ready(why);
-        }
-        let Some(stream) = feed.stream.as_mut() else {
-            return Poll::Ready("the watch stream is closed".to_owned());
-        };
+    /// Takes in what the watch has ready, polling with `cx`, until it has
+    /// nothing more (`cx` is woken when it has).
+    fn pump(&self, known: &mut Known, cx: &mut Context<'_>) {
         loop {
-            match stream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(event))) => self.apply(event),
-                Poll::Ready(Some(Err(e))) => {
-                    feed.stream = None;
-                    return Poll::Ready(e.to_string());
+            match known.follow.poll_next(cx) {
+                Poll::Ready(Ok(_)) => {
+                    known.last_error = None;
+                    self.ready.send_replace(true);
                 }
-                Poll::Ready(None) => {
-                    feed.stream = None;
-                    return Poll::Ready("the watch stream ended".to_owned());
+                Poll::Ready(Err(error)) => {
+                    tracing::warn!(service = %known.follow.service(), %error,
+                        retry_in = ?known.follow.retry_in(), "HTTP broker: watching subscribers failed");
+                    known.last_error = Some(error.to_string());
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return,
             }
         }
     }
 
     /// Applies the events already waiting, without waiting for more.
     fn catch_up(&self) {
-        let mut feed = lock(&self.feed);
-        let Some(waker) = feed.waker.clone() else {
+        let mut known = self.known.lock_unpoisoned();
+        let Some(waker) = known.waker.clone() else {
             return;
         };
-        if feed.stream.is_none() {
-            return;
-        }
-        if let Poll::Ready(why) = self.pump(&mut feed, &mut Context::from_waker(&waker)) {
-            // Let the watch task reopen it.
-            feed.broken = Some(why);
-            drop(feed);
-            waker.wake();
-        }
+        self.pump(&mut known, &mut Context::from_waker(&waker));
     }
 
     /// The targets of the next message, advancing each group's round robin.
     fn select(&self) -> Targets {
         self.catch_up();
-        let mut state = lock(&self.state);
+        let mut known = self.known.lock_unpoisoned();
+        let Known { follow, next, .. } = &mut *known;
         let mut targets = Targets::default();
-        for instance in state.instances.values().filter(|i| i.is_routable()) {
+        for instance in follow.instances().values().filter(|i| i.is_routable()) {
             let target = Target {
                 id: instance.id.clone(),
                 address: instance.address.clone(),
@@ -841,59 +731,34 @@ impl Subscribers {
                 None => targets.broadcast.push(target),
             }
         }
-        state
-            .next
-            .retain(|group, _| targets.groups.contains_key(group));
+        next.retain(|group, _| targets.groups.contains_key(group));
         for (group, members) in &mut targets.groups {
             // Start each group at a random member, so that short-lived
             // publishers do not all pick the same one first.
-            let next = state
-                .next
+            let position = next
                 .entry(group.clone())
                 .or_insert_with(|| fastrand::usize(..));
-            let start = *next % members.len();
-            *next = start.wrapping_add(1);
+            let start = *position % members.len();
+            *position = start.wrapping_add(1);
             members.rotate_left(start);
         }
         targets
     }
 }
 
-/// Keeps `subscribers` current: watches `service`, resuming from the last
-/// applied revision after an error, with backoff.
-async fn watch_topic(
-    registry: Arc<dyn Registry>,
-    service: ServiceKey,
-    subscribers: Arc<Subscribers>,
-) {
-    let mut backoff = WATCH_BACKOFF.0;
-    loop {
-        let since = lock(&subscribers.state).revision;
-        let error = match registry.watch(&service, since).await {
-            Ok(stream) => {
-                {
-                    let mut feed = lock(&subscribers.feed);
-                    feed.stream = Some(stream);
-                    feed.broken = None;
-                }
-                std::future::poll_fn(|cx| {
-                    let mut feed = lock(&subscribers.feed);
-                    feed.waker = Some(cx.waker().clone());
-                    subscribers.pump(&mut feed, cx)
-                })
-                .await
-            }
-            Err(e) => e.to_string(),
-        };
-        if lock(&subscribers.state).revision != since {
-            // It made progress: this is a new failure, not the same one.
-            backoff = WATCH_BACKOFF.0;
+/// Keeps `subscribers` current: follows the registry watch (resuming from
+/// the last applied revision after an error, with backoff), until aborted.
+async fn watch_topic(subscribers: Arc<Subscribers>) {
+    std::future::poll_fn(|cx| {
+        let mut known = subscribers.known.lock_unpoisoned();
+        match &mut known.waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            None => known.waker = Some(cx.waker().clone()),
         }
-        tracing::warn!(%service, %error, retry_in = ?backoff, "HTTP broker: watching subscribers failed");
-        subscribers.failed(error);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(WATCH_BACKOFF.1);
-    }
+        subscribers.pump(&mut known, cx);
+        Poll::<()>::Pending
+    })
+    .await
 }
 
 impl Inner {
@@ -901,27 +766,29 @@ impl Inner {
     /// waiting (bounded) for the first snapshot.
     async fn subscribers(&self, topic: &str) -> Result<Arc<Subscribers>, BrokerError> {
         let subscribers = {
-            let mut topics = lock(&self.topics);
+            let mut topics = self.topics.lock_unpoisoned();
             if !topics.contains_key(topic) {
                 // Stop watching topics nobody publishes to any more (only
                 // when a new one starts, so the common path stays O(1)).
                 topics.retain(|_, watch| watch.used.elapsed() < IDLE_TOPIC);
             }
             let watch = topics.entry(topic.to_owned()).or_insert_with(|| {
+                let follow =
+                    Follow::new(self.registry.clone(), ServiceKey::new(service_name(topic)));
                 let subscribers = Arc::new(Subscribers {
-                    state: Mutex::new(SubscriberState::default()),
-                    feed: Mutex::new(Feed::default()),
+                    known: Mutex::new(Known {
+                        follow,
+                        waker: None,
+                        next: HashMap::new(),
+                        last_error: None,
+                    }),
                     ready: watch::Sender::new(false),
                 });
-                let task = tokio::spawn(watch_topic(
-                    self.registry.clone(),
-                    ServiceKey::new(service_name(topic)),
-                    subscribers.clone(),
-                ));
+                let task = tokio::spawn(watch_topic(subscribers.clone()));
                 TopicWatch {
                     subscribers,
                     used: Instant::now(),
-                    _task: AbortOnDrop(task),
+                    _task: AbortOnDrop::new(task),
                 }
             });
             watch.used = Instant::now();
@@ -933,7 +800,9 @@ impl Inner {
             Ok(Ok(_)) => Ok(subscribers),
             Ok(Err(_)) => Err(BrokerError::Closed),
             Err(_) => {
-                let why = lock(&subscribers.state)
+                let why = subscribers
+                    .known
+                    .lock_unpoisoned()
                     .last_error
                     .clone()
                     .map(|e| format!(": {e}"))
@@ -967,12 +836,12 @@ impl Inner {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| Failure::Failed(format!("{url}: {}", error_chain(&e))))?;
+                .map_err(|e| Failure::Failed(format!("{url}: {}", chain(&e))))?;
             let status = response.status();
             // Read the (short) body so that the connection can be reused.
             let text = match response.into_body().collect().await {
                 Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
-                Err(e) => error_chain(&e),
+                Err(e) => chain(&e),
             };
             if status.is_success() {
                 Ok(())
@@ -1184,11 +1053,15 @@ impl Broker for HttpBroker {
             .register(instance.clone(), ttl)
             .await
             .map_err(registry_error)?;
-        handle.heartbeat = Some(tokio::spawn(heartbeat(
-            inner.registry.clone(),
-            instance,
-            ttl,
-        )));
+        // Renewed every third of the TTL, and registered again if the
+        // registry lost it.
+        let key = handle.key.clone();
+        let keep = KeepRegistered::new(inner.registry.clone(), instance, ttl)
+            .already_registered(true)
+            .run(move || {
+                tracing::info!(%key, "HTTP broker: subscription registered again after its lease was lost");
+            });
+        handle.heartbeat = Some(tokio::spawn(keep));
         Ok(Subscription::from_channel(topic, rx, handle))
     }
 }
@@ -1200,6 +1073,7 @@ mod tests {
     use futures_util::{FutureExt, StreamExt};
     use lodestar::MemoryRegistry;
     use lodestar::broker::{Durable, header};
+    use lodestar::{Revision, WatchEvent, WatchStream};
 
     use super::*;
 

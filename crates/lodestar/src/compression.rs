@@ -26,6 +26,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
+use lodestar_core::sync::MutexExt;
 
 /// A compression algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,13 +86,13 @@ impl PerMessage {
 
     /// An independent copy of the choices not yet taken (for a request sent again).
     pub(crate) fn snapshot(&self) -> Self {
-        let choices = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let choices = self.0.lock_unpoisoned().clone();
         Self(Arc::new(Mutex::new(choices)))
     }
 
     /// The choice for the next message, if one was made.
     pub(crate) fn next_choice(&self) -> Option<bool> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+        self.0.lock_unpoisoned().pop_front()
     }
 }
 
@@ -105,7 +106,7 @@ impl ReceivedFlags {
     /// Whether the oldest message not yet asked about was compressed
     /// (`None` if no message has arrived since).
     pub fn next(&self) -> Option<bool> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+        self.0.lock_unpoisoned().pop_front()
     }
 
     /// The flags of an inbound request, if the server records them.
@@ -124,7 +125,7 @@ impl ReceivedFlags {
 const MAX_WAITING: usize = 1024;
 
 fn push_bounded(queue: &Mutex<VecDeque<bool>>, value: bool) {
-    let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+    let mut queue = queue.lock_unpoisoned();
     if queue.len() >= MAX_WAITING {
         queue.pop_front();
     }

@@ -61,6 +61,8 @@ pub struct Follow {
     instances: BTreeMap<String, Instance>,
     revision: Option<Revision>,
     backoff: Backoff,
+    /// The wait in progress after a failure.
+    retry_in: Option<Duration>,
     state: State,
 }
 
@@ -102,6 +104,7 @@ impl Follow {
             instances: BTreeMap::new(),
             revision: None,
             backoff: Backoff::new(FOLLOW_BACKOFF_FIRST, FOLLOW_BACKOFF_MAX),
+            retry_in: None,
             state: State::Idle,
         }
     }
@@ -121,10 +124,10 @@ impl Follow {
         self.revision
     }
 
-    /// How long the next wait before watching again will be, if the
-    /// registry fails now.
-    pub fn retry_in(&self) -> Duration {
-        self.backoff.peek()
+    /// After a failure, how long it waits before watching again; `None`
+    /// while it is watching.
+    pub fn retry_in(&self) -> Option<Duration> {
+        self.retry_in
     }
 
     /// Waits for the next change, and answers every instance after it; or
@@ -182,6 +185,7 @@ impl Follow {
                 },
                 State::Waiting(sleep) => {
                     ready!(sleep.as_mut().poll(cx));
+                    self.retry_in = None;
                     self.state = State::Idle;
                 }
             }
@@ -190,6 +194,7 @@ impl Follow {
 
     fn wait(&mut self) {
         let wait = self.backoff.next_wait();
+        self.retry_in = Some(wait);
         self.state = State::Waiting(Box::pin(tokio::time::sleep(wait)));
     }
 
@@ -310,10 +315,13 @@ mod tests {
         assert_eq!(ids(follow.next().await.unwrap()), ["b"]);
         assert_eq!(follow.next().await.unwrap_err(), down());
         assert_eq!(ids(follow.instances()), ["b"]);
+        assert_eq!(follow.retry_in(), Some(Duration::from_millis(50)));
         assert_eq!(follow.next().await.unwrap_err(), down());
+        assert_eq!(follow.retry_in(), Some(Duration::from_millis(100)));
         assert_eq!(ids(follow.instances()), ["b"]);
         assert_eq!(ids(follow.next().await.unwrap()), ["b", "c"]);
         assert_eq!(follow.revision(), Some(5));
+        assert_eq!(follow.retry_in(), None);
 
         let asked = registry.asked.lock_unpoisoned().clone();
         let since: Vec<Option<Revision>> = asked.iter().map(|(since, _)| *since).collect();
