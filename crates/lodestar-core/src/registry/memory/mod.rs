@@ -4,10 +4,10 @@
 //! its lock, and registering, deregistering and looking up. The rest is
 //! split by concern:
 //!
-//! * [`expiry`]: leases, their timers and the sweeper that expires them;
-//! * [`preservation`]: self-preservation (expiry frozen when most leases
+//! * `expiry`: leases, their timers and the sweeper that expires them;
+//! * `preservation`: self-preservation (expiry frozen when most leases
 //!   go silent at once) and protection thresholds;
-//! * [`watch`]: the history of changes and the watchers that follow it.
+//! * `watch`: the history of changes and the watchers that follow it.
 
 mod expiry;
 mod preservation;

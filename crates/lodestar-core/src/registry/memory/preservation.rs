@@ -130,7 +130,7 @@ impl MemoryRegistry {
 
     /// Sets the protection threshold of a service (0 turns it off, the
     /// default): while fewer than this fraction of its instances are
-    /// healthy, [`instances`](Registry::instances) returns all of them as
+    /// healthy, [`instances`](crate::Registry::instances) returns all of them as
     /// healthy, rather than funnel all traffic onto the few left.
     pub fn set_protection_threshold(&self, service: &ServiceKey, threshold: f64) {
         let mut state = self.shared.lock();
