@@ -59,6 +59,7 @@ use crate::{Broker, BrokerError, Delivery, Durable, Message, SubscribeOptions, S
 use lodestar::broker::{
     Acker, Headers, Unsubscribe, header, validate_message, validate_options, validate_topic,
 };
+use lodestar_core::sync::MutexExt;
 
 /// How long a "no stream holds this topic" answer is trusted before it is
 /// checked again (in the background).
@@ -421,7 +422,7 @@ enum Known {
 
 impl StreamCache {
     fn lock(&self) -> MutexGuard<'_, CacheState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock_unpoisoned()
     }
 
     /// Records lookup `id`'s answer (`None`: unknown), unless something

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use lodestar::{Client, Registry, ServiceKey, StaticRegistry, WatchEvent};
+use lodestar_core::sync::MutexExt;
 use lodestar_registry::{RemoteRegistry, SnapshotRegistry};
 use route_guide::{Point, RouteGuideClient, SERVICE_NAME};
 use tokio_stream::StreamExt;
@@ -54,7 +55,7 @@ impl Proc {
         let sink = collected.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut all = sink.lock().unwrap_or_else(|e| e.into_inner());
+                let mut all = sink.lock_unpoisoned();
                 all.push_str(&line);
                 all.push('\n');
             }
@@ -67,10 +68,7 @@ impl Proc {
     }
 
     fn stderr(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.stderr.lock_unpoisoned().clone()
     }
 
     /// The first stdout line with `prefix`, and what follows it.

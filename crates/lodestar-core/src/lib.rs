@@ -26,9 +26,13 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod backoff;
 pub mod broker;
+pub mod error;
 mod instance;
 pub mod registry;
+pub mod sync;
+pub mod task;
 
 pub use broker::memory::MemoryBroker;
 pub use broker::{Broker, BrokerError, Message};

@@ -34,6 +34,7 @@ use lodestar::{
     Client, Code, Instance, InstanceKey, Registry, RegistryError, Revision, ServiceKey,
     StaticRegistry, Status, WatchEvent, WatchStream,
 };
+use lodestar_core::sync::MutexExt;
 use tokio_stream::StreamExt;
 
 /// etcd's v3 API, generated from `proto/etcd`.
@@ -267,13 +268,7 @@ impl EtcdRegistry {
         let Some((user, password)) = &self.inner.config.credentials else {
             return Ok(None);
         };
-        if let Some(token) = self
-            .inner
-            .token
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(token) = self.inner.token.lock_unpoisoned().clone() {
             return Ok(Some(token));
         }
         let mut auth = api::auth_client::AuthClient::by_name(&self.inner.client, ETCD);
@@ -288,7 +283,7 @@ impl EtcdRegistry {
             .map_err(|s| self.error(s, None))?
             .into_inner()
             .token;
-        *self.inner.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        *self.inner.token.lock_unpoisoned() = Some(token.clone());
         Ok(Some(token))
     }
 
@@ -308,7 +303,7 @@ impl EtcdRegistry {
         ) || auth_failure
         {
             // A stale token is refreshed on the next call.
-            *self.inner.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *self.inner.token.lock_unpoisoned() = None;
             return RegistryError::Unauthorized(format!("{self:?}: {}", status.message()));
         }
         match (status.code(), key) {
@@ -350,7 +345,7 @@ impl EtcdRegistry {
     }
 
     fn remember(&self, key: &ServiceKey, instances: &[Instance]) {
-        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.inner.cache.lock_unpoisoned();
         cache.insert(
             key.clone(),
             instances
@@ -361,7 +356,7 @@ impl EtcdRegistry {
     }
 
     fn cached(&self, key: &ServiceKey) -> Option<Vec<Instance>> {
-        let cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = self.inner.cache.lock_unpoisoned();
         cache.get(key).map(|set| set.values().cloned().collect())
     }
 
@@ -436,12 +431,7 @@ impl Registry for EtcdRegistry {
         };
         let put = self.request(put, Some(CALL_TIMEOUT)).await?;
         self.kv().put(put).await.map_err(|s| self.error(s, None))?;
-        let previous = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, lease.id);
+        let previous = self.inner.leases.lock_unpoisoned().insert(key, lease.id);
         if let Some(previous) = previous.filter(|p| *p != lease.id) {
             // The key moved to the new lease; the old one has nothing left to keep.
             if let Ok(revoke) = self
@@ -455,13 +445,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn heartbeat(&self, key: &InstanceKey) -> Result<(), RegistryError> {
-        let lease = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .copied();
+        let lease = self.inner.leases.lock_unpoisoned().get(key).copied();
         let Some(lease) = lease else {
             return Err(RegistryError::NotFound(key.clone()));
         };
@@ -485,11 +469,7 @@ impl Registry for EtcdRegistry {
                 RegistryError::Unavailable(format!("{self:?}: the keep-alive stream closed"))
             })?;
         if answer.ttl <= 0 {
-            self.inner
-                .leases
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(key);
+            self.inner.leases.lock_unpoisoned().remove(key);
             return Err(RegistryError::LeaseExpired(key.clone()));
         }
         Ok(())
@@ -505,12 +485,7 @@ impl Registry for EtcdRegistry {
             .delete_range(request)
             .await
             .map_err(|s| self.error(s, None))?;
-        let lease = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        let lease = self.inner.leases.lock_unpoisoned().remove(key);
         if let Some(lease) = lease
             && let Ok(revoke) = self
                 .request(api::LeaseRevokeRequest { id: lease }, Some(CALL_TIMEOUT))
@@ -673,7 +648,7 @@ impl EtcdRegistry {
     }
 
     fn apply(&self, key: &ServiceKey, event: &WatchEvent) {
-        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.inner.cache.lock_unpoisoned();
         let known = cache.entry(key.clone()).or_default();
         match event {
             WatchEvent::Put { instance, .. } => {

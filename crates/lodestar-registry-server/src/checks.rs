@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::Server;
 use crate::store::Check;
+use lodestar_core::sync::MutexExt;
 
 /// How long one check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -207,7 +208,7 @@ impl Ord for Due {
 
 impl Checks {
     fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock_unpoisoned()
     }
 
     /// Sets the check of a persistent instance (replacing any), due within
@@ -310,11 +311,7 @@ pub(crate) async fn run(server: Arc<Server>) {
             }
             .max(MIN_INTERVAL);
             checks.requeue(key.clone(), generation, now + interval);
-            if !running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key.clone())
-            {
+            if !running.lock_unpoisoned().insert(key.clone()) {
                 continue;
             }
             let address = server
@@ -323,10 +320,7 @@ pub(crate) async fn run(server: Arc<Server>) {
                 .filter(|(_, persistent)| *persistent)
                 .map(|(instance, _)| instance.address);
             let Some(address) = address else {
-                running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
+                running.lock_unpoisoned().remove(&key);
                 continue;
             };
             let server = server.clone();
@@ -342,10 +336,7 @@ pub(crate) async fn run(server: Arc<Server>) {
                     tracing::debug!(instance = %key, why, "health check failed");
                 }
                 let _ = server.registry.set_health(&key, healthy.is_ok());
-                running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
+                running.lock_unpoisoned().remove(&key);
             });
         }
         // A check added meanwhile has left a permit: this returns at once.

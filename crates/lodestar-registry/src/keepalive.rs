@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::pb;
 use crate::pb::registry_client::RegistryClient;
+use lodestar_core::sync::MutexExt;
 
 /// One heartbeat waiting to be sent, and where its answer goes.
 type Pending = (pb::InstanceRef, oneshot::Sender<Result<(), Status>>);
@@ -69,12 +70,12 @@ impl KeepAlive {
         reference: pb::InstanceRef,
         timeout: Duration,
     ) -> Result<Result<(), Status>, Unusable> {
-        let calls_until = *self.calls_until.lock().unwrap_or_else(|e| e.into_inner());
+        let calls_until = *self.calls_until.lock_unpoisoned();
         if calls_until.is_some_and(|until| Instant::now() < until) {
             return Err(Unusable);
         }
         let queue = {
-            let mut slot = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = self.queue.lock_unpoisoned();
             match slot.as_ref().filter(|queue| !queue.is_closed()) {
                 Some(queue) => queue.clone(),
                 None => {
@@ -102,7 +103,7 @@ impl KeepAlive {
             Ok(answer) => answer,
             Err(_) => {
                 // Not this stream again: the next heartbeat opens another.
-                let mut slot = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let mut slot = self.queue.lock_unpoisoned();
                 if slot.as_ref().is_some_and(|q| q.same_channel(&queue)) {
                     *slot = None;
                 }
@@ -144,7 +145,7 @@ async fn run(
                 tracing::debug!(%status, "the registry keep-alive stream cannot be opened");
                 RETRY_FAILED
             };
-            *calls_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + retry);
+            *calls_until.lock_unpoisoned() = Some(Instant::now() + retry);
             return;
         }
     };

@@ -86,6 +86,7 @@ use lodestar::{
     Client, Code, Instance, InstanceKey, MemoryRegistry, Registry, RegistryError, Revision,
     ServiceKey, StaticRegistry, Status, WatchEvent, WatchStream,
 };
+use lodestar_core::sync::MutexExt;
 
 mod keepalive;
 mod snapshot;
@@ -469,7 +470,7 @@ impl RemoteRegistry {
     }
 
     fn cached(&self, key: &ServiceKey) -> Option<Vec<Instance>> {
-        let cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = self.inner.cache.lock_unpoisoned();
         cache
             .get(key)
             .map(|c| c.instances.values().cloned().collect())
@@ -478,7 +479,7 @@ impl RemoteRegistry {
     /// Takes in a lookup's answer: it replaces what was known, unless the
     /// registry is warming up, when it only adds to it.
     fn remember(&self, key: &ServiceKey, instances: Vec<Instance>, warming: bool) -> Vec<Instance> {
-        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.inner.cache.lock_unpoisoned();
         let cached = cache.entry(key.clone()).or_default();
         if warming {
             cached.from_warming = true;
@@ -493,7 +494,7 @@ impl RemoteRegistry {
     }
 
     fn built_while_warming(&self, key: &ServiceKey) -> bool {
-        let cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = self.inner.cache.lock_unpoisoned();
         cache.get(key).is_some_and(|c| c.from_warming)
     }
 }
@@ -630,7 +631,7 @@ impl RemoteRegistry {
     /// Applies one event to the cache and returns what the watcher should see.
     fn apply(&self, key: &ServiceKey, event: pb::WatchEvent) -> Option<WatchEvent> {
         let revision = event.revision;
-        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.inner.cache.lock_unpoisoned();
         let cached = cache.entry(key.clone()).or_default();
         let known = &mut cached.instances;
         match event.kind? {

@@ -26,6 +26,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
+use lodestar_core::sync::MutexExt;
 
 /// A compression algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,7 +86,7 @@ impl PerMessage {
 
     /// The choice for the next message, if one was made.
     pub(crate) fn next_choice(&self) -> Option<bool> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+        self.0.lock_unpoisoned().pop_front()
     }
 }
 
@@ -99,7 +100,7 @@ impl ReceivedFlags {
     /// Whether the oldest message not yet asked about was compressed
     /// (`None` if no message has arrived since).
     pub fn next(&self) -> Option<bool> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+        self.0.lock_unpoisoned().pop_front()
     }
 
     /// The flags of an inbound request, if the server records them.
@@ -118,7 +119,7 @@ impl ReceivedFlags {
 const MAX_WAITING: usize = 1024;
 
 fn push_bounded(queue: &Mutex<VecDeque<bool>>, value: bool) {
-    let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+    let mut queue = queue.lock_unpoisoned();
     if queue.len() >= MAX_WAITING {
         queue.pop_front();
     }

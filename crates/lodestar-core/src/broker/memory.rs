@@ -10,6 +10,7 @@ use super::{
     Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription, Unsubscribe,
     validate_message, validate_plain_subscription,
 };
+use crate::sync::MutexExt;
 
 /// How many undelivered messages a subscriber may hold before publishers wait.
 const DEFAULT_CAPACITY: usize = 1024;
@@ -91,7 +92,7 @@ impl MemoryBroker {
 
 impl Inner {
     fn topics(&self) -> MutexGuard<'_, HashMap<String, Topic>> {
-        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+        self.topics.lock_unpoisoned()
     }
 
     fn remove(&self, topic: &str, id: u64) {

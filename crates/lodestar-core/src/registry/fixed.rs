@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures_util::{StreamExt, stream};
 
 use super::{Registry, RegistryError, Revision, WatchEvent, WatchStream};
+use crate::sync::MutexExt;
 use crate::{Instance, InstanceKey, ServiceKey};
 
 /// A registry whose instances are given up front and never expire, like
@@ -45,7 +46,7 @@ impl StaticRegistry {
         addresses: impl IntoIterator<Item = A>,
     ) -> Self {
         {
-            let mut all = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            let mut all = self.instances.lock_unpoisoned();
             let entry = all.entry(ServiceKey::new(service)).or_default();
             for address in addresses {
                 let instance = Instance::new(service, address);
@@ -56,7 +57,7 @@ impl StaticRegistry {
     }
 
     fn snapshot(&self, key: &ServiceKey) -> Vec<Instance> {
-        let all = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let all = self.instances.lock_unpoisoned();
         all.get(key)
             .map(|s| s.values().cloned().collect())
             .unwrap_or_default()
@@ -67,7 +68,7 @@ impl StaticRegistry {
 impl Registry for StaticRegistry {
     async fn register(&self, instance: Instance, ttl: Duration) -> Result<(), RegistryError> {
         super::validate(&instance, ttl)?;
-        let mut all = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.instances.lock_unpoisoned();
         all.entry(instance.key.clone())
             .or_default()
             .insert(instance.id.clone(), instance);
@@ -75,7 +76,7 @@ impl Registry for StaticRegistry {
     }
 
     async fn heartbeat(&self, key: &InstanceKey) -> Result<(), RegistryError> {
-        let all = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let all = self.instances.lock_unpoisoned();
         match all.get(&key.service).and_then(|s| s.get(&key.id)) {
             Some(_) => Ok(()),
             None => Err(RegistryError::NotFound(key.clone())),
@@ -83,7 +84,7 @@ impl Registry for StaticRegistry {
     }
 
     async fn deregister(&self, key: &InstanceKey) -> Result<(), RegistryError> {
-        let mut all = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.instances.lock_unpoisoned();
         if let Some(service) = all.get_mut(&key.service) {
             service.remove(&key.id);
         }
@@ -95,7 +96,7 @@ impl Registry for StaticRegistry {
     }
 
     async fn services(&self, namespace: &str) -> Result<Vec<ServiceKey>, RegistryError> {
-        let all = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let all = self.instances.lock_unpoisoned();
         Ok(all
             .iter()
             .filter(|(k, v)| k.namespace == namespace && !v.is_empty())

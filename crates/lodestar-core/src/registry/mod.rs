@@ -28,11 +28,15 @@
 //! registry` server, etcd) implement the same trait.
 
 mod fixed;
+mod follow;
+mod keep;
 pub mod limits;
 pub mod memory;
 mod packed;
 
 pub use fixed::StaticRegistry;
+pub use follow::{FOLLOW_BACKOFF_FIRST, FOLLOW_BACKOFF_MAX, Follow};
+pub use keep::{KeepRegistered, MIN_HEARTBEAT_INTERVAL};
 pub use limits::Limits;
 
 use std::pin::Pin;

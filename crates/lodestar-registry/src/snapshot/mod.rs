@@ -13,6 +13,8 @@ use futures_util::StreamExt;
 use lodestar::{
     Instance, InstanceKey, Registry, RegistryError, Revision, ServiceKey, WatchEvent, WatchStream,
 };
+use lodestar_core::backoff::Backoff;
+use lodestar_core::sync::MutexExt;
 use tokio::sync::Notify;
 
 pub use file::MAX_SNAPSHOT_BYTES;
@@ -248,7 +250,7 @@ impl SnapshotRegistry {
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock_unpoisoned()
     }
 
     /// Takes in the registry's full answer for `service`.
@@ -299,7 +301,7 @@ impl Shared {
     fn changed(self: &Arc<Self>, mut state: std::sync::MutexGuard<'_, State>) {
         state.changes += 1;
         drop(state);
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut writer = self.writer.lock_unpoisoned();
         // Started on first change, and again if its runtime went away.
         if writer.as_ref().is_none_or(|w| w.is_finished())
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -345,14 +347,14 @@ impl Shared {
     /// Watches `service` from the start once the registry can be reached,
     /// trying again with backoff while it cannot.
     async fn reconnect(self: Arc<Self>, service: ServiceKey) -> WatchStream {
-        let mut backoff = RECONNECT_FIRST;
+        let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX);
         loop {
-            tokio::time::sleep(backoff).await;
+            let waited = backoff.next_wait();
+            tokio::time::sleep(waited).await;
             match self.registry.watch(&service, None).await {
                 Ok(stream) => return self.follow(service, stream),
                 Err(RegistryError::Unavailable(reason)) => {
-                    tracing::debug!(%service, %reason, ?backoff, "the registry is still unreachable");
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    tracing::debug!(%service, %reason, backoff = ?waited, "the registry is still unreachable");
                 }
                 Err(error) => return Box::pin(futures_util::stream::iter([Err(error)])),
             }
@@ -361,7 +363,7 @@ impl Shared {
 
     /// Writes what changed since the last write, if anything did. Blocks.
     fn write(&self) -> Result<(), SnapshotError> {
-        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let _writing = self.writing.lock_unpoisoned();
         let (changes, services) = {
             let state = self.lock();
             if state.changes == state.saved {

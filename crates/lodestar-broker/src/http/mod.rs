@@ -65,47 +65,39 @@
 //! message twice. Durable subscriptions are
 //! [unsupported](BrokerError::Unsupported).
 
-use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use lodestar::broker::{
-    Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription, Unsubscribe,
-    validate_message, validate_plain_subscription, validate_topic,
+    Broker, BrokerError, Message, SubscribeOptions, Subscription, validate_message,
+    validate_plain_subscription,
 };
-use lodestar::{
-    Instance, InstanceKey, Registry, RegistryError, Revision, ServiceKey, WatchEvent, WatchStream,
-};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OnceCell, mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use lodestar::{Instance, Registry, RegistryError};
+use lodestar_core::registry::KeepRegistered;
+use tokio::sync::{OnceCell, mpsc};
 
-/// The HTTP header carrying the message's topic.
-pub const TOPIC_HEADER: &str = "lodestar-topic";
+mod publish;
+mod subscribe;
+mod wire;
 
-/// The prefix of the HTTP headers carrying message headers:
-/// `lodestar-h-{name}: {value}`.
-pub const HEADER_PREFIX: &str = "lodestar-h-";
+pub use wire::{HEADER_PREFIX, PATH_PREFIX, TOPIC_HEADER};
+
+use publish::TopicWatch;
+pub(crate) use subscribe::{Endpoints, serve_io};
+use subscribe::{Server, SubscriptionHandle};
+use wire::encode_headers;
 
 /// The instance metadata key naming a subscription's queue group.
 pub const QUEUE_LABEL: &str = "queue";
-
-/// The path under which subscriptions receive messages:
-/// `/v1/broker/{subscription id}`.
-pub const PATH_PREFIX: &str = "/v1/broker/";
 
 /// The protocol subscriptions register with.
 pub const PROTOCOL: &str = "http";
@@ -121,10 +113,6 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 
 /// The largest message body a subscriber accepts unless configured.
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
-
-/// How long to wait before re-opening a registry watch that failed, at first
-/// and at most.
-const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
 
 /// How long pooled connections to subscribers may stay idle.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -315,16 +303,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A topic not published to for this long stops being watched.
 const IDLE_TOPIC: Duration = Duration::from_secs(300);
 
-/// Aborts a task when dropped.
-#[derive(Debug)]
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A unique-enough prefix for this broker's subscription ids.
 fn broker_uid() -> String {
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -340,784 +318,11 @@ fn broker_uid() -> String {
     )
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn registry_error(error: RegistryError) -> BrokerError {
     match error {
         RegistryError::Invalid(reason) => BrokerError::Invalid(reason),
         other => BrokerError::Unavailable(other.to_string()),
     }
-}
-
-/// An error and its sources, `: `-separated (hyper's own messages are terse).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-// ---------------------------------------------------------------------------
-// The subscribers' side: one HTTP server per broker.
-
-struct Server {
-    /// The advertised `host:port`.
-    address: String,
-    endpoints: Arc<Endpoints>,
-    _accept: AbortOnDrop,
-}
-
-/// The live subscriptions of one server, by subscription id.
-pub(crate) struct Endpoints {
-    subscriptions: Mutex<HashMap<String, Endpoint>>,
-    max_body: usize,
-}
-
-#[derive(Clone)]
-struct Endpoint {
-    topic: String,
-    tx: mpsc::Sender<Delivery>,
-}
-
-impl Inner {
-    async fn server(&self) -> Result<&Server, BrokerError> {
-        self.server
-            .get_or_try_init(|| start_server(&self.config))
-            .await
-    }
-
-    fn subscription_id(&self) -> String {
-        let n = self.next_subscription.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{n}", self.uid)
-    }
-}
-
-async fn start_server(config: &Config) -> Result<Server, BrokerError> {
-    let listener = TcpListener::bind(config.bind).await.map_err(|e| {
-        BrokerError::Unavailable(format!(
-            "the HTTP broker cannot listen on {}: {e}",
-            config.bind
-        ))
-    })?;
-    let local = listener.local_addr().map_err(|e| {
-        BrokerError::Unavailable(format!("the HTTP broker's listening address: {e}"))
-    })?;
-    let address = advertised(config.advertise.as_deref(), local)?;
-    let endpoints = Arc::new(Endpoints::new(config.max_body));
-    let accept = tokio::spawn(accept_loop(listener, endpoints.clone()));
-    tracing::debug!(%local, %address, "HTTP broker listening");
-    Ok(Server {
-        address,
-        endpoints,
-        _accept: AbortOnDrop(accept),
-    })
-}
-
-/// The address to register, from the configured one and the bound one.
-fn advertised(advertise: Option<&str>, local: SocketAddr) -> Result<String, BrokerError> {
-    match advertise {
-        Some(address) => match address.rsplit_once(':') {
-            Some((host, "0")) if !host.is_empty() => Ok(format!("{host}:{}", local.port())),
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(address.to_owned())
-            }
-            _ => Err(BrokerError::Invalid(format!(
-                "advertised address `{address}`: expected host:port"
-            ))),
-        },
-        None if local.ip().is_unspecified() => Err(BrokerError::Invalid(format!(
-            "the HTTP broker listens on {local}, which publishers cannot dial; \
-             set HttpBrokerBuilder::advertise to a reachable host:port"
-        ))),
-        None => Ok(local.to_string()),
-    }
-}
-
-/// Accepts connections until aborted; aborting drops (and so aborts) the
-/// connection tasks too.
-async fn accept_loop(listener: TcpListener, endpoints: Arc<Endpoints>) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(serve_connection(stream, endpoints.clone()));
-                }
-                Err(e) => {
-                    // E.g. out of file descriptors: wait instead of spinning.
-                    tracing::warn!(error = %e, "HTTP broker: accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-}
-
-async fn serve_connection(stream: TcpStream, endpoints: Arc<Endpoints>) {
-    let _ = stream.set_nodelay(true);
-    serve_io(stream, endpoints).await;
-}
-
-/// Serves the HTTP/1.1 connection `io` (a TCP stream, or in-memory bytes
-/// for the fuzz targets).
-pub(crate) async fn serve_io<I>(io: I, endpoints: Arc<Endpoints>)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let service = hyper::service::service_fn(move |request| {
-        let endpoints = endpoints.clone();
-        async move { Ok::<_, Infallible>(endpoints.handle(request).await) }
-    });
-    let served = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(io), service)
-        .await;
-    if let Err(e) = served {
-        tracing::debug!(error = %error_chain(&e), "HTTP broker: connection ended with an error");
-    }
-}
-
-fn reply(status: StatusCode, text: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(text)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-impl Endpoints {
-    /// Endpoints refusing bodies over `max_body` bytes, with no subscriptions yet.
-    pub(crate) fn new(max_body: usize) -> Self {
-        Self {
-            subscriptions: Mutex::new(HashMap::new()),
-            max_body,
-        }
-    }
-
-    /// Delivers the messages POSTed to subscription `id` (of `topic`) to `tx`.
-    pub(crate) fn subscribe(&self, id: String, topic: String, tx: mpsc::Sender<Delivery>) {
-        lock(&self.subscriptions).insert(id, Endpoint { topic, tx });
-    }
-
-    fn remove(&self, id: &str) {
-        lock(&self.subscriptions).remove(id);
-    }
-
-    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
-        let Some(id) = request
-            .uri()
-            .path()
-            .strip_prefix(PATH_PREFIX)
-            .map(str::to_owned)
-        else {
-            return reply(
-                StatusCode::NOT_FOUND,
-                format!("not a broker endpoint; POST {PATH_PREFIX}{{subscription id}}\n"),
-            );
-        };
-        if request.method() != Method::POST {
-            let mut response = reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "messages are POSTed\n".to_owned(),
-            );
-            response
-                .headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("POST"));
-            return response;
-        }
-        let Some(endpoint) = lock(&self.subscriptions).get(&id).cloned() else {
-            return reply(
-                StatusCode::NOT_FOUND,
-                format!("no subscription `{id}` here (it may have unsubscribed)\n"),
-            );
-        };
-        let message = match decode(request, &endpoint.topic, self.max_body).await {
-            Ok(message) => message,
-            Err(response) => return response,
-        };
-        match endpoint.tx.send(Delivery::new(message)).await {
-            Ok(()) => reply(StatusCode::OK, String::new()),
-            Err(_) => reply(
-                StatusCode::NOT_FOUND,
-                format!("subscription `{id}` has ended\n"),
-            ),
-        }
-    }
-}
-
-/// The message a request carries, or the error response.
-async fn decode(
-    request: Request<Incoming>,
-    expected_topic: &str,
-    max_body: usize,
-) -> Result<Message, Response<Full<Bytes>>> {
-    let bad = |text: String| reply(StatusCode::BAD_REQUEST, text + "\n");
-    let topic = match request.headers().get(TOPIC_HEADER).map(|v| v.to_str()) {
-        Some(Ok(topic)) => topic.to_owned(),
-        Some(Err(_)) => return Err(bad(format!("the {TOPIC_HEADER} header is not ASCII"))),
-        None => return Err(bad(format!("missing the {TOPIC_HEADER} header"))),
-    };
-    if let Err(e) = validate_topic(&topic) {
-        return Err(bad(e.to_string()));
-    }
-    if topic != expected_topic {
-        return Err(bad(format!(
-            "this subscription is to `{expected_topic}`, not `{topic}`"
-        )));
-    }
-    let mut message = Message::new(topic, Bytes::new());
-    for (name, value) in request.headers() {
-        let Some(name) = name.as_str().strip_prefix(HEADER_PREFIX) else {
-            continue;
-        };
-        let Ok(value) = std::str::from_utf8(value.as_bytes()) else {
-            return Err(bad(format!(
-                "the value of header {HEADER_PREFIX}{name} is not UTF-8"
-            )));
-        };
-        message.headers.insert(name.to_owned(), value.to_owned());
-    }
-    match Limited::new(request.into_body(), max_body).collect().await {
-        Ok(body) => message.body = body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(reply(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("message bodies are limited to {max_body} bytes\n"),
-            ));
-        }
-        Err(e) => return Err(bad(format!("reading the body: {e}"))),
-    }
-    Ok(message)
-}
-
-// ---------------------------------------------------------------------------
-// Subscriptions: registration, heartbeats, and ending them.
-
-/// Ends one subscription: stops delivery, the heartbeat, and deregisters.
-struct SubscriptionHandle {
-    inner: Arc<Inner>,
-    id: String,
-    key: InstanceKey,
-    heartbeat: Option<JoinHandle<()>>,
-}
-
-impl SubscriptionHandle {
-    /// Stops delivery and the heartbeat; returns the heartbeat task to await
-    /// before deregistering (so that it cannot register again afterwards).
-    fn stop(&mut self) -> Option<JoinHandle<()>> {
-        if let Some(server) = self.inner.server.get() {
-            server.endpoints.remove(&self.id);
-        }
-        let heartbeat = self.heartbeat.take();
-        if let Some(task) = &heartbeat {
-            task.abort();
-        }
-        heartbeat
-    }
-}
-
-impl Drop for SubscriptionHandle {
-    fn drop(&mut self) {
-        let Some(heartbeat) = self.stop() else {
-            // Already unsubscribed, or never registered.
-            return;
-        };
-        // Deregister in the background; without a runtime, the lease runs out.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let registry = self.inner.registry.clone();
-            let key = self.key.clone();
-            runtime.spawn(async move {
-                let _ = heartbeat.await;
-                if let Err(e) = registry.deregister(&key).await {
-                    tracing::debug!(%key, error = %e, "HTTP broker: deregistering a dropped subscription failed; its lease will run out");
-                }
-            });
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Unsubscribe for SubscriptionHandle {
-    async fn unsubscribe(mut self: Box<Self>) -> Result<(), BrokerError> {
-        if let Some(heartbeat) = self.stop() {
-            let _ = heartbeat.await;
-        }
-        self.inner
-            .registry
-            .deregister(&self.key)
-            .await
-            .map_err(registry_error)
-    }
-}
-
-/// Renews the lease of `instance` every third of `ttl`, registering it again
-/// when the registry lost it.
-async fn heartbeat(registry: Arc<dyn Registry>, instance: Instance, ttl: Duration) {
-    let period = (ttl / 3).max(Duration::from_millis(10));
-    let key = instance.instance_key();
-    // Each call is bounded by the period, so that one hung call cannot hold
-    // the next renewal past the lease.
-    let bounded = |call| async move {
-        tokio::time::timeout(period, call)
-            .await
-            .unwrap_or_else(|_| {
-                Err(RegistryError::Unavailable(format!(
-                    "no answer within {period:?}"
-                )))
-            })
-    };
-    loop {
-        tokio::time::sleep(period).await;
-        match bounded(registry.heartbeat(&key)).await {
-            Ok(()) => {}
-            Err(RegistryError::LeaseExpired(_) | RegistryError::NotFound(_)) => {
-                match bounded(registry.register(instance.clone(), ttl)).await {
-                    Ok(()) => {
-                        tracing::info!(%key, "HTTP broker: subscription registered again after its lease was lost")
-                    }
-                    Err(e) => {
-                        tracing::warn!(%key, error = %e, "HTTP broker: registering a subscription again failed")
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(%key, error = %e, "HTTP broker: heartbeat failed"),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The publishers' side: per-topic subscriber caches fed by registry watches.
-
-/// A topic's watch task and what it maintains.
-struct TopicWatch {
-    subscribers: Arc<Subscribers>,
-    /// When this topic was last published to.
-    used: Instant,
-    _task: AbortOnDrop,
-}
-
-/// The known subscribers of one topic.
-struct Subscribers {
-    state: Mutex<SubscriberState>,
-    feed: Mutex<Feed>,
-    /// `true` once the first snapshot arrived.
-    ready: watch::Sender<bool>,
-}
-
-/// The open watch stream. The watch task waits on it; a publisher also
-/// applies whatever events are already waiting in it before choosing
-/// targets, so that a subscription registered just before a publish (in the
-/// same process, or one the registry already reported) is not missed.
-#[derive(Default)]
-struct Feed {
-    stream: Option<WatchStream>,
-    /// The watch task's waker. Whoever polls the stream polls with it, so
-    /// that the task is still woken for the next event.
-    waker: Option<Waker>,
-    /// Why the stream broke, when a publisher found out first.
-    broken: Option<String>,
-}
-
-#[derive(Default)]
-struct SubscriberState {
-    instances: BTreeMap<String, Instance>,
-    /// The revision of the last applied event, to resume the watch from.
-    revision: Option<Revision>,
-    /// Round-robin position per queue group.
-    next: HashMap<String, usize>,
-    /// Why the watch last failed, to explain a publish that cannot wait.
-    last_error: Option<String>,
-}
-
-/// Where to POST a message for one subscription.
-#[derive(Debug, Clone)]
-struct Target {
-    id: String,
-    address: String,
-}
-
-/// Who gets one message.
-#[derive(Default)]
-struct Targets {
-    broadcast: Vec<Target>,
-    /// Per queue group, its members in the order to try them.
-    groups: BTreeMap<String, Vec<Target>>,
-}
-
-impl Subscribers {
-    fn apply(&self, event: WatchEvent) {
-        let mut state = lock(&self.state);
-        state.revision = Some(event.revision());
-        match event {
-            WatchEvent::Snapshot { instances, .. } => {
-                state.instances = instances
-                    .into_iter()
-                    .map(|instance| (instance.id.clone(), instance))
-                    .collect();
-            }
-            WatchEvent::Put { instance, .. } => {
-                state.instances.insert(instance.id.clone(), instance);
-            }
-            WatchEvent::Delete { id, .. } => {
-                state.instances.remove(&id);
-            }
-        }
-        state.last_error = None;
-        drop(state);
-        self.ready.send_replace(true);
-    }
-
-    fn failed(&self, error: String) {
-        lock(&self.state).last_error = Some(error);
-    }
-
-    /// Applies the events ready in the watch stream; `Ready(why)` once the
-    /// stream failed or ended.
-    fn pump(&self, feed: &mut Feed, cx: &mut Context<'_>) -> Poll<String> {
-        if let Some(why) = feed.broken.take() {
-            return Poll::Ready(why);
-        }
-        let Some(stream) = feed.stream.as_mut() else {
-            return Poll::Ready("the watch stream is closed".to_owned());
-        };
-        loop {
-            match stream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(event))) => self.apply(event),
-                Poll::Ready(Some(Err(e))) => {
-                    feed.stream = None;
-                    return Poll::Ready(e.to_string());
-                }
-                Poll::Ready(None) => {
-                    feed.stream = None;
-                    return Poll::Ready("the watch stream ended".to_owned());
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
-    /// Applies the events already waiting, without waiting for more.
-    fn catch_up(&self) {
-        let mut feed = lock(&self.feed);
-        let Some(waker) = feed.waker.clone() else {
-            return;
-        };
-        if feed.stream.is_none() {
-            return;
-        }
-        if let Poll::Ready(why) = self.pump(&mut feed, &mut Context::from_waker(&waker)) {
-            // Let the watch task reopen it.
-            feed.broken = Some(why);
-            drop(feed);
-            waker.wake();
-        }
-    }
-
-    /// The targets of the next message, advancing each group's round robin.
-    fn select(&self) -> Targets {
-        self.catch_up();
-        let mut state = lock(&self.state);
-        let mut targets = Targets::default();
-        for instance in state.instances.values().filter(|i| i.is_routable()) {
-            let target = Target {
-                id: instance.id.clone(),
-                address: instance.address.clone(),
-            };
-            match instance.metadata.get(QUEUE_LABEL).filter(|q| !q.is_empty()) {
-                Some(queue) => targets
-                    .groups
-                    .entry(queue.clone())
-                    .or_default()
-                    .push(target),
-                None => targets.broadcast.push(target),
-            }
-        }
-        state
-            .next
-            .retain(|group, _| targets.groups.contains_key(group));
-        for (group, members) in &mut targets.groups {
-            // Start each group at a random member, so that short-lived
-            // publishers do not all pick the same one first.
-            let next = state
-                .next
-                .entry(group.clone())
-                .or_insert_with(|| fastrand::usize(..));
-            let start = *next % members.len();
-            *next = start.wrapping_add(1);
-            members.rotate_left(start);
-        }
-        targets
-    }
-}
-
-/// Keeps `subscribers` current: watches `service`, resuming from the last
-/// applied revision after an error, with backoff.
-async fn watch_topic(
-    registry: Arc<dyn Registry>,
-    service: ServiceKey,
-    subscribers: Arc<Subscribers>,
-) {
-    let mut backoff = WATCH_BACKOFF.0;
-    loop {
-        let since = lock(&subscribers.state).revision;
-        let error = match registry.watch(&service, since).await {
-            Ok(stream) => {
-                {
-                    let mut feed = lock(&subscribers.feed);
-                    feed.stream = Some(stream);
-                    feed.broken = None;
-                }
-                std::future::poll_fn(|cx| {
-                    let mut feed = lock(&subscribers.feed);
-                    feed.waker = Some(cx.waker().clone());
-                    subscribers.pump(&mut feed, cx)
-                })
-                .await
-            }
-            Err(e) => e.to_string(),
-        };
-        if lock(&subscribers.state).revision != since {
-            // It made progress: this is a new failure, not the same one.
-            backoff = WATCH_BACKOFF.0;
-        }
-        tracing::warn!(%service, %error, retry_in = ?backoff, "HTTP broker: watching subscribers failed");
-        subscribers.failed(error);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(WATCH_BACKOFF.1);
-    }
-}
-
-impl Inner {
-    /// The subscribers of `topic`, starting to watch them on first use and
-    /// waiting (bounded) for the first snapshot.
-    async fn subscribers(&self, topic: &str) -> Result<Arc<Subscribers>, BrokerError> {
-        let subscribers = {
-            let mut topics = lock(&self.topics);
-            if !topics.contains_key(topic) {
-                // Stop watching topics nobody publishes to any more (only
-                // when a new one starts, so the common path stays O(1)).
-                topics.retain(|_, watch| watch.used.elapsed() < IDLE_TOPIC);
-            }
-            let watch = topics.entry(topic.to_owned()).or_insert_with(|| {
-                let subscribers = Arc::new(Subscribers {
-                    state: Mutex::new(SubscriberState::default()),
-                    feed: Mutex::new(Feed::default()),
-                    ready: watch::Sender::new(false),
-                });
-                let task = tokio::spawn(watch_topic(
-                    self.registry.clone(),
-                    ServiceKey::new(service_name(topic)),
-                    subscribers.clone(),
-                ));
-                TopicWatch {
-                    subscribers,
-                    used: Instant::now(),
-                    _task: AbortOnDrop(task),
-                }
-            });
-            watch.used = Instant::now();
-            watch.subscribers.clone()
-        };
-        let mut ready = subscribers.ready.subscribe();
-        let timeout = self.config.request_timeout;
-        match tokio::time::timeout(timeout, ready.wait_for(|ready| *ready)).await {
-            Ok(Ok(_)) => Ok(subscribers),
-            Ok(Err(_)) => Err(BrokerError::Closed),
-            Err(_) => {
-                let why = lock(&subscribers.state)
-                    .last_error
-                    .clone()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default();
-                Err(BrokerError::Unavailable(format!(
-                    "the registry did not list the subscribers of `{}` within {timeout:?}{why}",
-                    service_name(topic)
-                )))
-            }
-        }
-    }
-
-    /// POSTs `message` to one subscription.
-    async fn post(
-        &self,
-        target: &Target,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Result<(), Failure> {
-        let url = format!("http://{}{PATH_PREFIX}{}", target.address, target.id);
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| Failure::Failed(format!("{url}: not a valid URL: {e}")))?;
-        let mut request = Request::new(Full::new(body.clone()));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers.clone();
-        let timeout = self.config.request_timeout;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| Failure::Failed(format!("{url}: {}", error_chain(&e))))?;
-            let status = response.status();
-            // Read the (short) body so that the connection can be reused.
-            let text = match response.into_body().collect().await {
-                Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
-                Err(e) => error_chain(&e),
-            };
-            if status.is_success() {
-                Ok(())
-            } else if status == StatusCode::NOT_FOUND {
-                Err(Failure::Gone(format!("{url}: {status} {text}")))
-            } else if status.is_client_error()
-                && status != StatusCode::REQUEST_TIMEOUT
-                && status != StatusCode::TOO_MANY_REQUESTS
-            {
-                // The subscriber refused this message; asking again would
-                // get the same answer.
-                Err(Failure::Refused(format!("{url}: {status} {text}")))
-            } else {
-                Err(Failure::Failed(format!("{url}: {status} {text}")))
-            }
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(Failure::Failed(format!(
-                "{url}: no answer within {timeout:?}"
-            ))),
-        }
-    }
-
-    /// Delivers to a broadcast subscriber, retrying once; failures are logged.
-    async fn deliver_broadcast(
-        &self,
-        topic: &str,
-        target: &Target,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) {
-        let mut result = self.post(target, headers, body).await;
-        if let Err(Failure::Failed(_)) = result {
-            result = self.post(target, headers, body).await;
-        }
-        match result {
-            Ok(()) => {}
-            Err(Failure::Gone(reason)) => {
-                tracing::debug!(topic, subscription = %target.id, %reason, "HTTP broker: skipping a subscriber that has unsubscribed");
-            }
-            Err(Failure::Failed(reason) | Failure::Refused(reason)) => {
-                tracing::warn!(topic, subscription = %target.id, %reason, "HTTP broker: skipping a subscriber that failed; it misses this message");
-            }
-        }
-    }
-
-    /// Members of `queue` the registry lists now that are not in `known`.
-    async fn fresh_members(&self, topic: &str, queue: &str, known: &[Target]) -> Vec<Target> {
-        let key = ServiceKey::new(service_name(topic));
-        let listed =
-            tokio::time::timeout(self.config.request_timeout, self.registry.instances(&key)).await;
-        let Ok(Ok(instances)) = listed else {
-            return Vec::new();
-        };
-        instances
-            .into_iter()
-            .filter(|i| i.is_routable())
-            .filter(|i| i.metadata.get(QUEUE_LABEL).is_some_and(|q| q == queue))
-            .filter(|i| !known.iter().any(|k| k.id == i.id))
-            .map(|i| Target {
-                id: i.id,
-                address: i.address,
-            })
-            .collect()
-    }
-
-    /// Delivers to one member of a queue group, trying them in turn.
-    async fn deliver_group(
-        &self,
-        topic: &str,
-        queue: &str,
-        members: &[Target],
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Result<(), BrokerError> {
-        let mut reasons = Vec::new();
-        for member in members {
-            match self.post(member, headers, body).await {
-                Ok(()) => return Ok(()),
-                Err(Failure::Gone(reason) | Failure::Failed(reason) | Failure::Refused(reason)) => {
-                    tracing::debug!(topic, queue, subscription = %member.id, %reason, "HTTP broker: queue member failed; trying the next");
-                    reasons.push(reason);
-                }
-            }
-        }
-        // Every member the cache knows failed. Before giving up, ask the
-        // registry itself (off the hot path: only here) for members the
-        // watch has not brought yet, e.g. one that just replaced them.
-        let mut tried = members.len();
-        for member in self.fresh_members(topic, queue, members).await {
-            tried += 1;
-            match self.post(&member, headers, body).await {
-                Ok(()) => return Ok(()),
-                Err(Failure::Gone(reason) | Failure::Failed(reason) | Failure::Refused(reason)) => {
-                    reasons.push(reason)
-                }
-            }
-        }
-        let reason = format!("all {tried} member(s) failed: {}", reasons.join("; "));
-        tracing::warn!(topic, queue, %reason, "HTTP broker: no queue member took a message");
-        Err(BrokerError::NoSubscriber {
-            topic: topic.to_owned(),
-            queue: queue.to_owned(),
-            reason,
-        })
-    }
-}
-
-/// Why one POST did not deliver.
-enum Failure {
-    /// `404`: the subscription has ended.
-    Gone(String),
-    /// A 4xx answer about the message itself: not retried.
-    Refused(String),
-    /// Unreachable, timed out, or another non-2xx answer.
-    Failed(String),
-}
-
-/// The HTTP headers carrying `message`'s topic and headers.
-fn encode_headers(message: &Message) -> Result<HeaderMap, BrokerError> {
-    let mut headers = HeaderMap::with_capacity(message.headers.len() + 2);
-    let topic = HeaderValue::from_str(&message.topic)
-        .map_err(|_| BrokerError::Invalid(format!("topic `{}`", message.topic)))?;
-    headers.insert(HeaderName::from_static(TOPIC_HEADER), topic);
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    for (name, value) in &message.headers {
-        let http_name = HeaderName::from_bytes(format!("{HEADER_PREFIX}{name}").as_bytes())
-            .map_err(|_| {
-                BrokerError::Invalid(format!(
-                    "header name `{name}` cannot be sent as an HTTP header name"
-                ))
-            })?;
-        let http_value = HeaderValue::from_bytes(value.as_bytes()).map_err(|_| {
-            BrokerError::Invalid(format!(
-                "the value of header `{name}` cannot be sent as an HTTP header value \
-                 (no control characters such as line breaks)"
-            ))
-        })?;
-        headers.insert(http_name, http_value);
-    }
-    Ok(headers)
 }
 
 #[async_trait::async_trait]
@@ -1184,11 +389,15 @@ impl Broker for HttpBroker {
             .register(instance.clone(), ttl)
             .await
             .map_err(registry_error)?;
-        handle.heartbeat = Some(tokio::spawn(heartbeat(
-            inner.registry.clone(),
-            instance,
-            ttl,
-        )));
+        // Renewed every third of the TTL, and registered again if the
+        // registry lost it.
+        let key = handle.key.clone();
+        let keep = KeepRegistered::new(inner.registry.clone(), instance, ttl)
+            .already_registered(true)
+            .run(move || {
+                tracing::info!(%key, "HTTP broker: subscription registered again after its lease was lost");
+            });
+        handle.heartbeat = Some(tokio::spawn(keep));
         Ok(Subscription::from_channel(topic, rx, handle))
     }
 }
@@ -1198,9 +407,13 @@ mod tests {
     use std::future::Future;
 
     use futures_util::{FutureExt, StreamExt};
+    use http::{Request, StatusCode};
     use lodestar::MemoryRegistry;
     use lodestar::broker::{Durable, header};
+    use lodestar::{InstanceKey, Revision, ServiceKey, WatchEvent, WatchStream};
+    use tokio::net::TcpListener;
 
+    use super::subscribe::advertised;
     use super::*;
 
     /// A bound on anything that could hang.
