@@ -25,7 +25,7 @@ pub(crate) fn from_layer_error(error: BoxError) -> Status {
     if error.is::<tower::timeout::error::Elapsed>() {
         return Status::deadline_exceeded(format!("timed out: {error}"));
     }
-    Status::unavailable(crate::client::error_chain(&*error))
+    Status::unavailable(lodestar_core::error::chain(&*error))
 }
 
 #[cfg(test)]

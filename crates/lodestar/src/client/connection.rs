@@ -10,6 +10,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use lodestar_core::sync::MutexExt;
+
 use crate::body::RequestBody;
 use crate::io::Rewind;
 use crate::tls::ClientTls;
@@ -85,11 +87,7 @@ impl Connection {
         }
         if self.attempts.load(Ordering::Acquire) != seen {
             // An attempt finished while we queued and left no connection.
-            let last = self
-                .last_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let last = self.last_error.lock_unpoisoned().clone();
             return Err(ConnectError {
                 message: last.map_or_else(
                     || format!("connect to {} failed", self.address),
@@ -119,7 +117,7 @@ impl Connection {
                     message,
                     attempted: true,
                 };
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.clone());
+                *self.last_error.lock_unpoisoned() = Some(error.clone());
                 Err(error)
             }
         };

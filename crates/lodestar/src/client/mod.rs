@@ -50,6 +50,7 @@ use std::time::Duration;
 
 pub use crate::body::CallBody;
 pub use channel::{BoxChannel, Channel, ResponseBody};
+use lodestar_core::sync::MutexExt;
 use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
 use tower::util::BoxCloneSyncService;
 
@@ -61,7 +62,6 @@ use crate::tls::ClientTls;
 use observe::{Observer, ObserverDebug};
 use selector::Selector;
 use stack::Balance;
-pub(crate) use stack::error_chain;
 
 /// The most instances one call is ever sent to.
 const MAX_ATTEMPTS: usize = 8;
@@ -290,11 +290,7 @@ impl Client {
 
     /// The channel to the service `key` (any namespace and group).
     pub fn channel_for(&self, key: ServiceKey) -> Channel {
-        let mut channels = self
-            .inner
-            .channels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut channels = self.inner.channels.lock_unpoisoned();
         channels
             .entry(key.clone())
             .or_insert_with(|| {

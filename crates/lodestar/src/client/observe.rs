@@ -261,7 +261,9 @@ impl Body for Observed {
                     // A response without a status is an error (gRPC says UNKNOWN).
                     Outcome::Status(status_in(trailers).unwrap_or(Code::Unknown))
                 }),
-                Poll::Ready(Some(Err(e))) => Some(Outcome::Transport(super::stack::error_chain(e))),
+                Poll::Ready(Some(Err(e))) => {
+                    Some(Outcome::Transport(lodestar_core::error::chain(e)))
+                }
                 Poll::Ready(None) => Some(Outcome::Status(Code::Unknown)),
                 Poll::Pending => None,
             };

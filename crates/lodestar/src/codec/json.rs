@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use lodestar_core::sync::MutexExt;
 use prost::Message as _;
 use prost_reflect::{
     DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor,
@@ -89,10 +90,7 @@ impl Descriptors {
     pub(crate) fn of_static(set: &'static [u8]) -> Result<Self, String> {
         type Cache = Mutex<HashMap<usize, Result<Descriptors, String>>>;
         static CACHE: OnceLock<Cache> = OnceLock::new();
-        let mut cache = CACHE
-            .get_or_init(Mutex::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cache = CACHE.get_or_init(Mutex::default).lock_unpoisoned();
         cache
             .entry(set.as_ptr() as usize)
             .or_insert_with(|| Self::from_sets(&[set]))

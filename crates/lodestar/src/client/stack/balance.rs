@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response};
+use lodestar_core::sync::MutexExt;
+use lodestar_core::task::AbortOnDrop;
 use lodestar_core::{Instance, Registry, ServiceKey};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -49,19 +51,10 @@ pub(crate) struct Balance {
     /// Whether a resolver task is running; it clears this when it ends
     /// (for example because the runtime it ran on shut down).
     resolving: Arc<AtomicBool>,
-    resolver: Mutex<Option<AbortOnDrop>>,
+    resolver: Mutex<Option<AbortOnDrop<()>>>,
     /// Why the registry last failed to answer, until it answers: named in
     /// the error of a call that found no instances in time.
     last_error: Mutex<Option<String>>,
-}
-
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Why an attempt did not produce a response.
@@ -120,7 +113,7 @@ impl Balance {
 
     /// Notes why the registry failed to answer (`None`: it answered).
     pub(crate) fn registry_failed(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        *self.last_error.lock_unpoisoned() = error;
     }
 
     /// Makes sure a resolver runs (starting one needs a runtime, so it
@@ -145,7 +138,7 @@ impl Balance {
         tokio::time::timeout(self.config.resolve_timeout, wait)
             .await
             .map_err(|_| {
-                let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+                let last = self.last_error.lock_unpoisoned();
                 // The registry's words, from the network: printed safely.
                 let cause = last
                     .as_deref()
@@ -162,12 +155,12 @@ impl Balance {
     }
 
     fn start_resolver(self: &Arc<Self>) {
-        let mut resolver = self.resolver.lock().unwrap_or_else(|e| e.into_inner());
+        let mut resolver = self.resolver.lock_unpoisoned();
         if self.resolving.swap(true, Ordering::AcqRel) {
             return; // another caller started one
         }
         let guard = ResolvingGuard(self.resolving.clone());
-        *resolver = Some(AbortOnDrop(tokio::spawn(resolver::run(
+        *resolver = Some(AbortOnDrop::new(tokio::spawn(resolver::run(
             self.registry.clone(),
             self.key.clone(),
             Arc::downgrade(self),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
+use lodestar_core::error::chain;
 
 use super::balance::{AttemptFailure, Balance, Failure};
 use super::retry::Leftover;
@@ -75,7 +76,8 @@ pub(crate) async fn send(
             if !is_stream_error(e.error()) {
                 connection.reset(&sender);
             }
-            let message = format!("{} ({})", error_chain(e.error()), endpoint.instance.address);
+            // hyper's own message alone ("http2 error") rarely says what happened.
+            let message = format!("{} ({})", chain(e.error()), endpoint.instance.address);
             let leftover = match e.take_message() {
                 Some(request) => {
                     // It never went out: the attempt was not sent after all.
@@ -91,19 +93,6 @@ pub(crate) async fn send(
             Err(failed(leftover, message))
         }
     }
-}
-
-/// An error and its sources, as one line: hyper's own message alone
-/// ("http2 error") rarely says what happened.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        message.push_str(": ");
-        message.push_str(&e.to_string());
-        source = e.source();
-    }
-    message
 }
 
 /// Whether a failure concerned only this stream (the connection is fine).

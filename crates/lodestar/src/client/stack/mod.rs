@@ -36,7 +36,6 @@ use tonic::Status;
 
 pub(crate) use balance::Balance;
 pub(crate) use deadline::Inherited;
-pub(crate) use endpoint::error_chain;
 
 /// One layer of the stack below the user's: like a `tower::Service` whose
 /// `call` borrows it, so that the layers' futures nest into one.
