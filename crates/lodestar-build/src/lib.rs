@@ -400,6 +400,29 @@ mod tests {
     }
 
     #[test]
+    fn each_client_method_gets_its_method_info() {
+        let code = r#"
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("pkg.Svc", "Get"));
+            self.inner.unary(req, path, codec).await
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("pkg.Svc", "Put"),
+                );
+        "#;
+        let infos = vec![
+            ("GrpcMethod::new(\"pkg.Svc\", \"Get\")".to_owned(), "GET;".to_owned()),
+            ("GrpcMethod::new(\"pkg.Svc\", \"Put\")".to_owned(), "PUT;".to_owned()),
+        ];
+        let out = add_method_infos(code, &infos);
+        assert!(out.contains("\"Get\"));\nGET;"), "{out}");
+        assert!(out.contains("\"Put\"),\n                );\nPUT;"), "{out}");
+        assert!(!out.contains("compile_error!"));
+        let missing = vec![("GrpcMethod::new(\"pkg.Svc\", \"Gone\")".to_owned(), String::new())];
+        assert!(add_method_infos(code, &missing).contains("compile_error!"));
+    }
+
+    #[test]
     fn snake_cases_service_names() {
         assert_eq!(snake_case("RouteGuide"), "route_guide");
         assert_eq!(snake_case("Greeter"), "greeter");
