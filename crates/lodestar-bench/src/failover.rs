@@ -226,7 +226,8 @@ async fn one_run(settings: &Settings, side: Side, rate: u64) -> Result<Sample> {
     let run = lodestar_tests::unique_name();
     for i in 0..3 {
         let id = format!("failover-{run}-{i}");
-        let (server, addr) = rpc::start_server(settings, side, registry_url, Some(&id)).await?;
+        let (server, addr) =
+            rpc::start_server(settings, rpc::Server::of(side), registry_url, Some(&id)).await?;
         servers.push(server);
         addresses.push(addr);
     }

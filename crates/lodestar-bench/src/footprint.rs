@@ -42,7 +42,8 @@ pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
 
 async fn one_run(settings: &Settings, side: Side, registry_url: &str) -> Result<Sample> {
     let started = Instant::now();
-    let (mut server, addr) = rpc::start_server(settings, side, registry_url, None).await?;
+    let (mut server, addr) =
+        rpc::start_server(settings, rpc::Server::of(side), registry_url, None).await?;
     let startup = started.elapsed();
     let target = match side {
         Side::Lodestar => registry_url.to_owned(),

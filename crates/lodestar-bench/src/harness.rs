@@ -176,6 +176,25 @@ impl Proc {
             .map_err(|_| format!("{} said nothing within {timeout:?}", self.name))?
     }
 
+    /// Everything the process prints on stdout until it exits, which it
+    /// must do successfully within `timeout` (for tools that print a text
+    /// report at the end, as h2load does).
+    pub(crate) async fn output(&mut self, timeout: Duration) -> Result<String> {
+        let read = async {
+            let mut out = String::new();
+            while let Some(line) = self.stdout.next_line().await? {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Ok::<_, Error>(out)
+        };
+        let out = tokio::time::timeout(timeout, read)
+            .await
+            .map_err(|_| format!("{} did not finish within {timeout:?}", self.name))??;
+        self.wait(timeout).await?;
+        Ok(out)
+    }
+
     /// Waits for a message with field `key` (skipping others) and returns
     /// it whole.
     pub(crate) async fn expect_message(

@@ -13,9 +13,11 @@
 mod broker;
 mod failover;
 mod footprint;
+mod h2load;
 mod harness;
 mod registry;
 mod rpc;
+mod rpc_sides;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,7 +64,8 @@ struct RunArgs {
     /// Seconds each measured run lasts.
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
-    /// Only these scenarios (rpc, registry, broker, failover, footprint).
+    /// Only these scenarios (rpc, rpc-server, rpc-client, registry, broker,
+    /// failover, footprint).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -122,7 +125,15 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         settings.pin = false;
     }
     let wanted = |scenario: &str| args.only.is_empty() || args.only.iter().any(|o| o == scenario);
-    let known = ["rpc", "registry", "broker", "failover", "footprint"];
+    let known = [
+        "rpc",
+        "rpc-server",
+        "rpc-client",
+        "registry",
+        "broker",
+        "failover",
+        "footprint",
+    ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
     }
@@ -140,6 +151,12 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     let mut report = Report::default();
     if wanted("rpc") {
         report.cases.extend(rpc::run(&settings).await?);
+    }
+    if wanted("rpc-server") {
+        report.cases.extend(rpc_sides::run_server(&settings).await?);
+    }
+    if wanted("rpc-client") {
+        report.cases.extend(rpc_sides::run_client(&settings).await?);
     }
     if wanted("registry") {
         report.cases.extend(registry::run(&settings).await?);

@@ -25,7 +25,15 @@ fn smoke_run_reports_every_scenario() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("JSON report")).expect("valid JSON");
     let cases = report["cases"].as_array().expect("cases");
-    for scenario in ["rpc", "registry", "broker", "failover", "footprint"] {
+    for scenario in [
+        "rpc",
+        "rpc-server",
+        "rpc-client",
+        "registry",
+        "broker",
+        "failover",
+        "footprint",
+    ] {
         assert!(
             cases.iter().any(|c| c["scenario"] == scenario),
             "no `{scenario}` case in the report"
