@@ -411,14 +411,23 @@ mod tests {
                 );
         "#;
         let infos = vec![
-            ("GrpcMethod::new(\"pkg.Svc\", \"Get\")".to_owned(), "GET;".to_owned()),
-            ("GrpcMethod::new(\"pkg.Svc\", \"Put\")".to_owned(), "PUT;".to_owned()),
+            (
+                "GrpcMethod::new(\"pkg.Svc\", \"Get\")".to_owned(),
+                "GET;".to_owned(),
+            ),
+            (
+                "GrpcMethod::new(\"pkg.Svc\", \"Put\")".to_owned(),
+                "PUT;".to_owned(),
+            ),
         ];
         let out = add_method_infos(code, &infos);
         assert!(out.contains("\"Get\"));\nGET;"), "{out}");
         assert!(out.contains("\"Put\"),\n                );\nPUT;"), "{out}");
         assert!(!out.contains("compile_error!"));
-        let missing = vec![("GrpcMethod::new(\"pkg.Svc\", \"Gone\")".to_owned(), String::new())];
+        let missing = vec![(
+            "GrpcMethod::new(\"pkg.Svc\", \"Gone\")".to_owned(),
+            String::new(),
+        )];
         assert!(add_method_infos(code, &missing).contains("compile_error!"));
     }
 

@@ -59,6 +59,7 @@ pub mod fuzzing;
 mod grpc_timeout;
 mod io;
 
+mod rt;
 pub mod server;
 mod status;
 pub mod tls;

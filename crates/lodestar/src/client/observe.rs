@@ -3,8 +3,8 @@
 //! A call may go to several endpoints (see the [client docs](super)); layers
 //! added with [`ClientBuilder::layer`](super::ClientBuilder::layer) see it
 //! once, as the caller made it. An observer sees each attempt: the endpoint
-//! it went to, how it ended, how long it took and whether the request was
-//! sent. This is what metrics, outlier detection and retry budgets build on.
+//! it went to, how it ended, how long it took ([`Attempt::latency`]) and
+//! whether the request was sent. This is what metrics, outlier detection and retry budgets build on.
 //!
 //! An attempt that got a response ends when the response does: with the
 //! `grpc-status` of its trailers, or `CANCELLED` if the caller dropped it
@@ -76,12 +76,20 @@ pub struct Attempt<'a> {
     pub number: u32,
     /// How it ended.
     pub outcome: &'a Outcome,
-    /// From the moment it was handed to the endpoint until it ended.
-    pub latency: Duration,
+    /// When it was handed to the endpoint; see [`latency`](Self::latency).
+    pub started: Instant,
     /// Whether the request may have reached the server. An attempt that
     /// was not sent (no connection could be had, or the connection was
     /// found closed first) can always be sent elsewhere.
     pub sent: bool,
+}
+
+impl Attempt<'_> {
+    /// From the moment the attempt was handed to the endpoint until now,
+    /// when it has just ended (read from the clock only when asked).
+    pub fn latency(&self) -> Duration {
+        self.started.elapsed()
+    }
 }
 
 /// How an attempt ended.
@@ -197,7 +205,7 @@ impl AttemptGuard {
             endpoint: &self.endpoint,
             number: self.number,
             outcome: &outcome,
-            latency: self.started.elapsed(),
+            started: self.started,
             sent: self.sent,
         };
         self.watchers.selector.report(&attempt);

@@ -118,12 +118,17 @@ impl Balance {
 
     /// Makes sure a resolver runs (starting one needs a runtime, so it
     /// happens on first use, and again if the old one's runtime is gone),
-    /// and waits for the first snapshot.
-    pub(crate) async fn ready(self: &Arc<Self>) -> Result<(), Error> {
+    /// and says whether the first snapshot is in.
+    fn ready_now(self: &Arc<Self>) -> bool {
         if !self.resolving.load(Ordering::Acquire) {
             self.start_resolver();
         }
-        if self.synced.load(Ordering::Acquire) {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Waits for the first snapshot, at most the resolve timeout.
+    async fn ready(self: &Arc<Self>) -> Result<(), Error> {
+        if self.ready_now() {
             return Ok(());
         }
         let wait = async {
@@ -314,9 +319,12 @@ impl Balance {
         number: usize,
         deadline: Option<Deadline>,
     ) -> Result<Response<Observed>, Failure> {
-        self.ready()
-            .await
-            .map_err(|e| Failure::Fatal(unavailable(e)))?;
+        if !self.ready_now() {
+            // Only until the first snapshot: boxed, to keep every call's future small.
+            Box::pin(self.ready())
+                .await
+                .map_err(|e| Failure::Fatal(unavailable(e)))?;
+        }
         let number = u32::try_from(number).unwrap_or(u32::MAX);
         let call = CallInfo {
             service: &self.key,

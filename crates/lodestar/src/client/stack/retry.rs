@@ -10,7 +10,7 @@ use tonic::Status;
 
 use super::Call;
 use super::balance::{Balance, Failure};
-use crate::body::RequestBody;
+use crate::body::{RequestBody, RequestError};
 use crate::client::connection::Connection;
 use crate::client::observe::Observed;
 use crate::client::{Error, MethodInfo};
@@ -66,66 +66,87 @@ impl Call<Request<RequestBody>> for Retry {
     type Response = Response<Observed>;
 
     async fn call(&self, request: Request<RequestBody>) -> Result<Self::Response, Status> {
-        let balance = &self.balance;
         let idempotent = request
             .extensions()
             .get::<MethodInfo>()
             .is_some_and(|m| m.idempotent);
         let deadline = request.extensions().get::<Deadline>().copied();
-        // An idempotent unary request is kept, so it can be sent again. Its
-        // body is the encoded message; encoding errors (such as a message
-        // over the send limit, refused before it is encoded) come out here.
-        let (parts, body) = request.into_parts();
-        let mut replay: Option<(http::request::Parts, Bytes, _)> = None;
-        let mut request = if idempotent {
-            let error = body.error().clone();
-            let bytes = body.collect().await?.to_bytes();
-            let body = RequestBody::replay(bytes.clone(), error.clone());
-            replay = Some((clone_parts(&parts), bytes, error));
-            Request::from_parts(parts, body)
+        // An idempotent unary request is kept, so it can be sent again.
+        let (mut request, kept) = if idempotent {
+            let (request, kept) = Kept::new(request).await?;
+            (request, Some(kept))
         } else {
-            Request::from_parts(parts, body)
+            (request, None)
         };
+        if let Some(deadline) = deadline {
+            crate::deadline::set_header(request.headers_mut(), deadline);
+        }
+        match self.balance.attempt(request, &[], 1, deadline).await {
+            Ok(response) => Ok(response),
+            Err(failure) => Box::pin(self.again(failure, kept, deadline)).await,
+        }
+    }
+}
 
-        // Connections already tried (allocates only when a call is retried).
+impl Retry {
+    /// After a failed first attempt: sends again while that is safe and
+    /// attempts are left.
+    async fn again(
+        &self,
+        mut failure: Failure,
+        kept: Option<Kept>,
+        deadline: Option<Deadline>,
+    ) -> Result<Response<Observed>, Status> {
+        let balance = &self.balance;
         let mut tried: Vec<Arc<Connection>> = Vec::new();
         let mut last_error: Option<(String, String)> = None;
-        for number in 1..=self.params.max_attempts {
-            if let Some(deadline) = deadline {
-                crate::deadline::set_header(request.headers_mut(), deadline);
-            }
-            let failure = match balance.attempt(request, &tried, number, deadline).await {
-                Ok(response) => return Ok(response),
-                Err(Failure::NoEndpoint) => break,
-                Err(Failure::Fatal(status)) => return Err(status),
-                Err(Failure::Attempt(failure)) => failure,
+        for number in 2..=self.params.max_attempts {
+            let failed = match failure {
+                Failure::NoEndpoint => break,
+                Failure::Fatal(status) => return Err(status),
+                Failure::Attempt(failed) => failed,
             };
             let same_endpoint = matches!(
-                failure.leftover,
+                failed.leftover,
                 Leftover::Untouched {
                     same_endpoint: true,
                     ..
                 }
             );
             if !same_endpoint {
-                tried.push(failure.connection.clone());
+                tried.push(failed.connection.clone());
             }
-            request = match failure.leftover {
+            let mut request = match failed.leftover {
                 // Never sent: the caller's body, and its live per-message
                 // choices, are still ahead.
                 Leftover::Untouched { request, .. } => request,
-                Leftover::Replay => match &replay {
-                    Some((parts, bytes, error)) => Request::from_parts(
-                        clone_parts(parts),
-                        RequestBody::replay(bytes.clone(), error.clone()),
-                    ),
-                    None => return Err(Status::unavailable(failure.message)),
+                Leftover::Replay => match &kept {
+                    Some(kept) => kept.request(),
+                    None => return Err(Status::unavailable(failed.message)),
                 },
                 Leftover::Fail(status) => return Err(status),
             };
-            tracing::debug!(service = %balance.key, address = %failure.address,
-                error = %failure.message, "sending again");
-            last_error = Some((failure.address, failure.message));
+            tracing::debug!(service = %balance.key, address = %failed.address,
+                error = %failed.message, "sending again");
+            last_error = Some((failed.address, failed.message));
+            if let Some(deadline) = deadline {
+                crate::deadline::set_header(request.headers_mut(), deadline);
+            }
+            failure = match balance.attempt(request, &tried, number, deadline).await {
+                Ok(response) => return Ok(response),
+                Err(failure) => failure,
+            };
+        }
+        // Out of attempts, or of endpoints: the last failure is the answer.
+        match failure {
+            Failure::Fatal(status) => return Err(status),
+            Failure::Attempt(failed) => {
+                if let Leftover::Fail(status) = failed.leftover {
+                    return Err(status);
+                }
+                last_error = Some((failed.address, failed.message));
+            }
+            Failure::NoEndpoint => {}
         }
         Err(super::balance::unavailable(match last_error {
             None => Error::NoInstances {
@@ -140,12 +161,59 @@ impl Call<Request<RequestBody>> for Retry {
     }
 }
 
+/// The kept copy of an idempotent request: its message, encoded, and its
+/// head, to send again.
+struct Kept {
+    parts: http::request::Parts,
+    message: Bytes,
+    error: RequestError,
+}
+
+impl Kept {
+    /// Reads the request's one message. Encoding errors (such as a message
+    /// over the send limit, refused before it is encoded) come out here.
+    /// Returns the request to send first, and the copy.
+    async fn new(request: Request<RequestBody>) -> Result<(Request<RequestBody>, Self), Status> {
+        let (parts, mut body) = request.into_parts();
+        let error = body.error().clone();
+        // Read frame by frame: a unary request is one data frame, kept as
+        // it is (collecting into a list of buffers would allocate).
+        let mut message = Bytes::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue; // a request has no trailers to keep
+            };
+            message = if message.is_empty() {
+                data
+            } else {
+                [message, data].concat().into()
+            };
+        }
+        let kept = Self {
+            parts: clone_parts(&parts),
+            message,
+            error,
+        };
+        let first = RequestBody::replay(kept.message.clone(), kept.error.clone());
+        Ok((Request::from_parts(parts, first), kept))
+    }
+
+    /// A copy to send.
+    fn request(&self) -> Request<RequestBody> {
+        Request::from_parts(
+            clone_parts(&self.parts),
+            RequestBody::replay(self.message.clone(), self.error.clone()),
+        )
+    }
+}
+
+/// A copy of a request's head to send again: what the endpoint and the
+/// connection read (the extensions are not, and cost an allocation each).
 fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     let mut request = Request::new(());
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = parts.uri.clone();
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
-    *request.extensions_mut() = parts.extensions.clone();
     request.into_parts().0
 }
