@@ -911,3 +911,6 @@ async fn a_client_does_not_send_a_malformed_grpc_timeout() {
         .unwrap();
     assert_eq!(world.next_event().await, Event::SleepStarted("sent".into()));
 }
+
+#[path = "calls/server_stack.rs"]
+mod server_stack;
