@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::budget::{ConnectionBudget, ServerBudget};
@@ -255,7 +255,7 @@ async fn run_connection<I>(
     io: I,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     served: Served,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
     peer: Option<std::net::SocketAddr>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -267,24 +267,63 @@ async fn run_connection<I>(
     } = served;
     let connection = http2.serve_connection(io, stack);
     tokio::pin!(connection);
-    // A stall: data held at two checks in a row, and less than
-    // MIN_PROGRESS of it (or of what was held) sent between.
-    let mut stall_check =
-        tokio::time::interval_at(tokio::time::Instant::now() + stall_timeout, stall_timeout);
-    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = (budget.held(), budget.sent());
+    // The drain and stall checks run in a task of their own: this one is
+    // woken for every frame, and then polls only the connection and two
+    // cheap signals (no timer or watch channel to register with again).
+    let (drain_tx, mut drained) = oneshot::channel();
+    let (cut_tx, mut cut) = oneshot::channel();
+    let watcher = tokio::spawn(watch_connection(
+        drain,
+        budget,
+        stall_timeout,
+        peer,
+        drain_tx,
+        cut_tx,
+    ));
+    let _watcher = AbortOnDrop(watcher);
     let mut draining = false;
     loop {
         tokio::select! {
+            biased;
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, draining, "connection ended with an error");
                 }
                 return;
             }
-            _ = drain.wait_for(|d| *d), if !draining => {
+            _ = &mut drained, if !draining => {
                 connection.as_mut().graceful_shutdown();
                 draining = true;
+            }
+            Ok(()) = &mut cut => return,
+        }
+    }
+}
+
+/// Watches a connection for the server's drain and for a stalled client:
+/// says `drain` when the server stops, and `cut` when the client has read
+/// too little of its responses for a `stall_timeout`.
+async fn watch_connection(
+    mut drain: watch::Receiver<bool>,
+    budget: Arc<ConnectionBudget>,
+    stall_timeout: Duration,
+    peer: Option<std::net::SocketAddr>,
+    drain_tx: oneshot::Sender<()>,
+    cut_tx: oneshot::Sender<()>,
+) {
+    // A stall: data held at two checks in a row, and less than
+    // MIN_PROGRESS of it (or of what was held) sent between.
+    let mut stall_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + stall_timeout, stall_timeout);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (budget.held(), budget.sent());
+    let mut drain_tx = Some(drain_tx);
+    loop {
+        tokio::select! {
+            _ = drain.wait_for(|d| *d), if drain_tx.is_some() => {
+                if let Some(drain_tx) = drain_tx.take() {
+                    let _ = drain_tx.send(());
+                }
             }
             _ = stall_check.tick() => {
                 let now = (budget.held(), budget.sent());
@@ -296,10 +335,20 @@ async fn run_connection<I>(
                 if last.0 > 0 && now.0 > 0 && sent < needed as u64 {
                     tracing::info!(?peer, held = now.0, sent, ?stall_timeout,
                         "closing a connection whose client reads too little of its responses");
+                    let _ = cut_tx.send(());
                     return;
                 }
                 last = now;
             }
         }
+    }
+}
+
+/// Aborts a task when dropped (its connection ended).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -63,7 +63,9 @@ type Hook = Box<dyn FnOnce(&CallOutcome<'_>) + Send>;
 pub struct CallEnd(Arc<Shared>);
 
 struct Shared {
-    started: Instant,
+    /// When the first hook was registered: the clock is read only for a
+    /// call someone watches.
+    started: std::sync::OnceLock<Instant>,
     hooks: Mutex<Hooks>,
 }
 
@@ -78,7 +80,7 @@ enum Hooks {
 impl std::fmt::Debug for CallEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallEnd")
-            .field("elapsed", &self.elapsed())
+            .field("elapsed", &self.0.started.get().map(Instant::elapsed))
             .finish_non_exhaustive()
     }
 }
@@ -87,7 +89,7 @@ impl CallEnd {
     /// The handle of a call that starts now.
     pub(crate) fn start() -> Self {
         Self(Arc::new(Shared {
-            started: Instant::now(),
+            started: std::sync::OnceLock::new(),
             hooks: Mutex::new(Hooks::Open {
                 hooks: Vec::new(),
                 abandoned: false,
@@ -98,14 +100,17 @@ impl CallEnd {
     /// Calls `hook` with the call's final outcome when it ends. A hook
     /// registered after the end is dropped without being called.
     pub fn on_end(&self, hook: impl FnOnce(&CallOutcome<'_>) + Send + 'static) {
+        self.0.started.get_or_init(Instant::now);
         if let Hooks::Open { hooks, .. } = &mut *self.lock() {
             hooks.push(Box::new(hook));
         }
     }
 
-    /// Time since the call reached the server's layers.
+    /// Time since the first hook was registered (or since this was first
+    /// asked, if none was): a layer that registers as the call reaches it
+    /// measures the call from there to its end.
     pub fn elapsed(&self) -> Duration {
-        self.0.started.elapsed()
+        self.0.started.get_or_init(Instant::now).elapsed()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Hooks> {
@@ -198,7 +203,8 @@ impl<'a> CallOutcome<'a> {
         }
     }
 
-    /// Time from the call reaching the server's layers to its end.
+    /// Time from the first hook's registration to the call's end (see
+    /// [`CallEnd::elapsed`]).
     pub fn elapsed(&self) -> Duration {
         self.elapsed
     }
