@@ -112,13 +112,14 @@ fn recording(
             .get::<CallEnd>()
             .expect("every request carries a CallEnd");
         let seen = seen.clone();
-        end.on_end(move |outcome| {
+        let registered = end.on_end(move |outcome| {
             let _ = seen.send(Seen::Ended(
                 path,
                 outcome.code(),
                 outcome.message().into_owned(),
             ));
         });
+        assert!(registered, "a layer's call runs on the call's task");
         request
     })
 }

@@ -1,7 +1,7 @@
 //! [`CallEnd`]: how a layer learns each call's final gRPC status.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::cell::RefCell;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -27,20 +27,28 @@ type Hook = Box<dyn FnOnce(&CallOutcome<'_>) + Send>;
 /// * `RESOURCE_EXHAUSTED` when a response does not fit the unsent-byte
 ///   budget ([`ConnectionLimits`](super::ConnectionLimits)).
 ///
-/// Metrics, outlier, logging and load-shedding layers build on it. Hooks run
-/// on the task that serves the call, at its end: they should be quick and
-/// must not panic. Registering nothing costs nothing beyond the handle
-/// itself (one small allocation per call).
+/// Metrics, outlier, logging and load-shedding layers build on it. A call
+/// that nobody watches costs nothing: no allocation, no clock read. Hooks
+/// run on the task that serves the call, at its end: they should be quick
+/// and must not panic.
+///
+/// A hook is registered with the call being served on the current task:
+/// from a layer's `call`, or while its future or response body is polled.
+/// (A layer that hands calls to another task, such as tower's `Buffer`,
+/// cannot register from there: [`on_end`](Self::on_end) says so.)
 ///
 /// ```
 /// use std::task::{Context, Poll};
 /// use lodestar::server::{CallEnd, RequestBody};
 ///
-/// /// Counts the calls that end with each code.
+/// /// Logs how each call ended.
 /// #[derive(Clone)]
-/// struct Count<S>(S);
+/// struct Log<S>(S);
 ///
-/// impl<S: tower_service::Service<http::Request<RequestBody>>> tower_service::Service<http::Request<RequestBody>> for Count<S> {
+/// impl<S> tower_service::Service<http::Request<RequestBody>> for Log<S>
+/// where
+///     S: tower_service::Service<http::Request<RequestBody>>,
+/// {
 ///     type Response = S::Response;
 ///     type Error = S::Error;
 ///     type Future = S::Future;
@@ -50,89 +58,92 @@ type Hook = Box<dyn FnOnce(&CallOutcome<'_>) + Send>;
 ///     }
 ///
 ///     fn call(&mut self, request: http::Request<RequestBody>) -> S::Future {
+///         let path = request.uri().path().to_owned();
 ///         if let Some(end) = request.extensions().get::<CallEnd>() {
-///             end.on_end(|outcome| {
-///                 println!("{:?} after {:?}: {}", outcome.code(), outcome.elapsed(), outcome.message());
+///             end.on_end(move |outcome| {
+///                 println!("{path}: {:?} after {:?}: {}", outcome.code(), outcome.elapsed(), outcome.message());
 ///             });
 ///         }
 ///         self.0.call(request)
 ///     }
 /// }
 /// ```
-#[derive(Clone)]
-pub struct CallEnd(Arc<Shared>);
-
-struct Shared {
-    /// When the first hook was registered: the clock is read only for a
-    /// call someone watches.
-    started: std::sync::OnceLock<Instant>,
-    hooks: Mutex<Hooks>,
-}
-
-enum Hooks {
-    /// The call goes on; these wait for its end. `abandoned`: the client
-    /// went away, so the call ends `CANCELLED` whatever the handler says.
-    Open { hooks: Vec<Hook>, abandoned: bool },
-    /// The call has ended; a hook registered now is dropped uncalled.
-    Ended,
-}
-
-impl std::fmt::Debug for CallEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CallEnd")
-            .field("elapsed", &self.0.started.get().map(Instant::elapsed))
-            .finish_non_exhaustive()
-    }
+#[derive(Debug, Clone, Copy)]
+pub struct CallEnd {
+    _private: (),
 }
 
 impl CallEnd {
-    /// The handle of a call that starts now.
-    pub(crate) fn start() -> Self {
-        Self(Arc::new(Shared {
-            started: std::sync::OnceLock::new(),
-            hooks: Mutex::new(Hooks::Open {
-                hooks: Vec::new(),
-                abandoned: false,
-            }),
-        }))
+    /// The handle requests carry.
+    pub(crate) const HANDLE: CallEnd = CallEnd { _private: () };
+
+    /// Calls `hook` with the final outcome of the call being served on
+    /// this task, when it ends. Returns whether it was registered: it is
+    /// not outside the task serving a call (see above).
+    pub fn on_end(&self, hook: impl FnOnce(&CallOutcome<'_>) + Send + 'static) -> bool {
+        CURRENT.with(|current| match current.borrow_mut().as_mut() {
+            Some(call) => {
+                call.started.get_or_insert_with(Instant::now);
+                call.hooks.push(Box::new(hook));
+                true
+            }
+            None => false,
+        })
+    }
+}
+
+thread_local! {
+    /// The call whose futures or body this thread is polling, if any.
+    static CURRENT: RefCell<Option<Call>> = const { RefCell::new(None) };
+}
+
+/// One call's hooks, held by the status layer's future and then its
+/// response body, and current while they poll the layers below.
+#[derive(Default)]
+pub(crate) struct Call {
+    hooks: Vec<Hook>,
+    /// When the first hook was registered.
+    started: Option<Instant>,
+    /// The client went away: the call ends `CANCELLED`, whatever the
+    /// handler answers.
+    abandoned: bool,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("hooks", &self.hooks.len())
+            .field("abandoned", &self.abandoned)
+            .finish()
+    }
+}
+
+impl Call {
+    /// Runs `f` with this call current on this thread (a few moves, no
+    /// allocation); the call before it is current again after.
+    pub(crate) fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let outer = CURRENT.with(|current| current.replace(Some(std::mem::take(self))));
+        let _restore = Restore { call: self, outer };
+        f()
     }
 
-    /// Calls `hook` with the call's final outcome when it ends. A hook
-    /// registered after the end is dropped without being called.
-    pub fn on_end(&self, hook: impl FnOnce(&CallOutcome<'_>) + Send + 'static) {
-        self.0.started.get_or_init(Instant::now);
-        if let Hooks::Open { hooks, .. } = &mut *self.lock() {
-            hooks.push(Box::new(hook));
-        }
-    }
-
-    /// Time since the first hook was registered (or since this was first
-    /// asked, if none was): a layer that registers as the call reaches it
-    /// measures the call from there to its end.
-    pub fn elapsed(&self) -> Duration {
-        self.0.started.get_or_init(Instant::now).elapsed()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Hooks> {
-        self.0.hooks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The client went away (reset the stream, or the connection was
-    /// lost): the call ends `CANCELLED`, whatever the handler answers.
-    pub(crate) fn abandon(&self) {
-        if let Hooks::Open { abandoned, .. } = &mut *self.lock() {
-            *abandoned = true;
-        }
+    /// The client of the call current on this thread went away (it reset
+    /// the stream, or the connection was lost).
+    pub(crate) fn abandon_current() {
+        CURRENT.with(|current| {
+            if let Some(call) = current.borrow_mut().as_mut() {
+                call.abandoned = true;
+            }
+        });
     }
 
     /// Ends the call: runs the hooks with the outcome `outcome` describes
     /// (worked out only if some hook waits for it).
-    pub(crate) fn end<'a>(&self, outcome: impl FnOnce() -> (Code, Message<'a>)) {
-        let (hooks, abandoned) = match std::mem::replace(&mut *self.lock(), Hooks::Ended) {
-            Hooks::Open { hooks, abandoned } if !hooks.is_empty() => (hooks, abandoned),
-            _ => return,
-        };
-        let (code, message) = if abandoned {
+    pub(crate) fn end<'a>(self, outcome: impl FnOnce() -> (Code, Message<'a>)) {
+        if self.hooks.is_empty() {
+            return;
+        }
+        let (code, message) = if self.abandoned {
             (Code::Cancelled, Message::Text(CANCELLED))
         } else {
             outcome()
@@ -140,22 +151,36 @@ impl CallEnd {
         let outcome = CallOutcome {
             code,
             message,
-            elapsed: self.elapsed(),
+            elapsed: self.started.map(|s| s.elapsed()).unwrap_or_default(),
         };
-        for hook in hooks {
+        for hook in self.hooks {
             hook(&outcome);
         }
     }
 
     /// Ends the call with the status that `headers` (a trailers-only
     /// response's headers, or trailers) carry.
-    pub(crate) fn end_with_headers(&self, headers: &HeaderMap) {
+    pub(crate) fn end_with_headers(self, headers: &HeaderMap) {
         self.end(|| (code_in(headers), Message::Headers(headers)));
     }
 
     /// Ends the call with `status`.
-    pub(crate) fn end_with_status(&self, status: &tonic::Status) {
+    pub(crate) fn end_with_status(self, status: &tonic::Status) {
         self.end(|| (status.code(), Message::Text(status.message())));
+    }
+}
+
+/// Puts a call back where it was entered from, even if polling panicked.
+struct Restore<'a> {
+    call: &'a mut Call,
+    outer: Option<Call>,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        let outer = self.outer.take();
+        let call = CURRENT.with(|current| current.replace(outer));
+        *self.call = call.unwrap_or_default();
     }
 }
 
@@ -203,8 +228,8 @@ impl<'a> CallOutcome<'a> {
         }
     }
 
-    /// Time from the first hook's registration to the call's end (see
-    /// [`CallEnd::elapsed`]).
+    /// Time from the registration of the call's first hook (as the call
+    /// reached the layer that registered it) to the call's end.
     pub fn elapsed(&self) -> Duration {
         self.elapsed
     }

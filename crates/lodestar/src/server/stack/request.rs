@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::call_end::CallEnd;
+use super::call_end::Call;
 use super::{codec, deadline};
 use crate::body::{CallBody, Side};
 
@@ -29,8 +29,6 @@ pin_project_lite::pin_project! {
         inner: CallBody<Incoming>,
         // What the layers below the user's decided for the response.
         pub(super) plan: Plan,
-        // Told when the client goes away while the handler reads.
-        end: Option<CallEnd>,
         // Whether the call is JSON (`application/grpc+json`).
         pub(super) json: bool,
     }
@@ -45,11 +43,10 @@ impl std::fmt::Debug for RequestBody {
 }
 
 impl RequestBody {
-    pub(super) fn new(inner: Incoming, end: CallEnd, json: bool) -> Self {
+    pub(super) fn new(inner: Incoming, json: bool) -> Self {
         Self {
             inner: CallBody::new(inner, None, Side::Received, None),
             plan: Plan::default(),
-            end: Some(end),
             json,
         }
     }
@@ -76,9 +73,7 @@ impl Body for RequestBody {
             // Not a limit of ours: the stream was reset, or the
             // connection lost. Whatever the handler answers now, the
             // client is gone.
-            if let Some(end) = this.end.take() {
-                end.abandon();
-            }
+            Call::abandon_current();
         }
         Poll::Ready(frame)
     }

@@ -1,5 +1,7 @@
 //! The status layer: every call ends with a proper gRPC status, and the
-//! [`CallEnd`] hooks learn which.
+//! [`CallEnd`] hooks learn which: the status layer's future, then its
+//! response body, hold the call's hooks, and make the call current while
+//! they poll the layers below (so that those can register).
 //!
 //! The layers below it (the user's, then lodestar's) may fail with an
 //! error instead of a response; it becomes a trailers-only response with a
@@ -18,7 +20,7 @@ use tower::{BoxError, Layer, Service};
 
 use hyper::body::Incoming;
 
-use super::call_end::CallEnd;
+use super::call_end::{Call, CallEnd};
 use super::request::RequestBody;
 use super::{GRPC_STATUS, ResponseBody, reject};
 use crate::codec as json;
@@ -68,12 +70,11 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let json = json::is_json(request.headers());
-        let end = CallEnd::start();
-        let mut request = request.map(|body| RequestBody::new(body, end.clone(), json));
-        request.extensions_mut().insert(end.clone());
+        let mut request = request.map(|body| RequestBody::new(body, json));
+        request.extensions_mut().insert(CallEnd::HANDLE);
         StatusFuture {
             inner: self.inner.call(request),
-            end: Unended(Some(end)),
+            call: Unended(Some(Call::default())),
             json,
         }
     }
@@ -84,7 +85,8 @@ pin_project_lite::pin_project! {
     pub(crate) struct StatusFuture<F> {
         #[pin]
         inner: F,
-        end: Unended,
+        // Current while the layers below are polled.
+        call: Unended,
         json: bool,
     }
 }
@@ -98,30 +100,35 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = match ready!(this.inner.poll(cx)) {
+        let mut inner = this.inner;
+        let answer = match this.call.0.as_mut() {
+            Some(call) => call.enter(|| inner.as_mut().poll(cx)),
+            None => inner.poll(cx),
+        };
+        let response = match ready!(answer) {
             Ok(response) => response,
             Err(error) => {
                 let status = status_of(error.into());
-                if let Some(end) = this.end.0.take() {
-                    end.end_with_status(&status);
+                if let Some(call) = this.call.0.take() {
+                    call.end_with_status(&status);
                 }
                 let response = reject(status, *this.json);
                 return Poll::Ready(Ok(response.map(|body| StatusBody {
                     inner: body,
-                    end: Unended(None),
+                    call: Unended(None),
                 })));
             }
         };
-        let mut end = this.end.0.take();
+        let mut call = this.call.0.take();
         // A trailers-only response ends the call here.
         if response.headers().contains_key(&GRPC_STATUS)
-            && let Some(end) = end.take()
+            && let Some(call) = call.take()
         {
-            end.end_with_headers(response.headers());
+            call.end_with_headers(response.headers());
         }
         Poll::Ready(Ok(response.map(|body| StatusBody {
             inner: body,
-            end: Unended(end),
+            call: Unended(call),
         })))
     }
 }
@@ -163,12 +170,12 @@ pub(crate) fn status_of(error: BoxError) -> tonic::Status {
 /// call is then abandoned (the client reset the stream or went away, or
 /// the connection closed) before its status was sent.
 #[derive(Debug)]
-struct Unended(Option<CallEnd>);
+struct Unended(Option<Call>);
 
 impl Drop for Unended {
     fn drop(&mut self) {
-        if let Some(end) = self.0.take() {
-            end.end(|| {
+        if let Some(call) = self.0.take() {
+            call.end(|| {
                 (
                     Code::Cancelled,
                     super::call_end::Message::Text(super::call_end::CANCELLED),
@@ -184,14 +191,15 @@ pin_project_lite::pin_project! {
     pub(crate) struct StatusBody {
         #[pin]
         inner: ResponseBody,
-        end: Unended,
+        // Current while the body below is polled.
+        call: Unended,
     }
 }
 
 impl StatusBody {
-    fn finish(end: &mut Unended, outcome: impl FnOnce(&CallEnd)) {
-        if let Some(end) = end.0.take() {
-            outcome(&end);
+    fn finish(call: &mut Unended, outcome: impl FnOnce(Call)) {
+        if let Some(call) = call.0.take() {
+            outcome(call);
         }
     }
 }
@@ -205,22 +213,23 @@ impl Body for StatusBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if this.end.0.is_none() {
-            return Poll::Ready(frame);
-        }
+        let mut inner = this.inner;
+        let Some(call) = this.call.0.as_mut() else {
+            return inner.poll_frame(cx);
+        };
+        let frame = ready!(call.enter(|| inner.as_mut().poll_frame(cx)));
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    Self::finish(this.end, |end| end.end_with_headers(trailers));
+                    Self::finish(this.call, |call| call.end_with_headers(trailers));
                 }
             }
             Some(Err(error)) => {
                 // HTTP/2 resets the stream; the client sees an internal error.
                 let status = tonic::Status::internal(format!("the response failed: {error}"));
-                Self::finish(this.end, |end| end.end_with_status(&status));
+                Self::finish(this.call, |call| call.end_with_status(&status));
             }
-            None => Self::finish(this.end, |end| end.end_with_headers(&HeaderMap::new())),
+            None => Self::finish(this.call, |call| call.end_with_headers(&HeaderMap::new())),
         }
         Poll::Ready(frame)
     }
@@ -236,6 +245,6 @@ impl Body for StatusBody {
 
 impl EndsCall for StatusBody {
     fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
-        Self::finish(self.project().end, |end| end.end_with_status(status));
+        Self::finish(self.project().call, |call| call.end_with_status(status));
     }
 }
