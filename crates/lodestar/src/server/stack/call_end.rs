@@ -81,26 +81,29 @@ impl CallEnd {
     /// this task, when it ends. Returns whether it was registered: it is
     /// not outside the task serving a call (see above).
     pub fn on_end(&self, hook: impl FnOnce(&CallOutcome<'_>) + Send + 'static) -> bool {
-        CURRENT.with(|current| match current.borrow_mut().as_mut() {
-            Some(call) => {
-                call.started.get_or_insert_with(Instant::now);
-                call.hooks.push(Box::new(hook));
-                true
+        CURRENT.with(|current| {
+            let mut call = current.borrow_mut();
+            if !call.active {
+                return false;
             }
-            None => false,
+            call.started.get_or_insert_with(Instant::now);
+            call.hooks.push(Box::new(hook));
+            true
         })
     }
 }
 
 thread_local! {
-    /// The call whose futures or body this thread is polling, if any.
-    static CURRENT: RefCell<Option<Call>> = const { RefCell::new(None) };
+    /// The call whose futures or body this thread is polling (inactive if
+    /// none).
+    static CURRENT: RefCell<Call> = const { RefCell::new(Call::INACTIVE) };
 }
 
 /// One call's hooks, held by the status layer's future and then its
 /// response body, and current while they poll the layers below.
-#[derive(Default)]
 pub(crate) struct Call {
+    /// Whether this is a call (rather than the place of none).
+    active: bool,
     hooks: Vec<Hook>,
     /// When the first hook was registered.
     started: Option<Instant>,
@@ -119,11 +122,26 @@ impl std::fmt::Debug for Call {
 }
 
 impl Call {
-    /// Runs `f` with this call current on this thread (a few moves, no
-    /// allocation); the call before it is current again after.
+    const INACTIVE: Call = Call {
+        active: false,
+        hooks: Vec::new(),
+        started: None,
+        abandoned: false,
+    };
+
+    /// A call that starts now.
+    pub(crate) fn new() -> Self {
+        Self {
+            active: true,
+            ..Self::INACTIVE
+        }
+    }
+
+    /// Runs `f` with this call current on this thread (two swaps, no
+    /// allocation); the call before it (or none) is current again after.
     pub(crate) fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        let outer = CURRENT.with(|current| current.replace(Some(std::mem::take(self))));
-        let _restore = Restore { call: self, outer };
+        CURRENT.with(|current| std::mem::swap(&mut *current.borrow_mut(), self));
+        let _restore = Restore(self);
         f()
     }
 
@@ -131,7 +149,8 @@ impl Call {
     /// the stream, or the connection was lost).
     pub(crate) fn abandon_current() {
         CURRENT.with(|current| {
-            if let Some(call) = current.borrow_mut().as_mut() {
+            let mut call = current.borrow_mut();
+            if call.active {
                 call.abandoned = true;
             }
         });
@@ -170,17 +189,13 @@ impl Call {
     }
 }
 
-/// Puts a call back where it was entered from, even if polling panicked.
-struct Restore<'a> {
-    call: &'a mut Call,
-    outer: Option<Call>,
-}
+/// Swaps a call back out of the thread's current one, even if polling
+/// panicked.
+struct Restore<'a>(&'a mut Call);
 
 impl Drop for Restore<'_> {
     fn drop(&mut self) {
-        let outer = self.outer.take();
-        let call = CURRENT.with(|current| current.replace(outer));
-        *self.call = call.unwrap_or_default();
+        CURRENT.with(|current| std::mem::swap(&mut *current.borrow_mut(), self.0));
     }
 }
 

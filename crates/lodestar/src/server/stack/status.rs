@@ -74,7 +74,7 @@ where
         request.extensions_mut().insert(CallEnd::HANDLE);
         StatusFuture {
             inner: self.inner.call(request),
-            call: Unended(Some(Call::default())),
+            call: Unended(Some(Call::new())),
             json,
         }
     }
