@@ -254,6 +254,21 @@ impl Echo for Scripted {
     }
 }
 
+/// Every reply of a streamed response, and how the stream ended.
+async fn collect_replies(
+    response: Result<Response<Streaming<EchoReply>>, Status>,
+) -> (Vec<EchoReply>, Option<Code>) {
+    let mut stream = response.unwrap().into_inner();
+    let mut replies = Vec::new();
+    while let Some(reply) = bounded("the next reply", stream.next()).await {
+        match reply {
+            Ok(reply) => replies.push(reply),
+            Err(status) => return (replies, Some(status.code())),
+        }
+    }
+    (replies, None)
+}
+
 fn message(text: &str) -> EchoRequest {
     EchoRequest {
         message: text.into(),
@@ -432,30 +447,15 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
     assert_eq!(ended(&mut seen, "Unary").await, own);
 
     let stream = stream_request("s", 2, Duration::ZERO);
-    let replies: Vec<_> = e
-        .server_stream(stream)
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    assert!(replies.iter().all(Result::is_ok), "{replies:?}");
+    let (replies, end) = collect_replies(e.server_stream(stream).await).await;
+    assert_eq!((replies.len(), end), (2, None));
     assert_eq!(ended(&mut seen, "ServerStream").await.0, Code::Ok);
     let stream = StreamRequest {
         token: "fail".into(),
         ..stream_request("s", 2, Duration::ZERO)
     };
-    let replies: Vec<_> = e
-        .server_stream(stream)
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    assert_eq!(
-        replies.last().unwrap().as_ref().unwrap_err().code(),
-        Code::Aborted
-    );
+    let (replies, end) = collect_replies(e.server_stream(stream).await).await;
+    assert_eq!(end, Some(Code::Aborted), "{replies:?}");
     assert_eq!(ended(&mut seen, "ServerStream").await, own);
 
     e.client_stream(tokio_stream::iter([message("a"), message("b")]))
@@ -467,26 +467,15 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
         .unwrap_err();
     assert_eq!(ended(&mut seen, "ClientStream").await, own);
 
-    let replies: Vec<_> = e
-        .bidi(tokio_stream::iter([message("a")]))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    assert_eq!(replies.len(), 1);
+    let (replies, end) = collect_replies(e.bidi(tokio_stream::iter([message("a")])).await).await;
+    assert_eq!((replies.len(), end), (1, None));
     assert_eq!(ended(&mut seen, "Bidi").await.0, Code::Ok);
-    let replies: Vec<_> = e
-        .bidi(tokio_stream::iter([message("a"), message("fail")]))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    assert_eq!(
-        replies.last().unwrap().as_ref().unwrap_err().code(),
-        Code::Aborted
-    );
+    let (replies, end) = collect_replies(
+        e.bidi(tokio_stream::iter([message("a"), message("fail")]))
+            .await,
+    )
+    .await;
+    assert_eq!(end, Some(Code::Aborted), "{replies:?}");
     assert_eq!(ended(&mut seen, "Bidi").await, own);
     calls += 8;
 
