@@ -21,7 +21,8 @@ const MIN_PROGRESS: usize = 64 * 1024;
 
 /// Limits on what clients may cost a server through its connections: how
 /// many connections, and how much response data it holds for clients that
-/// do not read it. Set with [`ServiceBuilder::connection_limits`].
+/// do not read it. Set with
+/// [`ServiceBuilder::connection_limits`](crate::ServiceBuilder::connection_limits).
 ///
 /// Response data is counted from the moment a handler's body yields it
 /// until HTTP/2 has written it to the socket, so a client that stops
@@ -47,7 +48,7 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Response bytes one connection may hold unsent. A response message
     /// that does not fit ends its call with `RESOURCE_EXHAUSTED`. Keep it
-    /// above the send limit ([`MessageLimits`]), or messages that large can
+    /// above the send limit ([`MessageLimits`](crate::MessageLimits)), or messages that large can
     /// never be sent. Default: 32 MiB (eight 4 MiB messages).
     pub max_unsent_bytes_per_connection: usize,
     /// Response bytes all connections together may hold unsent; past it, as

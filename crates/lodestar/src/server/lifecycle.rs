@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use tokio::sync::broadcast;
 
-/// The steps of a service's life, in order. See the [module docs](self).
+/// The steps of a service's life, in order. See the [module docs](crate::server).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Lifecycle {
@@ -58,7 +58,7 @@ impl Announcer {
 }
 
 /// The [`Lifecycle`] events of a service: every step so far, then each new
-/// one as it happens. From [`RunningService::lifecycle`].
+/// one as it happens. From [`RunningService::lifecycle`](crate::RunningService::lifecycle).
 #[derive(Debug)]
 pub struct LifecycleEvents {
     past: std::collections::VecDeque<Lifecycle>,

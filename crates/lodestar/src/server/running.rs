@@ -59,7 +59,7 @@ impl RunningService {
         self.events.subscribe()
     }
 
-    /// Shuts down gracefully; see the [module docs](self) for the order.
+    /// Shuts down gracefully; see the [module docs](crate::server) for the order.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         let key = self.instance.key.clone();
         tracing::info!(service = %key, instance = %self.instance.id, "shutting down");

@@ -25,7 +25,7 @@ type Hook = Box<dyn FnOnce(&CallOutcome<'_>) + Send>;
 /// * the status a layer's error was mapped to (see
 ///   [`ServiceBuilder::layer`](crate::ServiceBuilder::layer));
 /// * `RESOURCE_EXHAUSTED` when a response does not fit the unsent-byte
-///   budget ([`ConnectionLimits`](super::ConnectionLimits)).
+///   budget ([`ConnectionLimits`](crate::server::ConnectionLimits)).
 ///
 /// Metrics, outlier, logging and load-shedding layers build on it. A call
 /// that nobody watches costs nothing: no allocation, no clock read. Hooks
