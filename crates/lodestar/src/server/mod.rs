@@ -15,6 +15,19 @@
 //!    service exits.
 //!
 //! Each step is announced as a [`Lifecycle`] event.
+//!
+//! Every call goes through the server stack, outermost first: the
+//! connection's unsent-byte budget ([`ConnectionLimits`]), the caller's
+//! trace context, the status layer (every error becomes a gRPC status;
+//! [`CallEnd`] reports each call's final one), the layers added with
+//! [`ServiceBuilder::layer`], the inbound deadline, the codec (JSON
+//! transcoding, compression), the message size limits, and the routes.
+//!
+//! The modules: `builder` (the settings), `start` (routes, stack, listener,
+//! first registration), `stack` (the layers), `connection` (accepting and
+//! serving connections), `budget`, `registration` (heartbeats),
+//! `running` (the started service and its shutdown), `lifecycle`,
+//! `signal`.
 
 mod budget;
 mod builder;
