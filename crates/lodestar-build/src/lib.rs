@@ -332,7 +332,8 @@ fn method_infos(service: &Service) -> Vec<(String, String)> {
         .methods
         .iter()
         .map(|method| {
-            let anchor = format!("GrpcMethod::new({full_name:?}, {:?})", method.proto_name);
+            // As `GrpcMethod::new(..)`'s arguments read without whitespace.
+            let anchor = format!("{full_name:?},{:?}", method.proto_name);
             // Only a single request message can be kept and sent again.
             let idempotent = !method.client_streaming && is_idempotent(method);
             let info = format!(
@@ -351,19 +352,40 @@ fn add_method_infos(code: &str, infos: &[(String, String)]) -> String {
     let mut code = code.to_owned();
     for (anchor, info) in infos {
         // After the statement that names the method (however it is wrapped).
-        let end = code
-            .find(anchor.as_str())
+        let end = find_grpc_method(&code, anchor)
             .and_then(|at| code[at..].find(';').map(|semicolon| at + semicolon + 1));
         if let Some(end) = end {
             code.insert_str(end, &format!("\n{info}"));
         } else {
             code.push_str(&format!(
                 "\ncompile_error!({:?});\n",
-                format!("lodestar-build: tonic's client code no longer contains `{anchor}`")
+                format!("lodestar-build: tonic's client code no longer names the method `GrpcMethod::new({anchor})`")
             ));
         }
     }
     code
+}
+
+/// Where tonic's client names the method `arguments` (its service and
+/// method names as string literals, `"pkg.Svc","Method"`) with
+/// `GrpcMethod::new(..)`, however the call is wrapped across lines.
+fn find_grpc_method(code: &str, arguments: &str) -> Option<usize> {
+    const CALL: &str = "GrpcMethod::new(";
+    let mut from = 0;
+    while let Some(found) = code[from..].find(CALL) {
+        let at = from + found;
+        let start = at + CALL.len();
+        let end = start + code[start..].find(')')?;
+        let written: String = code[start..end]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        if written.trim_end_matches(',') == arguments {
+            return Some(at);
+        }
+        from = end;
+    }
+    None
 }
 
 /// Rewrites `tonic::` paths in tonic's output to `::lodestar::codegen::tonic::`,
@@ -407,27 +429,21 @@ mod tests {
             self.inner.unary(req, path, codec).await
             req.extensions_mut()
                 .insert(
-                    GrpcMethod::new("pkg.Svc", "Put"),
+                    GrpcMethod::new(
+                        "pkg.Svc",
+                        "Put",
+                    ),
                 );
         "#;
         let infos = vec![
-            (
-                "GrpcMethod::new(\"pkg.Svc\", \"Get\")".to_owned(),
-                "GET;".to_owned(),
-            ),
-            (
-                "GrpcMethod::new(\"pkg.Svc\", \"Put\")".to_owned(),
-                "PUT;".to_owned(),
-            ),
+            ("\"pkg.Svc\",\"Get\"".to_owned(), "GET;".to_owned()),
+            ("\"pkg.Svc\",\"Put\"".to_owned(), "PUT;".to_owned()),
         ];
         let out = add_method_infos(code, &infos);
         assert!(out.contains("\"Get\"));\nGET;"), "{out}");
-        assert!(out.contains("\"Put\"),\n                );\nPUT;"), "{out}");
+        assert!(out.contains("),\n                );\nPUT;"), "{out}");
         assert!(!out.contains("compile_error!"));
-        let missing = vec![(
-            "GrpcMethod::new(\"pkg.Svc\", \"Gone\")".to_owned(),
-            String::new(),
-        )];
+        let missing = vec![("\"pkg.Svc\",\"Gone\"".to_owned(), String::new())];
         assert!(add_method_infos(code, &missing).contains("compile_error!"));
     }
 

@@ -914,3 +914,5 @@ async fn a_client_does_not_send_a_malformed_grpc_timeout() {
 
 #[path = "calls/client_stack.rs"]
 mod client_stack;
+#[path = "calls/server_stack.rs"]
+mod server_stack;

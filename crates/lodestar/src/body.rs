@@ -42,20 +42,22 @@ pin_project_lite::pin_project! {
     ///
     /// A body being received fails with the status; a server's response
     /// ends with trailers carrying it.
+    ///
+    /// It is kept small (the parts most calls do not use are boxed), as it
+    /// is moved several times per call.
     pub struct CallBody<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: Option<Sleep>,
+        sleep: Option<Pin<Box<Sleep>>>,
         deadline: Option<Deadline>,
         side: Side,
         limit: Option<FrameLimit>,
         // An error to yield on the next poll, after the data before it.
         pending: Option<tonic::Status>,
         request_error: Option<RequestError>,
-        reframer: Option<Reframer>,
+        reframer: Option<Box<Reframer>>,
         // Extra trailers to merge into the final ones (server responses).
-        trailers: Option<HeaderMap>,
+        trailers: Option<Box<HeaderMap>>,
         done: bool,
     }
 }
@@ -77,7 +79,7 @@ impl<B> CallBody<B> {
     ) -> Self {
         Self {
             inner,
-            sleep: deadline.map(|d| tokio::time::sleep_until(d.instant())),
+            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.instant()))),
             deadline,
             side,
             limit: limit.map(FrameLimit::new),
@@ -90,23 +92,50 @@ impl<B> CallBody<B> {
     }
 
     /// Adds `trailers` to the trailers the response ends with.
-    pub(crate) fn with_trailers(mut self, trailers: Option<HeaderMap>) -> Self {
-        self.trailers = trailers;
-        self
+    pub(crate) fn set_trailers(&mut self, trailers: Option<HeaderMap>) {
+        self.trailers = trailers.map(Box::new);
     }
 
     /// Rewrites the messages that pass (decompress, transcode, compress).
     pub(crate) fn with_reframer(mut self, reframer: Option<Reframer>) -> Self {
-        self.reframer = reframer.filter(Reframer::is_active);
+        self.set_reframer(reframer);
         self
+    }
+
+    /// Rewrites the messages that pass (decompress, transcode, compress).
+    pub(crate) fn set_reframer(&mut self, reframer: Option<Reframer>) {
+        self.reframer = reframer.filter(Reframer::is_active).map(Box::new);
     }
 
     /// Records whether each message that passes was compressed.
     pub(crate) fn with_received_flags(mut self, flags: Option<ReceivedFlags>) -> Self {
-        if let Some(limit) = self.limit.as_mut() {
-            limit.flags = flags;
-        }
+        self.set_received_flags(flags);
         self
+    }
+
+    /// Records whether each message that passes was compressed.
+    pub(crate) fn set_received_flags(&mut self, flags: Option<ReceivedFlags>) {
+        if flags.is_none() && self.limit.is_none() {
+            return;
+        }
+        self.limit
+            .get_or_insert_with(|| FrameLimit::new(usize::MAX))
+            .flags = flags;
+    }
+
+    /// Refuses messages over `limit` bytes (keeping any flags recorded).
+    pub(crate) fn set_limit(&mut self, limit: usize) {
+        self.limit
+            .get_or_insert_with(|| FrameLimit::new(limit))
+            .limit = limit;
+    }
+
+    /// Ends the call at `deadline`, with `sleep` (a timer set for it) as
+    /// the timer if given.
+    pub(crate) fn set_deadline(&mut self, deadline: Deadline, sleep: Option<Pin<Box<Sleep>>>) {
+        self.sleep =
+            Some(sleep.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline.instant()))));
+        self.deadline = Some(deadline);
     }
 
     /// Reports `error`, if set, in place of the error of this body (the
@@ -114,6 +143,14 @@ impl<B> CallBody<B> {
     pub(crate) fn with_request_error(mut self, error: RequestError) -> Self {
         self.request_error = Some(error);
         self
+    }
+}
+
+/// A server's response body as a layer can make one: `http_body_util`
+/// and tonic bodies convert with [`tonic::body::Body::new`] first.
+impl From<tonic::body::Body> for CallBody<tonic::body::Body> {
+    fn from(body: tonic::body::Body) -> Self {
+        Self::new(body, None, Side::ServerResponse, None)
     }
 }
 
@@ -138,8 +175,8 @@ where
             return Poll::Ready(Some(end(*this.side, status)));
         }
         // The deadline first: a body that always has data must still end.
-        if let Some(sleep) = this.sleep.as_mut().as_pin_mut()
-            && sleep.poll(cx).is_ready()
+        if let Some(sleep) = this.sleep.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
         {
             *this.done = true;
             let status = deadline::exceeded("while streaming");
@@ -187,7 +224,7 @@ where
                     if this
                         .reframer
                         .as_ref()
-                        .is_some_and(Reframer::has_partial_frame)
+                        .is_some_and(|r| r.has_partial_frame())
                     {
                         *this.done = true;
                         let status = tonic::Status::internal("the body ended inside a message");
@@ -201,7 +238,7 @@ where
                 Err(frame) => {
                     let frame = match (frame.into_trailers(), this.trailers.take()) {
                         (Ok(mut trailers), Some(extra)) => {
-                            for (name, value) in &extra {
+                            for (name, value) in extra.iter() {
                                 trailers.append(name, value.clone());
                             }
                             Frame::trailers(trailers)

@@ -145,7 +145,7 @@ pub(crate) fn inbound(headers: &HeaderMap) -> Result<Option<Deadline>, tonic::St
 
 /// The `grpc-timeout` of a request, if it has one.
 fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, tonic::Status> {
-    let Some(value) = headers.get(grpc_timeout::HEADER) else {
+    let Some(value) = headers.get(&grpc_timeout::HEADER) else {
         return Ok(None);
     };
     grpc_timeout::parse(value).map(Some).ok_or_else(|| {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-pub(crate) const HEADER: &str = "grpc-timeout";
+pub(crate) const HEADER: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// Parses a `grpc-timeout` value such as `250m` or `3S`.
 pub(crate) fn parse(value: &HeaderValue) -> Option<Duration> {

@@ -8,22 +8,26 @@ use tonic::Status;
 pub(crate) type BoxError = Box<dyn Error + Send + Sync>;
 
 /// The status a caller gets for `error`, returned by a tower layer (the
-/// user's, on either side):
-///
-/// * a [`Status`] is itself;
-/// * `tower::load_shed`'s `Overloaded` is `RESOURCE_EXHAUSTED`;
-/// * `tower::timeout`'s `Elapsed` is `DEADLINE_EXCEEDED`;
-/// * anything else is `UNAVAILABLE`, with the error and its sources as the message.
+/// user's, on either side): a [`Status`] as itself; tower's load shedding
+/// (`Overloaded`) as `RESOURCE_EXHAUSTED` and its timeout (`Elapsed`) as
+/// `DEADLINE_EXCEEDED`; anything else as `UNAVAILABLE`, with the error's
+/// text and its sources'. The first of these found along the error's
+/// source chain decides (layers often wrap the errors of the layers they wrap).
 pub(crate) fn from_layer_error(error: BoxError) -> Status {
-    let error = match error.downcast::<Status>() {
-        Ok(status) => return *status,
-        Err(error) => error,
-    };
-    if error.is::<tower::load_shed::error::Overloaded>() {
-        return Status::resource_exhausted(format!("overloaded: {error}"));
-    }
-    if error.is::<tower::timeout::error::Elapsed>() {
-        return Status::deadline_exceeded(format!("timed out: {error}"));
+    let mut cause: Option<&(dyn Error + 'static)> = Some(&*error);
+    while let Some(e) = cause {
+        if let Some(status) = e.downcast_ref::<Status>() {
+            return status.clone();
+        }
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            return Status::resource_exhausted(
+                "overloaded: a load-shedding layer refused this call; try again later or elsewhere",
+            );
+        }
+        if e.is::<tower::timeout::error::Elapsed>() {
+            return Status::deadline_exceeded("a timeout layer's time limit for this call passed");
+        }
+        cause = e.source();
     }
     Status::unavailable(lodestar_core::error::chain(&*error))
 }

@@ -23,11 +23,17 @@ pub(crate) const CONTENT_TYPE: &str = "application/grpc+json";
 /// Whether `headers` say the messages are JSON (`application/grpc+json`,
 /// parameters allowed).
 pub(crate) fn is_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case(CONTENT_TYPE))
+    let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    // Every call asks: bytes only, no UTF-8 check or splitting.
+    let value = value.as_bytes();
+    let media = value
+        .iter()
+        .position(|b| *b == b';')
+        .map_or(value, |end| &value[..end])
+        .trim_ascii();
+    media.eq_ignore_ascii_case(CONTENT_TYPE.as_bytes())
 }
 
 /// How messages are encoded on the wire.

@@ -12,12 +12,14 @@
 //! The counting is a few atomic operations per chunk and per write, and
 //! allocates nothing: the count travels inside the chunk ([`Sending`]).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::body::status_trailers;
@@ -161,6 +163,46 @@ impl Buf for Sending {
     }
 }
 
+/// A response body that learns when the budget ends its call.
+pub(crate) trait EndsCall {
+    /// The call ends with `status`: the body is not polled again.
+    fn ended(self: Pin<&mut Self>, status: &tonic::Status);
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a call whose response body is counted against its
+    /// connection's budget.
+    pub(crate) struct BudgetFuture<F> {
+        #[pin]
+        inner: F,
+        budget: Option<Arc<ConnectionBudget>>,
+    }
+}
+
+impl<F> BudgetFuture<F> {
+    /// Counts the body of `inner`'s response against `budget`.
+    pub(crate) fn new(inner: F, budget: Arc<ConnectionBudget>) -> Self {
+        Self {
+            inner,
+            budget: Some(budget),
+        }
+    }
+}
+
+impl<F, B, E> Future for BudgetFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Budgeted<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let budget = this.budget.take();
+        Poll::Ready(Ok(response.map(|body| Budgeted::new(body, budget))))
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A response body whose data is counted against its connection's budget.
     pub(crate) struct Budgeted<B> {
@@ -182,7 +224,7 @@ impl<B> Budgeted<B> {
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for Budgeted<B> {
+impl<B: Body<Data = Bytes> + EndsCall> Body for Budgeted<B> {
     type Data = Sending;
     type Error = B::Error;
 
@@ -190,11 +232,11 @@ impl<B: Body<Data = Bytes>> Body for Budgeted<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Sending>, B::Error>>> {
-        let this = self.project();
+        let mut this = self.project();
         if *this.done {
             return Poll::Ready(None);
         }
-        let frame = match std::task::ready!(this.inner.poll_frame(cx)) {
+        let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
             Some(Ok(frame)) => frame,
             Some(Err(error)) => return Poll::Ready(Some(Err(error))),
             None => return Poll::Ready(None),
@@ -205,6 +247,7 @@ impl<B: Body<Data = Bytes>> Body for Budgeted<B> {
                 Err(status) => {
                     // The chunk is dropped here; the call ends with why.
                     *this.done = true;
+                    this.inner.ended(&status);
                     tracing::debug!(error = %status.message(), "response refused");
                     return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))));
                 }

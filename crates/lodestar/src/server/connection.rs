@@ -1,0 +1,355 @@
+//! Connections: the accept loop, the limits on connections, and serving
+//! one connection over HTTP/2 (handshake deadline, stall detection,
+//! graceful drain).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+
+use super::budget::{ConnectionBudget, ServerBudget};
+use super::lifecycle::{Announcer, Lifecycle};
+use super::stack::{ConnectionStack, Stack};
+use crate::io::Rewind;
+
+/// The least a connection holding response data must send per
+/// `stall_timeout` not to count as stalled: 64 KiB (or all it held).
+const MIN_PROGRESS: usize = 64 * 1024;
+
+/// Limits on what clients may cost a server through its connections: how
+/// many connections, and how much response data it holds for clients that
+/// do not read it. Set with
+/// [`ServiceBuilder::connection_limits`](crate::ServiceBuilder::connection_limits).
+///
+/// Response data is counted from the moment a handler's body yields it
+/// until HTTP/2 has written it to the socket, so a client that stops
+/// reading (or never opens its flow-control window) pins at most
+/// `max_unsent_bytes_per_connection`, and all clients together at most
+/// `max_unsent_bytes`. See `docs/limits.md` for every limit.
+///
+/// ```
+/// use std::time::Duration;
+/// use lodestar::server::ConnectionLimits;
+///
+/// let limits = ConnectionLimits {
+///     max_connections: 512,
+///     stall_timeout: Duration::from_secs(10),
+///     ..ConnectionLimits::default()
+/// };
+/// assert_eq!(limits.max_unsent_bytes_per_connection, 32 * 1024 * 1024);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections served at once. One more is accepted and closed at once,
+    /// so its client can try another instance. Default: 4096.
+    pub max_connections: usize,
+    /// Response bytes one connection may hold unsent. A response message
+    /// that does not fit ends its call with `RESOURCE_EXHAUSTED`. Keep it
+    /// above the send limit ([`MessageLimits`](crate::MessageLimits)), or messages that large can
+    /// never be sent. Default: 32 MiB (eight 4 MiB messages).
+    pub max_unsent_bytes_per_connection: usize,
+    /// Response bytes all connections together may hold unsent; past it, as
+    /// above. Default: 256 MiB.
+    pub max_unsent_bytes: usize,
+    /// A connection that holds unsent response data and sends less than
+    /// 64 KiB of it (or less than all it held) in this long is closed (every
+    /// call on it ends), freeing what it holds: a client that takes a byte
+    /// now and then pins the server's budget as surely as one that takes
+    /// nothing. Detected between one and two times this after progress
+    /// stopped. Must be above zero. Default: 30 s.
+    pub stall_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_unsent_bytes_per_connection: 32 * 1024 * 1024,
+            max_unsent_bytes: 256 * 1024 * 1024,
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How connections are served: TLS or not, HTTP/2 settings, and limits.
+pub(crate) struct Connections {
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) http2: crate::Http2Settings,
+    pub(crate) limits: ConnectionLimits,
+}
+
+/// Accepts connections until told to stop, then closes the listener, asks
+/// every connection to finish (GOAWAY), and waits up to `grace` for them.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    stack: Stack,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+    events: Arc<Announcer>,
+    connections: Connections,
+) {
+    let Connections {
+        tls,
+        http2: settings,
+        limits,
+    } = connections;
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .adaptive_window(settings.adaptive_window)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .max_concurrent_streams(settings.max_concurrent_streams);
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let unsent = ServerBudget::new(limits.max_unsent_bytes);
+    // Whether the last connection was refused, to warn once per episode.
+    let mut refusing = false;
+    let stopped = async move {
+        // A dropped sender means the handle was dropped: keep serving.
+        if stop.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Count only connections still open.
+                    while connections.try_join_next().is_some() {}
+                    if connections.len() >= limits.max_connections {
+                        if !refusing {
+                            tracing::warn!(max_connections = limits.max_connections,
+                                "at the connection limit: closing new connections until some end");
+                        }
+                        refusing = true;
+                        tracing::debug!(%peer, "connection refused: at the connection limit");
+                        drop(stream);
+                        continue;
+                    }
+                    refusing = false;
+                    let budget = ConnectionBudget::new(
+                        limits.max_unsent_bytes_per_connection,
+                        unsent.clone(),
+                    );
+                    connections.spawn(serve_connection(
+                        stream,
+                        settings.handshake_timeout,
+                        tls.clone(),
+                        http2.clone(),
+                        Served {
+                            stack: stack.for_connection(budget.clone()),
+                            budget,
+                            stall_timeout: limits.stall_timeout,
+                        },
+                        drain_rx.clone(),
+                    ));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    events.announce(Lifecycle::ListenerClosed);
+    let _ = drain_tx.send(true);
+    let open = connections.len();
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    let cut = match drained {
+        Ok(()) => 0,
+        Err(_) => {
+            let cut = connections.len();
+            tracing::warn!(
+                cut,
+                open,
+                ?grace,
+                "grace period over; cutting the remaining connections"
+            );
+            connections.shutdown().await;
+            cut
+        }
+    };
+    events.announce(Lifecycle::Drained { cut });
+}
+
+/// The client connection preface every HTTP/2 connection starts with.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What serves one connection: the stack for its calls, and the budget it
+/// watches for stalls.
+struct Served {
+    stack: ConnectionStack,
+    budget: Arc<ConnectionBudget>,
+    stall_timeout: Duration,
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    handshake_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    served: Served,
+    drain: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let started = tokio::time::Instant::now() + handshake_timeout;
+    // In the connection's own task, so a slow client holds up no one else;
+    // a client that never finishes its handshake is dropped.
+    let Some(acceptor) = tls else {
+        if let Some(stream) = expect_preface(stream, started, peer).await {
+            run_connection(TokioIo::new(stream), http2, served, drain, peer).await;
+        }
+        return;
+    };
+    let stream = match tokio::time::timeout_at(started, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return tracing::info!(?peer, error = %e, "TLS handshake failed"),
+        Err(_) => {
+            return tracing::info!(?peer, "TLS handshake timed out after {handshake_timeout:?}");
+        }
+    };
+    if let Some(stream) = expect_preface(stream, started, peer).await {
+        run_connection(TokioIo::new(stream), http2, served, drain, peer).await;
+    }
+}
+
+/// Reads the HTTP/2 preface before `deadline` (hyper would wait forever),
+/// and hands back a stream that replays it.
+async fn expect_preface<S>(
+    mut stream: S,
+    deadline: tokio::time::Instant,
+    peer: Option<std::net::SocketAddr>,
+) -> Option<Rewind<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut preface = vec![0u8; PREFACE.len()];
+    match tokio::time::timeout_at(deadline, stream.read_exact(&mut preface)).await {
+        Ok(Ok(_)) => Some(Rewind::new(preface, stream)),
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "connection closed before the HTTP/2 preface");
+            None
+        }
+        Err(_) => {
+            tracing::info!(?peer, "no HTTP/2 preface in time; closing the connection");
+            None
+        }
+    }
+}
+
+async fn run_connection<I>(
+    io: I,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    served: Served,
+    drain: watch::Receiver<bool>,
+    peer: Option<std::net::SocketAddr>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let Served {
+        stack,
+        budget,
+        stall_timeout,
+    } = served;
+    let connection = http2.serve_connection(io, stack);
+    tokio::pin!(connection);
+    // The drain and stall checks run in a task of their own: this one is
+    // woken for every frame, and then polls only the connection and two
+    // cheap signals (no timer or watch channel to register with again).
+    let (drain_tx, mut drained) = oneshot::channel();
+    let (cut_tx, mut cut) = oneshot::channel();
+    let watcher = tokio::spawn(watch_connection(
+        drain,
+        budget,
+        stall_timeout,
+        peer,
+        drain_tx,
+        cut_tx,
+    ));
+    let _watcher = AbortOnDrop(watcher);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            biased;
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, draining, "connection ended with an error");
+                }
+                return;
+            }
+            _ = &mut drained, if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            Ok(()) = &mut cut => return,
+        }
+    }
+}
+
+/// Watches a connection for the server's drain and for a stalled client:
+/// says `drain` when the server stops, and `cut` when the client has read
+/// too little of its responses for a `stall_timeout`.
+async fn watch_connection(
+    mut drain: watch::Receiver<bool>,
+    budget: Arc<ConnectionBudget>,
+    stall_timeout: Duration,
+    peer: Option<std::net::SocketAddr>,
+    drain_tx: oneshot::Sender<()>,
+    cut_tx: oneshot::Sender<()>,
+) {
+    // A stall: data held at two checks in a row, and less than
+    // MIN_PROGRESS of it (or of what was held) sent between.
+    let mut stall_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + stall_timeout, stall_timeout);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (budget.held(), budget.sent());
+    let mut drain_tx = Some(drain_tx);
+    loop {
+        tokio::select! {
+            _ = drain.wait_for(|d| *d), if drain_tx.is_some() => {
+                if let Some(drain_tx) = drain_tx.take() {
+                    let _ = drain_tx.send(());
+                }
+            }
+            _ = stall_check.tick() => {
+                let now = (budget.held(), budget.sent());
+                // A client that takes a trickle (a byte now and then) holds
+                // its budget as surely as one that takes nothing: progress
+                // is at least MIN_PROGRESS, or all that was held.
+                let needed = last.0.min(MIN_PROGRESS);
+                let sent = now.1.saturating_sub(last.1);
+                if last.0 > 0 && now.0 > 0 && sent < needed as u64 {
+                    tracing::info!(?peer, held = now.0, sent, ?stall_timeout,
+                        "closing a connection whose client reads too little of its responses");
+                    let _ = cut_tx.send(());
+                    return;
+                }
+                last = now;
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped (its connection ended).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

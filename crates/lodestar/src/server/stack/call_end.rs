@@ -1,0 +1,251 @@
+//! [`CallEnd`]: how a layer learns each call's final gRPC status.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::time::Instant;
+use tonic::Code;
+
+/// A hook called once, when its call ends.
+type Hook = Box<dyn FnOnce(&CallOutcome<'_>) + Send>;
+
+/// Where a call's end is announced: in the extensions of every request the
+/// server's layers (and handlers) see. A layer registers a hook with
+/// [`on_end`](Self::on_end) and learns the call's **final** status, exactly
+/// once, whatever ends it:
+///
+/// * the handler's status, in the response headers (trailers-only) or in
+///   the trailers after a stream;
+/// * `DEADLINE_EXCEEDED` when the inbound deadline passes, before the
+///   handler answers or while its response streams;
+/// * `CANCELLED` when the client resets the stream, drops the call or the
+///   connection closes, including before the handler answers;
+/// * the status a layer's error was mapped to (see
+///   [`ServiceBuilder::layer`](crate::ServiceBuilder::layer));
+/// * `RESOURCE_EXHAUSTED` when a response does not fit the unsent-byte
+///   budget ([`ConnectionLimits`](crate::server::ConnectionLimits)).
+///
+/// Metrics, outlier, logging and load-shedding layers build on it. A call
+/// that nobody watches costs nothing: no allocation, no clock read. Hooks
+/// run on the task that serves the call, at its end: they should be quick
+/// and must not panic.
+///
+/// A hook is registered with the call being served on the current task:
+/// from a layer's `call`, or while its future or response body is polled.
+/// (A layer that hands calls to another task, such as tower's `Buffer`,
+/// cannot register from there: [`on_end`](Self::on_end) says so.)
+///
+/// ```
+/// use std::task::{Context, Poll};
+/// use lodestar::server::{CallEnd, RequestBody};
+///
+/// /// Logs how each call ended.
+/// #[derive(Clone)]
+/// struct Log<S>(S);
+///
+/// impl<S> tower_service::Service<http::Request<RequestBody>> for Log<S>
+/// where
+///     S: tower_service::Service<http::Request<RequestBody>>,
+/// {
+///     type Response = S::Response;
+///     type Error = S::Error;
+///     type Future = S::Future;
+///
+///     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+///         self.0.poll_ready(cx)
+///     }
+///
+///     fn call(&mut self, request: http::Request<RequestBody>) -> S::Future {
+///         let path = request.uri().path().to_owned();
+///         if let Some(end) = request.extensions().get::<CallEnd>() {
+///             end.on_end(move |outcome| {
+///                 println!("{path}: {:?} after {:?}: {}", outcome.code(), outcome.elapsed(), outcome.message());
+///             });
+///         }
+///         self.0.call(request)
+///     }
+/// }
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct CallEnd {
+    _private: (),
+}
+
+impl CallEnd {
+    /// The handle requests carry.
+    pub(crate) const HANDLE: CallEnd = CallEnd { _private: () };
+
+    /// Calls `hook` with the final outcome of the call being served on
+    /// this task, when it ends. Returns whether it was registered: it is
+    /// not outside the task serving a call (see above).
+    pub fn on_end(&self, hook: impl FnOnce(&CallOutcome<'_>) + Send + 'static) -> bool {
+        CURRENT.with(|current| {
+            let mut call = current.borrow_mut();
+            if !call.active {
+                return false;
+            }
+            call.started.get_or_insert_with(Instant::now);
+            call.hooks.push(Box::new(hook));
+            true
+        })
+    }
+}
+
+thread_local! {
+    /// The call whose futures or body this thread is polling (inactive if
+    /// none).
+    static CURRENT: RefCell<Call> = const { RefCell::new(Call::INACTIVE) };
+}
+
+/// One call's hooks, held by the status layer's future and then its
+/// response body, and current while they poll the layers below.
+pub(crate) struct Call {
+    /// Whether this is a call (rather than the place of none).
+    active: bool,
+    hooks: Vec<Hook>,
+    /// When the first hook was registered.
+    started: Option<Instant>,
+    /// The client went away: the call ends `CANCELLED`, whatever the
+    /// handler answers.
+    abandoned: bool,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("hooks", &self.hooks.len())
+            .field("abandoned", &self.abandoned)
+            .finish()
+    }
+}
+
+impl Call {
+    const INACTIVE: Call = Call {
+        active: false,
+        hooks: Vec::new(),
+        started: None,
+        abandoned: false,
+    };
+
+    /// A call that starts now.
+    pub(crate) fn new() -> Self {
+        Self {
+            active: true,
+            ..Self::INACTIVE
+        }
+    }
+
+    /// Runs `f` with this call current on this thread (two swaps, no
+    /// allocation); the call before it (or none) is current again after.
+    pub(crate) fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        CURRENT.with(|current| std::mem::swap(&mut *current.borrow_mut(), self));
+        let _restore = Restore(self);
+        f()
+    }
+
+    /// The client of the call current on this thread went away (it reset
+    /// the stream, or the connection was lost).
+    pub(crate) fn abandon_current() {
+        CURRENT.with(|current| {
+            let mut call = current.borrow_mut();
+            if call.active {
+                call.abandoned = true;
+            }
+        });
+    }
+
+    /// Ends the call: runs the hooks with the outcome `outcome` describes
+    /// (worked out only if some hook waits for it).
+    pub(crate) fn end<'a>(self, outcome: impl FnOnce() -> (Code, Message<'a>)) {
+        if self.hooks.is_empty() {
+            return;
+        }
+        let (code, message) = if self.abandoned {
+            (Code::Cancelled, Message::Text(CANCELLED))
+        } else {
+            outcome()
+        };
+        let outcome = CallOutcome {
+            code,
+            message,
+            elapsed: self.started.map(|s| s.elapsed()).unwrap_or_default(),
+        };
+        for hook in self.hooks {
+            hook(&outcome);
+        }
+    }
+
+    /// Ends the call with the status that `headers` (a trailers-only
+    /// response's headers, or trailers) carry.
+    pub(crate) fn end_with_headers(self, headers: &HeaderMap) {
+        self.end(|| (code_in(headers), Message::Headers(headers)));
+    }
+
+    /// Ends the call with `status`.
+    pub(crate) fn end_with_status(self, status: &tonic::Status) {
+        self.end(|| (status.code(), Message::Text(status.message())));
+    }
+}
+
+/// Swaps a call back out of the thread's current one, even if polling
+/// panicked.
+struct Restore<'a>(&'a mut Call);
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        CURRENT.with(|current| std::mem::swap(&mut *current.borrow_mut(), self.0));
+    }
+}
+
+/// The message of a call the client abandoned.
+pub(crate) const CANCELLED: &str = "the client went away before the call ended";
+
+/// The code in `headers`' `grpc-status` (`UNKNOWN` if there is none).
+fn code_in(headers: &HeaderMap) -> Code {
+    headers
+        .get(&super::GRPC_STATUS)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Unknown, Code::from_i32)
+}
+
+/// Where a call's status message is, until someone asks for it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Message<'a> {
+    Text(&'a str),
+    /// In `grpc-message`, percent-encoded.
+    Headers(&'a HeaderMap),
+}
+
+/// How a call ended, as [`CallEnd`] hooks see it.
+#[derive(Debug)]
+pub struct CallOutcome<'a> {
+    code: Code,
+    message: Message<'a>,
+    elapsed: Duration,
+}
+
+impl<'a> CallOutcome<'a> {
+    /// The final gRPC status code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The status message (decoded only when asked for).
+    pub fn message(&self) -> Cow<'a, str> {
+        match self.message {
+            Message::Text(text) => Cow::Borrowed(text),
+            Message::Headers(headers) => tonic::Status::from_header_map(headers)
+                .map(|status| Cow::Owned(status.message().to_owned()))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Time from the registration of the call's first hook (as the call
+    /// reached the layer that registered it) to the call's end.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+}

@@ -1,0 +1,158 @@
+//! The server stack: what every call goes through, built in one place.
+//!
+//! Outermost first:
+//!
+//! 1. **budget** (per connection): response data counts against the
+//!    connection's and the server's unsent-byte budgets
+//!    ([`ConnectionLimits`](super::ConnectionLimits); `server/budget.rs`);
+//! 2. **trace**: the caller's W3C trace context is current for the rest
+//!    of the call (`trace.rs`);
+//! 3. **status**: an error of any layer below becomes a proper gRPC status,
+//!    and every call's final status is reported to [`CallEnd`] hooks
+//!    (`status.rs`, `call_end.rs`);
+//! 4. **user layers**, added with
+//!    [`ServiceBuilder::layer`](crate::ServiceBuilder::layer), the first
+//!    added outermost (`user.rs`);
+//! 5. **deadline**: the inbound `grpc-timeout` bounds the handler and its
+//!    response stream (`deadline.rs`);
+//! 6. **codec**: JSON transcoding and response compression (`codec.rs`);
+//! 7. **body limits**: message size limits both ways (`limits.rs`);
+//! 8. **routes**: the services, health and reflection (`routes.rs`).
+//!
+//! Everything is built once when the server starts; each connection gets a
+//! copy, and each call a clone of that copy's reference. Per call, the
+//! only boxed future is the one of the user layers' segment; the request
+//! and response bodies are each wrapped once ([`CallBody`]), every layer
+//! setting its part of that one wrapper.
+
+mod call_end;
+mod codec;
+mod deadline;
+mod limits;
+mod request;
+mod routes;
+mod status;
+mod trace;
+mod user;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use tonic::service::Routes;
+use tower::{Service, ServiceBuilder};
+
+pub use call_end::{CallEnd, CallOutcome};
+pub use request::RequestBody;
+pub use user::Next;
+pub(crate) use user::{Added, UserLayer};
+
+use self::codec::CodecLayer;
+use self::deadline::{DeadlineLayer, DeadlineService};
+use self::limits::{LimitsLayer, LimitsService};
+use self::routes::RoutesService;
+use self::status::{StatusBody, StatusLayer, StatusService};
+use self::trace::{TraceLayer, TraceService};
+use self::user::{Layered, UserLayers};
+use super::budget::{BudgetFuture, Budgeted, ConnectionBudget};
+use crate::MessageLimits;
+use crate::body::{CallBody, Side};
+use crate::codec::Descriptors;
+use crate::compression::Encoding;
+
+/// The body of a response as the server's layers see it: the handler's,
+/// wrapped once for the deadline, the message limits and the codec. A
+/// layer that answers by itself makes one from a `tonic::body::Body`
+/// (`ResponseBody::from`), or fails with a [`tonic::Status`] instead.
+pub type ResponseBody = CallBody<tonic::body::Body>;
+
+/// The header of a trailers-only response's (or the trailers') status.
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// lodestar's layers below the user's.
+type Core = DeadlineService<self::codec::CodecService<LimitsService<RoutesService>>>;
+type CoreFuture = self::routes::RoutesFuture;
+
+/// The server's settings the stack applies.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) limits: MessageLimits,
+    pub(crate) send_compressed: Option<Encoding>,
+    pub(crate) inspect_compression: bool,
+    pub(crate) descriptors: Descriptors,
+}
+
+/// The stack below the per-connection budget, as built at start.
+type Outer = TraceService<StatusService<Layered>>;
+
+/// The server stack, built once.
+#[derive(Clone)]
+pub(crate) struct Stack {
+    outer: Outer,
+}
+
+impl Stack {
+    /// Builds the stack over `routes`, with the user's `layers`.
+    pub(crate) fn build(
+        routes: Routes,
+        settings: Settings,
+        layers: Vec<Box<dyn UserLayer>>,
+    ) -> Self {
+        // Outermost first; the budget is added per connection.
+        let outer = ServiceBuilder::new()
+            .layer(TraceLayer)
+            .layer(StatusLayer)
+            .layer(UserLayers(layers))
+            .layer(DeadlineLayer)
+            .layer(CodecLayer {
+                send_compressed: settings.send_compressed,
+                inspect_compression: settings.inspect_compression,
+                descriptors: settings.descriptors,
+                max_decoding_message_size: settings.limits.max_decoding_message_size,
+            })
+            .layer(LimitsLayer {
+                limits: settings.limits,
+            })
+            .service(RoutesService::new(routes));
+        Self { outer }
+    }
+
+    /// This stack for one connection, its responses counted against `budget`.
+    pub(crate) fn for_connection(&self, budget: Arc<ConnectionBudget>) -> ConnectionStack {
+        let mut outer = self.outer.clone();
+        outer.get_mut().get_mut().make_own();
+        ConnectionStack { outer, budget }
+    }
+}
+
+/// The stack of one connection, as hyper calls it.
+pub(crate) struct ConnectionStack {
+    outer: Outer,
+    budget: Arc<ConnectionBudget>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnectionStack {
+    type Response = Response<Budgeted<StatusBody>>;
+    type Error = Infallible;
+    type Future = BudgetFuture<<Outer as Service<Request<Incoming>>>::Future>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        // Always ready (see StatusService and Layered): no `poll_ready`.
+        let mut outer = self.outer.clone();
+        BudgetFuture::new(outer.call(request), self.budget.clone())
+    }
+}
+
+/// A trailers-only response carrying `status`, in JSON's content type for
+/// a JSON call.
+pub(crate) fn reject(status: tonic::Status, json: bool) -> Response<ResponseBody> {
+    let mut response = status.into_http::<tonic::body::Body>();
+    if json {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::codec::CONTENT_TYPE),
+        );
+    }
+    response.map(|body| CallBody::new(body, None, Side::ServerResponse, None))
+}

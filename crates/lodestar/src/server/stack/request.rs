@@ -1,0 +1,102 @@
+//! The request body as the server's layers see it ([`RequestBody`]), and
+//! the plan for the response it carries down to the routes.
+//!
+//! lodestar's layers below the user's (deadline, codec, limits) work on the
+//! way in only: each sets its part of the request body's wrapper and of
+//! the [`Plan`], and the routes' future carries the plan out when the
+//! handler answers. One future for all of them, instead of one per layer,
+//! keeps each call's futures small and cheap to build.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::call_end::Call;
+use super::{codec, deadline};
+use crate::body::{CallBody, Side};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project_lite::pin_project! {
+    /// The body of a request as the server's layers see it: hyper's, as
+    /// it arrives, in the one wrapper that checks each message's size
+    /// (and, for a JSON call, transcodes it) as the handler reads it.
+    pub struct RequestBody {
+        #[pin]
+        inner: CallBody<Incoming>,
+        // What the layers below the user's decided for the response.
+        pub(super) plan: Plan,
+        // Whether the call is JSON (`application/grpc+json`).
+        pub(super) json: bool,
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("json", &self.json)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestBody {
+    pub(super) fn new(inner: Incoming, json: bool) -> Self {
+        Self {
+            inner: CallBody::new(inner, None, Side::Received, None),
+            plan: Plan::default(),
+            json,
+        }
+    }
+
+    /// The wrapper the layers configure.
+    pub(super) fn call_body(&mut self) -> &mut CallBody<Incoming> {
+        &mut self.inner
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if let Some(Err(error)) = &frame
+            && !error.is::<tonic::Status>()
+        {
+            // Not a limit of ours: the stream was reset, or the
+            // connection lost. Whatever the handler answers now, the
+            // client is gone.
+            Call::abandon_current();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the layers below the user's decided for the response, carried out
+/// by the routes' future: each layer's part is its own.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// The inbound deadline (see `deadline.rs`).
+    pub(super) deadline: deadline::Bound,
+    /// Compression and transcoding (see `codec.rs`).
+    pub(super) codec: codec::Reply,
+    /// The send limit (see `limits.rs`).
+    pub(super) send_limit: Option<usize>,
+    /// A call refused before the handler: this status instead.
+    pub(super) refusal: Option<tonic::Status>,
+}
