@@ -392,15 +392,22 @@ impl ClientBuilder {
             + Sync
             + 'static,
     {
-        self.config.layers.push(Arc::new(move |inner| {
-            let service =
-                tower::util::MapErr::new(
-                    layer.layer(inner),
-                    |e: <L::Service as tower_service::Service<
-                        http::Request<tonic::body::Body>,
-                    >>::Error| { crate::status::from_layer_error(e.into()) },
-                );
-            BoxCloneSyncService::new(service)
+        self.config.layers.push(Arc::new(move |inner: BoxChannel| {
+            let unwrapped = inner.clone();
+            let mut service = Some(layer.layer(inner));
+            // A layer whose service is a channel already (such as
+            // `Identity`) needs no second box, nor its errors mapped.
+            if let Some(channel) =
+                (&mut service as &mut dyn std::any::Any).downcast_mut::<Option<BoxChannel>>()
+            {
+                return channel.take().unwrap_or(unwrapped);
+            }
+            let map = |e: <L::Service as tower_service::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error| crate::status::from_layer_error(e.into());
+            service.map_or(unwrapped, |service| {
+                BoxCloneSyncService::new(tower::util::MapErr::new(service, map))
+            })
         }));
         self
     }
