@@ -25,7 +25,7 @@
 //!    `UNAVAILABLE`.
 //! 5. **Balance**: the instances come from a local cache kept fresh by a
 //!    watch of the registry (the registry is never asked on this path), and
-//!    the [`Selector`](selector::Selector) picks one, round robin by
+//!    the [`Selector`] picks one, round robin by
 //!    default. An instance that refuses connections is *ejected*: skipped
 //!    for a while (1 s, doubling on each further failure up to 30 s by
 //!    default) unless no other instance is left. Every attempt is counted
