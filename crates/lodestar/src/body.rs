@@ -490,11 +490,10 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        // Compression changes the size; so does ending early.
-        if self.reframer.is_some() || self.pending.is_some() {
-            return SizeHint::default();
-        }
-        self.inner.size_hint()
+        // None given: hyper would turn an exact one (a kept request's) into
+        // a `content-length` header, which gRPC does not use and every
+        // server would then parse and check.
+        SizeHint::default()
     }
 }
 
