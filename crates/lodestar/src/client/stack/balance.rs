@@ -254,6 +254,21 @@ impl Balance {
         }
     }
 
+    /// Waits until the service's instances are known (the first snapshot),
+    /// at most the resolve timeout.
+    pub(crate) async fn wait_ready(self: &Arc<Self>) -> Result<(), Status> {
+        if !self.ready_now() {
+            // Only until the first snapshot: boxed, to keep every call's future small.
+            Box::pin(self.ready()).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// How many endpoints there are now.
+    pub(crate) fn endpoint_count(&self) -> usize {
+        self.endpoints.load().len()
+    }
+
     /// The current endpoints (for inspection, not the call path).
     pub(crate) fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.endpoints.load_full()
@@ -319,12 +334,7 @@ impl Balance {
         number: usize,
         deadline: Option<Deadline>,
     ) -> Result<Response<Observed>, Failure> {
-        if !self.ready_now() {
-            // Only until the first snapshot: boxed, to keep every call's future small.
-            Box::pin(self.ready())
-                .await
-                .map_err(|e| Failure::Fatal(unavailable(e)))?;
-        }
+        self.wait_ready().await.map_err(Failure::Fatal)?;
         let number = u32::try_from(number).unwrap_or(u32::MAX);
         let call = CallInfo {
             service: &self.key,

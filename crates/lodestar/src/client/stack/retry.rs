@@ -66,10 +66,16 @@ impl Call<Request<RequestBody>> for Retry {
     type Response = Response<Observed>;
 
     async fn call(&self, request: Request<RequestBody>) -> Result<Self::Response, Status> {
+        self.balance.wait_ready().await?;
+        // A copy is kept only where a replay could happen: with another
+        // instance to take it (a replay never goes to the instance that
+        // failed), and attempts to spare.
         let idempotent = request
             .extensions()
             .get::<MethodInfo>()
-            .is_some_and(|m| m.idempotent);
+            .is_some_and(|m| m.idempotent)
+            && self.params.max_attempts > 1
+            && self.balance.endpoint_count() > 1;
         let deadline = request.extensions().get::<Deadline>().copied();
         // An idempotent unary request is kept, so it can be sent again.
         let (mut request, kept) = if idempotent {
