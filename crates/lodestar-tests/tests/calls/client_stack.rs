@@ -114,6 +114,22 @@ async fn user_layers_see_one_call_and_the_observer_every_attempt() {
         attempts[2],
         (3, "c-live".to_owned(), Outcome::Status(Code::Ok), true)
     );
+
+    // A large message is kept whole, and replayed whole.
+    let reply = bounded(
+        "a large call",
+        echo.unary(pb::EchoRequest {
+            message: "large".into(),
+            payload: vec![7; 300 * 1024],
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(
+        (reply.served_by.as_str(), reply.payload_len),
+        ("c-live", 300 * 1024)
+    );
 }
 
 /// Picks the instance labelled `pick=me`, whatever else there is.

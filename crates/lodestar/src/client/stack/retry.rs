@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use tonic::Status;
@@ -184,17 +184,28 @@ impl Kept {
         let error = body.error().clone();
         // Read frame by frame: a unary request is one data frame, kept as
         // it is (collecting into a list of buffers would allocate).
-        let mut message = Bytes::new();
+        // The first frame is kept as it is; later ones (a large message
+        // comes in chunks) are appended, each copied once.
+        let mut first = Bytes::new();
+        let mut more = BytesMut::new();
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else {
                 continue; // a request has no trailers to keep
             };
-            message = if message.is_empty() {
-                data
+            if first.is_empty() {
+                first = data;
             } else {
-                [message, data].concat().into()
-            };
+                if more.is_empty() {
+                    more.extend_from_slice(&first);
+                }
+                more.extend_from_slice(&data);
+            }
         }
+        let message = if more.is_empty() {
+            first
+        } else {
+            more.freeze()
+        };
         let kept = Self {
             parts: clone_parts(&parts),
             message,
