@@ -173,7 +173,8 @@ impl EndpointStats {
     /// Of the last [`RECENT_OUTCOMES`] attempts, how many succeeded and how
     /// many failed (see [`Outcome::is_failure`](super::observe::Outcome::is_failure)).
     pub fn recent(&self) -> (u32, u32) {
-        let recorded = self.recorded.load(Ordering::Relaxed);
+        // Capped: concurrent recorders may both count the 64th.
+        let recorded = self.recorded.load(Ordering::Relaxed).min(RECENT_OUTCOMES);
         let failures = self.outcomes.load(Ordering::Relaxed).count_ones();
         (recorded.saturating_sub(failures), failures)
     }
@@ -224,8 +225,9 @@ impl EndpointStats {
     }
 
     /// Skips this endpoint for a while after a refused connection: `base`,
-    /// doubled for each failure in a row, at most `max`.
-    pub(crate) fn eject(&self, base: Duration, max: Duration) -> Duration {
+    /// doubled for each failure in a row, at most `max`. Returns how long,
+    /// and until when (as [`nanos_since_epoch`]).
+    pub(crate) fn eject(&self, base: Duration, max: Duration) -> (Duration, u64) {
         let failures = self
             .connect_failures
             .fetch_add(1, Ordering::Relaxed)
@@ -233,7 +235,7 @@ impl EndpointStats {
         let duration = base.saturating_mul(1u32 << failures).min(max);
         let until = nanos_since_epoch(crate::deadline::later(Instant::now(), duration)).max(1);
         self.ejected_until.store(until, Ordering::Relaxed);
-        duration
+        (duration, until)
     }
 
     /// Clears the ejection after a connection succeeded.
@@ -283,15 +285,15 @@ mod tests {
     async fn ejection_doubles_and_a_connection_clears_it() {
         let stats = EndpointStats::default();
         let (base, max) = (Duration::from_secs(1), Duration::from_secs(3));
-        assert_eq!(stats.eject(base, max), base);
+        assert_eq!(stats.eject(base, max).0, base);
         assert!(stats.is_ejected());
-        assert_eq!(stats.eject(base, max), Duration::from_secs(2));
-        assert_eq!(stats.eject(base, max), max);
+        assert_eq!(stats.eject(base, max).0, Duration::from_secs(2));
+        assert_eq!(stats.eject(base, max).0, max);
         tokio::time::advance(Duration::from_secs(3)).await;
         assert!(!stats.is_ejected());
         stats.eject(base, max);
         stats.connected();
         assert!(!stats.is_ejected());
-        assert_eq!(stats.eject(base, max), base);
+        assert_eq!(stats.eject(base, max).0, base);
     }
 }

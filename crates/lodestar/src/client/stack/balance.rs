@@ -61,8 +61,6 @@ pub(crate) struct Balance {
 pub(crate) enum Failure {
     /// No endpoint is left for this call.
     NoEndpoint,
-    /// The call cannot go on (the registry never listed the service).
-    Fatal(Status),
     /// The attempt failed; what is left of the request says what may follow.
     Attempt(Box<AttemptFailure>),
 }
@@ -286,7 +284,18 @@ impl Balance {
         let ejections = self.ejections.load(Ordering::Relaxed);
         let some_ejected = ejections != 0 && {
             let now = *now.get_or_insert_with(Instant::now);
-            nanos_since_epoch(now) < ejections
+            let ejected = nanos_since_epoch(now) < ejections;
+            if !ejected {
+                // Every ejection is over: later calls read no clock (unless
+                // another ejection came meanwhile).
+                let _ = self.ejections.compare_exchange(
+                    ejections,
+                    0,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            ejected
         };
         if tried.is_empty() && !some_ejected {
             // The common call: every endpoint may be used.
@@ -316,17 +325,17 @@ impl Balance {
     /// Notes that `endpoint` refused a connection: it is skipped for a while.
     pub(crate) fn eject(&self, endpoint: &Endpoint) {
         let config = &self.config;
-        let duration = endpoint
+        let (duration, until) = endpoint
             .stats
             .eject(config.ejection_base, config.ejection_max);
-        let until = nanos_since_epoch(crate::deadline::later(Instant::now(), duration));
         self.ejections.fetch_max(until, Ordering::Relaxed);
         tracing::debug!(service = %self.key, address = %endpoint.instance.address, ?duration,
             "instance ejected");
     }
 
-    /// One attempt of a call: waits for the service's instances to be known,
-    /// picks one, and sends the request to it.
+    /// One attempt of a call, once the service's instances are known
+    /// ([`wait_ready`](Self::wait_ready)): picks an endpoint, and sends the
+    /// request to it.
     pub(crate) async fn attempt(
         self: &Arc<Self>,
         request: Request<RequestBody>,
@@ -334,7 +343,6 @@ impl Balance {
         number: usize,
         deadline: Option<Deadline>,
     ) -> Result<Response<Observed>, Failure> {
-        self.wait_ready().await.map_err(Failure::Fatal)?;
         let number = u32::try_from(number).unwrap_or(u32::MAX);
         let call = CallInfo {
             service: &self.key,

@@ -109,7 +109,6 @@ impl Retry {
         for number in 2..=self.params.max_attempts {
             let failed = match failure {
                 Failure::NoEndpoint => break,
-                Failure::Fatal(status) => return Err(status),
                 Failure::Attempt(failed) => failed,
             };
             let same_endpoint = matches!(
@@ -145,7 +144,6 @@ impl Retry {
         }
         // Out of attempts, or of endpoints: the last failure is the answer.
         match failure {
-            Failure::Fatal(status) => return Err(status),
             Failure::Attempt(failed) => {
                 if let Leftover::Fail(status) = failed.leftover {
                     return Err(status);
