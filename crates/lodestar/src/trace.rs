@@ -192,8 +192,15 @@ mod tests {
         // A later version may append fields.
         let future = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes";
         assert!(TraceContext::parse(future, None).is_some());
-        let long = format!("01{}", &"-a".repeat(64));
-        assert_eq!(TraceContext::parse(&long, None), None);
+        // A later version's extra fields count towards the 128 bytes.
+        let at_limit = format!(
+            "{future}-{}",
+            "x".repeat(MAX_TRACEPARENT - future.len() - 1)
+        );
+        assert_eq!(at_limit.len(), MAX_TRACEPARENT);
+        assert!(TraceContext::parse(&at_limit, None).is_some());
+        let over = format!("{at_limit}x");
+        assert_eq!(TraceContext::parse(&over, None), None);
     }
 
     #[test]

@@ -73,7 +73,7 @@ async fn user_layers_see_one_call_and_the_observer_every_attempt() {
     }
     let (built, wrapped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let attempts = Arc::new(Mutex::new(Vec::new()));
-    let seen = attempts.clone();
+    let (seen, seen_attempts) = (attempts.clone(), attempts.clone());
     let client = Client::builder(world.registry.clone())
         .selector(First)
         .layer(counting(built.clone()))
@@ -130,6 +130,9 @@ async fn user_layers_see_one_call_and_the_observer_every_attempt() {
         (reply.served_by.as_str(), reply.payload_len),
         ("c-live", 300 * 1024)
     );
+    let attempts = seen_attempts.lock().unwrap().clone();
+    let went_to: Vec<_> = attempts[3..].iter().map(|a| (a.0, a.1.as_str())).collect();
+    assert_eq!(went_to, [(1, "a-dying"), (2, "b-dying"), (3, "c-live")]);
 }
 
 /// Picks the instance labelled `pick=me`, whatever else there is.

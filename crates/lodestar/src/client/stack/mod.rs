@@ -4,7 +4,7 @@
 //!
 //! 1. **user layers** ([`ClientBuilder::layer`](super::ClientBuilder::layer)),
 //!    first added outermost; they see each call once, as the caller made
-//!    it, and their errors become statuses ([`crate::status::from_error`]);
+//!    it, and their errors become statuses (`status::from_layer_error`);
 //! 2. [`deadline`]: the earliest of the call's own timeout, the deadline of
 //!    the call being served and the client's default; it bounds everything
 //!    below;

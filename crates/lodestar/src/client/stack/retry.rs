@@ -127,7 +127,20 @@ impl Retry {
                 Leftover::Untouched { request, .. } => request,
                 Leftover::Replay => match &kept {
                     Some(kept) => kept.request(),
-                    None => return Err(Status::unavailable(failed.message)),
+                    None => {
+                        // Not kept: the method is not idempotent, or no
+                        // other instance could take a replay.
+                        return Err(super::balance::unavailable(Error::Unreachable {
+                            service: balance.key.clone(),
+                            address: failed.address,
+                            reason: format!(
+                                "{}; not sent again: the request may have reached the \
+                                 instance, and only a method marked idempotent in its \
+                                 .proto is replayed, to another instance",
+                                failed.message
+                            ),
+                        }));
+                    }
                 },
                 Leftover::Fail(status) => return Err(status),
             };
