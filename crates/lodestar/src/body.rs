@@ -303,7 +303,10 @@ fn end(side: Side, status: tonic::Status) -> Result<Frame<Bytes>, BoxError> {
 /// The trailers that end a call with `status`.
 pub(crate) fn status_trailers(status: &tonic::Status) -> HeaderMap {
     let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+    trailers.insert(
+        crate::status::GRPC_STATUS,
+        HeaderValue::from(status.code() as i32),
+    );
     if let Ok(message) = HeaderValue::from_str(status.message()) {
         trailers.insert("grpc-message", message);
     }

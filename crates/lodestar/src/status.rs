@@ -4,6 +4,17 @@ use std::error::Error;
 
 use tonic::Status;
 
+/// The header that carries a call's gRPC status code.
+pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// The code in `headers`' `grpc-status`, if there is one (`UNKNOWN` for a
+/// value that is not a code).
+pub(crate) fn code_in(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get(&GRPC_STATUS)
+        .map(|v| tonic::Code::from_bytes(v.as_bytes()))
+}
+
 /// The error type of tower layers.
 pub(crate) type BoxError = Box<dyn Error + Send + Sync>;
 

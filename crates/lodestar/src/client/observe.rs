@@ -229,14 +229,6 @@ impl Drop for AttemptGuard {
     }
 }
 
-/// The `grpc-status` in `headers`, if there is one: `UNKNOWN` for a value
-/// that is not a number.
-pub(crate) fn status_in(headers: &http::HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .map(|v| Code::from_bytes(v.as_bytes()))
-}
-
 pin_project_lite::pin_project! {
     /// A response body that ends its attempt when it ends.
     #[derive(Debug)]
@@ -267,7 +259,7 @@ impl Body for Observed {
             let outcome = match &polled {
                 Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
                     // A response without a status is an error (gRPC says UNKNOWN).
-                    Outcome::Status(status_in(trailers).unwrap_or(Code::Unknown))
+                    Outcome::Status(crate::status::code_in(trailers).unwrap_or(Code::Unknown))
                 }),
                 Poll::Ready(Some(Err(e))) => {
                     Some(Outcome::Transport(lodestar_core::error::chain(e)))

@@ -2,6 +2,7 @@
 //! one connection over HTTP/2 (handshake deadline, stall detection,
 //! graceful drain).
 
+use lodestar_core::task::AbortOnDrop;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -281,8 +282,9 @@ async fn run_connection<I>(
         drain_tx,
         cut_tx,
     ));
-    let _watcher = AbortOnDrop(watcher);
-    let mut draining = false;
+    let _watcher = AbortOnDrop::new(watcher);
+    // Each signal is taken once: a finished one-shot must not be polled again.
+    let (mut draining, mut watched) = (false, true);
     loop {
         tokio::select! {
             biased;
@@ -292,11 +294,18 @@ async fn run_connection<I>(
                 }
                 return;
             }
-            _ = &mut drained, if !draining => {
-                connection.as_mut().graceful_shutdown();
+            // Before the drain: a watcher that cut the connection and
+            // ended also drops its drain sender.
+            result = &mut cut, if watched => match result {
+                Ok(()) => return,
+                Err(_) => watched = false, // the watcher is gone; serve on
+            },
+            result = &mut drained, if !draining => {
                 draining = true;
+                if result.is_ok() {
+                    connection.as_mut().graceful_shutdown();
+                }
             }
-            Ok(()) = &mut cut => return,
         }
     }
 }
@@ -342,14 +351,5 @@ async fn watch_connection(
                 last = now;
             }
         }
-    }
-}
-
-/// Aborts a task when dropped (its connection ended).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

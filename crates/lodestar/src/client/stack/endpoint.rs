@@ -11,7 +11,7 @@ use super::balance::{AttemptFailure, Balance, Failure};
 use super::retry::Leftover;
 use crate::body::RequestBody;
 use crate::client::connection::Sender;
-use crate::client::observe::{self, AttemptGuard, Observed, Outcome};
+use crate::client::observe::{AttemptGuard, Observed, Outcome};
 use crate::client::selector::Endpoint;
 
 /// Sends `request` to `endpoint`, connecting first if needed, and says what
@@ -57,7 +57,7 @@ pub(crate) async fn send(
             endpoint.stats.connected();
             guard.answered();
             // A trailers-only response carries its status in its headers.
-            let guard = match observe::status_in(response.headers()) {
+            let guard = match crate::status::code_in(response.headers()) {
                 Some(code) => {
                     guard.finish(Outcome::Status(code));
                     None

@@ -180,7 +180,12 @@ impl Call {
     /// Ends the call with the status that `headers` (a trailers-only
     /// response's headers, or trailers) carry.
     pub(crate) fn end_with_headers(self, headers: &HeaderMap) {
-        self.end(|| (code_in(headers), Message::Headers(headers)));
+        self.end(|| {
+            (
+                crate::status::code_in(headers).unwrap_or(Code::Unknown),
+                Message::Headers(headers),
+            )
+        });
     }
 
     /// Ends the call with `status`.
@@ -201,15 +206,6 @@ impl Drop for Restore<'_> {
 
 /// The message of a call the client abandoned.
 pub(crate) const CANCELLED: &str = "the client went away before the call ended";
-
-/// The code in `headers`' `grpc-status` (`UNKNOWN` if there is none).
-fn code_in(headers: &HeaderMap) -> Code {
-    headers
-        .get(&super::GRPC_STATUS)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map_or(Code::Unknown, Code::from_i32)
-}
 
 /// Where a call's status message is, until someone asks for it.
 #[derive(Debug, Clone, Copy)]

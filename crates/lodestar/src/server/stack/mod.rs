@@ -38,7 +38,7 @@ mod user;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tonic::service::Routes;
 use tower::{Service, ServiceBuilder};
@@ -68,7 +68,7 @@ use crate::compression::Encoding;
 pub type ResponseBody = CallBody<tonic::body::Body>;
 
 /// The header of a trailers-only response's (or the trailers') status.
-pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub(crate) use crate::status::GRPC_STATUS;
 
 /// lodestar's layers below the user's.
 type Core = DeadlineService<self::codec::CodecService<LimitsService<RoutesService>>>;
