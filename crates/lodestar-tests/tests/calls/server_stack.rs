@@ -131,6 +131,13 @@ async fn next_seen(seen: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
         .expect("the recording layer is alive")
 }
 
+/// Starts `service`, within the tests' bound.
+async fn started(service: lodestar::ServiceBuilder) -> lodestar::RunningService {
+    bounded("the server to start", service.start())
+        .await
+        .expect("the server starts")
+}
+
 /// Waits for the end of a call to `method`, skipping starts; returns its
 /// code and message.
 async fn ended(seen: &mut mpsc::UnboundedReceiver<Seen>, method: &str) -> (Code, String) {
@@ -302,15 +309,15 @@ fn open_stream(
 async fn a_concurrency_limit_sheds_a_second_call_and_the_connection_serves_on() {
     let world = World::new();
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let running = world
-        .builder("echo", "a")
-        .layer(recording(seen_tx))
-        .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
-        .add_service(EchoServer::new(Scripted))
-        .start()
-        .await
-        .unwrap();
+    let running = started(
+        world
+            .builder("echo", "a")
+            .layer(recording(seen_tx))
+            .layer(tower::load_shed::LoadShedLayer::new())
+            .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+            .add_service(EchoServer::new(Scripted)),
+    )
+    .await;
     let (mut echo, connection) = one_connection(running.local_addr()).await;
 
     // A call that holds the only slot until the test closes its stream.
@@ -385,14 +392,14 @@ impl tower_service::Service<http::Request<RequestBody>> for Gate {
 async fn layer_errors_become_statuses() {
     let world = World::new();
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let gated = world
-        .builder("echo", "gated")
-        .layer(recording(seen_tx))
-        .layer(tower::layer::layer_fn(|_: Next| Gate))
-        .add_service(EchoServer::new(Scripted))
-        .start()
-        .await
-        .unwrap();
+    let gated = started(
+        world
+            .builder("echo", "gated")
+            .layer(recording(seen_tx))
+            .layer(tower::layer::layer_fn(|_: Next| Gate))
+            .add_service(EchoServer::new(Scripted)),
+    )
+    .await;
     let (mut echo, _connection) = one_connection(gated.local_addr()).await;
     let status = bounded("a gated call", echo.unary(message("hi")))
         .await
@@ -404,15 +411,15 @@ async fn layer_errors_become_statuses() {
         (Code::Unavailable, status.message().to_owned())
     );
 
-    let timed = world
-        .builder("echo", "timed")
-        .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(
-            100,
-        )))
-        .add_service(EchoServer::new(Scripted))
-        .start()
-        .await
-        .unwrap();
+    let timed = started(
+        world
+            .builder("echo", "timed")
+            .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(
+                100,
+            )))
+            .add_service(EchoServer::new(Scripted)),
+    )
+    .await;
     let (mut echo, _connection) = one_connection(timed.local_addr()).await;
     let status = bounded(
         "a call that never answers",
@@ -427,72 +434,84 @@ async fn layer_errors_become_statuses() {
 async fn a_layer_learns_the_final_status_of_every_call_kind() {
     let world = World::new();
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let running = world
-        .builder("echo", "a")
-        .layer(recording(seen_tx))
-        .add_service(EchoServer::new(Scripted))
-        .start()
-        .await
-        .unwrap();
+    let running = started(
+        world
+            .builder("echo", "a")
+            .layer(recording(seen_tx))
+            .add_service(EchoServer::new(Scripted)),
+    )
+    .await;
     let (echo, connection) = one_connection(running.local_addr()).await;
     let own = own_failure();
     let own = (Code::Aborted, own.message().to_owned());
-    let mut calls = 0;
 
     // OK, and the handler's own failure.
     let mut e = echo.clone();
-    e.unary(message("ok")).await.unwrap();
+    bounded("ok", e.unary(message("ok"))).await.unwrap();
     assert_eq!(ended(&mut seen, "Unary").await.0, Code::Ok);
-    e.unary(message("fail")).await.unwrap_err();
+    bounded("fail", e.unary(message("fail"))).await.unwrap_err();
     assert_eq!(ended(&mut seen, "Unary").await, own);
 
     let stream = stream_request("s", 2, Duration::ZERO);
-    let (replies, end) = collect_replies(e.server_stream(stream).await).await;
+    let (replies, end) = collect_replies(bounded("a stream", e.server_stream(stream)).await).await;
     assert_eq!((replies.len(), end), (2, None));
     assert_eq!(ended(&mut seen, "ServerStream").await.0, Code::Ok);
     let stream = StreamRequest {
         token: "fail".into(),
         ..stream_request("s", 2, Duration::ZERO)
     };
-    let (replies, end) = collect_replies(e.server_stream(stream).await).await;
+    let (replies, end) = collect_replies(bounded("a stream", e.server_stream(stream)).await).await;
     assert_eq!(end, Some(Code::Aborted), "{replies:?}");
     assert_eq!(ended(&mut seen, "ServerStream").await, own);
 
-    e.client_stream(tokio_stream::iter([message("a"), message("b")]))
-        .await
-        .unwrap();
+    bounded(
+        "a client stream",
+        e.client_stream(tokio_stream::iter([message("a"), message("b")])),
+    )
+    .await
+    .unwrap();
     assert_eq!(ended(&mut seen, "ClientStream").await.0, Code::Ok);
-    e.client_stream(tokio_stream::iter([message("fail")]))
-        .await
-        .unwrap_err();
+    bounded(
+        "a failing client stream",
+        e.client_stream(tokio_stream::iter([message("fail")])),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(ended(&mut seen, "ClientStream").await, own);
 
-    let (replies, end) = collect_replies(e.bidi(tokio_stream::iter([message("a")])).await).await;
+    let (replies, end) =
+        collect_replies(bounded("a bidi", e.bidi(tokio_stream::iter([message("a")]))).await).await;
     assert_eq!((replies.len(), end), (1, None));
     assert_eq!(ended(&mut seen, "Bidi").await.0, Code::Ok);
     let (replies, end) = collect_replies(
-        e.bidi(tokio_stream::iter([message("a"), message("fail")]))
-            .await,
+        bounded(
+            "a failing bidi",
+            e.bidi(tokio_stream::iter([message("a"), message("fail")])),
+        )
+        .await,
     )
     .await;
     assert_eq!(end, Some(Code::Aborted), "{replies:?}");
     assert_eq!(ended(&mut seen, "Bidi").await, own);
-    calls += 8;
 
     // DEADLINE_EXCEEDED: before the handler answers (unary, client stream)
     // and while the response streams (server stream, bidi).
-    let status = e
-        .sleep(with_timeout(sleep_request("d", Duration::ZERO), 100))
-        .await
-        .unwrap_err();
+    let status = bounded(
+        "a call past its deadline",
+        e.sleep(with_timeout(sleep_request("d", Duration::ZERO), 100)),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert_eq!(ended(&mut seen, "Sleep").await.0, Code::DeadlineExceeded);
 
-    let mut stream = e
-        .server_stream(with_timeout(stream_request("d", 0, Duration::ZERO), 100))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = bounded(
+        "a stream with a deadline",
+        e.server_stream(with_timeout(stream_request("d", 0, Duration::ZERO), 100)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     let status = bounded("the stream's end", stream.next())
         .await
         .unwrap()
@@ -504,10 +523,12 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
     );
 
     let (requests, close) = open_stream(vec![message("a")]);
-    let status = e
-        .client_stream(with_timeout(requests, 100))
-        .await
-        .unwrap_err();
+    let status = bounded(
+        "a client stream past its deadline",
+        e.client_stream(with_timeout(requests, 100)),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert_eq!(
         ended(&mut seen, "ClientStream").await.0,
@@ -516,12 +537,21 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
     drop(close);
 
     let (requests, close) = open_stream(vec![message("a")]);
-    let mut replies = e
-        .bidi(with_timeout(requests, 200))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(replies.next().await.unwrap().unwrap().message, "a");
+    let mut replies = bounded(
+        "a bidi with a deadline",
+        e.bidi(with_timeout(requests, 200)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(
+        bounded("the first reply", replies.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .message,
+        "a"
+    );
     let status = bounded("the stream's end", replies.next())
         .await
         .unwrap()
@@ -529,7 +559,6 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert_eq!(ended(&mut seen, "Bidi").await.0, Code::DeadlineExceeded);
     drop(close);
-    calls += 4;
 
     // CANCELLED: the client goes away before the status, whether the handler
     // has answered (server stream, bidi) or not (unary, client stream): it
@@ -543,11 +572,13 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
     call.abort();
     assert_eq!(ended(&mut seen, "Sleep").await.0, Code::Cancelled);
 
-    let stream = e
-        .server_stream(stream_request("c", 0, Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let stream = bounded(
+        "a stream to drop",
+        e.server_stream(stream_request("c", 0, Duration::ZERO)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     drop(stream);
     assert_eq!(ended(&mut seen, "ServerStream").await.0, Code::Cancelled);
 
@@ -563,35 +594,44 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
     drop(close);
 
     let (requests, _open) = open_stream(vec![message("a")]);
-    let mut replies = e.bidi(requests).await.unwrap().into_inner();
-    assert_eq!(replies.next().await.unwrap().unwrap().message, "a");
+    let mut replies = bounded("a bidi to cut", e.bidi(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        bounded("the first reply", replies.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .message,
+        "a"
+    );
     connection.cut();
     assert_eq!(ended(&mut seen, "Bidi").await.0, Code::Cancelled);
-    calls += 4;
 
     // Exactly once each: once the server is gone (and its layers with it),
     // nothing else was reported.
     drop((e, echo));
-    running.abort().await;
+    bounded("the server to stop", running.abort()).await;
     let mut rest = Vec::new();
     while let Some(event) = bounded("the recording layer to go", seen.recv()).await {
         rest.push(event);
     }
     assert!(
         rest.iter().all(|s| matches!(s, Seen::Started(_))),
-        "after {calls} calls, each reported once: {rest:?}"
+        "each of the 16 calls is reported once: {rest:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handler_runs_in_the_callers_trace_context() {
     let world = World::new();
-    let running = world
-        .builder("echo", "a")
-        .add_service(EchoServer::new(Scripted))
-        .start()
-        .await
-        .unwrap();
+    let running = started(
+        world
+            .builder("echo", "a")
+            .add_service(EchoServer::new(Scripted)),
+    )
+    .await;
     let (mut echo, _connection) = one_connection(running.local_addr()).await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let mut request = Request::new(message("trace"));
