@@ -354,6 +354,46 @@ async fn a_concurrency_limit_sheds_a_second_call_and_the_connection_serves_on() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_counts_the_time_a_call_waits_in_the_users_layers() {
+    let world = World::new();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let running = started(
+        world
+            .builder("echo", "a")
+            .layer(recording(seen_tx))
+            .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+            .add_service(EchoServer::new(Scripted)),
+    )
+    .await;
+    let (echo, _connection) = one_connection(running.local_addr()).await;
+
+    // One call holds the only slot; a second, with a 50 ms deadline, queues.
+    let (stream, close) = open_stream(vec![message("first")]);
+    let mut holder = echo.clone();
+    let held = tokio::spawn(async move { holder.client_stream(stream).await });
+    assert_eq!(
+        next_seen(&mut seen).await,
+        Seen::Started("/lodestar.test.Echo/ClientStream".into())
+    );
+    let mut waiter = echo.clone();
+    let queued =
+        tokio::spawn(async move { waiter.unary(with_timeout(message("queued"), 50)).await });
+    // It waits for the slot below the recording layer, which does not see
+    // it yet. Its deadline passes while it queues: time passing is the
+    // point here, so this waits for time.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(close);
+    bounded("the held call", held).await.unwrap().unwrap();
+    // Let in at last, it is past its deadline: not given a fresh 50 ms
+    // (the handler would answer at once).
+    let status = bounded("the queued call", queued)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+}
+
 /// A layer's own error, with a source.
 #[derive(Debug)]
 struct GateClosed(std::io::Error);

@@ -1,4 +1,5 @@
-//! The deadline layer: the inbound `grpc-timeout` becomes the call's
+//! The deadline layer: the inbound `grpc-timeout` (read on arrival by the
+//! status layer, so time in the user's layers counts) becomes the call's
 //! [`Deadline`]: current while the handler runs (so the calls it makes are
 //! bounded by it), and the end of the call when it passes, before the
 //! handler answers (the handler is dropped) or while its response streams.
@@ -49,14 +50,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<RequestBody>) -> S::Future {
-        match deadline::inbound(request.headers()) {
-            Ok(None) => {}
-            Ok(Some(deadline)) => {
-                request.extensions_mut().insert(deadline);
-                let sleep = Box::pin(tokio::time::sleep_until(deadline.instant()));
-                request.body_mut().plan.deadline = Bound(Some((deadline, sleep)));
-            }
-            Err(status) => request.body_mut().plan.refusal = Some(status),
+        // Read on arrival (by the status layer), so it already counts the
+        // time the call spent in the user's layers.
+        let plan = &mut request.body_mut().plan;
+        if let Some(deadline) = plan.arrived.take() {
+            let sleep = Box::pin(tokio::time::sleep_until(deadline.instant()));
+            plan.deadline = Bound(Some((deadline, sleep)));
         }
         self.inner.call(request)
     }

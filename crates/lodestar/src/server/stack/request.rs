@@ -91,7 +91,10 @@ impl Body for RequestBody {
 /// by the routes' future: each layer's part is its own.
 #[derive(Debug, Default)]
 pub(crate) struct Plan {
-    /// The inbound deadline (see `deadline.rs`).
+    /// The inbound deadline as read on arrival (see `status.rs`), so that
+    /// time spent in the user's layers counts against it.
+    pub(super) arrived: Option<crate::Deadline>,
+    /// The inbound deadline and its timer (see `deadline.rs`).
     pub(super) deadline: deadline::Bound,
     /// Compression and transcoding (see `codec.rs`).
     pub(super) codec: codec::Reply,

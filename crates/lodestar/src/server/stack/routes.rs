@@ -106,6 +106,7 @@ impl Future for RoutesFuture {
                 codec,
                 send_limit,
                 refusal: _,
+                arrived: _,
             } = plan;
             codec.apply(&mut response);
             if let Some(limit) = send_limit {

@@ -70,7 +70,18 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let json = json::is_json(request.headers());
+        // The deadline runs from arrival: read it before any layer can
+        // make the call wait (a malformed one is refused below, as before).
+        let arrived = crate::deadline::inbound(request.headers());
         let mut request = request.map(|body| RequestBody::new(body, json));
+        match arrived {
+            Ok(None) => {}
+            Ok(Some(deadline)) => {
+                request.extensions_mut().insert(deadline);
+                request.body_mut().plan.arrived = Some(deadline);
+            }
+            Err(status) => request.body_mut().plan.refusal = Some(status),
+        }
         request.extensions_mut().insert(CallEnd::HANDLE);
         StatusFuture {
             inner: self.inner.call(request),
