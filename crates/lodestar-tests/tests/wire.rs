@@ -1077,6 +1077,27 @@ mod unread {
         }
     }
 
+    #[tokio::test]
+    async fn a_heartbeat_no_shorter_than_the_ttl_is_refused_at_start() {
+        let world = World::new();
+        let error = bounded(
+            "start",
+            world
+                .builder("echo", "a")
+                .ttl(Duration::from_secs(2))
+                .heartbeat_interval(Duration::from_secs(2))
+                .add_service(EchoServer::new(world.echo("a")))
+                .start(),
+        )
+        .await
+        .expect_err("refused");
+        let text = error.to_string();
+        assert!(
+            text.contains("heartbeat interval (2s)") && text.contains("TTL (2s)"),
+            "{text}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_past_the_limit_are_closed_until_one_ends() {
         let world = World::new();

@@ -196,7 +196,8 @@ impl ServiceBuilder {
         self
     }
 
-    /// Heartbeat interval. Default: a third of the TTL.
+    /// Heartbeat interval. Default: a third of the TTL. Must be shorter
+    /// than the TTL ([`start`](Self::start) refuses it otherwise).
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.heartbeat = Some(interval);
         self

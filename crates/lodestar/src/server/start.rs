@@ -38,6 +38,15 @@ impl ServiceBuilder {
                 limits.max_connections, limits.stall_timeout
             )));
         }
+        if let Some(heartbeat) = self.heartbeat
+            && heartbeat >= self.ttl
+        {
+            return Err(ServeError::Setting(format!(
+                "the heartbeat interval ({heartbeat:?}) must be shorter than the TTL ({:?}), \
+                 or every lease lapses between beats; a third of the TTL is the default",
+                self.ttl
+            )));
+        }
         let mut seen = std::collections::HashSet::new();
         for name in builtin.iter().chain(&self.names) {
             if !seen.insert(*name) {
