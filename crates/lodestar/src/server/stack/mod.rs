@@ -21,7 +21,8 @@
 //!
 //! Everything is built once when the server starts; each connection gets a
 //! copy, and each call a clone of that copy's reference. Per call, the
-//! only boxed future is the one of the user layers' segment; the request
+//! user layers' segment is one boxed future (with no user layers too),
+//! plus one more for each layer below the outermost; the request
 //! and response bodies are each wrapped once ([`CallBody`]), every layer
 //! setting its part of that one wrapper.
 
