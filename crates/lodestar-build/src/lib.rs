@@ -287,9 +287,9 @@ impl {module}_client::{name}Client<::lodestar::client::Channel> {{
     pub fn by_name(client: &::lodestar::Client, service: &str) -> Self {{
         let limits = client.message_limits();
         // The channel enforces the send limit itself, with the status code
-        // gRPC specifies (RESOURCE_EXHAUSTED); tonic's own check is off.
+        // gRPC specifies (RESOURCE_EXHAUSTED), and decompresses responses
+        // itself; tonic's own send check is off.
         Self::new(client.channel(service))
-            .accept_compressed(::lodestar::codegen::tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(limits.max_decoding_message_size)
             .max_encoding_message_size(usize::MAX)
     }}

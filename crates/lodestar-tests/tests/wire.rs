@@ -175,6 +175,76 @@ async fn a_server_compresses_for_clients_that_accept_it_and_only_for_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_decompresses_replies_itself_however_its_generated_client_was_made() {
+    let world = World::new();
+    let running = Service::builder("echo")
+        .registry(world.registry.clone())
+        .send_compressed(Encoding::Gzip)
+        .add_service(EchoServer::new(world.echo("a")))
+        .start()
+        .await
+        .unwrap();
+    let client = lodestar::Client::builder(world.registry.clone())
+        .inspect_compression(true)
+        .build();
+    // Neither tells tonic's generated code about gzip: the channel asks
+    // for it, and decompresses, itself.
+    let clients = [
+        ("by_name", EchoClient::by_name(&client, "echo")),
+        ("by hand", EchoClient::new(client.channel("echo"))),
+    ];
+    for (made, mut echo) in clients {
+        let message = "a".repeat(64 * 1024);
+        let reply = bounded(
+            "a compressed reply",
+            echo.unary(EchoRequest {
+                message: message.clone(),
+                payload: vec![],
+            }),
+        )
+        .await
+        .unwrap_or_else(|status| panic!("{made}: {status:?}"));
+        let flags = reply
+            .extensions()
+            .get::<lodestar::compression::ReceivedFlags>()
+            .cloned()
+            .unwrap_or_else(|| panic!("{made}: no flags recorded"));
+        assert_eq!(
+            flags.next(),
+            Some(true),
+            "{made}: the reply came uncompressed"
+        );
+        assert_eq!(reply.into_inner().message, message, "{made}");
+
+        let token = "z".repeat(4096);
+        let mut stream = bounded(
+            "a compressed stream",
+            echo.server_stream(StreamRequest {
+                count: 3,
+                token: token.clone(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap_or_else(|status| panic!("{made}: {status:?}"))
+        .into_inner();
+        for n in 0..3 {
+            let reply = bounded("a streamed reply", stream.message())
+                .await
+                .unwrap_or_else(|status| panic!("{made}: {status:?}"));
+            assert_eq!(
+                reply.map(|r| r.message),
+                Some(format!("{token} #{n}")),
+                "{made}"
+            );
+        }
+        let end = bounded("the stream's end", stream.message()).await;
+        assert!(matches!(end, Ok(None)), "{made}: {end:?}");
+    }
+    bounded("shutdown", running.shutdown()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressing_client_sends_smaller_messages_that_the_server_reads() {
     let world = World::new();
     let running = Service::builder("echo")

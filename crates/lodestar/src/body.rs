@@ -391,7 +391,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: tonic::body::Body,
         limit: FrameLimit,
-        reframer: Option<Reframer>,
+        // Boxed: rare (compression, JSON), and every request is moved often.
+        reframer: Option<Box<Reframer>>,
         pending: Option<tonic::Status>,
         error: RequestError,
     }
@@ -409,7 +410,7 @@ impl RequestBody {
         Self {
             inner,
             limit: FrameLimit::new(limit),
-            reframer: reframer.filter(Reframer::is_active),
+            reframer: reframer.filter(Reframer::is_active).map(Box::new),
             pending: None,
             error,
         }

@@ -25,8 +25,17 @@ use std::collections::VecDeque;
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use lodestar_core::sync::MutexExt;
+
+/// The header naming how a call's messages are compressed.
+pub(crate) const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+
+/// The header listing the encodings a peer can decompress.
+pub(crate) const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+
+/// What lodestar can decompress, as `grpc-accept-encoding` lists it.
+pub(crate) const ACCEPTED: HeaderValue = HeaderValue::from_static("gzip");
 
 /// A compression algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

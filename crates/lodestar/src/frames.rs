@@ -46,6 +46,14 @@ impl Reframer {
         }
     }
 
+    /// Decompresses every compressed message, as `decompress` allows.
+    pub(crate) fn decompressing(decompress: Decompress) -> Self {
+        Self {
+            decompress: Some(decompress),
+            ..Self::default()
+        }
+    }
+
     /// Transcodes every message, decompressing first as `decompress` allows.
     pub(crate) fn transcoding(transcode: Transcode, decompress: Decompress) -> Self {
         Self {

@@ -57,24 +57,9 @@ impl Connection {
         }
     }
 
-    /// The sender of the open connection, opening one if there is none.
-    pub(crate) async fn sender(
-        &self,
-        connect_timeout: Duration,
-        tls: Option<&ClientTls>,
-        settings: crate::Http2Settings,
-    ) -> Result<Arc<Sender>, ConnectError> {
-        if let Some(sender) = self.live() {
-            return Ok(sender);
-        }
-        // Boxed: every call's future would otherwise be as large as a TCP
-        // and TLS handshake's, and be moved around at that size.
-        Box::pin(self.connect(connect_timeout, tls, settings)).await
-    }
-
     /// Opens the connection, or waits for a concurrent caller that is
-    /// opening it.
-    async fn connect(
+    /// opening it; the sender of the connection that is then open.
+    pub(crate) async fn connect(
         &self,
         connect_timeout: Duration,
         tls: Option<&ClientTls>,
@@ -125,7 +110,8 @@ impl Connection {
         outcome
     }
 
-    fn live(&self) -> Option<Arc<Sender>> {
+    /// The sender of the open connection, if one is open and not closed.
+    pub(crate) fn live(&self) -> Option<Arc<Sender>> {
         self.current.load_full().filter(|s| !s.is_closed())
     }
 

@@ -2,10 +2,12 @@
 //! one each attempt goes to (selection).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response};
 use lodestar_core::sync::MutexExt;
@@ -117,7 +119,7 @@ impl Balance {
     /// Makes sure a resolver runs (starting one needs a runtime, so it
     /// happens on first use, and again if the old one's runtime is gone),
     /// and says whether the first snapshot is in.
-    fn ready_now(self: &Arc<Self>) -> bool {
+    pub(crate) fn ready_now(self: &Arc<Self>) -> bool {
         if !self.resolving.load(Ordering::Acquire) {
             self.start_resolver();
         }
@@ -333,16 +335,18 @@ impl Balance {
             "instance ejected");
     }
 
-    /// One attempt of a call, once the service's instances are known
-    /// ([`wait_ready`](Self::wait_ready)): picks an endpoint, and sends the
-    /// request to it.
-    pub(crate) async fn attempt(
-        self: &Arc<Self>,
+    /// Starts attempt `number` of a call, once the service's instances are
+    /// known ([`wait_ready`](Self::wait_ready)), on an endpoint not in `tried`:
+    /// picks it now and, over an open connection, sends the request now;
+    /// the future waits for the response's headers. It fails at once when
+    /// no endpoint is left to try.
+    pub(crate) fn attempt(
+        &self,
         request: Request<RequestBody>,
         tried: &[Arc<Connection>],
         number: usize,
         deadline: Option<Deadline>,
-    ) -> Result<Response<Observed>, Failure> {
+    ) -> impl Future<Output = Result<Response<Observed>, Failure>> + Send + '_ {
         let number = u32::try_from(number).unwrap_or(u32::MAX);
         let call = CallInfo {
             service: &self.key,
@@ -351,7 +355,7 @@ impl Balance {
             attempt: number,
         };
         let Some(endpoint) = self.pick(tried, &call) else {
-            return Err(Failure::NoEndpoint);
+            return Either::Right(std::future::ready(Err(Failure::NoEndpoint)));
         };
         let method = request
             .uri()
@@ -365,11 +369,10 @@ impl Balance {
             number,
             deadline,
         );
-        super::endpoint::send(self, &endpoint, request, guard).await
+        Either::Left(super::endpoint::send(self, endpoint, request, guard))
     }
 }
 
-/// `UNAVAILABLE`, with `error` as its source.
 pub(crate) fn unavailable(error: Error) -> Status {
     let mut status = Status::unavailable(error.to_string());
     status.set_source(Arc::new(error));

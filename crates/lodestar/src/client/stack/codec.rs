@@ -1,8 +1,12 @@
 //! The codec layer: how a call's messages are encoded and compressed, and
 //! the limits on their size.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use http::{HeaderValue, Request, Response};
 use prost_reflect::MethodDescriptor;
 use tonic::Status;
@@ -14,7 +18,10 @@ use crate::body::{CallBody, RequestBody, RequestError, Side};
 use crate::client::observe::Observed;
 use crate::client::{MethodInfo, ResponseBody};
 use crate::codec::{self, Codec as Encoding, Descriptors, Transcode};
-use crate::compression::{Compress, Encoding as Compression, PerMessage, ReceivedFlags};
+use crate::compression::{
+    ACCEPTED, Compress, Encoding as Compression, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, PerMessage,
+    ReceivedFlags,
+};
 use crate::deadline::Deadline;
 use crate::frames::{Decompress, Reframer};
 
@@ -92,9 +99,15 @@ where
 {
     type Response = Response<ResponseBody>;
 
-    async fn call(&self, mut request: Request<Body>) -> Result<Self::Response, Status> {
+    fn call(
+        &self,
+        mut request: Request<Body>,
+    ) -> impl Future<Output = Result<Self::Response, Status>> + Send {
         let params = &self.params;
-        let plan = Plan::new(params, &mut request, |r| self.json_method(r))?;
+        let plan = match Plan::new(params, &mut request, |r| self.json_method(r)) {
+            Ok(plan) => plan,
+            Err(status) => return Either::Right(std::future::ready(Err(status))),
+        };
         let deadline = request.extensions().get::<Deadline>().copied();
         let received = params.inspect_compression.then(ReceivedFlags::default);
         let request_error = RequestError::default();
@@ -106,35 +119,103 @@ where
                 request_error.clone(),
             )
         });
-        let response = self.inner.call(request).await?;
-        let limit = params.limits.max_decoding_message_size;
-        // A JSON answer is transcoded back to protobuf for the generated client.
-        let inbound = plan
-            .response
+        Either::Left(ResponseFuture {
+            inner: self.inner.call(request),
+            receiving: Some(Receiving {
+                deadline,
+                limit: params.limits.max_decoding_message_size,
+                transcode: plan.response,
+                json: plan.json,
+                received,
+                request_error,
+            }),
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response of a call, its body wrapped as [`Receiving`] says.
+    pub(crate) struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        // Taken when the response comes.
+        receiving: Option<Receiving>,
+    }
+}
+
+/// How a call's response body is received.
+struct Receiving {
+    /// The call's deadline, at which an open body fails.
+    deadline: Option<Deadline>,
+    /// The receive limit.
+    limit: usize,
+    /// The transcoding of a JSON answer back to protobuf, if the call is JSON.
+    transcode: Option<Transcode>,
+    /// Whether the call is JSON, and its answer is given to the generated
+    /// client as protobuf.
+    json: bool,
+    /// Where the compressed flag of each message received is recorded, if anywhere.
+    received: Option<ReceivedFlags>,
+    /// The request body's own failure, if any, which is the call's error.
+    request_error: RequestError,
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Observed>, Status>>,
+{
+    type Output = Result<Response<ResponseBody>, Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        match this.receiving.take() {
+            Some(receiving) => Poll::Ready(Ok(receiving.wrap(response))),
+            None => Poll::Ready(Err(Status::internal(
+                "a call's response was polled after it came",
+            ))),
+        }
+    }
+}
+
+impl Receiving {
+    fn wrap(self, mut response: Response<Observed>) -> Response<ResponseBody> {
+        let limit = self.limit;
+        let gzip = response
+            .headers()
+            .get(GRPC_ENCODING)
+            .is_some_and(|e| e.as_bytes() == b"gzip");
+        let decompress = Decompress { limit, gzip };
+        // A JSON answer is transcoded back to protobuf for the generated
+        // client; compressed messages are decompressed here, so the client
+        // need not accept any encoding itself.
+        let inbound = match self
+            .transcode
             .filter(|_| codec::is_json(response.headers()))
-            .map(|transcode| {
-                let gzip = response
-                    .headers()
-                    .get("grpc-encoding")
-                    .is_some_and(|e| e.as_bytes() == b"gzip");
-                Reframer::transcoding(transcode, Decompress { limit, gzip })
-            });
+        {
+            Some(transcode) => Some(Reframer::transcoding(transcode, decompress)),
+            None if gzip => Some(Reframer::decompressing(decompress)),
+            None => None,
+        };
+        if gzip {
+            response.headers_mut().remove(GRPC_ENCODING);
+        }
         let mut response = response.map(|body| {
-            CallBody::new(body, deadline, Side::Received, Some(limit))
-                .with_request_error(request_error)
-                .with_received_flags(received.clone())
+            CallBody::new(body, self.deadline, Side::Received, Some(limit))
+                .with_request_error(self.request_error)
+                .with_received_flags(self.received.clone())
                 .with_reframer(inbound)
         });
-        if plan.json {
+        if self.json {
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
             );
         }
-        if let Some(received) = received {
+        if let Some(received) = self.received {
             response.extensions_mut().insert(received);
         }
-        Ok(response)
+        response
     }
 }
 
@@ -150,12 +231,14 @@ struct Plan {
 
 impl Plan {
     /// Decides how the call's messages are encoded and compressed, and sets
-    /// `grpc-encoding` and `content-type` accordingly.
+    /// `grpc-encoding` and `content-type` accordingly; says in
+    /// `grpc-accept-encoding` what the response may be compressed with.
     fn new(
         params: &Params,
         request: &mut Request<Body>,
         json_method: impl FnOnce(&Request<Body>) -> Result<MethodDescriptor, Status>,
     ) -> Result<Self, Status> {
+        request.headers_mut().insert(GRPC_ACCEPT_ENCODING, ACCEPTED);
         let mut plan = Plan::default();
         let mut transcode = None;
         if params.codec == Encoding::Json {
@@ -178,7 +261,7 @@ impl Plan {
             if default || per_message.is_some() {
                 request
                     .headers_mut()
-                    .insert("grpc-encoding", encoding.header_value());
+                    .insert(GRPC_ENCODING, encoding.header_value());
                 reframer = Some(Reframer::compressing(encoding, default, per_message));
             }
         }

@@ -1,9 +1,14 @@
 //! The deadline layer: when the call must be over.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use lodestar_core::ServiceKey;
+use tokio::time::Sleep;
 use tonic::Status;
 use tonic::body::Body;
 
@@ -48,16 +53,55 @@ where
 {
     type Response = Response<ResponseBody>;
 
-    async fn call(&self, mut request: Request<Body>) -> Result<Self::Response, Status> {
+    fn call(
+        &self,
+        mut request: Request<Body>,
+    ) -> impl Future<Output = Result<Self::Response, Status>> + Send {
         let inherited = request.extensions_mut().remove::<Inherited>().map(|i| i.0);
-        let Some(deadline) = deadline::outbound(request.headers(), inherited, self.params.default)?
-        else {
-            return self.inner.call(request).await;
+        let deadline = match deadline::outbound(request.headers(), inherited, self.params.default) {
+            Ok(deadline) => deadline,
+            Err(status) => return Either::Right(std::future::ready(Err(status))),
         };
-        request.extensions_mut().insert(deadline);
-        let service = &self.params.service.service;
-        tokio::time::timeout_at(deadline.instant(), self.inner.call(request))
-            .await
-            .map_err(|_| deadline::exceeded(format_args!("calling {service}")))?
+        if let Some(deadline) = deadline {
+            request.extensions_mut().insert(deadline);
+        }
+        Either::Left(ResponseFuture {
+            inner: self.inner.call(request),
+            sleep: deadline.map(|d| tokio::time::sleep_until(d.instant())),
+            service: &self.params.service,
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response of a call: `DEADLINE_EXCEEDED`, naming the service, if
+    /// its headers have not come by the deadline.
+    pub(crate) struct ResponseFuture<'a, F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Option<Sleep>,
+        service: &'a ServiceKey,
+    }
+}
+
+impl<F, T> Future for ResponseFuture<'_, F>
+where
+    F: Future<Output = Result<T, Status>>,
+{
+    type Output = Result<T, Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(response) = this.inner.poll(cx) {
+            return Poll::Ready(response);
+        }
+        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+            Some(Poll::Ready(())) => {
+                let service = &this.service.service;
+                Poll::Ready(Err(deadline::exceeded(format_args!("calling {service}"))))
+            }
+            _ => Poll::Pending,
+        }
     }
 }

@@ -1,101 +1,191 @@
 //! The endpoint layer: sending one attempt over the connection to the
 //! chosen instance.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
 use lodestar_core::error::chain;
 
 use super::balance::{AttemptFailure, Balance, Failure};
 use super::retry::Leftover;
-use crate::body::RequestBody;
+use crate::body::{RequestBody, RequestError};
 use crate::client::connection::Sender;
 use crate::client::observe::{AttemptGuard, Observed, Outcome};
 use crate::client::selector::Endpoint;
 
-/// Sends `request` to `endpoint`, connecting first if needed, and says what
-/// is left of it if that fails. A refused connection ejects the endpoint.
-pub(crate) async fn send(
+/// Sends `request` to `endpoint` and says what is left of it if that
+/// fails. Over an open connection the request goes out now, before the
+/// returned future is first polled; otherwise the future connects first
+/// (boxed: it is rare, and as large as a TCP and TLS handshake). A refused
+/// connection ejects the endpoint.
+pub(crate) fn send<'a>(
+    balance: &'a Balance,
+    endpoint: Arc<Endpoint>,
+    request: Request<RequestBody>,
+    guard: AttemptGuard,
+) -> impl Future<Output = Result<Response<Observed>, Failure>> + Send + 'a {
+    if let Some(sender) = endpoint.connection.live() {
+        return Either::Left(exchange(balance, endpoint, sender, request, guard));
+    }
+    Either::Right(Box::pin(async move {
+        let config = &balance.config;
+        match endpoint
+            .connection
+            .connect(config.connect_timeout, config.tls.as_ref(), config.http2)
+            .await
+        {
+            Ok(sender) => exchange(balance, endpoint, sender, request, guard).await,
+            Err(e) => {
+                if e.attempted {
+                    balance.eject(&endpoint);
+                }
+                guard.finish(Outcome::Transport(e.message.clone()));
+                let leftover = Leftover::Untouched {
+                    request,
+                    same_endpoint: false,
+                };
+                Err(failed(&endpoint, leftover, e.message))
+            }
+        }
+    }))
+}
+
+/// Hands `request` to the connection now; the future waits for the
+/// response's headers.
+fn exchange(
     balance: &Balance,
-    endpoint: &Arc<Endpoint>,
+    endpoint: Arc<Endpoint>,
+    sender: Arc<Sender>,
     mut request: Request<RequestBody>,
     mut guard: AttemptGuard,
-) -> Result<Response<Observed>, Failure> {
-    let config = &balance.config;
-    let connection = &endpoint.connection;
-    let failed = |leftover, message: String| {
-        Failure::Attempt(Box::new(AttemptFailure {
-            leftover,
-            message,
-            address: endpoint.instance.address.clone(),
-            connection: connection.clone(),
-        }))
-    };
-    let sender = match connection
-        .sender(config.connect_timeout, config.tls.as_ref(), config.http2)
-        .await
-    {
-        Ok(sender) => sender,
-        Err(e) => {
-            if e.attempted {
-                balance.eject(endpoint);
-            }
-            guard.finish(Outcome::Transport(e.message.clone()));
-            let leftover = Leftover::Untouched {
-                request,
-                same_endpoint: false,
-            };
-            return Err(failed(leftover, e.message));
-        }
-    };
-    set_origin(&mut request, endpoint, config.tls.is_some());
+) -> impl Future<Output = Result<Response<Observed>, Failure>> + Send + use<> {
+    set_origin(&mut request, &endpoint, balance.config.tls.is_some());
     let request_error = request.body().error().clone();
     guard.sent();
-    match Sender::clone(&sender).try_send_request(request).await {
-        Ok(response) => {
-            endpoint.stats.connected();
-            guard.answered();
-            // A trailers-only response carries its status in its headers.
-            let guard = match crate::status::code_in(response.headers()) {
-                Some(code) => {
-                    guard.finish(Outcome::Status(code));
-                    None
-                }
-                None => Some(guard),
-            };
-            Ok(response.map(|body| Observed::new(body, guard)))
-        }
-        Err(mut e) => {
-            if let Some(status) = request_error.get().cloned() {
-                // Our own request body failed (e.g. a message over the send
-                // limit): that is the error, and the connection is fine.
-                guard.finish(Outcome::Status(status.code()));
-                return Err(failed(Leftover::Fail(status), String::new()));
-            }
-            if !is_stream_error(e.error()) {
-                connection.reset(&sender);
-            }
-            // hyper's own message alone ("http2 error") rarely says what happened.
-            let message = format!("{} ({})", chain(e.error()), endpoint.instance.address);
-            let leftover = match e.take_message() {
-                Some(request) => {
-                    // It never went out: the attempt was not sent after all.
-                    guard.unsent();
-                    Leftover::Untouched {
-                        request,
-                        same_endpoint: true,
-                    }
-                }
-                None => Leftover::Replay,
-            };
-            guard.finish(Outcome::Transport(message.clone()));
-            Err(failed(leftover, message))
+    let pending = Sender::clone(&sender).try_send_request(request);
+    Exchange {
+        pending,
+        sent: Some(Sent {
+            endpoint,
+            sender,
+            request_error,
+            guard,
+        }),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An attempt sent, waiting for the response's headers.
+    struct Exchange<F> {
+        #[pin]
+        pending: F,
+        // Taken when the response comes.
+        sent: Option<Sent>,
+    }
+}
+
+/// What an attempt needs to know once its response (or error) comes.
+struct Sent {
+    endpoint: Arc<Endpoint>,
+    sender: Arc<Sender>,
+    request_error: RequestError,
+    guard: AttemptGuard,
+}
+
+impl<F> Future for Exchange<F>
+where
+    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
+{
+    type Output = Result<Response<Observed>, Failure>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.pending.poll(cx));
+        match this.sent.take() {
+            Some(sent) => Poll::Ready(sent.outcome(result)),
+            // Polled after it was ready: a bug in the caller; never hang.
+            None => Poll::Ready(Err(Failure::NoEndpoint)),
         }
     }
 }
 
-/// Whether a failure concerned only this stream (the connection is fine).
+impl Sent {
+    fn outcome(
+        self,
+        result: Result<Response<Incoming>, TrySendError<Request<RequestBody>>>,
+    ) -> Result<Response<Observed>, Failure> {
+        let Sent {
+            endpoint,
+            sender,
+            request_error,
+            mut guard,
+        } = self;
+        match result {
+            Ok(response) => {
+                endpoint.stats.connected();
+                guard.answered();
+                // A trailers-only response (its headers end the stream)
+                // carries its status in its headers.
+                let trailers_only = response.body().is_end_stream();
+                let guard = match trailers_only
+                    .then(|| crate::status::code_in(response.headers()))
+                    .flatten()
+                {
+                    Some(code) => {
+                        guard.finish(Outcome::Status(code));
+                        None
+                    }
+                    None => Some(guard),
+                };
+                Ok(response.map(|body| Observed::new(body, guard)))
+            }
+            Err(mut e) => {
+                if let Some(status) = request_error.get().cloned() {
+                    // Our own request body failed (e.g. a message over the
+                    // send limit): that is the error, and the connection is fine.
+                    guard.finish(Outcome::Status(status.code()));
+                    return Err(failed(&endpoint, Leftover::Fail(status), String::new()));
+                }
+                if !is_stream_error(e.error()) {
+                    endpoint.connection.reset(&sender);
+                }
+                // hyper's own message alone ("http2 error") rarely says what happened.
+                let message = format!("{} ({})", chain(e.error()), endpoint.instance.address);
+                let leftover = match e.take_message() {
+                    Some(request) => {
+                        // It never went out: the attempt was not sent after all.
+                        guard.unsent();
+                        Leftover::Untouched {
+                            request,
+                            same_endpoint: true,
+                        }
+                    }
+                    None => Leftover::Replay,
+                };
+                guard.finish(Outcome::Transport(message.clone()));
+                Err(failed(&endpoint, leftover, message))
+            }
+        }
+    }
+}
+
+fn failed(endpoint: &Endpoint, leftover: Leftover, message: String) -> Failure {
+    Failure::Attempt(Box::new(AttemptFailure {
+        leftover,
+        message,
+        address: endpoint.instance.address.clone(),
+        connection: endpoint.connection.clone(),
+    }))
+}
+
 fn is_stream_error(error: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {

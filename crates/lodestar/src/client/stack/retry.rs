@@ -1,9 +1,13 @@
 //! The retry layer: sending a call again, to another instance, where that
 //! is safe.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use tonic::Status;
@@ -65,36 +69,112 @@ pub(crate) enum Leftover {
 impl Call<Request<RequestBody>> for Retry {
     type Response = Response<Observed>;
 
-    async fn call(&self, request: Request<RequestBody>) -> Result<Self::Response, Status> {
-        self.balance.wait_ready().await?;
-        // A copy is kept only where a replay could happen: with another
-        // instance to take it (a replay never goes to the instance that
-        // failed), and attempts to spare.
-        let idempotent = request
+    fn call(
+        &self,
+        request: Request<RequestBody>,
+    ) -> impl Future<Output = Result<Self::Response, Status>> + Send {
+        // The common call: the instances are known and the request is not
+        // kept. Its first attempt starts now, and only a failure takes the
+        // (boxed) way of sending again.
+        if !self.balance.ready_now() || self.keeps(&request) {
+            return Either::Right(Box::pin(self.call_slow(request)));
+        }
+        let (request, deadline) = with_deadline(request);
+        Either::Left(ResponseFuture {
+            state: State::First {
+                attempt: self.balance.attempt(request, &[], 1, deadline),
+            },
+            retry: self,
+            deadline,
+        })
+    }
+}
+
+type Again<'a> = Pin<Box<dyn Future<Output = Result<Response<Observed>, Status>> + Send + 'a>>;
+
+pin_project_lite::pin_project! {
+    /// A call's first attempt and, if it fails, the attempts after it.
+    pub(crate) struct ResponseFuture<'a, F> {
+        #[pin]
+        state: State<'a, F>,
+        retry: &'a Retry,
+        deadline: Option<Deadline>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<'a, F> {
+        First { #[pin] attempt: F },
+        // Boxed: rare, and as large as the attempts it makes.
+        Again { again: Again<'a> },
+    }
+}
+
+impl<'a, F> Future for ResponseFuture<'a, F>
+where
+    F: Future<Output = Result<Response<Observed>, Failure>>,
+{
+    type Output = Result<Response<Observed>, Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let failure = match this.state.as_mut().project() {
+                StateProj::First { attempt } => match std::task::ready!(attempt.poll(cx)) {
+                    Ok(response) => return Poll::Ready(Ok(response)),
+                    Err(failure) => failure,
+                },
+                StateProj::Again { again } => return again.as_mut().poll(cx),
+            };
+            let retry: &'a Retry = this.retry;
+            let again = Box::pin(retry.again(failure, None, *this.deadline));
+            this.state.set(State::Again { again });
+        }
+    }
+}
+
+/// The request, with the time left to its deadline in its `grpc-timeout`.
+fn with_deadline(mut request: Request<RequestBody>) -> (Request<RequestBody>, Option<Deadline>) {
+    let deadline = request.extensions().get::<Deadline>().copied();
+    if let Some(deadline) = deadline {
+        crate::deadline::set_header(request.headers_mut(), deadline);
+    }
+    (request, deadline)
+}
+
+impl Retry {
+    /// Whether `request` is kept, so that it can be sent again: its method
+    /// is idempotent, and a replay could happen, with another instance to
+    /// take it (a replay never goes to the instance that failed) and
+    /// attempts to spare.
+    fn keeps(&self, request: &Request<RequestBody>) -> bool {
+        request
             .extensions()
             .get::<MethodInfo>()
             .is_some_and(|m| m.idempotent)
             && self.params.max_attempts > 1
-            && self.balance.endpoint_count() > 1;
-        let deadline = request.extensions().get::<Deadline>().copied();
-        // An idempotent unary request is kept, so it can be sent again.
-        let (mut request, kept) = if idempotent {
+            && self.balance.endpoint_count() > 1
+    }
+
+    /// A call that waits for the first list of instances, or whose request
+    /// is kept.
+    async fn call_slow(&self, request: Request<RequestBody>) -> Result<Response<Observed>, Status> {
+        self.balance.wait_ready().await?;
+        let (request, kept) = if self.keeps(&request) {
             let (request, kept) = Kept::new(request).await?;
             (request, Some(kept))
         } else {
             (request, None)
         };
-        if let Some(deadline) = deadline {
-            crate::deadline::set_header(request.headers_mut(), deadline);
-        }
-        match self.balance.attempt(request, &[], 1, deadline).await {
-            Ok(response) => Ok(response),
-            Err(failure) => Box::pin(self.again(failure, kept, deadline)).await,
-        }
+        let (request, deadline) = with_deadline(request);
+        let failure = match self.balance.attempt(request, &[], 1, deadline).await {
+            Ok(response) => return Ok(response),
+            Err(failure) => failure,
+        };
+        self.again(failure, kept, deadline).await
     }
-}
 
-impl Retry {
     /// After a failed first attempt: sends again while that is safe and
     /// attempts are left.
     async fn again(
@@ -121,7 +201,7 @@ impl Retry {
             if !same_endpoint {
                 tried.push(failed.connection.clone());
             }
-            let mut request = match failed.leftover {
+            let request = match failed.leftover {
                 // Never sent: the caller's body, and its live per-message
                 // choices, are still ahead.
                 Leftover::Untouched { request, .. } => request,
@@ -147,9 +227,7 @@ impl Retry {
             tracing::debug!(service = %balance.key, address = %failed.address,
                 error = %failed.message, "sending again");
             last_error = Some((failed.address, failed.message));
-            if let Some(deadline) = deadline {
-                crate::deadline::set_header(request.headers_mut(), deadline);
-            }
+            let (request, _) = with_deadline(request);
             failure = match balance.attempt(request, &tried, number, deadline).await {
                 Ok(response) => return Ok(response),
                 Err(failure) => failure,
