@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tonic::Status;
 use tonic::body::Body;
-use tower::util::BoxCloneSyncService;
+use tower::ServiceExt as _;
 
 use super::MethodInfo;
 use super::observe::Observed;
@@ -24,10 +24,110 @@ use crate::trace::TraceContext;
 pub type ResponseBody = CallBody<Observed>;
 
 /// A channel as the layers added with [`ClientBuilder::layer`](super::ClientBuilder::layer)
-/// see it: calls in, responses or statuses out.
-pub type BoxChannel = BoxCloneSyncService<Request<Body>, Response<ResponseBody>, Status>;
+/// see it: calls in, responses or statuses out. Cheap to clone.
+///
+/// ```
+/// use lodestar::client::BoxChannel;
+///
+/// // What a layer that wraps the channel in its own service gives back.
+/// fn wrap(inner: BoxChannel) -> BoxChannel {
+///     BoxChannel::new(tower::limit::ConcurrencyLimit::new(inner, 8))
+/// }
+/// # let _ = wrap;
+/// ```
+pub struct BoxChannel(Box<dyn CloneChannel>);
 
-type CallFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Status>> + Send>>;
+/// A call's future, as a [`BoxChannel`] returns it.
+pub type CallFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Status>> + Send>>;
+
+impl BoxChannel {
+    /// Boxes `service`, and each call's future.
+    pub fn new<S>(service: S) -> Self
+    where
+        S: tower_service::Service<Request<Body>, Response = Response<ResponseBody>, Error = Status>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self::boxed(service.map_future(|future| Box::pin(future) as CallFuture))
+    }
+
+    /// Boxes `service`, whose futures are boxed already.
+    fn boxed<S>(service: S) -> Self
+    where
+        S: tower_service::Service<
+                Request<Body>,
+                Response = Response<ResponseBody>,
+                Error = Status,
+                Future = CallFuture,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        Self(Box::new(service))
+    }
+}
+
+/// A service a [`BoxChannel`] can hold.
+trait CloneChannel: Send + Sync {
+    fn poll_ready_boxed(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>>;
+    fn call_boxed(&mut self, request: Request<Body>) -> CallFuture;
+    fn clone_box(&self) -> Box<dyn CloneChannel>;
+}
+
+impl<S> CloneChannel for S
+where
+    S: tower_service::Service<
+            Request<Body>,
+            Response = Response<ResponseBody>,
+            Error = Status,
+            Future = CallFuture,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    fn poll_ready_boxed(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        self.poll_ready(cx)
+    }
+
+    fn call_boxed(&mut self, request: Request<Body>) -> CallFuture {
+        self.call(request)
+    }
+
+    fn clone_box(&self) -> Box<dyn CloneChannel> {
+        Box::new(self.clone())
+    }
+}
+
+impl Clone for BoxChannel {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_box())
+    }
+}
+
+impl fmt::Debug for BoxChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BoxChannel")
+    }
+}
+
+impl tower_service::Service<Request<Body>> for BoxChannel {
+    type Response = Response<ResponseBody>;
+    type Error = Status;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        self.0.poll_ready_boxed(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> CallFuture {
+        self.0.call_boxed(request)
+    }
+}
 
 /// Calls one named service: picks an instance per call, connects lazily,
 /// applies deadlines, and sends again where that is safe; see the
@@ -77,7 +177,7 @@ impl Channel {
             Route::Core(core)
         } else {
             // First added, outermost: wrap from the innermost out.
-            let inner = BoxCloneSyncService::new(CoreService(core));
+            let inner = BoxChannel::boxed(CoreService(core));
             Route::Layered(layers.iter().rev().fold(inner, |inner, layer| layer(inner)))
         };
         Self {

@@ -49,10 +49,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::body::CallBody;
-pub use channel::{BoxChannel, Channel, ResponseBody};
+pub use channel::{BoxChannel, CallFuture, Channel, ResponseBody};
 use lodestar_core::sync::MutexExt;
 use lodestar_core::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Registry, ServiceKey};
-use tower::util::BoxCloneSyncService;
 
 use crate::MessageLimits;
 use crate::codec::Codec;
@@ -406,7 +405,7 @@ impl ClientBuilder {
                 http::Request<tonic::body::Body>,
             >>::Error| crate::status::from_layer_error(e.into());
             service.map_or(unwrapped, |service| {
-                BoxCloneSyncService::new(tower::util::MapErr::new(service, map))
+                BoxChannel::new(tower::util::MapErr::new(service, map))
             })
         }));
         self

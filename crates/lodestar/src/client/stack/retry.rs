@@ -149,11 +149,12 @@ impl Retry {
     /// take it (a replay never goes to the instance that failed) and
     /// attempts to spare.
     fn keeps(&self, request: &Request<RequestBody>) -> bool {
-        request
-            .extensions()
-            .get::<MethodInfo>()
-            .is_some_and(|m| m.idempotent)
-            && self.params.max_attempts > 1
+        // Cheapest first: the instance count reads the snapshot.
+        self.params.max_attempts > 1
+            && request
+                .extensions()
+                .get::<MethodInfo>()
+                .is_some_and(|m| m.idempotent)
             && self.balance.endpoint_count() > 1
     }
 
