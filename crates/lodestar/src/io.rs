@@ -1,5 +1,34 @@
 //! Small I/O helpers shared by the client and the server.
 
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// How often TCP keepalive probes an idle connection once it starts.
+const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How many unanswered TCP keepalive probes close a connection.
+const PROBES: u32 = 3;
+
+/// Readies a new connection's socket, as `settings` say: no Nagle delay
+/// (every gRPC write is a whole frame), TCP keepalive, and a bound on how
+/// long sent data may go unacknowledged. A setting the platform refuses
+/// is skipped: the connection works without it.
+pub(crate) fn tune(stream: &TcpStream, settings: &crate::Http2Settings) {
+    let _ = stream.set_nodelay(true);
+    let Some(idle) = settings.tcp_keepalive else {
+        return;
+    };
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(PROBE_INTERVAL)
+        .with_retries(PROBES);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket.set_tcp_user_timeout(Some(settings.keepalive_timeout));
+}
+
 /// An I/O stream that yields `prefix` before reading from `inner`.
 pub(crate) struct Rewind<T> {
     prefix: Vec<u8>,
@@ -67,5 +96,46 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tuned_socket_has_keepalive_and_a_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(!socket.keepalive().unwrap(), "off before");
+
+        let settings = crate::Http2Settings::client();
+        tune(&stream, &settings);
+        assert!(stream.nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), PROBE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), PROBES);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(settings.keepalive_timeout)
+        );
+
+        let other = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let off = crate::Http2Settings {
+            tcp_keepalive: None,
+            ..settings
+        };
+        tune(&other, &off);
+        assert!(!socket2::SockRef::from(&other).keepalive().unwrap());
     }
 }

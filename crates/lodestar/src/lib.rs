@@ -97,28 +97,46 @@ pub struct Trailers(pub tonic::metadata::MetadataMap);
 /// ([`ServiceBuilder::http2`](crate::ServiceBuilder::http2)) and clients
 /// ([`ClientBuilder::http2`](crate::client::ClientBuilder::http2)).
 ///
+/// A connection whose peer died without a word is found by TCP keepalive
+/// (`tcp_keepalive`), which the kernel runs at no cost per call. HTTP/2
+/// keepalive PINGs are off by default: gRPC servers in every language
+/// refuse a client's PINGs more often than every 5 minutes unless told
+/// otherwise (`GOAWAY` with `too_many_pings`), and hyper's PING bookkeeping
+/// reads the clock on every frame.
+///
 /// ```
 /// use std::time::Duration;
 /// let settings = lodestar::Http2Settings {
-///     keepalive_interval: Some(Duration::from_secs(10)),
+///     keepalive_interval: Some(Duration::from_secs(300)),
 ///     ..lodestar::Http2Settings::client()
 /// };
 /// assert_eq!(settings.keepalive_timeout, Duration::from_secs(20));
+/// assert_eq!(settings.tcp_keepalive, Some(Duration::from_secs(30)));
+/// assert_eq!(lodestar::Http2Settings::server().keepalive_interval, None);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Http2Settings {
-    /// Send a PING after this long without frames from the peer, to find
-    /// connections that died without a word. `None`: never.
-    /// Default: 30 s for clients, 60 s for servers.
+    /// Send an HTTP/2 PING after this long without frames from the peer,
+    /// and close the connection if it is not answered within
+    /// `keepalive_timeout`. `None`: never. Default: none. A peer that is a
+    /// gRPC server allows one every 5 minutes at most, by default.
     pub keepalive_interval: Option<std::time::Duration>,
-    /// Close the connection if a keepalive PING is not answered within
-    /// this. Default: 20 s.
+    /// Close the connection if a keepalive PING is not answered, or data
+    /// sent is not acknowledged by the peer's TCP (`TCP_USER_TIMEOUT`,
+    /// on Linux), within this. Default: 20 s.
     pub keepalive_timeout: std::time::Duration,
+    /// Have the kernel probe a connection idle for this long (TCP
+    /// keepalive: then every 10 s, closing it after 3 probes go
+    /// unanswered). `None`: never. Default: 30 s for clients, 60 s for
+    /// servers.
+    pub tcp_keepalive: Option<std::time::Duration>,
     /// Servers: how many calls one connection may have open at once; a
     /// client waits for a slot beyond that. Default: 1024.
     pub max_concurrent_streams: u32,
     /// Size flow-control windows by measured bandwidth and latency
-    /// (BDP), instead of a fixed 64 KiB. Default: on.
+    /// (BDP), starting from 64 KiB and growing to at most 16 MiB, instead
+    /// of hyper's fixed windows (clients: 5 MiB per connection, 2 MiB per
+    /// call; servers: 1 MiB each). Default: on.
     pub adaptive_window: bool,
     /// Servers: how long a new connection has to finish its TLS handshake
     /// and send the HTTP/2 preface before it is closed. Default: 10 s.
@@ -129,7 +147,7 @@ impl Http2Settings {
     /// The defaults for clients.
     pub fn client() -> Self {
         Self {
-            keepalive_interval: Some(std::time::Duration::from_secs(30)),
+            tcp_keepalive: Some(std::time::Duration::from_secs(30)),
             ..Self::server()
         }
     }
@@ -137,8 +155,9 @@ impl Http2Settings {
     /// The defaults for servers.
     pub fn server() -> Self {
         Self {
-            keepalive_interval: Some(std::time::Duration::from_secs(60)),
+            keepalive_interval: None,
             keepalive_timeout: std::time::Duration::from_secs(20),
+            tcp_keepalive: Some(std::time::Duration::from_secs(60)),
             max_concurrent_streams: 1024,
             adaptive_window: true,
             handshake_timeout: std::time::Duration::from_secs(10),

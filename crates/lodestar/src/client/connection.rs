@@ -134,7 +134,7 @@ impl Connection {
         let stream = TcpStream::connect(address)
             .await
             .map_err(|e| format!("connect to {address}: {e}"))?;
-        let _ = stream.set_nodelay(true);
+        crate::io::tune(&stream, &settings);
         let Some(tls) = tls else {
             return self.handshake(TokioIo::new(stream), settings).await;
         };

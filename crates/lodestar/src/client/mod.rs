@@ -453,8 +453,8 @@ impl ClientBuilder {
         self
     }
 
-    /// HTTP/2 settings for connections to instances (keepalive pings, flow
-    /// control). Default: [`Http2Settings::client`](crate::Http2Settings::client).
+    /// Settings for connections to instances (TCP keepalive, HTTP/2
+    /// keepalive pings, flow control). Default: [`Http2Settings::client`](crate::Http2Settings::client).
     pub fn http2(mut self, settings: crate::Http2Settings) -> Self {
         self.config.http2 = settings;
         self

@@ -238,8 +238,8 @@ impl ServiceBuilder {
         self
     }
 
-    /// HTTP/2 settings: keepalive pings, concurrent calls per connection,
-    /// flow control. Default: [`Http2Settings::server`](crate::Http2Settings::server).
+    /// Connection settings: TCP keepalive, HTTP/2 keepalive pings,
+    /// concurrent calls per connection, flow control. Default: [`Http2Settings::server`](crate::Http2Settings::server).
     pub fn http2(mut self, settings: crate::Http2Settings) -> Self {
         self.http2 = settings;
         self

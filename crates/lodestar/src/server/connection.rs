@@ -122,6 +122,7 @@ pub(crate) async fn serve(
             () = &mut stopped => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    crate::io::tune(&stream, &settings);
                     // Count only connections still open.
                     while connections.try_join_next().is_some() {}
                     if connections.len() >= limits.max_connections {
@@ -205,7 +206,6 @@ async fn serve_connection(
     served: Served,
     drain: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let started = tokio::time::Instant::now() + handshake_timeout;
     // In the connection's own task, so a slow client holds up no one else;
