@@ -21,10 +21,13 @@
 //!
 //! Everything is built once when the server starts; each connection gets a
 //! copy, and each call a clone of that copy's reference. Per call, the
-//! user layers' segment is one boxed future (with no user layers too),
-//! plus one more for each layer below the outermost; the request
-//! and response bodies are each wrapped once ([`CallBody`]), every layer
-//! setting its part of that one wrapper.
+//! user layers' segment is one boxed future, plus one more for each layer
+//! below the outermost; with no user layers, or only ones that add nothing
+//! (tower's `Identity`), it is one small box holding lodestar's layers,
+//! called when the call's task first polls it (so what they allocate is
+//! allocated and freed on that task's thread). The request and response
+//! bodies are each wrapped once ([`CallBody`]), every layer setting its
+//! part of that one wrapper.
 
 mod call_end;
 mod codec;
