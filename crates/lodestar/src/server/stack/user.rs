@@ -7,7 +7,7 @@
 //! drives it in one boxed future that waits for its readiness and then
 //! calls it, as tower's `Oneshot` does. With no layers, or only ones that
 //! add nothing (tower's `Identity`), lodestar's layers below are called
-//! directly instead, from one small boxed future ([`Deferred`]).
+//! directly instead, in one small boxed future.
 
 use std::any::Any;
 use std::future::Future;
@@ -265,10 +265,7 @@ impl Service<Request<RequestBody>> for Layered {
 
     fn call(&mut self, request: Request<RequestBody>) -> LayeredFuture {
         match &mut self.0 {
-            Top::Core(core) => LayeredFuture::Core(Box::pin(Deferred::Waiting {
-                core: core.clone(),
-                request: Some(request),
-            })),
+            Top::Core(core) => LayeredFuture::Core(Box::pin(core.call(request))),
             Top::Erased(erased) => LayeredFuture::Erased(erased.call_once(request)),
         }
     }
@@ -277,7 +274,7 @@ impl Service<Request<RequestBody>> for Layered {
 /// The future of [`Layered`]: boxed either way, so that the task hyper
 /// spawns for each call stays small (its allocation stays cheap).
 pub(crate) enum LayeredFuture {
-    Core(Pin<Box<Deferred>>),
+    Core(Pin<Box<CoreFuture>>),
     Erased(BoxFuture),
 }
 
@@ -286,39 +283,8 @@ impl Future for LayeredFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
         match self.get_mut() {
-            Self::Core(inner) => inner.as_mut().poll(cx),
+            Self::Core(inner) => inner.as_mut().poll(cx).map_err(|never| match never {}),
             Self::Erased(inner) => inner.as_mut().poll(cx),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// lodestar's layers, called on the first poll: in the call's own task
-    /// (hyper spawns one per call), as hyper's glue for tower services
-    /// does, so that what they allocate for the call is allocated and
-    /// freed on the same thread. Measured: calling them at once from the
-    /// connection's task costs more in the allocator than it saves.
-    #[project = DeferredProj]
-    pub(crate) enum Deferred {
-        Waiting { core: Core, request: Option<Request<RequestBody>> },
-        Called { #[pin] inner: CoreFuture },
-    }
-}
-
-impl Future for Deferred {
-    type Output = Answer;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
-        if let DeferredProj::Waiting { core, request } = self.as_mut().project() {
-            let Some(request) = request.take() else {
-                return Poll::Pending; // not reached: replaced below
-            };
-            let inner = core.call(request);
-            self.set(Deferred::Called { inner });
-        }
-        match self.project() {
-            DeferredProj::Called { inner } => inner.poll(cx).map_err(|never| match never {}),
-            DeferredProj::Waiting { .. } => Poll::Pending,
         }
     }
 }
