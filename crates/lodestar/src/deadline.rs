@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
 use crate::grpc_timeout;
@@ -111,7 +111,7 @@ pub(crate) fn outbound(
     current: Option<Deadline>,
     default: Option<Duration>,
 ) -> Result<Option<Deadline>, tonic::Status> {
-    let own = timeout(headers)?;
+    let own = timeout(headers.get(&grpc_timeout::HEADER))?;
     if own.is_none() && default.is_none() {
         // The common call: no clock read.
         return Ok(current);
@@ -136,16 +136,17 @@ pub(crate) fn set_header(headers: &mut HeaderMap, deadline: Deadline) {
     );
 }
 
-/// The deadline of an inbound request, from its `grpc-timeout` header; a
-/// malformed one is an error (`INTERNAL`, as grpc-go answers it), so that a
-/// call is never served without the deadline its caller meant to set.
-pub(crate) fn inbound(headers: &HeaderMap) -> Result<Option<Deadline>, tonic::Status> {
-    Ok(timeout(headers)?.map(Deadline::after))
+/// The deadline of an inbound request, from the value of its `grpc-timeout`
+/// header ([`grpc_timeout::HEADER`]), if it has one; a malformed one is an
+/// error (`INTERNAL`, as grpc-go answers it), so that a call is never
+/// served without the deadline its caller meant to set.
+pub(crate) fn inbound(value: Option<&HeaderValue>) -> Result<Option<Deadline>, tonic::Status> {
+    Ok(timeout(value)?.map(Deadline::after))
 }
 
-/// The `grpc-timeout` of a request, if it has one.
-fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, tonic::Status> {
-    let Some(value) = headers.get(&grpc_timeout::HEADER) else {
+/// The duration a `grpc-timeout` value says, if there is one.
+fn timeout(value: Option<&HeaderValue>) -> Result<Option<Duration>, tonic::Status> {
+    let Some(value) = value else {
         return Ok(None);
     };
     grpc_timeout::parse(value).map(Some).ok_or_else(|| {

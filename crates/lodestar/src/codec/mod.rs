@@ -26,8 +26,12 @@ pub(crate) fn is_json(headers: &http::HeaderMap) -> bool {
     let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
         return false;
     };
-    // Every call asks: bytes only, no UTF-8 check or splitting.
+    // Every call asks: bytes only, no UTF-8 check or splitting; and most
+    // carry `application/grpc`, too short to be JSON's, with no scan.
     let value = value.as_bytes();
+    if value.len() < CONTENT_TYPE.len() {
+        return false;
+    }
     let media = value
         .iter()
         .position(|b| *b == b';')
@@ -45,4 +49,39 @@ pub enum Codec {
     Protobuf,
     /// The proto3 JSON mapping (`application/grpc+json`).
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_json_content_types_are_json() {
+        let json = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(value),
+            );
+            is_json(&headers)
+        };
+        for yes in [
+            "application/grpc+json",
+            "Application/GRPC+JSON",
+            "application/grpc+json; charset=utf-8",
+            "application/grpc+json ;x=y",
+        ] {
+            assert!(json(yes), "{yes}");
+        }
+        for no in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc+jso",
+            "application/grpc+jsonx",
+            "",
+        ] {
+            assert!(!json(no), "{no}");
+        }
+        assert!(!is_json(&http::HeaderMap::new()));
+    }
 }

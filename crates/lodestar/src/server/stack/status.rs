@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 
 use super::call_end::{Call, CallEnd};
 use super::request::RequestBody;
-use super::{GRPC_STATUS, ResponseBody, reject};
+use super::{GRPC_STATUS, ResponseBody, find_header, has_header, reject};
 use crate::codec as json;
 use crate::server::budget::EndsCall;
 
@@ -72,7 +72,8 @@ where
         let json = json::is_json(request.headers());
         // The deadline runs from arrival: read it before any layer can
         // make the call wait (a malformed one is refused below, as before).
-        let arrived = crate::deadline::inbound(request.headers());
+        let timeout = find_header(request.headers(), &crate::grpc_timeout::HEADER);
+        let arrived = crate::deadline::inbound(timeout);
         let mut request = request.map(|body| RequestBody::new(body, json));
         match arrived {
             Ok(None) => {}
@@ -132,7 +133,7 @@ where
         };
         let mut call = this.call.0.take();
         // A trailers-only response ends the call here.
-        if response.headers().contains_key(&GRPC_STATUS)
+        if has_header(response.headers(), &GRPC_STATUS)
             && let Some(call) = call.take()
         {
             call.end_with_headers(response.headers());

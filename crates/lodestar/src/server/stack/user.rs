@@ -5,7 +5,9 @@
 //! The composed service is type-erased once: each call clones it (cheap:
 //! layers share their state, e.g. a concurrency limit's semaphore) and
 //! drives it in one boxed future that waits for its readiness and then
-//! calls it, as tower's `Oneshot` does.
+//! calls it, as tower's `Oneshot` does. With no layers, or only ones that
+//! add nothing (tower's `Identity`), lodestar's layers below are called
+//! directly instead, in one small boxed future.
 
 use std::any::Any;
 use std::future::Future;
@@ -183,10 +185,10 @@ impl Layer<Core> for UserLayers {
     type Service = Layered;
 
     fn layer(&self, core: Core) -> Layered {
-        let next = Next::core(core);
         let Some((top, below)) = self.0.split_first() else {
-            return Layered::new(next);
+            return Layered(Top::Core(core));
         };
+        let next = Next::core(core);
         let next = below
             .iter()
             .rev()
@@ -216,37 +218,73 @@ where
     }
 }
 
-/// The user's layers over [`Next`], erased: always ready (each call waits
-/// for the layers' readiness itself).
+/// The user's layers over [`Next`]: always ready (each call waits for the
+/// layers' readiness itself).
 #[derive(Clone)]
-pub(crate) struct Layered(Arc<dyn CallOnce>);
+pub(crate) struct Layered(Top);
+
+#[derive(Clone)]
+enum Top {
+    /// No layers, or only ones that add nothing (such as tower's
+    /// `Identity`): lodestar's own, always ready, called directly.
+    Core(Core),
+    /// The user's layers, erased: one boxed future per call.
+    Erased(Arc<dyn CallOnce>),
+}
 
 impl Layered {
-    fn new<S>(service: S) -> Self
+    fn new<S>(mut service: S) -> Self
     where
         S: UserService,
         S::Error: Into<BoxError>,
     {
-        Self(Arc::new(service))
+        if let Some(Next(Inner::Core(core))) = (&mut service as &mut dyn Any).downcast_mut::<Next>()
+        {
+            return Self(Top::Core(core.clone()));
+        }
+        Self(Top::Erased(Arc::new(service)))
     }
 
     /// Becomes a copy of its own (for one connection), so that the calls
     /// of a connection share no reference count with other connections'.
     pub(crate) fn make_own(&mut self) {
-        self.0 = self.0.copy();
+        if let Top::Erased(erased) = &mut self.0 {
+            *erased = erased.copy();
+        }
     }
 }
 
 impl Service<Request<RequestBody>> for Layered {
     type Response = Response<ResponseBody>;
     type Error = BoxError;
-    type Future = BoxFuture;
+    type Future = LayeredFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<RequestBody>) -> BoxFuture {
-        self.0.call_once(request)
+    fn call(&mut self, request: Request<RequestBody>) -> LayeredFuture {
+        match &mut self.0 {
+            Top::Core(core) => LayeredFuture::Core(Box::pin(core.call(request))),
+            Top::Erased(erased) => LayeredFuture::Erased(erased.call_once(request)),
+        }
+    }
+}
+
+/// The future of [`Layered`]: boxed either way, so that the task hyper
+/// spawns for each call stays small (its allocation stays cheap).
+pub(crate) enum LayeredFuture {
+    Core(Pin<Box<CoreFuture>>),
+    Erased(BoxFuture),
+}
+
+impl Future for LayeredFuture {
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        match self.get_mut() {
+            Self::Core(inner) => inner.as_mut().poll(cx).map_err(|never| match never {}),
+            Self::Erased(inner) => inner.as_mut().poll(cx),
+        }
     }
 }
