@@ -11,22 +11,33 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 const PROBES: u32 = 3;
 
 /// Readies a new connection's socket, as `settings` say: no Nagle delay
-/// (every gRPC write is a whole frame), TCP keepalive, and a bound on how
-/// long sent data may go unacknowledged. A setting the platform refuses
-/// is skipped: the connection works without it.
-pub(crate) fn tune(stream: &TcpStream, settings: &crate::Http2Settings) {
+/// (every gRPC write is a whole frame) and TCP keepalive. With
+/// `unacknowledged`, data the peer's TCP has not acknowledged for that
+/// long closes the connection (Linux `TCP_USER_TIMEOUT`); clients set it,
+/// so that calls to an instance that died mid-call fail in seconds, not
+/// after the kernel's retransmissions (about 15 minutes). Servers do not:
+/// their stall timeout closes a connection that stops taking its data. A
+/// setting the platform refuses is skipped: the connection works without it.
+pub(crate) fn tune(
+    stream: &TcpStream,
+    settings: &crate::Http2Settings,
+    unacknowledged: Option<Duration>,
+) {
     let _ = stream.set_nodelay(true);
-    let Some(idle) = settings.tcp_keepalive else {
-        return;
-    };
     let socket = socket2::SockRef::from(stream);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(idle)
-        .with_interval(PROBE_INTERVAL)
-        .with_retries(PROBES);
-    let _ = socket.set_tcp_keepalive(&keepalive);
+    if let Some(idle) = settings.tcp_keepalive {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(PROBE_INTERVAL)
+            .with_retries(PROBES);
+        let _ = socket.set_tcp_keepalive(&keepalive);
+    }
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    let _ = socket.set_tcp_user_timeout(Some(settings.keepalive_timeout));
+    if unacknowledged.is_some() {
+        let _ = socket.set_tcp_user_timeout(unacknowledged);
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = unacknowledged;
 }
 
 /// An I/O stream that yields `prefix` before reading from `inner`.
@@ -113,7 +124,7 @@ mod tests {
         assert!(!socket.keepalive().unwrap(), "off before");
 
         let settings = crate::Http2Settings::client();
-        tune(&stream, &settings);
+        tune(&stream, &settings, Some(settings.keepalive_timeout));
         assert!(stream.nodelay().unwrap());
         assert!(socket.keepalive().unwrap());
         assert_eq!(
@@ -135,7 +146,10 @@ mod tests {
             tcp_keepalive: None,
             ..settings
         };
-        tune(&other, &off);
-        assert!(!socket2::SockRef::from(&other).keepalive().unwrap());
+        tune(&other, &off, None);
+        let other = socket2::SockRef::from(&other);
+        assert!(!other.keepalive().unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(other.tcp_user_timeout().unwrap(), None);
     }
 }

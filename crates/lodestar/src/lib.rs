@@ -121,9 +121,10 @@ pub struct Http2Settings {
     /// `keepalive_timeout`. `None`: never. Default: none. A peer that is a
     /// gRPC server allows one every 5 minutes at most, by default.
     pub keepalive_interval: Option<std::time::Duration>,
-    /// Close the connection if a keepalive PING is not answered, or data
-    /// sent is not acknowledged by the peer's TCP (`TCP_USER_TIMEOUT`,
-    /// on Linux), within this. Default: 20 s.
+    /// Close the connection if a keepalive PING is not answered within
+    /// this; clients also close it if data they sent is not acknowledged
+    /// by the instance's TCP within this (`TCP_USER_TIMEOUT`, on Linux).
+    /// Default: 20 s.
     pub keepalive_timeout: std::time::Duration,
     /// Have the kernel probe a connection idle for this long (TCP
     /// keepalive: then every 10 s, closing it after 3 probes go

@@ -134,7 +134,7 @@ impl Connection {
         let stream = TcpStream::connect(address)
             .await
             .map_err(|e| format!("connect to {address}: {e}"))?;
-        crate::io::tune(&stream, &settings);
+        crate::io::tune(&stream, &settings, Some(settings.keepalive_timeout));
         let Some(tls) = tls else {
             return self.handshake(TokioIo::new(stream), settings).await;
         };

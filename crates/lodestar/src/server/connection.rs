@@ -122,7 +122,9 @@ pub(crate) async fn serve(
             () = &mut stopped => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    crate::io::tune(&stream, &settings);
+                    // No TCP_USER_TIMEOUT: the stall timeout closes a connection whose
+                    // client stops taking its data.
+                    crate::io::tune(&stream, &settings, None);
                     // Count only connections still open.
                     while connections.try_join_next().is_some() {}
                     if connections.len() >= limits.max_connections {
