@@ -55,18 +55,7 @@ impl BoxChannel {
     }
 
     /// Boxes `service`, whose futures are boxed already.
-    fn boxed<S>(service: S) -> Self
-    where
-        S: tower_service::Service<
-                Request<Body>,
-                Response = Response<ResponseBody>,
-                Error = Status,
-                Future = CallFuture,
-            > + Clone
-            + Send
-            + Sync
-            + 'static,
-    {
+    fn boxed(service: impl CloneChannel + 'static) -> Self {
         Self(Box::new(service))
     }
 }
