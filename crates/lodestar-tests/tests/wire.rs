@@ -245,6 +245,63 @@ async fn a_client_decompresses_replies_itself_however_its_generated_client_was_m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_reply_over_the_clients_limit_once_decompressed_is_refused() {
+    let world = World::new();
+    let running = Service::builder("echo")
+        .registry(world.registry.clone())
+        .send_compressed(Encoding::Gzip)
+        .add_service(EchoServer::new(world.echo("a")))
+        .start()
+        .await
+        .unwrap();
+    // 64 KiB of one letter is a few hundred bytes compressed: under the
+    // limit on the wire, far over it decompressed.
+    let limit = 4096;
+    let client = lodestar::Client::builder(world.registry.clone())
+        .message_limits(lodestar::MessageLimits {
+            max_decoding_message_size: limit,
+            ..Default::default()
+        })
+        .build();
+    for (made, mut echo) in [
+        ("by_name", EchoClient::by_name(&client, "echo")),
+        ("by hand", EchoClient::new(client.channel("echo"))),
+    ] {
+        let status = bounded(
+            "a reply too large once decompressed",
+            echo.unary(EchoRequest {
+                message: "a".repeat(64 * 1024),
+                payload: vec![],
+            }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            status.code(),
+            lodestar::Code::ResourceExhausted,
+            "{made}: {status:?}"
+        );
+        assert!(
+            status.message().contains(&limit.to_string()),
+            "{made}: the limit is not named: {status:?}"
+        );
+    }
+    // The connection is fine: a small reply still comes.
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let reply = bounded(
+        "a small reply",
+        echo.unary(EchoRequest {
+            message: "small".into(),
+            payload: vec![],
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.into_inner().message, "small");
+    bounded("shutdown", running.shutdown()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressing_client_sends_smaller_messages_that_the_server_reads() {
     let world = World::new();
     let running = Service::builder("echo")
