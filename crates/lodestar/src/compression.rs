@@ -159,7 +159,8 @@ pub(crate) fn gunzip(message: &[u8], limit: usize) -> Result<Vec<u8>, tonic::Sta
         })?;
     if read > limit {
         return Err(tonic::Status::resource_exhausted(format!(
-            "a compressed message decompresses to more than the limit of {limit} bytes"
+            "a compressed message decompresses to more than the limit of {limit} bytes \
+             (MessageLimits::max_decoding_message_size)"
         )));
     }
     Ok(out)
