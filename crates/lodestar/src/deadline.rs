@@ -111,7 +111,7 @@ pub(crate) fn outbound(
     current: Option<Deadline>,
     default: Option<Duration>,
 ) -> Result<Option<Deadline>, tonic::Status> {
-    let own = timeout(headers.get(&grpc_timeout::HEADER))?;
+    let own = timeout(crate::headers::find_header(headers, &grpc_timeout::HEADER))?;
     if own.is_none() && default.is_none() {
         // The common call: no clock read.
         return Ok(current);

@@ -57,6 +57,7 @@ mod frames;
 #[doc(hidden)]
 pub mod fuzzing;
 mod grpc_timeout;
+mod headers;
 mod io;
 
 mod rt;

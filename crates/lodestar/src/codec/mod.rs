@@ -23,7 +23,7 @@ pub(crate) const CONTENT_TYPE: &str = "application/grpc+json";
 /// Whether `headers` say the messages are JSON (`application/grpc+json`,
 /// parameters allowed).
 pub(crate) fn is_json(headers: &http::HeaderMap) -> bool {
-    let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
+    let Some(value) = crate::headers::find_header(headers, &http::header::CONTENT_TYPE) else {
         return false;
     };
     // Every call asks: bytes only, no UTF-8 check or splitting; and most

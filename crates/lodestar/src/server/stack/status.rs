@@ -22,7 +22,8 @@ use hyper::body::Incoming;
 
 use super::call_end::{Call, CallEnd};
 use super::request::RequestBody;
-use super::{GRPC_STATUS, ResponseBody, find_header, has_header, reject};
+use super::{GRPC_STATUS, ResponseBody, reject};
+use crate::headers::{find_header, has_header};
 use crate::codec as json;
 use crate::server::budget::EndsCall;
 

@@ -51,7 +51,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         // Most calls carry none: look for the header by a ready-made name first.
         const TRACEPARENT: HeaderName = HeaderName::from_static(crate::trace::TRACEPARENT);
-        let context = match super::has_header(request.headers(), &TRACEPARENT) {
+        let context = match crate::headers::has_header(request.headers(), &TRACEPARENT) {
             true => TraceContext::from_headers(request.headers()),
             false => None,
         };
