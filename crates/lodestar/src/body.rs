@@ -341,7 +341,25 @@ impl FrameLimit {
     /// Follows `data`. On an oversized message, returns how many leading
     /// bytes of `data` are complete messages (or parts of them) before the
     /// oversized message's header, and the status to end the call with.
+    #[inline]
     fn scan(&mut self, data: &Bytes) -> Result<(), (usize, tonic::Status)> {
+        // One whole message within the limit, at a message boundary (a
+        // unary call's usual chunk): checked in place.
+        if self.have == 0
+            && self.remaining == 0
+            && self.flags.is_none()
+            && let [_, a, b, c, d, ref message @ ..] = data[..]
+        {
+            let len = u32::from_be_bytes([a, b, c, d]);
+            if u64::from(len) == message.len() as u64 && u64::from(len) <= self.limit as u64 {
+                return Ok(());
+            }
+        }
+        self.follow(data)
+    }
+
+    /// [`scan`](Self::scan), any chunk.
+    fn follow(&mut self, data: &Bytes) -> Result<(), (usize, tonic::Status)> {
         let mut chunk = &data[..];
         while chunk.has_remaining() {
             if self.remaining > 0 {
@@ -540,6 +558,11 @@ mod tests {
                 assert_eq!(kept, 0, "split at {split}");
             }
         }
+        // A whole message over the limit, alone in its chunk.
+        let (kept, _) = FrameLimit::new(10)
+            .scan(&Bytes::from(frame(11)))
+            .expect_err("over the limit");
+        assert_eq!(kept, 0);
         let mut limit = FrameLimit::new(10);
         assert!(limit.scan(&Bytes::from(frame(10))).is_ok());
         assert!(limit.scan(&Bytes::from(frame(1))).is_ok());

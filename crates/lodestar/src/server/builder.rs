@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lodestar_core::{Instance, Registry};
-use tonic::service::RoutesBuilder;
 
 use super::connection::ConnectionLimits;
-use super::stack::{Added, Next, RequestBody, ResponseBody, UserLayer};
+use super::stack::{Added, Next, RequestBody, ResponseBody, RouterBuilder, UserLayer};
 use super::{GrpcRoute, ServiceDefinition};
 use crate::MessageLimits;
 use crate::client::IntoRegistry;
@@ -113,7 +112,7 @@ pub struct ServiceBuilder {
 }
 
 /// Adds one service to the routes, with the final message limits.
-pub(super) type AddService = Box<dyn FnOnce(&mut RoutesBuilder, &MessageLimits) + Send>;
+pub(super) type AddService = Box<dyn FnOnce(&mut RouterBuilder, &MessageLimits) + Send>;
 
 impl std::fmt::Debug for ServiceBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

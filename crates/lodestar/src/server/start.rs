@@ -8,7 +8,6 @@ use std::time::Duration;
 use lodestar_core::RegistryError;
 use tokio::sync::watch;
 use tonic::server::NamedService;
-use tonic::service::RoutesBuilder;
 use tonic_health::ServingStatus;
 
 use super::connection::{self, Connections};
@@ -114,7 +113,7 @@ impl ServiceBuilder {
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-        let mut routes = RoutesBuilder::default();
+        let mut routes = stack::RouterBuilder::default();
         for add in self.services {
             add(&mut routes, &self.limits);
         }
@@ -122,7 +121,7 @@ impl ServiceBuilder {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let routes = routes.routes().prepare();
+        let routes = routes.build();
 
         let events = Arc::new(Announcer::new());
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -17,7 +17,8 @@
 //!    response stream (`deadline.rs`);
 //! 6. **codec**: JSON transcoding and response compression (`codec.rs`);
 //! 7. **body limits**: message size limits both ways (`limits.rs`);
-//! 8. **routes**: the services, health and reflection (`routes.rs`).
+//! 8. **routes**: the services, health and reflection (`routes.rs`,
+//!    `router.rs`).
 //!
 //! Everything is built once when the server starts; each connection gets a
 //! copy, and each call a clone of that copy's reference. Per call, the
@@ -35,6 +36,7 @@ mod codec;
 mod deadline;
 mod limits;
 mod request;
+mod router;
 mod routes;
 mod status;
 mod trace;
@@ -48,11 +50,11 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use tonic::service::Routes;
 use tower::{Service, ServiceBuilder};
 
 pub use call_end::{CallEnd, CallOutcome};
 pub use request::RequestBody;
+pub(crate) use router::{Router, RouterBuilder};
 pub use user::Next;
 pub(crate) use user::{Added, UserLayer};
 
@@ -103,7 +105,7 @@ pub(crate) struct Stack {
 impl Stack {
     /// Builds the stack over `routes`, with the user's `layers`.
     pub(crate) fn build(
-        routes: Routes,
+        routes: Router,
         settings: Settings,
         layers: Vec<Box<dyn UserLayer>>,
     ) -> Self {

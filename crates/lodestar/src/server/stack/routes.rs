@@ -1,5 +1,5 @@
 //! The routes: the services added, and health and reflection, by path
-//! (tonic's router). Their future is the one of lodestar's layers below
+//! (see `router.rs`). Their future is the one of lodestar's layers below
 //! the user's: it carries out the [`Plan`] those layers made on the way in
 //! (the deadline, the codec, the send limit) when the handler answers, and
 //! sends the handler's [`Trailers`](crate::Trailers) after the messages.
@@ -9,23 +9,20 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use tonic::service::Routes;
 use tower::Service;
 
 use super::request::{Plan, RequestBody};
+use super::router::{RouteFuture, Router};
 use super::{ResponseBody, reject};
-
-/// The response future of tonic's router.
-type Routed = <Routes as Service<Request<RequestBody>>>::Future;
 
 /// Routes each call to its service and method.
 #[derive(Debug, Clone)]
 pub(crate) struct RoutesService {
-    routes: Routes,
+    routes: Router,
 }
 
 impl RoutesService {
-    pub(crate) fn new(routes: Routes) -> Self {
+    pub(crate) fn new(routes: Router) -> Self {
         Self { routes }
     }
 }
@@ -35,8 +32,9 @@ impl Service<Request<RequestBody>> for RoutesService {
     type Error = std::convert::Infallible;
     type Future = RoutesFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::<Request<RequestBody>>::poll_ready(&mut self.routes, cx)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Always ready: each service's readiness is awaited in its call.
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut request: Request<RequestBody>) -> RoutesFuture {
@@ -71,8 +69,7 @@ pin_project_lite::pin_project! {
     #[project = StateProj]
     enum State {
         Routed {
-            #[pin]
-            inner: Routed,
+            inner: RouteFuture,
             plan: Option<Plan>,
         },
         /// Refused before the handler: the status, and whether the call is JSON.
@@ -84,7 +81,7 @@ impl Future for RoutesFuture {
     type Output = Result<Response<ResponseBody>, std::convert::Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (mut inner, plan) = match self.project().state.project() {
+        let (inner, plan) = match self.project().state.project() {
             StateProj::Routed { inner, plan } => (inner, plan),
             StateProj::Refused { refusal } => {
                 return match refusal.take() {
