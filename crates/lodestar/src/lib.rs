@@ -60,7 +60,6 @@ mod grpc_timeout;
 mod headers;
 mod io;
 
-mod rt;
 pub mod server;
 mod status;
 pub mod tls;
@@ -102,8 +101,8 @@ pub struct Trailers(pub tonic::metadata::MetadataMap);
 /// (`tcp_keepalive`), which the kernel runs at no cost per call. HTTP/2
 /// keepalive PINGs are off by default: gRPC servers in every language
 /// refuse a client's PINGs more often than every 5 minutes unless told
-/// otherwise (`GOAWAY` with `too_many_pings`), and hyper's PING bookkeeping
-/// reads the clock on every frame.
+/// otherwise (`GOAWAY` with `too_many_pings`), and on servers hyper's PING
+/// bookkeeping reads the clock on every frame.
 ///
 /// ```
 /// use std::time::Duration;
@@ -117,10 +116,11 @@ pub struct Trailers(pub tonic::metadata::MetadataMap);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Http2Settings {
-    /// Send an HTTP/2 PING after this long without frames from the peer,
-    /// and close the connection if it is not answered within
-    /// `keepalive_timeout`. `None`: never. Default: none. A peer that is a
-    /// gRPC server allows one every 5 minutes at most, by default.
+    /// Send an HTTP/2 PING this often (servers: after this long without
+    /// frames from the client), and close the connection if it is not
+    /// answered within `keepalive_timeout`. `None`: never. Default: none. A
+    /// peer that is a gRPC server allows one every 5 minutes at most, by
+    /// default.
     pub keepalive_interval: Option<std::time::Duration>,
     /// Close the connection if a keepalive PING is not answered within
     /// this; clients also close it if data they sent is not acknowledged
@@ -135,10 +135,11 @@ pub struct Http2Settings {
     /// Servers: how many calls one connection may have open at once; a
     /// client waits for a slot beyond that. Default: 1024.
     pub max_concurrent_streams: u32,
-    /// Size flow-control windows by measured bandwidth and latency
-    /// (BDP), starting from 64 KiB and growing to at most 16 MiB, instead
-    /// of hyper's fixed windows (clients: 5 MiB per connection, 2 MiB per
-    /// call; servers: 1 MiB each). Default: on.
+    /// Servers: size flow-control windows by measured bandwidth and
+    /// latency (BDP), starting from 64 KiB and growing to at most 16 MiB,
+    /// instead of fixed windows of 1 MiB each. Default: on. Clients always
+    /// use fixed windows, large enough not to need it: 2 MiB per call,
+    /// 5 MiB per connection.
     pub adaptive_window: bool,
     /// Servers: how long a new connection has to finish its TLS handshake
     /// and send the HTTP/2 preface before it is closed. Default: 10 s.

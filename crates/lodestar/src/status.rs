@@ -10,7 +10,8 @@ pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("
 /// The code in `headers`' `grpc-status`, if there is one (`UNKNOWN` for a
 /// value that is not a code).
 pub(crate) fn code_in(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    crate::headers::find_header(headers, &GRPC_STATUS).map(|v| tonic::Code::from_bytes(v.as_bytes()))
+    crate::headers::find_header(headers, &GRPC_STATUS)
+        .map(|v| tonic::Code::from_bytes(v.as_bytes()))
 }
 
 /// The error type of tower layers.

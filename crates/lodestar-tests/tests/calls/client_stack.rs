@@ -302,3 +302,59 @@ async fn trace_context_reaches_a_nested_call_unchanged() {
     .into_inner();
     assert_eq!(report.traceparent, "");
 }
+
+/// An HTTP/2 server that takes one request and then neither answers it
+/// nor reads anything more (its PING answers included): an instance that
+/// hangs with the connection open.
+async fn silent_instance() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                let _request = connection.accept().await;
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_pings_close_a_connection_whose_instance_stopped_answering() {
+    let world = World::new();
+    let address = silent_instance().await;
+    world
+        .registry
+        .register(
+            Instance::new("echo", address.to_string()).with_id("silent"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let client = Client::builder(world.registry.clone())
+        .http2(lodestar::Http2Settings {
+            keepalive_interval: Some(Duration::from_millis(100)),
+            keepalive_timeout: Duration::from_millis(200),
+            ..lodestar::Http2Settings::client()
+        })
+        .build();
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let mut request = Request::new(pb::EchoRequest::default());
+    request.set_timeout(Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    // Without PINGs the call would wait for its 30 s deadline.
+    let status = tokio::time::timeout(Duration::from_secs(10), echo.unary(request))
+        .await
+        .expect("the unanswered PING ends the call")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -1,22 +1,57 @@
 //! One lazily opened HTTP/2 connection to one address.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use lodestar_core::sync::MutexExt;
 
-use crate::body::RequestBody;
 use crate::io::Rewind;
 use crate::tls::ClientTls;
 
-pub(crate) type Sender = http2::SendRequest<RequestBody>;
+/// The flow-control window each call's response may fill before it is
+/// read: 2 MiB (hyper's client default).
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// The flow-control window all calls' responses on one connection may
+/// fill before they are read: 5 MiB (hyper's client default).
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The largest header block a response may carry: 16 KiB (hyper's client
+/// default).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How many calls may be open before the server's SETTINGS say how many
+/// it allows: 100 (hyper's client default).
+const FIRST_MAX_STREAMS: usize = 100;
+/// How much of a call's request data HTTP/2 buffers before it stops
+/// granting the call room to send more: 1 MiB (hyper's client default).
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// The handle of an open HTTP/2 connection: opens streams on it.
+#[derive(Debug)]
+pub(crate) struct Sender {
+    h2: h2::client::SendRequest<Bytes>,
+    /// Set by the connection's task when the connection has ended.
+    closed: Arc<AtomicBool>,
+    /// Dropped with the last handle: tells the connection's task, which
+    /// then lets the calls still open finish and closes the connection.
+    _last: oneshot::Sender<()>,
+}
+
+impl Sender {
+    /// The HTTP/2 handle, to clone per call.
+    pub(crate) fn h2(&self) -> &h2::client::SendRequest<Bytes> {
+        &self.h2
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
 
 /// The connection to one address: the sender of the open connection, if
 /// any, readable without locking. Opening one is single-flight, and callers
@@ -136,7 +171,7 @@ impl Connection {
             .map_err(|e| format!("connect to {address}: {e}"))?;
         crate::io::tune(&stream, &settings, Some(settings.keepalive_timeout));
         let Some(tls) = tls else {
-            return self.handshake(TokioIo::new(stream), settings).await;
+            return self.handshake(stream, settings).await;
         };
         let host = address
             .rsplit_once(':')
@@ -155,7 +190,7 @@ impl Connection {
         // With TLS 1.3 a server checks our certificate only after our side of
         // the handshake is done, and refuses with an alert on our first read.
         // Servers speak first in HTTP/2 (their SETTINGS), so read that now,
-        // to report a refusal as what it is, and replay the bytes to hyper.
+        // to report a refusal as what it is, and replay the bytes to HTTP/2.
         let mut stream = stream;
         let mut first = vec![0u8; 16 * 1024];
         // A refusal arrives within a round trip; a server that waits for our
@@ -179,29 +214,68 @@ impl Connection {
             }
             Err(_) => Vec::new(), // a server that waits for us to speak first
         };
-        self.handshake(TokioIo::new(Rewind::new(prefix, stream)), settings)
-            .await
+        self.handshake(Rewind::new(prefix, stream), settings).await
     }
 
     async fn handshake<I>(&self, io: I, settings: crate::Http2Settings) -> Result<Sender, String>
     where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = http2::Builder::new(crate::rt::BoxingExecutor)
-            .timer(TokioTimer::new())
-            .adaptive_window(settings.adaptive_window)
-            .keep_alive_interval(settings.keepalive_interval)
-            .keep_alive_timeout(settings.keepalive_timeout)
-            .handshake(io)
+        let (h2, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .initial_max_send_streams(FIRST_MAX_STREAMS)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {}: {e}", self.address))?;
+        let keepalive = settings
+            .keepalive_interval
+            .zip(connection.ping_pong())
+            .map(|(interval, pings)| keepalive(pings, interval, settings.keepalive_timeout));
+        let closed = Arc::new(AtomicBool::new(false));
+        let (last, dropped) = oneshot::channel();
         let address = self.address.clone();
+        let ended = closed.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%address, error = %e, "connection closed with an error");
+            let keepalive = async move {
+                match keepalive {
+                    Some(keepalive) => keepalive.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let error = tokio::select! {
+                result = &mut connection => result.err().map(|e| e.to_string()),
+                unanswered = keepalive => Some(unanswered),
+                // h2 does not wake the connection when its last handle goes:
+                // now it ends once the calls still open are done.
+                _ = dropped => connection.await.err().map(|e| e.to_string()),
+            };
+            ended.store(true, Ordering::Release);
+            if let Some(error) = error {
+                tracing::debug!(%address, %error, "connection closed with an error");
             }
         });
-        Ok(sender)
+        Ok(Sender {
+            h2,
+            closed,
+            _last: last,
+        })
+    }
+}
+
+/// Sends a PING every `interval`; ends (which closes the connection) with
+/// the reason when one is not answered within `timeout`.
+async fn keepalive(mut pings: h2::PingPong, interval: Duration, timeout: Duration) -> String {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
+            Err(_) => return format!("keepalive PING not answered within {timeout:?}"),
+        }
     }
 }
 

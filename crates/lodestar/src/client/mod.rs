@@ -43,6 +43,7 @@ pub mod observe;
 
 pub mod selector;
 mod stack;
+mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

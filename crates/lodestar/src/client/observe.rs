@@ -35,12 +35,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use lodestar_core::ServiceKey;
 use tokio::time::Instant;
 use tonic::Code;
 
 use super::selector::{Endpoint, Selector};
+use super::stream::Received;
 use crate::Deadline;
 
 /// Sees every attempt of every call a client makes. Closures
@@ -178,12 +178,6 @@ impl AttemptGuard {
         self.sent = true;
     }
 
-    /// The request did not go out after all (the connection was found
-    /// closed first).
-    pub(crate) fn unsent(&mut self) {
-        self.sent = false;
-    }
-
     /// The response's headers arrived.
     pub(crate) fn answered(&self) {
         self.endpoint.stats.record_latency(self.started.elapsed());
@@ -234,25 +228,25 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     pub struct Observed {
         #[pin]
-        inner: Incoming,
+        inner: Received,
         guard: Option<AttemptGuard>,
     }
 }
 
 impl Observed {
-    pub(crate) fn new(inner: Incoming, guard: Option<AttemptGuard>) -> Self {
+    pub(crate) fn new(inner: Received, guard: Option<AttemptGuard>) -> Self {
         Self { inner, guard }
     }
 }
 
 impl Body for Observed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         if this.guard.is_some() {

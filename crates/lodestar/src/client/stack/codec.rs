@@ -181,7 +181,8 @@ where
 impl Receiving {
     fn wrap(self, mut response: Response<Observed>) -> Response<ResponseBody> {
         let limit = self.limit;
-        let gzip = crate::headers::find_header(response.headers(), &GRPC_ENCODING).is_some_and(|e| e.as_bytes() == b"gzip");
+        let gzip = crate::headers::find_header(response.headers(), &GRPC_ENCODING)
+            .is_some_and(|e| e.as_bytes() == b"gzip");
         let decompress = Decompress { limit, gzip };
         // A JSON answer is transcoded back to protobuf for the generated
         // client; compressed messages are decompressed here, so the client

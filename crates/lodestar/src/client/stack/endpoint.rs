@@ -7,11 +7,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
+use h2::RecvStream;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use http_body::Body as _;
-use hyper::body::Incoming;
-use hyper::client::conn::TrySendError;
 use lodestar_core::error::chain;
 
 use super::balance::{AttemptFailure, Balance, Failure};
@@ -20,6 +18,7 @@ use crate::body::{RequestBody, RequestError};
 use crate::client::connection::Sender;
 use crate::client::observe::{AttemptGuard, Observed, Outcome};
 use crate::client::selector::Endpoint;
+use crate::client::stream::{self, NotSent, Received};
 
 /// Sends `request` to `endpoint` and says what is left of it if that
 /// fails. Over an open connection the request goes out now, before the
@@ -69,64 +68,94 @@ fn exchange(
 ) -> impl Future<Output = Result<Response<Observed>, Failure>> + Send + use<> {
     set_origin(&mut request, &endpoint, balance.config.tls.is_some());
     let request_error = request.body().error().clone();
-    guard.sent();
-    let pending = Sender::clone(&sender).try_send_request(request);
-    Exchange {
-        pending,
-        sent: Some(Sent {
-            endpoint,
-            sender,
-            request_error,
-            guard,
-        }),
+    match stream::send(&sender, request) {
+        Ok(sent) => {
+            guard.sent();
+            Either::Left(Exchange {
+                response: sent.response,
+                waiting: Some(Waiting {
+                    endpoint,
+                    sender,
+                    request_error,
+                    guard,
+                    cancel: sent.cancel,
+                }),
+            })
+        }
+        Err(NotSent::Connection { request, error }) => {
+            // Closing or going away: the next call opens a new connection,
+            // and this one may go anywhere, as it never left.
+            endpoint.connection.reset(&sender);
+            let message = format!("{} ({})", chain(&error), endpoint.instance.address);
+            guard.finish(Outcome::Transport(message.clone()));
+            let leftover = Leftover::Untouched {
+                request: *request,
+                same_endpoint: true,
+            };
+            Either::Right(std::future::ready(Err(failed(
+                &endpoint, leftover, message,
+            ))))
+        }
+        Err(NotSent::Refused(error)) => {
+            let status = tonic::Status::internal(format!(
+                "HTTP/2 refused the request to {}: {}",
+                endpoint.instance.address,
+                chain(&error)
+            ));
+            guard.finish(Outcome::Status(status.code()));
+            Either::Right(std::future::ready(Err(failed(
+                &endpoint,
+                Leftover::Fail(status),
+                String::new(),
+            ))))
+        }
     }
 }
 
 pin_project_lite::pin_project! {
     /// An attempt sent, waiting for the response's headers.
-    struct Exchange<F> {
+    struct Exchange {
         #[pin]
-        pending: F,
+        response: h2::client::ResponseFuture,
         // Taken when the response comes.
-        sent: Option<Sent>,
+        waiting: Option<Waiting>,
     }
 }
 
 /// What an attempt needs to know once its response (or error) comes.
-struct Sent {
+struct Waiting {
     endpoint: Arc<Endpoint>,
     sender: Arc<Sender>,
     request_error: RequestError,
     guard: AttemptGuard,
+    cancel: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-impl<F> Future for Exchange<F>
-where
-    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
-{
+impl Future for Exchange {
     type Output = Result<Response<Observed>, Failure>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = std::task::ready!(this.pending.poll(cx));
-        match this.sent.take() {
-            Some(sent) => Poll::Ready(sent.outcome(result)),
+        let result = std::task::ready!(this.response.poll(cx));
+        match this.waiting.take() {
+            Some(waiting) => Poll::Ready(waiting.outcome(result)),
             // Polled after it was ready: a bug in the caller; never hang.
             None => Poll::Ready(Err(Failure::NoEndpoint)),
         }
     }
 }
 
-impl Sent {
+impl Waiting {
     fn outcome(
         self,
-        result: Result<Response<Incoming>, TrySendError<Request<RequestBody>>>,
+        result: Result<Response<RecvStream>, h2::Error>,
     ) -> Result<Response<Observed>, Failure> {
-        let Sent {
+        let Waiting {
             endpoint,
             sender,
             request_error,
-            mut guard,
+            guard,
+            cancel,
         } = self;
         match result {
             Ok(response) => {
@@ -145,33 +174,22 @@ impl Sent {
                     }
                     None => Some(guard),
                 };
-                Ok(response.map(|body| Observed::new(body, guard)))
+                Ok(response.map(|body| Observed::new(Received::new(body, cancel), guard)))
             }
-            Err(mut e) => {
+            Err(e) => {
                 if let Some(status) = request_error.get().cloned() {
                     // Our own request body failed (e.g. a message over the
                     // send limit): that is the error, and the connection is fine.
                     guard.finish(Outcome::Status(status.code()));
                     return Err(failed(&endpoint, Leftover::Fail(status), String::new()));
                 }
-                if !is_stream_error(e.error()) {
+                if !e.is_reset() || e.is_go_away() {
+                    // Not just this stream: the connection failed.
                     endpoint.connection.reset(&sender);
                 }
-                // hyper's own message alone ("http2 error") rarely says what happened.
-                let message = format!("{} ({})", chain(e.error()), endpoint.instance.address);
-                let leftover = match e.take_message() {
-                    Some(request) => {
-                        // It never went out: the attempt was not sent after all.
-                        guard.unsent();
-                        Leftover::Untouched {
-                            request,
-                            same_endpoint: true,
-                        }
-                    }
-                    None => Leftover::Replay,
-                };
+                let message = format!("{} ({})", chain(&e), endpoint.instance.address);
                 guard.finish(Outcome::Transport(message.clone()));
-                Err(failed(&endpoint, leftover, message))
+                Err(failed(&endpoint, Leftover::Replay, message))
             }
         }
     }
@@ -184,17 +202,6 @@ fn failed(endpoint: &Endpoint, leftover: Leftover, message: String) -> Failure {
         address: endpoint.instance.address.clone(),
         connection: endpoint.connection.clone(),
     }))
-}
-
-fn is_stream_error(error: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_reset() && !h2.is_go_away();
-        }
-        source = e.source();
-    }
-    false
 }
 
 fn set_origin(request: &mut Request<RequestBody>, endpoint: &Endpoint, tls: bool) {

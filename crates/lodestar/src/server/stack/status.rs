@@ -23,8 +23,8 @@ use hyper::body::Incoming;
 use super::call_end::{Call, CallEnd};
 use super::request::RequestBody;
 use super::{GRPC_STATUS, ResponseBody, reject};
-use crate::headers::{find_header, has_header};
 use crate::codec as json;
+use crate::headers::{find_header, has_header};
 use crate::server::budget::EndsCall;
 
 /// Maps errors to statuses and reports each call's end.
