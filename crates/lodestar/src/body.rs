@@ -194,10 +194,11 @@ where
             };
             // A server's response is encoded here: messages over the send
             // limit are refused before they are encoded.
-            let (frame, refused) = match (*this.side, this.limit.as_ref()) {
+            let (frame, encoded) = match (*this.side, this.limit.as_ref()) {
                 (Side::ServerResponse, Some(limit)) => codec::with_send_limit(limit.limit, poll),
-                _ => (poll(), None),
+                _ => (poll(), codec::Encoded::default()),
             };
+            let refused = encoded.refused;
             let Poll::Ready(frame) = frame else {
                 return Poll::Pending;
             };
@@ -254,7 +255,7 @@ where
                 *this.pending = Some(status);
                 data = data.slice(..refused.offset_in(&data));
             } else if let Some(limit) = this.limit.as_mut()
-                && let Err((valid, status)) = limit.scan(&data)
+                && let Err((valid, status)) = limit.scan_sent(&data, &encoded)
             {
                 // Deliver the complete messages before the oversized one first.
                 *this.pending = Some(status);
@@ -336,6 +337,20 @@ impl FrameLimit {
             remaining: 0,
             flags: None,
         }
+    }
+
+    /// As [`scan`](Self::scan), but data that the encoder yielded having
+    /// checked each message's size (whole messages, see
+    /// [`Encoded::checked`](codec::Encoded::checked)) passes as it is.
+    fn scan_sent(
+        &mut self,
+        data: &Bytes,
+        encoded: &codec::Encoded,
+    ) -> Result<(), (usize, tonic::Status)> {
+        if encoded.checked > 0 && self.have == 0 && self.remaining == 0 {
+            return Ok(());
+        }
+        self.scan(data)
     }
 
     /// Follows `data`. On an oversized message, returns how many leading
@@ -467,9 +482,11 @@ impl Body for RequestBody {
         loop {
             // The request is encoded here: messages over the send limit are
             // refused before they are encoded.
-            let (frame, refused) =
+            let (frame, encoded) =
                 codec::with_send_limit(this.limit.limit, || inner.as_mut().poll_frame(cx));
-            let refused = refused.map(|r| (too_large(r.len as u64, this.limit.limit), r));
+            let refused = encoded
+                .refused
+                .map(|r| (too_large(r.len as u64, this.limit.limit), r));
             if let Some((status, _)) = &refused
                 && !matches!(&frame, Poll::Ready(Some(Ok(frame))) if frame.is_data())
             {
@@ -487,7 +504,7 @@ impl Body for RequestBody {
             if let Some((status, refused)) = refused {
                 *this.pending = Some(status);
                 data = data.slice(..refused.offset_in(&data));
-            } else if let Err((valid, status)) = this.limit.scan(&data) {
+            } else if let Err((valid, status)) = this.limit.scan_sent(&data, &encoded) {
                 *this.pending = Some(status);
                 data = data.slice(..valid);
             }

@@ -8,7 +8,6 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
 use lodestar_core::sync::MutexExt;
 
@@ -39,7 +38,7 @@ pub(crate) struct Sender {
     closed: Arc<AtomicBool>,
     /// Dropped with the last handle: tells the connection's task, which
     /// then lets the calls still open finish and closes the connection.
-    _last: oneshot::Sender<()>,
+    _last: super::stream::OnDrop,
 }
 
 impl Sender {
@@ -236,7 +235,7 @@ impl Connection {
             .zip(connection.ping_pong())
             .map(|(interval, pings)| keepalive(pings, interval, settings.keepalive_timeout));
         let closed = Arc::new(AtomicBool::new(false));
-        let (last, dropped) = oneshot::channel();
+        let (last, dropped) = super::stream::drop_signal();
         let address = self.address.clone();
         let ended = closed.clone();
         tokio::spawn(async move {
@@ -247,6 +246,7 @@ impl Connection {
                 }
             };
             let error = tokio::select! {
+                biased;
                 result = &mut connection => result.err().map(|e| e.to_string()),
                 unanswered = keepalive => Some(unanswered),
                 // h2 does not wake the connection when its last handle goes:

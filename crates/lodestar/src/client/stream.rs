@@ -15,14 +15,16 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use h2::client::ResponseFuture;
 use h2::{Reason, RecvStream, SendStream};
 use http::Request;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::oneshot;
 
 use crate::body::RequestBody;
 use crate::client::connection::Sender;
@@ -32,7 +34,7 @@ pub(crate) struct Sent {
     pub(crate) response: ResponseFuture,
     /// Dropped with the call: tells the task sending the rest of the body
     /// (if one was needed) to stop.
-    pub(crate) cancel: Option<oneshot::Sender<()>>,
+    pub(crate) cancel: Option<OnDrop>,
 }
 
 /// Why a request was not sent.
@@ -79,13 +81,65 @@ pub(crate) fn send(sender: &Sender, request: Request<RequestBody>) -> Result<Sen
             cancel: None,
         });
     }
-    let (cancel, cancelled) = oneshot::channel();
-    pipe.cancel = Some(cancelled);
+    let (cancel, dropped) = drop_signal();
+    pipe.cancel = Some(dropped);
     tokio::spawn(pipe);
     Ok(Sent {
         response,
         cancel: Some(cancel),
     })
+}
+
+/// A signal that one side gives by dropping its half ([`OnDrop`]) and
+/// the other awaits ([`Dropped`]): cheaper to check on every poll than a
+/// channel, as it is only a load until it fires.
+pub(crate) fn drop_signal() -> (OnDrop, Dropped) {
+    let signal = Arc::new(Signal::default());
+    (OnDrop(signal.clone()), Dropped(signal))
+}
+
+#[derive(Debug, Default)]
+struct Signal {
+    dropped: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// Fires its [`Dropped`] when dropped.
+#[derive(Debug)]
+pub(crate) struct OnDrop(Arc<Signal>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.dropped.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+}
+
+/// Resolves when its [`OnDrop`] is dropped.
+#[derive(Debug)]
+pub(crate) struct Dropped(Arc<Signal>);
+
+impl Dropped {
+    /// Whether it has fired (no waker is registered).
+    fn fired(&self) -> bool {
+        self.0.dropped.load(Ordering::Acquire)
+    }
+}
+
+impl Future for Dropped {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.fired() {
+            return Poll::Ready(());
+        }
+        self.0.waker.register(cx.waker());
+        // Fired between the check and the registration: seen now.
+        if self.fired() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
 }
 
 /// Sends a request's body on its stream.
@@ -98,8 +152,30 @@ struct Pipe {
     /// Whether data went out since the window last had room: the next
     /// read of the body waits for room first.
     needs_room: bool,
-    /// Resolves when the call is dropped (only once the pipe is a task).
-    cancel: Option<oneshot::Receiver<()>>,
+    /// Says when the call is dropped (once the pipe is a task of its own).
+    cancel: Option<Dropped>,
+}
+
+impl Pipe {
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(Dropped::fired)
+    }
+
+    /// Waits for what is awaited (body, room), and also for the server to
+    /// reset the stream or the call to be dropped.
+    fn park(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // The server ended the call (it needs no more of the body).
+        if self.stream.poll_reset(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if let Some(cancel) = self.cancel.as_mut()
+            && Pin::new(cancel).poll(cx).is_ready()
+        {
+            self.stream.send_reset(Reason::CANCEL);
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
 }
 
 impl Future for Pipe {
@@ -108,20 +184,14 @@ impl Future for Pipe {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         loop {
-            if let Some(cancel) = this.cancel.as_mut()
-                && Pin::new(cancel).poll(cx).is_ready()
-            {
+            if this.cancelled() {
                 this.stream.send_reset(Reason::CANCEL);
-                return Poll::Ready(());
-            }
-            // The server ended the call (it needs no more of the body).
-            if this.stream.poll_reset(cx).is_ready() {
                 return Poll::Ready(());
             }
             if this.needs_room {
                 this.stream.reserve_capacity(1);
                 match this.stream.poll_capacity(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => return this.park(cx),
                     Poll::Ready(Some(Ok(_))) => this.needs_room = false,
                     // The stream is closed.
                     Poll::Ready(None | Some(Err(_))) => return Poll::Ready(()),
@@ -129,13 +199,15 @@ impl Future for Pipe {
             }
             match Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Pending => {
-                    let Some(data) = this.held.take() else {
-                        return Poll::Pending;
-                    };
-                    if this.stream.send_data(data, false).is_err() {
-                        return Poll::Ready(());
+                    // The body wakes this when it has more; room is
+                    // awaited then, before it is read.
+                    if let Some(data) = this.held.take() {
+                        if this.stream.send_data(data, false).is_err() {
+                            return Poll::Ready(());
+                        }
+                        this.needs_room = true;
                     }
-                    this.needs_room = true;
+                    return this.park(cx);
                 }
                 Poll::Ready(None) => {
                     let data = this.held.take().unwrap_or_default();
@@ -179,11 +251,11 @@ pub(crate) struct Received {
     stream: RecvStream,
     data_done: bool,
     /// Held for as long as the response is: see [`Sent::cancel`].
-    _cancel: Option<oneshot::Sender<()>>,
+    _cancel: Option<OnDrop>,
 }
 
 impl Received {
-    pub(crate) fn new(stream: RecvStream, cancel: Option<oneshot::Sender<()>>) -> Self {
+    pub(crate) fn new(stream: RecvStream, cancel: Option<OnDrop>) -> Self {
         Self {
             stream,
             data_done: false,

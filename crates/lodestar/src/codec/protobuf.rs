@@ -102,9 +102,20 @@ thread_local! {
     static SCOPE: Cell<Option<Scope>> = const { Cell::new(None) };
 }
 
+/// What the encoder did during one poll of a body.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Encoded {
+    /// The first message refused, if any.
+    pub(crate) refused: Option<Refused>,
+    /// How many messages were encoded (or refused) with the limit checked.
+    /// When some were, the data the poll yielded is those messages' frames,
+    /// whole: it need not be scanned for their sizes again.
+    pub(crate) checked: usize,
+}
+
 /// Runs `poll` (which may encode messages) with `limit` as the send limit.
-/// Returns what `poll` returned, and the first message refused, if any.
-pub(crate) fn with_send_limit<R>(limit: usize, poll: impl FnOnce() -> R) -> (R, Option<Refused>) {
+/// Returns what `poll` returned, and what the encoder did.
+pub(crate) fn with_send_limit<R>(limit: usize, poll: impl FnOnce() -> R) -> (R, Encoded) {
     /// Puts the outer scope back, even if `poll` panics.
     struct Restore(Option<Scope>);
     impl Drop for Restore {
@@ -118,8 +129,11 @@ pub(crate) fn with_send_limit<R>(limit: usize, poll: impl FnOnce() -> R) -> (R, 
         refused: None,
     })));
     let out = poll();
-    let refused = SCOPE.get().and_then(|scope| scope.refused);
-    (out, refused)
+    let encoded = SCOPE.get().map_or_else(Encoded::default, |scope| Encoded {
+        refused: scope.refused,
+        checked: scope.encoded,
+    });
+    (out, encoded)
 }
 
 /// Whether a message of `len` bytes may be encoded now; records it if not.
@@ -166,7 +180,9 @@ mod tests {
         let mut body = std::pin::pin!(body);
         let waker = futures_util::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
-        let (frame, refused) = with_send_limit(100, || body.as_mut().poll_frame(&mut cx));
+        let (frame, encoded) = with_send_limit(100, || body.as_mut().poll_frame(&mut cx));
+        assert_eq!(encoded.checked, 3, "each message, refused or not");
+        let refused = encoded.refused;
         let data = match frame {
             std::task::Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap(),
             other => panic!("{other:?}"),

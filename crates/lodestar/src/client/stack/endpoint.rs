@@ -128,7 +128,7 @@ struct Waiting {
     sender: Arc<Sender>,
     request_error: RequestError,
     guard: AttemptGuard,
-    cancel: Option<tokio::sync::oneshot::Sender<()>>,
+    cancel: Option<stream::OnDrop>,
 }
 
 impl Future for Exchange {
