@@ -12,9 +12,11 @@ use lodestar_tests::pb::NestedRequest;
 use lodestar_tests::pb::echo_server::EchoServer;
 use lodestar_tests::*;
 
-/// An HTTP/2 server that takes each request and then drops its connection
-/// without answering: an instance dying while it holds the call.
-async fn dying_instance() -> std::net::SocketAddr {
+/// An HTTP/2 server that takes one request on each connection and never
+/// answers it. Unless `hang`, it then drops the connection: an instance
+/// dying while it holds the call. With `hang`, it reads nothing more (no
+/// PING is answered) and holds the connection open: an instance that hangs.
+async fn unanswering_instance(hang: bool) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -23,8 +25,10 @@ async fn dying_instance() -> std::net::SocketAddr {
                 let Ok(mut connection) = h2::server::handshake(stream).await else {
                     return;
                 };
-                // Takes one request, then the connection goes down with it.
                 let _request = connection.accept().await;
+                if hang {
+                    std::future::pending::<()>().await;
+                }
             });
         }
     });
@@ -60,7 +64,7 @@ async fn user_layers_see_one_call_and_the_observer_every_attempt() {
     // Ids sort: a, then b, then the live c.
     let mut dying = Vec::new();
     for id in ["a-dying", "b-dying"] {
-        let address = dying_instance().await;
+        let address = unanswering_instance(false).await;
         dying.push(address.to_string());
         world
             .registry
@@ -303,30 +307,10 @@ async fn trace_context_reaches_a_nested_call_unchanged() {
     assert_eq!(report.traceparent, "");
 }
 
-/// An HTTP/2 server that takes one request and then neither answers it
-/// nor reads anything more (its PING answers included): an instance that
-/// hangs with the connection open.
-async fn silent_instance() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                let _request = connection.accept().await;
-                std::future::pending::<()>().await;
-            });
-        }
-    });
-    address
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_pings_close_a_connection_whose_instance_stopped_answering() {
     let world = World::new();
-    let address = silent_instance().await;
+    let address = unanswering_instance(true).await;
     world
         .registry
         .register(
