@@ -39,6 +39,15 @@ pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output
     }
 }
 
+/// The message of the next reply on `replies`, which must come (within
+/// [`TIMEOUT`]) and be a reply, not the stream's end or an error.
+pub async fn next_message(what: &str, replies: &mut Streaming<EchoReply>) -> String {
+    match bounded(what, replies.message()).await {
+        Ok(Some(reply)) => reply.message,
+        other => panic!("{what}: expected a reply, got {other:?}"),
+    }
+}
+
 /// Something a handler reports to the test.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

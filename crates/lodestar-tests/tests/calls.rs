@@ -755,14 +755,7 @@ async fn an_oversized_message_in_the_middle_of_a_stream_is_resource_exhausted() 
     })
     .await
     .unwrap();
-    assert_eq!(
-        bounded("reply", replies.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .message,
-        "small"
-    );
+    assert_eq!(next_message("reply", &mut replies).await, "small");
     tx.send(EchoRequest {
         message: String::new(),
         payload: vec![0; 4096],

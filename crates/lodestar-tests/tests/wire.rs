@@ -174,16 +174,21 @@ async fn a_server_compresses_for_clients_that_accept_it_and_only_for_them() {
     running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_decompresses_replies_itself_however_its_generated_client_was_made() {
-    let world = World::new();
-    let running = Service::builder("echo")
+/// An echo service that compresses its replies with gzip.
+async fn gzip_echo(world: &World) -> lodestar::RunningService {
+    Service::builder("echo")
         .registry(world.registry.clone())
         .send_compressed(Encoding::Gzip)
         .add_service(EchoServer::new(world.echo("a")))
         .start()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_decompresses_replies_itself_however_its_generated_client_was_made() {
+    let world = World::new();
+    let running = gzip_echo(&world).await;
     let client = lodestar::Client::builder(world.registry.clone())
         .inspect_compression(true)
         .build();
@@ -247,13 +252,7 @@ async fn a_client_decompresses_replies_itself_however_its_generated_client_was_m
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_reply_over_the_clients_limit_once_decompressed_is_refused() {
     let world = World::new();
-    let running = Service::builder("echo")
-        .registry(world.registry.clone())
-        .send_compressed(Encoding::Gzip)
-        .add_service(EchoServer::new(world.echo("a")))
-        .start()
-        .await
-        .unwrap();
+    let running = gzip_echo(&world).await;
     // 64 KiB of one letter is a few hundred bytes compressed: under the
     // limit on the wire, far over it decompressed.
     let limit = 4096;

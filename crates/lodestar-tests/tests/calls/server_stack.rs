@@ -584,14 +584,7 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
     .await
     .unwrap()
     .into_inner();
-    assert_eq!(
-        bounded("the first reply", replies.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .message,
-        "a"
-    );
+    assert_eq!(next_message("the first reply", &mut replies).await, "a");
     let status = bounded("the stream's end", replies.next())
         .await
         .unwrap()
@@ -638,14 +631,7 @@ async fn a_layer_learns_the_final_status_of_every_call_kind() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        bounded("the first reply", replies.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .message,
-        "a"
-    );
+    assert_eq!(next_message("the first reply", &mut replies).await, "a");
     connection.cut();
     assert_eq!(ended(&mut seen, "Bidi").await.0, Code::Cancelled);
 
