@@ -336,6 +336,13 @@ async fn keepalive_pings_close_a_connection_whose_instance_stopped_answering() {
         .expect("the unanswered PING ends the call")
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // It says why the connection went, not only that the stream broke.
+    assert!(
+        status
+            .message()
+            .contains("the connection was closed: keepalive PING not answered within 200ms"),
+        "{status:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",

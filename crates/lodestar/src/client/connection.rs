@@ -1,7 +1,7 @@
 //! One lazily opened HTTP/2 connection to one address.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -35,7 +35,7 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 pub(crate) struct Sender {
     h2: h2::client::SendRequest<Bytes>,
     /// Set by the connection's task when the connection has ended.
-    closed: Arc<AtomicBool>,
+    ended: Arc<Ended>,
     /// Dropped with the last handle: tells the connection's task, which
     /// then lets the calls still open finish and closes the connection.
     _last: super::stream::OnDrop,
@@ -48,8 +48,27 @@ impl Sender {
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.ended.closed.load(Ordering::Acquire)
     }
+
+    /// What a call on this connection failed with (`error`), and why the
+    /// connection closed, if it did with an error: h2 tells each call only
+    /// that its stream broke.
+    pub(crate) fn failure(&self, error: &h2::Error) -> String {
+        let error = lodestar_core::error::chain(error);
+        match self.ended.error.get() {
+            Some(closed) => format!("{error}; the connection was closed: {closed}"),
+            None => error,
+        }
+    }
+}
+
+/// How a connection ended, as its task records it.
+#[derive(Debug, Default)]
+struct Ended {
+    closed: AtomicBool,
+    /// Why, if the connection failed (set before `closed`).
+    error: OnceLock<String>,
 }
 
 /// The connection to one address: the sender of the open connection, if
@@ -234,10 +253,10 @@ impl Connection {
             .keepalive_interval
             .zip(connection.ping_pong())
             .map(|(interval, pings)| keepalive(pings, interval, settings.keepalive_timeout));
-        let closed = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(Ended::default());
         let (last, dropped) = super::stream::drop_signal();
         let address = self.address.clone();
-        let ended = closed.clone();
+        let record = ended.clone();
         tokio::spawn(async move {
             let keepalive = async move {
                 match keepalive {
@@ -253,14 +272,16 @@ impl Connection {
                 // now it ends once the calls still open are done.
                 _ = dropped => connection.await.err().map(|e| e.to_string()),
             };
-            ended.store(true, Ordering::Release);
             if let Some(error) = error {
                 tracing::debug!(%address, %error, "connection closed with an error");
+                let _ = record.error.set(error);
             }
+            // Before the connection is dropped, which fails its calls.
+            record.closed.store(true, Ordering::Release);
         });
         Ok(Sender {
             h2,
-            closed,
+            ended,
             _last: last,
         })
     }

@@ -86,7 +86,7 @@ fn exchange(
             // Closing or going away: the next call opens a new connection,
             // and this one may go anywhere, as it never left.
             endpoint.connection.reset(&sender);
-            let message = format!("{} ({})", chain(&error), endpoint.instance.address);
+            let message = format!("{} ({})", sender.failure(&error), endpoint.instance.address);
             guard.finish(Outcome::Transport(message.clone()));
             let leftover = Leftover::Untouched {
                 request: *request,
@@ -187,7 +187,7 @@ impl Waiting {
                     // Not just this stream: the connection failed.
                     endpoint.connection.reset(&sender);
                 }
-                let message = format!("{} ({})", chain(&e), endpoint.instance.address);
+                let message = format!("{} ({})", sender.failure(&e), endpoint.instance.address);
                 guard.finish(Outcome::Transport(message.clone()));
                 Err(failed(&endpoint, Leftover::Replay, message))
             }
