@@ -1,4 +1,11 @@
-//! Body wrappers that enforce a call's deadline and the limits on message size.
+//! The bodies of gRPC calls as lodestar wraps them: what each message
+//! passes through ([`Messages`]: the size limit, then compression or
+//! transcoding), a received body's deadline ([`CallBody`]), and a client's
+//! request ([`RequestBody`]). The server's response body, which shares
+//! [`Messages`] and [`Timer`], is `server/stack/response.rs`.
+//!
+//! Each poll hands the frame it got straight on: these bodies sit on the
+//! path of every message, and a frame is over 100 bytes to move.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,7 +17,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use crate::codec;
+use crate::codec::{self, Encoded, SendScope};
 use crate::compression::ReceivedFlags;
 use crate::deadline::{self, Deadline};
 use crate::frames::Reframer;
@@ -21,18 +28,196 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// the caller learns *why* a call failed rather than that a stream was reset.
 pub(crate) type RequestError = Arc<OnceLock<tonic::Status>>;
 
-/// Which body a [`CallBody`] wraps, which decides how it ends a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
-    /// A body being received: it fails, and the reader gets the status.
-    Received,
-    /// A server's response being sent: it ends with trailers carrying the
-    /// status, and the handler's stream is dropped.
-    ServerResponse,
+/// A call's deadline and its timer.
+#[derive(Debug)]
+pub(crate) struct Timer {
+    deadline: Deadline,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Timer {
+    /// A timer for `deadline`: `sleep` if given (one already set for it).
+    pub(crate) fn new(deadline: Deadline, sleep: Option<Pin<Box<Sleep>>>) -> Self {
+        Self {
+            deadline,
+            sleep: sleep.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline.instant()))),
+        }
+    }
+
+    /// The deadline.
+    pub(crate) fn deadline(&self) -> Deadline {
+        self.deadline
+    }
+
+    /// Whether the deadline has passed; if not, `cx` is woken when it does.
+    pub(crate) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// What [`Messages::pass`] made of a chunk of data.
+#[derive(Debug)]
+pub(crate) enum Passed {
+    /// Data to yield.
+    Data,
+    /// Nothing yet: a message is still incomplete.
+    Incomplete,
+    /// The call ends with this status (boxed: this is returned for
+    /// every chunk, and rarely this).
+    End(Box<tonic::Status>),
+}
+
+/// What each message of a body passes through, in order: the limit on its
+/// size, then the rewrite (decompression, transcoding, compression).
+///
+/// A message over the limit ends the call with `RESOURCE_EXHAUSTED`; the
+/// complete messages before it are still delivered, and none of it is
+/// buffered (nor, for a body being sent, encoded).
+#[derive(Debug, Default)]
+pub(crate) struct Messages {
+    limit: Option<FrameLimit>,
+    // Boxed: rare (compression, JSON), and bodies are moved often.
+    reframer: Option<Box<Reframer>>,
+    // An error to yield on the next poll, after the data before it
+    // (boxed: checked on every poll, and rarely there).
+    pending: Option<Box<tonic::Status>>,
+}
+
+impl Messages {
+    /// Messages limited to `limit` bytes, if given.
+    pub(crate) fn new(limit: Option<usize>) -> Self {
+        Self {
+            limit: limit.map(FrameLimit::new),
+            ..Self::default()
+        }
+    }
+
+    /// Refuses messages over `limit` bytes (keeping any flags recorded).
+    pub(crate) fn set_limit(&mut self, limit: usize) {
+        self.limit
+            .get_or_insert_with(|| FrameLimit::new(limit))
+            .limit = limit;
+    }
+
+    /// Records whether each message that passes was compressed.
+    pub(crate) fn set_received_flags(&mut self, flags: Option<ReceivedFlags>) {
+        if flags.is_none() && self.limit.is_none() {
+            return;
+        }
+        self.limit
+            .get_or_insert_with(|| FrameLimit::new(usize::MAX))
+            .flags = flags;
+    }
+
+    /// Rewrites the messages that pass (decompress, transcode, compress).
+    pub(crate) fn set_reframer(&mut self, reframer: Option<Reframer>) {
+        self.reframer = reframer.filter(Reframer::is_active).map(Box::new);
+    }
+
+    /// The limit a body being sent encodes its messages under, if any
+    /// (see [`SendScope`]).
+    pub(crate) fn send_limit(&self) -> Option<usize> {
+        self.limit.as_ref().map(|limit| limit.limit)
+    }
+
+    /// The error to end with now, after the data before it was delivered.
+    #[inline]
+    pub(crate) fn take_pending(&mut self) -> Option<Box<tonic::Status>> {
+        self.pending.take()
+    }
+
+    /// Whether the body that passes through these checks, `inner`, has
+    /// ended (no error waits to be yielded).
+    pub(crate) fn is_end_stream(&self, inner: &impl Body) -> bool {
+        self.pending.is_none() && inner.is_end_stream()
+    }
+
+    /// The size of the body that passes through these checks, `inner`:
+    /// unknown if its messages are rewritten (compression changes the
+    /// size) or it ends early.
+    pub(crate) fn size_hint(&self, inner: &impl Body) -> SizeHint {
+        if self.reframer.is_some() || self.pending.is_some() {
+            return SizeHint::default();
+        }
+        inner.size_hint()
+    }
+
+    /// The status of a message the encoder refused during a poll that
+    /// yielded no data to pass (an error or trailers instead).
+    pub(crate) fn refused(&self, encoded: Option<&Encoded>) -> Option<tonic::Status> {
+        let refused = encoded?.refused?;
+        Some(too_large(refused.len as u64, self.send_limit()?))
+    }
+
+    /// Passes one chunk of the body's data, leaving in `data` what to
+    /// yield now. `encoded` is what the encoder did while the chunk was
+    /// produced, for a body being sent.
+    #[inline]
+    pub(crate) fn pass(&mut self, data: &mut Bytes, encoded: Option<&Encoded>) -> Passed {
+        // The usual chunk: whole messages within the limit, nothing to
+        // rewrite.
+        if self.reframer.is_none()
+            && !data.is_empty()
+            && self
+                .limit
+                .as_ref()
+                .is_none_or(|limit| limit.passes(data, encoded))
+        {
+            return Passed::Data;
+        }
+        self.pass_slowly(data, encoded)
+    }
+
+    /// [`pass`](Self::pass), any chunk.
+    #[inline(never)]
+    fn pass_slowly(&mut self, data: &mut Bytes, encoded: Option<&Encoded>) -> Passed {
+        if let Some(refused) = encoded.and_then(|e| e.refused) {
+            // Deliver the complete messages before the refused one first.
+            let limit = self.send_limit().unwrap_or(usize::MAX);
+            self.pending = Some(Box::new(too_large(refused.len as u64, limit)));
+            data.truncate(refused.offset_in(data));
+        } else if let Some(limit) = self.limit.as_mut() {
+            let scanned = match encoded {
+                Some(encoded) => limit.scan_sent(data, encoded),
+                None => limit.scan(data),
+            };
+            if let Err((valid, status)) = scanned {
+                // Deliver the complete messages before the oversized one first.
+                data.truncate(valid);
+                self.pending = Some(Box::new(status));
+            }
+        }
+        if let Some(reframer) = self.reframer.as_mut() {
+            match reframer.feed(data) {
+                Ok(out) => *data = out,
+                Err(status) => return Passed::End(Box::new(status)),
+            }
+        }
+        if !data.is_empty() {
+            return Passed::Data;
+        }
+        match self.pending.take() {
+            Some(status) => Passed::End(status),
+            None => Passed::Incomplete,
+        }
+    }
+
+    /// The body ended: an error if it ended inside a message.
+    pub(crate) fn finish(&self) -> Result<(), tonic::Status> {
+        if self
+            .reframer
+            .as_ref()
+            .is_some_and(|r| r.has_partial_frame())
+        {
+            return Err(tonic::Status::internal("the body ended inside a message"));
+        }
+        Ok(())
+    }
 }
 
 pin_project_lite::pin_project! {
-    /// A gRPC body with a deadline and a limit on the size of each message.
+    /// A gRPC body being received (a client's response, a server's
+    /// request), with a deadline and the [`Messages`] checks.
     ///
     /// * At the deadline, the call ends with `DEADLINE_EXCEEDED`, even if
     ///   the body always has more data ready.
@@ -40,24 +225,16 @@ pin_project_lite::pin_project! {
     ///   `RESOURCE_EXHAUSTED` before any of it is buffered; the complete
     ///   messages before it are still delivered.
     ///
-    /// A body being received fails with the status; a server's response
-    /// ends with trailers carrying it.
-    ///
-    /// It is kept small (the parts most calls do not use are boxed), as it
-    /// is moved several times per call.
+    /// The body fails with the status; the reader gets it.
     pub struct CallBody<B> {
         #[pin]
         inner: B,
-        sleep: Option<Pin<Box<Sleep>>>,
-        deadline: Option<Deadline>,
-        side: Side,
-        limit: Option<FrameLimit>,
-        // An error to yield on the next poll, after the data before it.
-        pending: Option<tonic::Status>,
+        timer: Option<Timer>,
+        messages: Messages,
         request_error: Option<RequestError>,
-        reframer: Option<Box<Reframer>>,
-        // Extra trailers to merge into the final ones (server responses).
-        trailers: Option<Box<HeaderMap>>,
+        // Called when the body fails with an error that is not a status
+        // of ours (the stream was reset, or the connection lost).
+        on_broken: Option<fn()>,
         done: bool,
     }
 }
@@ -71,71 +248,41 @@ impl<B> std::fmt::Debug for CallBody<B> {
 }
 
 impl<B> CallBody<B> {
-    pub(crate) fn new(
-        inner: B,
-        deadline: Option<Deadline>,
-        side: Side,
-        limit: Option<usize>,
-    ) -> Self {
+    /// `inner`, ended at `deadline` and with messages limited to `limit`
+    /// bytes, if given.
+    pub(crate) fn new(inner: B, deadline: Option<Deadline>, limit: Option<usize>) -> Self {
         Self {
             inner,
-            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.instant()))),
-            deadline,
-            side,
-            limit: limit.map(FrameLimit::new),
-            pending: None,
+            timer: deadline.map(|deadline| Timer::new(deadline, None)),
+            messages: Messages::new(limit),
             request_error: None,
-            reframer: None,
-            trailers: None,
+            on_broken: None,
             done: false,
         }
     }
 
-    /// Adds `trailers` to the trailers the response ends with.
-    pub(crate) fn set_trailers(&mut self, trailers: Option<HeaderMap>) {
-        self.trailers = trailers.map(Box::new);
+    /// What each message passes through, to configure.
+    pub(crate) fn messages(&mut self) -> &mut Messages {
+        &mut self.messages
     }
 
     /// Rewrites the messages that pass (decompress, transcode, compress).
     pub(crate) fn with_reframer(mut self, reframer: Option<Reframer>) -> Self {
-        self.set_reframer(reframer);
+        self.messages.set_reframer(reframer);
         self
-    }
-
-    /// Rewrites the messages that pass (decompress, transcode, compress).
-    pub(crate) fn set_reframer(&mut self, reframer: Option<Reframer>) {
-        self.reframer = reframer.filter(Reframer::is_active).map(Box::new);
     }
 
     /// Records whether each message that passes was compressed.
     pub(crate) fn with_received_flags(mut self, flags: Option<ReceivedFlags>) -> Self {
-        self.set_received_flags(flags);
+        self.messages.set_received_flags(flags);
         self
     }
 
-    /// Records whether each message that passes was compressed.
-    pub(crate) fn set_received_flags(&mut self, flags: Option<ReceivedFlags>) {
-        if flags.is_none() && self.limit.is_none() {
-            return;
-        }
-        self.limit
-            .get_or_insert_with(|| FrameLimit::new(usize::MAX))
-            .flags = flags;
-    }
-
-    /// Refuses messages over `limit` bytes (keeping any flags recorded).
-    pub(crate) fn set_limit(&mut self, limit: usize) {
-        self.limit
-            .get_or_insert_with(|| FrameLimit::new(limit))
-            .limit = limit;
-    }
-
-    /// Ends the call at `deadline`, with `sleep` (a timer set for it) as
-    /// the timer if given.
-    pub(crate) fn set_deadline(&mut self, deadline: Deadline, sleep: Option<Pin<Box<Sleep>>>) {
-        self.sleep =
-            Some(sleep.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline.instant()))));
-        self.deadline = Some(deadline);
+    /// Calls `on_broken` when the body fails with an error that is not a
+    /// status of ours: the stream was reset, or the connection lost.
+    pub(crate) fn with_on_broken(mut self, on_broken: fn()) -> Self {
+        self.on_broken = Some(on_broken);
+        self
     }
 
     /// Reports `error`, if set, in place of the error of this body (the
@@ -143,14 +290,6 @@ impl<B> CallBody<B> {
     pub(crate) fn with_request_error(mut self, error: RequestError) -> Self {
         self.request_error = Some(error);
         self
-    }
-}
-
-/// A server's response body as a layer can make one: `http_body_util`
-/// and tonic bodies convert with [`tonic::body::Body::new`] first.
-impl From<tonic::body::Body> for CallBody<tonic::body::Body> {
-    fn from(body: tonic::body::Body) -> Self {
-        Self::new(body, None, Side::ServerResponse, None)
     }
 }
 
@@ -170,134 +309,60 @@ where
         if *this.done {
             return Poll::Ready(None);
         }
-        if let Some(status) = this.pending.take() {
-            *this.done = true;
-            return Poll::Ready(Some(end(*this.side, status)));
+        let failed = |done: &mut bool, status: tonic::Status| {
+            *done = true;
+            Poll::Ready(Some(Err(Box::new(status) as BoxError)))
+        };
+        if let Some(status) = this.messages.take_pending() {
+            return failed(this.done, *status);
         }
         // The deadline first: a body that always has data must still end.
-        if let Some(sleep) = this.sleep.as_mut()
-            && sleep.as_mut().poll(cx).is_ready()
+        if let Some(timer) = this.timer.as_mut()
+            && timer.expired(cx)
         {
-            *this.done = true;
-            let status = deadline::exceeded("while streaming");
-            return Poll::Ready(Some(end(*this.side, status)));
+            return failed(this.done, deadline::exceeded("while streaming"));
         }
         loop {
-            // A server's response stream runs with the inbound deadline
-            // current, so calls made while producing it are bounded by it too.
-            let inner = this.inner.as_mut();
-            let poll = || match (*this.side, *this.deadline) {
-                (Side::ServerResponse, Some(deadline)) => {
-                    deadline::sync_scope(deadline, || inner.poll_frame(cx))
-                }
-                _ => inner.poll_frame(cx),
-            };
-            // A server's response is encoded here: messages over the send
-            // limit are refused before they are encoded.
-            let (frame, encoded) = match (*this.side, this.limit.as_ref()) {
-                (Side::ServerResponse, Some(limit)) => codec::with_send_limit(limit.limit, poll),
-                _ => (poll(), codec::Encoded::default()),
-            };
-            let refused = encoded.refused;
-            let Poll::Ready(frame) = frame else {
-                return Poll::Pending;
-            };
-            // The status of a refused message, and where its frame starts.
-            let refused = refused
-                .zip(this.limit.as_ref())
-                .map(|(refused, limit)| (too_large(refused.len as u64, limit.limit), refused));
-            if let Some((status, _)) = &refused
-                && !matches!(&frame, Some(Ok(frame)) if frame.is_data())
-            {
-                *this.done = true;
-                return Poll::Ready(Some(end(*this.side, status.clone())));
-            }
-            let frame = match frame {
+            let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => {
-                    *this.done = true;
                     if let Some(status) = this.request_error.as_ref().and_then(|e| e.get()) {
-                        return Poll::Ready(Some(Err(Box::new(status.clone()))));
+                        return failed(this.done, status.clone());
                     }
-                    return Poll::Ready(Some(Err(error.into())));
+                    *this.done = true;
+                    let error = error.into();
+                    if let Some(on_broken) = this.on_broken
+                        && !error.is::<tonic::Status>()
+                    {
+                        on_broken();
+                    }
+                    return Poll::Ready(Some(Err(error)));
                 }
                 None => {
-                    if this
-                        .reframer
-                        .as_ref()
-                        .is_some_and(|r| r.has_partial_frame())
-                    {
-                        *this.done = true;
-                        let status = tonic::Status::internal("the body ended inside a message");
-                        return Poll::Ready(Some(end(*this.side, status)));
-                    }
-                    return Poll::Ready(None);
+                    return match this.messages.finish() {
+                        Ok(()) => Poll::Ready(None),
+                        Err(status) => failed(this.done, status),
+                    };
                 }
             };
             let mut data = match frame.into_data() {
                 Ok(data) => data,
-                Err(frame) => {
-                    let frame = match (frame.into_trailers(), this.trailers.take()) {
-                        (Ok(mut trailers), Some(extra)) => {
-                            for (name, value) in extra.iter() {
-                                trailers.append(name, value.clone());
-                            }
-                            Frame::trailers(trailers)
-                        }
-                        (Ok(trailers), None) => Frame::trailers(trailers),
-                        (Err(frame), _) => frame,
-                    };
-                    return Poll::Ready(Some(Ok(frame)));
-                }
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
             };
-            if let Some((status, refused)) = refused {
-                // Deliver the complete messages before the refused one first.
-                *this.pending = Some(status);
-                data = data.slice(..refused.offset_in(&data));
-            } else if let Some(limit) = this.limit.as_mut()
-                && let Err((valid, status)) = limit.scan_sent(&data, &encoded)
-            {
-                // Deliver the complete messages before the oversized one first.
-                *this.pending = Some(status);
-                data = data.slice(..valid);
+            match this.messages.pass(&mut data, None) {
+                Passed::Data => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Passed::Incomplete => {}
+                Passed::End(status) => return failed(this.done, *status),
             }
-            if let Some(reframer) = this.reframer.as_mut() {
-                match reframer.feed(&data) {
-                    Ok(out) => data = out,
-                    Err(status) => {
-                        *this.done = true;
-                        return Poll::Ready(Some(end(*this.side, status)));
-                    }
-                }
-            }
-            if data.is_empty() {
-                if let Some(status) = this.pending.take() {
-                    *this.done = true;
-                    return Poll::Ready(Some(end(*this.side, status)));
-                }
-                continue; // a frame is still incomplete
-            }
-            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || (self.pending.is_none() && self.inner.is_end_stream())
+        self.done || self.messages.is_end_stream(&self.inner)
     }
 
     fn size_hint(&self) -> SizeHint {
-        // Compression changes the size; so does ending early.
-        if self.reframer.is_some() || self.pending.is_some() {
-            return SizeHint::default();
-        }
-        self.inner.size_hint()
-    }
-}
-
-fn end(side: Side, status: tonic::Status) -> Result<Frame<Bytes>, BoxError> {
-    match side {
-        Side::Received => Err(Box::new(status)),
-        Side::ServerResponse => Ok(Frame::trailers(status_trailers(&status))),
+        self.messages.size_hint(&self.inner)
     }
 }
 
@@ -347,28 +412,40 @@ impl FrameLimit {
         data: &Bytes,
         encoded: &codec::Encoded,
     ) -> Result<(), (usize, tonic::Status)> {
-        if encoded.checked > 0 && self.have == 0 && self.remaining == 0 {
+        if self.passes(data, Some(encoded)) {
             return Ok(());
         }
         self.scan(data)
     }
 
+    /// Whether `data` is sure to pass without being followed, at a message
+    /// boundary: whole messages the encoder yielded having checked each
+    /// one's size (`encoded`, a body being sent, none refused), or one
+    /// whole message within the limit (a unary call's usual chunk).
+    #[inline]
+    fn passes(&self, data: &[u8], encoded: Option<&codec::Encoded>) -> bool {
+        if self.have != 0 || self.remaining != 0 {
+            return false;
+        }
+        if let Some(encoded) = encoded {
+            return encoded.checked > 0 && encoded.refused.is_none();
+        }
+        if self.flags.is_some() {
+            return false;
+        }
+        let [_, a, b, c, d, ref message @ ..] = data[..] else {
+            return false;
+        };
+        let len = u32::from_be_bytes([a, b, c, d]);
+        u64::from(len) == message.len() as u64 && u64::from(len) <= self.limit as u64
+    }
+
     /// Follows `data`. On an oversized message, returns how many leading
     /// bytes of `data` are complete messages (or parts of them) before the
     /// oversized message's header, and the status to end the call with.
-    #[inline]
     fn scan(&mut self, data: &Bytes) -> Result<(), (usize, tonic::Status)> {
-        // One whole message within the limit, at a message boundary (a
-        // unary call's usual chunk): checked in place.
-        if self.have == 0
-            && self.remaining == 0
-            && self.flags.is_none()
-            && let [_, a, b, c, d, ref message @ ..] = data[..]
-        {
-            let len = u32::from_be_bytes([a, b, c, d]);
-            if u64::from(len) == message.len() as u64 && u64::from(len) <= self.limit as u64 {
-                return Ok(());
-            }
+        if self.passes(data, None) {
+            return Ok(());
         }
         self.follow(data)
     }
@@ -418,15 +495,13 @@ fn too_large(len: u64, limit: usize) -> tonic::Status {
 }
 
 pin_project_lite::pin_project! {
-    /// A request body that refuses messages over the send limit and keeps
-    /// the first error it yields (see [`RequestError`]).
+    /// A client's request body: refuses messages over the send limit
+    /// before they are encoded, and keeps the first error it yields (see
+    /// [`RequestError`]).
     pub(crate) struct RequestBody {
         #[pin]
         inner: tonic::body::Body,
-        limit: FrameLimit,
-        // Boxed: rare (compression, JSON), and every request is moved often.
-        reframer: Option<Box<Reframer>>,
-        pending: Option<tonic::Status>,
+        messages: Messages,
         error: RequestError,
     }
 }
@@ -440,11 +515,11 @@ impl RequestBody {
         reframer: Option<Reframer>,
         error: RequestError,
     ) -> Self {
+        let mut messages = Messages::new(Some(limit));
+        messages.set_reframer(reframer);
         Self {
             inner,
-            limit: FrameLimit::new(limit),
-            reframer: reframer.filter(Reframer::is_active).map(Box::new),
-            pending: None,
+            messages,
             error,
         }
     }
@@ -471,61 +546,50 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        let fail = |error: &RequestError, status: tonic::Status| {
-            let _ = error.set(status.clone());
+        let fail = |status: tonic::Status| {
+            let _ = this.error.set(status.clone());
             Poll::Ready(Some(Err(status)))
         };
-        if let Some(status) = this.pending.take() {
-            return fail(this.error, status);
+        if let Some(status) = this.messages.take_pending() {
+            return fail(*status);
         }
         let mut inner = this.inner;
         loop {
             // The request is encoded here: messages over the send limit are
             // refused before they are encoded.
-            let (frame, encoded) =
-                codec::with_send_limit(this.limit.limit, || inner.as_mut().poll_frame(cx));
-            let refused = encoded
-                .refused
-                .map(|r| (too_large(r.len as u64, this.limit.limit), r));
-            if let Some((status, _)) = &refused
-                && !matches!(&frame, Poll::Ready(Some(Ok(frame))) if frame.is_data())
-            {
-                return fail(this.error, status.clone());
-            }
-            let frame = match frame {
-                Poll::Ready(Some(Ok(frame))) => frame,
-                Poll::Ready(Some(Err(status))) => return fail(this.error, status),
-                other => return other,
-            };
-            let mut data = match frame.into_data() {
-                Ok(data) => data,
-                Err(frame) => return Poll::Ready(Some(Ok(frame))),
-            };
-            if let Some((status, refused)) = refused {
-                *this.pending = Some(status);
-                data = data.slice(..refused.offset_in(&data));
-            } else if let Err((valid, status)) = this.limit.scan_sent(&data, &encoded) {
-                *this.pending = Some(status);
-                data = data.slice(..valid);
-            }
-            if let Some(reframer) = this.reframer.as_mut() {
-                match reframer.feed(&data) {
-                    Ok(out) => data = out,
-                    Err(status) => return fail(this.error, status),
+            let scope = this.messages.send_limit().map(SendScope::enter);
+            let polled = inner.as_mut().poll_frame(cx);
+            let encoded = scope.map(SendScope::finish);
+            let mut data = match polled {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        if let Some(status) = this.messages.refused(encoded.as_ref()) {
+                            return fail(status);
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                },
+                other => {
+                    if let Some(status) = this.messages.refused(encoded.as_ref()) {
+                        return fail(status);
+                    }
+                    if let Poll::Ready(Some(Err(status))) = other {
+                        return fail(status);
+                    }
+                    return other;
                 }
+            };
+            match this.messages.pass(&mut data, encoded.as_ref()) {
+                Passed::Data => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Passed::Incomplete => {}
+                Passed::End(status) => return fail(*status),
             }
-            if data.is_empty() {
-                if let Some(status) = this.pending.take() {
-                    return fail(this.error, status);
-                }
-                continue;
-            }
-            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_none() && self.inner.is_end_stream()
+        self.messages.is_end_stream(&self.inner)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -592,12 +656,7 @@ mod tests {
             Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(frame(1))))
         }));
         let deadline = Deadline::after(std::time::Duration::from_millis(10));
-        let mut body = std::pin::pin!(CallBody::new(
-            endless,
-            Some(deadline),
-            Side::Received,
-            Some(16)
-        ));
+        let mut body = std::pin::pin!(CallBody::new(endless, Some(deadline), Some(16)));
         tokio::time::advance(std::time::Duration::from_millis(20)).await;
         let error = body
             .frame()

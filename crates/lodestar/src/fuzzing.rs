@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body as _, Frame};
 use prost_reflect::{DescriptorPool, MessageDescriptor};
 
-use crate::body::{CallBody, Side};
+use crate::body::CallBody;
 use crate::codec::Transcode;
 use crate::compression::{Encoding, PerMessage};
 use crate::frames::{Decompress, Reframer};
@@ -112,8 +112,7 @@ pub fn receive(
         .into_iter()
         .map(|chunk| Ok::<_, Infallible>(Frame::data(chunk)));
     let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-    let mut body =
-        pin!(CallBody::new(inner, None, Side::Received, Some(limit)).with_reframer(reframer));
+    let mut body = pin!(CallBody::new(inner, None, Some(limit)).with_reframer(reframer));
     let mut received = Received::default();
     let mut cx = Context::from_waker(Waker::noop());
     // Every poll is ready: the chunks are all there and there is no deadline.

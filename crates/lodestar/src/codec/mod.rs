@@ -15,7 +15,7 @@ mod protobuf;
 
 pub(crate) use json::{Descriptors, Transcode};
 pub use protobuf::ProstCodec;
-pub(crate) use protobuf::{Encoded, with_send_limit};
+pub(crate) use protobuf::{Encoded, SendScope};
 
 /// The content type of gRPC with JSON messages.
 pub(crate) const CONTENT_TYPE: &str = "application/grpc+json";

@@ -2,7 +2,7 @@
 //! checked before a message is encoded rather than after.
 //!
 //! A body that sends messages (a server's response, a client's request)
-//! polls the encoding inside [`with_send_limit`]. The encoder asks each
+//! polls the encoding inside a [`SendScope`]. The encoder asks each
 //! message for its `encoded_len()`, and one over the limit is not encoded
 //! at all (no buffer the size of the message is allocated); the body then
 //! delivers the messages before it and ends the call with
@@ -113,27 +113,40 @@ pub(crate) struct Encoded {
     pub(crate) checked: usize,
 }
 
-/// Runs `poll` (which may encode messages) with `limit` as the send limit.
-/// Returns what `poll` returned, and what the encoder did.
-pub(crate) fn with_send_limit<R>(limit: usize, poll: impl FnOnce() -> R) -> (R, Encoded) {
-    /// Puts the outer scope back, even if `poll` panics.
-    struct Restore(Option<Scope>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SCOPE.set(self.0);
-        }
+/// The send limit of one poll of a body that encodes messages: set by
+/// [`enter`](Self::enter), read back by [`finish`](Self::finish), and the
+/// outer scope (if any) put back when dropped, even if the poll panics.
+/// A guard rather than a closure, so that what the poll returns (a frame,
+/// over 100 bytes) is not moved through one.
+#[must_use = "the scope ends when dropped"]
+pub(crate) struct SendScope {
+    outer: Option<Scope>,
+}
+
+impl SendScope {
+    /// Makes `limit` the send limit until [`finish`](Self::finish).
+    pub(crate) fn enter(limit: usize) -> Self {
+        let outer = SCOPE.replace(Some(Scope {
+            limit,
+            encoded: 0,
+            refused: None,
+        }));
+        Self { outer }
     }
-    let _restore = Restore(SCOPE.replace(Some(Scope {
-        limit,
-        encoded: 0,
-        refused: None,
-    })));
-    let out = poll();
-    let encoded = SCOPE.get().map_or_else(Encoded::default, |scope| Encoded {
-        refused: scope.refused,
-        checked: scope.encoded,
-    });
-    (out, encoded)
+
+    /// What the encoder did since [`enter`](Self::enter).
+    pub(crate) fn finish(self) -> Encoded {
+        SCOPE.get().map_or_else(Encoded::default, |scope| Encoded {
+            refused: scope.refused,
+            checked: scope.encoded,
+        })
+    }
+}
+
+impl Drop for SendScope {
+    fn drop(&mut self) {
+        SCOPE.set(self.outer);
+    }
 }
 
 /// Whether a message of `len` bytes may be encoded now; records it if not.
@@ -180,7 +193,9 @@ mod tests {
         let mut body = std::pin::pin!(body);
         let waker = futures_util::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
-        let (frame, encoded) = with_send_limit(100, || body.as_mut().poll_frame(&mut cx));
+        let scope = SendScope::enter(100);
+        let frame = body.as_mut().poll_frame(&mut cx);
+        let encoded = scope.finish();
         assert_eq!(encoded.checked, 3, "each message, refused or not");
         let refused = encoded.refused;
         let data = match frame {

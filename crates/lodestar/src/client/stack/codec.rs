@@ -14,7 +14,7 @@ use tonic::body::Body;
 
 use super::Call;
 use crate::MessageLimits;
-use crate::body::{CallBody, RequestBody, RequestError, Side};
+use crate::body::{CallBody, RequestBody, RequestError};
 use crate::client::observe::Observed;
 use crate::client::{MethodInfo, ResponseBody};
 use crate::codec::{self, Codec as Encoding, Descriptors, Transcode};
@@ -199,7 +199,7 @@ impl Receiving {
             response.headers_mut().remove(GRPC_ENCODING);
         }
         let mut response = response.map(|body| {
-            CallBody::new(body, self.deadline, Side::Received, Some(limit))
+            CallBody::new(body, self.deadline, Some(limit))
                 .with_request_error(self.request_error)
                 .with_received_flags(self.received.clone())
                 .with_reframer(inbound)

@@ -1,7 +1,7 @@
 //! [`CallEnd`]: how a layer learns each call's final gRPC status.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -82,13 +82,21 @@ impl CallEnd {
     /// not outside the task serving a call (see above).
     pub fn on_end(&self, hook: impl FnOnce(&CallOutcome<'_>) + Send + 'static) -> bool {
         CURRENT.with(|current| {
-            let mut call = current.borrow_mut();
-            if !call.active {
-                return false;
+            let mut call = current.take();
+            let active = call.active;
+            if active {
+                call.watched
+                    .get_or_insert_with(|| {
+                        Box::new(Watched {
+                            hooks: Vec::new(),
+                            started: Instant::now(),
+                        })
+                    })
+                    .hooks
+                    .push(Box::new(hook));
             }
-            call.started.get_or_insert_with(Instant::now);
-            call.hooks.push(Box::new(hook));
-            true
+            current.set(call);
+            active
         })
     }
 }
@@ -96,26 +104,34 @@ impl CallEnd {
 thread_local! {
     /// The call whose futures or body this thread is polling (inactive if
     /// none).
-    static CURRENT: RefCell<Call> = const { RefCell::new(Call::INACTIVE) };
+    static CURRENT: Cell<Call> = const { Cell::new(Call::INACTIVE) };
 }
 
 /// One call's hooks, held by the status layer's future and then its
-/// response body, and current while they poll the layers below.
+/// response body, and current while they poll the layers below. Small
+/// (16 bytes), as it is swapped in and out on every poll.
+#[derive(Default)]
 pub(crate) struct Call {
     /// Whether this is a call (rather than the place of none).
     active: bool,
-    hooks: Vec<Hook>,
-    /// When the first hook was registered.
-    started: Option<Instant>,
     /// The client went away: the call ends `CANCELLED`, whatever the
     /// handler answers.
     abandoned: bool,
+    /// The hooks, once one is registered.
+    watched: Option<Box<Watched>>,
+}
+
+/// The hooks of a call someone watches.
+struct Watched {
+    hooks: Vec<Hook>,
+    /// When the first hook was registered.
+    started: Instant,
 }
 
 impl std::fmt::Debug for Call {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Call")
-            .field("hooks", &self.hooks.len())
+            .field("hooks", &self.watched.as_ref().map_or(0, |w| w.hooks.len()))
             .field("abandoned", &self.abandoned)
             .finish()
     }
@@ -124,9 +140,8 @@ impl std::fmt::Debug for Call {
 impl Call {
     const INACTIVE: Call = Call {
         active: false,
-        hooks: Vec::new(),
-        started: None,
         abandoned: false,
+        watched: None,
     };
 
     /// A call that starts now.
@@ -137,31 +152,31 @@ impl Call {
         }
     }
 
-    /// Runs `f` with this call current on this thread (two swaps, no
-    /// allocation); the call before it (or none) is current again after.
-    pub(crate) fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        CURRENT.with(|current| std::mem::swap(&mut *current.borrow_mut(), self));
-        let _restore = Restore(self);
-        f()
+    /// Makes this call current on this thread (two swaps, no allocation)
+    /// until the guard is dropped; the call before it (or none) is current
+    /// again after.
+    #[inline]
+    pub(crate) fn enter(&mut self) -> Entered<'_> {
+        swap_current(self);
+        Entered(self)
     }
 
     /// The client of the call current on this thread went away (it reset
     /// the stream, or the connection was lost).
     pub(crate) fn abandon_current() {
         CURRENT.with(|current| {
-            let mut call = current.borrow_mut();
-            if call.active {
-                call.abandoned = true;
-            }
+            let mut call = current.take();
+            call.abandoned |= call.active;
+            current.set(call);
         });
     }
 
     /// Ends the call: runs the hooks with the outcome `outcome` describes
     /// (worked out only if some hook waits for it).
     pub(crate) fn end<'a>(self, outcome: impl FnOnce() -> (Code, Message<'a>)) {
-        if self.hooks.is_empty() {
+        let Some(watched) = self.watched else {
             return;
-        }
+        };
         let (code, message) = if self.abandoned {
             (Code::Cancelled, Message::Text(CANCELLED))
         } else {
@@ -170,9 +185,9 @@ impl Call {
         let outcome = CallOutcome {
             code,
             message,
-            elapsed: self.started.map(|s| s.elapsed()).unwrap_or_default(),
+            elapsed: watched.started.elapsed(),
         };
-        for hook in self.hooks {
+        for hook in watched.hooks {
             hook(&outcome);
         }
     }
@@ -194,13 +209,70 @@ impl Call {
     }
 }
 
-/// Swaps a call back out of the thread's current one, even if polling
-/// panicked.
-struct Restore<'a>(&'a mut Call);
+/// A call made current by [`Call::enter`]: swapped back out of the
+/// thread's current one when dropped, even if polling panicked.
+#[must_use = "the call is current until this is dropped"]
+pub(crate) struct Entered<'a>(&'a mut Call);
 
-impl Drop for Restore<'_> {
+impl Drop for Entered<'_> {
+    #[inline]
     fn drop(&mut self) {
-        CURRENT.with(|current| std::mem::swap(&mut *current.borrow_mut(), self.0));
+        swap_current(self.0);
+    }
+}
+
+/// Swaps `call` with the thread's current one.
+#[inline]
+fn swap_current(call: &mut Call) {
+    CURRENT.with(|current| {
+        let mine = std::mem::take(call);
+        *call = current.replace(mine);
+    });
+}
+
+/// A call that has not ended yet: ends it `CANCELLED` when dropped, as the
+/// call is then abandoned (the client reset the stream or went away, or
+/// the connection closed) before its status was sent.
+#[derive(Debug, Default)]
+pub(crate) struct Unended(Option<Call>);
+
+impl Unended {
+    /// `call`, until it ends.
+    pub(crate) fn new(call: Option<Call>) -> Self {
+        Self(call)
+    }
+
+    /// Makes the call current while the guard lives, if it has not ended.
+    #[inline]
+    pub(crate) fn enter(&mut self) -> Option<Entered<'_>> {
+        self.0.as_mut().map(Call::enter)
+    }
+
+    /// Takes the call out, to end it, if it has not ended.
+    pub(crate) fn take(&mut self) -> Option<Call> {
+        self.0.take()
+    }
+
+    /// Ends the call with `status`, if it has not ended.
+    pub(crate) fn end_with_status(&mut self, status: &tonic::Status) {
+        if let Some(call) = self.0.take() {
+            call.end_with_status(status);
+        }
+    }
+
+    /// Ends the call with the status in `headers`, if it has not ended.
+    pub(crate) fn end_with_headers(&mut self, headers: &HeaderMap) {
+        if let Some(call) = self.0.take() {
+            call.end_with_headers(headers);
+        }
+    }
+}
+
+impl Drop for Unended {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.take() {
+            call.end(|| (Code::Cancelled, Message::Text(CANCELLED)));
+        }
     }
 }
 

@@ -73,7 +73,7 @@ where
             request.extensions_mut().insert(received.clone());
             request
                 .body_mut()
-                .call_body()
+                .messages()
                 .set_received_flags(Some(received));
         }
         if !request.body().json {
@@ -108,7 +108,7 @@ where
             },
         );
         let body = request.body_mut();
-        body.call_body().set_reframer(Some(inbound));
+        body.messages().set_reframer(Some(inbound));
         body.plan.codec = Reply {
             encoding,
             outbound: Some(Box::new(Transcode::ProtoToJson(method.output()))),

@@ -94,7 +94,7 @@ impl Bound {
     /// Ends `response`'s body at the deadline too.
     pub(super) fn apply(self, response: &mut Response<ResponseBody>) {
         if let Some((deadline, sleep)) = self.0 {
-            response.body_mut().set_deadline(deadline, Some(sleep));
+            response.body_mut().set_deadline(deadline, sleep);
         }
     }
 }

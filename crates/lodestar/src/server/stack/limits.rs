@@ -48,7 +48,7 @@ where
 
     fn call(&mut self, mut request: Request<RequestBody>) -> S::Future {
         let body = request.body_mut();
-        body.call_body()
+        body.messages()
             .set_limit(self.limits.max_decoding_message_size);
         body.plan.send_limit = Some(self.limits.max_encoding_message_size);
         self.inner.call(request)

@@ -9,7 +9,7 @@
 //!    of the call (`trace.rs`);
 //! 3. **status**: an error of any layer below becomes a proper gRPC status,
 //!    and every call's final status is reported to [`CallEnd`] hooks
-//!    (`status.rs`, `call_end.rs`);
+//!    (`status.rs`, `call_end.rs`, `response.rs`);
 //! 4. **user layers**, added with
 //!    [`ServiceBuilder::layer`](crate::ServiceBuilder::layer), the first
 //!    added outermost (`user.rs`);
@@ -28,14 +28,15 @@
 //! small box. The whole stack is called when the call's own task first
 //! polls it (so what the layers allocate is allocated and freed on that
 //! task's thread). The request and response
-//! bodies are each wrapped once ([`CallBody`]), every layer setting its
-//! part of that one wrapper.
+//! bodies are each wrapped once ([`RequestBody`], [`ResponseBody`]), every
+//! layer setting its part of that one wrapper.
 
 mod call_end;
 mod codec;
 mod deadline;
 mod limits;
 mod request;
+mod response;
 mod router;
 mod routes;
 mod status;
@@ -54,6 +55,7 @@ use tower::{Service, ServiceBuilder};
 
 pub use call_end::{CallEnd, CallOutcome};
 pub use request::RequestBody;
+pub use response::ResponseBody;
 pub(crate) use router::{Router, RouterBuilder};
 pub use user::Next;
 pub(crate) use user::{Added, UserLayer};
@@ -62,20 +64,13 @@ use self::codec::CodecLayer;
 use self::deadline::{DeadlineLayer, DeadlineService};
 use self::limits::{LimitsLayer, LimitsService};
 use self::routes::RoutesService;
-use self::status::{StatusBody, StatusLayer, StatusService};
+use self::status::{StatusLayer, StatusService};
 use self::trace::{TraceLayer, TraceService};
 use self::user::{Layered, UserLayers};
 use super::budget::{BudgetFuture, Budgeted, ConnectionBudget};
 use crate::MessageLimits;
-use crate::body::{CallBody, Side};
 use crate::codec::Descriptors;
 use crate::compression::Encoding;
-
-/// The body of a response as the server's layers see it: the handler's,
-/// wrapped once for the deadline, the message limits and the codec. A
-/// layer that answers by itself makes one from a `tonic::body::Body`
-/// (`ResponseBody::from`), or fails with a [`tonic::Status`] instead.
-pub type ResponseBody = CallBody<tonic::body::Body>;
 
 /// The header of a trailers-only response's (or the trailers') status.
 pub(crate) use crate::status::GRPC_STATUS;
@@ -143,7 +138,7 @@ pub(crate) struct ConnectionStack {
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionStack {
-    type Response = Response<Budgeted<StatusBody>>;
+    type Response = Response<Budgeted<ResponseBody>>;
     type Error = Infallible;
     type Future = BudgetFuture<Deferred<Outer, Request<Incoming>>>;
 
@@ -198,5 +193,5 @@ pub(crate) fn reject(status: tonic::Status, json: bool) -> Response<ResponseBody
             HeaderValue::from_static(crate::codec::CONTENT_TYPE),
         );
     }
-    response.map(|body| CallBody::new(body, None, Side::ServerResponse, None))
+    response.map(ResponseBody::from)
 }

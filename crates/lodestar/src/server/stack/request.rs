@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 
 use super::call_end::Call;
 use super::{codec, deadline};
-use crate::body::{CallBody, Side};
+use crate::body::{CallBody, Messages};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,15 +45,17 @@ impl std::fmt::Debug for RequestBody {
 impl RequestBody {
     pub(super) fn new(inner: Incoming, json: bool) -> Self {
         Self {
-            inner: CallBody::new(inner, None, Side::Received, None),
+            // A broken request stream means the client is gone, whatever
+            // the handler answers now.
+            inner: CallBody::new(inner, None, None).with_on_broken(Call::abandon_current),
             plan: Plan::default(),
             json,
         }
     }
 
-    /// The wrapper the layers configure.
-    pub(super) fn call_body(&mut self) -> &mut CallBody<Incoming> {
-        &mut self.inner
+    /// What each message passes through, for the layers to configure.
+    pub(super) fn messages(&mut self) -> &mut Messages {
+        self.inner.messages()
     }
 }
 
@@ -65,17 +67,7 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        if let Some(Err(error)) = &frame
-            && !error.is::<tonic::Status>()
-        {
-            // Not a limit of ours: the stream was reset, or the
-            // connection lost. Whatever the handler answers now, the
-            // client is gone.
-            Call::abandon_current();
-        }
-        Poll::Ready(frame)
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
