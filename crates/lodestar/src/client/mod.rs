@@ -41,6 +41,8 @@ mod channel;
 mod connection;
 pub mod observe;
 
+pub mod outlier;
+pub mod policy;
 pub mod selector;
 mod stack;
 mod stream;
@@ -66,17 +68,7 @@ use stack::Balance;
 /// The most instances one call is ever sent to.
 const MAX_ATTEMPTS: usize = 8;
 
-/// How a [`Channel`] picks an instance for each call: a shorthand for the
-/// built-in [selectors](selector).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Strategy {
-    /// Each instance in turn (the default): [`selector::RoundRobin`].
-    #[default]
-    RoundRobin,
-    /// An instance chosen uniformly at random: [`selector::Random`].
-    Random,
-}
+pub use policy::Strategy;
 
 /// What a call needs to know about its method, carried in the request's
 /// extensions so that it reaches the channel through any layers. Clients
@@ -336,8 +328,9 @@ impl ClientBuilder {
     /// The same as [`selector`](Self::selector) with the built-in selector.
     pub fn strategy(self, strategy: Strategy) -> Self {
         match strategy {
-            Strategy::RoundRobin => self.selector(selector::RoundRobin::default()),
             Strategy::Random => self.selector(selector::Random),
+            // SKELETON: the other strategies are being built.
+            _ => self.selector(selector::RoundRobin::default()),
         }
     }
 

@@ -31,6 +31,7 @@
 //! # drop(client);
 //! ```
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -56,11 +57,54 @@ pub trait Selector: fmt::Debug + Send + Sync + 'static {
     /// instance id.
     fn select(&self, endpoints: &[Arc<Endpoint>], call: &CallInfo<'_>) -> Option<usize>;
 
+    /// Builds what [`select_prepared`](Self::select_prepared) reads for
+    /// one set of endpoints (a schedule, a hash ring): called when the set
+    /// changes (instances, weights, ejections, policy), never per call.
+    /// Default: nothing.
+    fn prepare(&self, endpoints: &[Arc<Endpoint>]) -> Option<Box<dyn Any + Send + Sync>> {
+        let _ = endpoints;
+        None
+    }
+
+    /// The index in `set` of the endpoint to use: the usual call, whose
+    /// set of usable endpoints was prepared in advance. Default:
+    /// [`select`](Self::select) over the set's endpoints.
+    fn select_prepared(&self, set: &Prepared, call: &CallInfo<'_>) -> Option<usize> {
+        self.select(set.endpoints(), call)
+    }
+
     /// Told the outcome of every attempt that went to an endpoint this
     /// selector chose (after the endpoint's [`EndpointStats`] took it in).
     /// Default: nothing.
     fn report(&self, attempt: &Attempt<'_>) {
         let _ = attempt;
+    }
+}
+
+/// A set of endpoints a call may use, with what its selector prepared for
+/// it ([`Selector::prepare`]).
+#[derive(Debug)]
+pub struct Prepared {
+    endpoints: Arc<[Arc<Endpoint>]>,
+    state: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl Prepared {
+    /// Prepares `endpoints` for `selector`.
+    pub fn new(selector: &dyn Selector, endpoints: Arc<[Arc<Endpoint>]>) -> Self {
+        let state = selector.prepare(&endpoints);
+        Self { endpoints, state }
+    }
+
+    /// The endpoints, ordered by instance id; never empty when a selector
+    /// is asked to choose among them.
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// What the selector prepared, if it was a `T`.
+    pub fn state<T: Any>(&self) -> Option<&T> {
+        self.state.as_deref()?.downcast_ref()
     }
 }
 
