@@ -207,7 +207,7 @@ impl Channel {
     /// The endpoints this channel currently balances over, with what the
     /// stack has recorded about each.
     pub fn endpoints(&self) -> Vec<Arc<super::selector::Endpoint>> {
-        self.balance.endpoints().as_ref().clone()
+        self.balance.endpoints().to_vec()
     }
 }
 

@@ -124,7 +124,7 @@ impl Outcome {
 #[derive(Debug)]
 pub(crate) struct Watchers {
     pub(crate) service: ServiceKey,
-    pub(crate) selector: Box<dyn Selector>,
+    pub(crate) selector: Arc<dyn Selector>,
     pub(crate) observers: Arc<[Arc<dyn ObserverDebug>]>,
 }
 

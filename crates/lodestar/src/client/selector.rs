@@ -234,6 +234,11 @@ impl EndpointStats {
         until != 0 && nanos_since_epoch(*now.get_or_insert_with(Instant::now)) < until
     }
 
+    /// When the ejection in force ends (see [`nanos_since_epoch`]).
+    pub(crate) fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
@@ -298,6 +303,11 @@ fn epoch() -> Instant {
 
 pub(crate) fn nanos_since_epoch(at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The instant `nanos` after [`epoch`] (the inverse of [`nanos_since_epoch`]).
+pub(crate) fn instant_at(nanos: u64) -> Instant {
+    crate::deadline::later(epoch(), Duration::from_nanos(nanos))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -23,7 +23,9 @@ use crate::body::RequestBody;
 use super::resolver;
 use crate::client::connection::Connection;
 use crate::client::observe::{AttemptGuard, Observed, Watchers};
-use crate::client::selector::{CallInfo, Endpoint, EndpointStats, nanos_since_epoch};
+use crate::client::selector::{
+    CallInfo, Endpoint, EndpointStats, Prepared, instant_at, nanos_since_epoch,
+};
 use crate::client::{ClientConfig, Error};
 use crate::deadline::Deadline;
 
@@ -40,14 +42,17 @@ pub(crate) struct Balance {
     pub(crate) key: ServiceKey,
     pub(crate) config: Arc<ClientConfig>,
     registry: Arc<dyn Registry>,
-    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// What selection reads, replaced whole when anything it depends on
+    /// changes (see [`Selection`]).
+    selection: ArcSwap<Selection>,
+    /// Held while a new selection is built, so that two changes at once
+    /// (a registry update and an ejection) cannot lose one another.
+    rebuilding: Mutex<()>,
+    /// Wakes the resolver task to look again at when the next ejection
+    /// ends.
+    ejected: Arc<Notify>,
     synced: AtomicBool,
     synced_notify: Notify,
-    watchers: Arc<Watchers>,
-    /// The latest end of an ejection (nanoseconds, as [`EndpointStats`]
-    /// keeps them), 0 if none was ever made: while it is 0 or past, no
-    /// endpoint is ejected, and selection reads no clock.
-    ejections: AtomicU64,
     /// Whether the last update was below the protection threshold.
     protecting: AtomicBool,
     /// Whether a resolver task is running; it clears this when it ends
@@ -57,6 +62,21 @@ pub(crate) struct Balance {
     /// Why the registry last failed to answer, until it answers: named in
     /// the error of a call that found no instances in time.
     last_error: Mutex<Option<String>>,
+}
+
+/// What selection reads for each call: built when the instances, an
+/// ejection or the policy change, never per call.
+#[derive(Debug)]
+pub(crate) struct Selection {
+    /// Every endpoint that takes traffic, ejected or not, by instance id.
+    endpoints: Arc<[Arc<Endpoint>]>,
+    /// The endpoints a call may use (not ejected), prepared for the
+    /// selector.
+    usable: Prepared,
+    /// When the first ejection in force ends (see [`nanos_since_epoch`]).
+    ejected_until: Option<u64>,
+    /// The selector, and who else is told about each attempt.
+    watchers: Arc<Watchers>,
 }
 
 /// Why an attempt did not produce a response.
@@ -92,18 +112,24 @@ impl Balance {
     ) -> Self {
         let watchers = Arc::new(Watchers {
             service: key.clone(),
-            selector: (config.selector)(),
+            selector: Arc::from((config.selector)()),
             observers: config.observers.clone(),
         });
+        let selection = Selection {
+            endpoints: Arc::new([]),
+            usable: Prepared::new(watchers.selector.as_ref(), Arc::new([])),
+            ejected_until: None,
+            watchers,
+        };
         Self {
             key,
             config,
             registry,
-            endpoints: ArcSwap::from_pointee(Vec::new()),
+            selection: ArcSwap::from_pointee(selection),
+            rebuilding: Mutex::new(()),
+            ejected: Arc::new(Notify::new()),
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
-            watchers,
-            ejections: AtomicU64::new(0),
             protecting: AtomicBool::new(false),
             resolving: Arc::new(AtomicBool::new(false)),
             resolver: Mutex::new(None),
@@ -169,6 +195,7 @@ impl Balance {
             self.registry.clone(),
             self.key.clone(),
             Arc::downgrade(self),
+            self.ejected.clone(),
             guard,
         ))));
     }
@@ -193,7 +220,8 @@ impl Balance {
             }
         }
         let instances = enabled.into_iter().filter(|i| protect || i.healthy);
-        let old = self.endpoints.load();
+        let _rebuilding = self.rebuilding.lock_unpoisoned();
+        let old = self.selection.load().endpoints.clone();
         let existing: HashMap<(&str, &str), &Arc<Endpoint>> = old
             .iter()
             .map(|e| ((e.instance.id.as_str(), e.instance.address.as_str()), e))
@@ -231,7 +259,7 @@ impl Balance {
             })
             .collect();
         next.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
-        self.endpoints.store(Arc::new(next));
+        self.select_over(next.into(), &mut None);
         if !self.synced.swap(true, Ordering::AcqRel) {
             self.synced_notify.notify_waiters();
         }
@@ -266,71 +294,111 @@ impl Balance {
 
     /// How many endpoints there are now.
     pub(crate) fn endpoint_count(&self) -> usize {
-        self.endpoints.load().len()
+        self.selection.load().endpoints.len()
     }
 
     /// The current endpoints (for inspection, not the call path).
-    pub(crate) fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
-        self.endpoints.load_full()
+    pub(crate) fn endpoints(&self) -> Arc<[Arc<Endpoint>]> {
+        self.selection.load().endpoints.clone()
     }
 
-    /// The endpoint for one attempt: chosen by the selector among those
-    /// not in `tried` and not ejected (or, if every one left is ejected,
-    /// among those: rather try one than fail outright).
-    fn pick(&self, tried: &[Arc<Connection>], call: &CallInfo<'_>) -> Option<Arc<Endpoint>> {
-        let endpoints = self.endpoints.load();
-        if endpoints.is_empty() {
-            return None;
-        }
-        let mut now = None;
-        let ejections = self.ejections.load(Ordering::Relaxed);
-        let some_ejected = ejections != 0 && {
-            let now = *now.get_or_insert_with(Instant::now);
-            let ejected = nanos_since_epoch(now) < ejections;
-            if !ejected {
-                // Every ejection is over: later calls read no clock (unless
-                // another ejection came meanwhile).
-                let _ = self.ejections.compare_exchange(
-                    ejections,
-                    0,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+    /// Builds and publishes the selection over `endpoints`, as they stand
+    /// at `now` (read from the clock if needed). The caller holds
+    /// `rebuilding`.
+    fn select_over(&self, endpoints: Arc<[Arc<Endpoint>]>, now: &mut Option<Instant>) {
+        let watchers = self.selection.load().watchers.clone();
+        let mut ejected_until = None::<u64>;
+        let mut usable: Vec<Arc<Endpoint>> = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints.iter() {
+            if endpoint.stats.ejected(now) {
+                let until = endpoint.stats.ejected_until();
+                ejected_until = Some(ejected_until.map_or(until, |u| u.min(until)));
+            } else {
+                usable.push(endpoint.clone());
             }
-            ejected
-        };
-        if tried.is_empty() && !some_ejected {
-            // The common call: every endpoint may be used.
-            let chosen = self.watchers.selector.select(&endpoints, call)?;
-            return endpoints.get(chosen).cloned();
-        }
-        // By connection: it outlives the endpoint's rebuilds when the
-        // instance's metadata changes, and holding it rules out address reuse.
-        let untried = endpoints
-            .iter()
-            .filter(|e| !tried.iter().any(|c| Arc::ptr_eq(c, &e.connection)));
-        let mut usable: Vec<Arc<Endpoint>> = untried
-            .clone()
-            .filter(|e| !e.stats.ejected(&mut now))
-            .cloned()
-            .collect();
-        if usable.is_empty() {
-            usable = untried.cloned().collect();
         }
         if usable.is_empty() {
+            // Every endpoint is ejected: rather try one than fail outright.
+            usable = endpoints.to_vec();
+        }
+        let usable = Prepared::new(watchers.selector.as_ref(), usable.into());
+        self.selection.store(Arc::new(Selection {
+            endpoints,
+            usable,
+            ejected_until,
+            watchers,
+        }));
+    }
+
+    /// Builds the selection again over the same endpoints (an ejection
+    /// began or ended).
+    fn reselect(&self) {
+        let _rebuilding = self.rebuilding.lock_unpoisoned();
+        let endpoints = self.selection.load().endpoints.clone();
+        self.select_over(endpoints, &mut None);
+    }
+
+    /// When the next ejection in force ends, if any; ends those that are
+    /// over first (by building the selection again).
+    pub(crate) fn end_ejections(&self) -> Option<Instant> {
+        let next = self.selection.load().ejected_until?;
+        if nanos_since_epoch(Instant::now()) < next {
+            return Some(instant_at(next));
+        }
+        self.reselect();
+        self.selection.load().ejected_until.map(instant_at)
+    }
+
+    /// The endpoint for one attempt: chosen by the selector among the
+    /// endpoints not ejected (prepared in advance), or, for a call that
+    /// has tried some already, among those it has not tried.
+    fn pick(
+        &self,
+        tried: &[Arc<Connection>],
+        call: &CallInfo<'_>,
+    ) -> Option<(Arc<Endpoint>, Arc<Watchers>)> {
+        let selection = self.selection.load();
+        let usable = &selection.usable;
+        if usable.endpoints().is_empty() {
             return None;
         }
-        let chosen = self.watchers.selector.select(&usable, call)?;
-        usable.get(chosen).cloned()
+        let selector = selection.watchers.selector.as_ref();
+        let endpoint = if tried.is_empty() {
+            // The common call.
+            let chosen = selector.select_prepared(usable, call)?;
+            usable.endpoints().get(chosen)?.clone()
+        } else {
+            // By connection: it outlives the endpoint's rebuilds when the
+            // instance's metadata changes, and holding it rules out address reuse.
+            let untried = |set: &[Arc<Endpoint>]| -> Vec<Arc<Endpoint>> {
+                set.iter()
+                    .filter(|e| !tried.iter().any(|c| Arc::ptr_eq(c, &e.connection)))
+                    .cloned()
+                    .collect()
+            };
+            let mut candidates = untried(usable.endpoints());
+            if candidates.is_empty() {
+                // Only ejected ones are left: rather try one than fail outright.
+                candidates = untried(&selection.endpoints);
+            }
+            let untried = candidates;
+            if untried.is_empty() {
+                return None;
+            }
+            let chosen = selector.select(&untried, call)?;
+            untried.get(chosen)?.clone()
+        };
+        Some((endpoint, selection.watchers.clone()))
     }
 
     /// Notes that `endpoint` refused a connection: it is skipped for a while.
     pub(crate) fn eject(&self, endpoint: &Endpoint) {
         let config = &self.config;
-        let (duration, until) = endpoint
+        let (duration, _) = endpoint
             .stats
             .eject(config.ejection_base, config.ejection_max);
-        self.ejections.fetch_max(until, Ordering::Relaxed);
+        self.reselect();
+        self.ejected.notify_one();
         tracing::debug!(service = %self.key, address = %endpoint.instance.address, ?duration,
             "instance ejected");
     }
@@ -354,7 +422,7 @@ impl Balance {
             headers: request.headers(),
             attempt: number,
         };
-        let Some(endpoint) = self.pick(tried, &call) else {
+        let Some((endpoint, watchers)) = self.pick(tried, &call) else {
             return Either::Right(std::future::ready(Err(Failure::NoEndpoint)));
         };
         let method = request
@@ -362,13 +430,7 @@ impl Balance {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let guard = AttemptGuard::start(
-            self.watchers.clone(),
-            endpoint.clone(),
-            method,
-            number,
-            deadline,
-        );
+        let guard = AttemptGuard::start(watchers, endpoint.clone(), method, number, deadline);
         Either::Left(super::endpoint::send(self, endpoint, request, guard))
     }
 }

@@ -4,24 +4,47 @@ use std::sync::{Arc, Weak};
 
 use lodestar_core::registry::Follow;
 use lodestar_core::{Registry, ServiceKey};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::balance::{Balance, ResolvingGuard};
 
 /// Follows `key` and publishes every change into the balance layer, until
-/// it is dropped. On errors the last known instances stay in use, and the
+/// it is dropped; ends ejections when they are over (woken by `ejected`
+/// when one begins). On errors the last known instances stay in use, and the
 /// service is watched again, from the last revision seen, with backoff
 /// (see [`Follow`]).
 pub(crate) async fn run(
     registry: Arc<dyn Registry>,
     key: ServiceKey,
     balance: Weak<Balance>,
+    ejected: Arc<Notify>,
     _running: ResolvingGuard,
 ) {
     let mut follow = Follow::new(registry, key);
+    // When the next ejection ends, to put the endpoint back in rotation.
+    let mut unejection: Option<Instant> = None;
     loop {
-        let result = follow.next().await;
+        let result = {
+            let began = ejected.notified();
+            let ends = async {
+                match unejection {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = follow.next() => Some(result),
+                () = began => None,
+                () = ends => None,
+            }
+        };
         let Some(balance) = balance.upgrade() else {
             return;
+        };
+        unejection = balance.end_ejections();
+        let Some(result) = result else {
+            continue;
         };
         match result {
             Ok(instances) => {
