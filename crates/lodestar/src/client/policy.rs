@@ -880,14 +880,32 @@ pub fn code_from_name(name: &str) -> Option<tonic::Code> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    /// Labels from pairs (for route tests too).
+    pub(crate) fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// 10% of calls to version 2, 90% to version 1 (for route tests too).
+    pub(crate) fn canary(sticky_header: Option<&str>) -> Split {
+        Split {
+            subsets: vec![
+                Subset {
+                    labels: labels(&[("version", "2")]),
+                    weight: 10,
+                },
+                Subset {
+                    labels: labels(&[("version", "1")]),
+                    weight: 90,
+                },
+            ],
+            sticky_header: sticky_header.map(String::from),
+        }
     }
 
     /// A policy with every part set, and valid.
@@ -906,19 +924,7 @@ mod tests {
                 fallback: Fallback::Rest,
                 retry_anywhere: true,
             }],
-            split: Some(Split {
-                subsets: vec![
-                    Subset {
-                        labels: labels(&[("version", "2")]),
-                        weight: 10,
-                    },
-                    Subset {
-                        labels: labels(&[("version", "1")]),
-                        weight: 90,
-                    },
-                ],
-                sticky_header: Some("x-user".into()),
-            }),
+            split: Some(canary(Some("x-user"))),
             zone: ZoneAffinity {
                 enabled: false,
                 min_local: 3,
