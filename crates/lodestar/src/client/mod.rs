@@ -43,6 +43,7 @@ pub mod observe;
 
 pub mod outlier;
 pub mod policy;
+pub(crate) mod route;
 pub mod selector;
 mod stack;
 mod stream;

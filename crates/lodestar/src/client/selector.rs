@@ -44,6 +44,7 @@ use tokio::time::Instant;
 
 use super::connection::Connection;
 use super::observe::Attempt;
+use super::outlier::OutlierStats;
 
 /// Chooses an endpoint for each attempt of a call, and is told how it went.
 ///
@@ -197,6 +198,9 @@ pub struct EndpointStats {
     ejected_until: AtomicU64,
     /// Failed connection attempts in a row.
     connect_failures: AtomicU32,
+    /// Outlier detection's counts and ejection; apart from the connection
+    /// ejection above (see [`outlier`](super::outlier)).
+    pub(crate) outlier: OutlierStats,
 }
 
 impl EndpointStats {
@@ -221,6 +225,11 @@ impl EndpointStats {
         let recorded = self.recorded.load(Ordering::Relaxed).min(RECENT_OUTCOMES);
         let failures = self.outcomes.load(Ordering::Relaxed).count_ones();
         (recorded.saturating_sub(failures), failures)
+    }
+
+    /// What outlier detection keeps about this endpoint.
+    pub fn outlier(&self) -> &OutlierStats {
+        &self.outlier
     }
 
     /// Whether the endpoint is ejected (skipped by selection) at `now`,
@@ -311,8 +320,18 @@ pub(crate) fn instant_at(nanos: u64) -> Instant {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A fresh endpoint for `instance`, with a connection not yet opened.
+    pub(crate) fn endpoint(instance: Instance) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            authority: instance.address.parse().unwrap(),
+            connection: Arc::new(Connection::new(instance.address.clone())),
+            stats: Arc::new(EndpointStats::default()),
+            instance,
+        })
+    }
 
     #[test]
     fn recent_outcomes_keep_the_last_sixty_four() {
