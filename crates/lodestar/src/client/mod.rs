@@ -46,6 +46,7 @@ pub mod policy;
 pub(crate) mod route;
 pub mod selector;
 mod stack;
+pub mod strategy;
 mod stream;
 
 use std::collections::HashMap;
@@ -326,13 +327,11 @@ impl ClientBuilder {
     }
 
     /// How instances are picked, by name. Default: [`Strategy::RoundRobin`].
-    /// The same as [`selector`](Self::selector) with the built-in selector.
-    pub fn strategy(self, strategy: Strategy) -> Self {
-        match strategy {
-            Strategy::Random => self.selector(selector::Random),
-            // SKELETON: the other strategies are being built.
-            _ => self.selector(selector::RoundRobin::default()),
-        }
+    /// The same as [`selector`](Self::selector) with the built-in selector
+    /// (see [`strategy`](crate::client::strategy) for each).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.config.selector = strategy::factory(&strategy);
+        self
     }
 
     /// How instances are picked: each channel (one per service) gets its

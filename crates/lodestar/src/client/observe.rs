@@ -78,6 +78,9 @@ pub struct Attempt<'a> {
     pub outcome: &'a Outcome,
     /// When it was handed to the endpoint; see [`latency`](Self::latency).
     pub started: Instant,
+    /// From [`started`](Self::started) to the response's headers, if they
+    /// came (read from the clock once, when they did).
+    pub answered: Option<Duration>,
     /// Whether the request may have reached the server. An attempt that
     /// was not sent (no connection could be had, or the connection was
     /// found closed first) can always be sent elsewhere.
@@ -163,6 +166,8 @@ pub(crate) struct AttemptGuard {
     method: PathAndQuery,
     number: u32,
     started: Instant,
+    /// Time to the response's headers, once they came.
+    answered: Option<Duration>,
     deadline: Option<Deadline>,
     sent: bool,
     reported: bool,
@@ -183,6 +188,7 @@ impl AttemptGuard {
             method,
             number,
             started: Instant::now(),
+            answered: None,
             deadline,
             sent: false,
             reported: false,
@@ -194,9 +200,13 @@ impl AttemptGuard {
         self.sent = true;
     }
 
-    /// The response's headers arrived.
-    pub(crate) fn answered(&self) {
-        self.endpoint.stats.record_latency(self.started.elapsed());
+    /// The response's headers arrived: the latency sample of this
+    /// attempt, kept for its report (selectors such as peak-EWMA read it
+    /// there, with no clock read of their own).
+    pub(crate) fn answered(&mut self) {
+        let rtt = self.started.elapsed();
+        self.answered = Some(rtt);
+        self.endpoint.stats.record_latency(rtt);
     }
 
     /// The attempt ended with `outcome`.
@@ -222,6 +232,7 @@ impl AttemptGuard {
             number: self.number,
             outcome: &outcome,
             started: self.started,
+            answered: self.answered,
             sent: self.sent,
             by_caller,
         };

@@ -162,7 +162,53 @@ pub struct Endpoint {
     pub(crate) stats: Arc<EndpointStats>,
 }
 
+/// An instance whose address is not `host:port`, given to [`Endpoint::new`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "instance `{instance}` of service `{service}` has the address `{address}`; expected host:port"
+)]
+pub struct InvalidAddress {
+    /// The instance's id.
+    pub instance: String,
+    /// The service, as `namespace/group/name`.
+    pub service: ServiceKey,
+    /// The address it gave.
+    pub address: String,
+}
+
 impl Endpoint {
+    /// An endpoint for `instance`, with fresh stats, not connected until a
+    /// call uses it: for testing selectors and benchmarking them. (A
+    /// client makes its own endpoints, sharing each one's connection and
+    /// stats across updates of the instance.) Fails if the instance's
+    /// address is not `host:port`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use lodestar::client::selector::Endpoint;
+    ///
+    /// let instance = lodestar::Instance::new("orders", "127.0.0.1:7001").with_id("a");
+    /// let endpoint = Arc::new(Endpoint::new(instance)?);
+    /// assert_eq!(endpoint.stats().in_flight(), 0);
+    /// # Ok::<(), lodestar::client::selector::InvalidAddress>(())
+    /// ```
+    pub fn new(instance: Instance) -> Result<Self, InvalidAddress> {
+        let authority = instance
+            .address
+            .parse::<Authority>()
+            .map_err(|_| InvalidAddress {
+                instance: instance.id.clone(),
+                service: instance.key.clone(),
+                address: instance.address.clone(),
+            })?;
+        Ok(Self {
+            connection: Arc::new(Connection::new(instance.address.clone())),
+            stats: Arc::new(EndpointStats::default()),
+            instance,
+            authority,
+        })
+    }
+
     /// The instance, as the registry last described it.
     pub fn instance(&self) -> &Instance {
         &self.instance
@@ -201,6 +247,15 @@ pub struct EndpointStats {
     /// Outlier detection's counts and ejection; apart from the connection
     /// ejection above (see [`outlier`](super::outlier)).
     pub(crate) outlier: OutlierStats,
+    /// The peak-EWMA latency estimate ([`PeakEwma`](super::strategy::PeakEwma)):
+    /// nanoseconds, as `f64` bits; 0 until the first sample.
+    peak_rtt: AtomicU64,
+    /// When [`peak_rtt`](Self::peak_rtt) was last updated, as
+    /// [`nanos_since_epoch`].
+    peak_at: AtomicU64,
+    /// When a peak-EWMA selector last picked this endpoint, as
+    /// [`nanos_since_epoch`]; 0 if never (for its forced probe).
+    last_picked: AtomicU64,
 }
 
 impl EndpointStats {
@@ -282,6 +337,65 @@ impl EndpointStats {
         }
     }
 
+    /// The peak-EWMA latency estimate at `now` (nanoseconds since
+    /// [`epoch`]), decayed toward 0 since its last update with time
+    /// constant `decay` (nanoseconds): an endpoint left alone looks faster
+    /// and faster. `None` before the first sample.
+    pub(crate) fn peak_rtt(&self, now: u64, decay: f64) -> Option<f64> {
+        let rtt = f64::from_bits(self.peak_rtt.load(Ordering::Relaxed));
+        if rtt <= 0.0 {
+            return None;
+        }
+        let at = self.peak_at.load(Ordering::Relaxed);
+        Some(rtt * decay_weight(now.saturating_sub(at), decay))
+    }
+
+    /// Takes a latency sample (nanoseconds) taken at `at` into the
+    /// peak-EWMA estimate: a sample slower than the estimate (as decayed
+    /// to `at`) replaces it; a faster one pulls it toward itself by
+    /// `1 - exp(-elapsed / decay)`, so the estimate falls over about
+    /// `decay` and never below the sample.
+    ///
+    /// The estimate and its time are two atomics: a racing update can pair
+    /// one's value with the other's time, which skews the decay of one
+    /// sample slightly and is corrected by the next.
+    pub(crate) fn record_peak_rtt(&self, sample: f64, at: u64, decay: f64) {
+        let sample = sample.max(1.0);
+        let last = self.peak_at.swap(at, Ordering::Relaxed);
+        let weight = decay_weight(at.saturating_sub(last), decay);
+        let _ = self
+            .peak_rtt
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                let old = f64::from_bits(old);
+                let current = old * weight;
+                let new = if old <= 0.0 || sample >= current {
+                    sample
+                } else {
+                    current * weight + sample * (1.0 - weight)
+                };
+                Some(new.to_bits())
+            });
+    }
+
+    /// When a peak-EWMA selector last picked this endpoint (nanoseconds
+    /// since [`epoch`]; 0 if never).
+    pub(crate) fn last_picked(&self) -> u64 {
+        self.last_picked.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the endpoint was picked at `now`.
+    pub(crate) fn picked(&self, now: u64) {
+        self.last_picked.store(now, Ordering::Relaxed);
+    }
+
+    /// Claims this endpoint's forced probe: true for exactly one of the
+    /// callers that saw it last picked at `seen`.
+    pub(crate) fn claim_probe(&self, seen: u64, now: u64) -> bool {
+        self.last_picked
+            .compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
     /// Skips this endpoint for a while after a refused connection: `base`,
     /// doubled for each failure in a row, at most `max`. Returns how long,
     /// and until when (as [`nanos_since_epoch`]).
@@ -303,6 +417,15 @@ impl EndpointStats {
             self.ejected_until.store(0, Ordering::Relaxed);
         }
     }
+}
+
+/// `exp(-elapsed / decay)`: how much of an estimate is left after
+/// `elapsed` nanoseconds.
+fn decay_weight(elapsed: u64, decay: f64) -> f64 {
+    if decay <= 0.0 {
+        return 0.0;
+    }
+    (-(elapsed as f64) / decay).exp()
 }
 
 fn epoch() -> Instant {
@@ -352,6 +475,24 @@ pub(crate) mod tests {
         assert_eq!(stats.latency(), Some(Duration::from_millis(10)));
         stats.record_latency(Duration::from_millis(20));
         assert_eq!(stats.latency(), Some(Duration::from_millis(12)));
+    }
+
+    #[test]
+    fn the_peak_estimate_jumps_up_and_decays_down() {
+        let stats = EndpointStats::default();
+        let (second, decay) = (1_000_000_000u64, 10e9);
+        assert_eq!(stats.peak_rtt(0, decay), None);
+        stats.record_peak_rtt(10e6, second, decay);
+        stats.record_peak_rtt(50e6, second, decay);
+        // A slower sample: taken at once.
+        assert_eq!(stats.peak_rtt(second, decay), Some(50e6));
+        // Read 10 s later: decayed toward 0 by e^-1.
+        let read = stats.peak_rtt(11 * second, decay).unwrap_or(0.0);
+        assert!((read - 50e6 / std::f64::consts::E).abs() < 1e3, "{read}");
+        // A faster sample 10 s later pulls it toward itself, not below.
+        stats.record_peak_rtt(10e6, 11 * second, decay);
+        let after = stats.peak_rtt(11 * second, decay).unwrap_or(0.0);
+        assert!(after > 10e6 && after < read, "{after}");
     }
 
     #[tokio::test(start_paused = true)]
