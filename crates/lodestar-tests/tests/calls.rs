@@ -42,7 +42,9 @@ async fn three(world: &World) -> Vec<lodestar::RunningService> {
 async fn every_call_kind_is_spread_over_three_instances() {
     let world = World::new();
     let _running = three(&world).await;
-    let client = world.client();
+    let client = Client::builder(world.registry.clone())
+        .strategy(Strategy::RoundRobin)
+        .build();
     let mut echo = EchoClient::by_name(&client, "echo");
 
     let mut served = Vec::new();
@@ -909,3 +911,5 @@ async fn a_client_does_not_send_a_malformed_grpc_timeout() {
 mod client_stack;
 #[path = "calls/server_stack.rs"]
 mod server_stack;
+#[path = "calls/traffic.rs"]
+mod traffic;

@@ -37,9 +37,8 @@ struct Misbehave {
     behaviour: Behaviour,
 }
 
-type Answer = Pin<
-    Box<dyn Future<Output = Result<http::Response<ResponseBody>, tower::BoxError>> + Send>,
->;
+type Answer =
+    Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, tower::BoxError>> + Send>>;
 
 impl tower_service::Service<http::Request<RequestBody>> for Misbehave {
     type Response = http::Response<ResponseBody>;
@@ -55,7 +54,9 @@ impl tower_service::Service<http::Request<RequestBody>> for Misbehave {
         let answer = self.inner.call(request);
         Box::pin(async move {
             if let Some(code) = fail {
-                return Err(Box::new(Status::new(code, "misbehaving on purpose")) as tower::BoxError);
+                return Err(
+                    Box::new(Status::new(code, "misbehaving on purpose")) as tower::BoxError
+                );
             }
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -254,7 +255,11 @@ async fn weights_shape_the_shares_and_a_change_in_the_registry_applies_within_a_
         .find(|e| e.instance().id == "a")
         .expect("a is known");
     let heavier = running[0].0.instance().clone().with_weight(7);
-    world.registry.register(&heavier).await.expect("re-registered");
+    world
+        .registry
+        .register(&heavier)
+        .await
+        .expect("re-registered");
     let changed = Instant::now();
     loop {
         let now = channel
@@ -455,7 +460,10 @@ async fn a_canary_split_takes_its_share_and_a_sticky_key_stays_on_one_version() 
         .set_policy("canary", split(Some("x-user")))
         .expect("a valid policy");
     for user in 0..20 {
-        let tally = run(&client, "canary", 20, 4, |_| vec![("x-user", format!("u{user}"))]).await;
+        let tally = run(&client, "canary", 20, 4, |_| {
+            vec![("x-user", format!("u{user}"))]
+        })
+        .await;
         assert_eq!(tally.served.len(), 1, "user {user} saw both: {tally:?}");
     }
 }

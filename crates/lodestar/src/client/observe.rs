@@ -28,7 +28,7 @@
 //! ```
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,7 +39,9 @@ use lodestar_core::ServiceKey;
 use tokio::time::Instant;
 use tonic::Code;
 
+use super::outlier::{FailureCodes, OutlierSettings};
 use super::selector::{Endpoint, Selector};
+use super::stack::balance::Balance;
 use super::stream::Received;
 use crate::Deadline;
 
@@ -145,6 +147,17 @@ pub(crate) struct Watchers {
     pub(crate) service: ServiceKey,
     pub(crate) selector: Arc<dyn Selector>,
     pub(crate) observers: Arc<[Arc<dyn ObserverDebug>]>,
+    /// Outlier detection, when the policy turns it on.
+    pub(crate) outlier: Option<OutlierWatch>,
+}
+
+/// What outlier detection needs of each attempt's report: how to count it,
+/// and whom to ask for an ejection.
+#[derive(Debug)]
+pub(crate) struct OutlierWatch {
+    pub(crate) settings: OutlierSettings,
+    pub(crate) codes: FailureCodes,
+    pub(crate) balance: Weak<Balance>,
 }
 
 /// An [`Observer`] the client can print (as its type name).
@@ -239,6 +252,17 @@ impl AttemptGuard {
         self.watchers.selector.report(&attempt);
         for observer in self.watchers.observers.iter() {
             observer.attempt(&attempt);
+        }
+        if let Some(outlier) = &self.watchers.outlier
+            && let Some(failure) = outlier.codes.classify(&outcome, by_caller)
+            && self
+                .endpoint
+                .stats
+                .outlier
+                .record(failure, &outlier.settings)
+            && let Some(balance) = outlier.balance.upgrade()
+        {
+            balance.consecutive_failures(&self.endpoint);
         }
     }
 }

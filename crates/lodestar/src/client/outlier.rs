@@ -29,12 +29,11 @@
 //! use tonic::Code;
 //!
 //! let settings = OutlierSettings::default();
-//! let codes: FailureCodes = settings.check()?;
+//! let codes: FailureCodes = settings.failure_code_set();
 //! assert_eq!(codes.classify(&Outcome::Status(Code::Unavailable), false), Some(true));
 //! assert_eq!(codes.classify(&Outcome::Status(Code::NotFound), false), Some(false));
 //! // The caller's own cancel or deadline is not counted at all.
 //! assert_eq!(codes.classify(&Outcome::Status(Code::Cancelled), true), None);
-//! # Ok::<(), lodestar::client::outlier::OutlierError>(())
 //! ```
 
 use std::fmt;
@@ -49,21 +48,8 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use super::observe::Outcome;
+use super::policy::{CODES, code_from_name, code_name};
 use super::selector::{Endpoint, nanos_since_epoch};
-
-/// The shortest [`OutlierSettings::interval_ms`]: 100 ms, so that the sweep
-/// stays a small cost however it is set.
-pub const MIN_INTERVAL_MS: u64 = 100;
-
-/// The longest [`OutlierSettings::interval_ms`]: one hour.
-pub const MAX_INTERVAL_MS: u64 = 3_600_000;
-
-/// The longest [`OutlierSettings::max_ejection_ms`]: one day.
-pub const MAX_EJECTION_MS: u64 = 86_400_000;
-
-/// The most names [`OutlierSettings::failure_codes`] may list (there are 16
-/// codes that may be failures; repeats are allowed up to this many).
-pub const MAX_FAILURE_CODES: usize = 32;
 
 /// The codes that count as failures by default: what a sick instance
 /// answers. `DEADLINE_EXCEEDED` counts only when the server caused it.
@@ -73,27 +59,6 @@ const DEFAULT_FAILURE_CODES: [Code; 5] = [
     Code::Unknown,
     Code::DataLoss,
     Code::DeadlineExceeded,
-];
-
-/// The gRPC name of each code, indexed by its number.
-const CODE_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
 ];
 
 /// When an instance is taken out of rotation (ejected) for failing, and
@@ -107,7 +72,8 @@ pub struct OutlierSettings {
     /// Whether outlier detection runs. Default: yes.
     pub enabled: bool,
     /// How often the rates are checked and ejections ended, in
-    /// milliseconds, from [`MIN_INTERVAL_MS`] to [`MAX_INTERVAL_MS`].
+    /// milliseconds, from [`MIN_OUTLIER_INTERVAL_MS`](super::policy::MIN_OUTLIER_INTERVAL_MS)
+    /// to [`MAX_DURATION_MS`](super::policy::MAX_DURATION_MS).
     /// Default: 10,000.
     pub interval_ms: u64,
     /// Eject after this many failures in a row (0: never). Default: 5.
@@ -132,14 +98,20 @@ pub struct OutlierSettings {
     /// further one is longer by as much again. Default: 30,000.
     pub base_ejection_ms: u64,
     /// The longest ejection, in milliseconds, from `base_ejection_ms` to
-    /// [`MAX_EJECTION_MS`]. Default: 300,000.
+    /// [`MAX_DURATION_MS`](super::policy::MAX_DURATION_MS). Default: 300,000.
     pub max_ejection_ms: u64,
     /// The most instances ejected at once, as a percentage (at most 100),
     /// counting the one about to be; at least one may always be ejected,
     /// unless it is the only instance. Default: 50.
     pub max_ejection_percent: u32,
-    /// The gRPC codes (as names, e.g. `UNAVAILABLE`; at most
-    /// [`MAX_FAILURE_CODES`]) that count as failures, with transport
+    /// The panic threshold, as a percentage (at most 100): when fewer than
+    /// this share of the instances are left in rotation (by outlier
+    /// detection, refused connections, or both), calls go to every
+    /// instance, ejected or not, rather than pile onto the few left.
+    /// Default: 50 (Envoy's).
+    pub panic_threshold_percent: u32,
+    /// The gRPC codes (as names, e.g. `UNAVAILABLE`; each once) that
+    /// count as failures, with transport
     /// errors. Default: `UNAVAILABLE`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS`,
     /// and `DEADLINE_EXCEEDED` when the server caused it. A caller's own
     /// cancel or deadline never counts, whatever is listed.
@@ -160,6 +132,7 @@ impl Default for OutlierSettings {
             base_ejection_ms: 30_000,
             max_ejection_ms: 300_000,
             max_ejection_percent: 50,
+            panic_threshold_percent: 50,
             failure_codes: DEFAULT_FAILURE_CODES
                 .map(|code| code_name(code).to_owned())
                 .to_vec(),
@@ -168,78 +141,22 @@ impl Default for OutlierSettings {
 }
 
 impl OutlierSettings {
-    /// Checks every field, and returns the failure codes parsed: the first
-    /// bad field is named in the error, with what was expected.
-    pub fn check(&self) -> Result<FailureCodes, OutlierError> {
-        if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&self.interval_ms) {
-            return Err(OutlierError::new(
-                "interval_ms",
-                format!(
-                    "{} is out of range: expected {MIN_INTERVAL_MS} to {MAX_INTERVAL_MS}",
-                    self.interval_ms
-                ),
-            ));
-        }
-        for (field, value) in [
-            ("failure_percentage", self.failure_percentage),
-            ("max_ejection_percent", self.max_ejection_percent),
-        ] {
-            if value > 100 {
-                return Err(OutlierError::new(
-                    field,
-                    format!("{value} is not a percentage: expected 0 to 100"),
-                ));
-            }
-        }
-        if !(1..=MAX_EJECTION_MS).contains(&self.base_ejection_ms) {
-            return Err(OutlierError::new(
-                "base_ejection_ms",
-                format!(
-                    "{} is out of range: expected 1 to {MAX_EJECTION_MS}",
-                    self.base_ejection_ms
-                ),
-            ));
-        }
-        if !(self.base_ejection_ms..=MAX_EJECTION_MS).contains(&self.max_ejection_ms) {
-            return Err(OutlierError::new(
-                "max_ejection_ms",
-                format!(
-                    "{} is out of range: expected base_ejection_ms ({}) to {MAX_EJECTION_MS}",
-                    self.max_ejection_ms, self.base_ejection_ms
-                ),
-            ));
-        }
-        FailureCodes::parse(&self.failure_codes)
+    /// The set of [`failure_codes`](Self::failure_codes). Names that are
+    /// not gRPC codes, and `OK`, are left out: [`Policy::validate`](super::policy::Policy::validate)
+    /// refuses them before settings are used.
+    pub fn failure_code_set(&self) -> FailureCodes {
+        FailureCodes::of(
+            self.failure_codes
+                .iter()
+                .filter_map(|name| code_from_name(name))
+                .filter(|&code| code != Code::Ok),
+        )
     }
 
     /// How often [`Detector::sweep`] should run: `interval_ms`.
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.interval_ms)
     }
-}
-
-/// A field of [`OutlierSettings`] that is out of bounds.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("outlier.{field}: {problem}")]
-pub struct OutlierError {
-    field: &'static str,
-    problem: String,
-}
-
-impl OutlierError {
-    fn new(field: &'static str, problem: String) -> Self {
-        Self { field, problem }
-    }
-
-    /// The field, as named in a policy file (e.g. `failure_codes`).
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-/// The name of `code` as gRPC spells it (`UNAVAILABLE`).
-fn code_name(code: Code) -> &'static str {
-    CODE_NAMES.get(code as usize).copied().unwrap_or("UNKNOWN")
 }
 
 /// The gRPC codes that count as failures of an endpoint: a set, checked
@@ -250,11 +167,7 @@ pub struct FailureCodes(u32);
 
 impl Default for FailureCodes {
     fn default() -> Self {
-        Self(
-            DEFAULT_FAILURE_CODES
-                .iter()
-                .fold(0, |bits, &c| bits | bit(c)),
-        )
+        Self::of(DEFAULT_FAILURE_CODES)
     }
 }
 
@@ -263,44 +176,18 @@ fn bit(code: Code) -> u32 {
 }
 
 impl FailureCodes {
-    /// The set of the codes named, as gRPC spells them (`UNAVAILABLE`).
-    /// An unknown name, `OK`, or more than [`MAX_FAILURE_CODES`] names is
-    /// an error naming the field and the value.
-    pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Self, OutlierError> {
-        if names.len() > MAX_FAILURE_CODES {
-            return Err(OutlierError::new(
-                "failure_codes",
-                format!(
-                    "{} names are too many: expected at most {MAX_FAILURE_CODES}",
-                    names.len()
-                ),
-            ));
-        }
-        let mut bits = 0;
-        for name in names {
-            let name = name.as_ref();
-            match CODE_NAMES.iter().position(|known| *known == name) {
-                Some(0) => {
-                    return Err(OutlierError::new(
-                        "failure_codes",
-                        "\"OK\" cannot be a failure".to_owned(),
-                    ));
-                }
-                Some(number) => bits |= 1 << number,
-                None => {
-                    // Quoted, shortened: the value may come from a file or the network.
-                    let shown: String = name.chars().take(32).collect();
-                    return Err(OutlierError::new(
-                        "failure_codes",
-                        format!(
-                            "{shown:?} is not a gRPC code: expected one of {}",
-                            CODE_NAMES[1..].join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(Self(bits))
+    /// The set of `codes`.
+    ///
+    /// ```
+    /// use lodestar::client::outlier::FailureCodes;
+    /// use tonic::Code;
+    ///
+    /// let codes = FailureCodes::of([Code::ResourceExhausted]);
+    /// assert!(codes.contains(Code::ResourceExhausted));
+    /// assert!(!codes.contains(Code::Unavailable));
+    /// ```
+    pub fn of(codes: impl IntoIterator<Item = Code>) -> Self {
+        Self(codes.into_iter().fold(0, |bits, code| bits | bit(code)))
     }
 
     /// Whether `code` is in the set.
@@ -325,11 +212,10 @@ impl FailureCodes {
 
 impl fmt::Debug for FailureCodes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names = CODE_NAMES
+        let names = CODES
             .iter()
-            .enumerate()
-            .filter(|(number, _)| self.0 & (1 << number) != 0)
-            .map(|(_, name)| name);
+            .filter(|&&code| self.contains(code))
+            .map(|&code| code_name(code));
         f.debug_set().entries(names).finish()
     }
 }
@@ -756,7 +642,7 @@ mod tests {
 
     #[test]
     fn only_configured_codes_count() {
-        let codes = OutlierSettings::default().check().unwrap();
+        let codes = OutlierSettings::default().failure_code_set();
         assert_eq!(codes, FailureCodes::default());
         let status = |code| Outcome::Status(code);
         let transport = Outcome::Transport("connection reset".to_owned());
@@ -787,13 +673,17 @@ mod tests {
             );
         }
         // The caller's cancel and deadline: not counted, whatever the set.
-        let all = FailureCodes::parse(&CODE_NAMES[1..]).unwrap();
+        let all = FailureCodes::of(CODES);
         for by_caller in [Code::Cancelled, Code::DeadlineExceeded] {
             assert_eq!(codes.classify(&status(by_caller), true), None);
             assert_eq!(all.classify(&status(by_caller), true), None);
         }
         // A set of one's own.
-        let own = FailureCodes::parse(&["RESOURCE_EXHAUSTED"]).unwrap();
+        let own = OutlierSettings {
+            failure_codes: vec!["RESOURCE_EXHAUSTED".into(), "BOGUS".into()],
+            ..OutlierSettings::default()
+        }
+        .failure_code_set();
         assert_eq!(
             own.classify(&status(Code::ResourceExhausted), false),
             Some(true)
@@ -801,43 +691,6 @@ mod tests {
         assert_eq!(own.classify(&status(Code::Unavailable), false), Some(false));
         assert_eq!(own.classify(&transport, false), Some(true));
         assert_eq!(format!("{own:?}"), r#"{"RESOURCE_EXHAUSTED"}"#);
-    }
-
-    #[test]
-    fn bad_settings_are_refused_naming_the_field() {
-        let refused = |change: fn(&mut OutlierSettings)| {
-            let mut settings = OutlierSettings::default();
-            change(&mut settings);
-            settings.check().unwrap_err()
-        };
-        let e = refused(|s| s.failure_codes.push("UNAVAILBLE".into()));
-        assert_eq!(e.field(), "failure_codes");
-        assert!(
-            e.to_string().contains("\"UNAVAILBLE\" is not a gRPC code"),
-            "{e}"
-        );
-        let e = refused(|s| s.failure_codes = vec!["OK".into()]);
-        assert!(e.to_string().contains("\"OK\" cannot be a failure"), "{e}");
-        let e = refused(|s| s.failure_codes = vec!["INTERNAL".into(); 33]);
-        assert!(e.to_string().contains("33 names are too many"), "{e}");
-        assert_eq!(refused(|s| s.interval_ms = 0).field(), "interval_ms");
-        assert_eq!(
-            refused(|s| s.failure_percentage = 101).field(),
-            "failure_percentage"
-        );
-        assert_eq!(
-            refused(|s| s.max_ejection_percent = 101).field(),
-            "max_ejection_percent"
-        );
-        assert_eq!(
-            refused(|s| s.base_ejection_ms = 0).field(),
-            "base_ejection_ms"
-        );
-        let e = refused(|s| s.max_ejection_ms = 1_000);
-        assert_eq!(
-            e.to_string(),
-            "outlier.max_ejection_ms: 1000 is out of range: expected base_ejection_ms (30000) to 86400000"
-        );
     }
 
     #[test]

@@ -634,6 +634,12 @@ fn validate_outlier(o: &OutlierSettings) -> Result<(), PolicyError> {
         100,
     )?;
     in_range(
+        "outlier.panic_threshold_percent",
+        o.panic_threshold_percent.into(),
+        0,
+        100,
+    )?;
+    in_range(
         "outlier.max_ejection_ms",
         o.max_ejection_ms,
         1,
@@ -842,27 +848,56 @@ fn parse_message(format: &str, field: &str, line: usize, column: usize, message:
     format!("{format} policy{field}{at}: {message}")
 }
 
-/// The gRPC codes by the names the gRPC specification gives them
-/// (`UNAVAILABLE`, `DEADLINE_EXCEEDED`), as policies name them.
-const CODE_NAMES: [(&str, tonic::Code); 17] = [
-    ("OK", tonic::Code::Ok),
-    ("CANCELLED", tonic::Code::Cancelled),
-    ("UNKNOWN", tonic::Code::Unknown),
-    ("INVALID_ARGUMENT", tonic::Code::InvalidArgument),
-    ("DEADLINE_EXCEEDED", tonic::Code::DeadlineExceeded),
-    ("NOT_FOUND", tonic::Code::NotFound),
-    ("ALREADY_EXISTS", tonic::Code::AlreadyExists),
-    ("PERMISSION_DENIED", tonic::Code::PermissionDenied),
-    ("RESOURCE_EXHAUSTED", tonic::Code::ResourceExhausted),
-    ("FAILED_PRECONDITION", tonic::Code::FailedPrecondition),
-    ("ABORTED", tonic::Code::Aborted),
-    ("OUT_OF_RANGE", tonic::Code::OutOfRange),
-    ("UNIMPLEMENTED", tonic::Code::Unimplemented),
-    ("INTERNAL", tonic::Code::Internal),
-    ("UNAVAILABLE", tonic::Code::Unavailable),
-    ("DATA_LOSS", tonic::Code::DataLoss),
-    ("UNAUTHENTICATED", tonic::Code::Unauthenticated),
+/// Every gRPC code, in the order of its number.
+pub(crate) const CODES: [tonic::Code; 17] = [
+    tonic::Code::Ok,
+    tonic::Code::Cancelled,
+    tonic::Code::Unknown,
+    tonic::Code::InvalidArgument,
+    tonic::Code::DeadlineExceeded,
+    tonic::Code::NotFound,
+    tonic::Code::AlreadyExists,
+    tonic::Code::PermissionDenied,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::FailedPrecondition,
+    tonic::Code::Aborted,
+    tonic::Code::OutOfRange,
+    tonic::Code::Unimplemented,
+    tonic::Code::Internal,
+    tonic::Code::Unavailable,
+    tonic::Code::DataLoss,
+    tonic::Code::Unauthenticated,
 ];
+
+/// The name the gRPC specification gives `code` (`UNAVAILABLE`,
+/// `DEADLINE_EXCEEDED`), as policies name it.
+///
+/// ```
+/// use lodestar::client::policy::code_name;
+/// assert_eq!(code_name(tonic::Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+/// ```
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
 
 /// The gRPC code a policy names, e.g. `UNAVAILABLE` (as the gRPC
 /// specification spells them: upper case, words joined by `_`).
@@ -873,10 +908,7 @@ const CODE_NAMES: [(&str, tonic::Code); 17] = [
 /// assert_eq!(code_from_name("unavailable"), None);
 /// ```
 pub fn code_from_name(name: &str) -> Option<tonic::Code> {
-    CODE_NAMES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, code)| *code)
+    CODES.into_iter().find(|&code| code_name(code) == name)
 }
 
 #[cfg(test)]
@@ -1178,13 +1210,9 @@ pub(crate) mod tests {
 
     #[test]
     fn every_grpc_code_has_its_name() {
-        for (i, (name, code)) in CODE_NAMES.iter().enumerate() {
-            assert_eq!(
-                *code,
-                tonic::Code::from_i32(i32::try_from(i).unwrap()),
-                "{name}"
-            );
-            assert_eq!(code_from_name(name), Some(*code));
+        for (i, code) in CODES.into_iter().enumerate() {
+            assert_eq!(code, tonic::Code::from_i32(i32::try_from(i).unwrap()));
+            assert_eq!(code_from_name(code_name(code)), Some(code));
         }
         for name in &OutlierSettings::default().failure_codes {
             assert!(code_from_name(name).is_some(), "{name}");

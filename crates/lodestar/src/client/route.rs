@@ -19,9 +19,6 @@
 //! [`ZoneAffinity::min_local`] of its endpoints are in that zone, calls
 //! use only those; below that, the whole group (spill over).
 
-// Built and read by the balance layer, which wires it in next.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,20 +43,27 @@ pub(crate) struct Caller {
 /// The endpoints a call may use, and whether its retries may leave them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Routed<'a> {
-    /// The endpoints, prepared for the selector. Empty only when the
-    /// routing was built over no endpoints at all.
+    /// The endpoints, prepared for the selector: the group's local part
+    /// when it has one. Empty only when the routing was built over no
+    /// endpoints at all.
     pub(crate) group: &'a Prepared,
+    /// The whole group, in every zone: where a retry goes when `group`
+    /// has no endpoint left to try.
+    pub(crate) whole: &'a Prepared,
     /// Whether a retry may go to any endpoint ([`Routing::all`]) rather
     /// than only to this group.
     pub(crate) retry_anywhere: bool,
+    /// Whether no route or split chose the group: the call may use any
+    /// endpoint.
+    pub(crate) unrouted: bool,
 }
 
 /// A route matched the call, but no endpoint has its labels, and its
 /// fallback is [`Fallback::Fail`]. Calls fail with `UNAVAILABLE`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "no usable instance of {service} has the labels {labels} that route {route} of its policy \
-     sends this call to (its fallback is `fail`)"
+    "route {route} of the client policy sends it to instances labelled {labels}, and none is \
+     usable (the route's fallback is `fail`)"
 )]
 pub(crate) struct RouteError {
     /// The service called.
@@ -260,7 +264,9 @@ impl Routing {
             return match &route.target {
                 Target::Group(group) => Ok(Routed {
                     group: group.prepared(),
+                    whole: &group.whole,
                     retry_anywhere: route.retry_anywhere,
+                    unrouted: false,
                 }),
                 Target::Fail(labels) => Err(RouteError {
                     service: call.service.clone(),
@@ -269,14 +275,13 @@ impl Routing {
                 }),
             };
         }
-        let group = self
-            .split
-            .as_ref()
-            .and_then(|split| split.pick(call))
-            .unwrap_or(&self.default);
+        let split = self.split.as_ref().and_then(|split| split.pick(call));
+        let group = split.unwrap_or(&self.default);
         Ok(Routed {
             group: group.prepared(),
+            whole: &group.whole,
             retry_anywhere: false,
+            unrouted: split.is_none(),
         })
     }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use futures_util::future::Either;
@@ -22,9 +22,12 @@ use crate::body::RequestBody;
 
 use super::resolver;
 use crate::client::connection::Connection;
-use crate::client::observe::{AttemptGuard, Observed, Watchers};
+use crate::client::observe::{AttemptGuard, Observed, OutlierWatch, Watchers};
+use crate::client::outlier::{Detector, Reason};
+use crate::client::policy::Policy;
+use crate::client::route::Routing;
 use crate::client::selector::{
-    CallInfo, Endpoint, EndpointStats, Prepared, instant_at, nanos_since_epoch,
+    CallInfo, Endpoint, EndpointStats, Selector, instant_at, nanos_since_epoch,
 };
 use crate::client::{ClientConfig, Error};
 use crate::deadline::Deadline;
@@ -32,11 +35,12 @@ use crate::deadline::Deadline;
 /// Everything a [`Channel`](crate::client::Channel) shares: the endpoint
 /// set, the selector, and the resolver that keeps the set fresh.
 ///
-/// Selection reads the endpoint set without locking, and filters it (which
-/// allocates) only when the call has tried an endpoint already or some
-/// endpoint is ejected. An endpoint whose connection is refused is ejected:
-/// skipped for a while (1 s, doubling on each further failure up to 30 s
-/// by default) unless no other is left.
+/// Selection reads a [`Selection`] built in advance, without locking; it
+/// filters (and allocates) only for a call that has tried an endpoint
+/// already. An endpoint is left out of selection (ejected) for a while when
+/// its connection is refused (1 s, doubling on each further failure up to
+/// 30 s by default) or when outlier detection ejects it; when fewer than
+/// the panic threshold are left, every endpoint is used.
 #[derive(Debug)]
 pub(crate) struct Balance {
     pub(crate) key: ServiceKey,
@@ -48,9 +52,16 @@ pub(crate) struct Balance {
     /// Held while a new selection is built, so that two changes at once
     /// (a registry update and an ejection) cannot lose one another.
     rebuilding: Mutex<()>,
-    /// Wakes the resolver task to look again at when the next ejection
-    /// ends.
+    /// Wakes the resolver task to look again at its timers: an ejection
+    /// began, or the policy changed.
     ejected: Arc<Notify>,
+    /// Decides outlier ejections and returns.
+    detector: Detector,
+    /// When outlier detection next sweeps; `None`: at the next timer (the
+    /// policy changed, or no sweep has run yet).
+    next_sweep: Mutex<Option<Instant>>,
+    /// This balance layer, for the reports of its attempts.
+    this: Weak<Balance>,
     synced: AtomicBool,
     synced_notify: Notify,
     /// Whether the last update was below the protection threshold.
@@ -70,19 +81,23 @@ pub(crate) struct Balance {
 pub(crate) struct Selection {
     /// Every endpoint that takes traffic, ejected or not, by instance id.
     endpoints: Arc<[Arc<Endpoint>]>,
-    /// The endpoints a call may use (not ejected), prepared for the
-    /// selector.
-    usable: Prepared,
+    /// The endpoints a call may use (not ejected, or all of them in a
+    /// panic), grouped by the policy's routes and prepared for the selector.
+    routing: Routing,
     /// When the first ejection in force ends (see [`nanos_since_epoch`]).
     ejected_until: Option<u64>,
     /// The selector, and who else is told about each attempt.
     watchers: Arc<Watchers>,
+    /// The policy this selection follows.
+    policy: Arc<Policy>,
 }
 
 /// Why an attempt did not produce a response.
 pub(crate) enum Failure {
     /// No endpoint is left for this call.
     NoEndpoint,
+    /// The call's route leaves it no endpoint, and says to fail.
+    NoRoute(crate::client::route::RouteError),
     /// The attempt failed; what is left of the request says what may follow.
     Attempt(Box<AttemptFailure>),
 }
@@ -109,25 +124,40 @@ impl Balance {
         key: ServiceKey,
         registry: Arc<dyn Registry>,
         config: Arc<ClientConfig>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| {
+            let policy = config.policy.clone();
+            let selector = selector_for(&config, &policy);
+            let watchers = watchers(&key, &config, selector, &policy, this);
+            let routing = Routing::build(&policy, &[], &config.caller, watchers.selector.as_ref());
+            let selection = Selection {
+                endpoints: Arc::new([]),
+                routing,
+                ejected_until: None,
+                watchers,
+                policy,
+            };
+            Self::with_selection(key, registry, config, selection, this.clone())
+        })
+    }
+
+    fn with_selection(
+        key: ServiceKey,
+        registry: Arc<dyn Registry>,
+        config: Arc<ClientConfig>,
+        selection: Selection,
+        this: Weak<Balance>,
     ) -> Self {
-        let watchers = Arc::new(Watchers {
-            service: key.clone(),
-            selector: Arc::from((config.selector)()),
-            observers: config.observers.clone(),
-        });
-        let selection = Selection {
-            endpoints: Arc::new([]),
-            usable: Prepared::new(watchers.selector.as_ref(), Arc::new([])),
-            ejected_until: None,
-            watchers,
-        };
         Self {
+            detector: Detector::new(key.clone()),
             key,
             config,
             registry,
             selection: ArcSwap::from_pointee(selection),
             rebuilding: Mutex::new(()),
             ejected: Arc::new(Notify::new()),
+            next_sweep: Mutex::new(None),
+            this,
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
             protecting: AtomicBool::new(false),
@@ -306,28 +336,82 @@ impl Balance {
     /// at `now` (read from the clock if needed). The caller holds
     /// `rebuilding`.
     fn select_over(&self, endpoints: Arc<[Arc<Endpoint>]>, now: &mut Option<Instant>) {
-        let watchers = self.selection.load().watchers.clone();
+        let current = self.selection.load();
+        self.select_with(
+            endpoints,
+            current.policy.clone(),
+            current.watchers.clone(),
+            now,
+        );
+    }
+
+    /// [`select_over`](Self::select_over), under `policy`, with `watchers`.
+    fn select_with(
+        &self,
+        endpoints: Arc<[Arc<Endpoint>]>,
+        policy: Arc<Policy>,
+        watchers: Arc<Watchers>,
+        now: &mut Option<Instant>,
+    ) {
         let mut ejected_until = None::<u64>;
         let mut usable: Vec<Arc<Endpoint>> = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints.iter() {
             if endpoint.stats.ejected(now) {
                 let until = endpoint.stats.ejected_until();
                 ejected_until = Some(ejected_until.map_or(until, |u| u.min(until)));
-            } else {
+            } else if !endpoint.stats.outlier.is_ejected() {
                 usable.push(endpoint.clone());
             }
         }
-        if usable.is_empty() {
-            // Every endpoint is ejected: rather try one than fail outright.
+        // The panic threshold: too few left (or none) would take all the
+        // traffic; rather spread it over every endpoint.
+        let panic = u64::from(policy.outlier.panic_threshold_percent);
+        if usable.is_empty() || (usable.len() as u64) * 100 < panic * endpoints.len() as u64 {
+            if usable.len() < endpoints.len() {
+                tracing::warn!(service = %self.key, usable = usable.len(), total = endpoints.len(),
+                    panic_threshold_percent = panic,
+                    "too few instances in rotation: calling every instance, ejected or not");
+            }
             usable = endpoints.to_vec();
         }
-        let usable = Prepared::new(watchers.selector.as_ref(), usable.into());
+        let routing = Routing::build(
+            &policy,
+            &usable,
+            &self.config.caller,
+            watchers.selector.as_ref(),
+        );
         self.selection.store(Arc::new(Selection {
             endpoints,
-            usable,
+            routing,
             ejected_until,
             watchers,
+            policy,
         }));
+    }
+
+    /// The policy in force.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.selection.load().policy.clone()
+    }
+
+    /// Follows `policy` from the next call on (a validated one), over the
+    /// same endpoints and connections; a new strategy gets a new selector.
+    pub(crate) fn set_policy(&self, policy: Arc<Policy>) {
+        let _rebuilding = self.rebuilding.lock_unpoisoned();
+        let current = self.selection.load();
+        let selector =
+            if self.config.selector.is_none() && policy.strategy != current.policy.strategy {
+                selector_for(&self.config, &policy)
+            } else {
+                current.watchers.selector.clone()
+            };
+        let watchers = watchers(&self.key, &self.config, selector, &policy, &self.this);
+        tracing::info!(service = %self.key, "client policy replaced");
+        self.select_with(current.endpoints.clone(), policy, watchers, &mut None);
+        // Outlier detection sweeps once more under the new settings (which
+        // may end every ejection), then at the new interval.
+        *self.next_sweep.lock_unpoisoned() = None;
+        self.ejected.notify_one();
     }
 
     /// Builds the selection again over the same endpoints (an ejection
@@ -338,35 +422,82 @@ impl Balance {
         self.select_over(endpoints, &mut None);
     }
 
-    /// When the next ejection in force ends, if any; ends those that are
-    /// over first (by building the selection again).
-    pub(crate) fn end_ejections(&self) -> Option<Instant> {
-        let next = self.selection.load().ejected_until?;
-        if nanos_since_epoch(Instant::now()) < next {
-            return Some(instant_at(next));
+    /// Runs the timers of ejection: sweeps outlier detection when its
+    /// interval is up, and ends the connection ejections that are over.
+    /// Returns when to run them next, if ever (the resolver task sleeps
+    /// until then, or until woken by a new ejection or policy).
+    pub(crate) fn run_timers(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let selection = self.selection.load_full();
+        let settings = &selection.policy.outlier;
+        let next_sweep = {
+            let mut next_sweep = self.next_sweep.lock_unpoisoned();
+            if next_sweep.is_none_or(|at| at <= now) {
+                let changes = self.detector.sweep(&selection.endpoints, settings, now);
+                if !changes.is_empty() {
+                    self.reselect();
+                }
+                *next_sweep = Some(crate::deadline::later(now, settings.interval()));
+            }
+            // Disabled, the sweep that ended every ejection was the last.
+            next_sweep.filter(|_| settings.enabled)
+        };
+        let ejection_ends = match self.selection.load().ejected_until {
+            Some(next) if nanos_since_epoch(now) >= next => {
+                self.reselect();
+                self.selection.load().ejected_until.map(instant_at)
+            }
+            next => next.map(instant_at),
+        };
+        match (next_sweep, ejection_ends) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        self.reselect();
-        self.selection.load().ejected_until.map(instant_at)
+    }
+
+    /// `endpoint` just failed [`consecutive_failures`](crate::client::outlier::OutlierSettings::consecutive_failures)
+    /// times in a row: ejects it, if outlier detection allows.
+    pub(crate) fn consecutive_failures(&self, endpoint: &Endpoint) {
+        let selection = self.selection.load_full();
+        let ejected = self.detector.try_eject(
+            endpoint,
+            &selection.endpoints,
+            &selection.policy.outlier,
+            Instant::now(),
+            Reason::ConsecutiveFailures,
+        );
+        if ejected.is_some() {
+            self.reselect();
+            // Its return is at a sweep: make sure one is scheduled.
+            self.ejected.notify_one();
+        }
     }
 
     /// The endpoint for one attempt: chosen by the selector among the
-    /// endpoints not ejected (prepared in advance), or, for a call that
-    /// has tried some already, among those it has not tried.
+    /// endpoints the call's route allows (prepared in advance), or, for a
+    /// call that has tried some already, among those of them it has not
+    /// tried: in the route's group (its local part first), then, if the
+    /// route allows, anywhere; with no route, an ejected endpoint rather
+    /// than none.
     fn pick(
         &self,
         tried: &[Arc<Connection>],
         call: &CallInfo<'_>,
-    ) -> Option<(Arc<Endpoint>, Arc<Watchers>)> {
+    ) -> Result<Option<(Arc<Endpoint>, Arc<Watchers>)>, Failure> {
         let selection = self.selection.load();
-        let usable = &selection.usable;
-        if usable.endpoints().is_empty() {
-            return None;
-        }
+        let routing = &selection.routing;
+        let routed = routing.route(call).map_err(Failure::NoRoute)?;
         let selector = selection.watchers.selector.as_ref();
         let endpoint = if tried.is_empty() {
             // The common call.
-            let chosen = selector.select_prepared(usable, call)?;
-            usable.endpoints().get(chosen)?.clone()
+            let group = routed.group;
+            let Some(chosen) = selector.select_prepared(group, call) else {
+                return Ok(None);
+            };
+            match group.endpoints().get(chosen) {
+                Some(endpoint) => endpoint.clone(),
+                None => return Ok(None),
+            }
         } else {
             // By connection: it outlives the endpoint's rebuilds when the
             // instance's metadata changes, and holding it rules out address reuse.
@@ -376,19 +507,26 @@ impl Balance {
                     .cloned()
                     .collect()
             };
-            let mut candidates = untried(usable.endpoints());
+            let mut candidates = untried(routed.group.endpoints());
             if candidates.is_empty() {
+                candidates = untried(routed.whole.endpoints());
+            }
+            if candidates.is_empty() && (routed.retry_anywhere || routed.unrouted) {
+                candidates = untried(routing.all().endpoints());
+            }
+            if candidates.is_empty() && routed.unrouted {
                 // Only ejected ones are left: rather try one than fail outright.
                 candidates = untried(&selection.endpoints);
             }
-            let untried = candidates;
-            if untried.is_empty() {
-                return None;
+            let Some(chosen) = selector.select(&candidates, call) else {
+                return Ok(None);
+            };
+            match candidates.get(chosen) {
+                Some(endpoint) => endpoint.clone(),
+                None => return Ok(None),
             }
-            let chosen = selector.select(&untried, call)?;
-            untried.get(chosen)?.clone()
         };
-        Some((endpoint, selection.watchers.clone()))
+        Ok(Some((endpoint, selection.watchers.clone())))
     }
 
     /// Notes that `endpoint` refused a connection: it is skipped for a while.
@@ -422,8 +560,10 @@ impl Balance {
             headers: request.headers(),
             attempt: number,
         };
-        let Some((endpoint, watchers)) = self.pick(tried, &call) else {
-            return Either::Right(std::future::ready(Err(Failure::NoEndpoint)));
+        let (endpoint, watchers) = match self.pick(tried, &call) {
+            Ok(Some(picked)) => picked,
+            Ok(None) => return Either::Right(std::future::ready(Err(Failure::NoEndpoint))),
+            Err(failure) => return Either::Right(std::future::ready(Err(failure))),
         };
         let method = request
             .uri()
@@ -432,6 +572,36 @@ impl Balance {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let guard = AttemptGuard::start(watchers, endpoint.clone(), method, number, deadline);
         Either::Left(super::endpoint::send(self, endpoint, request, guard))
+    }
+}
+
+/// Who is told about each attempt under `policy`: `selector`, the client's
+/// observers, and outlier detection (reporting to `balance`).
+fn watchers(
+    key: &ServiceKey,
+    config: &ClientConfig,
+    selector: Arc<dyn Selector>,
+    policy: &Policy,
+    balance: &Weak<Balance>,
+) -> Arc<Watchers> {
+    let outlier = policy.outlier.enabled.then(|| OutlierWatch {
+        settings: policy.outlier.clone(),
+        codes: policy.outlier.failure_code_set(),
+        balance: balance.clone(),
+    });
+    Arc::new(Watchers {
+        service: key.clone(),
+        selector,
+        observers: config.observers.clone(),
+        outlier,
+    })
+}
+
+/// The selector of a channel: the user's, or the one `policy` names.
+fn selector_for(config: &ClientConfig, policy: &Policy) -> Arc<dyn Selector> {
+    match &config.selector {
+        Some(factory) => Arc::from(factory()),
+        None => Arc::from(crate::client::strategy::factory(&policy.strategy)()),
     }
 }
 

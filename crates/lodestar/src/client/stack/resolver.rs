@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use super::balance::{Balance, ResolvingGuard};
 
 /// Follows `key` and publishes every change into the balance layer, until
-/// it is dropped; ends ejections when they are over (woken by `ejected`
-/// when one begins). On errors the last known instances stay in use, and the
+/// it is dropped; runs the balance layer's ejection timers (outlier
+/// sweeps, ends of ejections) when they are due, woken by `ejected` when
+/// an ejection begins or the policy changes. On errors the last known instances stay in use, and the
 /// service is watched again, from the last revision seen, with backoff
 /// (see [`Follow`]).
 pub(crate) async fn run(
@@ -22,13 +23,13 @@ pub(crate) async fn run(
     _running: ResolvingGuard,
 ) {
     let mut follow = Follow::new(registry, key);
-    // When the next ejection ends, to put the endpoint back in rotation.
-    let mut unejection: Option<Instant> = None;
+    // When the balance layer's timers are next due.
+    let mut timers: Option<Instant> = None;
     loop {
         let result = {
             let began = ejected.notified();
             let ends = async {
-                match unejection {
+                match timers {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -42,7 +43,7 @@ pub(crate) async fn run(
         let Some(balance) = balance.upgrade() else {
             return;
         };
-        unejection = balance.end_ejections();
+        timers = balance.run_timers();
         let Some(result) = result else {
             continue;
         };

@@ -32,7 +32,7 @@ impl Default for LeastRequest {
 
 impl LeastRequest {
     /// Compares `choices` endpoints per pick: at least 1, at most
-    /// [`MAX_CHOICES`](super::MAX_CHOICES) (16). More choices find a lightly
+    /// [`MAX_CHOICES`](crate::client::policy::MAX_CHOICES) (16). More choices find a lightly
     /// loaded endpoint more surely when several are slow, and herd callers
     /// more.
     pub fn new(choices: usize) -> Self {

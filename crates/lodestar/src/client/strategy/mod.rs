@@ -60,9 +60,10 @@ pub use least_request::LeastRequest;
 pub use peak_ewma::{FAILURE_PENALTY, PeakEwma};
 pub use weighted::{MAX_WRR_CYCLE, WeightedRoundRobin};
 
-/// The most endpoints a P2C strategy samples per pick: `choices` above it
+/// The most endpoints a P2C strategy samples per pick:
+/// [`policy::MAX_CHOICES`](super::policy::MAX_CHOICES); `choices` above it
 /// counts as this many.
-pub const MAX_CHOICES: usize = 16;
+const MAX_CHOICES: usize = super::policy::MAX_CHOICES as usize;
 
 /// The selector factory for `strategy` (what
 /// [`ClientBuilder::strategy`](super::ClientBuilder::strategy) installs).
