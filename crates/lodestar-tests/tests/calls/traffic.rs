@@ -2,13 +2,12 @@
 //! detection, over real sockets to in-process instances that misbehave on
 //! demand (slow, or failing every call with a code).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
 use lodestar::client::Policy;
 use lodestar::client::policy::{Fallback, Route, Split, Subset};
 use lodestar::server::{Next, RequestBody, ResponseBody};
@@ -89,14 +88,23 @@ async fn instance(
 }
 
 /// What a run of calls found.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Tally {
     /// Calls answered, by the instance that answered.
     served: BTreeMap<String, usize>,
     /// Calls failed, by code.
-    failed: BTreeMap<Code, usize>,
+    failed: HashMap<Code, usize>,
     /// Each answered call's latency.
     latencies: Vec<Duration>,
+}
+
+impl std::fmt::Debug for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tally")
+            .field("served", &self.served)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Tally {
@@ -125,34 +133,35 @@ async fn run(
     metadata: impl Fn(usize) -> Vec<(&'static str, String)>,
 ) -> Tally {
     let echo = EchoClient::by_name(client, service);
+    let calls = futures_util::stream::iter((0..calls).map(|n| {
+        let mut echo = echo.clone();
+        let mut request = Request::new(EchoRequest {
+            message: format!("m{n}"),
+            payload: vec![],
+        });
+        for (key, value) in metadata(n) {
+            request
+                .metadata_mut()
+                .insert(key, value.parse().expect("ascii metadata"));
+        }
+        async move {
+            let started = Instant::now();
+            let answer = echo.unary(request).await;
+            let elapsed = started.elapsed();
+            (
+                answer
+                    .map(|r| r.into_inner().served_by)
+                    .map_err(|s| s.code()),
+                elapsed,
+            )
+        }
+    }));
     let results: Vec<(Result<String, Code>, Duration)> = bounded(
         "a run of calls",
-        futures_util::stream::iter(0..calls)
-            .map(|n| {
-                let mut echo = echo.clone();
-                let mut request = Request::new(EchoRequest {
-                    message: format!("m{n}"),
-                    payload: vec![],
-                });
-                for (key, value) in metadata(n) {
-                    request
-                        .metadata_mut()
-                        .insert(key, value.parse().expect("ascii metadata"));
-                }
-                async move {
-                    let started = Instant::now();
-                    let answer = echo.unary(request).await;
-                    let elapsed = started.elapsed();
-                    (
-                        answer
-                            .map(|r| r.into_inner().served_by)
-                            .map_err(|s| s.code()),
-                        elapsed,
-                    )
-                }
-            })
-            .buffer_unordered(concurrency)
-            .collect(),
+        futures_util::StreamExt::collect(futures_util::StreamExt::buffer_unordered(
+            calls,
+            concurrency,
+        )),
     )
     .await;
     let mut tally = Tally::default();
@@ -257,7 +266,7 @@ async fn weights_shape_the_shares_and_a_change_in_the_registry_applies_within_a_
     let heavier = running[0].0.instance().clone().with_weight(7);
     world
         .registry
-        .register(&heavier)
+        .register(heavier, Duration::from_millis(900))
         .await
         .expect("re-registered");
     let changed = Instant::now();
@@ -293,11 +302,14 @@ async fn peak_ewma_avoids_a_slow_instance_and_round_robin_does_not() {
         running.push(instance(&world, "slow", name, |b| b).await);
     }
     let ewma = Client::builder(world.registry.clone()).build();
-    let mut healthy = run(&ewma, "slow", 2_000, 8, no_metadata).await;
+    let mut healthy = run(&ewma, "slow", 2_000, 4, no_metadata).await;
     let healthy_p99 = healthy.p99();
 
     running[3].1.slow(Duration::from_millis(50));
-    let mut tally = run(&ewma, "slow", 2_000, 8, no_metadata).await;
+    // The calls sent to d before its first slow answer came back find it
+    // out; the steady state after is what is measured.
+    run(&ewma, "slow", 200, 4, no_metadata).await;
+    let mut tally = run(&ewma, "slow", 2_000, 4, no_metadata).await;
     assert!(tally.failed.is_empty(), "{tally:?}");
     assert!(tally.share("d") <= 0.05, "the slow instance got {tally:?}");
     let p99 = tally.p99();
@@ -367,9 +379,9 @@ async fn only_failure_codes_eject_and_at_most_the_maximum_share_is_ejected() {
     running[0].1.fail(Some(Code::NotFound));
     let mut policy = Policy::default();
     quick_outliers(&mut policy);
+    policy.strategy = Strategy::RoundRobin;
     let client = Client::builder(world.registry.clone())
         .max_attempts(1)
-        .strategy(Strategy::RoundRobin)
         .policy(policy)
         .unwrap()
         .build();
@@ -482,7 +494,22 @@ async fn calls_stay_in_the_callers_zone_and_spill_over_when_it_empties() {
     ] {
         running.push(instance(&world, "zoned", name, |b| b.zone(zone)).await);
     }
-    let client = Client::builder(world.registry.clone()).zone("here").build();
+    let mut policy = Policy::default();
+    quick_outliers(&mut policy);
+    // Ejections that outlast the test: each local instance fails only the
+    // calls that find it out.
+    policy.outlier.base_ejection_ms = 60_000;
+    policy.outlier.max_ejection_ms = 60_000;
+    // In turn, so that each local instance is tried until it is ejected
+    // (peak-EWMA would instead shun it after its first failure, and leave
+    // it to a probe a second).
+    policy.strategy = Strategy::RoundRobin;
+    let client = Client::builder(world.registry.clone())
+        .zone("here")
+        .max_attempts(1)
+        .policy(policy)
+        .unwrap()
+        .build();
     let tally = run(&client, "zoned", 2_000, 8, no_metadata).await;
     let local: usize = ["l1", "l2", "l3"]
         .iter()
@@ -490,17 +517,19 @@ async fn calls_stay_in_the_callers_zone_and_spill_over_when_it_empties() {
         .sum();
     assert!(local as f64 >= 0.95 * 2_000.0, "{tally:?}");
 
-    // The zone's instances stop: every call goes to the other zone, and none
-    // fails beyond those that found the instances gone.
-    for (service, _) in running.drain(..3) {
-        bounded("an instance to stop", service.stop()).await.ok();
+    // The zone's instances all fail: outlier detection ejects them, and
+    // every call goes to the other zone; none fails beyond those that
+    // made the ejections (five in a row each, and the calls already in
+    // flight to them then).
+    for (_, behaviour) in &running[..3] {
+        behaviour.fail(Some(Code::Unavailable));
     }
     let tally = run(&client, "zoned", 1_000, 8, no_metadata).await;
-    assert!(
-        tally.failed.values().sum::<usize>() <= 3,
-        "only calls that found a stopped instance fail: {tally:?}"
-    );
+    let failed: usize = tally.failed.values().sum();
+    assert!(failed <= 3 * (5 + 8), "{tally:?}");
     assert!(tally.served.keys().all(|n| n.starts_with('r')), "{tally:?}");
+    let tally = run(&client, "zoned", 500, 8, no_metadata).await;
+    assert!(tally.failed.is_empty(), "{tally:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,4 +556,207 @@ async fn a_bad_policy_is_refused_naming_the_field_and_the_old_one_stays() {
         "{error}"
     );
     assert_eq!(client.policy("guarded"), before);
+}
+
+/// The instance each of `keys` keys' calls land on: three calls per key,
+/// all of which must land on the same one; `-` when they failed.
+async fn owners(client: &Client, service: &str, keys: usize) -> Vec<String> {
+    let echo = EchoClient::by_name(client, service);
+    let calls = futures_util::stream::iter((0..keys * 3).map(|n| {
+        let mut echo = echo.clone();
+        let mut request = Request::new(EchoRequest::default());
+        let key = n / 3;
+        request
+            .metadata_mut()
+            .insert("x-key", format!("k{key}").parse().expect("ascii"));
+        async move {
+            let owner = match echo.unary(request).await {
+                Ok(reply) => reply.into_inner().served_by,
+                Err(_) => "-".to_owned(),
+            };
+            (key, owner)
+        }
+    }));
+    let results: Vec<(usize, String)> = bounded(
+        "calls by key",
+        futures_util::StreamExt::collect(futures_util::StreamExt::buffer_unordered(calls, 16)),
+    )
+    .await;
+    let mut owners: Vec<Option<String>> = vec![None; keys];
+    for (key, owner) in results {
+        match &owners[key] {
+            Some(seen) => assert_eq!(seen, &owner, "key {key} landed on two instances"),
+            None => owners[key] = Some(owner),
+        }
+    }
+    owners.into_iter().map(Option::unwrap_or_default).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hashed_key_stays_on_its_instance_moves_once_when_it_goes_and_comes_back() {
+    let world = World::new();
+    let mut running = Vec::new();
+    for name in ["a", "b", "c", "d", "e"] {
+        running.push(instance(&world, "hashed", name, |b| b).await);
+    }
+    let mut policy = Policy::default();
+    policy.strategy = Strategy::Hash {
+        header: "x-key".into(),
+        bounded_load_percent: None,
+    };
+    quick_outliers(&mut policy);
+    // Long enough to look at every key while c is out.
+    policy.outlier.base_ejection_ms = 1_000;
+    let client = Client::builder(world.registry.clone())
+        .max_attempts(1)
+        .policy(policy)
+        .unwrap()
+        .build();
+    let before = owners(&client, "hashed", 200).await;
+    assert!(before.iter().all(|o| o != "-"), "{before:?}");
+
+    // c fails every call: ejected after five in a row; its keys go to
+    // other instances (each key to one), and no other key moves.
+    running[2].1.fail(Some(Code::Unavailable));
+    let c_keys: Vec<usize> = (0..200).filter(|&k| before[k] == "c").collect();
+    assert!(!c_keys.is_empty());
+    let found_out = Instant::now();
+    while !client
+        .channel("hashed")
+        .endpoints()
+        .iter()
+        .any(|e| e.stats().is_ejected())
+    {
+        run(&client, "hashed", 10, 1, |_| {
+            vec![("x-key", format!("k{}", c_keys[0]))]
+        })
+        .await;
+        assert!(
+            found_out.elapsed() < Duration::from_secs(2),
+            "c was never ejected"
+        );
+    }
+    let during = owners(&client, "hashed", 200).await;
+    for key in 0..200 {
+        if before[key] == "c" {
+            assert!(
+                during[key] != "c" && during[key] != "-",
+                "key {key}: {}",
+                during[key]
+            );
+        } else {
+            assert_eq!(during[key], before[key], "key {key} moved");
+        }
+    }
+
+    // c recovers: once its ejection ends (on a timer), its keys return.
+    running[2].1.fail(None);
+    let recovered = Instant::now();
+    loop {
+        let after = owners(&client, "hashed", 200).await;
+        if after == before {
+            break;
+        }
+        assert!(
+            recovered.elapsed() < Duration::from_secs(5),
+            "c's keys never came back"
+        );
+    }
+
+    // One of five leaves for good: only its keys move (a fifth).
+    let (gone, _) = running.remove(4);
+    bounded("an instance to shut down", gone.shutdown())
+        .await
+        .ok();
+    let left = Instant::now();
+    while client.channel("hashed").endpoints().len() != 4 {
+        assert!(left.elapsed() < Duration::from_secs(3), "e is still listed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = owners(&client, "hashed", 200).await;
+    let moved = (0..200).filter(|&k| after[k] != before[k]).count();
+    assert!(moved <= 50, "{moved} of 200 keys moved");
+    assert!((0..200).all(|k| before[k] == "e" || after[k] == before[k]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_panic_threshold_spreads_calls_over_all_when_most_are_ejected() {
+    let world = World::new();
+    let mut running = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        running.push(instance(&world, "panicky", name, |b| b).await);
+    }
+    for (_, behaviour) in &running[..3] {
+        behaviour.fail(Some(Code::Unavailable));
+    }
+    let client_with = |panic_threshold_percent| {
+        let mut policy = Policy::default();
+        quick_outliers(&mut policy);
+        policy.outlier.base_ejection_ms = 5_000;
+        policy.outlier.max_ejection_ms = 5_000;
+        policy.outlier.max_ejection_percent = 100;
+        policy.outlier.panic_threshold_percent = panic_threshold_percent;
+        policy.strategy = Strategy::RoundRobin;
+        Client::builder(world.registry.clone())
+            .max_attempts(1)
+            .policy(policy)
+            .unwrap()
+            .build()
+    };
+    for (panic, ok_share) in [(0, 0.99..=1.0), (50, 0.15..=0.4)] {
+        let client = client_with(panic);
+        // Long enough for three runs of five failures.
+        run(&client, "panicky", 200, 4, no_metadata).await;
+        let ejected = client
+            .channel("panicky")
+            .endpoints()
+            .iter()
+            .filter(|e| e.stats().is_ejected())
+            .count();
+        assert_eq!(ejected, 3, "panic threshold {panic}%");
+        let tally = run(&client, "panicky", 400, 4, no_metadata).await;
+        let share = tally.ok() as f64 / 400.0;
+        assert!(
+            ok_share.contains(&share),
+            "panic threshold {panic}%: {share} of calls succeeded: {tally:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_the_caller_cancels_or_times_out_itself_never_eject() {
+    let world = World::new();
+    let mut running = Vec::new();
+    for name in ["a", "b", "c"] {
+        running.push(instance(&world, "patient", name, |b| b).await);
+    }
+    running[0].1.slow(Duration::from_millis(300));
+    let mut policy = Policy::default();
+    quick_outliers(&mut policy);
+    policy.strategy = Strategy::RoundRobin;
+    let client = Client::builder(world.registry.clone())
+        .max_attempts(1)
+        .policy(policy)
+        .unwrap()
+        .build();
+    let echo = EchoClient::by_name(&client, "patient");
+    for n in 0..30 {
+        let mut echo = echo.clone();
+        let mut request = Request::new(EchoRequest::default());
+        if n % 2 == 0 {
+            // Its own deadline, too short for a.
+            request.set_timeout(Duration::from_millis(20));
+            let _ = bounded("a call with a short deadline", echo.unary(request)).await;
+        } else {
+            // Given up by the caller.
+            let _ = tokio::time::timeout(Duration::from_millis(20), echo.unary(request)).await;
+        }
+    }
+    // Several sweeps later, nothing was ejected.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let channel = client.channel("patient");
+    assert!(
+        channel.endpoints().iter().all(|e| !e.stats().is_ejected()),
+        "a slow instance was ejected for its callers' impatience"
+    );
 }

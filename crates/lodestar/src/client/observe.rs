@@ -360,8 +360,9 @@ mod tests {
         };
         let watchers = Arc::new(Watchers {
             service: ServiceKey::new("svc"),
-            selector: Box::new(RoundRobin::default()),
+            selector: Arc::new(RoundRobin::default()),
             observers: Arc::from([Arc::new(observer) as Arc<dyn ObserverDebug>]),
+            outlier: None,
         });
         let endpoint =
             crate::client::selector::tests::endpoint(Instance::new("svc", "127.0.0.1:1"));

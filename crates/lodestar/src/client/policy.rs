@@ -94,6 +94,7 @@
 //!     base_ejection_ms = 30_000
 //!     max_ejection_ms = 300_000
 //!     max_ejection_percent = 50
+//!     panic_threshold_percent = 50
 //!     failure_codes = ["UNAVAILABLE", "INTERNAL", "UNKNOWN", "DATA_LOSS", "DEADLINE_EXCEEDED"]
 //! "#)?;
 //! assert_eq!(defaults, Policy::default());

@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
-use lodestar_core::ServiceKey;
 use lodestar_core::registry::limits::printable;
 
 use super::policy::{Fallback, Policy, ZoneAffinity};
@@ -66,8 +65,6 @@ pub(crate) struct Routed<'a> {
      usable (the route's fallback is `fail`)"
 )]
 pub(crate) struct RouteError {
-    /// The service called.
-    pub(crate) service: ServiceKey,
     /// The route's index in the policy.
     pub(crate) route: usize,
     /// The route's labels, as `key=value, …`.
@@ -269,7 +266,6 @@ impl Routing {
                     unrouted: false,
                 }),
                 Target::Fail(labels) => Err(RouteError {
-                    service: call.service.clone(),
                     route: route.index,
                     labels: labels.clone(),
                 }),
@@ -370,7 +366,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http::HeaderMap;
-    use lodestar_core::Instance;
+    use lodestar_core::{Instance, ServiceKey};
 
     use super::*;
     use crate::client::connection::Connection;
@@ -481,7 +477,6 @@ mod tests {
             &RoundRobin::default(),
         );
         let error = route(&fail, &beta).unwrap_err().to_string();
-        assert!(error.contains("default/default/orders"), "{error}");
         assert!(error.contains("track=beta, version=9"), "{error}");
         assert!(error.contains("route 0"), "{error}");
         // Calls the route does not match are unaffected.

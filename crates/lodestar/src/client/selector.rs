@@ -287,10 +287,10 @@ impl EndpointStats {
         &self.outlier
     }
 
-    /// Whether the endpoint is ejected (skipped by selection) at `now`,
-    /// which is read from the clock only when an ejection is in force.
+    /// Whether the endpoint is ejected (skipped by selection, unless too
+    /// few are left): for a refused connection, or by outlier detection.
     pub fn is_ejected(&self) -> bool {
-        self.ejected(&mut None)
+        self.outlier.is_ejected() || self.ejected(&mut None)
     }
 
     pub(crate) fn ejected(&self, now: &mut Option<Instant>) -> bool {

@@ -190,6 +190,7 @@ mod tests {
             started: Instant::now() - rtt,
             answered: Some(rtt),
             sent: true,
+            by_caller: false,
         });
     }
 
