@@ -679,11 +679,12 @@ async fn a_retry_carries_the_time_that_is_left() {
         .unwrap();
     let client = Client::builder(world.registry.clone())
         .connect_timeout(Duration::from_millis(1000))
+        .strategy(Strategy::RoundRobin)
         .build();
     let mut echo = EchoClient::by_name(&client, "echo");
     let mut request = Request::new(());
     request.set_timeout(Duration::from_secs(3));
-    // The first pick is the hole (ids sort first); after its 1 s connect
+    // The first pick in turn is the hole (ids sort first); after its 1 s connect
     // timeout, the live instance gets what is left of the 3 s.
     let report = bounded("the call", echo.report_deadline(request))
         .await

@@ -235,7 +235,12 @@ async fn every_strategy_spreads_calls_evenly_over_five_instances() {
         .await;
         assert!(tally.failed.is_empty(), "{strategy:?}: {tally:?}");
         for name in ["a", "b", "c", "d", "e"] {
-            assert_share(&tally, name, 0.2, 0.015);
+            let share = tally.share(name);
+            assert!(
+                (share - 0.2).abs() <= 0.015,
+                "{strategy:?}: {name} got {:.2}% of the calls: {tally:?}",
+                share * 100.0
+            );
         }
     }
 }
@@ -559,8 +564,9 @@ async fn a_bad_policy_is_refused_naming_the_field_and_the_old_one_stays() {
 }
 
 /// The instance each of `keys` keys' calls land on: three calls per key,
-/// all of which must land on the same one; `-` when they failed.
-async fn owners(client: &Client, service: &str, keys: usize) -> Vec<String> {
+/// all of which must land on the same one (unless `settling`: then such a
+/// key's owner is `*`); `-` when they failed.
+async fn owners(client: &Client, service: &str, keys: usize, settling: bool) -> Vec<String> {
     let echo = EchoClient::by_name(client, service);
     let calls = futures_util::stream::iter((0..keys * 3).map(|n| {
         let mut echo = echo.clone();
@@ -585,7 +591,9 @@ async fn owners(client: &Client, service: &str, keys: usize) -> Vec<String> {
     let mut owners: Vec<Option<String>> = vec![None; keys];
     for (key, owner) in results {
         match &owners[key] {
-            Some(seen) => assert_eq!(seen, &owner, "key {key} landed on two instances"),
+            Some(seen) if *seen == owner => {}
+            Some(_) if settling => owners[key] = Some("*".to_owned()),
+            Some(seen) => panic!("key {key} landed on {seen} and {owner}"),
             None => owners[key] = Some(owner),
         }
     }
@@ -612,7 +620,7 @@ async fn a_hashed_key_stays_on_its_instance_moves_once_when_it_goes_and_comes_ba
         .policy(policy)
         .unwrap()
         .build();
-    let before = owners(&client, "hashed", 200).await;
+    let before = owners(&client, "hashed", 200, false).await;
     assert!(before.iter().all(|o| o != "-"), "{before:?}");
 
     // c fails every call: ejected after five in a row; its keys go to
@@ -636,7 +644,7 @@ async fn a_hashed_key_stays_on_its_instance_moves_once_when_it_goes_and_comes_ba
             "c was never ejected"
         );
     }
-    let during = owners(&client, "hashed", 200).await;
+    let during = owners(&client, "hashed", 200, false).await;
     for key in 0..200 {
         if before[key] == "c" {
             assert!(
@@ -653,7 +661,7 @@ async fn a_hashed_key_stays_on_its_instance_moves_once_when_it_goes_and_comes_ba
     running[2].1.fail(None);
     let recovered = Instant::now();
     loop {
-        let after = owners(&client, "hashed", 200).await;
+        let after = owners(&client, "hashed", 200, true).await;
         if after == before {
             break;
         }
@@ -673,7 +681,7 @@ async fn a_hashed_key_stays_on_its_instance_moves_once_when_it_goes_and_comes_ba
         assert!(left.elapsed() < Duration::from_secs(3), "e is still listed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let after = owners(&client, "hashed", 200).await;
+    let after = owners(&client, "hashed", 200, false).await;
     let moved = (0..200).filter(|&k| after[k] != before[k]).count();
     assert!(moved <= 50, "{moved} of 200 keys moved");
     assert!((0..200).all(|k| before[k] == "e" || after[k] == before[k]));

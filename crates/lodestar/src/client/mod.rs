@@ -387,7 +387,22 @@ impl ClientBuilder {
 
     /// The policy of every service this client calls (until
     /// [`Client::set_policy`] gives one its own), refused if it is not
-    /// valid. Default: [`Policy::default`].
+    /// valid. It replaces the whole policy, strategy included: call
+    /// [`strategy`](Self::strategy) after it, or set `policy.strategy`.
+    /// Default: [`Policy::default`].
+    ///
+    /// ```
+    /// use lodestar::client::{Policy, Strategy};
+    ///
+    /// let mut policy = Policy::from_toml("[outlier]\nconsecutive_failures = 3")?;
+    /// policy.strategy = Strategy::RoundRobin;
+    /// let client = lodestar::Client::builder(lodestar::MemoryRegistry::new())
+    ///     .policy(policy)?
+    ///     .zone("eu-west-1a")
+    ///     .build();
+    /// assert_eq!(client.policy("orders").strategy, Strategy::RoundRobin);
+    /// # Ok::<(), lodestar::client::PolicyError>(())
+    /// ```
     pub fn policy(mut self, policy: Policy) -> Result<Self, PolicyError> {
         policy.validate()?;
         self.config.policy = Arc::new(policy);

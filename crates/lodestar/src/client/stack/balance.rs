@@ -66,6 +66,8 @@ pub(crate) struct Balance {
     synced_notify: Notify,
     /// Whether the last update was below the protection threshold.
     protecting: AtomicBool,
+    /// Whether the last selection was below the panic threshold.
+    panicking: AtomicBool,
     /// Whether a resolver task is running; it clears this when it ends
     /// (for example because the runtime it ran on shut down).
     resolving: Arc<AtomicBool>,
@@ -161,6 +163,7 @@ impl Balance {
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
             protecting: AtomicBool::new(false),
+            panicking: AtomicBool::new(false),
             resolving: Arc::new(AtomicBool::new(false)),
             resolver: Mutex::new(None),
             last_error: Mutex::new(None),
@@ -365,13 +368,22 @@ impl Balance {
         }
         // The panic threshold: too few left (or none) would take all the
         // traffic; rather spread it over every endpoint.
-        let panic = u64::from(policy.outlier.panic_threshold_percent);
-        if usable.is_empty() || (usable.len() as u64) * 100 < panic * endpoints.len() as u64 {
-            if usable.len() < endpoints.len() {
+        let threshold = u64::from(policy.outlier.panic_threshold_percent);
+        let panic = usable.len() < endpoints.len()
+            && (usable.is_empty()
+                || (usable.len() as u64) * 100 < threshold * endpoints.len() as u64);
+        // Said once when it begins and once when it ends.
+        if panic != self.panicking.swap(panic, Ordering::Relaxed) {
+            if panic {
                 tracing::warn!(service = %self.key, usable = usable.len(), total = endpoints.len(),
-                    panic_threshold_percent = panic,
-                    "too few instances in rotation: calling every instance, ejected or not");
+                    panic_threshold_percent = threshold,
+                    "below the panic threshold: calling every instance, ejected or not");
+            } else {
+                tracing::info!(service = %self.key, usable = usable.len(), total = endpoints.len(),
+                    "back above the panic threshold: ejected instances left out again");
             }
+        }
+        if panic {
             usable = endpoints.to_vec();
         }
         let routing = Routing::build(
