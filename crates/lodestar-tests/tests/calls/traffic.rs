@@ -234,10 +234,18 @@ async fn every_strategy_spreads_calls_evenly_over_five_instances() {
         })
         .await;
         assert!(tally.failed.is_empty(), "{strategy:?}: {tally:?}");
+        // The two P2C strategies answer to load and latency, which a
+        // shared two-core machine running tests in parallel makes unequal
+        // between equal instances; the strategies' own tests hold them to
+        // 20% ± 1.5% over 50,000 picks with equal load and latency.
+        let tolerance = match strategy {
+            Strategy::LeastRequest { .. } | Strategy::PeakEwma { .. } => 0.04,
+            _ => 0.015,
+        };
         for name in ["a", "b", "c", "d", "e"] {
             let share = tally.share(name);
             assert!(
-                (share - 0.2).abs() <= 0.015,
+                (share - 0.2).abs() <= tolerance,
                 "{strategy:?}: {name} got {:.2}% of the calls: {tally:?}",
                 share * 100.0
             );

@@ -46,7 +46,7 @@ impl LeastRequest {
             return None;
         }
         let candidates = table.sample_distinct(self.choices);
-        Some(cheapest(&candidates, |i| {
+        Some(cheapest(&candidates, 1.0, |i| {
             endpoints.get(i).map_or(f64::INFINITY, |e| {
                 e.stats().in_flight() as f64 * table.load_factor(e)
             })

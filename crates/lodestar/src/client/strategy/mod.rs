@@ -235,12 +235,19 @@ impl Candidates {
 }
 
 /// Of `candidates`, the one with the lowest cost; ties go to the first
-/// drawn (which was drawn in proportion to weight).
-pub(crate) fn cheapest(candidates: &Candidates, mut cost: impl FnMut(usize) -> f64) -> usize {
+/// drawn (which was drawn in proportion to weight). A later candidate
+/// must be cheaper than the best so far by more than `margin` (a factor,
+/// 1.0 for any difference) to take its place: costs closer than that are
+/// ties.
+pub(crate) fn cheapest(
+    candidates: &Candidates,
+    margin: f64,
+    mut cost: impl FnMut(usize) -> f64,
+) -> usize {
     let mut best = (candidates.indices[0], cost(candidates.indices[0]));
     for &index in candidates.as_slice().iter().skip(1) {
         let c = cost(index);
-        if c < best.1 {
+        if c * margin < best.1 {
             best = (index, c);
         }
     }

@@ -24,10 +24,18 @@ const DEFAULT_DECAY: Duration = Duration::from_secs(10);
 /// (go-zero's).
 const DEFAULT_PROBE_AFTER: Duration = Duration::from_secs(1);
 
+/// How much cheaper the second endpoint drawn must be to be picked over
+/// the first: by more than a fifth (its cost × 1.25 below the first's).
+/// Closer costs are noise (a scheduling hiccup held as a peak), and the
+/// first drawn, random, takes the call: equal instances get equal shares,
+/// while a slower or busier one (a difference of 25% and more) is still
+/// avoided.
+const TIE_MARGIN: f64 = 1.25;
+
 /// Of two endpoints drawn at random (in proportion to their weights), the
 /// one with the lower cost: a latency estimate × (1 + calls in flight ×
 /// mean weight ÷ weight). The tower / linkerd / Finagle algorithm, with
-/// two fixes:
+/// three fixes:
 ///
 /// - the **estimate** (kept in each endpoint's stats) jumps to any slower
 ///   sample at once (the "peak"), and moves toward a faster one by
@@ -40,6 +48,10 @@ const DEFAULT_PROBE_AFTER: Duration = Duration::from_secs(1);
 ///   attract traffic. An attempt cancelled by its caller before an answer
 ///   is no sample; one whose deadline passed first counts as the time it
 ///   waited.
+/// - **near ties**: the second endpoint drawn must be cheaper than the
+///   first by more than a fifth to be picked; closer costs are taken as
+///   equal (latency noise held as a peak would otherwise skew the shares
+///   of equal instances for the length of the decay).
 /// - a **forced probe**: an endpoint never picked, or not picked for
 ///   `probe_after` (1 s), is picked the next time it is drawn (by one caller: the claim is an
 ///   atomic swap), so a recovered or new endpoint gets traffic again and a
@@ -117,7 +129,7 @@ impl PeakEwma {
                 return Some(i);
             }
         }
-        let chosen = cheapest(&candidates, |i| {
+        let chosen = cheapest(&candidates, TIE_MARGIN, |i| {
             endpoints
                 .get(i)
                 .map_or(f64::INFINITY, |e| self.cost(table, e, now))
@@ -336,5 +348,23 @@ mod tests {
         assert_eq!(shares(&selector, &endpoints, 1_000), [1, 999]);
         endpoints[0].stats().finished();
         assert_eq!(shares(&selector, &endpoints, 1_000), [1_000, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn costs_within_a_fifth_are_ties_and_beyond_are_not() {
+        fastrand::seed(26);
+        let selector = PeakEwma::default();
+        let endpoints = endpoints(&[100; 2]);
+        let rtt = |ms: u64| Duration::from_micros(ms);
+        report(&selector, &endpoints[0], rtt(2_000), Code::Ok);
+        report(&selector, &endpoints[1], rtt(2_300), Code::Ok);
+        // 15% apart: noise, shared about evenly.
+        let counts = shares(&selector, &endpoints, 10_000);
+        let (a, b) = (counts[0], counts[1]);
+        assert!((4_700..=5_300).contains(&a) && a + b == 10_000, "{a} / {b}");
+        // 30% apart: the cheaper takes (almost) every call.
+        report(&selector, &endpoints[1], rtt(2_600), Code::Ok);
+        let counts = shares(&selector, &endpoints, 10_000);
+        assert!(counts[0] >= 9_990, "{counts:?}");
     }
 }
