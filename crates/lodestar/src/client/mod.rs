@@ -370,7 +370,7 @@ impl ClientBuilder {
 
     /// How instances are picked (the policy's strategy, for every service
     /// without a policy of its own). Default: P2C peak-EWMA (see
-    /// [`strategy`](crate::client::strategy) for why).
+    /// [`strategy`] for why).
     pub fn strategy(mut self, strategy: Strategy) -> Self {
         Arc::make_mut(&mut self.config.policy).strategy = strategy;
         self.config.selector = None;

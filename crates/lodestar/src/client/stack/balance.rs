@@ -495,7 +495,7 @@ impl Balance {
         &self,
         tried: &[Arc<Connection>],
         call: &CallInfo<'_>,
-    ) -> Result<Option<(Arc<Endpoint>, Arc<Watchers>)>, Failure> {
+    ) -> Result<(Arc<Endpoint>, Arc<Watchers>), Failure> {
         let selection = self.selection.load();
         let routing = &selection.routing;
         let routed = routing.route(call).map_err(Failure::NoRoute)?;
@@ -503,13 +503,11 @@ impl Balance {
         let endpoint = if tried.is_empty() {
             // The common call.
             let group = routed.group;
-            let Some(chosen) = selector.select_prepared(group, call) else {
-                return Ok(None);
-            };
-            match group.endpoints().get(chosen) {
-                Some(endpoint) => endpoint.clone(),
-                None => return Ok(None),
-            }
+            selector
+                .select_prepared(group, call)
+                .and_then(|chosen| group.endpoints().get(chosen))
+                .ok_or(Failure::NoEndpoint)?
+                .clone()
         } else {
             // By connection: it outlives the endpoint's rebuilds when the
             // instance's metadata changes, and holding it rules out address reuse.
@@ -530,15 +528,13 @@ impl Balance {
                 // Only ejected ones are left: rather try one than fail outright.
                 candidates = untried(&selection.endpoints);
             }
-            let Some(chosen) = selector.select(&candidates, call) else {
-                return Ok(None);
-            };
-            match candidates.get(chosen) {
-                Some(endpoint) => endpoint.clone(),
-                None => return Ok(None),
-            }
+            selector
+                .select(&candidates, call)
+                .and_then(|chosen| candidates.get(chosen))
+                .ok_or(Failure::NoEndpoint)?
+                .clone()
         };
-        Ok(Some((endpoint, selection.watchers.clone())))
+        Ok((endpoint, selection.watchers.clone()))
     }
 
     /// Notes that `endpoint` refused a connection: it is skipped for a while.
@@ -573,8 +569,7 @@ impl Balance {
             attempt: number,
         };
         let (endpoint, watchers) = match self.pick(tried, &call) {
-            Ok(Some(picked)) => picked,
-            Ok(None) => return Either::Right(std::future::ready(Err(Failure::NoEndpoint))),
+            Ok(picked) => picked,
             Err(failure) => return Either::Right(std::future::ready(Err(failure))),
         };
         let method = request

@@ -3,8 +3,8 @@
 //!
 //! | strategy | picks | cost of a pick | reads the load | weights |
 //! |---|---|---|---|---|
-//! | [`RoundRobin`](super::selector::RoundRobin) | each endpoint in turn | O(1) | no | ignored |
-//! | [`Random`](super::selector::Random) | uniformly at random | O(1) | no | ignored |
+//! | [`RoundRobin`] | each endpoint in turn | O(1) | no | ignored |
+//! | [`Random`] | uniformly at random | O(1) | no | ignored |
 //! | [`WeightedRoundRobin`] | a precomputed smooth (EDF) cycle | O(1) | no | exact shares |
 //! | [`LeastRequest`] | the fewest calls in flight of 2 (or `choices`) sampled | O(log n) | in flight | sampling ∝ weight, load per unit of weight |
 //! | [`PeakEwma`] (the default) | the lowest latency × (in flight + 1) of 2 sampled | O(log n) + one clock read | latency and in flight | as least-request |
