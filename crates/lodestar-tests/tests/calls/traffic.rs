@@ -776,3 +776,52 @@ async fn calls_the_caller_cancels_or_times_out_itself_never_eject() {
         "a slow instance was ejected for its callers' impatience"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_stays_in_the_routed_subset() {
+    let world = World::new();
+    let _ok = instance(&world, "subset", "v2-ok", |b| b.metadata("version", "v2")).await;
+    let _v1 = instance(&world, "subset", "v1", |b| b.metadata("version", "v1")).await;
+    // A v2 instance with nothing listening behind it: every call that picks
+    // it first is sent again, and must go to the other v2 instance.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    world
+        .registry
+        .register(
+            Instance::new("subset", address)
+                .with_id("v2-dead")
+                .with_label("version", "v2"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let mut route = Route::default();
+    route.when.metadata = labels(&[("x-canary", "1")]);
+    route.to = labels(&[("version", "v2")]);
+    let mut policy = Policy::default();
+    policy.routes = vec![route];
+    policy.strategy = Strategy::Random;
+    let tried_dead = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = tried_dead.clone();
+    let client = Client::builder(world.registry.clone())
+        .observe(move |attempt: &lodestar::client::observe::Attempt<'_>| {
+            if attempt.endpoint.instance().id == "v2-dead" {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        // The dead instance is back in rotation at once: most calls that
+        // reach it first are then retried.
+        .ejection(Duration::from_millis(1), Duration::from_millis(1))
+        .policy(policy)
+        .unwrap()
+        .build();
+    let tally = run(&client, "subset", 60, 1, |_| vec![("x-canary", "1".into())]).await;
+    assert_eq!(tally.served.get("v2-ok"), Some(&60), "{tally:?}");
+    let retried = tried_dead.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        retried >= 5,
+        "only {retried} calls tried the dead instance first"
+    );
+}
