@@ -24,13 +24,16 @@
 //!    instance fails before answering. Otherwise the caller gets
 //!    `UNAVAILABLE`.
 //! 5. **Balance**: the instances come from a local cache kept fresh by a
-//!    watch of the registry (the registry is never asked on this path), and
-//!    the [`Selector`] picks one, round robin by
-//!    default. An instance that refuses connections is *ejected*: skipped
-//!    for a while (1 s, doubling on each further failure up to 30 s by
-//!    default) unless no other instance is left. Every attempt is counted
-//!    on its endpoint ([`EndpointStats`](selector::EndpointStats)) and
-//!    reported to [observers](observe).
+//!    watch of the registry (the registry is never asked on this path);
+//!    the service's [`Policy`] routes the call to a group of them (routes,
+//!    splits, the caller's zone), and the [`Selector`] of its strategy
+//!    picks one, P2C peak-EWMA by default (see [`strategy`]). An instance
+//!    that refuses connections is *ejected*: skipped for a while (1 s,
+//!    doubling on each further failure up to 30 s by default); so is one
+//!    that keeps failing ([`outlier`] detection); unless too few are left
+//!    (the panic threshold). Every attempt is counted on its endpoint
+//!    ([`EndpointStats`](selector::EndpointStats)) and reported to
+//!    [observers](observe).
 //! 6. **Endpoint**: one lazily opened HTTP/2 connection per instance.
 //!
 //! The trace context of the call being served

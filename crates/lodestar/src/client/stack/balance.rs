@@ -372,8 +372,9 @@ impl Balance {
         let panic = usable.len() < endpoints.len()
             && (usable.is_empty()
                 || (usable.len() as u64) * 100 < threshold * endpoints.len() as u64);
-        // Said once when it begins and once when it ends.
-        if panic != self.panicking.swap(panic, Ordering::Relaxed) {
+        // Said once when it begins and once when it ends (and not at all
+        // for a lone instance: there is no one else to call).
+        if panic != self.panicking.swap(panic, Ordering::Relaxed) && endpoints.len() > 1 {
             if panic {
                 tracing::warn!(service = %self.key, usable = usable.len(), total = endpoints.len(),
                     panic_threshold_percent = threshold,
