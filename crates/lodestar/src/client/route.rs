@@ -26,8 +26,10 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue};
 use lodestar_core::registry::limits::printable;
 
+use super::connection::Connection;
 use super::policy::{Fallback, Policy, ZoneAffinity};
 use super::selector::{CallInfo, Endpoint, Prepared, Selector};
+use super::strategy::stable_hash;
 
 /// Who is calling: the client's own labels and zone, as routes match them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -156,17 +158,22 @@ pub(crate) struct Routing {
 
 impl Routing {
     /// Builds the groups `policy` routes to over `endpoints` (the usable
-    /// ones, ordered by instance id), for `caller`. Routes whose caller
-    /// conditions `caller` does not meet are left out. Groups with the same
-    /// labels are built once.
+    /// ones, ordered by instance id), for `caller`; a group none of whose
+    /// instances is usable is made of those in `all` (every endpoint,
+    /// ejected or not) that have its labels, rather than fail or fall back
+    /// while its instances are only ejected. Routes whose caller conditions
+    /// `caller` does not meet are left out. Groups with the same labels are
+    /// built once.
     pub(crate) fn build(
         policy: &Policy,
         endpoints: &[Arc<Endpoint>],
+        all: &[Arc<Endpoint>],
         caller: &Caller,
         selector: &dyn Selector,
     ) -> Routing {
         let mut builder = Builder {
             endpoints,
+            all,
             zone: caller
                 .zone
                 .as_deref()
@@ -281,6 +288,41 @@ impl Routing {
         })
     }
 
+    /// [`route`](Self::route) for a retry of a call whose first attempt
+    /// went over `first`: a split call stays in the subset of that
+    /// attempt's endpoint rather than draw again.
+    pub(crate) fn route_retry(
+        &self,
+        call: &CallInfo<'_>,
+        first: &Arc<Connection>,
+    ) -> Result<Routed<'_>, RouteError> {
+        let routed = self.route(call)?;
+        if routed.unrouted || self.routes.iter().any(|r| r.matches(call)) {
+            return Ok(routed);
+        }
+        let Some(split) = &self.split else {
+            return Ok(routed);
+        };
+        let holds = |group: &Group| {
+            group
+                .whole
+                .endpoints()
+                .iter()
+                .any(|e| Arc::ptr_eq(&e.connection, first))
+        };
+        Ok(split
+            .subsets
+            .iter()
+            .map(|(_, group)| group)
+            .find(|group| holds(group))
+            .map_or(routed, |group| Routed {
+                group: group.prepared(),
+                whole: &group.whole,
+                retry_anywhere: false,
+                unrouted: false,
+            }))
+    }
+
     /// Every usable endpoint, in every zone: where a retry of a route with
     /// `retry_anywhere` may go.
     pub(crate) fn all(&self) -> &Prepared {
@@ -291,6 +333,9 @@ impl Routing {
 /// Builds the groups of one [`Routing`], each set of labels once.
 struct Builder<'a> {
     endpoints: &'a [Arc<Endpoint>],
+    /// Every endpoint, ejected or not: a group's members when none of
+    /// them is usable.
+    all: &'a [Arc<Endpoint>],
     /// The caller's zone, when affinity applies.
     zone: Option<&'a str>,
     affinity: &'a ZoneAffinity,
@@ -306,12 +351,17 @@ impl<'a> Builder<'a> {
         if let Some(group) = self.groups.get(&(labels, without)) {
             return group.clone();
         }
-        let whole: Vec<Arc<Endpoint>> = self
-            .endpoints
-            .iter()
-            .filter(|e| has_labels(e, labels) != without)
-            .cloned()
-            .collect();
+        let members = |set: &[Arc<Endpoint>]| -> Vec<Arc<Endpoint>> {
+            set.iter()
+                .filter(|e| has_labels(e, labels) != without)
+                .cloned()
+                .collect()
+        };
+        let mut whole = members(self.endpoints);
+        if whole.is_empty() {
+            // Only ejected ones have the labels: rather call them.
+            whole = members(self.all);
+        }
         let local: Option<Vec<Arc<Endpoint>>> = self.zone.and_then(|zone| {
             let local: Vec<_> = whole
                 .iter()
@@ -344,20 +394,6 @@ fn label_list(labels: &BTreeMap<String, String>) -> Arc<str> {
         .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
         .collect();
     list.join(", ").into()
-}
-
-/// A hash of a sticky key that is the same in every process and release
-/// (64-bit FNV-1a, then the SplitMix64 finalizer to spread its bits), so
-/// every client sends one key to the same subset.
-fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    hash ^ (hash >> 31)
 }
 
 #[cfg(test)]
@@ -446,6 +482,7 @@ mod tests {
         let routing = Routing::build(
             &policy,
             &versions(),
+            &versions(),
             &Caller::default(),
             &RoundRobin::default(),
         );
@@ -473,6 +510,7 @@ mod tests {
         let fail = Routing::build(
             &policy_with_route(&missing, Fallback::Fail),
             &versions(),
+            &versions(),
             &caller,
             &RoundRobin::default(),
         );
@@ -483,7 +521,13 @@ mod tests {
         assert_eq!(route(&fail, &HeaderMap::new()).unwrap().0, ["a", "b", "c"]);
         for fallback in [Fallback::All, Fallback::Rest] {
             let policy = policy_with_route(&missing, fallback);
-            let routing = Routing::build(&policy, &versions(), &caller, &RoundRobin::default());
+            let routing = Routing::build(
+                &policy,
+                &versions(),
+                &versions(),
+                &caller,
+                &RoundRobin::default(),
+            );
             assert_eq!(
                 route(&routing, &beta).unwrap().0,
                 ["a", "b", "c"],
@@ -507,13 +551,25 @@ mod tests {
             labels: labels(&[("team", "shop"), ("zone-group", "x")]),
             zone: None,
         };
-        let routing = Routing::build(&policy, &versions(), &shop, &RoundRobin::default());
+        let routing = Routing::build(
+            &policy,
+            &versions(),
+            &versions(),
+            &shop,
+            &RoundRobin::default(),
+        );
         assert_eq!(route(&routing, &HeaderMap::new()).unwrap().0, ["c"]);
         let other = Caller {
             labels: labels(&[("team", "ads")]),
             zone: None,
         };
-        let routing = Routing::build(&policy, &versions(), &other, &RoundRobin::default());
+        let routing = Routing::build(
+            &policy,
+            &versions(),
+            &versions(),
+            &other,
+            &RoundRobin::default(),
+        );
         assert_eq!(
             route(&routing, &HeaderMap::new()).unwrap().0,
             ["a", "b", "c"]
@@ -542,6 +598,7 @@ mod tests {
         let routing = Routing::build(
             &canary(None),
             &versions(),
+            &versions(),
             &Caller::default(),
             &RoundRobin::default(),
         );
@@ -553,6 +610,7 @@ mod tests {
     fn a_sticky_split_keeps_each_key_on_one_subset() {
         let routing = Routing::build(
             &canary(Some("x-user")),
+            &versions(),
             &versions(),
             &Caller::default(),
             &RoundRobin::default(),
@@ -599,6 +657,7 @@ mod tests {
         let routing = Routing::build(
             &policy,
             &versions(),
+            &versions(),
             &Caller::default(),
             &RoundRobin::default(),
         );
@@ -610,13 +669,20 @@ mod tests {
         let routing = Routing::build(
             &policy,
             &only_v3,
+            &only_v3,
             &Caller::default(),
             &RoundRobin::default(),
         );
         assert_eq!(route(&routing, &HeaderMap::new()).unwrap().0, ["d"]);
         // No instance at all: an empty group, which the caller reports.
         policy.routes.clear();
-        let routing = Routing::build(&policy, &[], &Caller::default(), &RoundRobin::default());
+        let routing = Routing::build(
+            &policy,
+            &[],
+            &[],
+            &Caller::default(),
+            &RoundRobin::default(),
+        );
         assert!(route(&routing, &HeaderMap::new()).unwrap().0.is_empty());
     }
 
@@ -639,18 +705,31 @@ mod tests {
     #[test]
     fn calls_stay_in_the_callers_zone_while_it_has_enough_instances() {
         let policy = Policy::default();
-        let routing = Routing::build(&policy, &zones(3, 3), &east(), &RoundRobin::default());
+        let routing = Routing::build(
+            &policy,
+            &zones(3, 3),
+            &zones(3, 3),
+            &east(),
+            &RoundRobin::default(),
+        );
         assert_eq!(
             route(&routing, &HeaderMap::new()).unwrap().0,
             ["l0", "l1", "l2"]
         );
         assert_eq!(routing.all().endpoints().len(), 6);
         // Fewer than `min_local` (2) in the zone: spill over to all.
-        let routing = Routing::build(&policy, &zones(1, 3), &east(), &RoundRobin::default());
+        let routing = Routing::build(
+            &policy,
+            &zones(1, 3),
+            &zones(1, 3),
+            &east(),
+            &RoundRobin::default(),
+        );
         assert_eq!(route(&routing, &HeaderMap::new()).unwrap().0.len(), 4);
         // Zone unknown, or affinity off: all.
         let routing = Routing::build(
             &policy,
+            &zones(3, 3),
             &zones(3, 3),
             &Caller::default(),
             &RoundRobin::default(),
@@ -658,7 +737,13 @@ mod tests {
         assert_eq!(route(&routing, &HeaderMap::new()).unwrap().0.len(), 6);
         let mut off = Policy::default();
         off.zone.enabled = false;
-        let routing = Routing::build(&off, &zones(3, 3), &east(), &RoundRobin::default());
+        let routing = Routing::build(
+            &off,
+            &zones(3, 3),
+            &zones(3, 3),
+            &east(),
+            &RoundRobin::default(),
+        );
         assert_eq!(route(&routing, &HeaderMap::new()).unwrap().0.len(), 6);
     }
 
@@ -669,7 +754,13 @@ mod tests {
         endpoints.push(endpoint("v2-west", "west", &[("version", "2")]));
         let mut policy = policy_with_route(&[("version", "2")], Fallback::Fail);
         policy.zone.min_local = 1;
-        let routing = Routing::build(&policy, &endpoints, &east(), &RoundRobin::default());
+        let routing = Routing::build(
+            &policy,
+            &endpoints,
+            &endpoints,
+            &east(),
+            &RoundRobin::default(),
+        );
         let beta = header("x-tenant", "beta");
         assert_eq!(route(&routing, &beta).unwrap().0, ["v2-east"]);
         assert_eq!(
@@ -709,7 +800,13 @@ mod tests {
             });
         }
         let selector = Counting::default();
-        let routing = Routing::build(&policy, &versions(), &Caller::default(), &selector);
+        let routing = Routing::build(
+            &policy,
+            &versions(),
+            &versions(),
+            &Caller::default(),
+            &selector,
+        );
         // Every instance, version 2, version 1.
         assert_eq!(selector.0.load(Ordering::Relaxed), 3);
         assert_eq!(routing.all().state::<usize>(), Some(&3));

@@ -138,8 +138,26 @@ impl Clone for RoundRobin {
 
 impl Selector for RoundRobin {
     fn select(&self, endpoints: &[Arc<Endpoint>], _call: &CallInfo<'_>) -> Option<usize> {
-        Some(self.cursor.fetch_add(1, Ordering::Relaxed) % endpoints.len())
+        turn(&self.cursor, endpoints.len())
     }
+
+    /// A cursor of the set's own, starting anywhere: each group a policy
+    /// routes to turns through its endpoints on its own.
+    fn prepare(&self, _endpoints: &[Arc<Endpoint>]) -> Option<Box<dyn Any + Send + Sync>> {
+        Some(Box::new(AtomicUsize::new(fastrand::usize(..))))
+    }
+
+    fn select_prepared(&self, set: &Prepared, call: &CallInfo<'_>) -> Option<usize> {
+        match set.state::<AtomicUsize>() {
+            Some(cursor) => turn(cursor, set.endpoints().len()),
+            None => self.select(set.endpoints(), call),
+        }
+    }
+}
+
+/// The next of `len` in turn, by `cursor`; `None` for none.
+fn turn(cursor: &AtomicUsize, len: usize) -> Option<usize> {
+    (len != 0).then(|| cursor.fetch_add(1, Ordering::Relaxed) % len)
 }
 
 /// An endpoint chosen uniformly at random.
@@ -148,7 +166,7 @@ pub struct Random;
 
 impl Selector for Random {
     fn select(&self, endpoints: &[Arc<Endpoint>], _call: &CallInfo<'_>) -> Option<usize> {
-        Some(fastrand::usize(..endpoints.len()))
+        (!endpoints.is_empty()).then(|| fastrand::usize(..endpoints.len()))
     }
 }
 
@@ -229,7 +247,7 @@ pub const RECENT_OUTCOMES: u32 = 64;
 
 /// What the stack records about the calls to one endpoint: one record per
 /// instance address, shared by every layer that needs it (selection,
-/// ejection, and the outlier detection and retry budgets to come). It
+/// connection ejection, outlier detection, and later retry budgets). It
 /// outlives changes to the instance's metadata.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
@@ -351,24 +369,28 @@ impl EndpointStats {
     }
 
     /// Takes a latency sample (nanoseconds) taken at `at` into the
-    /// peak-EWMA estimate: a sample slower than the estimate (as decayed
-    /// to `at`) replaces it; a faster one pulls it toward itself by
-    /// `1 - exp(-elapsed / decay)`, so the estimate falls over about
-    /// `decay` and never below the sample.
+    /// peak-EWMA estimate. The estimate is read as decayed toward 0 since
+    /// the last sample (by `exp(-elapsed / decay)`, as [`peak_rtt`](Self::peak_rtt)
+    /// reads it); a slower sample replaces it, and a faster one pulls it
+    /// toward itself by `1 - exp(-elapsed / decay)`. Both keep the value
+    /// continuous: a faster sample never raises what a read would see,
+    /// and the estimate never falls below the sample.
     ///
     /// The estimate and its time are two atomics: a racing update can pair
     /// one's value with the other's time, which skews the decay of one
     /// sample slightly and is corrected by the next.
     pub(crate) fn record_peak_rtt(&self, sample: f64, at: u64, decay: f64) {
         let sample = sample.max(1.0);
-        let last = self.peak_at.swap(at, Ordering::Relaxed);
+        // Never back in time: reports may arrive out of order.
+        let last = self.peak_at.fetch_max(at, Ordering::Relaxed);
         let weight = decay_weight(at.saturating_sub(last), decay);
         let _ = self
             .peak_rtt
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                let old = f64::from_bits(old);
-                let current = old * weight;
-                let new = if old <= 0.0 || sample >= current {
+                // The estimate as read now (decayed toward 0), then
+                // pulled toward a faster sample.
+                let current = f64::from_bits(old) * weight;
+                let new = if current <= 0.0 || sample >= current {
                     sample
                 } else {
                     current * weight + sample * (1.0 - weight)
@@ -489,10 +511,17 @@ pub(crate) mod tests {
         // Read 10 s later: decayed toward 0 by e^-1.
         let read = stats.peak_rtt(11 * second, decay).unwrap_or(0.0);
         assert!((read - 50e6 / std::f64::consts::E).abs() < 1e3, "{read}");
-        // A faster sample 10 s later pulls it toward itself, not below.
+        // A faster sample 10 s later pulls the decayed estimate toward
+        // itself by 1 - e^-1, not below it.
         stats.record_peak_rtt(10e6, 11 * second, decay);
         let after = stats.peak_rtt(11 * second, decay).unwrap_or(0.0);
-        assert!(after > 10e6 && after < read, "{after}");
+        let e = std::f64::consts::E;
+        let expected = 50e6 / e / e + 10e6 * (1.0 - 1.0 / e);
+        assert!((after - expected).abs() < 1e3, "{after} against {expected}");
+        assert!(after > 10e6 && after < read);
+        // A report from before the last one does not move time back.
+        stats.record_peak_rtt(20e6, second, decay);
+        assert!(stats.peak_rtt(11 * second, decay).unwrap_or(0.0) >= 20e6);
     }
 
     #[tokio::test(start_paused = true)]

@@ -57,6 +57,9 @@ pub(crate) struct Balance {
     ejected: Arc<Notify>,
     /// Decides outlier ejections and returns.
     detector: Detector,
+    /// Whether an ejection began since the selection was built: the
+    /// resolver task builds it again.
+    stale: AtomicBool,
     /// When outlier detection next sweeps; `None`: at the next timer (the
     /// policy changed, or no sweep has run yet).
     next_sweep: Mutex<Option<Instant>>,
@@ -131,7 +134,13 @@ impl Balance {
             let policy = config.policy.clone();
             let selector = selector_for(&config, &policy);
             let watchers = watchers(&key, &config, selector, &policy, this);
-            let routing = Routing::build(&policy, &[], &config.caller, watchers.selector.as_ref());
+            let routing = Routing::build(
+                &policy,
+                &[],
+                &[],
+                &config.caller,
+                watchers.selector.as_ref(),
+            );
             let selection = Selection {
                 endpoints: Arc::new([]),
                 routing,
@@ -159,6 +168,7 @@ impl Balance {
             rebuilding: Mutex::new(()),
             ejected: Arc::new(Notify::new()),
             next_sweep: Mutex::new(None),
+            stale: AtomicBool::new(false),
             this,
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
@@ -390,6 +400,7 @@ impl Balance {
         let routing = Routing::build(
             &policy,
             &usable,
+            &endpoints,
             &self.config.caller,
             watchers.selector.as_ref(),
         );
@@ -421,9 +432,20 @@ impl Balance {
         let watchers = watchers(&self.key, &self.config, selector, &policy, &self.this);
         tracing::info!(service = %self.key, "client policy replaced");
         self.select_with(current.endpoints.clone(), policy, watchers, &mut None);
+        drop(_rebuilding);
         // Outlier detection sweeps once more under the new settings (which
-        // may end every ejection), then at the new interval.
+        // may end every ejection), then at the new interval. (Never with
+        // `rebuilding` held: `run_timers` takes `next_sweep`, then
+        // `rebuilding`.)
         *self.next_sweep.lock_unpoisoned() = None;
+        self.ejected.notify_one();
+    }
+
+    /// Asks the resolver task to build the selection again, soon (an
+    /// ejection began): the report of a failed attempt does not pay for
+    /// the rebuild, and a burst of failures costs one rebuild.
+    fn reselect_soon(&self) {
+        self.stale.store(true, Ordering::Release);
         self.ejected.notify_one();
     }
 
@@ -443,18 +465,22 @@ impl Balance {
         let now = Instant::now();
         let selection = self.selection.load_full();
         let settings = &selection.policy.outlier;
+        let mut changed = self.stale.swap(false, Ordering::AcqRel);
         let next_sweep = {
             let mut next_sweep = self.next_sweep.lock_unpoisoned();
             if next_sweep.is_none_or(|at| at <= now) {
-                let changes = self.detector.sweep(&selection.endpoints, settings, now);
-                if !changes.is_empty() {
-                    self.reselect();
-                }
+                changed |= !self
+                    .detector
+                    .sweep(&selection.endpoints, settings, now)
+                    .is_empty();
                 *next_sweep = Some(crate::deadline::later(now, settings.interval()));
             }
             // Disabled, the sweep that ended every ejection was the last.
             next_sweep.filter(|_| settings.enabled)
         };
+        if changed {
+            self.reselect();
+        }
         let ejection_ends = match self.selection.load().ejected_until {
             Some(next) if nanos_since_epoch(now) >= next => {
                 self.reselect();
@@ -480,9 +506,7 @@ impl Balance {
             Reason::ConsecutiveFailures,
         );
         if ejected.is_some() {
-            self.reselect();
-            // Its return is at a sweep: make sure one is scheduled.
-            self.ejected.notify_one();
+            self.reselect_soon();
         }
     }
 
@@ -499,11 +523,18 @@ impl Balance {
     ) -> Result<(Arc<Endpoint>, Arc<Watchers>), Failure> {
         let selection = self.selection.load();
         let routing = &selection.routing;
-        let routed = routing.route(call).map_err(Failure::NoRoute)?;
+        let routed = match tried.first() {
+            None => routing.route(call),
+            Some(first) => routing.route_retry(call, first),
+        }
+        .map_err(Failure::NoRoute)?;
         let selector = selection.watchers.selector.as_ref();
         let endpoint = if tried.is_empty() {
             // The common call.
             let group = routed.group;
+            if group.endpoints().is_empty() {
+                return Err(Failure::NoEndpoint);
+            }
             selector
                 .select_prepared(group, call)
                 .and_then(|chosen| group.endpoints().get(chosen))
@@ -529,6 +560,9 @@ impl Balance {
                 // Only ejected ones are left: rather try one than fail outright.
                 candidates = untried(&selection.endpoints);
             }
+            if candidates.is_empty() {
+                return Err(Failure::NoEndpoint);
+            }
             selector
                 .select(&candidates, call)
                 .and_then(|chosen| candidates.get(chosen))
@@ -544,8 +578,7 @@ impl Balance {
         let (duration, _) = endpoint
             .stats
             .eject(config.ejection_base, config.ejection_max);
-        self.reselect();
-        self.ejected.notify_one();
+        self.reselect_soon();
         tracing::debug!(service = %self.key, address = %endpoint.instance.address, ?duration,
             "instance ejected");
     }

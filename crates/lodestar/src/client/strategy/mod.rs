@@ -55,6 +55,7 @@ mod least_request;
 mod peak_ewma;
 mod weighted;
 
+pub(crate) use hash::hash as stable_hash;
 pub use hash::{MAX_RING, RingHash, VNODES_PER_ENDPOINT};
 pub use least_request::LeastRequest;
 pub use peak_ewma::{FAILURE_PENALTY, PeakEwma};

@@ -35,7 +35,7 @@ const TIE_MARGIN: f64 = 1.25;
 /// Of two endpoints drawn at random (in proportion to their weights), the
 /// one with the lower cost: a latency estimate × (1 + calls in flight ×
 /// mean weight ÷ weight). The tower / linkerd / Finagle algorithm, with
-/// three fixes:
+/// these changes:
 ///
 /// - the **estimate** (kept in each endpoint's stats) jumps to any slower
 ///   sample at once (the "peak"), and moves toward a faster one by
@@ -53,9 +53,11 @@ const TIE_MARGIN: f64 = 1.25;
 ///   equal (latency noise held as a peak would otherwise skew the shares
 ///   of equal instances for the length of the decay).
 /// - a **forced probe**: an endpoint never picked, or not picked for
-///   `probe_after` (1 s), is picked the next time it is drawn (by one caller: the claim is an
-///   atomic swap), so a recovered or new endpoint gets traffic again and a
-///   fresh sample, however bad its last one was.
+///   `probe_after` (1 s), is picked the next time it is drawn against one
+///   picked more recently (by one caller: the claim is an atomic swap),
+///   so a recovered or new endpoint gets traffic again and a fresh
+///   sample, however bad its last one was. When both drawn are due (too
+///   little traffic to pick each every `probe_after`), their costs decide.
 ///
 /// Samples are the time to the response's headers, taken from the
 /// attempt's report (no clock read of their own). A pick reads the clock
@@ -121,13 +123,20 @@ impl PeakEwma {
         // Never 0, which means "never picked".
         let now = nanos_since_epoch(Instant::now()).max(1);
         let candidates = table.sample_distinct(2);
-        for &i in candidates.as_slice() {
-            let stats = endpoints.get(i)?.stats();
-            let last = stats.last_picked();
-            let due = last == 0 || now.saturating_sub(last) >= self.probe_after;
-            if due && stats.claim_probe(last, now) {
-                return Some(i);
+        // A probe for the one of the two not picked for a while; when both
+        // are (little traffic), their costs decide, or a slow endpoint
+        // would get an even share.
+        let mut due = [None; 2];
+        for (slot, &i) in due.iter_mut().zip(candidates.as_slice()) {
+            let last = endpoints.get(i)?.stats().last_picked();
+            if last == 0 || now.saturating_sub(last) >= self.probe_after {
+                *slot = Some((i, last));
             }
+        }
+        if let [Some((i, last)), None] | [None, Some((i, last))] = due
+            && endpoints.get(i)?.stats().claim_probe(last, now)
+        {
+            return Some(i);
         }
         let chosen = cheapest(&candidates, TIE_MARGIN, |i| {
             endpoints
@@ -366,5 +375,30 @@ mod tests {
         report(&selector, &endpoints[1], rtt(2_600), Code::Ok);
         let counts = shares(&selector, &endpoints, 10_000);
         assert!(counts[0] >= 9_990, "{counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_too_little_traffic_to_probe_costs_still_decide() {
+        fastrand::seed(27);
+        let selector = PeakEwma::default();
+        let endpoints = endpoints(&[100; 2]);
+        report(
+            &selector,
+            &endpoints[0],
+            Duration::from_millis(50),
+            Code::Ok,
+        );
+        report(&selector, &endpoints[1], Duration::from_millis(1), Code::Ok);
+        let prepared = Prepared::new(&selector, endpoints.clone().into());
+        let mut slow = 0;
+        for _ in 0..40 {
+            // Both are due for a probe at every pick.
+            tokio::time::advance(Duration::from_millis(1_500)).await;
+            let picked = with_call(&http::HeaderMap::new(), |call| {
+                selector.select_prepared(&prepared, call)
+            });
+            slow += usize::from(picked == Some(0));
+        }
+        assert_eq!(slow, 0, "the slow endpoint got {slow} of 40 picks");
     }
 }
