@@ -107,8 +107,9 @@ pub struct OutlierSettings {
     /// The panic threshold, as a percentage (at most 100): when fewer than
     /// this share of the instances are left in rotation (by outlier
     /// detection, refused connections, or both), calls go to every
-    /// instance, ejected or not, rather than pile onto the few left.
-    /// Default: 50 (Envoy's).
+    /// instance, ejected or not, rather than pile onto the few left. 0
+    /// turns it off, except that with no instance left in rotation calls
+    /// still go to every instance rather than fail. Default: 50 (Envoy's).
     pub panic_threshold_percent: u32,
     /// The gRPC codes (as names, e.g. `UNAVAILABLE`; each once) that
     /// count as failures, with transport

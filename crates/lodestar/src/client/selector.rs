@@ -405,9 +405,15 @@ impl EndpointStats {
         self.last_picked.load(Ordering::Relaxed)
     }
 
-    /// Notes that the endpoint was picked at `now`.
+    /// Notes that the endpoint was picked at `now`: written at most once
+    /// a millisecond (the probe interval is far longer), so that picks from
+    /// many threads do not all write the same cache line.
     pub(crate) fn picked(&self, now: u64) {
-        self.last_picked.store(now, Ordering::Relaxed);
+        const GRANULARITY: u64 = 1_000_000;
+        let last = self.last_picked.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= GRANULARITY {
+            self.last_picked.store(now, Ordering::Relaxed);
+        }
     }
 
     /// Claims this endpoint's forced probe: true for exactly one of the

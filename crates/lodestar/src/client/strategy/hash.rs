@@ -85,7 +85,8 @@ impl RingHash {
     }
 
     /// Skips endpoints with more than `percent` / 100 of the average calls
-    /// in flight (e.g. 125; at least 100). Default: none.
+    /// in flight (e.g. 125; at least 100, and a policy may set 101 to
+    /// 1,000). Default: none.
     pub fn bounded_load(mut self, percent: Option<u32>) -> Self {
         self.bounded_load_percent = percent.map(|p| p.max(100));
         self
