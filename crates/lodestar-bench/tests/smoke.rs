@@ -33,6 +33,7 @@ fn smoke_run_reports_every_scenario() {
         "broker",
         "failover",
         "footprint",
+        "pick",
     ] {
         assert!(
             cases.iter().any(|c| c["scenario"] == scenario),
