@@ -11,6 +11,7 @@
 //! The other subcommands are the child processes `run` starts.
 
 mod alloc;
+mod balance;
 mod broker;
 mod failover;
 mod footprint;
@@ -60,6 +61,9 @@ enum Command {
     /// (child) A strategy measurer.
     #[command(hide = true, subcommand)]
     Pick(pick::Child),
+    /// (child) A fleet instance or client.
+    #[command(hide = true, subcommand)]
+    Balance(balance::Child),
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,7 +79,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
     /// Only these scenarios (rpc, rpc-server, rpc-client, registry, broker,
-    /// failover, footprint, pick).
+    /// failover, footprint, pick, balance).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -123,6 +127,7 @@ async fn dispatch(command: Command) -> harness::Result<()> {
         Command::Broker(child) => broker::child(child).await,
         Command::Failover(child) => failover::child(child).await,
         Command::Pick(child) => pick::child(child).await,
+        Command::Balance(child) => balance::child(child).await,
     }
 }
 
@@ -145,6 +150,7 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         "failover",
         "footprint",
         "pick",
+        "balance",
     ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
@@ -184,6 +190,9 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     }
     if wanted("pick") {
         report.cases.extend(pick::run(&settings).await?);
+    }
+    if wanted("balance") {
+        report.cases.extend(balance::run(&settings).await?);
     }
     let markdown = report.to_markdown();
     println!("{markdown}");

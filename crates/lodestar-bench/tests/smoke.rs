@@ -34,6 +34,7 @@ fn smoke_run_reports_every_scenario() {
         "failover",
         "footprint",
         "pick",
+        "balance",
     ] {
         assert!(
             cases.iter().any(|c| c["scenario"] == scenario),
