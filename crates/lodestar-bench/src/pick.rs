@@ -140,10 +140,17 @@ pub(crate) async fn child(child: Child) -> Result<()> {
                 prepare: Duration::from_millis(prepare_ms),
                 min_prepares: min_prepares.max(1),
             };
+            // Before any client exists: a dropped client's endpoints freed
+            // by a runtime thread meanwhile would count against these.
+            let mut sets = Vec::new();
+            for &n in &sizes {
+                sets.push(endpoints(n).map_err(|e| format!("n = {n}: {e}"))?);
+            }
             let mut samples = Vec::new();
             for kind in KINDS {
-                for &n in &sizes {
-                    let sample = measure(kind, n, &budget)
+                for set in &sets {
+                    let n = set.endpoints.len();
+                    let sample = measure(kind, set, &budget)
                         .await
                         .map_err(|e| format!("{}, n = {n}: {e}", kind.name))?;
                     samples.push(sample.to_json());
@@ -169,21 +176,34 @@ fn instance(i: usize) -> lodestar::Instance {
         .with_weight((i % 10) as u32 + 1)
 }
 
-async fn measure(kind: &Kind, n: usize, budget: &Budget) -> Result<Sample> {
-    // Memory: n endpoints built from nothing, into room made beforehand.
+/// `n` endpoints, and the heap bytes each took.
+struct Set {
+    endpoints: Arc<[Arc<Endpoint>]>,
+    bytes_each: f64,
+}
+
+/// `n` endpoints built from nothing, into room made beforehand, counting
+/// the heap they keep.
+fn endpoints(n: usize) -> Result<Set> {
     let mut endpoints: Vec<Arc<Endpoint>> = Vec::with_capacity(n);
-    let (built, endpoint_bytes) = crate::alloc::kept_by(|| -> Result<()> {
+    let (built, bytes) = crate::alloc::kept_by(|| -> Result<()> {
         for i in 0..n {
             endpoints.push(Arc::new(Endpoint::new(instance(i))?));
         }
         Ok(())
     });
     built?;
-    if endpoint_bytes <= 0 {
-        return Err(format!("{n} endpoints took {endpoint_bytes} bytes: not counted").into());
+    if bytes <= 0 {
+        return Err(format!("{n} endpoints took {bytes} bytes: not counted").into());
     }
-    let endpoints: Arc<[Arc<Endpoint>]> = endpoints.into();
+    Ok(Set {
+        endpoints: endpoints.into(),
+        bytes_each: bytes as f64 / n.max(1) as f64,
+    })
+}
 
+async fn measure(kind: &Kind, set: &Set, budget: &Budget) -> Result<Sample> {
+    let (endpoints, n) = (&set.endpoints, set.endpoints.len());
     // Prepare: the median of repeated builds.
     let selector = (kind.make)()?;
     let mut times = Vec::new();
@@ -205,7 +225,7 @@ async fn measure(kind: &Kind, n: usize, budget: &Budget) -> Result<Sample> {
     drop(prepared);
 
     let pick_ns = time_picks(kind, n, budget.pick).await?;
-    let endpoint_bytes = endpoint_bytes as f64 / n as f64;
+    let endpoint_bytes = set.bytes_each;
     let mut sample = Sample::default();
     sample
         .set(PICK, pick_ns)
