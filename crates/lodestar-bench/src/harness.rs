@@ -899,69 +899,108 @@ impl Report {
 
     /// The report as Markdown tables, one per scenario: for each case and
     /// metric, each variant's median with its min–max, and lodestar's
-    /// advantage over each peer.
+    /// advantage over each peer. A scenario without peers (every case has
+    /// one variant) gets one row per case and a column per metric instead.
     pub(crate) fn to_markdown(&self) -> String {
         let mut out = String::new();
-        let mut scenario = "";
-        for case in &self.cases {
-            if case.scenario != scenario {
-                scenario = case.scenario;
-                let peers = self
-                    .cases
-                    .iter()
-                    .filter(|c| c.scenario == scenario)
-                    .map(|c| c.variants.len())
-                    .max()
-                    .unwrap_or(1);
-                let _ = write!(out, "\n### {scenario}\n\n| case | metric | lodestar |");
-                for _ in 1..peers {
-                    let _ = write!(out, " peer | lodestar advantage |");
-                }
-                out.push('\n');
-                out.push_str("|---|---|---:|");
-                for _ in 1..peers {
-                    out.push_str("---:|---:|");
-                }
-                out.push('\n');
+        let mut start = 0;
+        while let Some(first) = self.cases.get(start) {
+            let end = self.cases[start..]
+                .iter()
+                .position(|c| c.scenario != first.scenario)
+                .map_or(self.cases.len(), |len| start + len);
+            let cases = &self.cases[start..end];
+            let _ = write!(out, "\n### {}\n\n", first.scenario);
+            if cases.iter().all(|c| c.variants.len() == 1) {
+                wide_table(&mut out, cases);
+            } else {
+                long_table(&mut out, cases);
             }
-            for metric in case.metrics() {
-                let _ = write!(out, "| {} | {} ({}) |", case.name, metric.name, metric.unit);
-                for (i, variant) in case.variants.iter().enumerate() {
-                    let cell = match case.spread(variant, &metric) {
-                        Some(s) if variant.samples.len() > 1 => format!(
-                            "{} {} [{}–{}]",
-                            if i == 0 {
-                                String::new()
-                            } else {
-                                format!("{}:", variant.name)
-                            },
-                            fmt_num(s.median),
-                            fmt_num(s.min),
-                            fmt_num(s.max)
-                        ),
-                        Some(s) => format!(
-                            "{} {}",
-                            if i == 0 {
-                                String::new()
-                            } else {
-                                format!("{}:", variant.name)
-                            },
-                            fmt_num(s.median)
-                        ),
-                        None => "–".to_owned(),
-                    };
-                    let _ = write!(out, " {} |", cell.trim());
-                    if i > 0 {
-                        let ratio = case
-                            .advantage(variant, &metric)
-                            .map_or_else(|| "–".to_owned(), fmt_ratio);
-                        let _ = write!(out, " {ratio} |");
-                    }
-                }
-                out.push('\n');
-            }
+            start = end;
         }
         out
+    }
+}
+
+/// A cell: the median, with the min–max when there are several samples.
+fn cell(spread: Option<Spread>, samples: usize) -> String {
+    match spread {
+        Some(s) if samples > 1 => format!(
+            "{} [{}–{}]",
+            fmt_num(s.median),
+            fmt_num(s.min),
+            fmt_num(s.max)
+        ),
+        Some(s) => fmt_num(s.median),
+        None => "–".to_owned(),
+    }
+}
+
+/// One row per case and metric; a column per variant, and lodestar's
+/// advantage over each peer.
+fn long_table(out: &mut String, cases: &[Case]) {
+    let peers = cases.iter().map(|c| c.variants.len()).max().unwrap_or(1);
+    out.push_str("| case | metric | lodestar |");
+    for _ in 1..peers {
+        out.push_str(" peer | lodestar advantage |");
+    }
+    out.push('\n');
+    out.push_str("|---|---|---:|");
+    for _ in 1..peers {
+        out.push_str("---:|---:|");
+    }
+    out.push('\n');
+    for case in cases {
+        for metric in case.metrics() {
+            let _ = write!(out, "| {} | {} ({}) |", case.name, metric.name, metric.unit);
+            for (i, variant) in case.variants.iter().enumerate() {
+                let value = cell(case.spread(variant, &metric), variant.samples.len());
+                if i == 0 || value == "–" {
+                    let _ = write!(out, " {value} |");
+                } else {
+                    let _ = write!(out, " {}: {value} |", variant.name);
+                }
+                if i > 0 {
+                    let ratio = case
+                        .advantage(variant, &metric)
+                        .map_or_else(|| "–".to_owned(), fmt_ratio);
+                    let _ = write!(out, " {ratio} |");
+                }
+            }
+            out.push('\n');
+        }
+    }
+}
+
+/// One row per case (of one variant each), a column per metric.
+fn wide_table(out: &mut String, cases: &[Case]) {
+    let mut metrics: Vec<Metric> = Vec::new();
+    for case in cases {
+        for metric in case.metrics() {
+            if !metrics.iter().any(|m| m.name == metric.name) {
+                metrics.push(metric);
+            }
+        }
+    }
+    out.push_str("| case |");
+    for metric in &metrics {
+        let _ = write!(out, " {} ({}) |", metric.name, metric.unit);
+    }
+    out.push_str("\n|---|");
+    for _ in &metrics {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for case in cases {
+        let _ = write!(out, "| {} |", case.name);
+        for metric in &metrics {
+            let value = match case.variants.first() {
+                Some(variant) => cell(case.spread(variant, metric), variant.samples.len()),
+                None => "–".to_owned(),
+            };
+            let _ = write!(out, " {value} |");
+        }
+        out.push('\n');
     }
 }
 
@@ -1138,6 +1177,31 @@ mod tests {
             table.contains(
                 "| case | throughput (ops/s) | 200 [200–200] | peer: 100 [100–100] | 2.00× |"
             ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_scenario_without_peers_gets_a_row_per_case() {
+        let mut report = Report::default();
+        let mut one = case(P99, &[3.0, 1.0, 2.0], &[]);
+        one.variants.truncate(1);
+        one.scenario = "alone";
+        let mut two = one.clone();
+        two.name = "other case".to_owned();
+        two.variants[0].samples[0].set(THROUGHPUT, 5.0);
+        report.cases.extend([one, two]);
+        let table = report.to_markdown();
+        assert!(
+            table.contains("| case | p99 (µs) | throughput (ops/s) |\n|---|---:|---:|\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| case | 2.00 [1.00–3.00] | – |\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| other case | 2.00 [1.00–3.00] | 5.00 [5.00–5.00] |\n"),
             "{table}"
         );
     }

@@ -10,11 +10,14 @@
 //!
 //! The other subcommands are the child processes `run` starts.
 
+mod alloc;
+mod balance;
 mod broker;
 mod failover;
 mod footprint;
 mod h2load;
 mod harness;
+mod pick;
 mod registry;
 mod rpc;
 mod rpc_sides;
@@ -25,6 +28,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use harness::{Report, Settings};
+
+/// The system allocator, counting for the `pick` scenario's memory per
+/// endpoint while it measures (see [`alloc`]).
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
 
 /// lodestar's benchmarks.
 #[derive(Parser, Debug)]
@@ -50,6 +58,12 @@ enum Command {
     /// (child) A failover instance or client.
     #[command(hide = true, subcommand)]
     Failover(failover::Child),
+    /// (child) A strategy measurer.
+    #[command(hide = true, subcommand)]
+    Pick(pick::Child),
+    /// (child) A fleet instance or client.
+    #[command(hide = true, subcommand)]
+    Balance(balance::Child),
 }
 
 #[derive(clap::Args, Debug)]
@@ -65,7 +79,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
     /// Only these scenarios (rpc, rpc-server, rpc-client, registry, broker,
-    /// failover, footprint).
+    /// failover, footprint, pick, balance).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -112,6 +126,8 @@ async fn dispatch(command: Command) -> harness::Result<()> {
         Command::Registry(child) => registry::child(child).await,
         Command::Broker(child) => broker::child(child).await,
         Command::Failover(child) => failover::child(child).await,
+        Command::Pick(child) => pick::child(child).await,
+        Command::Balance(child) => balance::child(child).await,
     }
 }
 
@@ -133,6 +149,8 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         "broker",
         "failover",
         "footprint",
+        "pick",
+        "balance",
     ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
@@ -169,6 +187,12 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     }
     if wanted("footprint") {
         report.cases.extend(footprint::run(&settings).await?);
+    }
+    if wanted("pick") {
+        report.cases.extend(pick::run(&settings).await?);
+    }
+    if wanted("balance") {
+        report.cases.extend(balance::run(&settings).await?);
     }
     let markdown = report.to_markdown();
     println!("{markdown}");

@@ -33,6 +33,8 @@ fn smoke_run_reports_every_scenario() {
         "broker",
         "failover",
         "footprint",
+        "pick",
+        "balance",
     ] {
         assert!(
             cases.iter().any(|c| c["scenario"] == scenario),

@@ -42,7 +42,9 @@ async fn three(world: &World) -> Vec<lodestar::RunningService> {
 async fn every_call_kind_is_spread_over_three_instances() {
     let world = World::new();
     let _running = three(&world).await;
-    let client = world.client();
+    let client = Client::builder(world.registry.clone())
+        .strategy(Strategy::RoundRobin)
+        .build();
     let mut echo = EchoClient::by_name(&client, "echo");
 
     let mut served = Vec::new();
@@ -662,6 +664,20 @@ async fn callers_queued_behind_a_hanging_connect_share_its_failure() {
     assert!(took < Duration::from_millis(1800), "took {took:?}");
 }
 
+/// Always the first endpoint a call may use (ordered by instance id).
+#[derive(Debug, Clone)]
+struct First;
+
+impl lodestar::client::selector::Selector for First {
+    fn select(
+        &self,
+        _endpoints: &[std::sync::Arc<lodestar::client::selector::Endpoint>],
+        _call: &lodestar::client::selector::CallInfo<'_>,
+    ) -> Option<usize> {
+        Some(0)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_carries_the_time_that_is_left() {
     let world = World::new();
@@ -677,6 +693,7 @@ async fn a_retry_carries_the_time_that_is_left() {
         .unwrap();
     let client = Client::builder(world.registry.clone())
         .connect_timeout(Duration::from_millis(1000))
+        .selector(First)
         .build();
     let mut echo = EchoClient::by_name(&client, "echo");
     let mut request = Request::new(());
@@ -909,3 +926,5 @@ async fn a_client_does_not_send_a_malformed_grpc_timeout() {
 mod client_stack;
 #[path = "calls/server_stack.rs"]
 mod server_stack;
+#[path = "calls/traffic.rs"]
+mod traffic;

@@ -159,6 +159,11 @@ impl fmt::Debug for Channel {
 }
 
 impl Channel {
+    /// The balance layer of this channel's service.
+    pub(crate) fn balance(&self) -> &Arc<Balance> {
+        &self.balance
+    }
+
     /// The channel over `balance`, through the user's `layers`.
     pub(crate) fn new(balance: Arc<Balance>, layers: &[super::UserLayer]) -> Self {
         let core = Arc::new(stack::core(balance.clone()));
@@ -207,7 +212,7 @@ impl Channel {
     /// The endpoints this channel currently balances over, with what the
     /// stack has recorded about each.
     pub fn endpoints(&self) -> Vec<Arc<super::selector::Endpoint>> {
-        self.balance.endpoints().as_ref().clone()
+        self.balance.endpoints().to_vec()
     }
 }
 

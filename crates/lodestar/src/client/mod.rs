@@ -24,13 +24,16 @@
 //!    instance fails before answering. Otherwise the caller gets
 //!    `UNAVAILABLE`.
 //! 5. **Balance**: the instances come from a local cache kept fresh by a
-//!    watch of the registry (the registry is never asked on this path), and
-//!    the [`Selector`] picks one, round robin by
-//!    default. An instance that refuses connections is *ejected*: skipped
-//!    for a while (1 s, doubling on each further failure up to 30 s by
-//!    default) unless no other instance is left. Every attempt is counted
-//!    on its endpoint ([`EndpointStats`](selector::EndpointStats)) and
-//!    reported to [observers](observe).
+//!    watch of the registry (the registry is never asked on this path);
+//!    the service's [`Policy`] routes the call to a group of them (routes,
+//!    splits, the caller's zone), and the [`Selector`] of its strategy
+//!    picks one, P2C peak-EWMA by default (see [`strategy`]). An instance
+//!    that refuses connections is *ejected*: skipped for a while (1 s,
+//!    doubling on each further failure up to 30 s by default); so is one
+//!    that keeps failing ([`outlier`] detection); unless too few are left
+//!    (the panic threshold). Every attempt is counted on its endpoint
+//!    ([`EndpointStats`](selector::EndpointStats)) and reported to
+//!    [observers](observe).
 //! 6. **Endpoint**: one lazily opened HTTP/2 connection per instance.
 //!
 //! The trace context of the call being served
@@ -41,11 +44,15 @@ mod channel;
 mod connection;
 pub mod observe;
 
+pub mod outlier;
+pub mod policy;
+pub(crate) mod route;
 pub mod selector;
 mod stack;
+pub mod strategy;
 mod stream;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,17 +73,7 @@ use stack::Balance;
 /// The most instances one call is ever sent to.
 const MAX_ATTEMPTS: usize = 8;
 
-/// How a [`Channel`] picks an instance for each call: a shorthand for the
-/// built-in [selectors](selector).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Strategy {
-    /// Each instance in turn (the default): [`selector::RoundRobin`].
-    #[default]
-    RoundRobin,
-    /// An instance chosen uniformly at random: [`selector::Random`].
-    Random,
-}
+pub use policy::{Policy, PolicyError, Strategy};
 
 /// What a call needs to know about its method, carried in the request's
 /// extensions so that it reaches the channel through any layers. Clients
@@ -150,6 +147,15 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The call's route (see [`Policy`]) leaves it no instance, and says
+    /// to fail rather than fall back.
+    #[error("no instance of service `{service}` may take this call: {reason}")]
+    NoRoute {
+        /// The service, as `namespace/group/name`.
+        service: ServiceKey,
+        /// Which route, and the labels no instance has.
+        reason: String,
+    },
     /// Every instance tried failed before the request reached it.
     #[error("no instance of service `{service}` could be reached (last tried {address}): {reason}")]
     Unreachable {
@@ -205,7 +211,12 @@ pub(crate) type UserLayer = Arc<dyn Fn(BoxChannel) -> BoxChannel + Send + Sync>;
 pub(crate) struct ClientConfig {
     pub(crate) namespace: String,
     pub(crate) group: String,
-    pub(crate) selector: SelectorFactory,
+    /// A selector of the user's, used instead of the policy's strategy.
+    pub(crate) selector: Option<SelectorFactory>,
+    /// The policy of every service without one of its own.
+    pub(crate) policy: Arc<Policy>,
+    /// The caller's own labels and zone, for routing.
+    pub(crate) caller: Arc<route::Caller>,
     pub(crate) observers: Arc<[Arc<dyn ObserverDebug>]>,
     pub(crate) layers: Vec<UserLayer>,
     pub(crate) timeout: Option<Duration>,
@@ -241,7 +252,16 @@ impl Default for ClientConfig {
         Self {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             group: DEFAULT_GROUP.to_owned(),
-            selector: selector_factory(selector::RoundRobin::default()),
+            // Default: the policy's strategy.
+            selector: None,
+            // Default: P2C peak-EWMA, no routes, zone affinity when the
+            // zone is known, outlier detection on (see `Policy`).
+            policy: Arc::new(Policy::default()),
+            // Default: no labels; the zone from `LODESTAR_ZONE`, if set.
+            caller: Arc::new(route::Caller {
+                labels: BTreeMap::new(),
+                zone: std::env::var(ZONE_ENV).ok().filter(|z| !z.is_empty()),
+            }),
             observers: Arc::new([]),
             layers: Vec::new(),
             timeout: None,
@@ -296,7 +316,7 @@ impl Client {
             .or_insert_with(|| {
                 let config = &self.inner.config;
                 let balance = Balance::new(key, self.inner.registry.clone(), config.clone());
-                Channel::new(Arc::new(balance), &config.layers)
+                Channel::new(balance, &config.layers)
             })
             .clone()
     }
@@ -310,7 +330,26 @@ impl Client {
     pub fn registry(&self) -> &Arc<dyn Registry> {
         &self.inner.registry
     }
+
+    /// Replaces the policy of `service` (in the client's namespace and
+    /// group) on the running client: the next call follows it, over the
+    /// same connections. A policy that is not valid is refused, and the
+    /// one in force stays.
+    pub fn set_policy(&self, service: &str, policy: Policy) -> Result<(), PolicyError> {
+        policy.validate()?;
+        self.channel(service).balance().set_policy(Arc::new(policy));
+        Ok(())
+    }
+
+    /// The policy in force for `service`.
+    pub fn policy(&self, service: &str) -> Policy {
+        self.channel(service).balance().policy().as_ref().clone()
+    }
 }
+
+/// The environment variable a client reads its zone from, unless
+/// [`ClientBuilder::zone`] sets one.
+pub const ZONE_ENV: &str = "LODESTAR_ZONE";
 
 /// Configures a [`Client`]. Every setting has a documented default.
 #[derive(Debug)]
@@ -332,19 +371,60 @@ impl ClientBuilder {
         self
     }
 
-    /// How instances are picked, by name. Default: [`Strategy::RoundRobin`].
-    /// The same as [`selector`](Self::selector) with the built-in selector.
-    pub fn strategy(self, strategy: Strategy) -> Self {
-        match strategy {
-            Strategy::RoundRobin => self.selector(selector::RoundRobin::default()),
-            Strategy::Random => self.selector(selector::Random),
-        }
+    /// How instances are picked (the policy's strategy, for every service
+    /// without a policy of its own). Default: P2C peak-EWMA (see
+    /// [`strategy`] for why).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        Arc::make_mut(&mut self.config.policy).strategy = strategy;
+        self.config.selector = None;
+        self
     }
 
     /// How instances are picked: each channel (one per service) gets its
-    /// own clone of `selector`. Default: [`selector::RoundRobin`].
+    /// own clone of `selector`, used instead of any policy's strategy.
+    /// Default: none (the policy's strategy).
     pub fn selector<S: Selector + Clone>(mut self, selector: S) -> Self {
-        self.config.selector = selector_factory(selector);
+        self.config.selector = Some(selector_factory(selector));
+        self
+    }
+
+    /// The policy of every service this client calls (until
+    /// [`Client::set_policy`] gives one its own), refused if it is not
+    /// valid. It replaces the whole policy, strategy included: call
+    /// [`strategy`](Self::strategy) after it, or set `policy.strategy`.
+    /// Default: [`Policy::default`].
+    ///
+    /// ```
+    /// use lodestar::client::{Policy, Strategy};
+    ///
+    /// let mut policy = Policy::from_toml("[outlier]\nconsecutive_failures = 3")?;
+    /// policy.strategy = Strategy::RoundRobin;
+    /// let client = lodestar::Client::builder(lodestar::MemoryRegistry::new())
+    ///     .policy(policy)?
+    ///     .zone("eu-west-1a")
+    ///     .build();
+    /// assert_eq!(client.policy("orders").strategy, Strategy::RoundRobin);
+    /// # Ok::<(), lodestar::client::PolicyError>(())
+    /// ```
+    pub fn policy(mut self, policy: Policy) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        self.config.policy = Arc::new(policy);
+        Ok(self)
+    }
+
+    /// The caller's own labels, which routes can match
+    /// ([`Match::caller`](policy::Match::caller)). Default: none.
+    pub fn labels(mut self, labels: BTreeMap<String, String>) -> Self {
+        Arc::make_mut(&mut self.config.caller).labels = labels;
+        self
+    }
+
+    /// The caller's zone, to prefer instances in the same one
+    /// ([`ZoneAffinity`](policy::ZoneAffinity)). Default: the
+    /// `LODESTAR_ZONE` environment variable, if set.
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        let zone = zone.into();
+        Arc::make_mut(&mut self.config.caller).zone = (!zone.is_empty()).then_some(zone);
         self
     }
 

@@ -28,7 +28,7 @@
 //! ```
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,7 +39,9 @@ use lodestar_core::ServiceKey;
 use tokio::time::Instant;
 use tonic::Code;
 
+use super::outlier::{FailureCodes, OutlierSettings};
 use super::selector::{Endpoint, Selector};
+use super::stack::balance::Balance;
 use super::stream::Received;
 use crate::Deadline;
 
@@ -78,11 +80,30 @@ pub struct Attempt<'a> {
     pub outcome: &'a Outcome,
     /// When it was handed to the endpoint; see [`latency`](Self::latency).
     pub started: Instant,
+    /// From [`started`](Self::started) to the response's headers, if they
+    /// came (read from the clock once, when they did).
+    pub answered: Option<Duration>,
     /// Whether the request may have reached the server. An attempt that
     /// was not sent (no connection could be had, or the connection was
     /// found closed first) can always be sent elsewhere.
     pub sent: bool,
+    /// Whether the caller ended the attempt, not the endpoint: the call was
+    /// dropped (the outcome is then `CANCELLED`), or its own deadline passed
+    /// (`DEADLINE_EXCEEDED`, whether this client or the server noticed it
+    /// first: a server's `DEADLINE_EXCEEDED` counts as the caller's when less
+    /// than [`CALLER_DEADLINE_SLACK`] of the call's deadline was left). Such
+    /// an outcome says nothing about the endpoint's health.
+    pub by_caller: bool,
 }
+
+/// How close to the call's own deadline a server's `DEADLINE_EXCEEDED` may
+/// come and still be taken as that deadline passing (see
+/// [`Attempt::by_caller`]): 1 ms. The server counts the `grpc-timeout` it
+/// was sent from when the request arrived, and the header rounds the time
+/// left down to its unit (a microsecond below 100 s, a millisecond below 27
+/// hours), so it may end the call a little before the caller's own clock
+/// says the deadline is over.
+pub const CALLER_DEADLINE_SLACK: Duration = Duration::from_millis(1);
 
 impl Attempt<'_> {
     /// From the moment the attempt was handed to the endpoint until now,
@@ -124,8 +145,19 @@ impl Outcome {
 #[derive(Debug)]
 pub(crate) struct Watchers {
     pub(crate) service: ServiceKey,
-    pub(crate) selector: Box<dyn Selector>,
+    pub(crate) selector: Arc<dyn Selector>,
     pub(crate) observers: Arc<[Arc<dyn ObserverDebug>]>,
+    /// Outlier detection, when the policy turns it on.
+    pub(crate) outlier: Option<OutlierWatch>,
+}
+
+/// What outlier detection needs of each attempt's report: how to count it,
+/// and whom to ask for an ejection.
+#[derive(Debug)]
+pub(crate) struct OutlierWatch {
+    pub(crate) settings: OutlierSettings,
+    pub(crate) codes: FailureCodes,
+    pub(crate) balance: Weak<Balance>,
 }
 
 /// An [`Observer`] the client can print (as its type name).
@@ -147,6 +179,8 @@ pub(crate) struct AttemptGuard {
     method: PathAndQuery,
     number: u32,
     started: Instant,
+    /// Time to the response's headers, once they came.
+    answered: Option<Duration>,
     deadline: Option<Deadline>,
     sent: bool,
     reported: bool,
@@ -167,6 +201,7 @@ impl AttemptGuard {
             method,
             number,
             started: Instant::now(),
+            answered: None,
             deadline,
             sent: false,
             reported: false,
@@ -178,20 +213,30 @@ impl AttemptGuard {
         self.sent = true;
     }
 
-    /// The response's headers arrived.
-    pub(crate) fn answered(&self) {
-        self.endpoint.stats.record_latency(self.started.elapsed());
+    /// The response's headers arrived: the latency sample of this
+    /// attempt, kept for its report (selectors such as peak-EWMA read it
+    /// there, with no clock read of their own).
+    pub(crate) fn answered(&mut self) {
+        let rtt = self.started.elapsed();
+        self.answered = Some(rtt);
+        self.endpoint.stats.record_latency(rtt);
     }
 
     /// The attempt ended with `outcome`.
     pub(crate) fn finish(mut self, outcome: Outcome) {
-        self.report(outcome);
+        self.report(outcome, false);
     }
 
-    fn report(&mut self, outcome: Outcome) {
+    /// Reports `outcome`; `dropped` when the caller dropped the attempt.
+    fn report(&mut self, outcome: Outcome, dropped: bool) {
         if std::mem::replace(&mut self.reported, true) {
             return;
         }
+        let by_caller = dropped
+            || (outcome == Outcome::Status(Code::DeadlineExceeded)
+                && self
+                    .deadline
+                    .is_some_and(|d| d.remaining() < CALLER_DEADLINE_SLACK));
         self.endpoint.stats.record_outcome(outcome.is_failure());
         let attempt = Attempt {
             service: &self.watchers.service,
@@ -200,11 +245,24 @@ impl AttemptGuard {
             number: self.number,
             outcome: &outcome,
             started: self.started,
+            answered: self.answered,
             sent: self.sent,
+            by_caller,
         };
         self.watchers.selector.report(&attempt);
         for observer in self.watchers.observers.iter() {
             observer.attempt(&attempt);
+        }
+        if let Some(outlier) = &self.watchers.outlier
+            && let Some(failure) = outlier.codes.classify(&outcome, by_caller)
+            && self
+                .endpoint
+                .stats
+                .outlier
+                .record(failure, &outlier.settings)
+            && let Some(balance) = outlier.balance.upgrade()
+        {
+            balance.consecutive_failures(&self.endpoint);
         }
     }
 }
@@ -217,7 +275,7 @@ impl Drop for AttemptGuard {
                 Some(deadline) if deadline.is_expired() => Code::DeadlineExceeded,
                 _ => Code::Cancelled,
             };
-            self.report(Outcome::Status(code));
+            self.report(Outcome::Status(code), true);
         }
         self.endpoint.stats.finished();
     }
@@ -276,5 +334,86 @@ impl Body for Observed {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use lodestar_core::Instance;
+    use lodestar_core::sync::MutexExt;
+
+    use super::*;
+    use crate::client::selector::RoundRobin;
+
+    /// What an observer saw: (outcome, by_caller) per attempt.
+    type Seen = Arc<Mutex<Vec<(Outcome, bool)>>>;
+
+    /// A guard whose reports land in the returned list.
+    fn guard(deadline: Option<Deadline>) -> (AttemptGuard, Seen) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let observer = move |a: &Attempt<'_>| {
+            sink.lock_unpoisoned()
+                .push((a.outcome.clone(), a.by_caller))
+        };
+        let watchers = Arc::new(Watchers {
+            service: ServiceKey::new("svc"),
+            selector: Arc::new(RoundRobin::default()),
+            observers: Arc::from([Arc::new(observer) as Arc<dyn ObserverDebug>]),
+            outlier: None,
+        });
+        let endpoint =
+            crate::client::selector::tests::endpoint(Instance::new("svc", "127.0.0.1:1"));
+        let method = PathAndQuery::from_static("/svc/M");
+        (
+            AttemptGuard::start(watchers, endpoint, method, 1, deadline),
+            seen,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_attempt_is_the_callers() {
+        let (attempt, seen) = guard(None);
+        drop(attempt);
+        let (expired, seen_expired) = guard(Some(Deadline::after(Duration::from_secs(1))));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(expired);
+        assert_eq!(
+            *seen.lock_unpoisoned(),
+            [(Outcome::Status(Code::Cancelled), true)]
+        );
+        assert_eq!(
+            *seen_expired.lock_unpoisoned(),
+            [(Outcome::Status(Code::DeadlineExceeded), true)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_servers_deadline_exceeded_is_the_callers_only_at_the_callers_deadline() {
+        let deadline = Deadline::after(Duration::from_secs(1));
+        let exceeded = Outcome::Status(Code::DeadlineExceeded);
+        // The server gave up with most of the call's time left: its doing.
+        let (early, seen_early) = guard(Some(deadline));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        early.finish(exceeded.clone());
+        // At the deadline, less the header's rounding: the caller's.
+        let (late, seen_late) = guard(Some(deadline));
+        tokio::time::advance(Duration::from_micros(799_999)).await;
+        late.finish(exceeded.clone());
+        // Without a deadline of its own, the caller cannot have caused it.
+        let (none, seen_none) = guard(None);
+        none.finish(exceeded.clone());
+        // Any other code that ends an attempt is the server's.
+        let (cancelled, seen_cancelled) = guard(Some(deadline));
+        cancelled.finish(Outcome::Status(Code::Cancelled));
+        assert_eq!(*seen_early.lock_unpoisoned(), [(exceeded.clone(), false)]);
+        assert_eq!(*seen_late.lock_unpoisoned(), [(exceeded.clone(), true)]);
+        assert_eq!(*seen_none.lock_unpoisoned(), [(exceeded, false)]);
+        assert_eq!(
+            *seen_cancelled.lock_unpoisoned(),
+            [(Outcome::Status(Code::Cancelled), false)]
+        );
     }
 }

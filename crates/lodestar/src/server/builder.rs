@@ -25,7 +25,8 @@ impl Service {
     /// Starts describing a service that will register under `name`.
     pub fn builder(name: impl Into<String>) -> ServiceBuilder {
         ServiceBuilder {
-            // Version empty; namespace and group `default`; weight 100; no labels.
+            // Version empty; namespace and group `default`; weight 100; no
+            // labels; no zone.
             instance: Instance::new(name, ""),
             // Default: `{name}-{random hex}`, chosen at start.
             id: None,
@@ -159,6 +160,14 @@ impl ServiceBuilder {
     /// Weight for weighted balancing. Default: 100.
     pub fn weight(mut self, weight: u32) -> Self {
         self.instance.weight = weight;
+        self
+    }
+
+    /// The zone (failure domain: a rack, an availability zone) the instance
+    /// runs in, for callers that prefer their own zone. Default: none
+    /// (empty).
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.instance.zone = zone.into();
         self
     }
 

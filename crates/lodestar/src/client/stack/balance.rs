@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use futures_util::future::Either;
@@ -22,34 +22,55 @@ use crate::body::RequestBody;
 
 use super::resolver;
 use crate::client::connection::Connection;
-use crate::client::observe::{AttemptGuard, Observed, Watchers};
-use crate::client::selector::{CallInfo, Endpoint, EndpointStats, nanos_since_epoch};
+use crate::client::observe::{AttemptGuard, Observed, OutlierWatch, Watchers};
+use crate::client::outlier::{Detector, Reason};
+use crate::client::policy::Policy;
+use crate::client::route::Routing;
+use crate::client::selector::{
+    CallInfo, Endpoint, EndpointStats, Selector, instant_at, nanos_since_epoch,
+};
 use crate::client::{ClientConfig, Error};
 use crate::deadline::Deadline;
 
 /// Everything a [`Channel`](crate::client::Channel) shares: the endpoint
 /// set, the selector, and the resolver that keeps the set fresh.
 ///
-/// Selection reads the endpoint set without locking, and filters it (which
-/// allocates) only when the call has tried an endpoint already or some
-/// endpoint is ejected. An endpoint whose connection is refused is ejected:
-/// skipped for a while (1 s, doubling on each further failure up to 30 s
-/// by default) unless no other is left.
+/// Selection reads a [`Selection`] built in advance, without locking; it
+/// filters (and allocates) only for a call that has tried an endpoint
+/// already. An endpoint is left out of selection (ejected) for a while when
+/// its connection is refused (1 s, doubling on each further failure up to
+/// 30 s by default) or when outlier detection ejects it; when fewer than
+/// the panic threshold are left, every endpoint is used.
 #[derive(Debug)]
 pub(crate) struct Balance {
     pub(crate) key: ServiceKey,
     pub(crate) config: Arc<ClientConfig>,
     registry: Arc<dyn Registry>,
-    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// What selection reads, replaced whole when anything it depends on
+    /// changes (see [`Selection`]).
+    selection: ArcSwap<Selection>,
+    /// Held while a new selection is built, so that two changes at once
+    /// (a registry update and an ejection) cannot lose one another.
+    rebuilding: Mutex<()>,
+    /// Wakes the resolver task to look again at its timers: an ejection
+    /// began, or the policy changed.
+    ejected: Arc<Notify>,
+    /// Decides outlier ejections and returns.
+    detector: Detector,
+    /// Whether an ejection began since the selection was built: the
+    /// resolver task builds it again.
+    stale: AtomicBool,
+    /// When outlier detection next sweeps; `None`: at the next timer (the
+    /// policy changed, or no sweep has run yet).
+    next_sweep: Mutex<Option<Instant>>,
+    /// This balance layer, for the reports of its attempts.
+    this: Weak<Balance>,
     synced: AtomicBool,
     synced_notify: Notify,
-    watchers: Arc<Watchers>,
-    /// The latest end of an ejection (nanoseconds, as [`EndpointStats`]
-    /// keeps them), 0 if none was ever made: while it is 0 or past, no
-    /// endpoint is ejected, and selection reads no clock.
-    ejections: AtomicU64,
     /// Whether the last update was below the protection threshold.
     protecting: AtomicBool,
+    /// Whether the last selection was below the panic threshold.
+    panicking: AtomicBool,
     /// Whether a resolver task is running; it clears this when it ends
     /// (for example because the runtime it ran on shut down).
     resolving: Arc<AtomicBool>,
@@ -59,10 +80,29 @@ pub(crate) struct Balance {
     last_error: Mutex<Option<String>>,
 }
 
+/// What selection reads for each call: built when the instances, an
+/// ejection or the policy change, never per call.
+#[derive(Debug)]
+pub(crate) struct Selection {
+    /// Every endpoint that takes traffic, ejected or not, by instance id.
+    endpoints: Arc<[Arc<Endpoint>]>,
+    /// The endpoints a call may use (not ejected, or all of them in a
+    /// panic), grouped by the policy's routes and prepared for the selector.
+    routing: Routing,
+    /// When the first ejection in force ends (see [`nanos_since_epoch`]).
+    ejected_until: Option<u64>,
+    /// The selector, and who else is told about each attempt.
+    watchers: Arc<Watchers>,
+    /// The policy this selection follows.
+    policy: Arc<Policy>,
+}
+
 /// Why an attempt did not produce a response.
 pub(crate) enum Failure {
     /// No endpoint is left for this call.
     NoEndpoint,
+    /// The call's route leaves it no endpoint, and says to fail.
+    NoRoute(crate::client::route::RouteError),
     /// The attempt failed; what is left of the request says what may follow.
     Attempt(Box<AttemptFailure>),
 }
@@ -89,22 +129,51 @@ impl Balance {
         key: ServiceKey,
         registry: Arc<dyn Registry>,
         config: Arc<ClientConfig>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| {
+            let policy = config.policy.clone();
+            let selector = selector_for(&config, &policy);
+            let watchers = watchers(&key, &config, selector, &policy, this);
+            let routing = Routing::build(
+                &policy,
+                &[],
+                &[],
+                &config.caller,
+                watchers.selector.as_ref(),
+            );
+            let selection = Selection {
+                endpoints: Arc::new([]),
+                routing,
+                ejected_until: None,
+                watchers,
+                policy,
+            };
+            Self::with_selection(key, registry, config, selection, this.clone())
+        })
+    }
+
+    fn with_selection(
+        key: ServiceKey,
+        registry: Arc<dyn Registry>,
+        config: Arc<ClientConfig>,
+        selection: Selection,
+        this: Weak<Balance>,
     ) -> Self {
-        let watchers = Arc::new(Watchers {
-            service: key.clone(),
-            selector: (config.selector)(),
-            observers: config.observers.clone(),
-        });
         Self {
+            detector: Detector::new(key.clone()),
             key,
             config,
             registry,
-            endpoints: ArcSwap::from_pointee(Vec::new()),
+            selection: ArcSwap::from_pointee(selection),
+            rebuilding: Mutex::new(()),
+            ejected: Arc::new(Notify::new()),
+            next_sweep: Mutex::new(None),
+            stale: AtomicBool::new(false),
+            this,
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
-            watchers,
-            ejections: AtomicU64::new(0),
             protecting: AtomicBool::new(false),
+            panicking: AtomicBool::new(false),
             resolving: Arc::new(AtomicBool::new(false)),
             resolver: Mutex::new(None),
             last_error: Mutex::new(None),
@@ -169,6 +238,7 @@ impl Balance {
             self.registry.clone(),
             self.key.clone(),
             Arc::downgrade(self),
+            self.ejected.clone(),
             guard,
         ))));
     }
@@ -193,7 +263,8 @@ impl Balance {
             }
         }
         let instances = enabled.into_iter().filter(|i| protect || i.healthy);
-        let old = self.endpoints.load();
+        let _rebuilding = self.rebuilding.lock_unpoisoned();
+        let old = self.selection.load().endpoints.clone();
         let existing: HashMap<(&str, &str), &Arc<Endpoint>> = old
             .iter()
             .map(|e| ((e.instance.id.as_str(), e.instance.address.as_str()), e))
@@ -231,7 +302,7 @@ impl Balance {
             })
             .collect();
         next.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
-        self.endpoints.store(Arc::new(next));
+        self.select_over(next.into(), &mut None);
         if !self.synced.swap(true, Ordering::AcqRel) {
             self.synced_notify.notify_waiters();
         }
@@ -266,71 +337,248 @@ impl Balance {
 
     /// How many endpoints there are now.
     pub(crate) fn endpoint_count(&self) -> usize {
-        self.endpoints.load().len()
+        self.selection.load().endpoints.len()
     }
 
     /// The current endpoints (for inspection, not the call path).
-    pub(crate) fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
-        self.endpoints.load_full()
+    pub(crate) fn endpoints(&self) -> Arc<[Arc<Endpoint>]> {
+        self.selection.load().endpoints.clone()
     }
 
-    /// The endpoint for one attempt: chosen by the selector among those
-    /// not in `tried` and not ejected (or, if every one left is ejected,
-    /// among those: rather try one than fail outright).
-    fn pick(&self, tried: &[Arc<Connection>], call: &CallInfo<'_>) -> Option<Arc<Endpoint>> {
-        let endpoints = self.endpoints.load();
-        if endpoints.is_empty() {
-            return None;
-        }
-        let mut now = None;
-        let ejections = self.ejections.load(Ordering::Relaxed);
-        let some_ejected = ejections != 0 && {
-            let now = *now.get_or_insert_with(Instant::now);
-            let ejected = nanos_since_epoch(now) < ejections;
-            if !ejected {
-                // Every ejection is over: later calls read no clock (unless
-                // another ejection came meanwhile).
-                let _ = self.ejections.compare_exchange(
-                    ejections,
-                    0,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+    /// Builds and publishes the selection over `endpoints`, as they stand
+    /// at `now` (read from the clock if needed). The caller holds
+    /// `rebuilding`.
+    fn select_over(&self, endpoints: Arc<[Arc<Endpoint>]>, now: &mut Option<Instant>) {
+        let current = self.selection.load();
+        self.select_with(
+            endpoints,
+            current.policy.clone(),
+            current.watchers.clone(),
+            now,
+        );
+    }
+
+    /// [`select_over`](Self::select_over), under `policy`, with `watchers`.
+    fn select_with(
+        &self,
+        endpoints: Arc<[Arc<Endpoint>]>,
+        policy: Arc<Policy>,
+        watchers: Arc<Watchers>,
+        now: &mut Option<Instant>,
+    ) {
+        let mut ejected_until = None::<u64>;
+        let mut usable: Vec<Arc<Endpoint>> = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints.iter() {
+            if endpoint.stats.ejected(now) {
+                let until = endpoint.stats.ejected_until();
+                ejected_until = Some(ejected_until.map_or(until, |u| u.min(until)));
+            } else if !endpoint.stats.outlier.is_ejected() {
+                usable.push(endpoint.clone());
             }
-            ejected
+        }
+        // The panic threshold: too few left (or none) would take all the
+        // traffic; rather spread it over every endpoint.
+        let threshold = u64::from(policy.outlier.panic_threshold_percent);
+        let panic = usable.len() < endpoints.len()
+            && (usable.is_empty()
+                || (usable.len() as u64) * 100 < threshold * endpoints.len() as u64);
+        // Said once when it begins and once when it ends (and not at all
+        // for a lone instance: there is no one else to call).
+        if panic != self.panicking.swap(panic, Ordering::Relaxed) && endpoints.len() > 1 {
+            if panic {
+                tracing::warn!(service = %self.key, usable = usable.len(), total = endpoints.len(),
+                    panic_threshold_percent = threshold,
+                    "below the panic threshold: calling every instance, ejected or not");
+            } else {
+                tracing::info!(service = %self.key, usable = usable.len(), total = endpoints.len(),
+                    "back above the panic threshold: ejected instances left out again");
+            }
+        }
+        if panic {
+            usable = endpoints.to_vec();
+        }
+        let routing = Routing::build(
+            &policy,
+            &usable,
+            &endpoints,
+            &self.config.caller,
+            watchers.selector.as_ref(),
+        );
+        self.selection.store(Arc::new(Selection {
+            endpoints,
+            routing,
+            ejected_until,
+            watchers,
+            policy,
+        }));
+    }
+
+    /// The policy in force.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.selection.load().policy.clone()
+    }
+
+    /// Follows `policy` from the next call on (a validated one), over the
+    /// same endpoints and connections; a new strategy gets a new selector.
+    pub(crate) fn set_policy(&self, policy: Arc<Policy>) {
+        let _rebuilding = self.rebuilding.lock_unpoisoned();
+        let current = self.selection.load();
+        let selector =
+            if self.config.selector.is_none() && policy.strategy != current.policy.strategy {
+                selector_for(&self.config, &policy)
+            } else {
+                current.watchers.selector.clone()
+            };
+        let watchers = watchers(&self.key, &self.config, selector, &policy, &self.this);
+        tracing::info!(service = %self.key, "client policy replaced");
+        self.select_with(current.endpoints.clone(), policy, watchers, &mut None);
+        drop(_rebuilding);
+        // Outlier detection sweeps once more under the new settings (which
+        // may end every ejection), then at the new interval. (Never with
+        // `rebuilding` held: `run_timers` takes `next_sweep`, then
+        // `rebuilding`.)
+        *self.next_sweep.lock_unpoisoned() = None;
+        self.ejected.notify_one();
+    }
+
+    /// Asks the resolver task to build the selection again, soon (an
+    /// ejection began): the report of a failed attempt does not pay for
+    /// the rebuild, and a burst of failures costs one rebuild.
+    fn reselect_soon(&self) {
+        self.stale.store(true, Ordering::Release);
+        self.ejected.notify_one();
+    }
+
+    /// Builds the selection again over the same endpoints (an ejection
+    /// began or ended).
+    fn reselect(&self) {
+        let _rebuilding = self.rebuilding.lock_unpoisoned();
+        let endpoints = self.selection.load().endpoints.clone();
+        self.select_over(endpoints, &mut None);
+    }
+
+    /// Runs the timers of ejection: sweeps outlier detection when its
+    /// interval is up, and ends the connection ejections that are over.
+    /// Returns when to run them next, if ever (the resolver task sleeps
+    /// until then, or until woken by a new ejection or policy).
+    pub(crate) fn run_timers(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let selection = self.selection.load_full();
+        let settings = &selection.policy.outlier;
+        let mut changed = self.stale.swap(false, Ordering::AcqRel);
+        let next_sweep = {
+            let mut next_sweep = self.next_sweep.lock_unpoisoned();
+            if next_sweep.is_none_or(|at| at <= now) {
+                changed |= !self
+                    .detector
+                    .sweep(&selection.endpoints, settings, now)
+                    .is_empty();
+                *next_sweep = Some(crate::deadline::later(now, settings.interval()));
+            }
+            // Disabled, the sweep that ended every ejection was the last.
+            next_sweep.filter(|_| settings.enabled)
         };
-        if tried.is_empty() && !some_ejected {
-            // The common call: every endpoint may be used.
-            let chosen = self.watchers.selector.select(&endpoints, call)?;
-            return endpoints.get(chosen).cloned();
+        if changed {
+            self.reselect();
         }
-        // By connection: it outlives the endpoint's rebuilds when the
-        // instance's metadata changes, and holding it rules out address reuse.
-        let untried = endpoints
-            .iter()
-            .filter(|e| !tried.iter().any(|c| Arc::ptr_eq(c, &e.connection)));
-        let mut usable: Vec<Arc<Endpoint>> = untried
-            .clone()
-            .filter(|e| !e.stats.ejected(&mut now))
-            .cloned()
-            .collect();
-        if usable.is_empty() {
-            usable = untried.cloned().collect();
+        let ejection_ends = match self.selection.load().ejected_until {
+            Some(next) if nanos_since_epoch(now) >= next => {
+                self.reselect();
+                self.selection.load().ejected_until.map(instant_at)
+            }
+            next => next.map(instant_at),
+        };
+        match (next_sweep, ejection_ends) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        if usable.is_empty() {
-            return None;
+    }
+
+    /// `endpoint` just failed [`consecutive_failures`](crate::client::outlier::OutlierSettings::consecutive_failures)
+    /// times in a row: ejects it, if outlier detection allows.
+    pub(crate) fn consecutive_failures(&self, endpoint: &Endpoint) {
+        let selection = self.selection.load_full();
+        let ejected = self.detector.try_eject(
+            endpoint,
+            &selection.endpoints,
+            &selection.policy.outlier,
+            Instant::now(),
+            Reason::ConsecutiveFailures,
+        );
+        if ejected.is_some() {
+            self.reselect_soon();
         }
-        let chosen = self.watchers.selector.select(&usable, call)?;
-        usable.get(chosen).cloned()
+    }
+
+    /// The endpoint for one attempt: chosen by the selector among the
+    /// endpoints the call's route allows (prepared in advance), or, for a
+    /// call that has tried some already, among those of them it has not
+    /// tried: in the route's group (its local part first), then, if the
+    /// route allows, anywhere; with no route, an ejected endpoint rather
+    /// than none.
+    fn pick(
+        &self,
+        tried: &[Arc<Connection>],
+        call: &CallInfo<'_>,
+    ) -> Result<(Arc<Endpoint>, Arc<Watchers>), Failure> {
+        let selection = self.selection.load();
+        let routing = &selection.routing;
+        let routed = match tried.first() {
+            None => routing.route(call),
+            Some(first) => routing.route_retry(call, first),
+        }
+        .map_err(Failure::NoRoute)?;
+        let selector = selection.watchers.selector.as_ref();
+        let endpoint = if tried.is_empty() {
+            // The common call.
+            let group = routed.group;
+            if group.endpoints().is_empty() {
+                return Err(Failure::NoEndpoint);
+            }
+            selector
+                .select_prepared(group, call)
+                .and_then(|chosen| group.endpoints().get(chosen))
+                .ok_or(Failure::NoEndpoint)?
+                .clone()
+        } else {
+            // By connection: it outlives the endpoint's rebuilds when the
+            // instance's metadata changes, and holding it rules out address reuse.
+            let untried = |set: &[Arc<Endpoint>]| -> Vec<Arc<Endpoint>> {
+                set.iter()
+                    .filter(|e| !tried.iter().any(|c| Arc::ptr_eq(c, &e.connection)))
+                    .cloned()
+                    .collect()
+            };
+            let mut candidates = untried(routed.group.endpoints());
+            if candidates.is_empty() {
+                candidates = untried(routed.whole.endpoints());
+            }
+            if candidates.is_empty() && (routed.retry_anywhere || routed.unrouted) {
+                candidates = untried(routing.all().endpoints());
+            }
+            if candidates.is_empty() && routed.unrouted {
+                // Only ejected ones are left: rather try one than fail outright.
+                candidates = untried(&selection.endpoints);
+            }
+            if candidates.is_empty() {
+                return Err(Failure::NoEndpoint);
+            }
+            selector
+                .select(&candidates, call)
+                .and_then(|chosen| candidates.get(chosen))
+                .ok_or(Failure::NoEndpoint)?
+                .clone()
+        };
+        Ok((endpoint, selection.watchers.clone()))
     }
 
     /// Notes that `endpoint` refused a connection: it is skipped for a while.
     pub(crate) fn eject(&self, endpoint: &Endpoint) {
         let config = &self.config;
-        let (duration, until) = endpoint
+        let (duration, _) = endpoint
             .stats
             .eject(config.ejection_base, config.ejection_max);
-        self.ejections.fetch_max(until, Ordering::Relaxed);
+        self.reselect_soon();
         tracing::debug!(service = %self.key, address = %endpoint.instance.address, ?duration,
             "instance ejected");
     }
@@ -354,22 +602,47 @@ impl Balance {
             headers: request.headers(),
             attempt: number,
         };
-        let Some(endpoint) = self.pick(tried, &call) else {
-            return Either::Right(std::future::ready(Err(Failure::NoEndpoint)));
+        let (endpoint, watchers) = match self.pick(tried, &call) {
+            Ok(picked) => picked,
+            Err(failure) => return Either::Right(std::future::ready(Err(failure))),
         };
         let method = request
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let guard = AttemptGuard::start(
-            self.watchers.clone(),
-            endpoint.clone(),
-            method,
-            number,
-            deadline,
-        );
+        let guard = AttemptGuard::start(watchers, endpoint.clone(), method, number, deadline);
         Either::Left(super::endpoint::send(self, endpoint, request, guard))
+    }
+}
+
+/// Who is told about each attempt under `policy`: `selector`, the client's
+/// observers, and outlier detection (reporting to `balance`).
+fn watchers(
+    key: &ServiceKey,
+    config: &ClientConfig,
+    selector: Arc<dyn Selector>,
+    policy: &Policy,
+    balance: &Weak<Balance>,
+) -> Arc<Watchers> {
+    let outlier = policy.outlier.enabled.then(|| OutlierWatch {
+        settings: policy.outlier.clone(),
+        codes: policy.outlier.failure_code_set(),
+        balance: balance.clone(),
+    });
+    Arc::new(Watchers {
+        service: key.clone(),
+        selector,
+        observers: config.observers.clone(),
+        outlier,
+    })
+}
+
+/// The selector of a channel: the user's, or the one `policy` names.
+fn selector_for(config: &ClientConfig, policy: &Policy) -> Arc<dyn Selector> {
+    match &config.selector {
+        Some(factory) => Arc::from(factory()),
+        None => Arc::from(crate::client::strategy::factory(&policy.strategy)()),
     }
 }
 

@@ -154,7 +154,7 @@ impl Waiting {
             endpoint,
             sender,
             request_error,
-            guard,
+            mut guard,
             cancel,
         } = self;
         match result {

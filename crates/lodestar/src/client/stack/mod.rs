@@ -29,7 +29,7 @@
 //! list of instances, connecting, keeping a request for a replay, sending
 //! again) are boxed on their own.
 
-mod balance;
+pub(crate) mod balance;
 mod codec;
 mod deadline;
 mod endpoint;

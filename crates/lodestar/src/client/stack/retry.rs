@@ -189,7 +189,7 @@ impl Retry {
         let mut last_error: Option<(String, String)> = None;
         for number in 2..=self.params.max_attempts {
             let failed = match failure {
-                Failure::NoEndpoint => break,
+                Failure::NoEndpoint | Failure::NoRoute(_) => break,
                 Failure::Attempt(failed) => failed,
             };
             let same_endpoint = matches!(
@@ -243,6 +243,12 @@ impl Retry {
                 last_error = Some((failed.address, failed.message));
             }
             Failure::NoEndpoint => {}
+            Failure::NoRoute(refused) => {
+                return Err(super::balance::unavailable(Error::NoRoute {
+                    service: balance.key.clone(),
+                    reason: refused.to_string(),
+                }));
+            }
         }
         Err(super::balance::unavailable(match last_error {
             None => Error::NoInstances {
