@@ -80,8 +80,11 @@ pub struct Attempt<'a> {
     pub outcome: &'a Outcome,
     /// When it was handed to the endpoint; see [`latency`](Self::latency).
     pub started: Instant,
-    /// From [`started`](Self::started) to the response's headers, if they
-    /// came (read from the clock once, when they did).
+    /// From the request going out to the response's headers, if they came
+    /// (read from the clock once, when they did): from
+    /// [`started`](Self::started), or, when the attempt had to open its
+    /// connection first, from the moment it was open, so that a handshake
+    /// is not taken for the instance's latency.
     pub answered: Option<Duration>,
     /// Whether the request may have reached the server. An attempt that
     /// was not sent (no connection could be had, or the connection was
@@ -179,6 +182,9 @@ pub(crate) struct AttemptGuard {
     method: PathAndQuery,
     number: u32,
     started: Instant,
+    /// When the request went out, if a connection had to be opened first
+    /// (else `started`).
+    exchange_started: Option<Instant>,
     /// Time to the response's headers, once they came.
     answered: Option<Duration>,
     deadline: Option<Deadline>,
@@ -201,6 +207,7 @@ impl AttemptGuard {
             method,
             number,
             started: Instant::now(),
+            exchange_started: None,
             answered: None,
             deadline,
             sent: false,
@@ -213,11 +220,19 @@ impl AttemptGuard {
         self.sent = true;
     }
 
+    /// The attempt had to open its connection first, and just did: the
+    /// latency sample starts now, so that an instance's first call does
+    /// not make it look slow for its handshake (one clock read, on this
+    /// rare path only).
+    pub(crate) fn connected(&mut self) {
+        self.exchange_started = Some(Instant::now());
+    }
+
     /// The response's headers arrived: the latency sample of this
     /// attempt, kept for its report (selectors such as peak-EWMA read it
     /// there, with no clock read of their own).
     pub(crate) fn answered(&mut self) {
-        let rtt = self.started.elapsed();
+        let rtt = self.exchange_started.unwrap_or(self.started).elapsed();
         self.answered = Some(rtt);
         self.endpoint.stats.record_latency(rtt);
     }

@@ -41,7 +41,11 @@ pub(crate) fn send<'a>(
             .connect(config.connect_timeout, config.tls.as_ref(), config.http2)
             .await
         {
-            Ok(sender) => exchange(balance, endpoint, sender, request, guard).await,
+            Ok(sender) => {
+                let mut guard = guard;
+                guard.connected();
+                exchange(balance, endpoint, sender, request, guard).await
+            }
             Err(e) => {
                 if e.attempted {
                     balance.eject(&endpoint);
