@@ -123,6 +123,40 @@ pub struct CallInfo<'a> {
     pub attempt: u32,
 }
 
+impl<'a> CallInfo<'a> {
+    /// The first attempt of a call of `method` (`/package.Service/Method`)
+    /// of `service` with `headers`: for testing and benchmarking
+    /// selectors (a client makes its own for each attempt).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use http::HeaderMap;
+    /// use lodestar::ServiceKey;
+    /// use lodestar::client::selector::{CallInfo, Endpoint, Prepared, RoundRobin, Selector};
+    ///
+    /// let endpoints: Arc<[Arc<Endpoint>]> = ["127.0.0.1:7001", "127.0.0.1:7002"]
+    ///     .into_iter()
+    ///     .map(|address| Endpoint::new(lodestar::Instance::new("orders", address)).map(Arc::new))
+    ///     .collect::<Result<_, _>>()?;
+    /// let selector = RoundRobin::default();
+    /// let set = Prepared::new(&selector, endpoints);
+    /// let (service, headers) = (ServiceKey::new("orders"), HeaderMap::new());
+    /// let call = CallInfo::new(&service, "/orders.Orders/Get", &headers);
+    /// let first = selector.select_prepared(&set, &call);
+    /// let second = selector.select_prepared(&set, &call);
+    /// assert!(first.is_some() && first != second);
+    /// # Ok::<(), lodestar::client::selector::InvalidAddress>(())
+    /// ```
+    pub fn new(service: &'a ServiceKey, method: &'a str, headers: &'a HeaderMap) -> Self {
+        Self {
+            service,
+            method,
+            headers,
+            attempt: 1,
+        }
+    }
+}
+
 /// Each endpoint in turn (the default).
 #[derive(Debug, Default)]
 pub struct RoundRobin {
