@@ -28,6 +28,7 @@
 //! ```
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -161,6 +162,8 @@ pub(crate) struct OutlierWatch {
     pub(crate) settings: OutlierSettings,
     pub(crate) codes: FailureCodes,
     pub(crate) balance: Weak<Balance>,
+    /// Whether the balance layer's sweeps are idle: a failure wakes them.
+    pub(crate) sweeps_idle: Arc<AtomicBool>,
 }
 
 /// An [`Observer`] the client can print (as its type name).
@@ -270,14 +273,23 @@ impl AttemptGuard {
         }
         if let Some(outlier) = &self.watchers.outlier
             && let Some(failure) = outlier.codes.classify(&outcome, by_caller)
-            && self
+        {
+            let eject = self
                 .endpoint
                 .stats
                 .outlier
-                .record(failure, &outlier.settings)
-            && let Some(balance) = outlier.balance.upgrade()
-        {
-            balance.consecutive_failures(&self.endpoint);
+                .record(failure, &outlier.settings);
+            let wake = failure && outlier.sweeps_idle.load(Ordering::Acquire);
+            if (eject || wake)
+                && let Some(balance) = outlier.balance.upgrade()
+            {
+                if wake {
+                    balance.wake_sweeps();
+                }
+                if eject {
+                    balance.consecutive_failures(&self.endpoint);
+                }
+            }
         }
     }
 }

@@ -288,6 +288,11 @@ impl OutlierStats {
         self.multiplier.load(Ordering::Relaxed)
     }
 
+    /// Whether a failure was counted in this interval.
+    pub(crate) fn failures_pending(&self) -> bool {
+        self.interval.load(Ordering::Relaxed) & u64::from(u32::MAX) != 0
+    }
+
     /// This interval's (calls, failures), zeroing them.
     fn take_interval(&self) -> (u64, u64) {
         let word = self.interval.swap(0, Ordering::Relaxed);

@@ -60,9 +60,11 @@ pub(crate) struct Balance {
     /// Whether an ejection began since the selection was built: the
     /// resolver task builds it again.
     stale: AtomicBool,
-    /// When outlier detection next sweeps; `None`: at the next timer (the
-    /// policy changed, or no sweep has run yet).
-    next_sweep: Mutex<Option<Instant>>,
+    /// When outlier detection next sweeps.
+    next_sweep: Mutex<Sweep>,
+    /// Whether no sweep is scheduled because there is nothing to watch
+    /// (see [`Sweep::Idle`]): the first failure reported wakes the sweeps.
+    sweeps_idle: Arc<AtomicBool>,
     /// This balance layer, for the reports of its attempts.
     this: Weak<Balance>,
     synced: AtomicBool,
@@ -95,6 +97,21 @@ pub(crate) struct Selection {
     watchers: Arc<Watchers>,
     /// The policy this selection follows.
     policy: Arc<Policy>,
+}
+
+/// When outlier detection next sweeps (judges the interval just ended and
+/// ends the ejections that are over).
+#[derive(Debug, Clone, Copy)]
+enum Sweep {
+    /// At the resolver task's next wake: the policy changed, or no sweep
+    /// has run yet.
+    Due,
+    /// At this time.
+    At(Instant),
+    /// Not until a failure is reported: the last sweep found nothing to
+    /// watch (no failure, no ejection, no multiplier above 0), or
+    /// detection is off.
+    Idle,
 }
 
 /// Why an attempt did not produce a response.
@@ -133,7 +150,8 @@ impl Balance {
         Arc::new_cyclic(|this| {
             let policy = config.policy.clone();
             let selector = selector_for(&config, &policy);
-            let watchers = watchers(&key, &config, selector, &policy, this);
+            let sweeps_idle = Arc::new(AtomicBool::new(false));
+            let watchers = watchers(&key, &config, selector, &policy, this, &sweeps_idle);
             let routing = Routing::build(
                 &policy,
                 &[],
@@ -148,7 +166,7 @@ impl Balance {
                 watchers,
                 policy,
             };
-            Self::with_selection(key, registry, config, selection, this.clone())
+            Self::with_selection(key, registry, config, selection, this.clone(), sweeps_idle)
         })
     }
 
@@ -158,6 +176,7 @@ impl Balance {
         config: Arc<ClientConfig>,
         selection: Selection,
         this: Weak<Balance>,
+        sweeps_idle: Arc<AtomicBool>,
     ) -> Self {
         Self {
             detector: Detector::new(key.clone()),
@@ -167,7 +186,8 @@ impl Balance {
             selection: ArcSwap::from_pointee(selection),
             rebuilding: Mutex::new(()),
             ejected: Arc::new(Notify::new()),
-            next_sweep: Mutex::new(None),
+            next_sweep: Mutex::new(Sweep::Due),
+            sweeps_idle,
             stale: AtomicBool::new(false),
             this,
             synced: AtomicBool::new(false),
@@ -429,7 +449,14 @@ impl Balance {
             } else {
                 current.watchers.selector.clone()
             };
-        let watchers = watchers(&self.key, &self.config, selector, &policy, &self.this);
+        let watchers = watchers(
+            &self.key,
+            &self.config,
+            selector,
+            &policy,
+            &self.this,
+            &self.sweeps_idle,
+        );
         tracing::info!(service = %self.key, "client policy replaced");
         self.select_with(current.endpoints.clone(), policy, watchers, &mut None);
         drop(_rebuilding);
@@ -437,8 +464,22 @@ impl Balance {
         // may end every ejection), then at the new interval. (Never with
         // `rebuilding` held: `run_timers` takes `next_sweep`, then
         // `rebuilding`.)
-        *self.next_sweep.lock_unpoisoned() = None;
+        *self.next_sweep.lock_unpoisoned() = Sweep::Due;
+        self.sweeps_idle.store(false, Ordering::Release);
         self.ejected.notify_one();
+    }
+
+    /// A failure was reported while the sweeps were idle: they start
+    /// again, the first an interval from now.
+    pub(crate) fn wake_sweeps(&self) {
+        let mut next_sweep = self.next_sweep.lock_unpoisoned();
+        if let Sweep::Idle = *next_sweep {
+            let interval = self.selection.load().policy.outlier.interval();
+            *next_sweep = Sweep::At(crate::deadline::later(Instant::now(), interval));
+            self.sweeps_idle.store(false, Ordering::Release);
+            drop(next_sweep);
+            self.ejected.notify_one();
+        }
     }
 
     /// Asks the resolver task to build the selection again, soon (an
@@ -468,15 +509,36 @@ impl Balance {
         let mut changed = self.stale.swap(false, Ordering::AcqRel);
         let next_sweep = {
             let mut next_sweep = self.next_sweep.lock_unpoisoned();
-            if next_sweep.is_none_or(|at| at <= now) {
-                changed |= !self
-                    .detector
-                    .sweep(&selection.endpoints, settings, now)
-                    .is_empty();
-                *next_sweep = Some(crate::deadline::later(now, settings.interval()));
+            let due = match *next_sweep {
+                Sweep::Due => true,
+                Sweep::At(at) => at <= now,
+                Sweep::Idle => false,
+            };
+            if due {
+                let endpoints = &selection.endpoints;
+                let failed = endpoints.iter().any(|e| e.stats.outlier.failures_pending());
+                changed |= !self.detector.sweep(endpoints, settings, now).is_empty();
+                // Another sweep only while there is something to judge or
+                // end: failures in the interval just judged, an ejection,
+                // or a multiplier still to come down. Otherwise no timer
+                // stays armed (tokio reads the clock at every park while
+                // one is), until a failure is reported.
+                let watching = failed
+                    || endpoints
+                        .iter()
+                        .any(|e| e.stats.outlier.is_ejected() || e.stats.outlier.multiplier() != 0);
+                *next_sweep = if settings.enabled && watching {
+                    Sweep::At(crate::deadline::later(now, settings.interval()))
+                } else {
+                    Sweep::Idle
+                };
+                self.sweeps_idle
+                    .store(matches!(*next_sweep, Sweep::Idle), Ordering::Release);
             }
-            // Disabled, the sweep that ended every ejection was the last.
-            next_sweep.filter(|_| settings.enabled)
+            match *next_sweep {
+                Sweep::At(at) => Some(at),
+                Sweep::Due | Sweep::Idle => None,
+            }
         };
         if changed {
             self.reselect();
@@ -624,11 +686,13 @@ fn watchers(
     selector: Arc<dyn Selector>,
     policy: &Policy,
     balance: &Weak<Balance>,
+    sweeps_idle: &Arc<AtomicBool>,
 ) -> Arc<Watchers> {
     let outlier = policy.outlier.enabled.then(|| OutlierWatch {
         settings: policy.outlier.clone(),
         codes: policy.outlier.failure_code_set(),
         balance: balance.clone(),
+        sweeps_idle: sweeps_idle.clone(),
     });
     Arc::new(Watchers {
         service: key.clone(),
@@ -650,4 +714,70 @@ pub(crate) fn unavailable(error: Error) -> Status {
     let mut status = Status::unavailable(error.to_string());
     status.set_source(Arc::new(error));
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use lodestar_core::MemoryRegistry;
+
+    use super::*;
+
+    fn balance() -> Arc<Balance> {
+        let balance = Balance::new(
+            ServiceKey::new("svc"),
+            Arc::new(MemoryRegistry::new()),
+            Arc::new(ClientConfig::default()),
+        );
+        balance.update(
+            ["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1003"]
+                .into_iter()
+                .enumerate()
+                .map(|(i, address)| Instance::new("svc", address).with_id(format!("i{i}"))),
+        );
+        balance
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_service_keeps_no_sweep_timer_and_a_failure_starts_one() {
+        let balance = balance();
+        let interval = Duration::from_millis(Policy::default().outlier.interval_ms);
+        // The first sweep finds nothing to watch: no timer stays armed.
+        assert_eq!(balance.run_timers(), None);
+        assert!(balance.sweeps_idle.load(Ordering::Acquire));
+        // A failure wakes the sweeps, an interval from now.
+        let endpoint = balance.endpoints()[0].clone();
+        endpoint
+            .stats
+            .outlier
+            .record(true, &Policy::default().outlier);
+        balance.wake_sweeps();
+        let woken = Instant::now();
+        assert_eq!(balance.run_timers(), Some(woken + interval));
+        // That sweep judges the failure; the one after, with nothing new,
+        // goes idle again.
+        tokio::time::advance(interval).await;
+        assert_eq!(balance.run_timers(), Some(woken + interval * 2));
+        tokio::time::advance(interval).await;
+        assert_eq!(balance.run_timers(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweeps_go_on_while_an_instance_is_ejected() {
+        let balance = balance();
+        assert_eq!(balance.run_timers(), None);
+        let endpoint = balance.endpoints()[0].clone();
+        balance.consecutive_failures(&endpoint);
+        assert!(endpoint.stats.is_ejected());
+        balance.wake_sweeps();
+        let settings = Policy::default().outlier;
+        let interval = settings.interval();
+        // Every interval until its ejection (30 s) is over and it is back.
+        for _ in 0..4 {
+            assert!(balance.run_timers().is_some());
+            tokio::time::advance(interval).await;
+        }
+        assert!(!endpoint.stats.is_ejected());
+    }
 }
