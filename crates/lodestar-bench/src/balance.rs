@@ -282,18 +282,9 @@ impl Caller {
                 policy.outlier.enabled = false;
                 lodestar(policy)
             }
-            Balancer::Tonic => {
-                let mut endpoints = Vec::new();
-                for address in target {
-                    endpoints.push(
-                        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-                            .tcp_nodelay(true)
-                            .connect_timeout(Duration::from_secs(1)),
-                    );
-                }
-                let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
-                Ok(Caller::Raw(raw::bench_client::BenchClient::new(channel)))
-            }
+            Balancer::Tonic => Ok(Caller::Raw(raw::bench_client::BenchClient::new(
+                crate::rpc::tonic_balance_list(target)?,
+            ))),
         }
     }
 

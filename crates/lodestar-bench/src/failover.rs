@@ -86,18 +86,9 @@ impl Caller {
                     rpc::SERVICE,
                 ))
             }
-            Side::Tonic => {
-                let mut endpoints = Vec::new();
-                for address in target {
-                    endpoints.push(
-                        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-                            .tcp_nodelay(true)
-                            .connect_timeout(Duration::from_secs(1)),
-                    );
-                }
-                let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
-                Caller::Raw(raw::bench_client::BenchClient::new(channel))
-            }
+            Side::Tonic => Caller::Raw(raw::bench_client::BenchClient::new(
+                rpc::tonic_balance_list(target)?,
+            )),
         })
     }
 

@@ -425,6 +425,25 @@ enum Clients {
     Raw(raw::bench_client::BenchClient<tonic::transport::Channel>),
 }
 
+/// tonic's own balancer over `addresses` (`host:port`): its P2C over
+/// connections that report no load, i.e. random. Connects lazily, each
+/// connection within 1 s.
+pub(crate) fn tonic_balance_list(addresses: &[String]) -> Result<tonic::transport::Channel> {
+    let endpoints = addresses
+        .iter()
+        .map(|address| {
+            Ok(
+                tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(1)),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(tonic::transport::Channel::balance_list(
+        endpoints.into_iter(),
+    ))
+}
+
 impl Clients {
     async fn connect(side: Side, target: &str) -> Result<Clients> {
         Ok(match side {

@@ -800,9 +800,7 @@ async fn a_retry_stays_in_the_routed_subset() {
     let _v1 = instance(&world, "subset", "v1", |b| b.metadata("version", "v1")).await;
     // A v2 instance with nothing listening behind it: every call that picks
     // it first is sent again, and must go to the other v2 instance.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    drop(listener);
+    let address = format!("127.0.0.1:{}", free_port());
     world
         .registry
         .register(

@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use super::{WeightTable, cheapest};
+use super::{WeightTable, Weighted, cheapest};
 use crate::client::selector::{CallInfo, Endpoint, Prepared, Selector};
 
 /// The endpoint with the fewest calls in flight of `choices` (default 2)
@@ -40,7 +40,9 @@ impl LeastRequest {
             choices: choices.clamp(1, super::MAX_CHOICES),
         }
     }
+}
 
+impl Weighted for LeastRequest {
     fn pick(&self, table: &WeightTable, endpoints: &[Arc<Endpoint>]) -> Option<usize> {
         if endpoints.is_empty() || table.len() != endpoints.len() {
             return None;
@@ -56,18 +58,15 @@ impl LeastRequest {
 
 impl Selector for LeastRequest {
     fn select(&self, endpoints: &[Arc<Endpoint>], _call: &CallInfo<'_>) -> Option<usize> {
-        self.pick(&WeightTable::new(endpoints), endpoints)
+        self.select_weighted(endpoints)
     }
 
     fn prepare(&self, endpoints: &[Arc<Endpoint>]) -> Option<Box<dyn Any + Send + Sync>> {
-        Some(Box::new(WeightTable::new(endpoints)))
+        self.prepare_weighted(endpoints)
     }
 
-    fn select_prepared(&self, set: &Prepared, call: &CallInfo<'_>) -> Option<usize> {
-        match set.state::<WeightTable>() {
-            Some(table) => self.pick(table, set.endpoints()),
-            None => self.select(set.endpoints(), call),
-        }
+    fn select_prepared(&self, set: &Prepared, _call: &CallInfo<'_>) -> Option<usize> {
+        self.select_prepared_weighted(set)
     }
 }
 

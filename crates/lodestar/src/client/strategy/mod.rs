@@ -44,6 +44,7 @@
 //! current endpoint set and the endpoints' atomic
 //! [`EndpointStats`](super::selector::EndpointStats): no lock is shared across calls.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use super::SelectorFactory;
@@ -120,6 +121,31 @@ pub fn prepared_bytes(set: &Prepared) -> usize {
 /// An endpoint's weight for balancing: 0 counts as 1 (see the module docs).
 pub(crate) fn weight(endpoint: &Endpoint) -> u32 {
     endpoint.instance().weight.max(1)
+}
+
+/// A strategy that picks with a [`WeightTable`] prepared for each set of
+/// endpoints (the P2C strategies): the [`Selector`] plumbing they share.
+pub(crate) trait Weighted {
+    /// The index in `endpoints` to use, `table` being theirs.
+    fn pick(&self, table: &WeightTable, endpoints: &[Arc<Endpoint>]) -> Option<usize>;
+
+    /// [`Selector::select`]: with a table made for `endpoints` now.
+    fn select_weighted(&self, endpoints: &[Arc<Endpoint>]) -> Option<usize> {
+        self.pick(&WeightTable::new(endpoints), endpoints)
+    }
+
+    /// [`Selector::prepare`]: the set's table.
+    fn prepare_weighted(&self, endpoints: &[Arc<Endpoint>]) -> Option<Box<dyn Any + Send + Sync>> {
+        Some(Box::new(WeightTable::new(endpoints)))
+    }
+
+    /// [`Selector::select_prepared`]: with the set's table.
+    fn select_prepared_weighted(&self, set: &Prepared) -> Option<usize> {
+        match set.state::<WeightTable>() {
+            Some(table) => self.pick(table, set.endpoints()),
+            None => self.select_weighted(set.endpoints()),
+        }
+    }
 }
 
 /// Sampling endpoints in proportion to their weights: uniformly when all

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::{WeightTable, cheapest};
+use super::{WeightTable, Weighted, cheapest};
 use crate::client::observe::{Attempt, Outcome};
 use crate::client::selector::{CallInfo, Endpoint, Prepared, Selector, nanos_since_epoch};
 
@@ -115,7 +115,9 @@ impl PeakEwma {
         let rtt = stats.peak_rtt(now, self.decay).unwrap_or(self.default_rtt);
         rtt * (1.0 + stats.in_flight() as f64 * table.load_factor(endpoint))
     }
+}
 
+impl Weighted for PeakEwma {
     fn pick(&self, table: &WeightTable, endpoints: &[Arc<Endpoint>]) -> Option<usize> {
         if endpoints.is_empty() || table.len() != endpoints.len() {
             return None;
@@ -150,18 +152,15 @@ impl PeakEwma {
 
 impl Selector for PeakEwma {
     fn select(&self, endpoints: &[Arc<Endpoint>], _call: &CallInfo<'_>) -> Option<usize> {
-        self.pick(&WeightTable::new(endpoints), endpoints)
+        self.select_weighted(endpoints)
     }
 
     fn prepare(&self, endpoints: &[Arc<Endpoint>]) -> Option<Box<dyn Any + Send + Sync>> {
-        Some(Box::new(WeightTable::new(endpoints)))
+        self.prepare_weighted(endpoints)
     }
 
-    fn select_prepared(&self, set: &Prepared, call: &CallInfo<'_>) -> Option<usize> {
-        match set.state::<WeightTable>() {
-            Some(table) => self.pick(table, set.endpoints()),
-            None => self.select(set.endpoints(), call),
-        }
+    fn select_prepared(&self, set: &Prepared, _call: &CallInfo<'_>) -> Option<usize> {
+        self.select_prepared_weighted(set)
     }
 
     fn report(&self, attempt: &Attempt<'_>) {
