@@ -63,8 +63,9 @@ pub(crate) struct Routed<'a> {
 /// fallback is [`Fallback::Fail`]. Calls fail with `UNAVAILABLE`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "route {route} of the client policy sends it to instances labelled {labels}, and none is \
-     usable (the route's fallback is `fail`)"
+    "route {route} of the client policy sends it to instances labelled {labels}, and no \
+     instance has those labels (the route's fallback is `fail`; `all` or `rest` would send it \
+     to other instances)"
 )]
 pub(crate) struct RouteError {
     /// The route's index in the policy.
