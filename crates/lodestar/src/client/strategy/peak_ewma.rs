@@ -214,6 +214,29 @@ mod tests {
         });
     }
 
+    /// Twenty rounds, 10 ms apart, of one report from the first of four
+    /// endpoints (`first`: its latency and code) and one from each other
+    /// (`others`), starting 2 s in; the share of picks the first then gets.
+    async fn first_after_rounds(seed: u64, first: (u64, Code), others: u64) -> f64 {
+        fastrand::seed(seed);
+        let selector = PeakEwma::default();
+        let endpoints = endpoints(&[100; 4]);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for _ in 0..20 {
+            report(
+                &selector,
+                &endpoints[0],
+                Duration::from_millis(first.0),
+                first.1,
+            );
+            for e in &endpoints[1..] {
+                report(&selector, e, Duration::from_millis(others), Code::Ok);
+            }
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        share_of_first(&selector, &endpoints, 10_000)
+    }
+
     fn share_of_first(selector: &PeakEwma, endpoints: &[Arc<Endpoint>], picks: usize) -> f64 {
         let counts = shares(selector, endpoints, picks);
         100.0 * counts[0] as f64 / picks as f64
@@ -221,50 +244,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slower_endpoint_gets_at_most_five_percent() {
-        fastrand::seed(21);
-        let selector = PeakEwma::default();
-        let endpoints = endpoints(&[100; 4]);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        for _ in 0..20 {
-            report(
-                &selector,
-                &endpoints[0],
-                Duration::from_millis(51),
-                Code::Ok,
-            );
-            for e in &endpoints[1..] {
-                report(&selector, e, Duration::from_millis(1), Code::Ok);
-            }
-            tokio::time::advance(Duration::from_millis(10)).await;
-        }
-        let share = share_of_first(&selector, &endpoints, 10_000);
+        let share = first_after_rounds(21, (51, Code::Ok), 1).await;
         assert!(share <= 5.0, "the slow endpoint got {share:.2}% of picks");
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_endpoint_failing_fast_is_not_preferred() {
-        fastrand::seed(22);
-        let selector = PeakEwma::default();
-        let endpoints = endpoints(&[100; 4]);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        for _ in 0..20 {
-            report(
-                &selector,
-                &endpoints[0],
-                Duration::from_millis(1),
-                Code::Unavailable,
-            );
-            for e in &endpoints[1..] {
-                report(&selector, e, Duration::from_millis(5), Code::Ok);
-            }
-            tokio::time::advance(Duration::from_millis(10)).await;
-        }
-        let share = share_of_first(&selector, &endpoints, 10_000);
+        let share = first_after_rounds(22, (1, Code::Unavailable), 5).await;
         assert!(
             share <= 5.0,
             "the failing endpoint got {share:.2}% of picks"
         );
         // A request-level error (NOT_FOUND) is an answer like any other.
+        let selector = PeakEwma::default();
         let healthy = super::super::testing::endpoints(&[100; 2]);
         report(
             &selector,
