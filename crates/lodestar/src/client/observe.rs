@@ -54,6 +54,12 @@ use crate::Deadline;
 pub trait Observer: Send + Sync + 'static {
     /// One attempt ended.
     fn attempt(&self, attempt: &Attempt<'_>);
+
+    /// A resilience layer decided something about a call (see
+    /// [`Decision`]). Default: nothing.
+    fn decided(&self, decision: &Decision<'_>) {
+        let _ = decision;
+    }
 }
 
 impl<F> Observer for F
@@ -64,6 +70,25 @@ where
         self(attempt);
     }
 }
+
+/// A decision a resilience layer made about a call: what metrics count
+/// besides attempts (a retry, a budget's denial, a hedge, a breaker's change
+/// of state, a call refused, a fault injected).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Decision<'a> {
+    /// The service called.
+    pub service: &'a ServiceKey,
+    /// The method, as `/package.Service/Method`.
+    pub method: &'a str,
+    /// What was decided.
+    pub kind: DecisionKind,
+}
+
+/// What a resilience layer decided (see [`Decision`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecisionKind {}
 
 /// One attempt of a call, as it ended.
 #[derive(Debug)]

@@ -71,6 +71,7 @@
 //! # use lodestar::client::policy::Policy;
 //! let defaults = Policy::from_toml(r#"
 //!     routes = []               # no routes
+//!     methods = []              # no settings of particular methods
 //!                               ## no split
 //!     [strategy]                # P2C peak-EWMA
 //!     kind = "peak_ewma"
@@ -131,6 +132,21 @@ pub struct Policy {
     pub zone: ZoneAffinity,
     /// When an instance is taken out of rotation for failing.
     pub outlier: OutlierSettings,
+    /// Settings of particular methods (gRPC's `methodConfig`): the first
+    /// entry naming a method applies to it, else the first entry named
+    /// `"*"`, else none. Default: none. At most [`MAX_METHOD_POLICIES`].
+    pub methods: Vec<MethodPolicy>,
+}
+
+/// Settings of some methods of the service (see [`Policy::methods`]).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MethodPolicy {
+    /// The methods, by their name in the `.proto` (`SayHello`), or `"*"`
+    /// for every method no other entry names. At least one; at most
+    /// [`MAX_METHOD_NAMES`], each at most [`MAX_METHOD_NAME`] bytes.
+    pub names: Vec<String>,
 }
 
 /// How an instance is chosen, as data (see [`selector`](super::selector)
@@ -418,6 +434,15 @@ pub const MAX_SUBSETS: usize = 16;
 /// subset: 16.
 pub const MAX_LABELS: usize = 16;
 
+/// The most entries [`Policy::methods`] may have: 256.
+pub const MAX_METHOD_POLICIES: usize = 256;
+
+/// The most names one [`MethodPolicy`] may list: 1,024.
+pub const MAX_METHOD_NAMES: usize = 1_024;
+
+/// The longest method name a [`MethodPolicy`] may list: 256 bytes.
+pub const MAX_METHOD_NAME: usize = 256;
+
 /// The longest label key or metadata (header) name: 128 bytes, as the
 /// registry allows for instance labels.
 pub const MAX_LABEL_KEY: usize = 128;
@@ -530,8 +555,74 @@ impl Policy {
         if self.zone.min_local < 1 {
             return Err(invalid("zone.min_local", 0, "at least 1"));
         }
-        validate_outlier(&self.outlier)
+        validate_outlier(&self.outlier)?;
+        validate_methods(&self.methods)
     }
+
+    /// The settings of the method named `method` (its name in the
+    /// `.proto`, without the service): the first entry of
+    /// [`methods`](Self::methods) that names it, else the first named
+    /// `"*"`.
+    ///
+    /// ```
+    /// # use lodestar::client::policy::Policy;
+    /// let policy = Policy::from_toml(r#"
+    ///     [[methods]]
+    ///     names = ["Get", "List"]
+    ///     [[methods]]
+    ///     names = ["*"]
+    /// "#)?;
+    /// assert_eq!(policy.method("List").map(|m| m.names.len()), Some(2));
+    /// assert_eq!(policy.method("Put").map(|m| m.names[0].as_str()), Some("*"));
+    /// # Ok::<(), lodestar::client::policy::PolicyError>(())
+    /// ```
+    pub fn method(&self, method: &str) -> Option<&MethodPolicy> {
+        self.methods
+            .iter()
+            .find(|m| m.names.iter().any(|n| n == method))
+            .or_else(|| {
+                self.methods
+                    .iter()
+                    .find(|m| m.names.iter().any(|n| n == "*"))
+            })
+    }
+}
+
+fn validate_methods(methods: &[MethodPolicy]) -> Result<(), PolicyError> {
+    at_most("methods", methods.len(), MAX_METHOD_POLICIES, "entries")?;
+    let mut seen = std::collections::HashSet::new();
+    for (i, entry) in methods.iter().enumerate() {
+        let at = format!("methods[{i}].names");
+        if entry.names.is_empty() {
+            return Err(invalid(&at, "[]", "at least one method name, or \"*\""));
+        }
+        at_most(&at, entry.names.len(), MAX_METHOD_NAMES, "names")?;
+        for (j, name) in entry.names.iter().enumerate() {
+            let field = format!("{at}[{j}]");
+            let well_formed = name == "*"
+                || (!name.is_empty()
+                    && name.len() <= MAX_METHOD_NAME
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+            if !well_formed {
+                return Err(invalid(
+                    &field,
+                    quoted(name),
+                    format!(
+                        "a method's name as in the .proto (letters, digits, `_`; \
+                         at most {MAX_METHOD_NAME} bytes), or \"*\""
+                    ),
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(invalid(
+                    &field,
+                    quoted(name),
+                    "a name no earlier entry lists",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_strategy(strategy: &Strategy) -> Result<(), PolicyError> {
@@ -966,6 +1057,14 @@ pub(crate) mod tests {
                 failure_codes: vec!["UNAVAILABLE".into(), "RESOURCE_EXHAUSTED".into()],
                 ..OutlierSettings::default()
             },
+            methods: vec![
+                MethodPolicy {
+                    names: vec!["Get".into(), "List".into()],
+                },
+                MethodPolicy {
+                    names: vec!["*".into()],
+                },
+            ],
         }
     }
 
@@ -1024,6 +1123,26 @@ pub(crate) mod tests {
         assert!(error.contains("needs `header`"), "{error}");
         let policy = Policy::from_toml("[strategy]\nkind = \"least_request\"").unwrap();
         assert_eq!(policy.strategy, Strategy::LeastRequest { choices: 2 });
+    }
+
+    #[test]
+    fn method_names_are_checked_and_listed_once() {
+        let error = |toml: &str| Policy::from_toml(toml).unwrap_err().to_string();
+        assert_eq!(
+            error("[[methods]]\nnames = []"),
+            "policy field `methods[0].names` is []: expected at least one method name, or \"*\""
+        );
+        assert!(
+            error("[[methods]]\nnames = [\"Get\", \"/pkg.S/Put\"]")
+                .starts_with("policy field `methods[0].names[1]` is `/pkg.S/Put`"),
+        );
+        assert_eq!(
+            error("[[methods]]\nnames = [\"Get\"]\n[[methods]]\nnames = [\"*\", \"Get\"]"),
+            "policy field `methods[1].names[1]` is `Get`: expected a name no earlier entry lists"
+        );
+        let policy = Policy::from_toml("[[methods]]\nnames = [\"Get\"]").unwrap();
+        assert!(policy.method("Get").is_some());
+        assert!(policy.method("Put").is_none(), "no \"*\" entry");
     }
 
     #[test]
