@@ -59,6 +59,7 @@ pub mod fuzzing;
 mod grpc_timeout;
 mod headers;
 mod io;
+mod policy_data;
 
 pub mod server;
 mod status;

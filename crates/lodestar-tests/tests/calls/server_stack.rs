@@ -677,3 +677,36 @@ async fn the_handler_runs_in_the_callers_trace_context() {
         .unwrap();
     assert_eq!(reply.into_inner().message, "");
 }
+
+#[tokio::test]
+async fn a_running_service_takes_a_valid_policy_and_keeps_its_own_on_a_bad_one() {
+    use lodestar::server::policy::Policy;
+
+    let world = World::new();
+    let first = Policy::from_toml("[[methods]]\nnames = [\"lodestar.test.Echo/*\"]").unwrap();
+    let running = started(
+        world
+            .builder("echo", "a")
+            .policy(first.clone())
+            .unwrap()
+            .add_service(EchoServer::new(Scripted)),
+    )
+    .await;
+    assert_eq!(running.policy(), first);
+
+    let mut bad = Policy::default();
+    bad.methods = first.methods.clone();
+    bad.methods[0].names = vec!["Echo".into()];
+    let error = running.set_policy(bad).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("policy field `methods[0].names[0]` is `Echo`"),
+        "{error}"
+    );
+    assert_eq!(running.policy(), first, "the old policy stays");
+
+    running.set_policy(Policy::default()).unwrap();
+    assert_eq!(running.policy(), Policy::default());
+    running.shutdown().await.unwrap();
+}

@@ -104,15 +104,16 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use http::{HeaderName, HeaderValue};
 use lodestar_core::registry::limits::quoted;
 use serde::{Deserialize, Serialize};
 
 pub use super::outlier::OutlierSettings;
+pub(crate) use crate::policy_data::CODES;
+use crate::policy_data::{self, at_most, in_range, invalid};
+pub use crate::policy_data::{MAX_POLICY_FILE, PolicyError, code_from_name, code_name};
 
 /// The whole client policy of one service.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -397,10 +398,6 @@ impl Default for ZoneAffinity {
     }
 }
 
-/// The largest policy file [`Policy::from_file`] reads: 1 MiB (a policy
-/// with every list at its limit is far smaller).
-pub const MAX_POLICY_FILE: u64 = 1024 * 1024;
-
 /// The fewest instances [`Strategy::LeastRequest`] samples: 2.
 pub const MIN_CHOICES: u32 = 2;
 
@@ -455,80 +452,20 @@ impl Policy {
     /// Reads a policy from TOML and [validates](Self::validate) it. Fields
     /// left out keep their defaults (see the [module docs](self)).
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let parsed = toml::Deserializer::parse(text)
-            .map_err(|e| toml_error(text, String::new(), &e))
-            .and_then(|de| {
-                serde_path_to_error::deserialize(de)
-                    .map_err(|e| toml_error(text, e.path().to_string(), e.inner()))
-            })?;
-        Self::validated(parsed)
+        policy_data::from_toml(text).and_then(Self::validated)
     }
 
     /// Reads a policy from JSON and [validates](Self::validate) it. Fields
     /// left out keep their defaults.
     pub fn from_json(text: &str) -> Result<Self, PolicyError> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let parsed: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            // serde_json appends " at line L column C"; the position is
-            // given separately.
-            let message = inner.to_string();
-            let message = message
-                .rsplit_once(" at line ")
-                .map_or(message.as_str(), |(m, _)| m);
-            PolicyError::Parse {
-                format: "JSON",
-                field,
-                line: inner.line(),
-                column: inner.column(),
-                message: message.to_owned(),
-            }
-        })?;
-        de.end().map_err(|e| PolicyError::Parse {
-            format: "JSON",
-            field: String::new(),
-            line: e.line(),
-            column: e.column(),
-            message: "trailing characters after the policy".to_owned(),
-        })?;
-        Self::validated(parsed)
+        policy_data::from_json(text).and_then(Self::validated)
     }
 
     /// Reads a policy file: TOML if its name ends in `.toml`, JSON if in
     /// `.json`; at most [`MAX_POLICY_FILE`] bytes. Blocks while reading
     /// (call it from a blocking context, or at startup).
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
-        let file_error = |reason: String| PolicyError::File {
-            path: path.to_owned(),
-            reason,
-        };
-        let extension = path.extension().and_then(|e| e.to_str());
-        let parse: fn(&str) -> Result<Self, PolicyError> = match extension {
-            Some("toml") => Self::from_toml,
-            Some("json") => Self::from_json,
-            _ => {
-                return Err(file_error(
-                    "expected a name ending in `.toml` or `.json`".to_owned(),
-                ));
-            }
-        };
-        let file = std::fs::File::open(path).map_err(|e| file_error(e.to_string()))?;
-        let mut text = String::new();
-        // One byte more than allowed: reading it means the file is too big,
-        // whatever its metadata said.
-        file.take(MAX_POLICY_FILE + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| file_error(e.to_string()))?;
-        if text.len() as u64 > MAX_POLICY_FILE {
-            return Err(file_error(format!(
-                "larger than the {MAX_POLICY_FILE} bytes a policy file may have"
-            )));
-        }
-        parse(&text).map_err(|error| PolicyError::InFile {
-            path: path.to_owned(),
-            error: Box::new(error),
-        })
+        policy_data::from_file(path, Self::from_toml, Self::from_json)
     }
 
     fn validated(self) -> Result<Self, PolicyError> {
@@ -821,186 +758,6 @@ fn validate_header_name(field: &str, name: &str) -> Result<(), PolicyError> {
         ));
     }
     Ok(())
-}
-
-fn in_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), PolicyError> {
-    if (min..=max).contains(&value) {
-        return Ok(());
-    }
-    let expected = match (min, max) {
-        (0, max) => format!("at most {max}"),
-        (min, u64::MAX) => format!("at least {min}"),
-        (min, max) => format!("{min} to {max}"),
-    };
-    Err(invalid(field, value, expected))
-}
-
-fn at_most(field: &str, len: usize, max: usize, what: &str) -> Result<(), PolicyError> {
-    if len > max {
-        return Err(invalid(
-            field,
-            format!("{len} {what}"),
-            format!("at most {max}"),
-        ));
-    }
-    Ok(())
-}
-
-fn invalid(
-    field: impl Into<String>,
-    value: impl fmt::Display,
-    expected: impl Into<String>,
-) -> PolicyError {
-    PolicyError::Invalid {
-        field: field.into(),
-        value: value.to_string(),
-        expected: expected.into(),
-    }
-}
-
-/// A TOML error, with the field path, and the position where the parser
-/// knows it.
-fn toml_error(text: &str, field: String, error: &toml::de::Error) -> PolicyError {
-    let (line, column) = error.span().map_or((0, 0), |span| {
-        let before = text.get(..span.start).unwrap_or(text);
-        let line = before.matches('\n').count() + 1;
-        let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
-        (line, column)
-    });
-    PolicyError::Parse {
-        format: "TOML",
-        field,
-        line,
-        column,
-        message: error.message().trim_end().to_owned(),
-    }
-}
-
-/// Why a policy was refused. The old policy, if any, stays in force.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum PolicyError {
-    /// A field's value is out of range or malformed.
-    #[error("policy field `{field}` is {value}: expected {expected}")]
-    Invalid {
-        /// The field, as a path: `split.subsets[1].weight`.
-        field: String,
-        /// Its value (strings quoted, shortened and escaped).
-        value: String,
-        /// What was expected.
-        expected: String,
-    },
-    /// The text is not a policy: not TOML (or JSON), a field of the wrong
-    /// type, an unknown field or an unknown kind.
-    #[error("{}", parse_message(format, field, *line, *column, message))]
-    Parse {
-        /// `TOML` or `JSON`.
-        format: &'static str,
-        /// The field, as a path (`strategy`, `split.subsets[0].weight`);
-        /// empty when the document itself is malformed.
-        field: String,
-        /// The line, from 1; 0 when not known.
-        line: usize,
-        /// The column, from 1; 0 when not known.
-        column: usize,
-        /// What the parser said, which names the value and what was
-        /// expected.
-        message: String,
-    },
-    /// A policy file could not be read.
-    #[error("policy file {}: {reason}", path.display())]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// A policy file was read, but its policy was refused.
-    #[error("policy file {}: {error}", path.display())]
-    InFile {
-        /// The file.
-        path: PathBuf,
-        /// Why its policy was refused.
-        #[source]
-        error: Box<PolicyError>,
-    },
-}
-
-fn parse_message(format: &str, field: &str, line: usize, column: usize, message: &str) -> String {
-    let field = if field.is_empty() || field == "." {
-        String::new()
-    } else {
-        format!(" field `{field}`")
-    };
-    let at = if line > 0 {
-        format!(" (line {line}, column {column})")
-    } else {
-        String::new()
-    };
-    format!("{format} policy{field}{at}: {message}")
-}
-
-/// Every gRPC code, in the order of its number.
-pub(crate) const CODES: [tonic::Code; 17] = [
-    tonic::Code::Ok,
-    tonic::Code::Cancelled,
-    tonic::Code::Unknown,
-    tonic::Code::InvalidArgument,
-    tonic::Code::DeadlineExceeded,
-    tonic::Code::NotFound,
-    tonic::Code::AlreadyExists,
-    tonic::Code::PermissionDenied,
-    tonic::Code::ResourceExhausted,
-    tonic::Code::FailedPrecondition,
-    tonic::Code::Aborted,
-    tonic::Code::OutOfRange,
-    tonic::Code::Unimplemented,
-    tonic::Code::Internal,
-    tonic::Code::Unavailable,
-    tonic::Code::DataLoss,
-    tonic::Code::Unauthenticated,
-];
-
-/// The name the gRPC specification gives `code` (`UNAVAILABLE`,
-/// `DEADLINE_EXCEEDED`), as policies name it.
-///
-/// ```
-/// use lodestar::client::policy::code_name;
-/// assert_eq!(code_name(tonic::Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
-/// ```
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// The gRPC code a policy names, e.g. `UNAVAILABLE` (as the gRPC
-/// specification spells them: upper case, words joined by `_`).
-///
-/// ```
-/// use lodestar::client::policy::code_from_name;
-/// assert_eq!(code_from_name("DEADLINE_EXCEEDED"), Some(tonic::Code::DeadlineExceeded));
-/// assert_eq!(code_from_name("unavailable"), None);
-/// ```
-pub fn code_from_name(name: &str) -> Option<tonic::Code> {
-    CODES.into_iter().find(|&code| code_name(code) == name)
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@
 //! [`ServiceBuilder::layer`], the inbound deadline, the codec (JSON
 //! transcoding, compression), the message size limits, and the routes.
 //!
-//! The modules: `builder` (the settings), `start` (routes, stack, listener,
+//! The modules: `builder` (the settings), `policy` (settings per method,
+//! as data, replaceable while running), `start` (routes, stack, listener,
 //! first registration), `stack` (the layers), `connection` (accepting and
 //! serving connections), `budget`, `registration` (heartbeats),
 //! `running` (the started service and its shutdown), `lifecycle`,
@@ -33,6 +34,7 @@ mod budget;
 mod builder;
 mod connection;
 mod lifecycle;
+pub mod policy;
 mod registration;
 mod running;
 mod signal;

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use lodestar_core::Instance;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
@@ -11,6 +12,7 @@ use tonic_health::server::HealthReporter;
 
 use super::ServeError;
 use super::lifecycle::{Announcer, Lifecycle, LifecycleEvents};
+use super::policy::{Policy, PolicyError};
 use super::registration::Registration;
 
 /// A started service. Dropping it leaves the service running in the
@@ -27,6 +29,7 @@ pub struct RunningService {
     pub(super) subscribers_stop: watch::Sender<bool>,
     pub(super) subscriber_tasks: Vec<tokio::task::JoinHandle<()>>,
     pub(super) grace: Duration,
+    pub(super) policy: Arc<ArcSwap<Policy>>,
 }
 
 impl std::fmt::Debug for RunningService {
@@ -57,6 +60,20 @@ impl RunningService {
     /// The lifecycle events: every step so far, then each new one.
     pub fn lifecycle(&self) -> LifecycleEvents {
         self.events.subscribe()
+    }
+
+    /// Replaces the server policy (see [`policy`](super::policy)): calls
+    /// that start from now on follow the new one. A policy that is not
+    /// valid is refused, naming the field, and the old one stays.
+    pub fn set_policy(&self, policy: Policy) -> Result<(), PolicyError> {
+        policy.validate()?;
+        self.policy.store(Arc::new(policy));
+        Ok(())
+    }
+
+    /// The server policy in force.
+    pub fn policy(&self) -> Policy {
+        Policy::clone(&self.policy.load())
     }
 
     /// Shuts down gracefully; see the [module docs](crate::server) for the order.

@@ -125,6 +125,8 @@ impl ServiceBuilder {
 
         let events = Arc::new(Announcer::new());
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Replaced whole by `RunningService::set_policy`.
+        let policy = Arc::new(arc_swap::ArcSwap::from_pointee(self.policy));
         let stack = stack::Stack::build(
             routes,
             stack::Settings {
@@ -251,6 +253,7 @@ impl ServiceBuilder {
             subscribers_stop,
             subscriber_tasks,
             grace: self.grace,
+            policy,
         })
     }
 
