@@ -24,7 +24,8 @@
 //! transcoding, compression), the message size limits, and the routes.
 //!
 //! The modules: `builder` (the settings), `policy` (settings per method,
-//! as data, replaceable while running), `start` (routes, stack, listener,
+//! as data, replaceable while running), `observe` (what its layers
+//! decide), `start` (routes, stack, listener,
 //! first registration), `stack` (the layers), `connection` (accepting and
 //! serving connections), `budget`, `registration` (heartbeats),
 //! `running` (the started service and its shutdown), `lifecycle`,
@@ -34,6 +35,7 @@ mod budget;
 mod builder;
 mod connection;
 mod lifecycle;
+pub mod observe;
 pub mod policy;
 mod registration;
 mod running;

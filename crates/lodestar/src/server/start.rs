@@ -134,6 +134,8 @@ impl ServiceBuilder {
                 send_compressed: self.send_compressed,
                 inspect_compression: self.inspect_compression,
                 descriptors: known,
+                policy: policy.clone(),
+                observers: self.observers,
             },
             self.layers,
         );

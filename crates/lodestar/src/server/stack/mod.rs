@@ -81,11 +81,19 @@ type CoreFuture = self::routes::RoutesFuture;
 
 /// The server's settings the stack applies.
 #[derive(Debug)]
+#[expect(
+    dead_code,
+    reason = "policy and observers: read by the policy layers to come"
+)]
 pub(crate) struct Settings {
     pub(crate) limits: MessageLimits,
     pub(crate) send_compressed: Option<Encoding>,
     pub(crate) inspect_compression: bool,
     pub(crate) descriptors: Descriptors,
+    /// The server policy in force (`RunningService::set_policy` replaces it).
+    pub(crate) policy: Arc<arc_swap::ArcSwap<super::policy::Policy>>,
+    /// Told of the policy layers' decisions.
+    pub(crate) observers: super::observe::Observers,
 }
 
 /// The stack below the per-connection budget, as built at start.

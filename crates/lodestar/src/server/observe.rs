@@ -1,0 +1,80 @@
+//! Seeing what the server's policy layers decide: the [`Observer`] hook.
+//!
+//! A call refused by a rate limit, shed under load, or given an injected
+//! fault is reported here, once, as a [`Decision`], so that metrics can
+//! count it. How each call ended is [`CallEnd`](super::CallEnd)'s job.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use lodestar::server::observe::Decision;
+//!
+//! let decisions = Arc::new(AtomicUsize::new(0));
+//! let counted = decisions.clone();
+//! let builder = lodestar::Service::builder("greeter").observe(move |_: &Decision<'_>| {
+//!     counted.fetch_add(1, Ordering::Relaxed);
+//! });
+//! ```
+
+use std::sync::Arc;
+
+/// Sees every decision the server's policy layers make. Closures
+/// `Fn(&Decision<'_>)` are observers.
+///
+/// Called on the task of the call decided about: keep it short (count,
+/// record, send to a channel).
+pub trait Observer: Send + Sync + 'static {
+    /// A policy layer decided something about a call.
+    fn decided(&self, decision: &Decision<'_>);
+}
+
+impl<F> Observer for F
+where
+    F: Fn(&Decision<'_>) + Send + Sync + 'static,
+{
+    fn decided(&self, decision: &Decision<'_>) {
+        self(decision);
+    }
+}
+
+/// A decision a server policy layer made about a call.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Decision<'a> {
+    /// The method, as `/package.Service/Method`.
+    pub method: &'a str,
+    /// What was decided.
+    pub kind: DecisionKind,
+}
+
+/// What a server policy layer decided (see [`Decision`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecisionKind {}
+
+/// The observers of a server, in the order they were added.
+#[derive(Clone, Default)]
+pub(crate) struct Observers(Arc<[Arc<dyn Observer>]>);
+
+impl Observers {
+    /// These observers and `observer` after them.
+    pub(crate) fn with(&self, observer: impl Observer) -> Self {
+        let mut all = self.0.to_vec();
+        all.push(Arc::new(observer));
+        Self(all.into())
+    }
+
+    /// Tells every observer of `decision`.
+    #[expect(dead_code, reason = "called by the policy layers to come")]
+    pub(crate) fn decided(&self, decision: &Decision<'_>) {
+        for observer in self.0.iter() {
+            observer.decided(decision);
+        }
+    }
+}
+
+impl std::fmt::Debug for Observers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} observers", self.0.len())
+    }
+}
