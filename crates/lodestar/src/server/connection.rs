@@ -4,11 +4,14 @@
 
 use lodestar_core::task::AbortOnDrop;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::budget::{ConnectionBudget, ServerBudget};
@@ -100,6 +103,10 @@ pub(crate) async fn serve(
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
+        // A client's fixed windows; adaptive windows, when on, replace them
+        // (so this order).
+        .initial_stream_window_size(crate::STREAM_WINDOW)
+        .initial_connection_window_size(crate::CONNECTION_WINDOW)
         .adaptive_window(settings.adaptive_window)
         .keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
@@ -272,43 +279,71 @@ async fn run_connection<I>(
     let connection = http2.serve_connection(io, stack);
     tokio::pin!(connection);
     // The drain and stall checks run in a task of their own: this one is
-    // woken for every frame, and then polls only the connection and two
-    // cheap signals (no timer or watch channel to register with again).
-    let (drain_tx, mut drained) = oneshot::channel();
-    let (cut_tx, mut cut) = oneshot::channel();
+    // woken for every frame, and then polls only the connection and reads
+    // one atomic (no timer, channel or waker to register with again).
+    let signals = Arc::new(Signals::default());
     let watcher = tokio::spawn(watch_connection(
         drain,
         budget,
         stall_timeout,
         peer,
-        drain_tx,
-        cut_tx,
+        signals.clone(),
     ));
     let _watcher = AbortOnDrop::new(watcher);
-    // Each signal is taken once: a finished one-shot must not be polled again.
-    let (mut draining, mut watched) = (false, true);
-    loop {
-        tokio::select! {
-            biased;
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, draining, "connection ended with an error");
-                }
-                return;
+    // Whether the drain was passed on; the signals when the waker was last
+    // registered, and that waker.
+    let mut draining = false;
+    let mut seen = 0;
+    let mut registered: Option<std::task::Waker> = None;
+    let ended = std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(result.map_err(|e| (e, draining)));
             }
-            // Before the drain: a watcher that cut the connection and
-            // ended also drops its drain sender.
-            result = &mut cut, if watched => match result {
-                Ok(()) => return,
-                Err(_) => watched = false, // the watcher is gone; serve on
-            },
-            result = &mut drained, if !draining => {
+            let now = signals.state.load(Ordering::Acquire);
+            if now & CUT != 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if now & DRAIN != 0 && !draining {
+                // Polled again at once, to send the GOAWAY.
                 draining = true;
-                if result.is_ok() {
-                    connection.as_mut().graceful_shutdown();
-                }
+                connection.as_mut().graceful_shutdown();
+                continue;
             }
+            // A wake takes the registered waker: register again after each
+            // signal, or when polled with another waker.
+            if now != seen || registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                seen = now;
+                signals.waker.register(cx.waker());
+                registered = Some(cx.waker().clone());
+                continue; // a signal may have come before the waker was there
+            }
+            return Poll::Pending;
         }
+    });
+    if let Err((e, draining)) = ended.await {
+        tracing::debug!(error = %e, draining, "connection ended with an error");
+    }
+}
+
+/// What a connection's watcher tells its task: [`DRAIN`] (the server is
+/// stopping: finish the calls open, take no more) and [`CUT`] (the client
+/// stalled: close now), as bits set once each.
+#[derive(Default)]
+struct Signals {
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+/// The server is stopping: finish the calls open, take no more.
+const DRAIN: u8 = 1;
+/// The client reads too little of its responses: close the connection.
+const CUT: u8 = 2;
+
+impl Signals {
+    fn send(&self, signal: u8) {
+        self.state.fetch_or(signal, Ordering::Release);
+        self.waker.wake();
     }
 }
 
@@ -320,8 +355,7 @@ async fn watch_connection(
     budget: Arc<ConnectionBudget>,
     stall_timeout: Duration,
     peer: Option<std::net::SocketAddr>,
-    drain_tx: oneshot::Sender<()>,
-    cut_tx: oneshot::Sender<()>,
+    signals: Arc<Signals>,
 ) {
     // A stall: data held at two checks in a row, and less than
     // MIN_PROGRESS of it (or of what was held) sent between.
@@ -329,13 +363,12 @@ async fn watch_connection(
         tokio::time::interval_at(tokio::time::Instant::now() + stall_timeout, stall_timeout);
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = (budget.held(), budget.sent());
-    let mut drain_tx = Some(drain_tx);
+    let mut draining = false;
     loop {
         tokio::select! {
-            _ = drain.wait_for(|d| *d), if drain_tx.is_some() => {
-                if let Some(drain_tx) = drain_tx.take() {
-                    let _ = drain_tx.send(());
-                }
+            _ = drain.wait_for(|d| *d), if !draining => {
+                draining = true;
+                signals.send(DRAIN);
             }
             _ = stall_check.tick() => {
                 let now = (budget.held(), budget.sent());
@@ -347,7 +380,7 @@ async fn watch_connection(
                 if last.0 > 0 && now.0 > 0 && sent < needed as u64 {
                     tracing::info!(?peer, held = now.0, sent, ?stall_timeout,
                         "closing a connection whose client reads too little of its responses");
-                    let _ = cut_tx.send(());
+                    signals.send(CUT);
                     return;
                 }
                 last = now;
