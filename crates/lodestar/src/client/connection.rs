@@ -13,13 +13,8 @@ use lodestar_core::sync::MutexExt;
 
 use crate::io::Rewind;
 use crate::tls::ClientTls;
+use crate::{CONNECTION_WINDOW, STREAM_WINDOW};
 
-/// The flow-control window each call's response may fill before it is
-/// read: 2 MiB (hyper's client default).
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// The flow-control window all calls' responses on one connection may
-/// fill before they are read: 5 MiB (hyper's client default).
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// The largest header block a response may carry: 16 KiB (hyper's client
 /// default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;

@@ -50,8 +50,9 @@ impl Service {
             inspect_compression: false,
             // Default: plaintext HTTP/2.
             tls: None,
-            // Keepalive 60 s / 20 s, 1024 streams per connection, adaptive
-            // window, 10 s handshake timeout.
+            // TCP keepalive 60 s, no PINGs, 1024 streams per connection,
+            // fixed windows (2 MiB per call, 5 MiB per connection), 10 s
+            // handshake timeout.
             http2: crate::Http2Settings::server(),
             // 4096 connections; 32 MiB unsent per connection, 256 MiB in
             // all; 30 s stall timeout.
