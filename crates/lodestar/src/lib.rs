@@ -53,6 +53,7 @@ pub mod codec;
 pub mod compression;
 mod deadline;
 pub mod events;
+pub mod fault;
 mod frames;
 #[doc(hidden)]
 pub mod fuzzing;
