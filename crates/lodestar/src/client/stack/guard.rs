@@ -112,3 +112,54 @@ where
         Poll::Ready(result)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_method_takes_its_entry_else_the_default_and_an_entry_without_settings_hides_it() {
+        let policy = Policy::from_toml(
+            r#"
+            [[methods]]
+            names = ["Quiet"]
+            [[methods]]
+            names = ["Get", "List"]
+            fault = { abort_percent = 10.0 }
+            [[methods]]
+            names = ["*"]
+            fault = { abort_percent = 20.0 }
+            "#,
+        )
+        .unwrap();
+        let table: PerMethod<String> = PerMethod::default();
+        assert_eq!(table.get("/pkg.S/Get"), None, "off until set");
+        table.set(
+            &policy,
+            |entry| entry.fault.as_ref(),
+            |settings, _| Arc::new(settings.abort_percent.to_string()),
+        );
+        let get = |path| table.get(path).map(|s| s.as_str().to_owned());
+        assert_eq!(get("/pkg.S/Get").as_deref(), Some("10"));
+        assert_eq!(get("/pkg.S/List").as_deref(), Some("10"));
+        assert_eq!(get("/pkg.S/Put").as_deref(), Some("20"));
+        assert_eq!(get("/pkg.S/Quiet"), None);
+        // Kept across a change when `make` says so.
+        let before = table.get("/pkg.S/Get").unwrap();
+        table.set(
+            &policy,
+            |entry| entry.fault.as_ref(),
+            |settings, old| {
+                old.cloned()
+                    .unwrap_or_else(|| Arc::new(settings.abort_percent.to_string()))
+            },
+        );
+        assert!(Arc::ptr_eq(&before, &table.get("/pkg.S/Get").unwrap()));
+        table.set(
+            &Policy::default(),
+            |entry| entry.fault.as_ref(),
+            |_, _| before.clone(),
+        );
+        assert_eq!(get("/pkg.S/Put"), None);
+    }
+}

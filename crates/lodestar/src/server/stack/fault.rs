@@ -179,3 +179,44 @@ where
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_method_takes_its_entry_then_its_services_then_the_default() {
+        let policy = Policy::from_toml(
+            r#"
+            [[methods]]
+            names = ["a.S/Quiet", "b.T/*"]
+            [[methods]]
+            names = ["a.S/Get"]
+            fault = { abort_percent = 100.0, abort_code = "NOT_FOUND" }
+            [[methods]]
+            names = ["a.S/*"]
+            fault = { abort_percent = 100.0, abort_code = "ABORTED" }
+            [[methods]]
+            names = ["*"]
+            fault = { abort_percent = 100.0, abort_code = "INTERNAL" }
+            "#,
+        )
+        .unwrap();
+        let live = Live::new(&policy);
+        let code = |path: &str| {
+            live.get(path)
+                .and_then(|i| i.draw(&mut http::HeaderMap::new()))
+                .and_then(Fault::end)
+        };
+        assert_eq!(code("/a.S/Get"), Some(tonic::Code::NotFound));
+        assert_eq!(code("/a.S/List"), Some(tonic::Code::Aborted));
+        assert_eq!(code("/c.U/Get"), Some(tonic::Code::Internal));
+        // An entry without faults hides the ones after it.
+        assert_eq!(code("/a.S/Quiet"), None);
+        assert_eq!(code("/b.T/Get"), None);
+        // Replaced: off, and a call costs one load.
+        live.follow(&Policy::default());
+        assert!(!live.on.load(Ordering::Relaxed));
+        assert_eq!(code("/a.S/Get"), None);
+    }
+}
