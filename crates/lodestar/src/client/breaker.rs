@@ -421,7 +421,7 @@ impl Breaker {
                 },
                 BreakerKind::Sre => {
                     let totals = inner.window.totals(now);
-                    let accepts = totals.calls - totals.failures;
+                    let accepts = totals.calls.saturating_sub(totals.failures);
                     let odds = (f64::from(totals.calls) - self.settings.k * f64::from(accepts))
                         / (f64::from(totals.calls) + 1.0);
                     let forced = now.saturating_duration_since(inner.last_admitted) >= FORCED_PROBE;

@@ -418,7 +418,7 @@ impl Observed {
 /// ends: told how it ended, or released when dropped.
 #[derive(Debug, Default)]
 pub(crate) struct Permits {
-    pub(crate) breaker: Option<super::breaker::Permit>,
+    pub(crate) breaker: Option<Box<super::breaker::Permit>>,
     pub(crate) bulkhead: Option<super::stack::BulkheadPermit>,
 }
 

@@ -34,7 +34,9 @@ impl Live {
     }
 }
 
-impl Hold for Permit {
+// Boxed: a call's future stays as small as without a breaker; only a
+// call with one pays for the allocation.
+impl Hold for Box<Permit> {
     fn hold(self, response: &mut Response<Observed>) {
         // A trailers-only answer carries its status in its headers.
         let trailers_only = http_body::Body::is_end_stream(response.body());
@@ -97,7 +99,7 @@ where
         match breaker.admit(&method, deadline) {
             Ok(permit) => Either::Left(Holding {
                 inner: self.inner.call(request),
-                permit: Some(permit),
+                permit: Some(Box::new(permit)),
             }),
             Err(refusal) => {
                 self.reporter

@@ -147,3 +147,43 @@ pub(crate) fn core(balance: Arc<Balance>) -> Core {
         codec,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call's future, boxed once, is moved and copied whole: the
+    /// bulkhead, breaker and fault layers add a few bytes to it (a
+    /// breaker's permit is boxed, for calls that have one).
+    #[tokio::test]
+    async fn the_resilience_layers_add_almost_nothing_to_a_calls_future() {
+        let balance = Balance::new(
+            ServiceKey::new("svc"),
+            Arc::new(lodestar_core::MemoryRegistry::new()),
+            Arc::new(ClientConfig::default()),
+        );
+        let config = balance.config.clone();
+        let full = core(balance.clone());
+        let retry = retry::Retry::new(retry::Params { max_attempts: 3 }, balance.clone());
+        let codec = codec::Codec::new(
+            codec::Params {
+                codec: config.codec,
+                limits: config.limits,
+                send_compressed: config.send_compressed,
+                inspect_compression: config.inspect_compression,
+            },
+            retry,
+        );
+        let without = deadline::Deadline::new(
+            deadline::Params {
+                service: balance.key.clone(),
+                default: None,
+            },
+            codec,
+        );
+        let request = || http::Request::new(tonic::body::Body::empty());
+        let with = std::mem::size_of_val(&full.call(request()));
+        let without = std::mem::size_of_val(&without.call(request()));
+        assert!(with <= without + 16, "{with} bytes, {without} without them");
+    }
+}
