@@ -224,6 +224,16 @@ impl Injector {
     }
 }
 
+/// The fault a call to `request`'s method gets from `injector` (the
+/// method's, if it has one), with the method's path to report it under.
+pub(crate) fn for_call<B>(
+    injector: Option<Arc<Injector>>,
+    request: &mut http::Request<B>,
+) -> Option<(Fault, String)> {
+    let fault = injector?.draw(request.headers_mut())?;
+    Some((fault, request.uri().path().to_owned()))
+}
+
 /// A code by name (`UNAVAILABLE`) or number (`14`).
 fn parse_code(value: &str) -> Option<Code> {
     let value = value.trim();

@@ -2,7 +2,6 @@
 //! they mostly fail ([`breaker`](crate::client::breaker)).
 
 use std::future::Future;
-use std::sync::Arc;
 
 use futures_util::future::Either;
 use http::uri::PathAndQuery;
@@ -10,7 +9,7 @@ use http::{Request, Response};
 use tonic::Status;
 
 use super::Call;
-use super::guard::{Hold, Holding, PerMethod};
+use super::guard::{Guarded, Hold, Holding, PerMethod};
 use crate::body::RequestBody;
 use crate::client::breaker::{Breaker as State, Permit};
 use crate::client::observe::{DecisionKind, Observed, Outcome, Reporter};
@@ -57,24 +56,9 @@ impl Hold for Box<Permit> {
 /// Asks the breaker of the call's method, if it has one: refused, the
 /// call fails at once with `UNAVAILABLE`; let through, the breaker counts
 /// how it ends.
-#[derive(Debug)]
-pub(crate) struct Breaker<S> {
-    live: Arc<Live>,
-    reporter: Reporter,
-    inner: S,
-}
+pub(crate) type Breaker<S> = Guarded<Live, S>;
 
-impl<S> Breaker<S> {
-    pub(crate) fn new(live: Arc<Live>, reporter: Reporter, inner: S) -> Self {
-        Self {
-            live,
-            reporter,
-            inner,
-        }
-    }
-}
-
-impl<S> Call<Request<RequestBody>> for Breaker<S>
+impl<S> Call<Request<RequestBody>> for Guarded<Live, S>
 where
     S: Call<Request<RequestBody>, Response = Response<Observed>>,
 {

@@ -11,9 +11,9 @@ use lodestar_core::ServiceKey;
 use tonic::Status;
 
 use super::Call;
-use super::guard::{Hold, Holding};
+use super::guard::{Guarded, Hold, Holding};
 use crate::body::RequestBody;
-use crate::client::observe::{DecisionKind, Observed, Reporter};
+use crate::client::observe::{DecisionKind, Observed};
 use crate::client::policy::Policy;
 
 /// The bulkhead of one service: its maximum (0: none), from the policy,
@@ -53,24 +53,9 @@ impl Hold for BulkheadPermit {
 /// Fails a call at once with `RESOURCE_EXHAUSTED` when the service's
 /// bulkhead is full; otherwise the call holds a place until its response
 /// ends, or it is dropped.
-#[derive(Debug)]
-pub(crate) struct Bulkhead<S> {
-    live: Arc<Live>,
-    reporter: Reporter,
-    inner: S,
-}
+pub(crate) type Bulkhead<S> = Guarded<Live, S>;
 
-impl<S> Bulkhead<S> {
-    pub(crate) fn new(live: Arc<Live>, reporter: Reporter, inner: S) -> Self {
-        Self {
-            live,
-            reporter,
-            inner,
-        }
-    }
-}
-
-impl<S> Call<Request<RequestBody>> for Bulkhead<S>
+impl<S> Call<Request<RequestBody>> for Guarded<Live, S>
 where
     S: Call<Request<RequestBody>, Response = Response<Observed>>,
 {

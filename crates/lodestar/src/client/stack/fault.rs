@@ -2,16 +2,15 @@
 //! as its policy says ([`fault`](crate::fault)).
 
 use std::future::Future;
-use std::sync::Arc;
 
 use futures_util::future::Either;
 use http::{Request, Response};
 use tonic::Status;
 
 use super::Call;
-use super::guard::PerMethod;
+use super::guard::{Guarded, PerMethod};
 use crate::body::RequestBody;
-use crate::client::observe::{DecisionKind, Observed, Reporter};
+use crate::client::observe::{DecisionKind, Observed};
 use crate::client::policy::Policy;
 use crate::fault::{Fault as Injected, Injector};
 
@@ -33,24 +32,9 @@ impl Live {
 /// Delays or fails the calls of methods with fault settings, before they
 /// go further; the breaker above counts an injected abort like any other
 /// failure, the retry layer below never sees it.
-#[derive(Debug)]
-pub(crate) struct Fault<S> {
-    live: Arc<Live>,
-    reporter: Reporter,
-    inner: S,
-}
+pub(crate) type Fault<S> = Guarded<Live, S>;
 
-impl<S> Fault<S> {
-    pub(crate) fn new(live: Arc<Live>, reporter: Reporter, inner: S) -> Self {
-        Self {
-            live,
-            reporter,
-            inner,
-        }
-    }
-}
-
-impl<S> Call<Request<RequestBody>> for Fault<S>
+impl<S> Call<Request<RequestBody>> for Guarded<Live, S>
 where
     S: Call<Request<RequestBody>, Response = Response<Observed>>,
 {
@@ -60,14 +44,10 @@ where
         &self,
         mut request: Request<RequestBody>,
     ) -> impl Future<Output = Result<Self::Response, Status>> + Send {
-        let fault = self
-            .live
-            .get(request.uri().path())
-            .and_then(|injector| injector.draw(request.headers_mut()));
-        let Some(fault) = fault else {
+        let injector = self.live.get(request.uri().path());
+        let Some((fault, method)) = crate::fault::for_call(injector, &mut request) else {
             return Either::Left(self.inner.call(request));
         };
-        let method = request.uri().path().to_owned();
         self.reporter.report(
             &method,
             DecisionKind::FaultInjected {

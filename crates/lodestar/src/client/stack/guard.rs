@@ -13,8 +13,28 @@ use arc_swap::ArcSwap;
 use http::Response;
 use tonic::Status;
 
-use crate::client::observe::Observed;
+use crate::client::observe::{Observed, Reporter};
 use crate::client::policy::{MethodPolicy, Policy};
+
+/// A layer above retry (the bulkhead, breaker and fault layers): its
+/// state, shared by the channel and replaced with the policy; who is told
+/// of its decisions; and the layers below it.
+#[derive(Debug)]
+pub(crate) struct Guarded<L, S> {
+    pub(super) live: Arc<L>,
+    pub(super) reporter: Reporter,
+    pub(super) inner: S,
+}
+
+impl<L, S> Guarded<L, S> {
+    pub(crate) fn new(live: Arc<L>, reporter: Reporter, inner: S) -> Self {
+        Self {
+            live,
+            reporter,
+            inner,
+        }
+    }
+}
 
 /// A layer's state for each method with settings (a breaker, a fault
 /// injector), built from the policy's `methods` and replaced with it.

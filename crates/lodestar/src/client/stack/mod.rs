@@ -118,11 +118,10 @@ impl Guards {
 
 /// Builds the stack for the channel over `balance`, outer to inner.
 pub(crate) fn core(balance: Arc<Balance>) -> Core {
-    let config = balance.config.clone();
     let guards = &balance.guards;
     let retry = retry::Retry::new(
         retry::Params {
-            max_attempts: config.max_attempts,
+            max_attempts: balance.config.max_attempts,
         },
         balance.clone(),
     );
@@ -130,6 +129,12 @@ pub(crate) fn core(balance: Arc<Balance>) -> Core {
     let breaker = breaker::Breaker::new(guards.breakers.clone(), guards.reporter.clone(), fault);
     let bulkhead =
         bulkhead::Bulkhead::new(guards.bulkhead.clone(), guards.reporter.clone(), breaker);
+    deadline_and_codec(&balance, bulkhead)
+}
+
+/// The deadline and codec layers, outermost, over `inner`.
+fn deadline_and_codec<S>(balance: &Balance, inner: S) -> deadline::Deadline<codec::Codec<S>> {
+    let config = &balance.config;
     let codec = codec::Codec::new(
         codec::Params {
             codec: config.codec,
@@ -137,7 +142,7 @@ pub(crate) fn core(balance: Arc<Balance>) -> Core {
             send_compressed: config.send_compressed,
             inspect_compression: config.inspect_compression,
         },
-        bulkhead,
+        inner,
     );
     deadline::Deadline::new(
         deadline::Params {
@@ -162,25 +167,9 @@ mod tests {
             Arc::new(lodestar_core::MemoryRegistry::new()),
             Arc::new(ClientConfig::default()),
         );
-        let config = balance.config.clone();
         let full = core(balance.clone());
         let retry = retry::Retry::new(retry::Params { max_attempts: 3 }, balance.clone());
-        let codec = codec::Codec::new(
-            codec::Params {
-                codec: config.codec,
-                limits: config.limits,
-                send_compressed: config.send_compressed,
-                inspect_compression: config.inspect_compression,
-            },
-            retry,
-        );
-        let without = deadline::Deadline::new(
-            deadline::Params {
-                service: balance.key.clone(),
-                default: None,
-            },
-            codec,
-        );
+        let without = deadline_and_codec(&balance, retry);
         let request = || http::Request::new(tonic::body::Body::empty());
         let with = std::mem::size_of_val(&full.call(request()));
         let without = std::mem::size_of_val(&without.call(request()));

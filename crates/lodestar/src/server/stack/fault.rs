@@ -137,15 +137,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
-        let fault = self
-            .layer
-            .live
-            .get(request.uri().path())
-            .and_then(|injector| injector.draw(request.headers_mut()));
-        let Some(fault) = fault else {
+        let injector = self.layer.live.get(request.uri().path());
+        let Some((fault, method)) = crate::fault::for_call(injector, &mut request) else {
             return Either::Left(self.inner.call(request));
         };
-        let method = request.uri().path().to_owned();
         self.layer.observers.decided(&Decision {
             method: &method,
             kind: DecisionKind::FaultInjected {
