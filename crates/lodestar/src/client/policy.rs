@@ -1,7 +1,10 @@
 //! The client policy of a service, as data: how its instances are chosen
 //! ([`Strategy`]), which of them a call may use ([`Route`], [`Split`],
 //! [`ZoneAffinity`]) and when one is taken out of rotation
-//! ([`OutlierSettings`]).
+//! ([`OutlierSettings`]); and how calls are kept from a sick service: a
+//! [`BulkheadSettings`] per service, a circuit breaker
+//! ([`BreakerSettings`]) and fault injection ([`FaultSettings`]) per method
+//! ([`MethodPolicy`]).
 //!
 //! A [`Policy`] is a plain value: set in code, read from TOML or JSON
 //! ([`Policy::from_toml`], [`Policy::from_json`], [`Policy::from_file`]),

@@ -1,4 +1,5 @@
-//! The server policy of a service, as data: settings per method, read from
+//! The server policy of a service, as data: settings per method (such as
+//! the faults injected into their calls, [`FaultSettings`]), read from
 //! TOML or JSON ([`Policy::from_toml`], [`Policy::from_json`],
 //! [`Policy::from_file`]), set with
 //! [`ServiceBuilder::policy`](super::ServiceBuilder::policy) and replaced
