@@ -218,6 +218,11 @@ async fn a_breaker_opens_fails_fast_probes_then_closes_or_reopens() {
     took.sort();
     assert!(took[25] < Duration::from_millis(1), "median {:?}", took[25]);
     assert_eq!(backend.calls("Unary"), 5);
+    // Every clone of the client shares the breaker.
+    let status = unary(&mut EchoClient::by_name(&client.clone(), "broken"))
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("is open"), "{status:?}");
     // Another method of the same service, with a breaker of its own, is
     // not affected.
     for _ in 0..20 {
@@ -265,7 +270,7 @@ async fn a_breaker_opens_fails_fast_probes_then_closes_or_reopens() {
     let opened = decisions.count(|k| matches!(k, DecisionKind::BreakerOpened { .. }));
     let closed = decisions.count(|k| *k == DecisionKind::BreakerClosed);
     let rejected = decisions.count(|k| *k == DecisionKind::BreakerRejected);
-    assert_eq!((opened, closed, rejected), (3, 1, 50 + 4 + 1 + 1));
+    assert_eq!((opened, closed, rejected), (3, 1, 50 + 1 + 4 + 1 + 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +365,8 @@ async fn a_full_bulkhead_fails_at_once_without_a_retry_and_a_dropped_call_frees_
         held.push(tokio::spawn(async move { echo.sleep(request).await }));
         assert_eq!(world.next_event().await, Event::SleepStarted(token));
     }
-    let mut echo = echo.clone();
+    // Shared by every clone of the client.
+    let mut echo = EchoClient::by_name(&client.clone(), "crowded");
     let started = Instant::now();
     let status = bounded("the fourth call", echo.unary(EchoRequest::default()))
         .await
