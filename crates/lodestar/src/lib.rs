@@ -41,9 +41,10 @@
 //!
 //! * [`Registry`] with [`MemoryRegistry`] (in process);
 //! * [`Client`] and [`client::Channel`]: discovery, load balancing,
-//!   ejection of dead instances, deadlines;
+//!   ejection of dead instances, deadlines, circuit breakers and a bulkhead;
 //! * [`Service`]: the builder that serves, registers and owns the lifecycle;
-//! * [`Deadline`]: deadlines that travel from an inbound call to the calls it makes.
+//! * [`Deadline`]: deadlines that travel from an inbound call to the calls it makes;
+//! * [`fault`]: fault injection, in the client and server policies.
 //!
 //! See `docs/architecture.md` in the repository for how a call flows.
 
@@ -53,6 +54,7 @@ pub mod codec;
 pub mod compression;
 mod deadline;
 pub mod events;
+pub mod fault;
 mod frames;
 #[doc(hidden)]
 pub mod fuzzing;

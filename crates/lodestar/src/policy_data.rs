@@ -117,6 +117,37 @@ pub(crate) fn at_most(field: &str, len: usize, max: usize, what: &str) -> Result
     Ok(())
 }
 
+/// The code `name` names, other than `OK` (a code a call may fail with).
+pub(crate) fn failure_code(field: &str, name: &str) -> Result<tonic::Code, PolicyError> {
+    let quoted = lodestar_core::registry::limits::quoted;
+    match code_from_name(name) {
+        Some(tonic::Code::Ok) => Err(invalid(field, quoted(name), "a code other than `OK`")),
+        Some(code) => Ok(code),
+        None => Err(invalid(
+            field,
+            quoted(name),
+            "a gRPC code name such as `UNAVAILABLE` (upper case)",
+        )),
+    }
+}
+
+/// A list of failure codes: each a code other than `OK`, listed once;
+/// named `field[i]`.
+pub(crate) fn validate_codes(field: &str, codes: &[String]) -> Result<(), PolicyError> {
+    for (i, name) in codes.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        failure_code(&at, name)?;
+        if codes[..i].contains(name) {
+            return Err(invalid(
+                at,
+                lodestar_core::registry::limits::quoted(name),
+                "each code once",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A field's value refused: `expected` says what would do.
 pub(crate) fn invalid(
     field: impl Into<String>,

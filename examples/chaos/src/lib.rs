@@ -48,6 +48,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 
+pub mod flags;
 pub mod summary;
 
 /// Generated messages, server and client for the `chaos` package.

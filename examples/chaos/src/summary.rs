@@ -140,6 +140,7 @@ impl Tally {
             },
             elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             policy,
+            decisions: BTreeMap::new(),
         }
     }
 }
@@ -164,6 +165,9 @@ pub struct Summary {
     pub elapsed_ms: u64,
     /// The client policy in force, every field written out.
     pub policy: Policy,
+    /// The client's resilience decisions (a breaker opening or refusing a
+    /// call, a full bulkhead, an injected fault), by kind.
+    pub decisions: BTreeMap<String, u64>,
 }
 
 /// p50, p99 and p99.9, in milliseconds; 0 when no call was made.

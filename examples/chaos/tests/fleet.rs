@@ -235,7 +235,7 @@ async fn at_a_fixed_rate_calls_start_on_schedule_and_a_slow_server_shows_in_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_are_refused_with_the_flag_and_what_was_expected() {
     let (registry, url) = registry().await;
-    let cases: [(&str, &[&str], &str); 5] = [
+    let cases: [(&str, &[&str], &str); 8] = [
         (
             env!("CARGO_BIN_EXE_chaos-server"),
             &["--fail-rate", "1.5"],
@@ -261,6 +261,21 @@ async fn bad_flags_are_refused_with_the_flag_and_what_was_expected() {
             &["--rate", "0"],
             "--rate 0: expected calls per second above 0",
         ),
+        (
+            env!("CARGO_BIN_EXE_chaos-client"),
+            &["--breaker", "ratio", "--breaker-probes", "0"],
+            "policy field `methods[0].breaker.probes` is 0: expected 1 to 1000",
+        ),
+        (
+            env!("CARGO_BIN_EXE_chaos-client"),
+            &["--fault-abort-percent", "120"],
+            "policy field `methods[0].fault.abort_percent` is 120",
+        ),
+        (
+            env!("CARGO_BIN_EXE_chaos-server"),
+            &["--fault-delay-percent", "50", "--fault-delay-ms", "70000"],
+            "--fault-*: policy field `methods[0].fault.delay_ms` is 70000",
+        ),
     ];
     for (binary, args, expected) in cases {
         let mut command = Command::new(binary);
@@ -275,6 +290,54 @@ async fn bad_flags_are_refused_with_the_flag_and_what_was_expected() {
     command.args(["--registry", "nonsense"]);
     let stderr = String::from_utf8_lossy(&run(command).await.stderr).into_owned();
     assert!(stderr.starts_with("chaos-client: --registry: "), "{stderr}");
+    registry.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_open_the_breaker_and_the_summary_counts_the_decisions() {
+    let (registry, url) = registry().await;
+    let _server = server(
+        &url,
+        "aborting",
+        &[
+            "--fault-abort-percent",
+            "100",
+            "--fault-abort-code",
+            "ABORTED",
+        ],
+    );
+    // The server's faults: every call aborted, the handler never run.
+    let summary = client(&["--registry", &url, "--calls", "20"]).await;
+    assert_eq!(summary["failures"]["ABORTED"], 20, "{summary}");
+    assert_eq!(summary["decisions"], serde_json::json!({}), "{summary}");
+    // The client's faults open its breaker: 5 injected, then refused.
+    let summary = client(&[
+        "--registry",
+        &url,
+        "--calls",
+        "100",
+        "--concurrency",
+        "1",
+        "--fault-abort-percent",
+        "100",
+        "--fault-abort-code",
+        "DATA_LOSS",
+        "--breaker",
+        "ratio",
+        "--breaker-min-calls",
+        "5",
+        "--breaker-open-ms",
+        "60000",
+    ])
+    .await;
+    assert_eq!(summary["failures"]["DATA_LOSS"], 5, "{summary}");
+    assert_eq!(summary["failures"]["UNAVAILABLE"], 95, "{summary}");
+    assert_eq!(
+        summary["decisions"],
+        serde_json::json!({"FaultInjected": 5, "BreakerOpened": 1, "BreakerRejected": 95}),
+        "{summary}"
+    );
+    assert_eq!(summary["policy"]["methods"][0]["names"][0], "*");
     registry.shutdown().await.unwrap();
 }
 

@@ -44,6 +44,8 @@ mod channel;
 mod connection;
 pub mod observe;
 
+pub mod breaker;
+pub mod bulkhead;
 pub mod outlier;
 pub mod policy;
 pub(crate) mod route;

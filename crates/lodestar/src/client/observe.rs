@@ -88,7 +88,60 @@ pub struct Decision<'a> {
 /// What a resilience layer decided (see [`Decision`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum DecisionKind {}
+pub enum DecisionKind {
+    /// The method's circuit breaker opened (from closed, or from
+    /// half-open when a probe failed): its calls fail at once for
+    /// `open_for` ([`breaker`](super::breaker)).
+    BreakerOpened {
+        /// How long until it lets probes through.
+        open_for: Duration,
+    },
+    /// The method's circuit breaker is half-open: its probes go out.
+    BreakerHalfOpen,
+    /// The method's circuit breaker closed: its probes succeeded.
+    BreakerClosed,
+    /// The method's circuit breaker (open, half-open with every probe
+    /// out, or the adaptive throttle) refused a call: it failed at once
+    /// with `UNAVAILABLE`.
+    BreakerRejected,
+    /// The service's bulkhead was full: the call failed at once with
+    /// `RESOURCE_EXHAUSTED` ([`bulkhead`](super::bulkhead)).
+    BulkheadFull {
+        /// The bulkhead's maximum of calls in flight.
+        max_calls: u32,
+    },
+    /// A fault was injected into the call ([`fault`](crate::fault)): a
+    /// delay, an abort, or both.
+    FaultInjected {
+        /// The delay before the call went on, if any.
+        delay: Option<Duration>,
+        /// The code the call was failed with, if it was aborted.
+        abort: Option<Code>,
+    },
+}
+
+/// Who is told of the decisions of a channel's resilience layers.
+#[derive(Debug, Clone)]
+pub(crate) struct Reporter {
+    pub(crate) service: ServiceKey,
+    pub(crate) observers: Arc<[Arc<dyn ObserverDebug>]>,
+}
+
+impl Reporter {
+    pub(crate) fn report(&self, method: &str, kind: DecisionKind) {
+        if self.observers.is_empty() {
+            return;
+        }
+        let decision = Decision {
+            service: &self.service,
+            method,
+            kind,
+        };
+        for observer in self.observers.iter() {
+            observer.decided(&decision);
+        }
+    }
+}
 
 /// One attempt of a call, as it ended.
 #[derive(Debug)]
@@ -334,18 +387,52 @@ impl Drop for AttemptGuard {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that ends its attempt when it ends.
+    /// A response body that ends its attempt, and its call's permits,
+    /// when it ends.
     #[derive(Debug)]
     pub struct Observed {
         #[pin]
         inner: Received,
         guard: Option<AttemptGuard>,
+        permits: Permits,
     }
 }
 
 impl Observed {
     pub(crate) fn new(inner: Received, guard: Option<AttemptGuard>) -> Self {
-        Self { inner, guard }
+        Self {
+            inner,
+            guard,
+            permits: Permits::default(),
+        }
+    }
+
+    /// The permits of the call (a breaker's, a bulkhead's), released
+    /// when the response ends or is dropped.
+    pub(crate) fn permits(&mut self) -> &mut Permits {
+        &mut self.permits
+    }
+}
+
+/// What the layers above retry hold for a whole call, until its response
+/// ends: told how it ended, or released when dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Permits {
+    pub(crate) breaker: Option<Box<super::breaker::Permit>>,
+    pub(crate) bulkhead: Option<super::stack::BulkheadPermit>,
+}
+
+impl Permits {
+    fn is_empty(&self) -> bool {
+        self.breaker.is_none() && self.bulkhead.is_none()
+    }
+
+    /// The call ended with `outcome`.
+    pub(crate) fn finish(&mut self, outcome: &Outcome) {
+        if let Some(permit) = self.breaker.take() {
+            permit.finish(outcome);
+        }
+        self.bulkhead = None;
     }
 }
 
@@ -359,7 +446,7 @@ impl Body for Observed {
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if this.guard.is_some() {
+        if this.guard.is_some() || !this.permits.is_empty() {
             let outcome = match &polled {
                 Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
                     // A response without a status is an error (gRPC says UNKNOWN).
@@ -371,10 +458,11 @@ impl Body for Observed {
                 Poll::Ready(None) => Some(Outcome::Status(Code::Unknown)),
                 Poll::Pending => None,
             };
-            if let Some(outcome) = outcome
-                && let Some(guard) = this.guard.take()
-            {
-                guard.finish(outcome);
+            if let Some(outcome) = outcome {
+                this.permits.finish(&outcome);
+                if let Some(guard) = this.guard.take() {
+                    guard.finish(outcome);
+                }
             }
         }
         polled

@@ -53,7 +53,7 @@ use super::selector::{Endpoint, nanos_since_epoch};
 
 /// The codes that count as failures by default: what a sick instance
 /// answers. `DEADLINE_EXCEEDED` counts only when the server caused it.
-const DEFAULT_FAILURE_CODES: [Code; 5] = [
+pub(crate) const DEFAULT_FAILURE_CODES: [Code; 5] = [
     Code::Unavailable,
     Code::Internal,
     Code::Unknown,

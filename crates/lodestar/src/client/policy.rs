@@ -1,7 +1,10 @@
 //! The client policy of a service, as data: how its instances are chosen
 //! ([`Strategy`]), which of them a call may use ([`Route`], [`Split`],
 //! [`ZoneAffinity`]) and when one is taken out of rotation
-//! ([`OutlierSettings`]).
+//! ([`OutlierSettings`]); and how calls are kept from a sick service: a
+//! [`BulkheadSettings`] per service, a circuit breaker
+//! ([`BreakerSettings`]) and fault injection ([`FaultSettings`]) per method
+//! ([`MethodPolicy`]).
 //!
 //! A [`Policy`] is a plain value: set in code, read from TOML or JSON
 //! ([`Policy::from_toml`], [`Policy::from_json`], [`Policy::from_file`]),
@@ -72,6 +75,7 @@
 //! let defaults = Policy::from_toml(r#"
 //!     routes = []               # no routes
 //!     methods = []              # no settings of particular methods
+//!                               ## no bulkhead
 //!                               ## no split
 //!     [strategy]                # P2C peak-EWMA
 //!     kind = "peak_ewma"
@@ -110,9 +114,12 @@ use http::{HeaderName, HeaderValue};
 use lodestar_core::registry::limits::quoted;
 use serde::{Deserialize, Serialize};
 
+pub use super::breaker::{BreakerKind, BreakerSettings};
+pub use super::bulkhead::BulkheadSettings;
 pub use super::outlier::OutlierSettings;
+pub use crate::fault::FaultSettings;
 pub(crate) use crate::policy_data::CODES;
-use crate::policy_data::{self, at_most, in_range, invalid};
+use crate::policy_data::{self, at_most, in_range, invalid, validate_codes};
 pub use crate::policy_data::{MAX_POLICY_FILE, PolicyError, code_from_name, code_name};
 
 /// The whole client policy of one service.
@@ -137,6 +144,9 @@ pub struct Policy {
     /// entry naming a method applies to it, else the first entry named
     /// `"*"`, else none. Default: none. At most [`MAX_METHOD_POLICIES`].
     pub methods: Vec<MethodPolicy>,
+    /// The most calls to the service in flight at once
+    /// ([`bulkhead`](super::bulkhead)). Default: none (no maximum).
+    pub bulkhead: Option<BulkheadSettings>,
 }
 
 /// Settings of some methods of the service (see [`Policy::methods`]).
@@ -148,6 +158,12 @@ pub struct MethodPolicy {
     /// for every method no other entry names. At least one; at most
     /// [`MAX_METHOD_NAMES`], each at most [`MAX_METHOD_NAME`] bytes.
     pub names: Vec<String>,
+    /// The circuit breaker of these methods ([`breaker`](super::breaker)).
+    /// Default: none.
+    pub breaker: Option<BreakerSettings>,
+    /// Faults injected into their calls ([`fault`](crate::fault)).
+    /// Default: none.
+    pub fault: Option<FaultSettings>,
 }
 
 /// How an instance is chosen, as data (see [`selector`](super::selector)
@@ -493,6 +509,9 @@ impl Policy {
             return Err(invalid("zone.min_local", 0, "at least 1"));
         }
         validate_outlier(&self.outlier)?;
+        if let Some(bulkhead) = &self.bulkhead {
+            bulkhead.validate("bulkhead")?;
+        }
         validate_methods(&self.methods)
     }
 
@@ -557,6 +576,12 @@ fn validate_methods(methods: &[MethodPolicy]) -> Result<(), PolicyError> {
                     "a name no earlier entry lists",
                 ));
             }
+        }
+        if let Some(breaker) = &entry.breaker {
+            breaker.validate(&format!("methods[{i}].breaker"))?;
+        }
+        if let Some(fault) = &entry.fault {
+            fault.validate(&format!("methods[{i}].fault"))?;
         }
     }
     Ok(())
@@ -687,26 +712,7 @@ fn validate_outlier(o: &OutlierSettings) -> Result<(), PolicyError> {
             format!("at most `outlier.max_ejection_ms` ({})", o.max_ejection_ms),
         ));
     }
-    for (i, name) in o.failure_codes.iter().enumerate() {
-        let field = || format!("outlier.failure_codes[{i}]");
-        match code_from_name(name) {
-            Some(tonic::Code::Ok) => {
-                return Err(invalid(field(), quoted(name), "a code other than `OK`"));
-            }
-            Some(_) => {}
-            None => {
-                return Err(invalid(
-                    field(),
-                    quoted(name),
-                    "a gRPC code name such as `UNAVAILABLE` (upper case)",
-                ));
-            }
-        }
-        if o.failure_codes[..i].contains(name) {
-            return Err(invalid(field(), quoted(name), "each code once"));
-        }
-    }
-    Ok(())
+    validate_codes("outlier.failure_codes", &o.failure_codes)
 }
 
 /// Label keys and values: non-empty and within [`MAX_LABEL_KEY`],
@@ -817,11 +823,25 @@ pub(crate) mod tests {
             methods: vec![
                 MethodPolicy {
                     names: vec!["Get".into(), "List".into()],
+                    breaker: Some(BreakerSettings {
+                        slow_call_ms: Some(500),
+                        ..BreakerSettings::default()
+                    }),
+                    fault: Some(FaultSettings {
+                        abort_percent: 2.5,
+                        ..FaultSettings::default()
+                    }),
                 },
                 MethodPolicy {
                     names: vec!["*".into()],
+                    breaker: Some(BreakerSettings {
+                        kind: BreakerKind::Sre,
+                        ..BreakerSettings::default()
+                    }),
+                    fault: None,
                 },
             ],
+            bulkhead: Some(BulkheadSettings::new(64)),
         }
     }
 
@@ -1018,6 +1038,34 @@ pub(crate) mod tests {
             (
                 |p| p.outlier.failure_codes.push("UNAVAILABLE".into()),
                 "policy field `outlier.failure_codes[2]` is `UNAVAILABLE`: expected each code once",
+            ),
+            (
+                |p| p.bulkhead = Some(BulkheadSettings::new(0)),
+                "policy field `bulkhead.max_calls` is 0: expected 1 to 1000000",
+            ),
+            (
+                |p| {
+                    if let Some(b) = &mut p.methods[1].breaker {
+                        b.window_ms = 0;
+                    }
+                },
+                "policy field `methods[1].breaker.window_ms` is 0: expected 100 to 3600000",
+            ),
+            (
+                |p| {
+                    if let Some(b) = &mut p.methods[0].breaker {
+                        b.failure_codes.push("NOPE".into());
+                    }
+                },
+                "policy field `methods[0].breaker.failure_codes[5]` is `NOPE`",
+            ),
+            (
+                |p| {
+                    if let Some(f) = &mut p.methods[0].fault {
+                        f.delay_percent = 101.0;
+                    }
+                },
+                "policy field `methods[0].fault.delay_percent` is 101: expected a percentage",
             ),
             (
                 |p| p.outlier.failure_codes.push("OK".into()),

@@ -50,7 +50,16 @@ pub struct Decision<'a> {
 /// What a server policy layer decided (see [`Decision`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum DecisionKind {}
+pub enum DecisionKind {
+    /// A fault was injected into the call ([`fault`](crate::fault)): a
+    /// delay, an abort (the handler did not run), or both.
+    FaultInjected {
+        /// The delay before the call went on, if any.
+        delay: Option<std::time::Duration>,
+        /// The code the call was answered with, if it was aborted.
+        abort: Option<tonic::Code>,
+    },
+}
 
 /// The observers of a server, in the order they were added.
 #[derive(Clone, Default)]
@@ -65,7 +74,6 @@ impl Observers {
     }
 
     /// Tells every observer of `decision`.
-    #[expect(dead_code, reason = "called by the policy layers to come")]
     pub(crate) fn decided(&self, decision: &Decision<'_>) {
         for observer in self.0.iter() {
             observer.decided(decision);

@@ -1,4 +1,5 @@
-//! The server policy of a service, as data: settings per method, read from
+//! The server policy of a service, as data: settings per method (such as
+//! the faults injected into their calls, [`FaultSettings`]), read from
 //! TOML or JSON ([`Policy::from_toml`], [`Policy::from_json`],
 //! [`Policy::from_file`]), set with
 //! [`ServiceBuilder::policy`](super::ServiceBuilder::policy) and replaced
@@ -46,6 +47,7 @@ use std::path::Path;
 use lodestar_core::registry::limits::quoted;
 use serde::{Deserialize, Serialize};
 
+pub use crate::fault::FaultSettings;
 use crate::policy_data::{self, at_most, invalid};
 pub use crate::policy_data::{MAX_POLICY_FILE, PolicyError};
 
@@ -71,6 +73,9 @@ pub struct MethodPolicy {
     /// other method. At least one; at most [`MAX_METHOD_NAMES`], each at
     /// most [`MAX_METHOD_NAME`] bytes.
     pub names: Vec<String>,
+    /// Faults injected into their calls ([`fault`](crate::fault)).
+    /// Default: none.
+    pub fault: Option<FaultSettings>,
 }
 
 /// The most entries [`Policy::methods`] may have: 256.
@@ -165,6 +170,9 @@ fn validate_methods(methods: &[MethodPolicy]) -> Result<(), PolicyError> {
                     "a name no earlier entry lists",
                 ));
             }
+        }
+        if let Some(fault) = &entry.fault {
+            fault.validate(&format!("methods[{i}].fault"))?;
         }
     }
     Ok(())

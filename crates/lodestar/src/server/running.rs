@@ -30,6 +30,8 @@ pub struct RunningService {
     pub(super) subscriber_tasks: Vec<tokio::task::JoinHandle<()>>,
     pub(super) grace: Duration,
     pub(super) policy: Arc<ArcSwap<Policy>>,
+    /// The fault injectors, following `policy`.
+    pub(super) faults: Arc<super::stack::fault::Live>,
 }
 
 impl std::fmt::Debug for RunningService {
@@ -67,6 +69,7 @@ impl RunningService {
     /// valid is refused, naming the field, and the old one stays.
     pub fn set_policy(&self, policy: Policy) -> Result<(), PolicyError> {
         policy.validate()?;
+        self.faults.follow(&policy);
         self.policy.store(Arc::new(policy));
         Ok(())
     }

@@ -126,6 +126,7 @@ impl ServiceBuilder {
         let events = Arc::new(Announcer::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         // Replaced whole by `RunningService::set_policy`.
+        let faults = stack::fault::Live::new(&self.policy);
         let policy = Arc::new(arc_swap::ArcSwap::from_pointee(self.policy));
         let stack = stack::Stack::build(
             routes,
@@ -136,6 +137,7 @@ impl ServiceBuilder {
                 descriptors: known,
                 policy: policy.clone(),
                 observers: self.observers,
+                faults: faults.clone(),
             },
             self.layers,
         );
@@ -256,6 +258,7 @@ impl ServiceBuilder {
             subscriber_tasks,
             grace: self.grace,
             policy,
+            faults,
         })
     }
 

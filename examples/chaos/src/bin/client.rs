@@ -2,15 +2,18 @@
 //! number of calls in flight) or at a fixed rate, and prints one JSON
 //! summary of how the calls went and where they went.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chaos::flags::{BreakerFlags, FaultFlags, client_entry, every_method};
 use chaos::summary::{Summary, Tally};
 use chaos::{ChaosClient, Ping, Pong, SERVICE_NAME};
 use clap::Parser;
+use lodestar::client::observe::{Attempt, Decision, Observer};
 use lodestar::client::{Channel, Policy};
 use lodestar::{Client, Status};
 use tokio::sync::Semaphore;
@@ -19,8 +22,8 @@ use tokio::time::Instant;
 
 /// Calls `chaos.Chaos/Unary` by name and prints one JSON object on stdout:
 /// `calls`, `ok`, `failures` (by gRPC code name), `per_instance`,
-/// `latency_ms` (`p50`, `p99`, `p99_9`), `elapsed_ms` and the `policy` in
-/// force.
+/// `latency_ms` (`p50`, `p99`, `p99_9`), `elapsed_ms`, the `policy` in
+/// force and the resilience layers' `decisions` by kind.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -63,6 +66,10 @@ struct Args {
     /// The caller's zone, for zone affinity. Default: LODESTAR_ZONE, if set.
     #[arg(long)]
     zone: Option<String>,
+    #[command(flatten)]
+    breaker: BreakerFlags,
+    #[command(flatten)]
+    faults: FaultFlags,
 }
 
 /// The longest `--duration`: a week.
@@ -180,11 +187,30 @@ async fn run(args: Args) -> Result<Summary, String> {
 
     let registry =
         lodestar_registry::from_url(&args.registry).map_err(|e| format!("--registry: {e}"))?;
-    let mut builder = Client::builder(registry).timeout(timeout);
-    if let Some(path) = &args.policy {
-        let policy = Policy::from_file(path).map_err(|e| e.to_string())?;
-        builder = builder.policy(policy).map_err(|e| e.to_string())?;
+    let decisions = Decisions::default();
+    let mut builder = Client::builder(registry)
+        .timeout(timeout)
+        .observe(decisions.clone());
+    let mut policy = match &args.policy {
+        Some(path) => Policy::from_file(path).map_err(|e| e.to_string())?,
+        None => Policy::default(),
+    };
+    // The resilience flags go on top of the file, for every method.
+    if let Some(bulkhead) = args.breaker.bulkhead() {
+        policy.bulkhead = Some(bulkhead);
     }
+    let breaker = args.breaker.settings();
+    let fault = args.faults.settings();
+    if breaker.is_some() || fault.is_some() {
+        let entry = every_method(&mut policy.methods, |m| &m.names, client_entry);
+        if breaker.is_some() {
+            entry.breaker = breaker;
+        }
+        if fault.is_some() {
+            entry.fault = fault;
+        }
+    }
+    builder = builder.policy(policy).map_err(|e| e.to_string())?;
     if let Some(zone) = args.zone {
         builder = builder.zone(zone);
     }
@@ -207,7 +233,36 @@ async fn run(args: Args) -> Result<Summary, String> {
     }
     let elapsed = start.elapsed();
     let tally = std::mem::take(&mut *caller.tally.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok(tally.summary(policy, elapsed))
+    let mut summary = tally.summary(policy, elapsed);
+    summary.decisions = decisions.take();
+    Ok(summary)
+}
+
+/// Counts the resilience layers' decisions by kind (`BreakerOpened`,
+/// `BreakerRejected`, `BulkheadFull`, `FaultInjected`, ...).
+#[derive(Clone, Default)]
+struct Decisions(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl Decisions {
+    fn take(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Observer for Decisions {
+    fn attempt(&self, _: &Attempt<'_>) {}
+
+    fn decided(&self, decision: &Decision<'_>) {
+        // The variant's name: what precedes its fields.
+        let kind = format!("{:?}", decision.kind);
+        let name = kind.split([' ', '{', '(']).next().unwrap_or("").to_owned();
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name)
+            .or_default() += 1;
+    }
 }
 
 /// Makes calls and counts them.

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use chaos::flags::{FaultFlags, every_method, server_entry};
 use chaos::{Behaviour, ChaosService, ControlRequest, SERVICE_NAME, parse_labels};
 use clap::Parser;
 use lodestar::Service;
@@ -48,6 +49,10 @@ struct Args {
     /// gRPC code of the failed calls, by name (UNAVAILABLE, INTERNAL, ...).
     #[arg(long, default_value = "UNAVAILABLE")]
     fail_code: String,
+    /// Faults the server policy injects into every method, before the
+    /// handler (and so before --delay-ms and --fail-rate).
+    #[command(flatten)]
+    faults: FaultFlags,
 }
 
 #[tokio::main]
@@ -95,6 +100,13 @@ async fn run(args: Args) -> Result<(), String> {
         .add_service(ChaosService::new(&id, behaviour).into_server());
     if let Some(zone) = args.zone {
         builder = builder.zone(zone);
+    }
+    if let Some(fault) = args.faults.settings() {
+        let mut policy = lodestar::server::policy::Policy::default();
+        every_method(&mut policy.methods, |m| &m.names, server_entry).fault = Some(fault);
+        builder = builder
+            .policy(policy)
+            .map_err(|e| format!("--fault-*: {e}"))?;
     }
     let running = builder
         .start()

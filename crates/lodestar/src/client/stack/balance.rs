@@ -45,6 +45,8 @@ use crate::deadline::Deadline;
 pub(crate) struct Balance {
     pub(crate) key: ServiceKey,
     pub(crate) config: Arc<ClientConfig>,
+    /// The state of the layers above retry (bulkhead, breakers, faults).
+    pub(crate) guards: super::Guards,
     registry: Arc<dyn Registry>,
     /// What selection reads, replaced whole when anything it depends on
     /// changes (see [`Selection`]).
@@ -180,6 +182,7 @@ impl Balance {
     ) -> Self {
         Self {
             detector: Detector::new(key.clone()),
+            guards: super::Guards::new(key.clone(), &config, &selection.policy),
             key,
             config,
             registry,
@@ -457,6 +460,7 @@ impl Balance {
             &self.this,
             &self.sweeps_idle,
         );
+        self.guards.follow(&policy);
         tracing::info!(service = %self.key, "client policy replaced");
         self.select_with(current.endpoints.clone(), policy, watchers, &mut None);
         drop(_rebuilding);

@@ -67,6 +67,11 @@ where
 pub(crate) struct Bound(Option<(Deadline, Pin<Box<Sleep>>)>);
 
 impl Bound {
+    /// The call's deadline, if it has one.
+    pub(super) fn deadline(&self) -> Option<Deadline> {
+        self.0.as_ref().map(|(deadline, _)| *deadline)
+    }
+
     /// Polls the handler's future (`poll`) with the deadline current; once
     /// the deadline passes, answers `DEADLINE_EXCEEDED` instead (the
     /// handler is then dropped with the future).

@@ -15,9 +15,12 @@
 //!    added outermost (`user.rs`);
 //! 5. **deadline**: the inbound `grpc-timeout` bounds the handler and its
 //!    response stream (`deadline.rs`);
-//! 6. **codec**: JSON transcoding and response compression (`codec.rs`);
-//! 7. **body limits**: message size limits both ways (`limits.rs`);
-//! 8. **routes**: the services, health and reflection (`routes.rs`,
+//! 6. **fault**: faults the server policy injects into a method's calls
+//!    (delays bounded by the deadline, aborts that never reach the handler;
+//!    `fault.rs`);
+//! 7. **codec**: JSON transcoding and response compression (`codec.rs`);
+//! 8. **body limits**: message size limits both ways (`limits.rs`);
+//! 9. **routes**: the services, health and reflection (`routes.rs`,
 //!    `router.rs`).
 //!
 //! Everything is built once when the server starts; each connection gets a
@@ -34,6 +37,7 @@
 mod call_end;
 mod codec;
 mod deadline;
+pub(crate) mod fault;
 mod limits;
 mod request;
 mod response;
@@ -62,6 +66,7 @@ pub(crate) use user::{Added, UserLayer};
 
 use self::codec::CodecLayer;
 use self::deadline::{DeadlineLayer, DeadlineService};
+use self::fault::{FaultLayer, FaultService};
 use self::limits::{LimitsLayer, LimitsService};
 use self::routes::RoutesService;
 use self::status::{StatusLayer, StatusService};
@@ -76,15 +81,12 @@ use crate::compression::Encoding;
 pub(crate) use crate::status::GRPC_STATUS;
 
 /// lodestar's layers below the user's.
-type Core = DeadlineService<self::codec::CodecService<LimitsService<RoutesService>>>;
-type CoreFuture = self::routes::RoutesFuture;
+type Core = DeadlineService<FaultService<self::codec::CodecService<LimitsService<RoutesService>>>>;
+type CoreFuture = self::fault::FaultFuture<self::routes::RoutesFuture, Infallible>;
 
 /// The server's settings the stack applies.
 #[derive(Debug)]
-#[expect(
-    dead_code,
-    reason = "policy and observers: read by the policy layers to come"
-)]
+#[expect(dead_code, reason = "policy: read by the policy layers to come")]
 pub(crate) struct Settings {
     pub(crate) limits: MessageLimits,
     pub(crate) send_compressed: Option<Encoding>,
@@ -94,6 +96,8 @@ pub(crate) struct Settings {
     pub(crate) policy: Arc<arc_swap::ArcSwap<super::policy::Policy>>,
     /// Told of the policy layers' decisions.
     pub(crate) observers: super::observe::Observers,
+    /// The fault injectors, following the policy.
+    pub(crate) faults: Arc<fault::Live>,
 }
 
 /// The stack below the per-connection budget, as built at start.
@@ -118,6 +122,10 @@ impl Stack {
             .layer(StatusLayer)
             .layer(UserLayers(layers))
             .layer(DeadlineLayer)
+            .layer(FaultLayer {
+                live: settings.faults,
+                observers: settings.observers,
+            })
             .layer(CodecLayer {
                 send_compressed: settings.send_compressed,
                 inspect_compression: settings.inspect_compression,
