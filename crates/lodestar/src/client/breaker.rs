@@ -34,8 +34,10 @@
 //! reported to observers ([`DecisionKind`]).
 //!
 //! Each name a [`MethodPolicy`](super::policy::MethodPolicy) lists gets a
-//! breaker of its own; `"*"` is one breaker for every method no entry
-//! lists. A breaker is shared by every clone of the client, and kept
+//! breaker of its own, and so does each method `"*"` covers, on its first
+//! call (at most [`MAX_OTHER_METHODS`](super::policy::MAX_OTHER_METHODS);
+//! the methods past that share one): a failing method never opens
+//! another's breaker. A breaker is shared by every clone of the client, and kept
 //! across [`Client::set_policy`](crate::Client::set_policy) while its
 //! settings stay the same.
 //!
@@ -341,7 +343,7 @@ struct Inner {
     last_admitted: Instant,
 }
 
-/// The circuit breaker of one method (or of one `"*"` entry).
+/// The circuit breaker of one method.
 #[derive(Debug)]
 pub(crate) struct Breaker {
     pub(crate) settings: BreakerSettings,

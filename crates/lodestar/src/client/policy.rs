@@ -453,6 +453,11 @@ pub const MAX_METHOD_POLICIES: usize = 256;
 /// The most names one [`MethodPolicy`] may list: 1,024.
 pub const MAX_METHOD_NAMES: usize = 1_024;
 
+/// The most methods the `"*"` entry of [`Policy::methods`] gives state of
+/// their own (a circuit breaker, a fault injector's count): 1,024, each on
+/// its first call. The methods called past that share one.
+pub const MAX_OTHER_METHODS: usize = 1_024;
+
 /// The longest method name a [`MethodPolicy`] may list: 256 bytes.
 pub const MAX_METHOD_NAME: usize = 256;
 

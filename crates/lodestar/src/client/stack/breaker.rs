@@ -22,10 +22,11 @@ pub(crate) type Live = PerMethod<State>;
 impl Live {
     /// Follows `policy`, keeping each breaker whose settings stay the same.
     pub(crate) fn follow(&self, policy: &Policy, reporter: &Reporter) {
+        let reporter = reporter.clone();
         self.set(
             policy,
             |entry| entry.breaker.as_ref(),
-            |settings, old| match old {
+            move |settings, old| match old {
                 Some(old) if old.settings == *settings => old.clone(),
                 _ => State::new(settings, reporter.clone()),
             },

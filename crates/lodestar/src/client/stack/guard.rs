@@ -14,7 +14,7 @@ use http::Response;
 use tonic::Status;
 
 use crate::client::observe::{Observed, Reporter};
-use crate::client::policy::{MethodPolicy, Policy};
+use crate::client::policy::{MAX_OTHER_METHODS, MethodPolicy, Policy};
 
 /// A layer above retry (the bulkhead, breaker and fault layers): its
 /// state, shared by the channel and replaced with the policy; who is told
@@ -37,61 +37,151 @@ impl<L, S> Guarded<L, S> {
 }
 
 /// A layer's state for each method with settings (a breaker, a fault
-/// injector), built from the policy's `methods` and replaced with it.
-/// With no method set, a call costs one relaxed load and a branch.
-#[derive(Debug)]
+/// injector), built from the policy's `methods` and replaced with it. Each
+/// method an entry names has a state of its own, and so has each method the
+/// `"*"` entry covers, made on its first call (at most
+/// [`MAX_OTHER_METHODS`]; the methods past that share one). With no method
+/// set, a call costs one relaxed load and a branch.
 pub(crate) struct PerMethod<T> {
     on: AtomicBool,
+    table: ArcSwap<Table<T>>,
+}
+
+struct Table<T> {
     /// By method name (as the policy lists it): `None` for a name whose
     /// entry does not set this layer (it still hides `"*"`).
-    table: ArcSwap<HashMap<Box<str>, Option<Arc<T>>>>,
+    named: HashMap<Box<str>, Option<Arc<T>>>,
+    /// The `"*"` entry's, if it sets this layer.
+    others: Option<Others<T>>,
+}
+
+/// Makes a method's state, given its state so far.
+type Make<T> = Box<dyn Fn(Option<&Arc<T>>) -> Arc<T> + Send + Sync>;
+
+/// The states of the methods the `"*"` entry covers.
+struct Others<T> {
+    /// Makes a method's state (given its state so far, to keep when the
+    /// settings are unchanged).
+    make: Make<T>,
+    /// Those made so far, by method name.
+    made: ArcSwap<HashMap<Box<str>, Arc<T>>>,
+    /// Shared by the methods past [`MAX_OTHER_METHODS`].
+    overflow: Arc<T>,
+}
+
+impl<T> Others<T> {
+    /// The state of `name`, made now if it has none yet.
+    fn state(&self, name: &str) -> Arc<T> {
+        if let Some(state) = self.made.load().get(name) {
+            return state.clone();
+        }
+        let made = self.made.rcu(|made| {
+            if made.contains_key(name) || made.len() >= MAX_OTHER_METHODS {
+                return Arc::clone(made);
+            }
+            let mut more = HashMap::clone(made);
+            more.insert(Box::from(name), (self.make)(None));
+            Arc::new(more)
+        });
+        // `rcu` returns the map it replaced: look in the one in place.
+        drop(made);
+        self.made
+            .load()
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| self.overflow.clone())
+    }
 }
 
 impl<T> Default for PerMethod<T> {
     fn default() -> Self {
         Self {
             on: AtomicBool::new(false),
-            table: ArcSwap::default(),
+            table: ArcSwap::from_pointee(Table {
+                named: HashMap::new(),
+                others: None,
+            }),
         }
     }
 }
 
-impl<T> PerMethod<T> {
+impl<T> std::fmt::Debug for PerMethod<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let table = self.table.load();
+        f.debug_struct("PerMethod")
+            .field("named", &table.named.len())
+            .field(
+                "others",
+                &table.others.as_ref().map(|o| o.made.load().len()),
+            )
+            .finish()
+    }
+}
+
+impl<T: Send + Sync + 'static> PerMethod<T> {
     /// The state of the method at `path` (`/package.Service/Method`): its
-    /// entry's, else the `"*"` entry's (as [`Policy::method`]).
+    /// entry's, else its own under the `"*"` entry (as [`Policy::method`]).
     pub(crate) fn get(&self, path: &str) -> Option<Arc<T>> {
         if !self.on.load(Ordering::Relaxed) {
             return None;
         }
         let table = self.table.load();
         let name = path.rsplit('/').next().unwrap_or(path);
-        match table.get(name) {
+        match table.named.get(name) {
             Some(state) => state.clone(),
-            None => table.get("*").cloned().flatten(),
+            None => table.others.as_ref().map(|others| others.state(name)),
         }
     }
 
     /// Follows `policy`: `settings` reads an entry's settings of this
-    /// layer, `make` builds a name's state (given its state so far, to
+    /// layer, `make` builds a method's state (given its state so far, to
     /// keep when its settings are unchanged).
     pub(crate) fn set<S>(
         &self,
         policy: &Policy,
         settings: impl Fn(&MethodPolicy) -> Option<&S>,
-        make: impl Fn(&S, Option<&Arc<T>>) -> Arc<T>,
-    ) {
+        make: impl Fn(&S, Option<&Arc<T>>) -> Arc<T> + Send + Sync + 'static,
+    ) where
+        S: Clone + Send + Sync + 'static,
+    {
         let old = self.table.load();
-        let mut table = HashMap::new();
+        let make = Arc::new(make);
+        let mut named = HashMap::new();
+        let mut others = None;
         for entry in &policy.methods {
             let settings = settings(entry);
             for name in &entry.names {
-                let previous = old.get(name.as_str()).and_then(Option::as_ref);
+                if name == "*" {
+                    others = settings.map(|s| {
+                        let (s, make) = (s.clone(), make.clone());
+                        let old = old.others.as_ref();
+                        let previous =
+                            |name: &str| old.and_then(|o| o.made.load().get(name).cloned());
+                        let made: HashMap<Box<str>, Arc<T>> = old
+                            .map(|o| o.made.load().keys().cloned().collect::<Vec<_>>())
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|name| {
+                                let state = make(&s, previous(&name).as_ref());
+                                (name, state)
+                            })
+                            .collect();
+                        let overflow = make(&s, old.map(|o| &o.overflow));
+                        Others {
+                            make: Box::new(move |previous| make(&s, previous)),
+                            made: ArcSwap::from_pointee(made),
+                            overflow,
+                        }
+                    });
+                    continue;
+                }
+                let previous = old.named.get(name.as_str()).and_then(Option::as_ref);
                 let state = settings.map(|s| make(s, previous));
-                table.insert(Box::from(name.as_str()), state);
+                named.insert(Box::from(name.as_str()), state);
             }
         }
-        let on = table.values().any(Option::is_some);
-        self.table.store(Arc::new(table));
+        let on = others.is_some() || named.values().any(Option::is_some);
+        self.table.store(Arc::new(Table { named, others }));
         self.on.store(on, Ordering::Relaxed);
     }
 }
@@ -178,8 +268,46 @@ mod tests {
         table.set(
             &Policy::default(),
             |entry| entry.fault.as_ref(),
-            |_, _| before.clone(),
+            move |_, _| before.clone(),
         );
         assert_eq!(get("/pkg.S/Put"), None);
+    }
+
+    #[test]
+    fn each_method_under_the_default_entry_has_its_own_state_up_to_the_cap() {
+        let policy = Policy::from_toml(
+            r#"
+            [[methods]]
+            names = ["*"]
+            fault = { abort_percent = 20.0 }
+            "#,
+        )
+        .unwrap();
+        let table: PerMethod<String> = PerMethod::default();
+        let set = |table: &PerMethod<String>| {
+            table.set(
+                &policy,
+                |entry| entry.fault.as_ref(),
+                |settings, old| {
+                    old.cloned()
+                        .unwrap_or_else(|| Arc::new(settings.abort_percent.to_string()))
+                },
+            )
+        };
+        set(&table);
+        let put = table.get("/pkg.S/Put").unwrap();
+        let get = table.get("/pkg.S/Get").unwrap();
+        assert!(!Arc::ptr_eq(&put, &get), "a state for each method");
+        assert!(Arc::ptr_eq(&put, &table.get("/pkg.S/Put").unwrap()));
+        // Kept across a policy with the same settings.
+        set(&table);
+        assert!(Arc::ptr_eq(&put, &table.get("/pkg.S/Put").unwrap()));
+        // Past the cap, the methods share one.
+        for n in 0..MAX_OTHER_METHODS {
+            table.get(&format!("/pkg.S/M{n}"));
+        }
+        let late = table.get("/pkg.S/Late").unwrap();
+        assert!(Arc::ptr_eq(&late, &table.get("/pkg.S/Later").unwrap()));
+        assert!(Arc::ptr_eq(&put, &table.get("/pkg.S/Put").unwrap()));
     }
 }
