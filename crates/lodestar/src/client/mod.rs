@@ -40,12 +40,14 @@
 //! ([`TraceContext`](crate::trace::TraceContext)) goes out with every call,
 //! as its deadline does.
 
+pub mod budget;
 mod channel;
 mod connection;
 pub mod observe;
 
 pub mod outlier;
 pub mod policy;
+pub mod retries;
 pub(crate) mod route;
 pub mod selector;
 mod stack;

@@ -97,6 +97,12 @@
 //!     max_ejection_percent = 50
 //!     panic_threshold_percent = 50
 //!     failure_codes = ["UNAVAILABLE", "INTERNAL", "UNKNOWN", "DATA_LOSS", "DEADLINE_EXCEEDED"]
+//!
+//!     [retry_budget]            # for configured retries and hedges
+//!     enabled = true
+//!     percent = 20
+//!     min_per_second = 10
+//!     window_ms = 10_000
 //! "#)?;
 //! assert_eq!(defaults, Policy::default());
 //! assert_eq!(Policy::from_toml("")?, Policy::default());
@@ -112,7 +118,9 @@ use http::{HeaderName, HeaderValue};
 use lodestar_core::registry::limits::quoted;
 use serde::{Deserialize, Serialize};
 
+pub use super::budget::BudgetSettings;
 pub use super::outlier::OutlierSettings;
+pub use super::retries::{HedgeSettings, RetrySettings};
 
 /// The whole client policy of one service.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -136,6 +144,10 @@ pub struct Policy {
     /// entry naming a method applies to it, else the first entry named
     /// `"*"`, else none. Default: none. At most [`MAX_METHOD_POLICIES`].
     pub methods: Vec<MethodPolicy>,
+    /// How many retries and hedges the calls to the service may add
+    /// ([`budget`](super::budget)). Default: 20% of the calls plus 10 per
+    /// second, over 10 s.
+    pub retry_budget: BudgetSettings,
 }
 
 /// Settings of some methods of the service (see [`Policy::methods`]).
@@ -147,6 +159,12 @@ pub struct MethodPolicy {
     /// for every method no other entry names. At least one; at most
     /// [`MAX_METHOD_NAMES`], each at most [`MAX_METHOD_NAME`] bytes.
     pub names: Vec<String>,
+    /// Retry their calls ([`retries`](super::retries)); not with `hedge`.
+    /// Default: none.
+    pub retry: Option<RetrySettings>,
+    /// Hedge their calls ([`retries`](super::retries)); not with `retry`.
+    /// Default: none.
+    pub hedge: Option<HedgeSettings>,
 }
 
 /// How an instance is chosen, as data (see [`selector`](super::selector)
@@ -556,7 +574,8 @@ impl Policy {
             return Err(invalid("zone.min_local", 0, "at least 1"));
         }
         validate_outlier(&self.outlier)?;
-        validate_methods(&self.methods)
+        validate_methods(&self.methods)?;
+        super::budget::validate("retry_budget", &self.retry_budget)
     }
 
     /// The settings of the method named `method` (its name in the
@@ -621,6 +640,7 @@ fn validate_methods(methods: &[MethodPolicy]) -> Result<(), PolicyError> {
                 ));
             }
         }
+        super::retries::validate(&format!("methods[{i}]"), entry)?;
     }
     Ok(())
 }
@@ -750,8 +770,13 @@ fn validate_outlier(o: &OutlierSettings) -> Result<(), PolicyError> {
             format!("at most `outlier.max_ejection_ms` ({})", o.max_ejection_ms),
         ));
     }
-    for (i, name) in o.failure_codes.iter().enumerate() {
-        let field = || format!("outlier.failure_codes[{i}]");
+    validate_codes("outlier.failure_codes", &o.failure_codes)
+}
+
+/// A list of gRPC code names at `at`: each known, not `OK`, and listed once.
+pub(crate) fn validate_codes(at: &str, codes: &[String]) -> Result<(), PolicyError> {
+    for (i, name) in codes.iter().enumerate() {
+        let field = || format!("{at}[{i}]");
         match code_from_name(name) {
             Some(tonic::Code::Ok) => {
                 return Err(invalid(field(), quoted(name), "a code other than `OK`"));
@@ -765,7 +790,7 @@ fn validate_outlier(o: &OutlierSettings) -> Result<(), PolicyError> {
                 ));
             }
         }
-        if o.failure_codes[..i].contains(name) {
+        if codes[..i].contains(name) {
             return Err(invalid(field(), quoted(name), "each code once"));
         }
     }
@@ -823,7 +848,7 @@ fn validate_header_name(field: &str, name: &str) -> Result<(), PolicyError> {
     Ok(())
 }
 
-fn in_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), PolicyError> {
+pub(crate) fn in_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), PolicyError> {
     if (min..=max).contains(&value) {
         return Ok(());
     }
@@ -835,7 +860,7 @@ fn in_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), PolicyErr
     Err(invalid(field, value, expected))
 }
 
-fn at_most(field: &str, len: usize, max: usize, what: &str) -> Result<(), PolicyError> {
+pub(crate) fn at_most(field: &str, len: usize, max: usize, what: &str) -> Result<(), PolicyError> {
     if len > max {
         return Err(invalid(
             field,
@@ -846,7 +871,7 @@ fn at_most(field: &str, len: usize, max: usize, what: &str) -> Result<(), Policy
     Ok(())
 }
 
-fn invalid(
+pub(crate) fn invalid(
     field: impl Into<String>,
     value: impl fmt::Display,
     expected: impl Into<String>,
@@ -1060,11 +1085,25 @@ pub(crate) mod tests {
             methods: vec![
                 MethodPolicy {
                     names: vec!["Get".into(), "List".into()],
+                    retry: Some(RetrySettings {
+                        codes: vec!["UNAVAILABLE".into(), "RESOURCE_EXHAUSTED".into()],
+                        ..RetrySettings::default()
+                    }),
+                    ..MethodPolicy::default()
                 },
                 MethodPolicy {
                     names: vec!["*".into()],
+                    hedge: Some(HedgeSettings {
+                        delay_ms: Some(20),
+                        ..HedgeSettings::default()
+                    }),
+                    ..MethodPolicy::default()
                 },
             ],
+            retry_budget: BudgetSettings {
+                percent: 30,
+                ..BudgetSettings::default()
+            },
         }
     }
 

@@ -33,6 +33,7 @@ pub(crate) mod balance;
 mod codec;
 mod deadline;
 mod endpoint;
+mod hedge;
 mod resolver;
 mod retry;
 
