@@ -924,6 +924,8 @@ async fn a_client_does_not_send_a_malformed_grpc_timeout() {
 
 #[path = "calls/client_stack.rs"]
 mod client_stack;
+#[path = "calls/retries.rs"]
+mod retries;
 #[path = "calls/server_stack.rs"]
 mod server_stack;
 #[path = "calls/traffic.rs"]
