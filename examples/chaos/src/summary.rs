@@ -1,10 +1,15 @@
 //! What `chaos-client` counts while it calls, and the one JSON summary it
 //! prints: calls, successes, failures by code, calls per instance and
-//! latency percentiles. Memory is bounded whatever the run's length or the
-//! servers' answers.
+//! latency percentiles, and the retries, hedges and budget denials the
+//! client decided ([`Decisions`]). Memory is bounded whatever the run's
+//! length or the servers' answers.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use lodestar::client::observe::{Attempt, Decision, DecisionKind, Observer};
 
 use lodestar::Status;
 use lodestar::client::Policy;
@@ -139,8 +144,51 @@ impl Tally {
                 p99_9: at(0.999),
             },
             elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            decisions: BTreeMap::new(),
             policy,
         }
+    }
+}
+
+/// Counts the client's retry decisions, by kind: an [`Observer`] to give
+/// the client, cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Decisions(Arc<[AtomicU64; 5]>);
+
+/// The names [`Decisions::counts`] gives each kind, in order.
+const DECISION_NAMES: [&str; 5] = [
+    "retry",
+    "hedge",
+    "budget_denied",
+    "pushback_wait",
+    "pushback_stop",
+];
+
+impl Observer for Decisions {
+    fn attempt(&self, _attempt: &Attempt<'_>) {}
+
+    fn decided(&self, decision: &Decision<'_>) {
+        let index = match decision.kind {
+            DecisionKind::Retry { .. } => 0,
+            DecisionKind::Hedge { .. } => 1,
+            DecisionKind::BudgetDenied { .. } => 2,
+            DecisionKind::PushbackWait { .. } => 3,
+            DecisionKind::PushbackStop => 4,
+            _ => return,
+        };
+        self.0[index].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Decisions {
+    /// The counts, by name, leaving out kinds that never happened.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        DECISION_NAMES
+            .iter()
+            .zip(self.0.iter())
+            .map(|(name, count)| ((*name).to_owned(), count.load(Ordering::Relaxed)))
+            .filter(|(_, count)| *count > 0)
+            .collect()
     }
 }
 
@@ -162,6 +210,10 @@ pub struct Summary {
     pub latency_ms: Percentiles,
     /// How long the run took.
     pub elapsed_ms: u64,
+    /// The client's retries, hedges and retry budget denials (`retry`,
+    /// `hedge`, `budget_denied`, `pushback_wait`, `pushback_stop`), those
+    /// that happened.
+    pub decisions: BTreeMap<String, u64>,
     /// The client policy in force, every field written out.
     pub policy: Policy,
 }

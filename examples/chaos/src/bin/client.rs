@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chaos::summary::{Summary, Tally};
+use chaos::summary::{Decisions, Summary, Tally};
 use chaos::{ChaosClient, Ping, Pong, SERVICE_NAME};
 use clap::Parser;
+use lodestar::client::policy::{HedgeSettings, MethodPolicy, RetrySettings};
 use lodestar::client::{Channel, Policy};
 use lodestar::{Client, Status};
 use tokio::sync::Semaphore;
@@ -19,8 +20,8 @@ use tokio::time::Instant;
 
 /// Calls `chaos.Chaos/Unary` by name and prints one JSON object on stdout:
 /// `calls`, `ok`, `failures` (by gRPC code name), `per_instance`,
-/// `latency_ms` (`p50`, `p99`, `p99_9`), `elapsed_ms` and the `policy` in
-/// force.
+/// `latency_ms` (`p50`, `p99`, `p99_9`), `elapsed_ms`, the retry
+/// `decisions` and the `policy` in force.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -63,6 +64,104 @@ struct Args {
     /// The caller's zone, for zone affinity. Default: LODESTAR_ZONE, if set.
     #[arg(long)]
     zone: Option<String>,
+    /// Retry `Unary` (a ping: safe to send again), up to this many attempts
+    /// in all (2 to 5), on the codes of --retry-codes. Default: no
+    /// configured retries (those of the policy file, if any).
+    #[arg(long, conflicts_with_all = ["hedge_delay_ms", "hedge_percentile"])]
+    retry_attempts: Option<u32>,
+    /// The codes a retry follows, by name, comma-separated. Default:
+    /// UNAVAILABLE.
+    #[arg(long, requires = "retry_attempts", value_delimiter = ',')]
+    retry_codes: Vec<String>,
+    /// The longest wait before the first retry, in milliseconds (each
+    /// further one up to twice as long, at most ten times this). Default: 25.
+    #[arg(long, requires = "retry_attempts")]
+    retry_backoff_ms: Option<u64>,
+    /// Hedge `Unary`: one more attempt, to another instance, after this
+    /// many milliseconds without an answer.
+    #[arg(long, conflicts_with = "hedge_percentile")]
+    hedge_delay_ms: Option<u64>,
+    /// Hedge `Unary` after this percentile (1 to 99) of its recent
+    /// latencies (at least 10 ms).
+    #[arg(long)]
+    hedge_percentile: Option<u32>,
+    /// The most hedges per call (1 to 4). Default: 1.
+    #[arg(long)]
+    hedges: Option<u32>,
+    /// Retries and hedges may add at most this percentage of the calls...
+    /// Default: 20 (or the policy file's).
+    #[arg(long)]
+    budget_percent: Option<u32>,
+    /// ... plus this many a second. Default: 10 (or the policy file's).
+    #[arg(long)]
+    budget_per_second: Option<u32>,
+    /// No retry budget: every retry and hedge the policy allows is made.
+    #[arg(long, conflicts_with_all = ["budget_percent", "budget_per_second"])]
+    no_budget: bool,
+}
+
+/// The method the resilience flags configure.
+const METHOD: &str = "Unary";
+
+impl Args {
+    /// The retry, hedge and budget flags, applied to `policy` (checked
+    /// when the client takes it).
+    fn apply_resilience(&self, policy: &mut Policy) {
+        let retry = self.retry_attempts.map(|attempts| {
+            let mut retry = RetrySettings::default();
+            retry.max_attempts = attempts;
+            retry.idempotent = true;
+            if !self.retry_codes.is_empty() {
+                retry.codes = self.retry_codes.clone();
+            }
+            if let Some(ms) = self.retry_backoff_ms {
+                retry.initial_backoff_ms = ms;
+                retry.max_backoff_ms = ms.saturating_mul(10);
+            }
+            retry
+        });
+        let hedged = self.hedge_delay_ms.is_some()
+            || self.hedge_percentile.is_some()
+            || self.hedges.is_some();
+        let hedge = hedged.then(|| {
+            let mut hedge = HedgeSettings::default();
+            hedge.idempotent = true;
+            hedge.delay_ms = self.hedge_delay_ms;
+            hedge.percentile = self.hedge_percentile;
+            if let Some(hedges) = self.hedges {
+                hedge.max_hedges = hedges;
+            }
+            hedge
+        });
+        if retry.is_some() || hedge.is_some() {
+            let index = match policy
+                .methods
+                .iter()
+                .position(|m| m.names.iter().any(|n| n == METHOD))
+            {
+                Some(index) => index,
+                None => {
+                    let mut entry = MethodPolicy::default();
+                    entry.names = vec![METHOD.to_owned()];
+                    policy.methods.insert(0, entry);
+                    0
+                }
+            };
+            let entry = &mut policy.methods[index];
+            entry.retry = retry;
+            entry.hedge = hedge;
+        }
+        let budget = &mut policy.retry_budget;
+        if self.no_budget {
+            budget.enabled = false;
+        }
+        if let Some(percent) = self.budget_percent {
+            budget.percent = percent;
+        }
+        if let Some(per_second) = self.budget_per_second {
+            budget.min_per_second = per_second;
+        }
+    }
 }
 
 /// The longest `--duration`: a week.
@@ -180,11 +279,16 @@ async fn run(args: Args) -> Result<Summary, String> {
 
     let registry =
         lodestar_registry::from_url(&args.registry).map_err(|e| format!("--registry: {e}"))?;
-    let mut builder = Client::builder(registry).timeout(timeout);
-    if let Some(path) = &args.policy {
-        let policy = Policy::from_file(path).map_err(|e| e.to_string())?;
-        builder = builder.policy(policy).map_err(|e| e.to_string())?;
-    }
+    let decisions = Decisions::default();
+    let mut builder = Client::builder(registry)
+        .timeout(timeout)
+        .observe(decisions.clone());
+    let mut policy = match &args.policy {
+        Some(path) => Policy::from_file(path).map_err(|e| e.to_string())?,
+        None => Policy::default(),
+    };
+    args.apply_resilience(&mut policy);
+    builder = builder.policy(policy).map_err(|e| e.to_string())?;
     if let Some(zone) = args.zone {
         builder = builder.zone(zone);
     }
@@ -207,7 +311,9 @@ async fn run(args: Args) -> Result<Summary, String> {
     }
     let elapsed = start.elapsed();
     let tally = std::mem::take(&mut *caller.tally.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok(tally.summary(policy, elapsed))
+    let mut summary = tally.summary(policy, elapsed);
+    summary.decisions = decisions.counts();
+    Ok(summary)
 }
 
 /// Makes calls and counts them.
