@@ -2,7 +2,7 @@
 //! may add, so that a sick service is not buried under retries.
 //!
 //! Each call counts once, when it starts; each retry or hedge asks the
-//! budget first ([`RetryBudget::try_spend`]). Over a sliding window
+//! budget first. Over a sliding window
 //! ([`BudgetSettings::window_ms`], in ten slots), the retries granted may
 //! be at most [`BudgetSettings::percent`] of the calls made plus
 //! [`BudgetSettings::min_per_second`] for each second of the window that

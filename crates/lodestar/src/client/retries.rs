@@ -1,5 +1,5 @@
 //! Configured retries and hedging of a service's methods, as gRPC's A6
-//! proposal defines them: set per method in the [`Policy`](super::Policy)
+//! proposal defines them: set per method in the [`Policy`]
 //! ([`MethodPolicy::retry`](super::policy::MethodPolicy::retry),
 //! [`MethodPolicy::hedge`](super::policy::MethodPolicy::hedge)), one or the
 //! other, never both.
@@ -324,7 +324,7 @@ pub(crate) struct HedgePlan {
     percentile: u32,
     min_delay: Duration,
     pub(crate) codes: FailureCodes,
-    pub(crate) latencies: Latencies,
+    latencies: Latencies,
 }
 
 impl Plans {
@@ -405,6 +405,14 @@ impl RetryPlan {
 }
 
 impl HedgePlan {
+    /// Records a call's latency (to its winning answer), if the delay is
+    /// a percentile of them.
+    pub(crate) fn record(&self, latency: Duration) {
+        if self.delay.is_none() {
+            self.latencies.record(latency);
+        }
+    }
+
     /// How long after an attempt the next hedge goes.
     pub(crate) fn delay(&self) -> Duration {
         if let Some(delay) = self.delay {
@@ -585,6 +593,50 @@ mod tests {
                 "retry {n}: {min:?}"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn plans_follow_the_first_entry_naming_a_method_and_hedges_wait_for_the_percentile() {
+        let policy = Policy::from_toml(
+            r#"
+            [[methods]]
+            names = ["Get"]
+            hedge = { percentile = 90, min_delay_ms = 5 }
+            [[methods]]
+            names = ["Put"]
+            [[methods]]
+            names = ["*"]
+            retry = { max_attempts = 4 }
+            "#,
+        )
+        .unwrap();
+        let plans = Plans::new(&policy, None);
+        assert!(plans.any_configured());
+        // `Put` is named by an entry that configures nothing: no plan,
+        // even though `*` retries.
+        assert!(plans.method("/pkg.S/Put").is_none());
+        let other = plans.method("/pkg.S/Other").map(|p| &p.kind);
+        assert!(matches!(other, Some(PlanKind::Retry(r)) if r.max_attempts == 4));
+        let Some(PlanKind::Hedge(hedge)) = plans.method("/pkg.S/Get").map(|p| &p.kind) else {
+            panic!("Get is hedged");
+        };
+        // Until 20 latencies are known: the floor.
+        assert_eq!(hedge.delay(), Duration::from_millis(5));
+        for i in 0..100u64 {
+            hedge.record(Duration::from_millis(if i % 10 == 0 { 100 } else { 20 }));
+        }
+        let delay = hedge.delay();
+        assert!(
+            delay >= Duration::from_millis(20) && delay < Duration::from_millis(23),
+            "{delay:?}"
+        );
+        // The budget is kept across a new policy with the same settings.
+        let again = Plans::new(&policy, Some(&plans));
+        assert!(Arc::ptr_eq(
+            again.budget.as_ref().unwrap(),
+            plans.budget.as_ref().unwrap()
+        ));
+        assert!(!Plans::new(&Policy::default(), None).any_configured());
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub(super) async fn hedging(
                 }
                 _ => {
                     // The winner: the others are cancelled as they drop.
-                    plan.latencies.record(started.elapsed());
+                    plan.record(started.elapsed());
                     return Ok(response);
                 }
             },

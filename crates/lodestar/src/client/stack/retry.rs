@@ -192,7 +192,7 @@ impl Retry {
             Ok(response) => return Ok(response),
             Err(failure) => failure,
         };
-        self.again(failure, kept, deadline).await
+        self.again(failure, kept.as_ref(), deadline).await
     }
 
     /// A call of a method the policy retries or hedges, and which may be
@@ -296,6 +296,14 @@ impl Retry {
                         })),
                         Pushback::None,
                     ),
+                    Leftover::Replay => {
+                        // Not a code the policy retries: replayed as any
+                        // idempotent call is, on a transport failure.
+                        let failure = Failure::Attempt(failed);
+                        return self
+                            .again(failure, Some(planned.kept), planned.deadline)
+                            .await;
+                    }
                     _ => return Err(self.final_error(*failed)),
                 },
                 Err(failure) => return self.again(failure, None, planned.deadline).await,
@@ -368,7 +376,7 @@ impl Retry {
     pub(super) async fn again(
         &self,
         mut failure: Failure,
-        kept: Option<Kept>,
+        kept: Option<&Kept>,
         deadline: Option<Deadline>,
     ) -> Result<Response<Observed>, Status> {
         let balance = &self.balance;
@@ -393,7 +401,7 @@ impl Retry {
                 // Never sent: the caller's body, and its live per-message
                 // choices, are still ahead.
                 Leftover::Untouched { request, .. } => request,
-                Leftover::Replay => match &kept {
+                Leftover::Replay => match kept {
                     Some(kept) => kept.request(0),
                     None => {
                         // Not kept: the method is not idempotent, or no
