@@ -370,16 +370,20 @@ async fn an_idempotent_call_is_retried_on_another_instance_within_its_deadline()
 }
 
 /// Makes `rate` calls a second of `Unary` for `duration`, each in its own
-/// task, and waits for them all; returns how many were made and how long
-/// that took.
+/// task, alternating between `client` and a clone of it (which share the
+/// service's budget), and waits for them all; returns how many were made
+/// and how long that took.
 async fn steady_load(client: &Client, rate: u32, duration: Duration) -> (usize, Duration) {
-    let echo = EchoClient::by_name(client, "echo");
+    let clones = [
+        EchoClient::by_name(client, "echo"),
+        EchoClient::by_name(&client.clone(), "echo"),
+    ];
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     let started = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     while started.elapsed() < duration {
         tick.tick().await;
-        let mut echo = echo.clone();
+        let mut echo = clones[calls.len() % 2].clone();
         calls.spawn(async move { echo.unary(EchoRequest::default()).await });
     }
     let made = calls.len();
@@ -469,6 +473,24 @@ async fn a_servers_pushback_delays_the_retry_or_stops_it() {
         1
     );
 
+    // A pushback past the call's deadline: no retry either, and at once.
+    fleet.clear();
+    *script.pushback.lock().unwrap() = Some("5000");
+    script.fail_next.store(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let call = echo.unary(tokened(
+        EchoRequest::default(),
+        "late",
+        Some(Duration::from_secs(2)),
+    ));
+    let status = bounded("a call pushed past its deadline", call)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "the server's own answer");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(fleet.seen().len(), 1);
+    assert_eq!(decisions.count(|d| *d == DecisionKind::PushbackStop), 1);
+
     // A negative pushback: no retry, the call ends with the server's error.
     fleet.clear();
     *script.pushback.lock().unwrap() = Some("-1");
@@ -477,7 +499,7 @@ async fn a_servers_pushback_delays_the_retry_or_stops_it() {
     let status = bounded("a call told to stop", call).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(fleet.seen().len(), 1);
-    assert_eq!(decisions.count(|d| *d == DecisionKind::PushbackStop), 1);
+    assert_eq!(decisions.count(|d| *d == DecisionKind::PushbackStop), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

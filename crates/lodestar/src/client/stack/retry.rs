@@ -272,7 +272,7 @@ impl Retry {
                     // Every instance was tried: any may take the retry.
                     tried.clear();
                     number -= 1;
-                    request = planned.kept.request(number - 1);
+                    request = planned.kept.request(counted - 1);
                     continue;
                 }
                 Err(Failure::Attempt(failed)) => match failed.leftover {
@@ -352,7 +352,8 @@ impl Retry {
                 tokio::time::sleep(wait).await;
             }
             counted += 1;
-            request = planned.kept.request(number - 1);
+            // Attempts that never left are not counted (as in gRPC).
+            request = planned.kept.request(counted - 1);
         }
     }
 
