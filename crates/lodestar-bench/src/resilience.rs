@@ -10,7 +10,7 @@
 //!   27; with the default budget of 20% + 10/s at each hop, about 1.2³ ≈
 //!   1.7 plus the floors).
 //! - **Tail**: three instances, each holding 1% of its calls 500 ms; the
-//!   client keeps [`CONCURRENCY`] calls in flight. Reported: latency
+//!   client calls at a fixed rate ([`TAIL_RATE`]). Reported: latency
 //!   percentiles of the calls started in the window (however late they
 //!   end), and the extra calls hedging sent (hedged at the method's p95, at
 //!   least 10 ms, one hedge per call, within the default budget).
@@ -28,10 +28,12 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::harness::{self, Case, Latencies, Metric, Proc, Result, Sample, Settings};
 use crate::rpc::pb;
 
-/// Calls in flight in the tail case.
-const CONCURRENCY: usize = 16;
 /// Client calls per second in the storm case.
-const STORM_RATE: u64 = 200;
+const STORM_RATE: u32 = 200;
+/// Client calls per second in the tail case: a fixed rate, so that both
+/// variants load the servers alike (in a closed loop, the calls held
+/// without hedging would slow the whole load down).
+const TAIL_RATE: u32 = 2_000;
 /// The hops of the storm, the last failing.
 const HOPS: [&str; 3] = ["storm-a", "storm-b", "storm-c"];
 /// The service of the tail case.
@@ -287,7 +289,7 @@ async fn storm_load(
     };
     // Every hop discovered and connected, then the load, then the window.
     call(a.clone()).await;
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / STORM_RATE as u32);
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / STORM_RATE);
     let start = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     while start.elapsed() < warmup {
@@ -324,38 +326,44 @@ async fn tail_load(
     for _ in 0..30 {
         let _ = tail.clone().unary(pb::Payload { body: vec![0; 16] }).await;
     }
+    let mut latencies = Latencies::with_capacity(1 << 16);
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / TAIL_RATE);
     let start = Instant::now();
     let measure_from = start + warmup;
     let measure_to = measure_from + duration;
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..CONCURRENCY {
+    let mut hedged_before = None;
+    let mut calls = tokio::task::JoinSet::new();
+    loop {
+        // Latency from when the call was due: a late start counts.
+        let due = tick.tick().await.into_std();
+        if due >= measure_to {
+            break;
+        }
+        let measured = due >= measure_from;
+        if measured && hedged_before.is_none() {
+            hedged_before = Some(hedges.0.load(Ordering::Relaxed));
+            harness::say(serde_json::json!({ "warm": true }));
+        }
         let mut tail = tail.clone();
-        workers.spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let started = Instant::now();
-                if started >= measure_to {
-                    break;
-                }
-                let ok = tail.unary(pb::Payload { body: vec![0; 16] }).await.is_ok();
-                // Every call started in the window, however late it ends:
-                // the calls held longest are the tail being measured.
-                if ok && started >= measure_from {
-                    latencies.push(started.elapsed());
-                }
-            }
-            latencies
+        calls.spawn(async move {
+            let ok = tail.unary(pb::Payload { body: vec![0; 16] }).await.is_ok();
+            // Every call due in the window, however late it ends: the
+            // calls held longest are the tail being measured.
+            (ok && measured).then(|| due.elapsed())
         });
+        // Reap what finished, so the set holds only calls in flight.
+        while let Some(done) = calls.try_join_next() {
+            if let Some(latency) = done? {
+                latencies.record(latency);
+            }
+        }
     }
-    tokio::time::sleep_until(measure_from.into()).await;
-    let hedged_before = hedges.0.load(Ordering::Relaxed);
-    harness::say(serde_json::json!({ "warm": true }));
-    let mut latencies = Latencies::with_capacity(1 << 16);
-    while let Some(done) = workers.join_next().await {
-        for latency in done? {
+    while let Some(done) = calls.join_next().await {
+        if let Some(latency) = done? {
             latencies.record(latency);
         }
     }
+    let hedged_before = hedged_before.ok_or("the measured window never began")?;
     let hedged = hedges.0.load(Ordering::Relaxed) - hedged_before;
     let calls = latencies.len();
     if calls == 0 {
@@ -391,7 +399,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
         settings,
         "resilience",
         format!(
-            "tail: 3 instances each holding 1% of calls 500 ms, {CONCURRENCY} in flight; lodestar: hedged at p95 (≥ 10 ms), 1 hedge"
+            "tail: 3 instances each holding 1% of calls 500 ms, {TAIL_RATE} calls/s; lodestar: hedged at p95 (≥ 10 ms), 1 hedge"
         ),
         &["lodestar", "lodestar, no hedging"],
         |variant| async move { one_run(settings, false, variant == "lodestar").await },
