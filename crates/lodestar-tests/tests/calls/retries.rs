@@ -587,9 +587,14 @@ async fn hedging_cuts_the_tail_and_cancels_the_losing_attempt() {
             "call {token}: cancelled {delay:?} after"
         );
     }
-    // The hedges were within the budget.
+    // Every call held was hedged (and, on a loaded machine, a slow fast
+    // answer may be too), within the budget.
     let hedges = decisions.count(|d| matches!(d, DecisionKind::Hedge { .. }));
-    assert_eq!(hedges, slow.len());
+    assert!(
+        hedges >= slow.len(),
+        "{hedges} hedges, {} calls held",
+        slow.len()
+    );
     assert!(
         hedges as f64 <= calls as f64 * 0.5 + 10.0 * took.as_secs_f64().ceil(),
         "{hedges} hedges"
