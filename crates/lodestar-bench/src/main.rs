@@ -19,6 +19,7 @@ mod h2load;
 mod harness;
 mod pick;
 mod registry;
+mod resilience;
 mod rpc;
 mod rpc_sides;
 
@@ -64,6 +65,9 @@ enum Command {
     /// (child) A fleet instance or client.
     #[command(hide = true, subcommand)]
     Balance(balance::Child),
+    /// (child) A retry-storm or tail instance, or client.
+    #[command(hide = true, subcommand)]
+    Resilience(resilience::Child),
 }
 
 #[derive(clap::Args, Debug)]
@@ -79,7 +83,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
     /// Only these scenarios (rpc, rpc-server, rpc-client, registry, broker,
-    /// failover, footprint, pick, balance).
+    /// failover, footprint, pick, balance, resilience).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -128,6 +132,7 @@ async fn dispatch(command: Command) -> harness::Result<()> {
         Command::Failover(child) => failover::child(child).await,
         Command::Pick(child) => pick::child(child).await,
         Command::Balance(child) => balance::child(child).await,
+        Command::Resilience(child) => resilience::child(child).await,
     }
 }
 
@@ -151,6 +156,7 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         "footprint",
         "pick",
         "balance",
+        "resilience",
     ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
@@ -193,6 +199,9 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     }
     if wanted("balance") {
         report.cases.extend(balance::run(&settings).await?);
+    }
+    if wanted("resilience") {
+        report.cases.extend(resilience::run(&settings).await?);
     }
     let markdown = report.to_markdown();
     println!("{markdown}");

@@ -926,6 +926,8 @@ async fn a_client_does_not_send_a_malformed_grpc_timeout() {
 mod client_stack;
 #[path = "calls/guards.rs"]
 mod guards;
+#[path = "calls/retries.rs"]
+mod retries;
 #[path = "calls/server_stack.rs"]
 mod server_stack;
 #[path = "calls/traffic.rs"]

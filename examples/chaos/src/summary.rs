@@ -1,10 +1,14 @@
 //! What `chaos-client` counts while it calls, and the one JSON summary it
 //! prints: calls, successes, failures by code, calls per instance and
-//! latency percentiles. Memory is bounded whatever the run's length or the
-//! servers' answers.
+//! latency percentiles, and the retries, hedges and budget denials the
+//! client decided ([`Decisions`]). Memory is bounded whatever the run's
+//! length or the servers' answers.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use lodestar::client::observe::{Attempt, Decision, Observer};
 
 use lodestar::Status;
 use lodestar::client::Policy;
@@ -139,9 +143,46 @@ impl Tally {
                 p99_9: at(0.999),
             },
             elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-            policy,
             decisions: BTreeMap::new(),
+            policy,
         }
+    }
+}
+
+/// Counts the client's resilience decisions by kind, named in snake case
+/// (`retry`, `hedge`, `budget_denied`, `breaker_opened`,
+/// `breaker_rejected`, `bulkhead_full`, `fault_injected`, ...): an
+/// [`Observer`] to give the client, cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Decisions(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl Observer for Decisions {
+    fn attempt(&self, _attempt: &Attempt<'_>) {}
+
+    fn decided(&self, decision: &Decision<'_>) {
+        // The variant's name: what its `Debug` form starts with.
+        let debug = format!("{:?}", decision.kind);
+        let variant = debug.split([' ', '{', '(']).next().unwrap_or_default();
+        let mut name = String::with_capacity(variant.len() + 4);
+        for (i, c) in variant.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                name.push('_');
+            }
+            name.push(c.to_ascii_lowercase());
+        }
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name)
+            .or_default() += 1;
+    }
+}
+
+impl Decisions {
+    /// The counts, by name, of the kinds that happened.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -163,11 +204,11 @@ pub struct Summary {
     pub latency_ms: Percentiles,
     /// How long the run took.
     pub elapsed_ms: u64,
+    /// The client's resilience decisions by kind, those that happened
+    /// (see [`Decisions`]).
+    pub decisions: BTreeMap<String, u64>,
     /// The client policy in force, every field written out.
     pub policy: Policy,
-    /// The client's resilience decisions (a breaker opening or refusing a
-    /// call, a full bulkhead, an injected fault), by kind.
-    pub decisions: BTreeMap<String, u64>,
 }
 
 /// p50, p99 and p99.9, in milliseconds; 0 when no call was made.

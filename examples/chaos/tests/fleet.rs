@@ -233,6 +233,93 @@ async fn at_a_fixed_rate_calls_start_on_schedule_and_a_slow_server_shows_in_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_held_to_the_budget_and_hedges_cut_the_tail() {
+    let (registry, url) = registry().await;
+    let failing = server(&url, "failing", &["--fail-rate", "1"]);
+    // 200 calls, each allowed three attempts: without a budget, two
+    // retries each; with one of 20% (+10/s), at most 40 + 10 a second.
+    let retried = &[
+        "--registry",
+        &url,
+        "--calls",
+        "200",
+        "--retry-attempts",
+        "3",
+    ];
+    let summary = client(
+        &[
+            retried.as_slice(),
+            &["--retry-backoff-ms", "1", "--no-budget"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(summary["failures"]["UNAVAILABLE"], 200, "{summary}");
+    assert_eq!(summary["decisions"]["retry"], 400, "{summary}");
+    assert_eq!(
+        summary["policy"]["methods"][0]["retry"]["max_attempts"], 3,
+        "{summary}"
+    );
+    let summary = client(&[retried.as_slice(), &["--retry-backoff-ms", "1"]].concat()).await;
+    let retries = summary["decisions"]["retry"].as_u64().unwrap();
+    let seconds = summary["elapsed_ms"].as_u64().unwrap().div_ceil(1_000) + 1;
+    assert!(retries <= 40 + 10 * seconds, "{summary}");
+    assert!(
+        summary["decisions"]["budget_denied"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    drop(failing);
+
+    // One of two instances (of another service) holds every call 300 ms:
+    // hedged after 20 ms, no call waits for it.
+    let _fast = server(&url, "fast", &["--service", "tail"]);
+    let _slow = server(&url, "slow", &["--service", "tail", "--delay-ms", "300"]);
+    let policy_file = scratch("rr.toml");
+    std::fs::write(&policy_file, "[strategy]\nkind = \"round_robin\"\n").unwrap();
+    let summary = client(&[
+        "--registry",
+        &url,
+        "--service",
+        "tail",
+        "--calls",
+        "40",
+        "--concurrency",
+        "1",
+        "--policy",
+        policy_file.to_str().unwrap(),
+        "--hedge-delay-ms",
+        "20",
+        "--budget-percent",
+        "100",
+    ])
+    .await;
+    std::fs::remove_file(&policy_file).unwrap();
+    assert_eq!(summary["ok"], 40, "{summary}");
+    assert_eq!(summary["per_instance"]["fast"], 40, "{summary}");
+    // Each call that went to the slow one first was hedged (round robin
+    // sends it about half of them).
+    let hedges = summary["decisions"]["hedge"].as_u64().unwrap();
+    assert!((10..=40).contains(&hedges), "{summary}");
+    let p99 = summary["latency_ms"]["p99"].as_f64().unwrap();
+    assert!(p99 < 300.0, "{summary}");
+    // Both at once are refused.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chaos-client"));
+    command.args([
+        "--registry",
+        &url,
+        "--retry-attempts",
+        "2",
+        "--hedge-delay-ms",
+        "5",
+    ]);
+    let output = run(command).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--hedge-delay-ms"), "{stderr}");
+    registry.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_are_refused_with_the_flag_and_what_was_expected() {
     let (registry, url) = registry().await;
     let cases: [(&str, &[&str], &str); 8] = [
@@ -334,7 +421,7 @@ async fn faults_open_the_breaker_and_the_summary_counts_the_decisions() {
     assert_eq!(summary["failures"]["UNAVAILABLE"], 95, "{summary}");
     assert_eq!(
         summary["decisions"],
-        serde_json::json!({"FaultInjected": 5, "BreakerOpened": 1, "BreakerRejected": 95}),
+        serde_json::json!({"fault_injected": 5, "breaker_opened": 1, "breaker_rejected": 95}),
         "{summary}"
     );
     assert_eq!(summary["policy"]["methods"][0]["names"][0], "*");

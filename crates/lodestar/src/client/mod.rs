@@ -22,7 +22,9 @@
 //!    is sent to another instance, whatever its kind. A unary request to a
 //!    method marked idempotent in its `.proto` is also sent again when the
 //!    instance fails before answering. Otherwise the caller gets
-//!    `UNAVAILABLE`.
+//!    `UNAVAILABLE`. A method the [`Policy`] retries or hedges
+//!    ([`retries`]) is also sent again on the codes it names, or hedged,
+//!    within the service's [retry budget](budget).
 //! 5. **Balance**: the instances come from a local cache kept fresh by a
 //!    watch of the registry (the registry is never asked on this path);
 //!    the service's [`Policy`] routes the call to a group of them (routes,
@@ -40,6 +42,7 @@
 //! ([`TraceContext`](crate::trace::TraceContext)) goes out with every call,
 //! as its deadline does.
 
+pub mod budget;
 mod channel;
 mod connection;
 pub mod observe;
@@ -48,6 +51,7 @@ pub mod breaker;
 pub mod bulkhead;
 pub mod outlier;
 pub mod policy;
+pub mod retries;
 pub(crate) mod route;
 pub mod selector;
 mod stack;
@@ -521,8 +525,10 @@ impl ClientBuilder {
         self
     }
 
-    /// How many instances one call may be sent to, counting the first.
-    /// Default: 3. At least 1, at most 8.
+    /// How many instances one call may be sent to, counting the first,
+    /// when it is sent again because it never left or (idempotent) its
+    /// instance failed before answering. Default: 3. At least 1, at most
+    /// 8. Retries a policy configures ([`retries`]) have their own count.
     pub fn max_attempts(mut self, attempts: usize) -> Self {
         self.config.max_attempts = attempts.clamp(1, MAX_ATTEMPTS);
         self

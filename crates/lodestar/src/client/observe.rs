@@ -118,6 +118,43 @@ pub enum DecisionKind {
         /// The code the call was failed with, if it was aborted.
         abort: Option<Code>,
     },
+    /// A configured retry ([`retries`](super::retries)): attempt number
+    /// `attempt` (2 for the first retry) goes after `backoff`.
+    Retry {
+        /// The number of the attempt about to be made.
+        attempt: u32,
+        /// How long it waits first (the jittered backoff, or the server's
+        /// pushback).
+        backoff: std::time::Duration,
+    },
+    /// A hedge ([`retries`](super::retries)): attempt number `attempt`
+    /// goes now, `delay` after the attempt before it.
+    Hedge {
+        /// The number of the attempt sent.
+        attempt: u32,
+        /// How long after the previous attempt (0: at once, because an
+        /// attempt failed).
+        delay: std::time::Duration,
+    },
+    /// The service's [retry budget](super::budget) denied a retry (or a
+    /// hedge): the call ends with the error of its last attempt (or waits
+    /// for the attempts it has).
+    BudgetDenied {
+        /// The number the attempt would have had.
+        attempt: u32,
+        /// Whether it was a hedge.
+        hedge: bool,
+    },
+    /// The server's `grpc-retry-pushback-ms` was honoured: the next
+    /// attempt waits `wait`.
+    PushbackWait {
+        /// How long.
+        wait: std::time::Duration,
+    },
+    /// The server's `grpc-retry-pushback-ms` said not to retry (negative
+    /// or malformed, or longer than the call has left): the call ends with
+    /// the error of its last attempt.
+    PushbackStop,
 }
 
 /// Who is told of the decisions of a channel's resilience layers.

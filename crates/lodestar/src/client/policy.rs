@@ -101,6 +101,12 @@
 //!     max_ejection_percent = 50
 //!     panic_threshold_percent = 50
 //!     failure_codes = ["UNAVAILABLE", "INTERNAL", "UNKNOWN", "DATA_LOSS", "DEADLINE_EXCEEDED"]
+//!
+//!     [retry_budget]            # for configured retries and hedges
+//!     enabled = true
+//!     percent = 20
+//!     min_per_second = 10
+//!     window_ms = 10_000
 //! "#)?;
 //! assert_eq!(defaults, Policy::default());
 //! assert_eq!(Policy::from_toml("")?, Policy::default());
@@ -115,8 +121,10 @@ use lodestar_core::registry::limits::quoted;
 use serde::{Deserialize, Serialize};
 
 pub use super::breaker::{BreakerKind, BreakerSettings};
+pub use super::budget::BudgetSettings;
 pub use super::bulkhead::BulkheadSettings;
 pub use super::outlier::OutlierSettings;
+pub use super::retries::{HedgeSettings, RetrySettings};
 pub use crate::fault::FaultSettings;
 pub(crate) use crate::policy_data::CODES;
 use crate::policy_data::{self, at_most, in_range, invalid, validate_codes};
@@ -147,6 +155,10 @@ pub struct Policy {
     /// The most calls to the service in flight at once
     /// ([`bulkhead`](super::bulkhead)). Default: none (no maximum).
     pub bulkhead: Option<BulkheadSettings>,
+    /// How many retries and hedges the calls to the service may add
+    /// ([`budget`](super::budget)). Default: 20% of the calls plus 10 per
+    /// second, over 10 s.
+    pub retry_budget: BudgetSettings,
 }
 
 /// Settings of some methods of the service (see [`Policy::methods`]).
@@ -164,6 +176,12 @@ pub struct MethodPolicy {
     /// Faults injected into their calls ([`fault`](crate::fault)).
     /// Default: none.
     pub fault: Option<FaultSettings>,
+    /// Retry their calls ([`retries`](super::retries)); not with `hedge`.
+    /// Default: none.
+    pub retry: Option<RetrySettings>,
+    /// Hedge their calls ([`retries`](super::retries)); not with `retry`.
+    /// Default: none.
+    pub hedge: Option<HedgeSettings>,
 }
 
 /// How an instance is chosen, as data (see [`selector`](super::selector)
@@ -517,7 +535,8 @@ impl Policy {
         if let Some(bulkhead) = &self.bulkhead {
             bulkhead.validate("bulkhead")?;
         }
-        validate_methods(&self.methods)
+        validate_methods(&self.methods)?;
+        super::budget::validate("retry_budget", &self.retry_budget)
     }
 
     /// The settings of the method named `method` (its name in the
@@ -588,6 +607,7 @@ fn validate_methods(methods: &[MethodPolicy]) -> Result<(), PolicyError> {
         if let Some(fault) = &entry.fault {
             fault.validate(&format!("methods[{i}].fault"))?;
         }
+        super::retries::validate(&format!("methods[{i}]"), entry)?;
     }
     Ok(())
 }
@@ -836,6 +856,11 @@ pub(crate) mod tests {
                         abort_percent: 2.5,
                         ..FaultSettings::default()
                     }),
+                    retry: Some(RetrySettings {
+                        codes: vec!["UNAVAILABLE".into(), "RESOURCE_EXHAUSTED".into()],
+                        ..RetrySettings::default()
+                    }),
+                    hedge: None,
                 },
                 MethodPolicy {
                     names: vec!["*".into()],
@@ -844,9 +869,18 @@ pub(crate) mod tests {
                         ..BreakerSettings::default()
                     }),
                     fault: None,
+                    retry: None,
+                    hedge: Some(HedgeSettings {
+                        delay_ms: Some(20),
+                        ..HedgeSettings::default()
+                    }),
                 },
             ],
             bulkhead: Some(BulkheadSettings::new(64)),
+            retry_budget: BudgetSettings {
+                percent: 30,
+                ..BudgetSettings::default()
+            },
         }
     }
 

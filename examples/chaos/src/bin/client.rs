@@ -2,7 +2,6 @@
 //! number of calls in flight) or at a fixed rate, and prints one JSON
 //! summary of how the calls went and where they went.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chaos::flags::{BreakerFlags, FaultFlags, client_entry, every_method};
-use chaos::summary::{Summary, Tally};
+use chaos::summary::{Decisions, Summary, Tally};
 use chaos::{ChaosClient, Ping, Pong, SERVICE_NAME};
 use clap::Parser;
-use lodestar::client::observe::{Attempt, Decision, Observer};
+use lodestar::client::policy::{HedgeSettings, MethodPolicy, RetrySettings};
 use lodestar::client::{Channel, Policy};
 use lodestar::{Client, Status};
 use tokio::sync::Semaphore;
@@ -70,6 +69,104 @@ struct Args {
     breaker: BreakerFlags,
     #[command(flatten)]
     faults: FaultFlags,
+    /// Retry `Unary` (a ping: safe to send again), up to this many attempts
+    /// in all (2 to 5), on the codes of --retry-codes. Default: no
+    /// configured retries (those of the policy file, if any).
+    #[arg(long, conflicts_with_all = ["hedge_delay_ms", "hedge_percentile"])]
+    retry_attempts: Option<u32>,
+    /// The codes a retry follows, by name, comma-separated. Default:
+    /// UNAVAILABLE.
+    #[arg(long, requires = "retry_attempts", value_delimiter = ',')]
+    retry_codes: Vec<String>,
+    /// The longest wait before the first retry, in milliseconds (each
+    /// further one up to twice as long, at most ten times this). Default: 25.
+    #[arg(long, requires = "retry_attempts")]
+    retry_backoff_ms: Option<u64>,
+    /// Hedge `Unary`: one more attempt, to another instance, after this
+    /// many milliseconds without an answer.
+    #[arg(long, conflicts_with = "hedge_percentile")]
+    hedge_delay_ms: Option<u64>,
+    /// Hedge `Unary` after this percentile (1 to 99) of its recent
+    /// latencies (at least 10 ms).
+    #[arg(long)]
+    hedge_percentile: Option<u32>,
+    /// The most hedges per call (1 to 4). Default: 1.
+    #[arg(long)]
+    hedges: Option<u32>,
+    /// Retries and hedges may add at most this percentage of the calls...
+    /// Default: 20 (or the policy file's).
+    #[arg(long)]
+    budget_percent: Option<u32>,
+    /// ... plus this many a second. Default: 10 (or the policy file's).
+    #[arg(long)]
+    budget_per_second: Option<u32>,
+    /// No retry budget: every retry and hedge the policy allows is made.
+    #[arg(long, conflicts_with_all = ["budget_percent", "budget_per_second"])]
+    no_budget: bool,
+}
+
+/// The method the resilience flags configure.
+const METHOD: &str = "Unary";
+
+impl Args {
+    /// The retry, hedge and budget flags, applied to `policy` (checked
+    /// when the client takes it).
+    fn apply_resilience(&self, policy: &mut Policy) {
+        let retry = self.retry_attempts.map(|attempts| {
+            let mut retry = RetrySettings::default();
+            retry.max_attempts = attempts;
+            retry.idempotent = true;
+            if !self.retry_codes.is_empty() {
+                retry.codes = self.retry_codes.clone();
+            }
+            if let Some(ms) = self.retry_backoff_ms {
+                retry.initial_backoff_ms = ms;
+                retry.max_backoff_ms = ms.saturating_mul(10);
+            }
+            retry
+        });
+        let hedged = self.hedge_delay_ms.is_some()
+            || self.hedge_percentile.is_some()
+            || self.hedges.is_some();
+        let hedge = hedged.then(|| {
+            let mut hedge = HedgeSettings::default();
+            hedge.idempotent = true;
+            hedge.delay_ms = self.hedge_delay_ms;
+            hedge.percentile = self.hedge_percentile;
+            if let Some(hedges) = self.hedges {
+                hedge.max_hedges = hedges;
+            }
+            hedge
+        });
+        if retry.is_some() || hedge.is_some() {
+            let index = match policy
+                .methods
+                .iter()
+                .position(|m| m.names.iter().any(|n| n == METHOD))
+            {
+                Some(index) => index,
+                None => {
+                    let mut entry = MethodPolicy::default();
+                    entry.names = vec![METHOD.to_owned()];
+                    policy.methods.insert(0, entry);
+                    0
+                }
+            };
+            let entry = &mut policy.methods[index];
+            entry.retry = retry;
+            entry.hedge = hedge;
+        }
+        let budget = &mut policy.retry_budget;
+        if self.no_budget {
+            budget.enabled = false;
+        }
+        if let Some(percent) = self.budget_percent {
+            budget.percent = percent;
+        }
+        if let Some(per_second) = self.budget_per_second {
+            budget.min_per_second = per_second;
+        }
+    }
 }
 
 /// The longest `--duration`: a week.
@@ -210,6 +307,7 @@ async fn run(args: Args) -> Result<Summary, String> {
             entry.fault = fault;
         }
     }
+    args.apply_resilience(&mut policy);
     builder = builder.policy(policy).map_err(|e| e.to_string())?;
     if let Some(zone) = args.zone {
         builder = builder.zone(zone);
@@ -234,35 +332,8 @@ async fn run(args: Args) -> Result<Summary, String> {
     let elapsed = start.elapsed();
     let tally = std::mem::take(&mut *caller.tally.lock().unwrap_or_else(|e| e.into_inner()));
     let mut summary = tally.summary(policy, elapsed);
-    summary.decisions = decisions.take();
+    summary.decisions = decisions.counts();
     Ok(summary)
-}
-
-/// Counts the resilience layers' decisions by kind (`BreakerOpened`,
-/// `BreakerRejected`, `BulkheadFull`, `FaultInjected`, ...).
-#[derive(Clone, Default)]
-struct Decisions(Arc<Mutex<BTreeMap<String, u64>>>);
-
-impl Decisions {
-    fn take(&self) -> BTreeMap<String, u64> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-impl Observer for Decisions {
-    fn attempt(&self, _: &Attempt<'_>) {}
-
-    fn decided(&self, decision: &Decision<'_>) {
-        // The variant's name: what precedes its fields.
-        let kind = format!("{:?}", decision.kind);
-        let name = kind.split([' ', '{', '(']).next().unwrap_or("").to_owned();
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name)
-            .or_default() += 1;
-    }
 }
 
 /// Makes calls and counts them.

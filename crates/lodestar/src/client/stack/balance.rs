@@ -21,10 +21,12 @@ use super::retry::Leftover;
 use crate::body::RequestBody;
 
 use super::resolver;
+use crate::client::budget::RetryBudget;
 use crate::client::connection::Connection;
-use crate::client::observe::{AttemptGuard, Observed, OutlierWatch, Watchers};
+use crate::client::observe::{AttemptGuard, DecisionKind, Observed, OutlierWatch, Watchers};
 use crate::client::outlier::{Detector, Reason};
 use crate::client::policy::Policy;
+use crate::client::retries::{MethodPlan, Plans};
 use crate::client::route::Routing;
 use crate::client::selector::{
     CallInfo, Endpoint, EndpointStats, Selector, instant_at, nanos_since_epoch,
@@ -82,6 +84,12 @@ pub(crate) struct Balance {
     /// Why the registry last failed to answer, until it answers: named in
     /// the error of a call that found no instances in time.
     last_error: Mutex<Option<String>>,
+    /// The configured retries and hedges of the service's methods, and its
+    /// retry budget, replaced with the policy.
+    plans: ArcSwap<Plans>,
+    /// Whether any method is retried or hedged: all a call of a service
+    /// without retries pays for them is this load.
+    configured: AtomicBool,
 }
 
 /// What selection reads for each call: built when the instances, an
@@ -172,6 +180,27 @@ impl Balance {
         })
     }
 
+    /// Whether any method of the service is retried or hedged.
+    pub(crate) fn is_configured(&self) -> bool {
+        self.configured.load(Ordering::Relaxed)
+    }
+
+    /// The plan of the method `path` calls, if it is retried or hedged,
+    /// with the service's retry budget.
+    pub(crate) fn plan(&self, path: &str) -> Option<(Arc<MethodPlan>, Option<Arc<RetryBudget>>)> {
+        if !self.configured.load(Ordering::Relaxed) {
+            return None;
+        }
+        let plans = self.plans.load();
+        let plan = plans.method(path)?.clone();
+        Some((plan, plans.budget.clone()))
+    }
+
+    /// Tells the client's observers about a decision on a call of `method`.
+    pub(crate) fn decided(&self, method: &str, kind: DecisionKind) {
+        self.guards.reporter.report(method, kind);
+    }
+
     fn with_selection(
         key: ServiceKey,
         registry: Arc<dyn Registry>,
@@ -180,7 +209,10 @@ impl Balance {
         this: Weak<Balance>,
         sweeps_idle: Arc<AtomicBool>,
     ) -> Self {
+        let plans = Plans::new(&selection.policy, None);
         Self {
+            configured: AtomicBool::new(plans.any_configured()),
+            plans: ArcSwap::from_pointee(plans),
             detector: Detector::new(key.clone()),
             guards: super::Guards::new(key.clone(), &config, &selection.policy),
             key,
@@ -461,6 +493,10 @@ impl Balance {
             &self.sweeps_idle,
         );
         self.guards.follow(&policy);
+        let plans = Plans::new(&policy, Some(&self.plans.load()));
+        self.configured
+            .store(plans.any_configured(), Ordering::Relaxed);
+        self.plans.store(Arc::new(plans));
         tracing::info!(service = %self.key, "client policy replaced");
         self.select_with(current.endpoints.clone(), policy, watchers, &mut None);
         drop(_rebuilding);
@@ -661,6 +697,36 @@ impl Balance {
         number: usize,
         deadline: Option<Deadline>,
     ) -> impl Future<Output = Result<Response<Observed>, Failure>> + Send + '_ {
+        self.start(request, tried, number, deadline, false).1
+    }
+
+    /// [`attempt`](Self::attempt), also giving the connection of the
+    /// endpoint chosen (none if none was left).
+    pub(crate) fn attempt_picked(
+        &self,
+        request: Request<RequestBody>,
+        tried: &[Arc<Connection>],
+        number: usize,
+        deadline: Option<Deadline>,
+    ) -> (
+        Option<Arc<Connection>>,
+        impl Future<Output = Result<Response<Observed>, Failure>> + Send + '_,
+    ) {
+        self.start(request, tried, number, deadline, true)
+    }
+
+    /// Starts an attempt; gives its connection if `picked` is asked for.
+    fn start(
+        &self,
+        request: Request<RequestBody>,
+        tried: &[Arc<Connection>],
+        number: usize,
+        deadline: Option<Deadline>,
+        picked: bool,
+    ) -> (
+        Option<Arc<Connection>>,
+        impl Future<Output = Result<Response<Observed>, Failure>> + Send + '_,
+    ) {
         let number = u32::try_from(number).unwrap_or(u32::MAX);
         let call = CallInfo {
             service: &self.key,
@@ -670,7 +736,7 @@ impl Balance {
         };
         let (endpoint, watchers) = match self.pick(tried, &call) {
             Ok(picked) => picked,
-            Err(failure) => return Either::Right(std::future::ready(Err(failure))),
+            Err(failure) => return (None, Either::Right(std::future::ready(Err(failure)))),
         };
         let method = request
             .uri()
@@ -678,7 +744,12 @@ impl Balance {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let guard = AttemptGuard::start(watchers, endpoint.clone(), method, number, deadline);
-        Either::Left(super::endpoint::send(self, endpoint, request, guard))
+        // Only when asked: the common call takes no reference it drops at once.
+        let connection = picked.then(|| endpoint.connection.clone());
+        (
+            connection,
+            Either::Left(super::endpoint::send(self, endpoint, request, guard)),
+        )
     }
 }
 

@@ -49,6 +49,7 @@ mod deadline;
 mod endpoint;
 mod fault;
 mod guard;
+mod hedge;
 mod resolver;
 mod retry;
 
