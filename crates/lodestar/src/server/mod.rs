@@ -31,6 +31,7 @@
 //! `running` (the started service and its shutdown), `lifecycle`,
 //! `signal`.
 
+mod admission;
 mod budget;
 mod builder;
 mod connection;

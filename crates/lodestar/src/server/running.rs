@@ -30,6 +30,8 @@ pub struct RunningService {
     pub(super) subscriber_tasks: Vec<tokio::task::JoinHandle<()>>,
     pub(super) grace: Duration,
     pub(super) policy: Arc<ArcSwap<Policy>>,
+    /// The policy's limits, compiled (see `admission`).
+    pub(super) admission: Arc<super::admission::Admission>,
 }
 
 impl std::fmt::Debug for RunningService {
@@ -68,6 +70,7 @@ impl RunningService {
     pub fn set_policy(&self, policy: Policy) -> Result<(), PolicyError> {
         policy.validate()?;
         self.policy.store(Arc::new(policy));
+        self.admission.update(&self.policy);
         Ok(())
     }
 

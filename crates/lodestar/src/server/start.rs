@@ -139,6 +139,7 @@ impl ServiceBuilder {
             },
             self.layers,
         );
+        let admission = stack.admission();
         let serve = tokio::spawn(connection::serve(
             listener,
             stack,
@@ -256,6 +257,7 @@ impl ServiceBuilder {
             subscriber_tasks,
             grace: self.grace,
             policy,
+            admission,
         })
     }
 
