@@ -17,6 +17,7 @@ mod failover;
 mod footprint;
 mod h2load;
 mod harness;
+mod overload;
 mod pick;
 mod registry;
 mod rpc;
@@ -64,6 +65,9 @@ enum Command {
     /// (child) A fleet instance or client.
     #[command(hide = true, subcommand)]
     Balance(balance::Child),
+    /// (child) An overloaded server or its load.
+    #[command(hide = true, subcommand)]
+    Overload(overload::Child),
 }
 
 #[derive(clap::Args, Debug)]
@@ -79,7 +83,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
     /// Only these scenarios (rpc, rpc-server, rpc-client, registry, broker,
-    /// failover, footprint, pick, balance).
+    /// failover, footprint, pick, balance, overload).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -128,6 +132,7 @@ async fn dispatch(command: Command) -> harness::Result<()> {
         Command::Failover(child) => failover::child(child).await,
         Command::Pick(child) => pick::child(child).await,
         Command::Balance(child) => balance::child(child).await,
+        Command::Overload(child) => overload::child(child).await,
     }
 }
 
@@ -151,6 +156,7 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         "footprint",
         "pick",
         "balance",
+        "overload",
     ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
@@ -193,6 +199,9 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     }
     if wanted("balance") {
         report.cases.extend(balance::run(&settings).await?);
+    }
+    if wanted("overload") {
+        report.cases.extend(overload::run(&settings).await?);
     }
     let markdown = report.to_markdown();
     println!("{markdown}");

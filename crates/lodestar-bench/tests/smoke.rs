@@ -35,6 +35,7 @@ fn smoke_run_reports_every_scenario() {
         "footprint",
         "pick",
         "balance",
+        "overload",
     ] {
         assert!(
             cases.iter().any(|c| c["scenario"] == scenario),

@@ -98,7 +98,7 @@ impl ConcurrencyLimiter {
                 pushback: Duration::from_millis(pushback),
             });
         }
-        Ok(Slot(Some(self.clone())))
+        Ok(Slot(self.clone()))
     }
 
     /// The limit, if it changed since the last time this returned it.
@@ -131,24 +131,19 @@ impl ConcurrencyLimiter {
 
 /// A call's place among those in flight: given back when dropped.
 #[derive(Debug)]
-pub(crate) struct Slot(Option<Arc<ConcurrencyLimiter>>);
+pub(crate) struct Slot(Arc<ConcurrencyLimiter>);
 
 impl Slot {
     /// The call ended: its latency is a sample (adaptive limits), and its
-    /// place is given back.
-    pub(crate) fn end(mut self, outcome: &CallOutcome<'_>) {
-        if let Some(limiter) = self.0.take() {
-            limiter.ended(outcome.code(), outcome.elapsed());
-            limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
+    /// place is given back (by the drop).
+    pub(crate) fn end(self, outcome: &CallOutcome<'_>) {
+        self.0.ended(outcome.code(), outcome.elapsed());
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(limiter) = self.0.take() {
-            limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
