@@ -34,7 +34,7 @@ impl<S> Layer<S> for AdmissionLayer {
     fn layer(&self, inner: S) -> AdmissionService<S> {
         AdmissionService {
             inner,
-            admission: self.admission.clone(),
+            admission: Arc::new(Own(self.admission.clone())),
         }
     }
 }
@@ -43,13 +43,26 @@ impl<S> Layer<S> for AdmissionLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct AdmissionService<S> {
     inner: S,
-    admission: Arc<Admission>,
+    /// The server's admission state, through a reference counted per
+    /// connection (see [`make_own`](Self::make_own)).
+    admission: Arc<Own>,
 }
+
+/// The server's admission state, as one connection refers to it.
+#[derive(Debug)]
+struct Own(Arc<Admission>);
 
 impl<S> AdmissionService<S> {
     /// The service below.
     pub(crate) fn get_mut(&mut self) -> &mut S {
         &mut self.inner
+    }
+
+    /// Takes a reference of its own (for one connection): the service is
+    /// cloned for every call, and the calls of a connection then count
+    /// their references apart from other connections'.
+    pub(crate) fn make_own(&mut self) {
+        self.admission = Arc::new(Own(self.admission.0.clone()));
     }
 }
 
@@ -67,13 +80,11 @@ where
     }
 
     fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
-        if !self.admission.is_enabled() {
+        let admission = &self.admission.0;
+        if !admission.is_enabled() {
             return AdmissionFuture::admitted(self.inner.call(request), None);
         }
-        match self
-            .admission
-            .admit(request.uri().path(), request.headers())
-        {
+        match admission.admit(request.uri().path(), request.headers()) {
             Ok(slot) => AdmissionFuture::admitted(self.inner.call(request), slot),
             Err(status) => AdmissionFuture {
                 state: State::Refused {

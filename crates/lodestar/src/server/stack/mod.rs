@@ -146,7 +146,9 @@ impl Stack {
     /// This stack for one connection, its responses counted against `budget`.
     pub(crate) fn for_connection(&self, budget: Arc<ConnectionBudget>) -> ConnectionStack {
         let mut outer = self.outer.clone();
-        outer.get_mut().get_mut().get_mut().make_own();
+        let admission = outer.get_mut().get_mut();
+        admission.make_own();
+        admission.get_mut().make_own();
         ConnectionStack { outer, budget }
     }
 }
