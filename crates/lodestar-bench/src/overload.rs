@@ -8,10 +8,11 @@
 //! costs no CPU, as a pool or a database would. The load generator (pinned
 //! to the client core) starts calls on schedule, at a fixed rate whatever
 //! the server does (open loop), over one tonic connection, each with a 1 s
-//! deadline. Reported: goodput (calls that succeeded, per second of the
-//! window), the latency of the calls that succeeded (from when each was
-//! sent), and the share of calls shed (`RESOURCE_EXHAUSTED`) and failed
-//! otherwise (`DEADLINE_EXCEEDED`: queued past their deadline). Without
+//! deadline. Reported: goodput (calls that succeeded within the window,
+//! per second), the latency of the calls sent in the window that
+//! succeeded (from when each was sent), and the share of those shed
+//! (`RESOURCE_EXHAUSTED`) and failed otherwise (`DEADLINE_EXCEEDED`:
+//! queued past their deadline). Without
 //! shedding, calls beyond the capacity queue for a worker until their
 //! deadline; with it, they are refused at once and the queue stays short.
 
@@ -185,28 +186,33 @@ async fn load(addr: &str, rate: f64, warmup: Duration, duration: Duration) -> Re
                 Err(status) if status.code() == tonic::Code::ResourceExhausted => Ended::Shed,
                 Err(_) => Ended::Failed,
             };
-            counted.then_some(ended)
+            // Goodput: calls that succeeded within the window, whenever
+            // they were sent (a queue's backlog does not count later).
+            let done = Instant::now();
+            let good = matches!(ended, Ended::Ok(_)) && done >= measure_from && done <= measure_to;
+            (counted.then_some(ended), good)
         });
     }
     let mut latencies = Latencies::with_capacity(calls.len());
-    let (mut shed, mut failed) = (0usize, 0usize);
+    let (mut shed, mut failed, mut good) = (0usize, 0usize, 0usize);
     while let Some(ended) = calls.join_next().await {
-        match ended? {
+        let (ended, in_window) = ended?;
+        good += usize::from(in_window);
+        match ended {
             None => {}
             Some(Ended::Ok(latency)) => latencies.record(latency),
             Some(Ended::Shed) => shed += 1,
             Some(Ended::Failed) => failed += 1,
         }
     }
-    let ok = latencies.len();
-    let total = ok + shed + failed;
+    let total = latencies.len() + shed + failed;
     if total == 0 {
         return Err("no call in the measured window".into());
     }
     let percent = |part: usize| 100.0 * part as f64 / total as f64;
     let mut sample = Sample::default();
     sample
-        .set(GOODPUT, ok as f64 / duration.as_secs_f64())
+        .set(GOODPUT, good as f64 / duration.as_secs_f64())
         .latencies(&mut latencies)
         .set(SHED, percent(shed))
         .set(FAILED, percent(failed));

@@ -18,7 +18,13 @@
 //! Under overload the limit thus settles where the handlers are busy but
 //! not queueing; the lowest latency stays a no-queue latency, because the
 //! limit keeps the queue away (the failure mode of estimators whose
-//! baseline latency drifts up with the queue).
+//! baseline latency drifts up with the queue). For the same reason there is
+//! no room for a queue on top of the estimate (Envoy's √limit): it would
+//! raise the lowest latency, the estimate with it, and so on. The price:
+//! at exactly the capacity, calls arriving in a burst beyond it are shed.
+//! The first bucket of calls after a quiet window saw only part of their
+//! throughput and does not count as the busiest; until a whole bucket has
+//! been seen, the limit stays (`initial` at first).
 //!
 //! Calls refused are never samples (their latency says nothing about the
 //! handlers); calls the client cancelled neither. A call whose deadline
@@ -162,6 +168,12 @@ struct Estimator {
     current_end: u64,
     /// Calls count as queueing until then.
     congested_until: u64,
+    /// The bucket that took the first calls after a quiet window (or
+    /// none yet): it saw only part of their throughput, so it does not
+    /// count for the busiest.
+    partial: Option<usize>,
+    /// No call since the window was last empty.
+    quiet: bool,
     limit: usize,
 }
 
@@ -192,6 +204,8 @@ impl Estimator {
             current: 0,
             current_end: bucket_len,
             congested_until: 0,
+            partial: None,
+            quiet: true,
             limit: settings.initial as usize,
         }
     }
@@ -200,6 +214,9 @@ impl Estimator {
     fn sample(&mut self, at: Instant, latency: Duration) -> usize {
         let now = nanos(at.saturating_duration_since(self.epoch));
         self.advance(now);
+        if std::mem::take(&mut self.quiet) {
+            self.partial = Some(self.current);
+        }
         if let Some(bucket) = self.buckets.get_mut(self.current) {
             bucket.calls += 1;
             bucket.total = bucket.total.saturating_add(nanos(latency));
@@ -217,11 +234,16 @@ impl Estimator {
         if ended >= BUCKETS as u64 {
             // Quiet for a whole window: nothing in it is recent.
             self.buckets.fill(Bucket::default());
+            self.partial = None;
+            self.quiet = true;
         } else {
             for _ in 0..ended {
                 self.current = (self.current + 1) % BUCKETS;
                 if let Some(bucket) = self.buckets.get_mut(self.current) {
                     *bucket = Bucket::default();
+                }
+                if self.partial == Some(self.current) {
+                    self.partial = None;
                 }
             }
         }
@@ -235,14 +257,16 @@ impl Estimator {
     fn estimate(&mut self, now: u64, last: Bucket) {
         let mut busiest = 0;
         let mut lowest = u64::MAX;
-        for bucket in self.buckets.iter() {
+        for (i, bucket) in self.buckets.iter().enumerate() {
             if let Some(average) = bucket.average() {
-                busiest = busiest.max(bucket.calls);
+                if self.partial != Some(i) {
+                    busiest = busiest.max(bucket.calls);
+                }
                 lowest = lowest.min(average);
             }
         }
         if busiest == 0 {
-            return; // nothing seen in the window: the limit stays
+            return; // no whole bucket of calls in the window: the limit stays
         }
         // Little's law: calls in flight at the best throughput and the
         // best latency seen.
@@ -255,6 +279,8 @@ impl Estimator {
         {
             self.congested_until = now.saturating_add(self.cooldown);
         }
+        // No room for a queue while queueing: a queue would raise the
+        // lowest latency seen, and the estimate with it.
         let limit = if now < self.congested_until {
             estimate
         } else {
@@ -358,12 +384,15 @@ mod tests {
             Duration::from_millis(100),
         );
         assert_eq!(estimator.limit, 7);
-        // A call now and then, fast: the estimate drops to the min.
-        estimator.sample(start + Duration::from_secs(5), Duration::from_micros(10));
-        estimator.sample(
-            start + Duration::from_millis(5_002),
-            Duration::from_micros(10),
-        );
+        // After a quiet window, fast calls now and then. The first bucket
+        // with calls saw only part of their throughput: no estimate from
+        // it alone.
+        let fast = Duration::from_micros(10);
+        estimator.sample(start + Duration::from_secs(5), fast);
+        estimator.sample(start + Duration::from_millis(5_001), fast);
+        assert_eq!(estimator.limit, 7);
+        // From a whole bucket: the estimate drops to the min.
+        estimator.sample(start + Duration::from_millis(5_002), fast);
         assert_eq!(estimator.limit, 3);
     }
 
