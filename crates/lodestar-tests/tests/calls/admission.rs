@@ -524,3 +524,59 @@ async fn limits_follow_the_policy_set_live_and_a_bad_one_is_refused() {
         Code::ResourceExhausted
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_refusals_keep_the_connection() {
+    let world = World::new();
+    let echo = Workers::new(&world, 64, Duration::ZERO);
+    let policy = r#"
+        [[methods]]
+        names = ["lodestar.test.Echo/Unary"]
+        rate_limit = { per_second = 0.001, burst = 1 }
+    "#;
+    let (running, _) = serve(&world, echo, policy).await;
+    // hyper's client, which sends a request's message apart from its
+    // headers (lodestar's sends both at once); and hyper's h2 closes a
+    // connection after 1,024 streams it had to reset: refusals must not
+    // count as such (see the admission layer).
+    let (client, connection) = super::server_stack::one_connection(running.local_addr()).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for worker in 0..32 {
+        let mut client = client.clone();
+        calls.spawn(async move {
+            let mut codes = Vec::new();
+            for _ in 0..100 {
+                let mut request = Request::new(EchoRequest {
+                    message: format!("worker {worker}"),
+                    payload: vec![0; 1024],
+                });
+                request.set_timeout(Duration::from_secs(5));
+                codes.push(match client.unary(request).await {
+                    Ok(_) => Code::Ok,
+                    Err(status) => status.code(),
+                });
+            }
+            codes
+        });
+    }
+    let codes: Vec<Code> = bounded("3,200 calls", calls.join_all())
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let refused = codes
+        .iter()
+        .filter(|&&c| c == Code::ResourceExhausted)
+        .count();
+    assert_eq!(
+        refused + codes.iter().filter(|&&c| c == Code::Ok).count(),
+        codes.len(),
+        "{:?}",
+        codes
+            .iter()
+            .filter(|&&c| c != Code::ResourceExhausted)
+            .collect::<Vec<_>>()
+    );
+    assert!(refused >= 3_190, "{refused} refused");
+    assert!(connection.is_open());
+}

@@ -3,7 +3,8 @@
 //! costs almost nothing: no user layer, no request body read, no handler.
 //!
 //! A refused call fails with its `RESOURCE_EXHAUSTED` status (the status
-//! layer answers it, trailers-only). An admitted call under a concurrency
+//! layer answers it, trailers-only), once its request has ended (see
+//! [`Refusal`]). An admitted call under a concurrency
 //! limit holds its place until its final status: the place is handed to a
 //! [`CallEnd`] hook when the call's future is first polled (the call is
 //! then current), and given back by the hook, or by its `Drop` if the call
@@ -13,9 +14,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
+use bytes::Buf;
 use http::{Request, Response};
+use http_body::Body;
+use tokio::time::Sleep;
 use tower::{BoxError, Layer, Service};
 
 use super::request::RequestBody;
@@ -88,7 +93,7 @@ where
             Ok(slot) => AdmissionFuture::admitted(self.inner.call(request), slot),
             Err(status) => AdmissionFuture {
                 state: State::Refused {
-                    status: Some(Box::new(status)),
+                    refusal: Some(Box::new(Refusal::new(status, request.into_body()))),
                 },
             },
         }
@@ -112,7 +117,56 @@ pin_project_lite::pin_project! {
             // Until handed to the call's end.
             slot: Option<Slot>,
         },
-        Refused { status: Option<Box<tonic::Status>> },
+        Refused { refusal: Option<Box<Refusal>> },
+    }
+}
+
+/// The most request bytes a refused call's body is drained of: 64 KiB.
+const DRAIN_BYTES: usize = 64 * 1024;
+/// The longest a refused call waits for the end of its request: 2 ms.
+const DRAIN_TIME: Duration = Duration::from_millis(2);
+
+/// A refused call, answered once its request has ended (its bytes are
+/// discarded, never decoded), or at most [`DRAIN_BYTES`] or [`DRAIN_TIME`]
+/// later. An answer while the client is still sending makes HTTP/2 reset
+/// the request stream (`NO_ERROR`), and hyper's h2 closes a connection
+/// after 1,024 such resets (its guard against reset floods): under
+/// overload, a refused unary call's message is usually a few microseconds
+/// behind its headers, and waiting for it keeps the connection.
+struct Refusal {
+    status: tonic::Status,
+    body: RequestBody,
+    drained: usize,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Refusal {
+    fn new(status: tonic::Status, body: RequestBody) -> Self {
+        Self {
+            status,
+            body,
+            drained: 0,
+            deadline: None,
+        }
+    }
+
+    /// Whether the request has ended, or been waited for long enough.
+    fn poll_drained(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while !self.body.is_end_stream() && self.drained <= DRAIN_BYTES {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.drained += frame.data_ref().map_or(0, Buf::remaining);
+                }
+                Poll::Ready(None | Some(Err(_))) => return Poll::Ready(()),
+                Poll::Pending => {
+                    let deadline = self
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_TIME)));
+                    return deadline.as_mut().poll(cx);
+                }
+            }
+        }
+        Poll::Ready(())
     }
 }
 
@@ -141,10 +195,16 @@ where
                 }
                 inner.poll(cx).map_err(Into::into)
             }
-            StateProj::Refused { status } => match status.take() {
-                Some(status) => Poll::Ready(Err(status)),
-                None => Poll::Pending, // polled after it completed
-            },
+            StateProj::Refused { refusal } => {
+                let Some(drained) = refusal.as_mut() else {
+                    return Poll::Pending; // polled after it completed
+                };
+                ready!(drained.poll_drained(cx));
+                match refusal.take() {
+                    Some(refusal) => Poll::Ready(Err(Box::new(refusal.status))),
+                    None => Poll::Pending,
+                }
+            }
         }
     }
 }
