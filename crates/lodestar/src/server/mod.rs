@@ -20,7 +20,7 @@
 //! connection's unsent-byte budget ([`ConnectionLimits`]), the caller's
 //! trace context, the status layer (every error becomes a gRPC status;
 //! [`CallEnd`] reports each call's final one), admission (the
-//! [policy](policy)'s rate and concurrency limits), the layers added with
+//! [`policy`]'s rate and concurrency limits), the layers added with
 //! [`ServiceBuilder::layer`], the inbound deadline, the codec (JSON
 //! transcoding, compression), the message size limits, and the routes.
 //!

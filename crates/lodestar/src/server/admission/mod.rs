@@ -13,7 +13,7 @@
 //!   estimated from throughput and latency (`concurrency.rs`).
 //!
 //! A call over either is refused with `RESOURCE_EXHAUSTED` before the
-//! handler runs and before its request body is read, with a message naming
+//! handler runs, its request body never decoded, with a message naming
 //! the method, the entry and the limit, and a `grpc-retry-pushback-ms`
 //! trailer: when the bucket has a token again, or the latency of the last
 //! call that ended (about when a place frees up). The rate limit is
