@@ -24,17 +24,16 @@
 //!   and tonic's balancer.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use lodestar::client::policy::{Policy, Strategy};
 
 use crate::harness::{self, Case, Latencies, Metric, Proc, Result, Sample, Settings};
-use crate::rpc::{pb, raw};
+use crate::rpc::{UnaryOnly, UnaryServer, pb, raw};
 
 /// The name the instances register under.
 const SERVICE: &str = "balance";
@@ -171,8 +170,6 @@ pub(crate) async fn child(child: Child) -> Result<()> {
 
 // ---- the instances ----
 
-type PayloadStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::Payload, Status>> + Send>>;
-
 /// One instance of the fleet.
 #[derive(Debug, Clone)]
 struct Instance {
@@ -182,7 +179,9 @@ struct Instance {
 }
 
 #[tonic::async_trait]
-impl pb::bench_server::Bench for Instance {
+impl UnaryOnly for Instance {
+    const SCENARIO: &'static str = "balance";
+
     async fn unary(&self, _request: Request<pb::Payload>) -> Result<Response<pb::Payload>, Status> {
         if self.failing.load(Ordering::Relaxed) {
             return Err(Status::unavailable("this instance fails every call"));
@@ -193,28 +192,6 @@ impl pb::bench_server::Bench for Instance {
         Ok(Response::new(pb::Payload {
             body: vec![self.index],
         }))
-    }
-
-    type ServerStreamStream = PayloadStream;
-
-    async fn server_stream(
-        &self,
-        _request: Request<pb::StreamRequest>,
-    ) -> Result<Response<Self::ServerStreamStream>, Status> {
-        Err(Status::unimplemented(
-            "the balance scenario calls Unary only",
-        ))
-    }
-
-    type PingPongStream = PayloadStream;
-
-    async fn ping_pong(
-        &self,
-        _request: Request<Streaming<pb::Payload>>,
-    ) -> Result<Response<Self::PingPongStream>, Status> {
-        Err(Status::unimplemented(
-            "the balance scenario calls Unary only",
-        ))
     }
 }
 
@@ -235,7 +212,7 @@ async fn serve(registry: &str, id: String, index: u8, delay: Duration) -> Result
     let running = lodestar::Service::builder(SERVICE)
         .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .registry(lodestar_registry::from_url(registry)?)
-        .add_service(pb::bench_server::BenchServer::new(instance))
+        .add_service(pb::bench_server::BenchServer::new(UnaryServer(instance)))
         .id(id)
         .start()
         .await?;

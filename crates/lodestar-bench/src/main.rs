@@ -17,6 +17,7 @@ mod failover;
 mod footprint;
 mod h2load;
 mod harness;
+mod overload;
 mod pick;
 mod registry;
 mod resilience;
@@ -68,6 +69,9 @@ enum Command {
     /// (child) A retry-storm or tail instance, or client.
     #[command(hide = true, subcommand)]
     Resilience(resilience::Child),
+    /// (child) An overloaded server or its load.
+    #[command(hide = true, subcommand)]
+    Overload(overload::Child),
 }
 
 #[derive(clap::Args, Debug)]
@@ -83,7 +87,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
     /// Only these scenarios (rpc, rpc-server, rpc-client, registry, broker,
-    /// failover, footprint, pick, balance, resilience).
+    /// failover, footprint, pick, balance, resilience, overload).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -133,6 +137,7 @@ async fn dispatch(command: Command) -> harness::Result<()> {
         Command::Pick(child) => pick::child(child).await,
         Command::Balance(child) => balance::child(child).await,
         Command::Resilience(child) => resilience::child(child).await,
+        Command::Overload(child) => overload::child(child).await,
     }
 }
 
@@ -157,6 +162,7 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         "pick",
         "balance",
         "resilience",
+        "overload",
     ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
@@ -202,6 +208,9 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     }
     if wanted("resilience") {
         report.cases.extend(resilience::run(&settings).await?);
+    }
+    if wanted("overload") {
+        report.cases.extend(overload::run(&settings).await?);
     }
     let markdown = report.to_markdown();
     println!("{markdown}");

@@ -132,6 +132,53 @@ pub(crate) async fn child(child: Child) -> Result<()> {
 
 type PayloadStream<P> = Pin<Box<dyn Stream<Item = Result<P, Status>> + Send + 'static>>;
 
+/// The `Unary` handler of a scenario that calls nothing else (served by
+/// [`UnaryServer`], which refuses the streams).
+#[tonic::async_trait]
+pub(crate) trait UnaryOnly: Clone + Send + Sync + 'static {
+    /// The scenario, named in the streams' refusal.
+    const SCENARIO: &'static str;
+
+    /// Answers one `Unary` call.
+    async fn unary(&self, request: Request<pb::Payload>) -> Result<Response<pb::Payload>, Status>;
+}
+
+/// A Bench service of `Unary` alone: the handler's, and `UNIMPLEMENTED`
+/// for the streams.
+#[derive(Debug, Clone)]
+pub(crate) struct UnaryServer<U>(pub(crate) U);
+
+impl<U: UnaryOnly> UnaryServer<U> {
+    fn refuse() -> Status {
+        Status::unimplemented(format!("the {} scenario calls Unary only", U::SCENARIO))
+    }
+}
+
+#[tonic::async_trait]
+impl<U: UnaryOnly> pb::bench_server::Bench for UnaryServer<U> {
+    async fn unary(&self, request: Request<pb::Payload>) -> Result<Response<pb::Payload>, Status> {
+        self.0.unary(request).await
+    }
+
+    type ServerStreamStream = PayloadStream<pb::Payload>;
+
+    async fn server_stream(
+        &self,
+        _request: Request<pb::StreamRequest>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
+        Err(Self::refuse())
+    }
+
+    type PingPongStream = PayloadStream<pb::Payload>;
+
+    async fn ping_pong(
+        &self,
+        _request: Request<Streaming<pb::Payload>>,
+    ) -> Result<Response<Self::PingPongStream>, Status> {
+        Err(Self::refuse())
+    }
+}
+
 macro_rules! bench_service {
     ($ty:ident, $module:ident, $trait_path:path) => {
         /// The benchmark service.

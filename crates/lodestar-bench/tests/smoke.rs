@@ -36,6 +36,7 @@ fn smoke_run_reports_every_scenario() {
         "pick",
         "balance",
         "resilience",
+        "overload",
     ] {
         assert!(
             cases.iter().any(|c| c["scenario"] == scenario),

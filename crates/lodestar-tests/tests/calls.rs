@@ -922,6 +922,8 @@ async fn a_client_does_not_send_a_malformed_grpc_timeout() {
     assert_eq!(world.next_event().await, Event::SleepStarted("sent".into()));
 }
 
+#[path = "calls/admission.rs"]
+mod admission;
 #[path = "calls/client_stack.rs"]
 mod client_stack;
 #[path = "calls/guards.rs"]

@@ -320,9 +320,63 @@ async fn retries_are_held_to_the_budget_and_hedges_cut_the_tail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_and_a_concurrency_limit_refuse_the_calls_over_them() {
+    let (registry, url) = registry().await;
+    let _limited = server(&url, "limited", &["--rate-limit", "5", "--burst", "5"]);
+    // 40 calls in about 400 ms: the burst of 5 and about 2 more pass.
+    let summary = client(&["--registry", &url, "--calls", "40", "--rate", "100"]).await;
+    let ok = summary["ok"].as_u64().unwrap();
+    assert!((5..=12).contains(&ok), "{summary}");
+    assert_eq!(
+        summary["failures"]["RESOURCE_EXHAUSTED"],
+        40 - ok,
+        "{summary}"
+    );
+    drop(_limited);
+
+    let _one = server(
+        &url,
+        "one-at-a-time",
+        &[
+            "--service",
+            "chaos-one",
+            "--concurrency-limit",
+            "1",
+            "--delay-ms",
+            "300",
+        ],
+    );
+    // 4 at once, for 300 ms each: 1 passes, 3 are shed at once.
+    let summary = client(&[
+        "--registry",
+        &url,
+        "--calls",
+        "4",
+        "--concurrency",
+        "4",
+        "--service",
+        "chaos-one",
+    ])
+    .await;
+    assert_eq!(summary["ok"], 1, "{summary}");
+    assert_eq!(summary["failures"]["RESOURCE_EXHAUSTED"], 3, "{summary}");
+    registry.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_are_refused_with_the_flag_and_what_was_expected() {
     let (registry, url) = registry().await;
-    let cases: [(&str, &[&str], &str); 8] = [
+    let cases: [(&str, &[&str], &str); 10] = [
+        (
+            env!("CARGO_BIN_EXE_chaos-server"),
+            &["--rate-limit=-1"],
+            "--rate-limit -1: expected more than 0 and at most 1000000000 calls per second",
+        ),
+        (
+            env!("CARGO_BIN_EXE_chaos-server"),
+            &["--concurrency-limit", "0"],
+            "--concurrency-limit 0: expected 1 to 1000000",
+        ),
         (
             env!("CARGO_BIN_EXE_chaos-server"),
             &["--fail-rate", "1.5"],
@@ -361,7 +415,7 @@ async fn bad_flags_are_refused_with_the_flag_and_what_was_expected() {
         (
             env!("CARGO_BIN_EXE_chaos-server"),
             &["--fault-delay-percent", "50", "--fault-delay-ms", "70000"],
-            "--fault-*: policy field `methods[0].fault.delay_ms` is 70000",
+            "--fault-*: policy field `methods[1].fault.delay_ms` is 70000",
         ),
     ];
     for (binary, args, expected) in cases {

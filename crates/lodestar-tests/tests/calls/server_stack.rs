@@ -15,7 +15,7 @@ use super::*;
 
 /// The client side of one HTTP/2 connection, as a tonic transport.
 #[derive(Clone)]
-struct OneConnection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+pub(super) struct OneConnection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
 
 type Answer = Pin<
     Box<
@@ -41,14 +41,14 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for OneConnection 
 
 /// One connection's socket and the task that drives it (it ends when the
 /// connection does).
-struct Connection {
+pub(super) struct Connection {
     socket: std::net::TcpStream,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Connection {
     /// Whether the connection is still open.
-    fn is_open(&self) -> bool {
+    pub(super) fn is_open(&self) -> bool {
         !self.task.is_finished()
     }
 
@@ -59,7 +59,9 @@ impl Connection {
 }
 
 /// An Echo client over one new connection to `address`.
-async fn one_connection(address: std::net::SocketAddr) -> (EchoClient<OneConnection>, Connection) {
+pub(super) async fn one_connection(
+    address: std::net::SocketAddr,
+) -> (EchoClient<OneConnection>, Connection) {
     let stream = bounded("connect", tokio::net::TcpStream::connect(address))
         .await
         .unwrap();

@@ -19,18 +19,20 @@
 //! Every call goes through the server stack, outermost first: the
 //! connection's unsent-byte budget ([`ConnectionLimits`]), the caller's
 //! trace context, the status layer (every error becomes a gRPC status;
-//! [`CallEnd`] reports each call's final one), the layers added with
+//! [`CallEnd`] reports each call's final one), admission (the
+//! [`policy`]'s rate and concurrency limits), the layers added with
 //! [`ServiceBuilder::layer`], the inbound deadline, the codec (JSON
 //! transcoding, compression), the message size limits, and the routes.
 //!
 //! The modules: `builder` (the settings), `policy` (settings per method,
-//! as data, replaceable while running), `observe` (what its layers
-//! decide), `start` (routes, stack, listener,
+//! as data, replaceable while running), `admission` (the policy's rate and
+//! concurrency limits), `observe` (what its layers decide), `start` (routes, stack, listener,
 //! first registration), `stack` (the layers), `connection` (accepting and
 //! serving connections), `budget`, `registration` (heartbeats),
 //! `running` (the started service and its shutdown), `lifecycle`,
 //! `signal`.
 
+mod admission;
 mod budget;
 mod builder;
 mod connection;

@@ -59,6 +59,30 @@ pub enum DecisionKind {
         /// The code the call was answered with, if it was aborted.
         abort: Option<tonic::Code>,
     },
+    /// Refused by its rate limit (`RESOURCE_EXHAUSTED`, with a pushback),
+    /// before the handler ran.
+    RateLimited {
+        /// The caller's key (the value of the limit's metadata key), if
+        /// the limit is per caller and the call had one (at most
+        /// [`MAX_KEY_LEN`](super::policy::MAX_KEY_LEN) bytes).
+        key: Option<String>,
+        /// Until its bucket has a token again (the pushback).
+        retry_after: std::time::Duration,
+    },
+    /// Shed: refused for want of room under its concurrency limit
+    /// (`RESOURCE_EXHAUSTED`), before the handler ran.
+    Shed {
+        /// The limit at the time.
+        limit: usize,
+        /// Whether the limit is adaptive (else fixed).
+        adaptive: bool,
+    },
+    /// An adaptive concurrency limit changed: reported with the first call
+    /// it covers after the change.
+    ConcurrencyLimit {
+        /// The new limit.
+        limit: usize,
+    },
 }
 
 /// The observers of a server, in the order they were added.
@@ -71,6 +95,11 @@ impl Observers {
         let mut all = self.0.to_vec();
         all.push(Arc::new(observer));
         Self(all.into())
+    }
+
+    /// Whether there is none.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Tells every observer of `decision`.

@@ -47,6 +47,10 @@ use std::path::Path;
 use lodestar_core::registry::limits::quoted;
 use serde::{Deserialize, Serialize};
 
+pub use super::admission::{
+    Adaptive, Concurrency, MAX_BURST, MAX_CONCURRENCY, MAX_KEY_LEN, MAX_KEYS, MAX_RATE,
+    MAX_WINDOW_MS, RateLimit,
+};
 pub use crate::fault::FaultSettings;
 use crate::policy_data::{self, at_most, invalid};
 pub use crate::policy_data::{MAX_POLICY_FILE, PolicyError};
@@ -76,6 +80,14 @@ pub struct MethodPolicy {
     /// Faults injected into their calls ([`fault`](crate::fault)).
     /// Default: none.
     pub fault: Option<FaultSettings>,
+    /// A token bucket for the calls these methods take together (or per
+    /// caller). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// A limit on these methods' calls in flight together, fixed or
+    /// adaptive. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
 }
 
 /// The most entries [`Policy::methods`] may have: 256.
@@ -173,6 +185,12 @@ fn validate_methods(methods: &[MethodPolicy]) -> Result<(), PolicyError> {
         }
         if let Some(fault) = &entry.fault {
             fault.validate(&format!("methods[{i}].fault"))?;
+        }
+        if let Some(limit) = &entry.rate_limit {
+            super::admission::validate_rate_limit(&format!("methods[{i}].rate_limit"), limit)?;
+        }
+        if let Some(limit) = &entry.concurrency {
+            super::admission::validate_concurrency(&format!("methods[{i}].concurrency"), limit)?;
         }
     }
     Ok(())

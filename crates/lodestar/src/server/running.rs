@@ -32,6 +32,8 @@ pub struct RunningService {
     pub(super) policy: Arc<ArcSwap<Policy>>,
     /// The fault injectors, following `policy`.
     pub(super) faults: Arc<super::stack::fault::Live>,
+    /// The policy's limits, compiled (see `admission`).
+    pub(super) admission: Arc<super::admission::Admission>,
 }
 
 impl std::fmt::Debug for RunningService {
@@ -71,6 +73,7 @@ impl RunningService {
         policy.validate()?;
         self.faults.follow(&policy);
         self.policy.store(Arc::new(policy));
+        self.admission.update(&self.policy);
         Ok(())
     }
 

@@ -141,6 +141,7 @@ impl ServiceBuilder {
             },
             self.layers,
         );
+        let admission = stack.admission();
         let serve = tokio::spawn(connection::serve(
             listener,
             stack,
@@ -259,6 +260,7 @@ impl ServiceBuilder {
             grace: self.grace,
             policy,
             faults,
+            admission,
         })
     }
 

@@ -8,6 +8,9 @@ use chaos::flags::{FaultFlags, every_method, server_entry};
 use chaos::{Behaviour, ChaosService, ControlRequest, SERVICE_NAME, parse_labels};
 use clap::Parser;
 use lodestar::Service;
+use lodestar::server::policy::{
+    Adaptive, Concurrency, MethodPolicy, Policy, PolicyError, RateLimit,
+};
 
 /// Serves `chaos.Chaos` until SIGINT or SIGTERM, then shuts down gracefully.
 ///
@@ -49,10 +52,81 @@ struct Args {
     /// gRPC code of the failed calls, by name (UNAVAILABLE, INTERNAL, ...).
     #[arg(long, default_value = "UNAVAILABLE")]
     fail_code: String,
-    /// Faults the server policy injects into every method, before the
-    /// handler (and so before --delay-ms and --fail-rate).
+    /// Faults the server policy injects into every method but `Control`,
+    /// before the handler (and so before --delay-ms and --fail-rate).
     #[command(flatten)]
     faults: FaultFlags,
+    /// Rate limit of the Chaos methods (`Control` excepted), in calls per
+    /// second; calls over it are refused with RESOURCE_EXHAUSTED and a
+    /// pushback. Default: none.
+    #[arg(long)]
+    rate_limit: Option<f64>,
+    /// Calls allowed at once under --rate-limit. Default: the rate, rounded
+    /// up (at least 1).
+    #[arg(long, requires = "rate_limit")]
+    burst: Option<u32>,
+    /// Metadata key naming the caller: --rate-limit applies to each caller.
+    #[arg(long, requires = "rate_limit")]
+    rate_key: Option<String>,
+    /// The most callers with a bucket of their own under --rate-key.
+    #[arg(long, requires = "rate_key", default_value_t = 10_000)]
+    max_keys: u32,
+    /// At most this many Chaos calls in flight (`Control` excepted); more
+    /// are shed with RESOURCE_EXHAUSTED. Default: none.
+    #[arg(long, conflicts_with = "adaptive")]
+    concurrency_limit: Option<u32>,
+    /// An adaptive concurrency limit (from throughput and latency; the
+    /// policy's defaults) on the Chaos calls (`Control` excepted).
+    #[arg(long)]
+    adaptive: bool,
+}
+
+/// The method that steers a running instance: no limits, no faults.
+const CONTROL: &str = "chaos.Chaos/Control";
+
+/// The server policy the limit flags ask for: none on `Control`, the
+/// limits on every other method.
+fn limits(args: &Args) -> Result<Policy, String> {
+    let mut control = MethodPolicy::default();
+    control.names = vec![CONTROL.to_owned()];
+    let mut chaos = MethodPolicy::default();
+    chaos.names = vec!["chaos.Chaos/*".to_owned()];
+    chaos.rate_limit = args.rate_limit.map(|rate| {
+        let burst = args
+            .burst
+            .unwrap_or(rate.ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
+        let mut limit = RateLimit::new(rate, burst);
+        if let Some(key) = &args.rate_key {
+            limit = limit.per_caller(key);
+        }
+        limit.max_keys = args.max_keys;
+        limit
+    });
+    chaos.concurrency = match (args.concurrency_limit, args.adaptive) {
+        (Some(n), _) => Some(Concurrency::Fixed(n)),
+        (None, true) => Some(Concurrency::Adaptive(Adaptive::default())),
+        (None, false) => None,
+    };
+    let mut policy = Policy::default();
+    policy.methods = vec![control, chaos];
+    policy.validate().map_err(|error| match error {
+        PolicyError::Invalid {
+            field,
+            value,
+            expected,
+        } => {
+            let flag = match field.rsplit('.').next() {
+                Some("per_second") => "--rate-limit",
+                Some("burst") => "--burst",
+                Some("key") => "--rate-key",
+                Some("max_keys") => "--max-keys",
+                _ => "--concurrency-limit",
+            };
+            format!("{flag} {value}: expected {expected}")
+        }
+        other => other.to_string(),
+    })?;
+    Ok(policy)
 }
 
 #[tokio::main]
@@ -83,6 +157,17 @@ async fn run(args: Args) -> Result<(), String> {
             fail_code: Some(args.fail_code.clone()),
         })
         .map_err(|e| format!("invalid behaviour: {e}"))?;
+    let mut policy = limits(&args)?;
+    if let Some(fault) = args.faults.settings() {
+        // Every method but `Control`, which stays a way to steer the
+        // instance whatever its faults.
+        for entry in &mut policy.methods {
+            if entry.names.iter().all(|n| n != CONTROL) {
+                entry.fault = Some(fault.clone());
+            }
+        }
+        every_method(&mut policy.methods, |m| &m.names, server_entry).fault = Some(fault);
+    }
     let labels = parse_labels(&args.labels).map_err(|e| format!("--labels: {e}"))?;
     let registry =
         lodestar_registry::from_url(&args.registry).map_err(|e| format!("--registry: {e}"))?;
@@ -97,16 +182,11 @@ async fn run(args: Args) -> Result<(), String> {
         .weight(args.weight)
         .bind(args.addr)
         .registry(registry)
+        .policy(policy)
+        .map_err(|e| format!("--fault-*: {e}"))?
         .add_service(ChaosService::new(&id, behaviour).into_server());
     if let Some(zone) = args.zone {
         builder = builder.zone(zone);
-    }
-    if let Some(fault) = args.faults.settings() {
-        let mut policy = lodestar::server::policy::Policy::default();
-        every_method(&mut policy.methods, |m| &m.names, server_entry).fault = Some(fault);
-        builder = builder
-            .policy(policy)
-            .map_err(|e| format!("--fault-*: {e}"))?;
     }
     let running = builder
         .start()

@@ -10,10 +10,12 @@
 //! 3. **status**: an error of any layer below becomes a proper gRPC status,
 //!    and every call's final status is reported to [`CallEnd`] hooks
 //!    (`status.rs`, `call_end.rs`, `response.rs`);
-//! 4. **user layers**, added with
+//! 4. **admission**: the policy's rate and concurrency limits refuse a
+//!    call before anything below runs (`admission.rs`; `server/admission`);
+//! 5. **user layers**, added with
 //!    [`ServiceBuilder::layer`](crate::ServiceBuilder::layer), the first
 //!    added outermost (`user.rs`);
-//! 5. **deadline**: the inbound `grpc-timeout` bounds the handler and its
+//! 6. **deadline**: the inbound `grpc-timeout` bounds the handler and its
 //!    response stream (`deadline.rs`);
 //! 6. **fault**: faults the server policy injects into a method's calls
 //!    (delays bounded by the deadline, aborts that never reach the handler;
@@ -34,6 +36,7 @@
 //! bodies are each wrapped once ([`RequestBody`], [`ResponseBody`]), every
 //! layer setting its part of that one wrapper.
 
+mod admission;
 mod call_end;
 mod codec;
 mod deadline;
@@ -64,6 +67,7 @@ pub(crate) use router::{Router, RouterBuilder};
 pub use user::Next;
 pub(crate) use user::{Added, UserLayer};
 
+use self::admission::{AdmissionLayer, AdmissionService};
 use self::codec::CodecLayer;
 use self::deadline::{DeadlineLayer, DeadlineService};
 use self::fault::{FaultLayer, FaultService};
@@ -72,6 +76,7 @@ use self::routes::RoutesService;
 use self::status::{StatusLayer, StatusService};
 use self::trace::{TraceLayer, TraceService};
 use self::user::{Layered, UserLayers};
+use super::admission::Admission;
 use super::budget::{BudgetFuture, Budgeted, ConnectionBudget};
 use crate::MessageLimits;
 use crate::codec::Descriptors;
@@ -86,7 +91,6 @@ type CoreFuture = self::fault::FaultFuture<self::routes::RoutesFuture, Infallibl
 
 /// The server's settings the stack applies.
 #[derive(Debug)]
-#[expect(dead_code, reason = "policy: read by the policy layers to come")]
 pub(crate) struct Settings {
     pub(crate) limits: MessageLimits,
     pub(crate) send_compressed: Option<Encoding>,
@@ -101,12 +105,14 @@ pub(crate) struct Settings {
 }
 
 /// The stack below the per-connection budget, as built at start.
-type Outer = TraceService<StatusService<Layered>>;
+type Outer = TraceService<StatusService<AdmissionService<Layered>>>;
 
 /// The server stack, built once.
 #[derive(Clone)]
 pub(crate) struct Stack {
     outer: Outer,
+    /// The policy's limits, for `RunningService::set_policy` to update.
+    admission: Arc<Admission>,
 }
 
 impl Stack {
@@ -116,10 +122,17 @@ impl Stack {
         settings: Settings,
         layers: Vec<Box<dyn UserLayer>>,
     ) -> Self {
+        let admission = Arc::new(Admission::new(
+            &settings.policy.load(),
+            settings.observers.clone(),
+        ));
         // Outermost first; the budget is added per connection.
         let outer = ServiceBuilder::new()
             .layer(TraceLayer)
             .layer(StatusLayer)
+            .layer(AdmissionLayer {
+                admission: admission.clone(),
+            })
             .layer(UserLayers(layers))
             .layer(DeadlineLayer)
             .layer(FaultLayer {
@@ -136,13 +149,20 @@ impl Stack {
                 limits: settings.limits,
             })
             .service(RoutesService::new(routes));
-        Self { outer }
+        Self { outer, admission }
+    }
+
+    /// The policy's limits as this stack applies them.
+    pub(crate) fn admission(&self) -> Arc<Admission> {
+        self.admission.clone()
     }
 
     /// This stack for one connection, its responses counted against `budget`.
     pub(crate) fn for_connection(&self, budget: Arc<ConnectionBudget>) -> ConnectionStack {
         let mut outer = self.outer.clone();
-        outer.get_mut().get_mut().make_own();
+        let admission = outer.get_mut().get_mut();
+        admission.make_own();
+        admission.get_mut().make_own();
         ConnectionStack { outer, budget }
     }
 }
