@@ -67,7 +67,6 @@
 //! # Ok::<(), lodestar::client::PolicyError>(())
 //! ```
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -77,12 +76,15 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tonic::Code;
 
+use arc_swap::ArcSwapOption;
+
 use super::budget::RetryBudget;
 use super::outlier::FailureCodes;
 use super::policy::{
     MAX_DURATION_MS, MethodPolicy, Policy, PolicyError, code_from_name, code_name,
 };
 use super::selector::nanos_since_epoch;
+use super::stack::guard::PerMethod;
 use crate::policy_data::{in_range, invalid, validate_codes};
 
 /// The most attempts a configured retry or hedging policy may make, the
@@ -282,13 +284,11 @@ fn code_set(names: &[String]) -> FailureCodes {
 /// from its policy when the policy is set, never per call.
 #[derive(Debug, Default)]
 pub(crate) struct Plans {
-    /// By method name: the plan of the entry that names it (`None`: that
-    /// entry configures neither).
-    named: HashMap<String, Option<Arc<MethodPlan>>>,
-    /// The plan of the `"*"` entry, for every method no entry names.
-    any: Option<Arc<MethodPlan>>,
+    /// Each retried or hedged method's plan (and, hedged, its latencies):
+    /// under `"*"`, one per method too.
+    methods: PerMethod<MethodPlan>,
     /// The service's retry budget, if it has one.
-    pub(crate) budget: Option<Arc<RetryBudget>>,
+    budget: ArcSwapOption<RetryBudget>,
 }
 
 /// How one method's calls are retried or hedged.
@@ -328,68 +328,62 @@ pub(crate) struct HedgePlan {
 }
 
 impl Plans {
-    /// The plans of `policy`, keeping `old`'s budget (and its counts) if
-    /// the budget's settings are the same.
-    pub(crate) fn new(policy: &Policy, old: Option<&Plans>) -> Self {
-        let plan = |entry: &MethodPolicy| -> Option<Arc<MethodPlan>> {
-            let kind = match (&entry.retry, &entry.hedge) {
-                (Some(r), _) => PlanKind::Retry(RetryPlan {
-                    max_attempts: r.max_attempts.clamp(1, MAX_ATTEMPTS),
-                    initial: Duration::from_millis(r.initial_backoff_ms),
-                    max: Duration::from_millis(r.max_backoff_ms),
-                    multiplier: r.backoff_multiplier,
-                    codes: code_set(&r.codes),
-                }),
-                (None, Some(h)) => PlanKind::Hedge(HedgePlan {
+    /// Follows `policy`: a plan for each method it retries or hedges, and
+    /// the budget, kept (with its counts) if its settings are the same.
+    pub(crate) fn follow(&self, policy: &Policy) {
+        self.methods.set(
+            policy,
+            |entry| (entry.retry.is_some() || entry.hedge.is_some()).then_some(entry),
+            |entry, _| Arc::new(MethodPlan::of(entry)),
+        );
+        let settings = &policy.retry_budget;
+        let old = self.budget.load_full();
+        self.budget.store(settings.enabled.then(|| {
+            old.filter(|budget| budget.settings() == settings)
+                .unwrap_or_else(|| Arc::new(RetryBudget::new(settings.clone())))
+        }));
+    }
+
+    /// Whether any method is retried or hedged (one relaxed load).
+    pub(crate) fn any_configured(&self) -> bool {
+        self.methods.is_on()
+    }
+
+    /// The plan of the method `path` calls (`/package.Service/Method`), if
+    /// it is retried or hedged, with the service's retry budget.
+    pub(crate) fn method(&self, path: &str) -> Option<(Arc<MethodPlan>, Option<Arc<RetryBudget>>)> {
+        let plan = self.methods.get(path)?;
+        Some((plan, self.budget.load_full()))
+    }
+}
+
+impl MethodPlan {
+    /// The plan of a method `entry` retries or hedges (retry if both: the
+    /// policy refuses both on one entry).
+    fn of(entry: &MethodPolicy) -> Self {
+        let kind = match (&entry.retry, &entry.hedge) {
+            (Some(r), _) => PlanKind::Retry(RetryPlan {
+                max_attempts: r.max_attempts.clamp(1, MAX_ATTEMPTS),
+                initial: Duration::from_millis(r.initial_backoff_ms),
+                max: Duration::from_millis(r.max_backoff_ms),
+                multiplier: r.backoff_multiplier,
+                codes: code_set(&r.codes),
+            }),
+            (None, hedge) => {
+                let h = hedge.clone().unwrap_or_default();
+                PlanKind::Hedge(HedgePlan {
                     max_hedges: h.max_hedges.clamp(1, MAX_ATTEMPTS - 1),
                     delay: h.delay_ms.map(Duration::from_millis),
                     percentile: h.percentile.unwrap_or(DEFAULT_HEDGE_PERCENTILE),
                     min_delay: Duration::from_millis(h.min_delay_ms),
                     codes: code_set(&h.codes),
                     latencies: Latencies::default(),
-                }),
-                (None, None) => return None,
-            };
-            let idempotent = entry.retry.as_ref().is_some_and(|r| r.idempotent)
-                || entry.hedge.as_ref().is_some_and(|h| h.idempotent);
-            Some(Arc::new(MethodPlan { idempotent, kind }))
-        };
-        let mut plans = Plans::default();
-        for entry in &policy.methods {
-            let planned = plan(entry);
-            for name in &entry.names {
-                if name == "*" {
-                    plans.any = plans.any.take().or_else(|| planned.clone());
-                } else {
-                    plans
-                        .named
-                        .entry(name.clone())
-                        .or_insert_with(|| planned.clone());
-                }
+                })
             }
-        }
-        let settings = &policy.retry_budget;
-        plans.budget = settings.enabled.then(|| {
-            old.and_then(|old| old.budget.as_ref())
-                .filter(|budget| budget.settings() == settings)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(RetryBudget::new(settings.clone())))
-        });
-        plans
-    }
-
-    /// Whether any method is retried or hedged.
-    pub(crate) fn any_configured(&self) -> bool {
-        self.any.is_some() || self.named.values().any(Option::is_some)
-    }
-
-    /// The plan of the method `path` calls (`/package.Service/Method`).
-    pub(crate) fn method(&self, path: &str) -> Option<&Arc<MethodPlan>> {
-        let name = path.rsplit('/').next().unwrap_or(path);
-        match self.named.get(name) {
-            Some(plan) => plan.as_ref(),
-            None => self.any.as_ref(),
-        }
+        };
+        let idempotent = entry.retry.as_ref().is_some_and(|r| r.idempotent)
+            || entry.hedge.as_ref().is_some_and(|h| h.idempotent);
+        Self { idempotent, kind }
     }
 }
 
@@ -610,14 +604,22 @@ mod tests {
             "#,
         )
         .unwrap();
-        let plans = Plans::new(&policy, None);
+        let plans = Plans::default();
+        assert!(!plans.any_configured());
+        plans.follow(&policy);
         assert!(plans.any_configured());
+        let plan = |path| plans.method(path).map(|(plan, _)| plan);
         // `Put` is named by an entry that configures nothing: no plan,
         // even though `*` retries.
-        assert!(plans.method("/pkg.S/Put").is_none());
-        let other = plans.method("/pkg.S/Other").map(|p| &p.kind);
-        assert!(matches!(other, Some(PlanKind::Retry(r)) if r.max_attempts == 4));
-        let Some(PlanKind::Hedge(hedge)) = plans.method("/pkg.S/Get").map(|p| &p.kind) else {
+        assert!(plan("/pkg.S/Put").is_none());
+        let other = plan("/pkg.S/Other");
+        assert!(
+            matches!(other.as_deref().map(|p| &p.kind), Some(PlanKind::Retry(r)) if r.max_attempts == 4)
+        );
+        // Each method under `*` has its own plan (and latencies).
+        assert!(!Arc::ptr_eq(&other.unwrap(), &plan("/pkg.S/Else").unwrap()));
+        let get = plan("/pkg.S/Get").unwrap();
+        let PlanKind::Hedge(hedge) = &get.kind else {
             panic!("Get is hedged");
         };
         // Until 20 latencies are known: the floor.
@@ -631,12 +633,12 @@ mod tests {
             "{delay:?}"
         );
         // The budget is kept across a new policy with the same settings.
-        let again = Plans::new(&policy, Some(&plans));
-        assert!(Arc::ptr_eq(
-            again.budget.as_ref().unwrap(),
-            plans.budget.as_ref().unwrap()
-        ));
-        assert!(!Plans::new(&Policy::default(), None).any_configured());
+        let budget = plans.method("/pkg.S/Get").and_then(|(_, b)| b).unwrap();
+        plans.follow(&policy);
+        let again = plans.method("/pkg.S/Get").and_then(|(_, b)| b).unwrap();
+        assert!(Arc::ptr_eq(&budget, &again));
+        plans.follow(&Policy::default());
+        assert!(!plans.any_configured());
     }
 
     #[test]

@@ -85,11 +85,8 @@ pub(crate) struct Balance {
     /// the error of a call that found no instances in time.
     last_error: Mutex<Option<String>>,
     /// The configured retries and hedges of the service's methods, and its
-    /// retry budget, replaced with the policy.
-    plans: ArcSwap<Plans>,
-    /// Whether any method is retried or hedged: all a call of a service
-    /// without retries pays for them is this load.
-    configured: AtomicBool,
+    /// retry budget, following the policy.
+    plans: Plans,
 }
 
 /// What selection reads for each call: built when the instances, an
@@ -180,20 +177,16 @@ impl Balance {
         })
     }
 
-    /// Whether any method of the service is retried or hedged.
+    /// Whether any method of the service is retried or hedged: all a call
+    /// of a service without them pays for them is this load.
     pub(crate) fn is_configured(&self) -> bool {
-        self.configured.load(Ordering::Relaxed)
+        self.plans.any_configured()
     }
 
     /// The plan of the method `path` calls, if it is retried or hedged,
     /// with the service's retry budget.
     pub(crate) fn plan(&self, path: &str) -> Option<(Arc<MethodPlan>, Option<Arc<RetryBudget>>)> {
-        if !self.configured.load(Ordering::Relaxed) {
-            return None;
-        }
-        let plans = self.plans.load();
-        let plan = plans.method(path)?.clone();
-        Some((plan, plans.budget.clone()))
+        self.plans.method(path)
     }
 
     /// Tells the client's observers about a decision on a call of `method`.
@@ -209,10 +202,10 @@ impl Balance {
         this: Weak<Balance>,
         sweeps_idle: Arc<AtomicBool>,
     ) -> Self {
-        let plans = Plans::new(&selection.policy, None);
+        let plans = Plans::default();
+        plans.follow(&selection.policy);
         Self {
-            configured: AtomicBool::new(plans.any_configured()),
-            plans: ArcSwap::from_pointee(plans),
+            plans,
             detector: Detector::new(key.clone()),
             guards: super::Guards::new(key.clone(), &config, &selection.policy),
             key,
@@ -493,10 +486,7 @@ impl Balance {
             &self.sweeps_idle,
         );
         self.guards.follow(&policy);
-        let plans = Plans::new(&policy, Some(&self.plans.load()));
-        self.configured
-            .store(plans.any_configured(), Ordering::Relaxed);
-        self.plans.store(Arc::new(plans));
+        self.plans.follow(&policy);
         tracing::info!(service = %self.key, "client policy replaced");
         self.select_with(current.endpoints.clone(), policy, watchers, &mut None);
         drop(_rebuilding);

@@ -119,6 +119,11 @@ impl<T> std::fmt::Debug for PerMethod<T> {
 }
 
 impl<T: Send + Sync + 'static> PerMethod<T> {
+    /// Whether any method has a state (one relaxed load).
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
     /// The state of the method at `path` (`/package.Service/Method`): its
     /// entry's, else its own under the `"*"` entry (as [`Policy::method`]).
     pub(crate) fn get(&self, path: &str) -> Option<Arc<T>> {

@@ -48,7 +48,7 @@ mod codec;
 mod deadline;
 mod endpoint;
 mod fault;
-mod guard;
+pub(crate) mod guard;
 mod hedge;
 mod resolver;
 mod retry;
