@@ -1,9 +1,11 @@
 //! The heap bytes a piece of code keeps: the system allocator, counting
 //! while [`kept_by`] runs (one load of a flag per allocation otherwise),
-//! for the `pick` scenario's memory per endpoint.
+//! for the `pick` scenario's memory per endpoint; and the allocations a
+//! process makes while [`count_allocations`] is on (the client's
+//! allocations per call).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, Ordering};
 
 /// The system allocator, counting bytes allocated and freed while
 /// [`kept_by`] runs.
@@ -14,6 +16,23 @@ pub(crate) struct Counting;
 static COUNTING: AtomicBool = AtomicBool::new(false);
 /// Bytes allocated minus bytes freed while counting.
 static NET: AtomicIsize = AtomicIsize::new(0);
+/// Whether allocations are counted (see [`count_allocations`]).
+static COUNTING_ALLOCS: AtomicBool = AtomicBool::new(false);
+/// Allocations (and reallocations) made while counting them.
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+fn count_one() {
+    if COUNTING_ALLOCS.load(Ordering::Relaxed) {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts every allocation from now (`on`) or stops; returns the count so
+/// far.
+pub(crate) fn count_allocations(on: bool) -> u64 {
+    COUNTING_ALLOCS.store(on, Ordering::SeqCst);
+    ALLOCS.load(Ordering::Relaxed)
+}
 
 fn count(bytes: usize, sign: isize) {
     if COUNTING.load(Ordering::Relaxed) {
@@ -25,13 +44,14 @@ fn count(bytes: usize, sign: isize) {
 }
 
 // SAFETY: every call goes to `System` with the caller's arguments,
-// unchanged; counting touches only two atomics and never allocates.
+// unchanged; counting touches only atomics and never allocates.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `alloc`'s contract.
         let ptr = unsafe { System.alloc(layout) };
         if !ptr.is_null() {
             count(layout.size(), 1);
+            count_one();
         }
         ptr
     }
@@ -41,6 +61,7 @@ unsafe impl GlobalAlloc for Counting {
         let ptr = unsafe { System.alloc_zeroed(layout) };
         if !ptr.is_null() {
             count(layout.size(), 1);
+            count_one();
         }
         ptr
     }
@@ -57,6 +78,7 @@ unsafe impl GlobalAlloc for Counting {
         if !new.is_null() {
             count(new_size, 1);
             count(layout.size(), -1);
+            count_one();
         }
         new
     }

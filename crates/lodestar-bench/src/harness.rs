@@ -559,6 +559,9 @@ pub(crate) const CLIENT_CPU: Metric = Metric::lower("client cpu/op", "µs");
 pub(crate) const SERVER_CPU: Metric = Metric::lower("server cpu/op", "µs");
 /// Server peak resident memory.
 pub(crate) const SERVER_RSS: Metric = Metric::lower("server peak rss", "MiB");
+/// Allocations the client made per operation while measured (any of its
+/// threads).
+pub(crate) const CLIENT_ALLOCS: Metric = Metric::lower("client allocations/op", "allocs");
 /// Client peak resident memory.
 pub(crate) const CLIENT_RSS: Metric = Metric::lower("client peak rss", "MiB");
 
@@ -606,10 +609,17 @@ impl Sample {
         let ops = report["ops"]
             .as_f64()
             .ok_or_else(|| format!("no operation count in {report}"))?;
-        let sample = Self::from_json(
+        let mut sample = Self::from_json(
             &report["result"],
             &[THROUGHPUT, P50, P99, P999, CLIENT_CPU, CLIENT_RSS],
         )?;
+        // Reported by the loads that count their allocations.
+        if let Some(allocs) = report["result"]
+            .get(CLIENT_ALLOCS.name)
+            .and_then(|v| v.as_f64())
+        {
+            sample.set(CLIENT_ALLOCS, allocs);
+        }
         Ok((sample, ops))
     }
 

@@ -14,6 +14,9 @@
 //!   percentiles of the calls started in the window (however late they
 //!   end), and the extra calls hedging sent (hedged at the method's p95, at
 //!   least 10 ms, one hedge per call, within the default budget).
+//! - **Cost**: lodestar's client and server with their resilience layers on
+//!   at their defaults, and nothing tripping them, against the same stack
+//!   with them off: throughput, CPU and the client's allocations per call.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,7 +29,7 @@ use lodestar::client::policy::{HedgeSettings, MethodPolicy, Policy, RetrySetting
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::harness::{self, Case, Latencies, Metric, Proc, Result, Sample, Settings};
-use crate::rpc::pb;
+use crate::rpc::{self, pb};
 
 /// Client calls per second in the storm case.
 const STORM_RATE: u32 = 200;
@@ -405,8 +408,51 @@ pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
         |variant| async move { one_run(settings, false, variant == "lodestar").await },
     )
     .await?;
-    Ok(vec![storm, tail])
+    // Discovery for the cost case's runs; idle while measuring.
+    let (_registry, registry_url) = crate::registry::start_server(settings.server_cpu()).await?;
+    let cost = harness::alternate(
+        settings,
+        "resilience",
+        COST.name,
+        &["lodestar, resilience on", "lodestar"],
+        |variant| {
+            let registry_url = registry_url.clone();
+            async move {
+                let on = variant != "lodestar";
+                let (server, flags): (_, &[&str]) = if on {
+                    (
+                        rpc::Server::Lodestar(&rpc::RESILIENT_SERVER),
+                        &["--resilience"],
+                    )
+                } else {
+                    (rpc::Server::of(rpc::Side::Lodestar), &[])
+                };
+                rpc::one_run_with(
+                    settings,
+                    &COST,
+                    server,
+                    rpc::Side::Lodestar,
+                    &registry_url,
+                    flags,
+                )
+                .await
+            }
+        },
+    )
+    .await?;
+    Ok(vec![storm, tail, cost])
 }
+
+/// The cost case: what the resilience layers cost per call when they are on
+/// at their defaults and nothing trips them (`rpc::resilient_client_policy`,
+/// `rpc::RESILIENT_SERVER`), against the same stack with them off.
+const COST: rpc::RpcCase = rpc::RpcCase {
+    name: "cost: unary, empty payload, 32 in flight, lodestar → lodestar; on: client bulkhead, breaker and retries on every method (default budget), server rate and concurrency limits on every method",
+    call: "unary",
+    size: 0,
+    concurrency: 32,
+    rate: None,
+};
 
 async fn one_run(settings: &Settings, storm: bool, on: bool) -> Result<Sample> {
     let (_registry, registry_url) = crate::registry::start_server(settings.server_cpu()).await?;

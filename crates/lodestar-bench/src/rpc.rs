@@ -113,6 +113,10 @@ pub(crate) struct ClientArgs {
     warmup_ms: u64,
     #[arg(long)]
     duration_ms: u64,
+    /// lodestar side: the client's resilience layers on, at their defaults
+    /// ([`resilient_client_policy`]).
+    #[arg(long)]
+    resilience: bool,
 }
 
 /// Runs a child process of this scenario.
@@ -231,7 +235,7 @@ pub(crate) struct LodestarServer {
     pub(crate) name: &'static str,
     /// What it adds to a builder that has the default stack, before the
     /// benchmark service is added.
-    pub(crate) configure: fn(lodestar::ServiceBuilder) -> lodestar::ServiceBuilder,
+    pub(crate) configure: fn(lodestar::ServiceBuilder) -> Result<lodestar::ServiceBuilder>,
 }
 
 /// The lodestar servers the server-only cases (`rpc-server`) measure,
@@ -243,8 +247,46 @@ pub(crate) struct LodestarServer {
 /// application with middleware runs it.
 pub(crate) const LODESTAR_SERVERS: &[LodestarServer] = &[LodestarServer {
     name: "lodestar",
-    configure: |builder| builder.layer(tower::layer::util::Identity::new()),
+    configure: |builder| Ok(builder.layer(tower::layer::util::Identity::new())),
 }];
+
+/// The first of [`LODESTAR_SERVERS`] with its resilience layers on (the
+/// `resilience` scenario's cost case): every method rate limited (at a
+/// rate no load here reaches) and under a fixed concurrency limit (above
+/// any load here). Its name is what [`Server::parse`] reads back.
+pub(crate) const RESILIENT_SERVER: LodestarServer = LodestarServer {
+    name: "lodestar, resilience on",
+    configure: |builder| {
+        use lodestar::server::policy::{Concurrency, MethodPolicy, Policy, RateLimit};
+        let mut every = MethodPolicy::default();
+        every.names = vec!["*".to_owned()];
+        every.rate_limit = Some(RateLimit::new(1_000_000.0, 1_000_000));
+        every.concurrency = Some(Concurrency::Fixed(10_000));
+        let mut policy = Policy::default();
+        policy.methods = vec![every];
+        Ok(builder
+            .layer(tower::layer::util::Identity::new())
+            .policy(policy)?)
+    },
+};
+
+/// The client policy with its resilience layers on at their defaults (the
+/// `resilience` scenario's cost case, `--resilience`): a bulkhead, and on
+/// every method a circuit breaker and configured retries (vouched
+/// idempotent), held to the default retry budget. Fault injection stays
+/// off, as by default.
+pub(crate) fn resilient_client_policy() -> Result<lodestar::client::Policy> {
+    Ok(lodestar::client::Policy::from_toml(
+        r#"
+        bulkhead = {}
+
+        [[methods]]
+        names = ["*"]
+        breaker = {}
+        retry = { idempotent = true }
+        "#,
+    )?)
+}
 
 /// A server under test.
 #[derive(Debug, Clone, Copy)]
@@ -272,6 +314,7 @@ impl Server {
         }
         LODESTAR_SERVERS
             .iter()
+            .chain([&RESILIENT_SERVER])
             .find(|s| s.name == name)
             .map(Server::Lodestar)
             .ok_or_else(|| {
@@ -309,7 +352,7 @@ async fn serve(
             let builder = lodestar::Service::builder(SERVICE)
                 .bind(any)
                 .registry(lodestar_registry::from_url(&registry)?);
-            let mut builder = (stack.configure)(builder)
+            let mut builder = (stack.configure)(builder)?
                 .add_service(pb::bench_server::BenchServer::new(LodestarBench));
             if let Some(id) = id {
                 builder = builder.id(id);
@@ -492,14 +535,17 @@ pub(crate) fn tonic_balance_list(addresses: &[String]) -> Result<tonic::transpor
 }
 
 impl Clients {
-    async fn connect(side: Side, target: &str) -> Result<Clients> {
+    async fn connect(side: Side, target: &str, resilience: bool) -> Result<Clients> {
         Ok(match side {
             Side::Lodestar => {
                 let registry = lodestar_registry::from_url(target)?;
                 // The full default stack, with one empty user layer on.
-                let client = lodestar::Client::builder(registry)
-                    .layer(tower::layer::util::Identity::new())
-                    .build();
+                let mut builder =
+                    lodestar::Client::builder(registry).layer(tower::layer::util::Identity::new());
+                if resilience {
+                    builder = builder.policy(resilient_client_policy()?)?;
+                }
+                let client = builder.build();
                 Clients::Lodestar(pb::bench_client::BenchClient::by_name(&client, SERVICE))
             }
             Side::Tonic => {
@@ -556,7 +602,7 @@ async fn make_worker(clients: &Clients, args: &ClientArgs) -> Result<Worker> {
 }
 
 async fn load(args: ClientArgs) -> Result<()> {
-    let clients = Clients::connect(args.side, &args.target).await?;
+    let clients = Clients::connect(args.side, &args.target, args.resilience).await?;
     let warmup = Duration::from_millis(args.warmup_ms);
     let duration = Duration::from_millis(args.duration_ms);
     // One call first, so discovery and connection setup are outside the
@@ -642,15 +688,20 @@ async fn load(args: ClientArgs) -> Result<()> {
     }
     tokio::time::sleep_until(measure_from.into()).await;
     let cpu_from = harness::self_cpu_time();
+    let allocs_from = crate::alloc::count_allocations(true);
     harness::say(serde_json::json!({ "warm": true }));
     tokio::time::sleep_until(measure_to.into()).await;
     let cpu_to = harness::self_cpu_time();
+    let allocs = crate::alloc::count_allocations(false) - allocs_from;
     harness::say(serde_json::json!({ "measured": true }));
     while let Some(done) = tasks.join_next().await {
         done??;
     }
     let mut tally = std::mem::take(&mut *tally.lock().map_err(|_| "tally lock poisoned")?);
-    let sample = tally.sample(duration, cpu_to - cpu_from)?;
+    let mut sample = tally.sample(duration, cpu_to - cpu_from)?;
+    if tally.ops > 0 {
+        sample.set(harness::CLIENT_ALLOCS, allocs as f64 / tally.ops as f64);
+    }
     harness::say(serde_json::json!({ "result": sample.to_json(), "ops": tally.ops }));
     Ok(())
 }
@@ -803,6 +854,18 @@ pub(crate) async fn one_run(
     client_side: Side,
     registry_url: &str,
 ) -> Result<Sample> {
+    one_run_with(settings, case, server_kind, client_side, registry_url, &[]).await
+}
+
+/// [`one_run`], with `client_flags` added to the client's arguments.
+pub(crate) async fn one_run_with(
+    settings: &Settings,
+    case: &RpcCase,
+    server_kind: Server,
+    client_side: Side,
+    registry_url: &str,
+    client_flags: &[&str],
+) -> Result<Sample> {
     let (mut server, addr) = start_server(settings, server_kind, registry_url, None).await?;
     // lodestar's client finds a bare tonic server by name once the
     // orchestrator registers it (a lodestar server registers itself).
@@ -841,6 +904,7 @@ pub(crate) async fn one_run(
     if let Some(rate) = case.rate {
         args.extend(["--rate".to_owned(), rate.to_string()]);
     }
+    args.extend(client_flags.iter().map(|flag| (*flag).to_owned()));
     let mut client = Proc::spawn_self("rpc client", settings.client_cpu(), &args)?;
     let patience = settings.warmup + settings.duration + Duration::from_secs(20);
     client.expect("warm", patience).await?;
