@@ -414,11 +414,11 @@ pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
         settings,
         "resilience",
         COST.name,
-        &["lodestar, resilience on", "lodestar"],
+        &["lodestar", "lodestar, resilience off"],
         |variant| {
             let registry_url = registry_url.clone();
             async move {
-                let on = variant != "lodestar";
+                let on = variant == "lodestar";
                 let (server, flags): (_, &[&str]) = if on {
                     (
                         rpc::Server::Lodestar(&rpc::RESILIENT_SERVER),
@@ -447,7 +447,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
 /// at their defaults and nothing trips them (`rpc::resilient_client_policy`,
 /// `rpc::RESILIENT_SERVER`), against the same stack with them off.
 const COST: rpc::RpcCase = rpc::RpcCase {
-    name: "cost: unary, empty payload, 32 in flight, lodestar → lodestar; on: client bulkhead, breaker and retries on every method (default budget), server rate and concurrency limits on every method",
+    name: "cost: unary, empty payload, 32 in flight, lodestar → lodestar; lodestar: resilience on (client bulkhead, breaker and retries on every method, default budget; server rate and concurrency limits on every method)",
     call: "unary",
     size: 0,
     concurrency: 32,
