@@ -8,6 +8,7 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use lodestar_core::registry::limits::quoted;
 use serde::de::DeserializeOwned;
 
 /// The largest policy file a policy's `from_file` reads: 1 MiB (a policy
@@ -304,4 +305,49 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 /// ```
 pub fn code_from_name(name: &str) -> Option<tonic::Code> {
     CODES.into_iter().find(|&code| code_name(code) == name)
+}
+
+/// How a policy names its methods, for [`validate_method_names`].
+pub(crate) struct MethodNames<'a> {
+    /// The most `methods` entries, and names in one entry.
+    pub(crate) max_entries: usize,
+    pub(crate) max_names: usize,
+    /// Whether a name is one this policy understands.
+    pub(crate) well_formed: fn(&str) -> bool,
+    /// What a name must look like, and what an entry without one needs,
+    /// for the errors.
+    pub(crate) expected: &'a str,
+    pub(crate) empty: &'a str,
+}
+
+/// Checks the names of a policy's `methods` entries (`names` gives each
+/// entry's): at most `max_entries` entries, each with one to `max_names`
+/// names, each well formed, and none listed by two entries (or twice).
+pub(crate) fn validate_method_names<'e>(
+    entries: impl ExactSizeIterator<Item = &'e [String]>,
+    rules: &MethodNames<'_>,
+) -> Result<(), PolicyError> {
+    at_most("methods", entries.len(), rules.max_entries, "entries")?;
+    let mut seen = std::collections::HashSet::new();
+    for (i, names) in entries.enumerate() {
+        let at = format!("methods[{i}].names");
+        if names.is_empty() {
+            return Err(invalid(&at, "[]", rules.empty));
+        }
+        at_most(&at, names.len(), rules.max_names, "names")?;
+        for (j, name) in names.iter().enumerate() {
+            let field = format!("{at}[{j}]");
+            if !(rules.well_formed)(name) {
+                return Err(invalid(&field, quoted(name), rules.expected));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(invalid(
+                    &field,
+                    quoted(name),
+                    "a name no earlier entry lists",
+                ));
+            }
+        }
+    }
+    Ok(())
 }

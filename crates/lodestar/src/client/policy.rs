@@ -127,7 +127,7 @@ pub use super::outlier::OutlierSettings;
 pub use super::retries::{HedgeSettings, RetrySettings};
 pub use crate::fault::FaultSettings;
 pub(crate) use crate::policy_data::CODES;
-use crate::policy_data::{self, at_most, in_range, invalid, validate_codes};
+use crate::policy_data::{self, MethodNames, at_most, in_range, invalid, validate_codes};
 pub use crate::policy_data::{MAX_POLICY_FILE, PolicyError, code_from_name, code_name};
 
 /// The whole client policy of one service.
@@ -569,38 +569,25 @@ impl Policy {
 }
 
 fn validate_methods(methods: &[MethodPolicy]) -> Result<(), PolicyError> {
-    at_most("methods", methods.len(), MAX_METHOD_POLICIES, "entries")?;
-    let mut seen = std::collections::HashSet::new();
+    policy_data::validate_method_names(
+        methods.iter().map(|m| m.names.as_slice()),
+        &MethodNames {
+            max_entries: MAX_METHOD_POLICIES,
+            max_names: MAX_METHOD_NAMES,
+            well_formed: |name| {
+                name == "*"
+                    || (!name.is_empty()
+                        && name.len() <= MAX_METHOD_NAME
+                        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            },
+            expected: &format!(
+                "a method's name as in the .proto (letters, digits, `_`; at most \
+                 {MAX_METHOD_NAME} bytes), or \"*\""
+            ),
+            empty: "at least one method name, or \"*\"",
+        },
+    )?;
     for (i, entry) in methods.iter().enumerate() {
-        let at = format!("methods[{i}].names");
-        if entry.names.is_empty() {
-            return Err(invalid(&at, "[]", "at least one method name, or \"*\""));
-        }
-        at_most(&at, entry.names.len(), MAX_METHOD_NAMES, "names")?;
-        for (j, name) in entry.names.iter().enumerate() {
-            let field = format!("{at}[{j}]");
-            let well_formed = name == "*"
-                || (!name.is_empty()
-                    && name.len() <= MAX_METHOD_NAME
-                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
-            if !well_formed {
-                return Err(invalid(
-                    &field,
-                    quoted(name),
-                    format!(
-                        "a method's name as in the .proto (letters, digits, `_`; \
-                         at most {MAX_METHOD_NAME} bytes), or \"*\""
-                    ),
-                ));
-            }
-            if !seen.insert(name.as_str()) {
-                return Err(invalid(
-                    &field,
-                    quoted(name),
-                    "a name no earlier entry lists",
-                ));
-            }
-        }
         if let Some(breaker) = &entry.breaker {
             breaker.validate(&format!("methods[{i}].breaker"))?;
         }

@@ -44,7 +44,6 @@
 
 use std::path::Path;
 
-use lodestar_core::registry::limits::quoted;
 use serde::{Deserialize, Serialize};
 
 pub use super::admission::{
@@ -52,7 +51,7 @@ pub use super::admission::{
     MAX_WINDOW_MS, RateLimit,
 };
 pub use crate::fault::FaultSettings;
-use crate::policy_data::{self, at_most, invalid};
+use crate::policy_data::{self, MethodNames};
 pub use crate::policy_data::{MAX_POLICY_FILE, PolicyError};
 
 /// The whole server policy of one service.
@@ -150,39 +149,20 @@ impl Policy {
 }
 
 fn validate_methods(methods: &[MethodPolicy]) -> Result<(), PolicyError> {
-    at_most("methods", methods.len(), MAX_METHOD_POLICIES, "entries")?;
-    let mut seen = std::collections::HashSet::new();
+    policy_data::validate_method_names(
+        methods.iter().map(|m| m.names.as_slice()),
+        &MethodNames {
+            max_entries: MAX_METHOD_POLICIES,
+            max_names: MAX_METHOD_NAMES,
+            well_formed,
+            expected: &format!(
+                "`package.Service/Method`, `package.Service/*` or \"*\" (letters, digits, `_`, \
+                 and `.` in the service; at most {MAX_METHOD_NAME} bytes)"
+            ),
+            empty: "at least one name: `package.Service/Method`, `package.Service/*` or \"*\"",
+        },
+    )?;
     for (i, entry) in methods.iter().enumerate() {
-        let at = format!("methods[{i}].names");
-        if entry.names.is_empty() {
-            return Err(invalid(
-                &at,
-                "[]",
-                "at least one name: `package.Service/Method`, `package.Service/*` or \"*\"",
-            ));
-        }
-        at_most(&at, entry.names.len(), MAX_METHOD_NAMES, "names")?;
-        for (j, name) in entry.names.iter().enumerate() {
-            let field = format!("{at}[{j}]");
-            if !well_formed(name) {
-                return Err(invalid(
-                    &field,
-                    quoted(name),
-                    format!(
-                        "`package.Service/Method`, `package.Service/*` or \"*\" \
-                         (letters, digits, `_`, and `.` in the service; at most \
-                         {MAX_METHOD_NAME} bytes)"
-                    ),
-                ));
-            }
-            if !seen.insert(name.as_str()) {
-                return Err(invalid(
-                    &field,
-                    quoted(name),
-                    "a name no earlier entry lists",
-                ));
-            }
-        }
         if let Some(fault) = &entry.fault {
             fault.validate(&format!("methods[{i}].fault"))?;
         }
