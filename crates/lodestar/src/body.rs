@@ -503,6 +503,9 @@ pin_project_lite::pin_project! {
         inner: tonic::body::Body,
         messages: Messages,
         error: RequestError,
+        // Data read from it already (the retry layer reads a request to
+        // keep a copy), yielded before the rest.
+        ahead: Option<Bytes>,
     }
 }
 
@@ -521,14 +524,23 @@ impl RequestBody {
             inner,
             messages,
             error,
+            ahead: None,
         }
     }
 
     /// A body of `bytes` (a kept copy of a request, already checked and
-    /// encoded) that reports its errors to `error`.
+    /// encoded) that reports its errors to `error`. Allocates nothing.
     pub(crate) fn replay(bytes: Bytes, error: RequestError) -> Self {
-        let body = tonic::body::Body::new(http_body_util::Full::new(bytes));
-        Self::new(body, usize::MAX, None, error)
+        let mut body = Self::new(tonic::body::Body::empty(), usize::MAX, None, error);
+        body.unread(bytes);
+        body
+    }
+
+    /// Puts `data`, read from this body, back before what is left of it.
+    pub(crate) fn unread(&mut self, data: Bytes) {
+        if !data.is_empty() {
+            self.ahead = Some(data);
+        }
     }
 
     /// Where this body reports the first error it yields.
@@ -546,6 +558,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
+        if let Some(data) = this.ahead.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
         let fail = |status: tonic::Status| {
             let _ = this.error.set(status.clone());
             Poll::Ready(Some(Err(status)))
@@ -589,7 +604,7 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.messages.is_end_stream(&self.inner)
+        self.ahead.is_none() && self.messages.is_end_stream(&self.inner)
     }
 
     fn size_hint(&self) -> SizeHint {

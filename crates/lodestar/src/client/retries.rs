@@ -358,6 +358,14 @@ impl Plans {
 }
 
 impl MethodPlan {
+    /// Its retries, if it is retried (rather than hedged).
+    pub(crate) fn retry(&self) -> Option<&RetryPlan> {
+        match &self.kind {
+            PlanKind::Retry(retry) => Some(retry),
+            PlanKind::Hedge(_) => None,
+        }
+    }
+
     /// The plan of a method `entry` retries or hedges (retry if both: the
     /// policy refuses both on one entry).
     fn of(entry: &MethodPolicy) -> Self {

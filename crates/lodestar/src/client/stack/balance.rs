@@ -706,7 +706,7 @@ impl Balance {
     }
 
     /// Starts an attempt; gives its connection if `picked` is asked for.
-    fn start(
+    pub(crate) fn start(
         &self,
         request: Request<RequestBody>,
         tried: &[Arc<Connection>],

@@ -22,7 +22,7 @@ use crate::client::connection::Connection;
 use crate::client::observe::DecisionKind;
 use crate::client::observe::Observed;
 use crate::client::retries::{
-    MAX_PUSHBACK, MethodPlan, PREVIOUS_ATTEMPTS_HEADER, PlanKind, Pushback, RetryPlan,
+    MAX_PUSHBACK, MethodPlan, PREVIOUS_ATTEMPTS_HEADER, PlanKind, Pushback,
 };
 use crate::client::{Error, MethodInfo};
 use crate::deadline::Deadline;
@@ -85,34 +85,89 @@ impl Call<Request<RequestBody>> for Retry {
 
     fn call(
         &self,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
     ) -> impl Future<Output = Result<Self::Response, Status>> + Send {
-        // The common call: the instances are known and the request is not
-        // kept. Its first attempt starts now, and only a failure takes the
-        // (boxed) way of sending again.
-        if !self.balance.ready_now() || self.keeps(&request) || self.balance.is_configured() {
-            return Either::Right(Box::pin(self.call_slow(request)));
+        // The common call: the instances are known, and the request is not
+        // kept or is kept for its method's retries (read now, without
+        // waiting). Its first attempt starts now, and only a failure (or an
+        // answer to retry) takes the (boxed) way of sending again.
+        let slow = |request| -> Again<'_> { Box::pin(self.call_slow(request)) };
+        if !self.balance.ready_now() {
+            return Either::Right(slow(request));
+        }
+        let (retries, may_keep) = if self.balance.is_configured() {
+            match self.retries_now(&mut request) {
+                Ok(Planning::Retry(retries)) => (Some(retries), false),
+                Ok(Planning::Plain) => (None, true),
+                Ok(Planning::Unkept) => (None, false),
+                Ok(Planning::Later) => return Either::Right(slow(request)),
+                Err(status) => return Either::Right(Box::pin(std::future::ready(Err(status)))),
+            }
+        } else {
+            (None, true)
+        };
+        if may_keep && self.keeps(&request) {
+            return Either::Right(slow(request));
         }
         let (request, deadline) = with_deadline(request);
+        let (picked, attempt) = self
+            .balance
+            .start(request, &[], 1, deadline, retries.is_some());
         Either::Left(ResponseFuture {
-            state: State::First {
-                attempt: self.balance.attempt(request, &[], 1, deadline),
-            },
+            state: State::First { attempt },
             retry: self,
             deadline,
+            retries,
+            picked,
         })
+    }
+}
+
+/// How a call of a service with configured methods is sent.
+enum Planning {
+    /// With its method's retries, its request kept (boxed: the call's
+    /// future stays as small as any call's, which each layer moves).
+    Retry(Box<Retries>),
+    /// As any call: its method is not configured.
+    Plain,
+    /// As any call, but never kept: its method's retries could not keep
+    /// its request (not whole at once, or too large).
+    Unkept,
+    /// By the boxed way ([`Retry::call_slow`]): hedged, or kept only
+    /// once its body has been awaited.
+    Later,
+}
+
+/// A call's configured retries: its kept request, its method's plan and
+/// the service's budget.
+pub(crate) struct Retries {
+    kept: Kept,
+    plan: Arc<MethodPlan>,
+    budget: Option<Arc<RetryBudget>>,
+}
+
+impl Retries {
+    /// Whether `response` is an answer the plan retries.
+    fn retries(&self, response: &Response<Observed>) -> bool {
+        self.plan
+            .retry()
+            .is_some_and(|plan| status_only(response).is_some_and(|code| plan.codes.contains(code)))
     }
 }
 
 type Again<'a> = Pin<Box<dyn Future<Output = Result<Response<Observed>, Status>> + Send + 'a>>;
 
 pin_project_lite::pin_project! {
-    /// A call's first attempt and, if it fails, the attempts after it.
+    /// A call's first attempt and, if it fails (or is answered with a code
+    /// its retries are for), the attempts after it.
     pub(crate) struct ResponseFuture<'a, F> {
         #[pin]
         state: State<'a, F>,
         retry: &'a Retry,
         deadline: Option<Deadline>,
+        retries: Option<Box<Retries>>,
+        // The first attempt's connection (configured retries only).
+        picked: Option<Arc<Connection>>,
     }
 }
 
@@ -127,22 +182,30 @@ pin_project_lite::pin_project! {
 
 impl<'a, F> Future for ResponseFuture<'a, F>
 where
-    F: Future<Output = Result<Response<Observed>, Failure>>,
+    F: Future<Output = Result<Response<Observed>, Failure>> + Send + 'a,
 {
     type Output = Result<Response<Observed>, Status>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            let failure = match this.state.as_mut().project() {
-                StateProj::First { attempt } => match std::task::ready!(attempt.poll(cx)) {
-                    Ok(response) => return Poll::Ready(Ok(response)),
-                    Err(failure) => failure,
-                },
+            let result = match this.state.as_mut().project() {
+                StateProj::First { attempt } => std::task::ready!(attempt.poll(cx)),
                 StateProj::Again { again } => return again.as_mut().poll(cx),
             };
             let retry: &'a Retry = this.retry;
-            let again = Box::pin(retry.again(failure, None, *this.deadline));
+            let deadline = *this.deadline;
+            let again: Again<'a> = match (this.retries.take(), result) {
+                (Some(retries), Ok(response)) if !retries.retries(&response) => {
+                    return Poll::Ready(Ok(response));
+                }
+                (Some(retries), first) => {
+                    let picked = this.picked.take();
+                    Box::pin(retry.retrying(first, picked, retries, deadline))
+                }
+                (None, Ok(response)) => return Poll::Ready(Ok(response)),
+                (None, Err(failure)) => Box::pin(retry.again(failure, None, deadline)),
+            };
             this.state.set(State::Again { again });
         }
     }
@@ -172,20 +235,53 @@ impl Retry {
             && self.balance.endpoint_count() > 1
     }
 
+    /// How a call of a service with configured methods goes: with its
+    /// method's retries (its request kept now, and counted by the budget),
+    /// as any call, or the boxed way.
+    fn retries_now(&self, request: &mut Request<RequestBody>) -> Result<Planning, Status> {
+        let Some((plan, budget)) = self.balance.plan(request.uri().path()) else {
+            return Ok(Planning::Plain);
+        };
+        if !(plan.idempotent || idempotent(request)) {
+            return Ok(Planning::Plain);
+        }
+        if plan.retry().is_none() {
+            return Ok(Planning::Later); // hedged
+        }
+        if let Some(budget) = &budget {
+            budget.call();
+        }
+        Ok(match Kept::ready_now(request, self.keep_limit())? {
+            Some(kept) => Planning::Retry(Box::new(Retries { kept, plan, budget })),
+            None => Planning::Unkept,
+        })
+    }
+
+    /// The largest request kept: a message at the send limit, framed.
+    fn keep_limit(&self) -> usize {
+        self.balance
+            .config
+            .limits
+            .max_encoding_message_size
+            .saturating_add(MESSAGE_PREFIX)
+    }
+
     /// A call that waits for the first list of instances, or whose request
-    /// is kept, or whose service retries or hedges some methods.
-    async fn call_slow(&self, request: Request<RequestBody>) -> Result<Response<Observed>, Status> {
+    /// is kept, or whose method is hedged.
+    async fn call_slow(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<Observed>, Status> {
         self.balance.wait_ready().await?;
         if let Some((plan, budget)) = self.balance.plan(request.uri().path())
             && (plan.idempotent || idempotent(&request))
         {
-            return self.call_planned(request, &plan, budget.as_deref()).await;
+            return self.call_planned(request, plan, budget).await;
         }
-        let (request, kept) = if self.keeps(&request) {
-            let (request, kept) = Kept::new(request).await?;
-            (request, Some(kept))
+        let kept = if self.keeps(&request) {
+            Some(Kept::read(&mut request).await?)
         } else {
-            (request, None)
+            None
         };
         let (request, deadline) = with_deadline(request);
         let failure = match self.balance.attempt(request, &[], 1, deadline).await {
@@ -200,20 +296,14 @@ impl Retry {
     /// being written) or too large to keep is sent as any other call.
     async fn call_planned(
         &self,
-        request: Request<RequestBody>,
-        plan: &MethodPlan,
-        budget: Option<&RetryBudget>,
+        mut request: Request<RequestBody>,
+        plan: Arc<MethodPlan>,
+        budget: Option<Arc<RetryBudget>>,
     ) -> Result<Response<Observed>, Status> {
-        if let Some(budget) = budget {
+        if let Some(budget) = &budget {
             budget.call();
         }
-        let limit = self
-            .balance
-            .config
-            .limits
-            .max_encoding_message_size
-            .saturating_add(MESSAGE_PREFIX);
-        let (request, kept) = Kept::ready_now(request, limit)?;
+        let kept = Kept::ready_now(&mut request, self.keep_limit())?;
         let (request, deadline) = with_deadline(request);
         let Some(kept) = kept else {
             let failure = match self.balance.attempt(request, &[], 1, deadline).await {
@@ -222,138 +312,156 @@ impl Retry {
             };
             return self.again(failure, None, deadline).await;
         };
-        let planned = Planned {
-            kept: &kept,
-            budget,
-            deadline,
-        };
-        match &plan.kind {
-            PlanKind::Retry(retry) => self.retrying(request, retry, planned).await,
-            PlanKind::Hedge(hedge) => super::hedge::hedging(self, request, hedge, planned).await,
+        if let PlanKind::Hedge(hedge) = &plan.kind {
+            let planned = Planned {
+                kept: &kept,
+                budget: budget.as_deref(),
+                deadline,
+            };
+            return super::hedge::hedging(self, request, hedge, planned).await;
         }
+        let (picked, attempt) = self.balance.attempt_picked(request, &[], 1, deadline);
+        let first = attempt.await;
+        let retries = Box::new(Retries { kept, plan, budget });
+        self.retrying(first, picked, retries, deadline).await
     }
 
-    /// Attempts of a call its policy retries: the first (`request`), then
-    /// retries while the answer has one of the policy's codes (a transport
-    /// failure after the request went out counts as `UNAVAILABLE`),
-    /// attempts are left, the server's pushback allows, the deadline is
-    /// not reached by the wait, and the budget grants one. A request that
-    /// never went out is sent again as for any call, without counting.
+    /// The attempts of a call its policy retries, after its first
+    /// (`first`, sent to `picked`): retries while the answer has one of
+    /// the policy's codes (a transport failure after the request went out
+    /// counts as `UNAVAILABLE`), attempts are left, the server's pushback
+    /// allows, the deadline is not reached by the wait, and the budget
+    /// grants one. A request that never went out is sent again as for any
+    /// call, without counting.
     async fn retrying(
         &self,
-        request: Request<RequestBody>,
-        plan: &RetryPlan,
-        planned: Planned<'_>,
+        first: Result<Response<Observed>, Failure>,
+        picked: Option<Arc<Connection>>,
+        retries: Box<Retries>,
+        deadline: Option<Deadline>,
     ) -> Result<Response<Observed>, Status> {
+        let Retries { kept, plan, budget } = *retries;
+        let planned = Planned {
+            kept: &kept,
+            budget: budget.as_deref(),
+            deadline,
+        };
+        let Some(plan) = plan.retry() else {
+            // Not a retry plan: answered as any call.
+            return match first {
+                Ok(response) => Ok(response),
+                Err(failure) => self.again(failure, Some(&kept), deadline).await,
+            };
+        };
         let balance = &self.balance;
-        let method = request.uri().path().to_owned();
-        let mut request = request;
+        let method = kept.path();
+        let (mut result, mut picked) = (first, picked);
         let mut tried: Vec<Arc<Connection>> = Vec::new();
-        // Every attempt's number (observers see it), the attempts the
+        // The next attempt's number (observers see it), the attempts the
         // policy counts, and the retries since the backoff last started over.
-        let (mut number, mut counted, mut backoff_step) = (1u32, 1u32, 0u32);
+        let (mut number, mut counted, mut backoff_step) = (2u32, 1u32, 0u32);
         let mut unsent = 0;
         loop {
-            let (picked, attempt) =
-                balance.attempt_picked(request, &tried, number as usize, planned.deadline);
-            let result = attempt.await;
-            number += 1;
-            // The attempt's answer, if the policy may retry it, as the
-            // caller gets it if it is not.
-            let (last, pushback): (Result<Response<Observed>, Status>, Pushback) = match result {
-                Ok(response) => match status_only(&response) {
-                    Some(code) if plan.codes.contains(code) => {
-                        let pushback = Pushback::of(response.headers());
-                        (Ok(response), pushback)
-                    }
-                    _ => return Ok(response),
-                },
-                Err(Failure::NoEndpoint) if !tried.is_empty() => {
-                    // Every instance was tried: any may take the retry.
-                    tried.clear();
-                    number -= 1;
-                    request = planned.kept.request(counted - 1);
-                    continue;
-                }
-                Err(Failure::Attempt(failed)) => match failed.leftover {
-                    Leftover::Untouched {
-                        request: unsent_request,
-                        same_endpoint,
-                    } if unsent < self.params.max_attempts => {
-                        // Never left: sent again at once, as for any call.
-                        unsent += 1;
-                        if !same_endpoint {
-                            tried.push(failed.connection);
+            let request = 'next: {
+                // The attempt's answer, if the policy may retry it, as the
+                // caller gets it if it is not.
+                let (last, pushback): (Result<Response<Observed>, Status>, Pushback) = match result
+                {
+                    Ok(response) => match status_only(&response) {
+                        Some(code) if plan.codes.contains(code) => {
+                            let pushback = Pushback::of(response.headers());
+                            (Ok(response), pushback)
                         }
-                        request = unsent_request;
-                        continue;
+                        _ => return Ok(response),
+                    },
+                    Err(Failure::NoEndpoint) if !tried.is_empty() => {
+                        // Every instance was tried: any may take the retry.
+                        tried.clear();
+                        number -= 1;
+                        break 'next kept.request(counted - 1);
                     }
-                    Leftover::Replay if plan.codes.contains(tonic::Code::Unavailable) => (
-                        Err(super::balance::unavailable(Error::Unreachable {
-                            service: balance.key.clone(),
-                            address: failed.address,
-                            reason: failed.message,
-                        })),
-                        Pushback::None,
-                    ),
-                    Leftover::Replay => {
-                        // Not a code the policy retries: replayed as any
-                        // idempotent call is, on a transport failure.
-                        let failure = Failure::Attempt(failed);
-                        return self
-                            .again(failure, Some(planned.kept), planned.deadline)
-                            .await;
-                    }
-                    _ => return Err(self.final_error(*failed)),
-                },
-                Err(failure) => return self.again(failure, None, planned.deadline).await,
-            };
-            tried.extend(picked);
-            if counted >= plan.max_attempts {
-                return last;
-            }
-            let wait = match pushback {
-                Pushback::Stop => {
-                    balance.decided(&method, DecisionKind::PushbackStop);
+                    Err(Failure::Attempt(failed)) => match failed.leftover {
+                        Leftover::Untouched {
+                            request: unsent_request,
+                            same_endpoint,
+                        } if unsent < self.params.max_attempts => {
+                            // Never left: sent again at once, as for any call.
+                            unsent += 1;
+                            if !same_endpoint {
+                                tried.push(failed.connection);
+                            }
+                            break 'next unsent_request;
+                        }
+                        Leftover::Replay if plan.codes.contains(tonic::Code::Unavailable) => (
+                            Err(super::balance::unavailable(Error::Unreachable {
+                                service: balance.key.clone(),
+                                address: failed.address,
+                                reason: failed.message,
+                            })),
+                            Pushback::None,
+                        ),
+                        Leftover::Replay => {
+                            // Not a code the policy retries: replayed as any
+                            // idempotent call is, on a transport failure.
+                            let failure = Failure::Attempt(failed);
+                            return self.again(failure, Some(&kept), deadline).await;
+                        }
+                        _ => return Err(self.final_error(*failed)),
+                    },
+                    Err(failure) => return self.again(failure, None, deadline).await,
+                };
+                tried.extend(picked.take());
+                if counted >= plan.max_attempts {
                     return last;
                 }
-                Pushback::Wait(wait) => wait,
-                Pushback::None => {
-                    backoff_step += 1;
-                    plan.backoff(backoff_step)
+                let wait = match pushback {
+                    Pushback::Stop => {
+                        balance.decided(method, DecisionKind::PushbackStop);
+                        return last;
+                    }
+                    Pushback::Wait(wait) => wait,
+                    Pushback::None => {
+                        backoff_step += 1;
+                        plan.backoff(backoff_step)
+                    }
+                };
+                // No wait may end past the deadline (nor, with none, past the
+                // longest pushback honoured).
+                let room = deadline.map_or(MAX_PUSHBACK, |d| d.remaining());
+                if wait >= room {
+                    if pushback != Pushback::None {
+                        balance.decided(method, DecisionKind::PushbackStop);
+                    }
+                    return last;
                 }
+                if !planned.spend(balance, method, number, false) {
+                    return last;
+                }
+                if let Pushback::Wait(wait) = pushback {
+                    // The backoff starts over after a server's pushback.
+                    backoff_step = 0;
+                    balance.decided(method, DecisionKind::PushbackWait { wait });
+                }
+                balance.decided(
+                    method,
+                    DecisionKind::Retry {
+                        attempt: number,
+                        backoff: wait,
+                    },
+                );
+                drop(last);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                counted += 1;
+                // Attempts that never left are not counted (as in gRPC).
+                kept.request(counted - 1)
             };
-            // No wait may end past the deadline (nor, with none, past the
-            // longest pushback honoured).
-            let room = planned.deadline.map_or(MAX_PUSHBACK, |d| d.remaining());
-            if wait >= room {
-                if pushback != Pushback::None {
-                    balance.decided(&method, DecisionKind::PushbackStop);
-                }
-                return last;
-            }
-            if !planned.spend(balance, &method, number, false) {
-                return last;
-            }
-            if let Pushback::Wait(wait) = pushback {
-                // The backoff starts over after a server's pushback.
-                backoff_step = 0;
-                balance.decided(&method, DecisionKind::PushbackWait { wait });
-            }
-            balance.decided(
-                &method,
-                DecisionKind::Retry {
-                    attempt: number,
-                    backoff: wait,
-                },
-            );
-            drop(last);
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-            counted += 1;
-            // Attempts that never left are not counted (as in gRPC).
-            request = planned.kept.request(counted - 1);
+            let (next, attempt) =
+                balance.attempt_picked(request, &tried, number as usize, deadline);
+            picked = next;
+            result = attempt.await;
+            number += 1;
         }
     }
 
@@ -515,12 +623,12 @@ pub(super) struct Kept {
 }
 
 impl Kept {
-    /// Reads the request's one message. Encoding errors (such as a message
-    /// over the send limit, refused before it is encoded) come out here.
-    /// Returns the request to send first, and the copy.
-    async fn new(request: Request<RequestBody>) -> Result<(Request<RequestBody>, Self), Status> {
-        let (parts, mut body) = request.into_parts();
-        let error = body.error().clone();
+    /// Reads the request's one message, awaiting it, and keeps a copy;
+    /// the request is left to send as it was. Encoding errors (such as a
+    /// message over the send limit, refused before it is encoded) come
+    /// out here.
+    async fn read(request: &mut Request<RequestBody>) -> Result<Self, Status> {
+        let body = request.body_mut();
         // Read frame by frame (collecting into a list of buffers would
         // allocate); a large message comes in chunks.
         let mut read = Collected::default();
@@ -529,32 +637,22 @@ impl Kept {
                 read.push(data); // a request has no trailers to keep
             }
         }
-        let kept = Self {
-            parts: clone_parts(&parts),
-            message: read.finish(),
-            error,
-        };
-        let first = RequestBody::replay(kept.message.clone(), kept.error.clone());
-        Ok((Request::from_parts(parts, first), kept))
+        Ok(Self::keep(request, read.finish()))
     }
 
-    /// Keeps `request` if its whole body is ready now and at most `limit`
-    /// bytes (a unary or server-streaming call's one message, or a client
-    /// stream already complete). Returns the request to send first (its
-    /// body as it was, if it is not kept), and the copy, if kept.
-    fn ready_now(
-        request: Request<RequestBody>,
-        limit: usize,
-    ) -> Result<(Request<RequestBody>, Option<Self>), Status> {
-        let (parts, mut body) = request.into_parts();
-        let error = body.error().clone();
+    /// Keeps a copy of `request` if its whole body is ready now and at
+    /// most `limit` bytes (a unary or server-streaming call's one message,
+    /// or a client stream already complete). The request is left to send
+    /// as it was, kept or not.
+    fn ready_now(request: &mut Request<RequestBody>, limit: usize) -> Result<Option<Self>, Status> {
+        let body = request.body_mut();
         let mut read = Collected::default();
         let mut now = Context::from_waker(std::task::Waker::noop());
         let whole = loop {
             if read.len() > limit {
                 break false;
             }
-            match Pin::new(&mut body).poll_frame(&mut now) {
+            match Pin::new(&mut *body).poll_frame(&mut now) {
                 Poll::Ready(None) => break true,
                 Poll::Ready(Some(frame)) => {
                     if let Ok(data) = frame?.into_data() {
@@ -566,20 +664,28 @@ impl Kept {
         };
         if !whole {
             // Not kept: what was read goes first, then the rest.
-            let resumed = Resumed {
-                read: Some(read.finish()),
-                rest: body,
-            };
-            let body = RequestBody::new(tonic::body::Body::new(resumed), usize::MAX, None, error);
-            return Ok((Request::from_parts(parts, body), None));
+            body.unread(read.finish());
+            return Ok(None);
         }
+        Ok(Some(Self::keep(request, read.finish())))
+    }
+
+    /// Keeps `request`'s head and `message`, all of its body (read from
+    /// it), and makes the request's body that message again.
+    fn keep(request: &mut Request<RequestBody>, message: Bytes) -> Self {
+        let error = request.body().error().clone();
         let kept = Self {
-            parts: clone_parts(&parts),
-            message: read.finish(),
+            parts: clone_head(request),
+            message,
             error,
         };
-        let first = RequestBody::replay(kept.message.clone(), kept.error.clone());
-        Ok((Request::from_parts(parts, first), Some(kept)))
+        *request.body_mut() = RequestBody::replay(kept.message.clone(), kept.error.clone());
+        kept
+    }
+
+    /// The path of the request (`/package.Service/Method`).
+    pub(super) fn path(&self) -> &str {
+        self.parts.uri.path()
     }
 
     /// A copy to send (as attempt `previous + 1`: it says how many went
@@ -636,39 +742,109 @@ impl Collected {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A request body of which some was read already: that first, then the
-    /// rest.
-    struct Resumed {
-        read: Option<Bytes>,
-        #[pin]
-        rest: RequestBody,
-    }
-}
-
-impl http_body::Body for Resumed {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        let this = self.project();
-        if let Some(read) = this.read.take().filter(|r| !r.is_empty()) {
-            return Poll::Ready(Some(Ok(http_body::Frame::data(read))));
-        }
-        this.rest.poll_frame(cx)
-    }
-}
-
 /// A copy of a request's head to send again: what the endpoint and the
 /// connection read (the extensions are not, and cost an allocation each).
 fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    head(&parts.method, &parts.uri, parts.version, &parts.headers)
+}
+
+/// [`clone_parts`] of a whole request.
+fn clone_head<B>(request: &Request<B>) -> http::request::Parts {
+    head(
+        request.method(),
+        request.uri(),
+        request.version(),
+        request.headers(),
+    )
+}
+
+fn head(
+    method: &http::Method,
+    uri: &http::Uri,
+    version: http::Version,
+    headers: &http::HeaderMap,
+) -> http::request::Parts {
     let mut request = Request::new(());
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    *request.version_mut() = version;
+    *request.headers_mut() = headers.clone();
     request.into_parts().0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use futures_util::StreamExt;
+    use tokio::sync::mpsc;
+
+    /// A gRPC frame of `len` bytes of `fill`.
+    fn frame(len: u8, fill: u8) -> Bytes {
+        let mut framed = vec![0, 0, 0, 0, len];
+        framed.extend(std::iter::repeat_n(fill, usize::from(len)));
+        Bytes::from(framed)
+    }
+
+    /// A request whose body is the frames sent on the returned sender, and
+    /// ends when it is dropped.
+    fn streaming() -> (mpsc::UnboundedSender<Bytes>, Request<RequestBody>) {
+        let (send, mut receive) = mpsc::unbounded_channel::<Bytes>();
+        let frames = futures_util::stream::poll_fn(move |cx| receive.poll_recv(cx))
+            .map(|data| Ok::<_, Status>(http_body::Frame::data(data)));
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(frames));
+        let mut request =
+            Request::new(RequestBody::new(body, usize::MAX, None, Default::default()));
+        *request.uri_mut() = http::Uri::from_static("http://a/pkg.S/Get");
+        request
+            .headers_mut()
+            .insert("x-token", HeaderValue::from_static("t"));
+        (send, request)
+    }
+
+    async fn read_all(request: Request<RequestBody>) -> Vec<u8> {
+        let collected = request.into_body().collect().await.unwrap();
+        collected.to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_whole_request_is_kept_and_sent_unchanged_first_and_again() {
+        let (send, mut request) = streaming();
+        send.send(frame(3, 7)).unwrap();
+        send.send(frame(2, 9)).unwrap();
+        drop(send);
+        let kept = Kept::ready_now(&mut request, 1024).unwrap().expect("kept");
+        let expected = [frame(3, 7), frame(2, 9)].concat();
+        let again = kept.request(1);
+        assert_eq!(again.uri().path(), "/pkg.S/Get");
+        assert_eq!(again.headers()["x-token"], "t");
+        assert_eq!(again.headers()[PREVIOUS_ATTEMPTS_HEADER], "1");
+        assert_eq!(
+            read_all(request).await,
+            expected,
+            "the first attempt's body"
+        );
+        assert_eq!(read_all(again).await, expected, "a retry's body");
+    }
+
+    #[tokio::test]
+    async fn a_request_not_whole_now_or_over_the_limit_is_sent_as_it_is() {
+        // Still being written: what was read goes first, then the rest.
+        let (send, mut request) = streaming();
+        send.send(frame(3, 7)).unwrap();
+        assert!(Kept::ready_now(&mut request, 1024).unwrap().is_none());
+        send.send(frame(1, 8)).unwrap();
+        drop(send);
+        assert_eq!(read_all(request).await, [frame(3, 7), frame(1, 8)].concat());
+
+        // Whole, but larger than the limit: not kept, and not cut.
+        let (send, mut request) = streaming();
+        for fill in 0..4 {
+            send.send(frame(10, fill)).unwrap();
+        }
+        drop(send);
+        assert!(Kept::ready_now(&mut request, 20).unwrap().is_none());
+        let whole: Vec<u8> = (0..4).flat_map(|fill| frame(10, fill).to_vec()).collect();
+        assert_eq!(read_all(request).await, whole);
+    }
 }
