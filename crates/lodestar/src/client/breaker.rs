@@ -254,23 +254,21 @@ impl fmt::Display for Refusal {
 }
 
 /// Calls, failures and slow calls over a sliding window, in [`BUCKETS`]
-/// buckets.
+/// buckets, with their totals kept as calls are added and buckets age out
+/// (a call costs no walk over the buckets).
 #[derive(Debug)]
 struct Window {
     origin: Instant,
-    bucket: Duration,
-    buckets: [Bucket; BUCKETS as usize],
+    bucket_nanos: u64,
+    buckets: [Totals; BUCKETS as usize],
+    /// The newest bucket's number (since `origin`): the window is it and
+    /// the `BUCKETS - 1` before it.
+    newest: u64,
+    /// What the window's buckets hold.
+    totals: Totals,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    index: u64,
-    calls: u32,
-    failures: u32,
-    slow: u32,
-}
-
-/// What a window holds.
+/// What a window (or one of its buckets) holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Totals {
     calls: u32,
@@ -278,51 +276,78 @@ struct Totals {
     slow: u32,
 }
 
+impl Totals {
+    fn add(&mut self, other: Totals) {
+        self.calls = self.calls.saturating_add(other.calls);
+        self.failures = self.failures.saturating_add(other.failures);
+        self.slow = self.slow.saturating_add(other.slow);
+    }
+
+    fn remove(&mut self, other: Totals) {
+        self.calls = self.calls.saturating_sub(other.calls);
+        self.failures = self.failures.saturating_sub(other.failures);
+        self.slow = self.slow.saturating_sub(other.slow);
+    }
+}
+
 impl Window {
     fn new(window: Duration, now: Instant) -> Self {
+        let bucket = u64::try_from((window / BUCKETS).as_nanos()).unwrap_or(u64::MAX);
         Self {
             origin: now,
-            bucket: (window / BUCKETS).max(Duration::from_micros(1)),
-            buckets: [Bucket::default(); BUCKETS as usize],
+            bucket_nanos: bucket.max(1_000),
+            buckets: [Totals::default(); BUCKETS as usize],
+            newest: 0,
+            totals: Totals::default(),
         }
     }
 
-    fn index(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
-        u64::try_from(elapsed / self.bucket.as_nanos()).unwrap_or(u64::MAX)
+    /// Moves the window on to `now` (a time before its newest bucket
+    /// counts in that bucket); returns the bucket `now` falls in.
+    fn advance(&mut self, now: Instant) -> usize {
+        let elapsed = now.saturating_duration_since(self.origin);
+        let number = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX) / self.bucket_nanos;
+        if number > self.newest {
+            if number - self.newest >= u64::from(BUCKETS) {
+                self.clear();
+            } else {
+                for aged in self.newest + 1..=number {
+                    let bucket = &mut self.buckets[slot(aged)];
+                    self.totals.remove(*bucket);
+                    *bucket = Totals::default();
+                }
+            }
+            self.newest = number;
+        }
+        slot(self.newest)
     }
 
     fn add(&mut self, now: Instant, failure: bool, slow: bool) {
-        let index = self.index(now);
-        let slot = usize::try_from(index % u64::from(BUCKETS)).unwrap_or(0);
-        let bucket = &mut self.buckets[slot];
-        if bucket.index != index || bucket.calls == 0 {
-            *bucket = Bucket {
-                index,
-                ..Bucket::default()
-            };
-        }
-        bucket.calls = bucket.calls.saturating_add(1);
-        bucket.failures = bucket.failures.saturating_add(u32::from(failure));
-        bucket.slow = bucket.slow.saturating_add(u32::from(slow));
+        let call = Totals {
+            calls: 1,
+            failures: u32::from(failure),
+            slow: u32::from(slow),
+        };
+        let bucket = self.advance(now);
+        self.buckets[bucket].add(call);
+        self.totals.add(call);
     }
 
-    fn totals(&self, now: Instant) -> Totals {
-        let index = self.index(now);
-        let oldest = index.saturating_sub(u64::from(BUCKETS) - 1);
-        self.buckets
-            .iter()
-            .filter(|b| b.calls > 0 && (oldest..=index).contains(&b.index))
-            .fold(Totals::default(), |t, b| Totals {
-                calls: t.calls.saturating_add(b.calls),
-                failures: t.failures.saturating_add(b.failures),
-                slow: t.slow.saturating_add(b.slow),
-            })
+    fn totals(&mut self, now: Instant) -> Totals {
+        self.advance(now);
+        self.totals
     }
 
     fn clear(&mut self) {
-        self.buckets = [Bucket::default(); BUCKETS as usize];
+        self.buckets = [Totals::default(); BUCKETS as usize];
+        self.totals = Totals::default();
     }
+}
+
+/// The bucket of a window that bucket number `number` is kept in.
+fn slot(number: u64) -> usize {
+    // Below `BUCKETS`, so the cast loses nothing.
+    (number % u64::from(BUCKETS)) as usize
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,7 +414,8 @@ impl Breaker {
         method: &PathAndQuery,
         deadline: Option<Deadline>,
     ) -> Result<Permit, Refusal> {
-        let now = Instant::now();
+        // A closed `ratio` breaker reads no clock (unless slow calls count).
+        let now = Instant::now;
         let mut changed = None;
         let admitted = {
             let mut inner = self.inner.lock_unpoisoned();
@@ -397,7 +423,9 @@ impl Breaker {
             match self.settings.kind {
                 BreakerKind::Ratio => match inner.state {
                     State::Closed => Ok(false),
-                    State::Open { until } if now < until => Err(Refusal::Open { probe_at: until }),
+                    State::Open { until } if now() < until => {
+                        Err(Refusal::Open { probe_at: until })
+                    }
                     State::Open { .. } => {
                         inner.state = State::HalfOpen {
                             out: 1,
@@ -422,6 +450,7 @@ impl Breaker {
                     }
                 },
                 BreakerKind::Sre => {
+                    let now = now();
                     let totals = inner.window.totals(now);
                     let accepts = totals.calls.saturating_sub(totals.failures);
                     let odds = (f64::from(totals.calls) - self.settings.k * f64::from(accepts))
@@ -458,7 +487,7 @@ impl Breaker {
             method: method.clone(),
             generation,
             probe,
-            started: now,
+            started: self.slow.map(|_| now()),
             deadline,
             done: false,
         })
@@ -469,7 +498,8 @@ impl Breaker {
         let now = Instant::now();
         let slow = self
             .slow
-            .is_some_and(|slow| now.saturating_duration_since(permit.started) >= slow);
+            .zip(permit.started)
+            .is_some_and(|(slow, started)| now.saturating_duration_since(started) >= slow);
         let by_caller = match outcome {
             None => true,
             Some(Outcome::Status(Code::DeadlineExceeded)) => permit
@@ -494,7 +524,9 @@ impl Breaker {
                     if counted {
                         inner.window.add(now, failure, slow);
                     }
-                    if self.settings.kind == BreakerKind::Ratio && self.trips(&inner.window, now) {
+                    if self.settings.kind == BreakerKind::Ratio
+                        && self.trips(inner.window.totals(now))
+                    {
                         inner.state = State::Open {
                             until: now + self.open,
                         };
@@ -537,9 +569,8 @@ impl Breaker {
         }
     }
 
-    /// Whether the window's calls open a `ratio` breaker.
-    fn trips(&self, window: &Window, now: Instant) -> bool {
-        let totals = window.totals(now);
+    /// Whether a window holding `totals` opens a `ratio` breaker.
+    fn trips(&self, totals: Totals) -> bool {
         let over = |count: u32, percent: u32| {
             u64::from(count) * 100 >= u64::from(percent) * u64::from(totals.calls)
         };
@@ -564,7 +595,8 @@ pub(crate) struct Permit {
     method: PathAndQuery,
     generation: u64,
     probe: bool,
-    started: Instant,
+    /// When it was let through, if slow calls count.
+    started: Option<Instant>,
     deadline: Option<Deadline>,
     done: bool,
 }
