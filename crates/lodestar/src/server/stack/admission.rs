@@ -4,12 +4,12 @@
 //!
 //! A refused call fails with its `RESOURCE_EXHAUSTED` status (the status
 //! layer answers it, trailers-only), once its request has ended (see
-//! [`Refusal`]). An admitted call under a concurrency
-//! limit holds its place until its final status: the place is handed to a
-//! [`CallEnd`] hook when the call's future is first polled (the call is
-//! then current), and given back by the hook, or by its `Drop` if the call
-//! never got that far. With no limits in the policy, a call costs one
-//! atomic load.
+//! [`Refusal`]). An admitted call under a concurrency limit holds its place
+//! until its final status: the place is handed to the call's [`CallEnd`]
+//! when the call's future is first polled (the call is then current), and
+//! given back when the call ends, or by its `Drop` if the call never got
+//! that far (no allocation but the call's watch). With no limits in the
+//! policy, a call costs one atomic load.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -189,9 +189,9 @@ where
         match self.project().state.project() {
             StateProj::Admitted { inner, slot } => {
                 if let Some(slot) = slot.take() {
-                    // Not registered (no call current) drops the slot: the
-                    // call then goes on uncounted rather than leak it.
-                    CallEnd::HANDLE.on_end(move |outcome| slot.end(outcome));
+                    // Not held (no call current) drops the slot: the call
+                    // then goes on uncounted rather than leak it.
+                    CallEnd::HANDLE.hold(slot);
                 }
                 inner.poll(cx).map_err(Into::into)
             }

@@ -8,6 +8,8 @@ use http::HeaderMap;
 use tokio::time::Instant;
 use tonic::Code;
 
+use crate::server::admission::Slot;
+
 /// A hook called once, when its call ends.
 type Hook = Box<dyn FnOnce(&CallOutcome<'_>) + Send>;
 
@@ -81,24 +83,34 @@ impl CallEnd {
     /// this task, when it ends. Returns whether it was registered: it is
     /// not outside the task serving a call (see above).
     pub fn on_end(&self, hook: impl FnOnce(&CallOutcome<'_>) + Send + 'static) -> bool {
-        CURRENT.with(|current| {
-            let mut call = current.take();
-            let active = call.active;
-            if active {
-                call.watched
-                    .get_or_insert_with(|| {
-                        Box::new(Watched {
-                            hooks: Vec::new(),
-                            started: Instant::now(),
-                        })
-                    })
-                    .hooks
-                    .push(Box::new(hook));
-            }
-            current.set(call);
-            active
-        })
+        watch(|watched| watched.hooks.push(Box::new(hook)))
     }
+
+    /// Holds the call's place under a concurrency limit until it ends (the
+    /// admission layer's hook, kept without a box of its own). Dropped at
+    /// once, giving the place back, if no call is current.
+    pub(crate) fn hold(&self, slot: Slot) -> bool {
+        watch(|watched| watched.slot = Some(slot))
+    }
+}
+
+/// Adds to the watch of the call current on this thread, if there is one.
+fn watch(add: impl FnOnce(&mut Watched)) -> bool {
+    CURRENT.with(|current| {
+        let mut call = current.take();
+        let active = call.active;
+        if active {
+            add(call.watched.get_or_insert_with(|| {
+                Box::new(Watched {
+                    hooks: Vec::new(),
+                    slot: None,
+                    started: Instant::now(),
+                })
+            }));
+        }
+        current.set(call);
+        active
+    })
 }
 
 thread_local! {
@@ -124,6 +136,8 @@ pub(crate) struct Call {
 /// The hooks of a call someone watches.
 struct Watched {
     hooks: Vec<Hook>,
+    /// Its place under a concurrency limit ([`CallEnd::hold`]).
+    slot: Option<Slot>,
     /// When the first hook was registered.
     started: Instant,
 }
@@ -189,6 +203,9 @@ impl Call {
         };
         for hook in watched.hooks {
             hook(&outcome);
+        }
+        if let Some(slot) = watched.slot {
+            slot.end(&outcome);
         }
     }
 
