@@ -46,6 +46,9 @@ pub(crate) enum NotSent {
         request: Box<Request<RequestBody>>,
         error: h2::Error,
     },
+    /// The connection failed as the request was handed to it: nothing of
+    /// it went out, but only a kept copy can go again.
+    Lost(h2::Error),
     /// HTTP/2 refused the request itself (for example a header it does
     /// not allow); the connection is fine.
     Refused(h2::Error),
@@ -65,9 +68,14 @@ pub(crate) fn send(sender: &Sender, request: Request<RequestBody>) -> Result<Sen
         });
     }
     let (parts, body) = request.into_parts();
-    let (response, stream) = h2
-        .send_request(Request::from_parts(parts, ()), false)
-        .map_err(NotSent::Refused)?;
+    let (response, stream) = match h2.send_request(Request::from_parts(parts, ()), false) {
+        Ok(sent) => sent,
+        // The connection failed between the check above and now (its task
+        // runs on another thread): nothing went out, but HTTP/2 kept the
+        // request's head.
+        Err(error) if error.is_io() || error.is_go_away() => return Err(NotSent::Lost(error)),
+        Err(error) => return Err(NotSent::Refused(error)),
+    };
     let mut pipe = Pipe {
         body,
         stream,

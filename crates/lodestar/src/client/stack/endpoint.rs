@@ -100,6 +100,21 @@ fn exchange(
                 &endpoint, leftover, message,
             ))))
         }
+        Err(NotSent::Lost(error)) => {
+            endpoint.connection.reset(&sender);
+            let message = format!(
+                "{} ({}); the connection closed as the request was handed to it, before \
+                 any of it went out",
+                sender.failure(&error),
+                endpoint.instance.address
+            );
+            guard.finish(Outcome::Transport(message.clone()));
+            Either::Right(std::future::ready(Err(failed(
+                &endpoint,
+                Leftover::Replay,
+                message,
+            ))))
+        }
         Err(NotSent::Refused(error)) => {
             let status = tonic::Status::internal(format!(
                 "HTTP/2 refused the request to {}: {}",
