@@ -591,7 +591,11 @@ async fn owners(client: &Client, service: &str, keys: usize, settling: bool) -> 
         async move {
             let owner = match echo.unary(request).await {
                 Ok(reply) => reply.into_inner().served_by,
-                Err(_) => "-".to_owned(),
+                Err(status) => {
+                    // Shown with the test's failure, if it fails.
+                    eprintln!("a call with key {key} failed: {status:?}");
+                    "-".to_owned()
+                }
             };
             (key, owner)
         }
