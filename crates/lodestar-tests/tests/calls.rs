@@ -922,6 +922,57 @@ async fn a_client_does_not_send_a_malformed_grpc_timeout() {
     assert_eq!(world.next_event().await, Event::SleepStarted("sent".into()));
 }
 
+/// What a test's server layer answers a call with.
+type Answer = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<lodestar::server::ResponseBody>, tower::BoxError>,
+            > + Send,
+    >,
+>;
+
+/// A test's server layer, written as a closure that gets each request and
+/// the services below, and answers.
+fn intercept<F>(
+    answer: F,
+) -> impl tower::Layer<lodestar::server::Next, Service = Intercept<F>> + Clone
+where
+    F: FnMut(http::Request<lodestar::server::RequestBody>, &mut lodestar::server::Next) -> Answer
+        + Clone,
+{
+    tower::layer::layer_fn(move |inner| Intercept {
+        inner,
+        answer: answer.clone(),
+    })
+}
+
+/// See [`intercept`].
+#[derive(Clone)]
+struct Intercept<F> {
+    inner: lodestar::server::Next,
+    answer: F,
+}
+
+impl<F> tower_service::Service<http::Request<lodestar::server::RequestBody>> for Intercept<F>
+where
+    F: FnMut(http::Request<lodestar::server::RequestBody>, &mut lodestar::server::Next) -> Answer,
+{
+    type Response = http::Response<lodestar::server::ResponseBody>;
+    type Error = tower::BoxError;
+    type Future = Answer;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), tower::BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<lodestar::server::RequestBody>) -> Answer {
+        (self.answer)(request, &mut self.inner)
+    }
+}
+
 #[path = "calls/admission.rs"]
 mod admission;
 #[path = "calls/client_stack.rs"]

@@ -3,17 +3,15 @@
 //! on demand.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use lodestar::client::Policy;
 use lodestar::client::observe::{Attempt, Decision, DecisionKind, Observer};
 use lodestar::client::policy::{BreakerKind, BreakerSettings, BulkheadSettings, MethodPolicy};
 use lodestar::fault::{ABORT_HEADER, DELAY_HEADER, FaultSettings};
-use lodestar::server::{Next, RequestBody, ResponseBody};
+use lodestar::server::{Next, RequestBody};
 use lodestar::{RunningService, Status};
 
 use super::*;
@@ -41,41 +39,19 @@ impl Backend {
     }
 }
 
-#[derive(Clone)]
-struct Counting {
-    inner: Next,
-    backend: Backend,
-}
-
-type Answer =
-    Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, tower::BoxError>> + Send>>;
-
-impl tower_service::Service<http::Request<RequestBody>> for Counting {
-    type Response = http::Response<ResponseBody>;
-    type Error = tower::BoxError;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tower::BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<RequestBody>) -> Answer {
+impl Backend {
+    /// Counts each call by method, and fails or holds it as set.
+    fn answer(&self, request: http::Request<RequestBody>, next: &mut Next) -> Answer {
         let method = request.uri().path().rsplit('/').next().unwrap().to_owned();
         *self
-            .backend
             .calls
             .lock()
             .unwrap()
             .entry(method.clone())
             .or_insert(0) += 1;
-        let fail = self
-            .backend
-            .failing
-            .lock()
-            .unwrap()
-            .contains(&method.as_str());
-        let hold = *self.backend.hold.lock().unwrap();
-        let answer = self.inner.call(request);
+        let fail = self.failing.lock().unwrap().contains(&method.as_str());
+        let hold = *self.hold.lock().unwrap();
+        let answer = tower_service::Service::call(next, request);
         Box::pin(async move {
             if !hold.is_zero() {
                 tokio::time::sleep(hold).await;
@@ -105,9 +81,8 @@ async fn backend_with(
             .policy(policy)
             .unwrap()
             .observe(observer)
-            .layer(tower::layer::layer_fn(move |inner: Next| Counting {
-                inner,
-                backend: layered.clone(),
+            .layer(intercept(move |request, next| {
+                layered.answer(request, next)
             }))
             .add_service(EchoServer::new(world.echo("a")))
             .start(),

@@ -3,10 +3,8 @@
 //! demand, and count what reaches them.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -72,17 +70,6 @@ impl Script {
     }
 }
 
-/// A server layer that answers as its [`Script`] says.
-#[derive(Clone)]
-struct Scripted {
-    inner: Next,
-    name: String,
-    script: Arc<Script>,
-}
-
-type Answer =
-    Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, tower::BoxError>> + Send>>;
-
 /// Records its call as cancelled when dropped, unless disarmed.
 struct Cancelled(Option<(String, Arc<Cancellations>)>);
 
@@ -99,16 +86,14 @@ impl Drop for Cancelled {
     }
 }
 
-impl tower_service::Service<http::Request<RequestBody>> for Scripted {
-    type Response = http::Response<ResponseBody>;
-    type Error = tower::BoxError;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tower::BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<RequestBody>) -> Answer {
+impl Script {
+    /// Answers a call to instance `name` as the script says.
+    fn answer(
+        self: &Arc<Self>,
+        name: &str,
+        request: http::Request<RequestBody>,
+        next: &mut Next,
+    ) -> Answer {
         let header = |name: &str| {
             request
                 .headers()
@@ -117,19 +102,19 @@ impl tower_service::Service<http::Request<RequestBody>> for Scripted {
                 .map(str::to_owned)
         };
         let seen = Seen {
-            instance: self.name.clone(),
+            instance: name.to_owned(),
             method: request.uri().path().rsplit('/').next().unwrap().to_owned(),
             token: header("x-token").unwrap_or_default(),
             previous: header("grpc-previous-rpc-attempts"),
             at: Instant::now(),
         };
-        let script = self.script.clone();
+        let script = self.clone();
         script.seen.lock().unwrap().push(seen.clone());
         let failure = script.failure();
         let pushback = *script.pushback.lock().unwrap();
         let partial = *script.partial.lock().unwrap() && seen.method == "ServerStream";
         let stall = *script.stall.lock().unwrap();
-        let answer = self.inner.call(request);
+        let answer = tower_service::Service::call(next, request);
         Box::pin(async move {
             if let Some(code) = failure {
                 let mut metadata = lodestar::metadata::MetadataMap::new();
@@ -200,10 +185,8 @@ impl Fleet {
             let name_owned = name.to_owned();
             let builder = world
                 .builder("echo", name)
-                .layer(tower::layer::layer_fn(move |inner: Next| Scripted {
-                    inner,
-                    name: name_owned.clone(),
-                    script: script.clone(),
+                .layer(intercept(move |request, next| {
+                    script.answer(&name_owned, request, next)
                 }))
                 .add_service(EchoServer::new(world.echo(name)));
             running.push(

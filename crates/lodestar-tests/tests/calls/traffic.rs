@@ -3,14 +3,12 @@
 //! demand (slow, or failing every call with a code).
 
 use std::collections::{BTreeMap, HashMap};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use lodestar::client::Policy;
 use lodestar::client::policy::{Fallback, Route, Split, Subset};
-use lodestar::server::{Next, RequestBody, ResponseBody};
+use lodestar::server::{Next, RequestBody};
 use lodestar::{RunningService, ServiceBuilder, Status};
 
 use super::*;
@@ -29,28 +27,11 @@ impl Behaviour {
     }
 }
 
-/// A server layer that delays or fails every call as its [`Behaviour`] says.
-#[derive(Clone)]
-struct Misbehave {
-    inner: Next,
-    behaviour: Behaviour,
-}
-
-type Answer =
-    Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, tower::BoxError>> + Send>>;
-
-impl tower_service::Service<http::Request<RequestBody>> for Misbehave {
-    type Response = http::Response<ResponseBody>;
-    type Error = tower::BoxError;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tower::BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<RequestBody>) -> Answer {
-        let (delay, fail) = *self.behaviour.0.lock().unwrap();
-        let answer = self.inner.call(request);
+impl Behaviour {
+    /// Delays or fails a call as set.
+    fn answer(&self, request: http::Request<RequestBody>, next: &mut Next) -> Answer {
+        let (delay, fail) = *self.0.lock().unwrap();
+        let answer = tower_service::Service::call(next, request);
         Box::pin(async move {
             if let Some(code) = fail {
                 return Err(
@@ -76,9 +57,8 @@ async fn instance(
     let behaviour = Behaviour::default();
     let layered = behaviour.clone();
     let builder = configure(world.builder(service, name))
-        .layer(tower::layer::layer_fn(move |inner: Next| Misbehave {
-            inner,
-            behaviour: layered.clone(),
+        .layer(intercept(move |request, next| {
+            layered.answer(request, next)
         }))
         .add_service(EchoServer::new(world.echo(name)));
     let running = bounded("an instance to start", builder.start())
