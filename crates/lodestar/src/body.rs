@@ -463,6 +463,14 @@ impl FrameLimit {
                 continue;
             }
             let header_start = data.len() - chunk.len();
+            // The usual header: whole in this chunk, read where it is.
+            if self.have == 0
+                && let [flag, a, b, c, d, ..] = chunk[..]
+            {
+                chunk.advance(5);
+                self.header_read(flag, u32::from_be_bytes([a, b, c, d]), header_start)?;
+                continue;
+            }
             let take = (5 - self.have).min(chunk.len());
             self.header[self.have..self.have + take].copy_from_slice(&chunk[..take]);
             chunk.advance(take);
@@ -472,16 +480,28 @@ impl FrameLimit {
             if self.have == 5 {
                 self.have = 0;
                 let [flag, a, b, c, d] = self.header;
-                let len = u32::from_be_bytes([a, b, c, d]);
-                if let Some(flags) = &self.flags {
-                    flags.record(flag != 0);
-                }
-                if u64::from(len) > self.limit as u64 {
-                    return Err((began, too_large(u64::from(len), self.limit)));
-                }
-                self.remaining = u64::from(len);
+                self.header_read(flag, u32::from_be_bytes([a, b, c, d]), began)?;
             }
         }
+        Ok(())
+    }
+
+    /// A message header was read (it began at `began` in the chunk, or in
+    /// an earlier chunk if 0): its message of `len` bytes is followed next.
+    #[inline]
+    fn header_read(
+        &mut self,
+        flag: u8,
+        len: u32,
+        began: usize,
+    ) -> Result<(), (usize, tonic::Status)> {
+        if let Some(flags) = &self.flags {
+            flags.record(flag != 0);
+        }
+        if u64::from(len) > self.limit as u64 {
+            return Err((began, too_large(u64::from(len), self.limit)));
+        }
+        self.remaining = u64::from(len);
         Ok(())
     }
 }

@@ -477,6 +477,7 @@ impl Body for Observed {
     type Data = Bytes;
     type Error = h2::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

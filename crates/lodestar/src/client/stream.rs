@@ -276,6 +276,7 @@ impl Body for Received {
     type Data = Bytes;
     type Error = h2::Error;
 
+    #[inline]
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
