@@ -133,8 +133,7 @@ enum Planning {
     /// As any call, but never kept: its method's retries could not keep
     /// its request (not whole at once, or too large).
     Unkept,
-    /// By the boxed way ([`Retry::call_slow`]): hedged, or kept only
-    /// once its body has been awaited.
+    /// By the boxed way ([`Retry::call_slow`]): its method is hedged.
     Later,
 }
 
