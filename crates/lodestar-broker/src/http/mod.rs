@@ -411,7 +411,6 @@ mod tests {
     use lodestar::MemoryRegistry;
     use lodestar::broker::{Durable, header};
     use lodestar::{InstanceKey, Revision, ServiceKey, WatchEvent, WatchStream};
-    use tokio::net::TcpListener;
 
     use super::subscribe::advertised;
     use super::*;
@@ -451,11 +450,14 @@ mod tests {
         messages
     }
 
-    /// A loopback address nothing listens on.
+    /// A loopback address nothing listens on, held (bound, never
+    /// listening) until the test's process ends: a port merely freed could
+    /// be taken meanwhile by a server of a test running beside this one.
     async fn dead_address() -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        drop(listener);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = socket.local_addr().unwrap().to_string();
+        std::mem::forget(socket);
         address
     }
 

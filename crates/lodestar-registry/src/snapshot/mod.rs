@@ -634,9 +634,14 @@ mod tests {
     }
 
     /// The address of a port nothing listens on.
-    fn closed_port() -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().to_string()
+    /// A loopback address nothing listens on, held (bound, never
+    /// listening) while the socket lives: a port merely freed could be
+    /// taken meanwhile by a server of a test running beside this one.
+    fn closed_port() -> (tokio::net::TcpSocket, String) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = socket.local_addr().unwrap().to_string();
+        (socket, address)
     }
 
     async fn bounded<F: std::future::Future>(
@@ -650,7 +655,8 @@ mod tests {
         let scratch = Scratch::new("unreachable");
         let path = scratch.0.join("registry.snapshot");
         saved(&path, &["a", "b"]);
-        let remote = Arc::new(crate::RemoteRegistry::new(&[closed_port()]));
+        let (_held, closed) = closed_port();
+        let remote = Arc::new(crate::RemoteRegistry::new(&[closed]));
         let registry = SnapshotRegistry::new(remote.clone(), SOURCE, &path);
         let orders = ServiceKey::new("orders");
 
