@@ -15,6 +15,39 @@ use serde::de::DeserializeOwned;
 /// with every list at its limit is far smaller).
 pub const MAX_POLICY_FILE: u64 = 1024 * 1024;
 
+/// The readers of a policy type (`from_toml`, `from_json`, `from_file`),
+/// each validating what it read with the type's `validate`: written once
+/// for the client's and the server's policies, inside their `impl`.
+macro_rules! readers {
+    () => {
+        /// Reads a policy from TOML and [validates](Self::validate) it.
+        /// Fields left out keep their defaults (see the [module docs](self)).
+        pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+            crate::policy_data::from_toml(text).and_then(Self::validated)
+        }
+
+        /// Reads a policy from JSON and [validates](Self::validate) it.
+        /// Fields left out keep their defaults.
+        pub fn from_json(text: &str) -> Result<Self, PolicyError> {
+            crate::policy_data::from_json(text).and_then(Self::validated)
+        }
+
+        /// Reads a policy file: TOML if its name ends in `.toml`, JSON if
+        /// in `.json`; at most [`MAX_POLICY_FILE`](crate::policy_data::MAX_POLICY_FILE)
+        /// bytes. Blocks while reading (call it from a blocking context,
+        /// or at startup).
+        pub fn from_file(path: &std::path::Path) -> Result<Self, PolicyError> {
+            crate::policy_data::from_file(path, Self::from_toml, Self::from_json)
+        }
+
+        fn validated(self) -> Result<Self, PolicyError> {
+            self.validate()?;
+            Ok(self)
+        }
+    };
+}
+pub(crate) use readers;
+
 /// Parses a policy from TOML (not yet validated).
 pub(crate) fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, PolicyError> {
     toml::Deserializer::parse(text)

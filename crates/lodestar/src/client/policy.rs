@@ -114,7 +114,6 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use http::{HeaderName, HeaderValue};
 use lodestar_core::registry::limits::quoted;
@@ -488,29 +487,7 @@ pub const MAX_LABEL_KEY: usize = 128;
 pub const MAX_LABEL_VALUE: usize = 4_096;
 
 impl Policy {
-    /// Reads a policy from TOML and [validates](Self::validate) it. Fields
-    /// left out keep their defaults (see the [module docs](self)).
-    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        policy_data::from_toml(text).and_then(Self::validated)
-    }
-
-    /// Reads a policy from JSON and [validates](Self::validate) it. Fields
-    /// left out keep their defaults.
-    pub fn from_json(text: &str) -> Result<Self, PolicyError> {
-        policy_data::from_json(text).and_then(Self::validated)
-    }
-
-    /// Reads a policy file: TOML if its name ends in `.toml`, JSON if in
-    /// `.json`; at most [`MAX_POLICY_FILE`] bytes. Blocks while reading
-    /// (call it from a blocking context, or at startup).
-    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
-        policy_data::from_file(path, Self::from_toml, Self::from_json)
-    }
-
-    fn validated(self) -> Result<Self, PolicyError> {
-        self.validate()?;
-        Ok(self)
-    }
+    crate::policy_data::readers!();
 
     /// Checks every field: numbers in range, names and labels well formed
     /// and within the size limits (the `MAX_*` constants of this module),

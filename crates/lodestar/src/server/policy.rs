@@ -42,8 +42,6 @@
 //! # Ok::<(), lodestar::server::policy::PolicyError>(())
 //! ```
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 pub use super::admission::{
@@ -89,39 +87,15 @@ pub struct MethodPolicy {
     pub concurrency: Option<Concurrency>,
 }
 
-/// The most entries [`Policy::methods`] may have: 256.
-pub const MAX_METHOD_POLICIES: usize = 256;
-
-/// The most names one [`MethodPolicy`] may list: 1,024.
-pub const MAX_METHOD_NAMES: usize = 1_024;
+/// The most entries [`Policy::methods`] may have, and names one
+/// [`MethodPolicy`] may list: as for the client's policy.
+pub use crate::client::policy::{MAX_METHOD_NAMES, MAX_METHOD_POLICIES};
 
 /// The longest name a [`MethodPolicy`] may list: 512 bytes.
 pub const MAX_METHOD_NAME: usize = 512;
 
 impl Policy {
-    /// Reads a policy from TOML and [validates](Self::validate) it. Fields
-    /// left out keep their defaults (see the [module docs](self)).
-    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        policy_data::from_toml(text).and_then(Self::validated)
-    }
-
-    /// Reads a policy from JSON and [validates](Self::validate) it. Fields
-    /// left out keep their defaults.
-    pub fn from_json(text: &str) -> Result<Self, PolicyError> {
-        policy_data::from_json(text).and_then(Self::validated)
-    }
-
-    /// Reads a policy file: TOML if its name ends in `.toml`, JSON if in
-    /// `.json`; at most [`MAX_POLICY_FILE`] bytes. Blocks while reading
-    /// (call it from a blocking context, or at startup).
-    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
-        policy_data::from_file(path, Self::from_toml, Self::from_json)
-    }
-
-    fn validated(self) -> Result<Self, PolicyError> {
-        self.validate()?;
-        Ok(self)
-    }
+    crate::policy_data::readers!();
 
     /// Checks every field; the first found wrong is named in the error,
     /// with its value and what was expected.
