@@ -802,7 +802,11 @@ mod tests {
     }
 
     async fn read_all(request: Request<RequestBody>) -> Vec<u8> {
-        let collected = request.into_body().collect().await.unwrap();
+        let read = request.into_body().collect();
+        let collected = tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("the body ends")
+            .unwrap();
         collected.to_bytes().to_vec()
     }
 
