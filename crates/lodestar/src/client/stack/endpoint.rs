@@ -111,7 +111,7 @@ fn exchange(
             guard.finish(Outcome::Transport(message.clone()));
             Either::Right(std::future::ready(Err(failed(
                 &endpoint,
-                Leftover::Replay,
+                Leftover::Replay { unsent: true },
                 message,
             ))))
         }
@@ -208,7 +208,11 @@ impl Waiting {
                 }
                 let message = format!("{} ({})", sender.failure(&e), endpoint.instance.address);
                 guard.finish(Outcome::Transport(message.clone()));
-                Err(failed(&endpoint, Leftover::Replay, message))
+                Err(failed(
+                    &endpoint,
+                    Leftover::Replay { unsent: false },
+                    message,
+                ))
             }
         }
     }

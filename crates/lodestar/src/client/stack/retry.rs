@@ -74,8 +74,10 @@ pub(crate) enum Leftover {
         /// The endpoint may take it on a new connection (only the old one failed).
         same_endpoint: bool,
     },
-    /// It may have been seen: only a kept copy (idempotent calls) may go again.
-    Replay,
+    /// Only a kept copy (idempotent calls) may go again: the request may
+    /// have been seen, or (`unsent`) it never went out but HTTP/2 took its
+    /// head.
+    Replay { unsent: bool },
     /// The request itself is at fault: no retry, this is the answer.
     Fail(Status),
 }
@@ -391,15 +393,19 @@ impl Retry {
                             }
                             break 'next unsent_request;
                         }
-                        Leftover::Replay if plan.codes.contains(tonic::Code::Unavailable) => (
-                            Err(super::balance::unavailable(Error::Unreachable {
-                                service: balance.key.clone(),
-                                address: failed.address,
-                                reason: failed.message,
-                            })),
-                            Pushback::None,
-                        ),
-                        Leftover::Replay => {
+                        Leftover::Replay { .. }
+                            if plan.codes.contains(tonic::Code::Unavailable) =>
+                        {
+                            (
+                                Err(super::balance::unavailable(Error::Unreachable {
+                                    service: balance.key.clone(),
+                                    address: failed.address,
+                                    reason: failed.message,
+                                })),
+                                Pushback::None,
+                            )
+                        }
+                        Leftover::Replay { .. } => {
                             // Not a code the policy retries: replayed as any
                             // idempotent call is, on a transport failure.
                             let failure = Failure::Attempt(failed);
@@ -469,7 +475,7 @@ impl Retry {
     pub(super) fn final_error(&self, failed: AttemptFailure) -> Status {
         match failed.leftover {
             Leftover::Fail(status) => status,
-            Leftover::Untouched { .. } | Leftover::Replay => {
+            Leftover::Untouched { .. } | Leftover::Replay { .. } => {
                 super::balance::unavailable(Error::Unreachable {
                     service: self.balance.key.clone(),
                     address: failed.address,
@@ -509,20 +515,24 @@ impl Retry {
                 // Never sent: the caller's body, and its live per-message
                 // choices, are still ahead.
                 Leftover::Untouched { request, .. } => request,
-                Leftover::Replay => match kept {
+                Leftover::Replay { unsent } => match kept {
                     Some(kept) => kept.request(0),
                     None => {
                         // Not kept: the method is not idempotent, or no
                         // other instance could take a replay.
+                        let why = if unsent {
+                            "none of it went out, so calling again is safe, but only a \
+                             method marked idempotent in its .proto keeps a copy to \
+                             send again by itself"
+                        } else {
+                            "the request may have reached the instance, and only a \
+                             method marked idempotent in its .proto is replayed, to \
+                             another instance"
+                        };
                         return Err(super::balance::unavailable(Error::Unreachable {
                             service: balance.key.clone(),
                             address: failed.address,
-                            reason: format!(
-                                "{}; not sent again: the request may have reached the \
-                                 instance, and only a method marked idempotent in its \
-                                 .proto is replayed, to another instance",
-                                failed.message
-                            ),
+                            reason: format!("{}; not sent again: {why}", failed.message),
                         }));
                     }
                 },
