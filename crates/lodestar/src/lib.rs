@@ -61,6 +61,7 @@ pub mod fuzzing;
 mod grpc_timeout;
 mod headers;
 mod io;
+pub mod metrics;
 mod policy_data;
 
 pub mod server;
