@@ -979,6 +979,8 @@ mod admission;
 mod client_stack;
 #[path = "calls/guards.rs"]
 mod guards;
+#[path = "calls/metrics.rs"]
+mod metrics;
 #[path = "calls/retries.rs"]
 mod retries;
 #[path = "calls/server_stack.rs"]

@@ -21,6 +21,7 @@ use crate::codec::{self, Encoded, SendScope};
 use crate::compression::ReceivedFlags;
 use crate::deadline::{self, Deadline};
 use crate::frames::Reframer;
+use crate::metrics::rpc::Record;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -235,6 +236,8 @@ pin_project_lite::pin_project! {
         // Called when the body fails with an error that is not a status
         // of ours (the stream was reset, or the connection lost).
         on_broken: Option<fn()>,
+        // A client call's record in the metrics, ended with the call.
+        record: Record,
         done: bool,
     }
 }
@@ -257,8 +260,16 @@ impl<B> CallBody<B> {
             messages: Messages::new(limit),
             request_error: None,
             on_broken: None,
+            record: Record::default(),
             done: false,
         }
+    }
+
+    /// Ends `record` with the call's code when the body ends (a status in
+    /// its trailers, a failure, its deadline), or `CANCELLED` if it is
+    /// dropped first.
+    pub(crate) fn set_record(&mut self, record: Record) {
+        self.record = record;
     }
 
     /// What each message passes through, to configure.
@@ -309,28 +320,38 @@ where
         if *this.done {
             return Poll::Ready(None);
         }
-        let failed = |done: &mut bool, status: tonic::Status| {
+        let failed = |done: &mut bool, record: &mut Record, status: tonic::Status| {
             *done = true;
+            record.end(status.code());
             Poll::Ready(Some(Err(Box::new(status) as BoxError)))
         };
         if let Some(status) = this.messages.take_pending() {
-            return failed(this.done, *status);
+            return failed(this.done, this.record, *status);
         }
         // The deadline first: a body that always has data must still end.
         if let Some(timer) = this.timer.as_mut()
             && timer.expired(cx)
         {
-            return failed(this.done, deadline::exceeded("while streaming"));
+            return failed(
+                this.done,
+                this.record,
+                deadline::exceeded("while streaming"),
+            );
         }
         loop {
             let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => {
                     if let Some(status) = this.request_error.as_ref().and_then(|e| e.get()) {
-                        return failed(this.done, status.clone());
+                        return failed(this.done, this.record, status.clone());
                     }
                     *this.done = true;
                     let error = error.into();
+                    // A reset or lost connection, as the caller sees it.
+                    let code = error
+                        .downcast_ref::<tonic::Status>()
+                        .map_or(tonic::Code::Unavailable, tonic::Status::code);
+                    this.record.end(code);
                     if let Some(on_broken) = this.on_broken
                         && !error.is::<tonic::Status>()
                     {
@@ -340,19 +361,29 @@ where
                 }
                 None => {
                     return match this.messages.finish() {
-                        Ok(()) => Poll::Ready(None),
-                        Err(status) => failed(this.done, status),
+                        Ok(()) => {
+                            // Trailers, if any, ended the record already.
+                            this.record.end(tonic::Code::Unknown);
+                            Poll::Ready(None)
+                        }
+                        Err(status) => failed(this.done, this.record, status),
                     };
                 }
             };
             let mut data = match frame.into_data() {
                 Ok(data) => data,
-                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                Err(frame) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        let code = crate::status::code_in(trailers);
+                        this.record.end(code.unwrap_or(tonic::Code::Unknown));
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
             };
             match this.messages.pass(&mut data, None) {
                 Passed::Data => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Passed::Incomplete => {}
-                Passed::End(status) => return failed(this.done, *status),
+                Passed::End(status) => return failed(this.done, this.record, *status),
             }
         }
     }

@@ -48,6 +48,7 @@
 //!
 //! See `docs/architecture.md` in the repository for how a call flows.
 
+pub mod admin;
 mod body;
 pub mod client;
 pub mod codec;

@@ -238,6 +238,7 @@ pub(crate) struct ClientConfig {
     pub(crate) codec: Codec,
     pub(crate) http2: crate::Http2Settings,
     pub(crate) protection_threshold: f64,
+    pub(crate) metrics: Option<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -283,6 +284,8 @@ impl Default for ClientConfig {
             codec: Codec::Protobuf,
             http2: crate::Http2Settings::client(),
             protection_threshold: 0.0,
+            // Calls counted in the process's registry.
+            metrics: Some(crate::metrics::Metrics::global().clone()),
         }
     }
 }
@@ -546,6 +549,16 @@ impl ClientBuilder {
     /// keepalive pings, flow control). Default: [`Http2Settings::client`](crate::Http2Settings::client).
     pub fn http2(mut self, settings: crate::Http2Settings) -> Self {
         self.config.http2 = settings;
+        self
+    }
+
+    /// Where the client's calls are counted ([`metrics`](crate::metrics):
+    /// `rpc_client_call_duration_seconds` and friends, labelled by the
+    /// service called and the method), or `None` not to count them.
+    /// Default: the process's registry,
+    /// [`Metrics::global`](crate::metrics::Metrics::global).
+    pub fn metrics(mut self, metrics: Option<crate::metrics::Metrics>) -> Self {
+        self.config.metrics = metrics;
         self
     }
 

@@ -97,6 +97,27 @@ impl Descriptors {
             .clone()
     }
 
+    /// Every method of the services named `services`, as its path
+    /// (`/package.Service/Method`) and whether its client and its server
+    /// stream.
+    pub(crate) fn methods<'a>(
+        &'a self,
+        services: &'a [&str],
+    ) -> impl Iterator<Item = (String, bool, bool)> + 'a {
+        self.0
+            .services()
+            .filter(|service| services.contains(&service.full_name()))
+            .flat_map(|service| {
+                service
+                    .methods()
+                    .map(|m| {
+                        let path = format!("/{}/{}", service.full_name(), m.name());
+                        (path, m.is_client_streaming(), m.is_server_streaming())
+                    })
+                    .collect::<Vec<_>>()
+            })
+    }
+
     /// The method a request path (`/package.Service/Method`) names.
     pub(crate) fn method(&self, path: &str) -> Option<MethodDescriptor> {
         let (service, method) = path.strip_prefix('/')?.split_once('/')?;

@@ -1,8 +1,8 @@
 //! The RPC metrics: every call a server serves and a client makes, by
 //! method and status code.
 //!
-//! Each method has one [`Series`]: calls started and in flight, messages
-//! each way, and a duration histogram per status code. A server finds its
+//! Each method has one [`Series`]: calls started and in flight, and a
+//! duration histogram per status code. A server finds its
 //! methods' series once, at start ([`MethodTable`]); a client on a
 //! method's first call ([`ClientMethods`]). Per call: a lookup in a
 //! sorted table, a clock read at each end, and relaxed atomic additions.
@@ -20,7 +20,7 @@ use prometheus_client::registry::Unit;
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::{DURATION_BUCKETS, DurationHistogram, Metrics};
+use super::{DurationHistogram, Metrics};
 use crate::policy_data::code_name;
 
 /// The `rpc_method` of calls to a method the server does not serve (or a
@@ -85,7 +85,12 @@ impl Kind {
     }
 }
 
-/// One method's counts (a client's: one method of one service).
+/// A series' key in its family: the service called (empty on a server),
+/// and the method.
+type Key = (Box<str>, Box<str>);
+
+/// One method's counts (a client's: one method of one service): calls
+/// started and in flight, and a duration histogram per status code.
 #[derive(Debug)]
 pub(crate) struct Series {
     /// `pkg.Service/Method`, or [`OTHER`].
@@ -93,8 +98,6 @@ pub(crate) struct Series {
     kind: Kind,
     started: AtomicU64,
     active: AtomicI64,
-    received: AtomicU64,
-    sent: AtomicU64,
     /// By code, in [`CODES`] order.
     durations: [DurationHistogram; 17],
 }
@@ -106,8 +109,6 @@ impl Series {
             kind,
             started: AtomicU64::new(0),
             active: AtomicI64::new(0),
-            received: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
             durations: Default::default(),
         }
     }
@@ -118,18 +119,6 @@ impl Series {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         Record(Some((self.clone(), Instant::now())))
-    }
-
-    /// Counts a message received.
-    #[inline]
-    pub(crate) fn received(&self) {
-        self.received.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a message sent.
-    #[inline]
-    pub(crate) fn sent(&self) {
-        self.sent.fetch_add(1, Ordering::Relaxed);
     }
 
     fn durations(&self, code: Code) -> Option<&DurationHistogram> {
@@ -143,11 +132,6 @@ impl Series {
 pub(crate) struct Record(Option<(Arc<Series>, Instant)>);
 
 impl Record {
-    /// The series this call counts in.
-    pub(crate) fn series(&self) -> Option<&Arc<Series>> {
-        self.0.as_ref().map(|(series, _)| series)
-    }
-
     /// The call ended with `code`.
     #[inline]
     pub(crate) fn end(&mut self, code: Code) {
@@ -187,7 +171,7 @@ impl Side {
 #[derive(Debug)]
 struct Family {
     side: Side,
-    series: Mutex<BTreeMap<(Box<str>, Box<str>), Arc<Series>>>,
+    series: Mutex<BTreeMap<Key, Arc<Series>>>,
     grpc_compat: Arc<AtomicBool>,
 }
 
@@ -368,7 +352,7 @@ const DEFAULT_BUCKETS: [f64; 11] = [
 
 impl Collector for Family {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let all: Vec<((Box<str>, Box<str>), Arc<Series>)> = self
+        let all: Vec<(Key, Arc<Series>)> = self
             .series
             .lock_unpoisoned()
             .iter()
@@ -442,18 +426,6 @@ impl Collector for Family {
             &format!("Calls started ({side})"),
             &|s| s.started.load(Ordering::Relaxed),
         )?;
-        counter(
-            &mut encoder,
-            &format!("rpc_{side}_messages_received"),
-            &format!("Messages received ({side}): requests on a server, responses on a client"),
-            &|s| s.received.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            &format!("rpc_{side}_messages_sent"),
-            &format!("Messages sent ({side}): responses on a server, requests on a client"),
-            &|s| s.sent.load(Ordering::Relaxed),
-        )?;
         let name = format!("rpc_{side}_calls_active");
         let mut family = encoder.encode_descriptor(
             &name,
@@ -480,7 +452,7 @@ impl Family {
     fn encode_compat(
         &self,
         encoder: &mut DescriptorEncoder<'_>,
-        all: &[((Box<str>, Box<str>), Arc<Series>)],
+        all: &[(Key, Arc<Series>)],
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::NoLabelSet;
         let side = self.side.name();
@@ -495,25 +467,14 @@ impl Family {
                 ("grpc_method", method.to_owned()),
             ]
         };
-        let counters: [(&str, &str, fn(&Series) -> u64); 3] = [
-            ("started", "RPCs started", |s| {
-                s.started.load(Ordering::Relaxed)
-            }),
-            ("msg_received", "Stream messages received", |s| {
-                s.received.load(Ordering::Relaxed)
-            }),
-            ("msg_sent", "Stream messages sent", |s| {
-                s.sent.load(Ordering::Relaxed)
-            }),
-        ];
-        for (name, help, value) in counters {
-            let name = format!("grpc_{side}_{name}");
-            let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
-            for (_, series) in all {
-                family
-                    .encode_family(&labels(series))?
-                    .encode_counter::<NoLabelSet, u64, u64>(&value(series), None)?;
-            }
+        let name = format!("grpc_{side}_started");
+        let mut family =
+            encoder.encode_descriptor(&name, "RPCs started", None, MetricType::Counter)?;
+        for (_, series) in all {
+            let started = series.started.load(Ordering::Relaxed);
+            family
+                .encode_family(&labels(series))?
+                .encode_counter::<NoLabelSet, u64, u64>(&started, None)?;
         }
         let name = format!("grpc_{side}_handled");
         let mut family = encoder.encode_descriptor(
@@ -621,8 +582,17 @@ mod tests {
             drop(table.find(&format!("/demo.Echo/Nope{i}")).start());
         }
         let text = metrics.encode();
-        assert_eq!(text.matches("rpc_server_calls_started_total{").count(), 3, "{text}");
-        assert!(text.contains(r#"rpc_server_calls_started_total{rpc_system_name="grpc",rpc_method="_OTHER"} 1000"#), "{text}");
+        assert_eq!(
+            text.matches("rpc_server_calls_started_total{").count(),
+            3,
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"rpc_server_calls_started_total{rpc_system_name="grpc",rpc_method="_OTHER"} 1000"#
+            ),
+            "{text}"
+        );
         assert!(text.contains(r#"rpc_server_call_duration_seconds_count{rpc_system_name="grpc",rpc_method="_OTHER",rpc_status_code="CANCELLED",error_type="CANCELLED"} 1000"#), "{text}");
     }
 

@@ -70,6 +70,10 @@ impl Service {
             policy: super::policy::Policy::default(),
             // Nobody told of the policy layers' decisions.
             observers: super::observe::Observers::default(),
+            // Calls counted in the process's registry.
+            metrics: Some(crate::metrics::Metrics::global().clone()),
+            // `/metrics`, `/healthz`, `/readyz` on loopback, any free port.
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct ServiceBuilder {
     pub(super) layers: Vec<Box<dyn UserLayer>>,
     pub(super) policy: super::policy::Policy,
     pub(super) observers: super::observe::Observers,
+    pub(super) metrics: Option<crate::metrics::Metrics>,
+    pub(super) admin: Option<SocketAddr>,
 }
 
 /// Adds one service to the routes, with the final message limits.
@@ -134,6 +140,36 @@ impl std::fmt::Debug for ServiceBuilder {
 }
 
 impl ServiceBuilder {
+    /// Where the service's calls are counted ([`metrics`](crate::metrics)),
+    /// or `None` not to count them. Default: the process's registry,
+    /// [`Metrics::global`](crate::metrics::Metrics::global).
+    ///
+    /// Every method of every service added is counted from the start (at
+    /// zero), so rates and ratios exist before the first call; calls to
+    /// other paths count as one method, `_OTHER`.
+    ///
+    /// ```
+    /// use lodestar::metrics::Metrics;
+    /// let own = Metrics::new().with_grpc_compat(true);
+    /// let builder = lodestar::Service::builder("greeter").metrics(Some(own));
+    /// # drop(builder);
+    /// ```
+    pub fn metrics(mut self, metrics: Option<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Where the [admin endpoint](crate::admin) listens (`/metrics`,
+    /// `/healthz`, `/readyz` over HTTP/1.1), or `None` for no admin
+    /// endpoint. Default: `127.0.0.1:0` (loopback, any free port; see
+    /// [`RunningService::admin_addr`](crate::RunningService::admin_addr)).
+    /// Bind it to an address Prometheus can reach, such as
+    /// `0.0.0.0:9464`, to scrape the service from another host.
+    pub fn admin_addr(mut self, address: Option<SocketAddr>) -> Self {
+        self.admin = address;
+        self
+    }
+
     /// The version registered with the instance. Default: empty.
     pub fn version(mut self, version: impl Into<String>) -> Self {
         self.instance.version = version.into();

@@ -49,6 +49,11 @@ impl Announcer {
         let _ = self.events.send(event);
     }
 
+    /// Every step so far, in order.
+    pub(crate) fn history(&self) -> Vec<Lifecycle> {
+        self.history.lock_unpoisoned().clone()
+    }
+
     pub(crate) fn subscribe(&self) -> LifecycleEvents {
         let history = self.history.lock_unpoisoned();
         LifecycleEvents {

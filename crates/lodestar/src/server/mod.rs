@@ -36,7 +36,7 @@ mod admission;
 mod budget;
 mod builder;
 mod connection;
-mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod observe;
 pub mod policy;
 mod registration;

@@ -34,6 +34,22 @@ pub struct RunningService {
     pub(super) faults: Arc<super::stack::fault::Live>,
     /// The policy's limits, compiled (see `admission`).
     pub(super) admission: Arc<super::admission::Admission>,
+    /// The admin endpoint, if it has one.
+    pub(super) admin: Option<Admin>,
+}
+
+/// A running admin endpoint.
+#[derive(Debug)]
+pub(super) struct Admin {
+    pub(super) address: SocketAddr,
+    pub(super) stop: watch::Sender<bool>,
+    pub(super) task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl std::fmt::Debug for RunningService {
@@ -46,6 +62,13 @@ impl std::fmt::Debug for RunningService {
 }
 
 impl RunningService {
+    /// The address of the [admin endpoint](crate::admin) (`/metrics`,
+    /// `/healthz`, `/readyz`), if it has one
+    /// ([`ServiceBuilder::admin_addr`](crate::ServiceBuilder::admin_addr)).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|admin| admin.address)
+    }
+
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -127,9 +150,15 @@ impl RunningService {
             }
         }
         let _ = self.stop.send(true);
-        self.serve
+        let served = self
+            .serve
             .await
-            .map_err(|e| ServeError::Task(e.to_string()))
+            .map_err(|e| ServeError::Task(e.to_string()));
+        // Scraped until the last connection is drained.
+        if let Some(admin) = &self.admin {
+            let _ = admin.stop.send(true);
+        }
+        served
     }
 
     /// Stops at once, as a crash would: no deregistration, no draining;

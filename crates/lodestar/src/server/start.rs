@@ -113,6 +113,14 @@ impl ServiceBuilder {
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
+        let served: Vec<&str> = builtin.iter().chain(&self.names).copied().collect();
+        let methods = self.metrics.as_ref().map(|metrics| {
+            let methods = known.methods(&served).map(|(path, client, server)| {
+                (path, crate::metrics::rpc::Kind::of(client, server))
+            });
+            crate::metrics::rpc::MethodTable::server(metrics, methods)
+        });
+
         let mut routes = stack::RouterBuilder::default();
         for add in self.services {
             add(&mut routes, &self.limits);
@@ -138,6 +146,7 @@ impl ServiceBuilder {
                 policy: policy.clone(),
                 observers: self.observers,
                 faults: faults.clone(),
+                methods,
             },
             self.layers,
         );
@@ -155,6 +164,36 @@ impl ServiceBuilder {
             },
         ));
         events.announce(Lifecycle::Serving(local_addr));
+        let admin = match self.admin {
+            None => None,
+            Some(address) => {
+                let admin_listener =
+                    tokio::net::TcpListener::bind(address)
+                        .await
+                        .map_err(|source| {
+                            serve.abort();
+                            ServeError::Bind { address, source }
+                        })?;
+                let admin_addr = admin_listener.local_addr().map_err(|source| {
+                    serve.abort();
+                    ServeError::Bind { address, source }
+                })?;
+                let state = Arc::new(crate::admin::State {
+                    metrics: self.metrics.clone(),
+                    events: events.clone(),
+                    registers: self.registry.is_some(),
+                });
+                let (stop, stopped) = watch::channel(false);
+                let task = tokio::spawn(crate::admin::serve(admin_listener, state, stopped));
+                tracing::info!(service = %instance.key, address = %admin_addr,
+                    "metrics at http://{admin_addr}/metrics");
+                Some(super::running::Admin {
+                    address: admin_addr,
+                    stop,
+                    task,
+                })
+            }
+        };
 
         // Subscribe before registering, so that a service found through the
         // registry is already handling its events.
@@ -261,6 +300,7 @@ impl ServiceBuilder {
             policy,
             faults,
             admission,
+            admin,
         })
     }
 

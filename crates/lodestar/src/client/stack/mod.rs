@@ -5,6 +5,7 @@
 //! 1. **user layers** ([`ClientBuilder::layer`](super::ClientBuilder::layer)),
 //!    first added outermost; they see each call once, as the caller made
 //!    it, and their errors become statuses (`status::from_layer_error`);
+//! 2. [`metered`]: each call counted by method and final status;
 //! 2. [`deadline`]: the earliest of the call's own timeout, the deadline of
 //!    the call being served and the client's default; it bounds everything
 //!    below;
@@ -50,6 +51,7 @@ mod endpoint;
 mod fault;
 pub(crate) mod guard;
 mod hedge;
+mod metered;
 mod resolver;
 mod retry;
 
@@ -79,8 +81,10 @@ pub(crate) trait Call<Request>: Send + Sync + 'static {
 }
 
 /// The stack below the user's layers.
-pub(crate) type Core = deadline::Deadline<
-    codec::Codec<bulkhead::Bulkhead<breaker::Breaker<fault::Fault<retry::Retry>>>>,
+pub(crate) type Core = metered::Metered<
+    deadline::Deadline<
+        codec::Codec<bulkhead::Bulkhead<breaker::Breaker<fault::Fault<retry::Retry>>>>,
+    >,
 >;
 
 /// The state of a channel's bulkhead, breakers and fault injectors: kept
@@ -130,7 +134,13 @@ pub(crate) fn core(balance: Arc<Balance>) -> Core {
     let breaker = breaker::Breaker::new(guards.breakers.clone(), guards.reporter.clone(), fault);
     let bulkhead =
         bulkhead::Bulkhead::new(guards.bulkhead.clone(), guards.reporter.clone(), breaker);
-    deadline_and_codec(&balance, bulkhead)
+    let methods = balance.config.metrics.as_ref().map(|metrics| {
+        Arc::new(crate::metrics::rpc::ClientMethods::new(
+            metrics,
+            &balance.key.service,
+        ))
+    });
+    metered::Metered::new(methods, deadline_and_codec(&balance, bulkhead))
 }
 
 /// The deadline and codec layers, outermost, over `inner`.

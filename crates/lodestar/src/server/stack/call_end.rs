@@ -8,6 +8,7 @@ use http::HeaderMap;
 use tokio::time::Instant;
 use tonic::Code;
 
+use crate::metrics::rpc::Record;
 use crate::server::admission::Slot;
 
 /// A hook called once, when its call ends.
@@ -249,37 +250,53 @@ fn swap_current(call: &mut Call) {
 
 /// A call that has not ended yet: ends it `CANCELLED` when dropped, as the
 /// call is then abandoned (the client reset the stream or went away, or
-/// the connection closed) before its status was sent.
+/// the connection closed) before its status was sent. It also carries the
+/// call's [`Record`] in the server's metrics, ended with the same code.
 #[derive(Debug, Default)]
-pub(crate) struct Unended(Option<Call>);
+pub(crate) struct Unended {
+    call: Option<Call>,
+    record: Record,
+}
 
 impl Unended {
-    /// `call`, until it ends.
-    pub(crate) fn new(call: Option<Call>) -> Self {
-        Self(call)
+    /// `call`, until it ends, counted in `record`.
+    pub(crate) fn new(call: Option<Call>, record: Record) -> Self {
+        Self { call, record }
     }
 
     /// Makes the call current while the guard lives, if it has not ended.
     #[inline]
     pub(crate) fn enter(&mut self) -> Option<Entered<'_>> {
-        self.0.as_mut().map(Call::enter)
+        self.call.as_mut().map(Call::enter)
     }
 
-    /// Takes the call out, to end it, if it has not ended.
-    pub(crate) fn take(&mut self) -> Option<Call> {
-        self.0.take()
+    /// Takes the call out (for the response body to end it).
+    pub(crate) fn take(&mut self) -> Self {
+        std::mem::take(self)
+    }
+
+    /// The code the call ends with when it would end with `code`: a call
+    /// the client abandoned ends `CANCELLED`.
+    fn final_code(&self, code: Code) -> Code {
+        match &self.call {
+            Some(call) if call.abandoned => Code::Cancelled,
+            _ => code,
+        }
     }
 
     /// Ends the call with `status`, if it has not ended.
     pub(crate) fn end_with_status(&mut self, status: &tonic::Status) {
-        if let Some(call) = self.0.take() {
+        self.record.end(self.final_code(status.code()));
+        if let Some(call) = self.call.take() {
             call.end_with_status(status);
         }
     }
 
     /// Ends the call with the status in `headers`, if it has not ended.
     pub(crate) fn end_with_headers(&mut self, headers: &HeaderMap) {
-        if let Some(call) = self.0.take() {
+        let code = crate::status::code_in(headers).unwrap_or(Code::Unknown);
+        self.record.end(self.final_code(code));
+        if let Some(call) = self.call.take() {
             call.end_with_headers(headers);
         }
     }
@@ -287,7 +304,8 @@ impl Unended {
 
 impl Drop for Unended {
     fn drop(&mut self) {
-        if let Some(call) = self.0.take() {
+        // The record, dropped, ends `CANCELLED` too.
+        if let Some(call) = self.call.take() {
             call.end(|| (Code::Cancelled, Message::Text(CANCELLED)));
         }
     }

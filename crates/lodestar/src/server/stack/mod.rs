@@ -102,6 +102,8 @@ pub(crate) struct Settings {
     pub(crate) observers: super::observe::Observers,
     /// The fault injectors, following the policy.
     pub(crate) faults: Arc<fault::Live>,
+    /// The series of the server's methods, if calls are counted.
+    pub(crate) methods: Option<crate::metrics::rpc::MethodTable>,
 }
 
 /// The stack below the per-connection budget, as built at start.
@@ -129,7 +131,9 @@ impl Stack {
         // Outermost first; the budget is added per connection.
         let outer = ServiceBuilder::new()
             .layer(TraceLayer)
-            .layer(StatusLayer)
+            .layer(StatusLayer {
+                methods: settings.methods,
+            })
             .layer(AdmissionLayer {
                 admission: admission.clone(),
             })

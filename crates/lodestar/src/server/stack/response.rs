@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 use tower::BoxError;
 
-use super::call_end::{Call, Unended};
+use super::call_end::Unended;
 use crate::body::{Messages, Passed, Timer, status_trailers};
 use crate::codec::SendScope;
 use crate::deadline::{self, Deadline};
@@ -93,8 +93,8 @@ impl ResponseBody {
     }
 
     /// Reports the end of `call`, which this body now ends.
-    pub(super) fn set_call(&mut self, call: Option<Call>) {
-        self.call = Unended::new(call);
+    pub(super) fn set_call(&mut self, call: Unended) {
+        self.call = call;
     }
 
     /// Ends the call with `status`, in the trailers this returns.

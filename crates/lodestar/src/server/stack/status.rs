@@ -23,16 +23,23 @@ use super::request::RequestBody;
 use super::{GRPC_STATUS, ResponseBody, reject};
 use crate::codec as json;
 use crate::headers::{find_header, has_header};
+use crate::metrics::rpc::{MethodTable, Record};
 
-/// Maps errors to statuses and reports each call's end.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct StatusLayer;
+/// Maps errors to statuses and reports each call's end: to the
+/// [`CallEnd`] hooks, and to the server's metrics (by method, if counted).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StatusLayer {
+    pub(crate) methods: Option<MethodTable>,
+}
 
 impl<S> Layer<S> for StatusLayer {
     type Service = StatusService<S>;
 
     fn layer(&self, inner: S) -> StatusService<S> {
-        StatusService { inner }
+        StatusService {
+            inner,
+            methods: self.methods.clone(),
+        }
     }
 }
 
@@ -40,6 +47,7 @@ impl<S> Layer<S> for StatusLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct StatusService<S> {
     inner: S,
+    methods: Option<MethodTable>,
 }
 
 impl<S> StatusService<S> {
@@ -67,6 +75,10 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let record = match &self.methods {
+            Some(methods) => methods.find(request.uri().path()).start(),
+            None => Record::default(),
+        };
         let json = json::is_json(request.headers());
         // The deadline runs from arrival: read it before any layer can
         // make the call wait (a malformed one is refused below, as before).
@@ -84,7 +96,7 @@ where
         request.extensions_mut().insert(CallEnd::HANDLE);
         StatusFuture {
             inner: self.inner.call(request),
-            call: Unended::new(Some(Call::new())),
+            call: Unended::new(Some(Call::new()), record),
             json,
         }
     }
