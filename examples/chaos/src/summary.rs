@@ -144,6 +144,7 @@ impl Tally {
             },
             elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             decisions: BTreeMap::new(),
+            metrics: BTreeMap::new(),
             policy,
         }
     }
@@ -207,8 +208,30 @@ pub struct Summary {
     /// The client's resilience decisions by kind, those that happened
     /// (see [`Decisions`]).
     pub decisions: BTreeMap<String, u64>,
+    /// The client's governance counters as its `/metrics` would show them
+    /// (`lodestar_client_ejections_total`, `..._breaker_transitions_total`,
+    /// `..._retry_budget_denied_total`, ...), each summed over its labels;
+    /// those that moved.
+    pub metrics: BTreeMap<String, f64>,
     /// The client policy in force, every field written out.
     pub policy: Policy,
+}
+
+/// The counters named `lodestar_client_*_total` in an OpenMetrics `text`,
+/// each summed over its series; those above zero.
+pub fn governance_totals(text: &str) -> BTreeMap<String, f64> {
+    let mut totals = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("lodestar_client_")) {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let Some(value) = value
+            && name.ends_with("_total")
+            && value > 0.0
+        {
+            *totals.entry(name.to_owned()).or_insert(0.0) += value;
+        }
+    }
+    totals
 }
 
 /// p50, p99 and p99.9, in milliseconds; 0 when no call was made.

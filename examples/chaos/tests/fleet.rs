@@ -17,8 +17,36 @@ use tokio_stream::StreamExt;
 /// The bound on every wait.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A child process, killed when dropped.
-struct Proc(Child);
+/// A child process, killed when dropped, and for a `chaos-server`, the
+/// URL of its metrics.
+struct Proc(Child, String);
+
+/// The metrics a `chaos-server` serves, scraped over HTTP/1.1 as
+/// Prometheus does.
+fn scrape(server: &Proc) -> String {
+    use std::io::{Read, Write};
+    let address = server
+        .1
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of `series` (name and labels as exposed) in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -51,7 +79,7 @@ fn server(url: &str, id: &str, extra: &[&str]) -> Proc {
         .spawn()
         .expect("start chaos-server");
     let stdout = child.stdout.take().unwrap();
-    let proc = Proc(child);
+    let mut proc = Proc(child, String::new());
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -65,6 +93,13 @@ fn server(url: &str, id: &str, extra: &[&str]) -> Proc {
         line.starts_with("chaos serving on 127.0.0.1:") && line.ends_with(&format!(" as {id}")),
         "{line}"
     );
+    let line = rx
+        .recv_timeout(TIMEOUT)
+        .unwrap_or_else(|_| panic!("chaos-server {id} did not say where its metrics are"));
+    proc.1 = line
+        .strip_prefix("chaos metrics at ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
     proc
 }
 
@@ -160,6 +195,11 @@ async fn outlier_detection_takes_the_failing_instance_out_and_the_summary_says_s
         "ejected after 3 in a row: {summary}"
     );
     assert_eq!(summary["ok"].as_u64(), Some(200 - failed), "{summary}");
+    // The ejection shows in the client's metrics.
+    assert!(
+        summary["metrics"]["lodestar_client_ejections_total"].as_f64() >= Some(1.0),
+        "{summary}"
+    );
     assert_eq!(per_instance["healthy"].as_u64(), Some(200 - failed));
     let latency = &summary["latency_ms"];
     let (p50, p99, p99_9) = (
@@ -268,6 +308,18 @@ async fn retries_are_held_to_the_budget_and_hedges_cut_the_tail() {
         summary["decisions"]["budget_denied"].as_u64().unwrap() > 0,
         "{summary}"
     );
+    // The client's metrics count the same decisions.
+    let metrics = &summary["metrics"];
+    assert_eq!(
+        metrics["lodestar_client_retries_total"].as_f64(),
+        Some(retries as f64),
+        "{summary}"
+    );
+    assert_eq!(
+        metrics["lodestar_client_retry_budget_denied_total"].as_f64(),
+        summary["decisions"]["budget_denied"].as_f64(),
+        "{summary}"
+    );
     drop(failing);
 
     // One of two instances (of another service) holds every call 300 ms:
@@ -300,6 +352,11 @@ async fn retries_are_held_to_the_budget_and_hedges_cut_the_tail() {
     // sends it about half of them).
     let hedges = summary["decisions"]["hedge"].as_u64().unwrap();
     assert!((10..=40).contains(&hedges), "{summary}");
+    assert_eq!(
+        summary["metrics"]["lodestar_client_hedges_total"].as_f64(),
+        Some(hedges as f64),
+        "{summary}"
+    );
     let p99 = summary["latency_ms"]["p99"].as_f64().unwrap();
     assert!(p99 < 300.0, "{summary}");
     // Both at once are refused.
@@ -332,6 +389,13 @@ async fn a_rate_limit_and_a_concurrency_limit_refuse_the_calls_over_them() {
         40 - ok,
         "{summary}"
     );
+    // The server's metrics count what its rate limit refused, by method.
+    let text = scrape(&_limited);
+    let refused = sample(
+        &text,
+        r#"lodestar_server_rate_limited_total{rpc_method="chaos.Chaos/Unary"}"#,
+    );
+    assert_eq!(refused, Some((40 - ok) as f64), "{text}");
     drop(_limited);
 
     let _one = server(
@@ -360,6 +424,12 @@ async fn a_rate_limit_and_a_concurrency_limit_refuse_the_calls_over_them() {
     .await;
     assert_eq!(summary["ok"], 1, "{summary}");
     assert_eq!(summary["failures"]["RESOURCE_EXHAUSTED"], 3, "{summary}");
+    let text = scrape(&_one);
+    let shed = sample(
+        &text,
+        r#"lodestar_server_shed_total{rpc_method="chaos.Chaos/Unary"}"#,
+    );
+    assert_eq!(shed, Some(3.0), "{text}");
     registry.shutdown().await.unwrap();
 }
 
@@ -476,6 +546,16 @@ async fn faults_open_the_breaker_and_the_summary_counts_the_decisions() {
     assert_eq!(
         summary["decisions"],
         serde_json::json!({"fault_injected": 5, "breaker_opened": 1, "breaker_rejected": 95}),
+        "{summary}"
+    );
+    // So do the client's metrics: the breaker opened once, refused 95.
+    assert_eq!(
+        summary["metrics"],
+        serde_json::json!({
+            "lodestar_client_faults_injected_total": 5.0,
+            "lodestar_client_breaker_transitions_total": 1.0,
+            "lodestar_client_breaker_rejected_total": 95.0,
+        }),
         "{summary}"
     );
     assert_eq!(summary["policy"]["methods"][0]["names"][0], "*");

@@ -650,6 +650,7 @@ mod tests {
         let reporter = Reporter {
             service: ServiceKey::new("svc"),
             observers: Arc::from([Arc::new(Recorder(seen.clone())) as Arc<dyn ObserverDebug>]),
+            counted: None,
         };
         (Breaker::new(&settings, reporter), seen)
     }

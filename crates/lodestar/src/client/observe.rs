@@ -162,10 +162,22 @@ pub enum DecisionKind {
 pub(crate) struct Reporter {
     pub(crate) service: ServiceKey,
     pub(crate) observers: Arc<[Arc<dyn ObserverDebug>]>,
+    /// Where decisions are counted, if the client counts them.
+    pub(crate) counted: Option<crate::metrics::governance::ClientGovernance>,
 }
 
 impl Reporter {
+    /// An endpoint was ejected, for `reason` (see `lodestar_client_ejections`).
+    pub(crate) fn ejected(&self, reason: &'static str) {
+        if let Some(counted) = &self.counted {
+            counted.ejected(&self.service.service, reason);
+        }
+    }
+
     pub(crate) fn report(&self, method: &str, kind: DecisionKind) {
+        if let Some(counted) = &self.counted {
+            counted.decided(&self.service.service, method, &kind);
+        }
         if self.observers.is_empty() {
             return;
         }

@@ -113,6 +113,11 @@ impl Series {
         }
     }
 
+    /// The method's label: `pkg.Service/Method`, or `_OTHER`.
+    pub(crate) fn method(&self) -> &str {
+        &self.method
+    }
+
     /// A call of this method starts now.
     #[inline]
     pub(crate) fn start(self: &Arc<Self>) -> Record {

@@ -121,6 +121,17 @@ impl ServiceBuilder {
             crate::metrics::rpc::MethodTable::server(metrics, methods)
         });
 
+        let observers = match (&self.metrics, &methods) {
+            (Some(metrics), Some(methods)) => {
+                self.observers
+                    .with(crate::metrics::governance::ServerGovernance::new(
+                        metrics,
+                        methods.clone(),
+                    ))
+            }
+            _ => self.observers,
+        };
+
         let mut routes = stack::RouterBuilder::default();
         for add in self.services {
             add(&mut routes, &self.limits);
@@ -144,7 +155,7 @@ impl ServiceBuilder {
                 inspect_compression: self.inspect_compression,
                 descriptors: known,
                 policy: policy.clone(),
-                observers: self.observers,
+                observers,
                 faults: faults.clone(),
                 methods,
             },

@@ -333,6 +333,8 @@ async fn run(args: Args) -> Result<Summary, String> {
     let tally = std::mem::take(&mut *caller.tally.lock().unwrap_or_else(|e| e.into_inner()));
     let mut summary = tally.summary(policy, elapsed);
     summary.decisions = decisions.counts();
+    summary.metrics =
+        chaos::summary::governance_totals(&lodestar::metrics::Metrics::global().encode());
     Ok(summary)
 }
 

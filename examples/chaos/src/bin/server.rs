@@ -193,6 +193,9 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot serve {} on {}: {e}", args.service, args.addr))?;
     println!("chaos serving on {} as {id}", running.local_addr());
+    if let Some(admin) = running.admin_addr() {
+        println!("chaos metrics at http://{admin}/metrics");
+    }
     lodestar::server::shutdown_signal().await;
     running
         .shutdown()

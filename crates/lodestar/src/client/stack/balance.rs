@@ -442,6 +442,10 @@ impl Balance {
                     "back above the panic threshold: ejected instances left out again");
             }
         }
+        if let Some(counted) = &self.guards.reporter.counted {
+            let healthy = usable.len();
+            counted.endpoints(&self.key.service, healthy, endpoints.len() - healthy);
+        }
         if panic {
             usable = endpoints.to_vec();
         }
@@ -547,7 +551,11 @@ impl Balance {
             if due {
                 let endpoints = &selection.endpoints;
                 let failed = endpoints.iter().any(|e| e.stats.outlier.failures_pending());
-                changed |= !self.detector.sweep(endpoints, settings, now).is_empty();
+                let changes = self.detector.sweep(endpoints, settings, now);
+                for _ in &changes.ejected {
+                    self.guards.reporter.ejected("outlier");
+                }
+                changed |= !changes.is_empty();
                 // Another sweep only while there is something to judge or
                 // end: failures in the interval just judged, an ejection,
                 // or a multiplier still to come down. Otherwise no timer
@@ -598,6 +606,7 @@ impl Balance {
             Reason::ConsecutiveFailures,
         );
         if ejected.is_some() {
+            self.guards.reporter.ejected("consecutive_failures");
             self.reselect_soon();
         }
     }
@@ -670,6 +679,7 @@ impl Balance {
         let (duration, _) = endpoint
             .stats
             .eject(config.ejection_base, config.ejection_max);
+        self.guards.reporter.ejected("connect");
         self.reselect_soon();
         tracing::debug!(service = %self.key, address = %endpoint.instance.address, ?duration,
             "instance ejected");

@@ -104,6 +104,10 @@ impl Guards {
             reporter: Reporter {
                 service,
                 observers: config.observers.clone(),
+                counted: config
+                    .metrics
+                    .as_ref()
+                    .map(crate::metrics::governance::ClientGovernance::of),
             },
             bulkhead: Arc::default(),
             breakers: Arc::default(),
