@@ -17,6 +17,7 @@ pub mod broker_conformance;
 pub mod conformance;
 pub mod etcd;
 pub mod nats;
+pub mod prometheus;
 
 /// Generated code for the `lodestar.test` package.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
@@ -521,6 +522,15 @@ pub fn unique_name() -> String {
         std::process::id(),
         CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     )
+}
+
+/// The status of an HTTP/1.1 `GET` of `path` from `address`, or `None` if
+/// nothing answers there (yet).
+pub async fn http_get_status(address: std::net::SocketAddr, path: &str) -> Option<u16> {
+    if tokio::net::TcpStream::connect(address).await.is_err() {
+        return None;
+    }
+    Some(http_get(address, path).await.0)
 }
 
 /// An HTTP/1.1 `GET` of `path` from `address`, as Prometheus or `curl`

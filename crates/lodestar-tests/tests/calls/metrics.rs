@@ -226,3 +226,84 @@ async fn ten_thousand_calls_to_unknown_methods_make_one_series() {
     assert!(!text.contains("Nope"));
     running.abort().await;
 }
+
+/// A real Prometheus (Debian's) scrapes a service and a broker subscriber
+/// over HTTP/1.1, and answers for the calls the test made by method and
+/// code, the failed one included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_a_service_and_a_subscriber() {
+    let world = World::new();
+    let running = bounded(
+        "an instance to start",
+        world
+            .builder("scraped", "a")
+            .metrics(Some(Metrics::new()))
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await
+    .unwrap();
+    let subscriber = bounded(
+        "a subscriber to start",
+        lodestar::Service::builder("subscriber")
+            .metrics(Some(Metrics::new()))
+            .broker(std::sync::Arc::new(lodestar::MemoryBroker::new()))
+            .subscribe(
+                "orders",
+                lodestar::events::SubscribeOptions::broadcast(),
+                lodestar::events::proto_handler(|_: u64, _| async { Ok(()) }),
+            )
+            .start(),
+    )
+    .await
+    .unwrap();
+    let prometheus = lodestar_tests::prometheus::Prometheus::start(&[
+        ("services", vec![running.admin_addr().unwrap()]),
+        ("subscribers", vec![subscriber.admin_addr().unwrap()]),
+    ])
+    .await;
+    prometheus.all_up().await;
+
+    let mut echo = EchoClient::by_name(&world.client(), "scraped");
+    for _ in 0..3 {
+        bounded("unary", echo.unary(EchoRequest::default()))
+            .await
+            .unwrap();
+    }
+    let failed = bounded(
+        "fail",
+        echo.fail(FailRequest {
+            code: Code::NotFound as i32,
+            message: "no such thing".into(),
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(failed.code(), Code::NotFound);
+
+    let query = r#"sum by (rpc_method, rpc_status_code) (rpc_server_call_duration_seconds_count{job="services", rpc_method=~"lodestar.test.Echo/(Unary|Fail)"})"#;
+    let value = |result: &[serde_json::Value], method: &str, code: &str| {
+        result
+            .iter()
+            .find(|r| r["metric"]["rpc_method"] == method && r["metric"]["rpc_status_code"] == code)
+            .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+    };
+    let result = prometheus
+        .query_until(query, |result| {
+            value(result, "lodestar.test.Echo/Unary", "OK") == Some(3.0)
+                && value(result, "lodestar.test.Echo/Fail", "NOT_FOUND") == Some(1.0)
+        })
+        .await;
+    // Fail's OK series exists from the start, at zero.
+    assert_eq!(
+        value(&result, "lodestar.test.Echo/Fail", "OK"),
+        Some(0.0),
+        "{result:?}"
+    );
+    // The subscriber's own target is scraped too.
+    let up = prometheus.query(r#"up{job="subscribers"}"#).await;
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!(up[0]["value"][1], "1", "{up:?}");
+    running.abort().await;
+    subscriber.abort().await;
+}
