@@ -81,7 +81,11 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             .add_service(RouteGuideService::new(name.clone()).into_server())
             .start()
             .await?;
-        println!("  started {name} on {}", running.local_addr());
+        let metrics = running
+            .admin_addr()
+            .map(|admin| format!(", metrics at http://{admin}/metrics"))
+            .unwrap_or_default();
+        println!("  started {name} on {}{metrics}", running.local_addr());
         instances.push((name, running));
     }
     let key = ServiceKey::new(SERVICE_NAME);
@@ -180,6 +184,7 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     for error in tally.errors.iter().chain(&after.errors) {
         println!("  error: {error}");
     }
+    print_metrics();
     println!(
         "\n{total} calls, {total_failed} failed, in {:.1?}",
         started.elapsed()
@@ -189,6 +194,34 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The servers' call counts as `/metrics` served them, by method and code
+/// (the instances are gone; the process's registry keeps their counts).
+fn print_metrics() {
+    const COUNT: &str = "rpc_server_call_duration_seconds_count{";
+    println!("\nMetrics (rpc_server_call_duration_seconds_count, as Prometheus scrapes them)");
+    let text = lodestar::metrics::Metrics::global().encode();
+    for line in text.lines().filter_map(|line| line.strip_prefix(COUNT)) {
+        let Some((labels, count)) = line.rsplit_once("} ") else {
+            continue;
+        };
+        if count == "0" {
+            continue;
+        }
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                .map(|value| value.trim_end_matches('"').to_owned())
+                .unwrap_or_default()
+        };
+        println!(
+            "  {:<44} {:<10} {count:>6}",
+            label("rpc_method"),
+            label("rpc_status_code")
+        );
+    }
 }
 
 type Guide = RouteGuideClient<lodestar::client::Channel>;
