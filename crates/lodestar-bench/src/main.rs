@@ -17,6 +17,7 @@ mod failover;
 mod footprint;
 mod h2load;
 mod harness;
+mod observability;
 mod overload;
 mod pick;
 mod registry;
@@ -163,6 +164,7 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         "balance",
         "resilience",
         "overload",
+        "observability",
     ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
@@ -208,6 +210,9 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     }
     if wanted("resilience") {
         report.cases.extend(resilience::run(&settings).await?);
+    }
+    if wanted("observability") {
+        report.cases.extend(observability::run(&settings).await?);
     }
     if wanted("overload") {
         report.cases.extend(overload::run(&settings).await?);

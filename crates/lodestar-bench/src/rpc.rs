@@ -117,6 +117,9 @@ pub(crate) struct ClientArgs {
     /// ([`resilient_client_policy`]).
     #[arg(long)]
     resilience: bool,
+    /// lodestar side: the client counts no metrics (`ClientBuilder::metrics(None)`).
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 /// Runs a child process of this scenario.
@@ -270,6 +273,20 @@ pub(crate) const RESILIENT_SERVER: LodestarServer = LodestarServer {
     },
 };
 
+/// The first of [`LODESTAR_SERVERS`] counting no metrics and with no admin
+/// endpoint (the `observability` scenario's cost case, against the
+/// default, which counts every call). Its name is what [`Server::parse`]
+/// reads back.
+pub(crate) const METRICS_OFF_SERVER: LodestarServer = LodestarServer {
+    name: "lodestar, metrics off",
+    configure: |builder| {
+        Ok(builder
+            .layer(tower::layer::util::Identity::new())
+            .metrics(None)
+            .admin_addr(None))
+    },
+};
+
 /// The client policy with its resilience layers on at their defaults (the
 /// `resilience` scenario's cost case, `--resilience`): a bulkhead, and on
 /// every method a circuit breaker and configured retries (vouched
@@ -314,7 +331,7 @@ impl Server {
         }
         LODESTAR_SERVERS
             .iter()
-            .chain([&RESILIENT_SERVER])
+            .chain([&RESILIENT_SERVER, &METRICS_OFF_SERVER])
             .find(|s| s.name == name)
             .map(Server::Lodestar)
             .ok_or_else(|| {
@@ -535,7 +552,7 @@ pub(crate) fn tonic_balance_list(addresses: &[String]) -> Result<tonic::transpor
 }
 
 impl Clients {
-    async fn connect(side: Side, target: &str, resilience: bool) -> Result<Clients> {
+    async fn connect(side: Side, target: &str, resilience: bool, metrics: bool) -> Result<Clients> {
         Ok(match side {
             Side::Lodestar => {
                 let registry = lodestar_registry::from_url(target)?;
@@ -544,6 +561,9 @@ impl Clients {
                     lodestar::Client::builder(registry).layer(tower::layer::util::Identity::new());
                 if resilience {
                     builder = builder.policy(resilient_client_policy()?)?;
+                }
+                if !metrics {
+                    builder = builder.metrics(None);
                 }
                 let client = builder.build();
                 Clients::Lodestar(pb::bench_client::BenchClient::by_name(&client, SERVICE))
@@ -602,7 +622,8 @@ async fn make_worker(clients: &Clients, args: &ClientArgs) -> Result<Worker> {
 }
 
 async fn load(args: ClientArgs) -> Result<()> {
-    let clients = Clients::connect(args.side, &args.target, args.resilience).await?;
+    let clients =
+        Clients::connect(args.side, &args.target, args.resilience, !args.no_metrics).await?;
     let warmup = Duration::from_millis(args.warmup_ms);
     let duration = Duration::from_millis(args.duration_ms);
     // One call first, so discovery and connection setup are outside the
