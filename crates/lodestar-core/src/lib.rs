@@ -40,6 +40,7 @@ pub use instance::{
     DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceKey, ServiceKey, parse_host_ports,
 };
 pub use registry::memory::{
-    MemoryRegistry, MemoryRegistryBuilder, RegistryStats, SelfPreservation,
+    MemoryRegistry, MemoryRegistryBuilder, RegistryEvents, RegistryStats, SelfPreservation,
+    ServiceHealth,
 };
 pub use registry::{Registry, RegistryError, Revision, StaticRegistry, WatchEvent, WatchStream};

@@ -260,13 +260,16 @@ impl State {
         if !preserving || gone_before {
             if after(expires, grace) <= now {
                 tracing::info!(service = %timer.service, instance = %timer.id, "lease expired; instance evicted");
-                self.remove(&timer.service, &timer.id);
+                if self.remove(&timer.service, &timer.id) {
+                    self.events.evicted += 1;
+                }
                 return;
             }
             if expires <= now && !lease.expired {
                 lease.expired = true;
                 lease.instance.healthy = false;
                 marked = Some(lease.instance.clone());
+                self.events.expired += 1;
             }
         }
         match lease.next_check(grace) {

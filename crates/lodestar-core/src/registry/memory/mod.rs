@@ -48,6 +48,52 @@ pub struct RegistryStats {
     pub renewing: usize,
     /// Whether self-preservation has frozen expiry.
     pub self_preservation: bool,
+    /// The share of the heartbeats expected from ephemeral instances that
+    /// the instances keeping up bring (each instance weighs as its
+    /// heartbeat rate): what self-preservation compares with its
+    /// threshold. 1 with no ephemeral instances.
+    pub keeping_up: f64,
+    /// Open watches.
+    pub watchers: usize,
+    /// Heartbeats that renewed a lease, since the registry was built.
+    pub heartbeats: u64,
+    /// What happened to instances, since the registry was built.
+    pub events: RegistryEvents,
+}
+
+/// How many times each thing happened to instances since a registry was
+/// built (see [`RegistryStats::events`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RegistryEvents {
+    /// An instance the registry did not hold was registered.
+    pub registered: u64,
+    /// A registered instance changed: registered again with other
+    /// details, its health set by a checker, or taken out of traffic or
+    /// put back.
+    pub updated: u64,
+    /// An instance was deregistered.
+    pub deregistered: u64,
+    /// A lease ran out: the instance was marked unhealthy.
+    pub expired: u64,
+    /// A lease that had run out was renewed within the eviction grace:
+    /// the instance is healthy again.
+    pub recovered: u64,
+    /// An instance whose lease ran out was evicted after the grace.
+    pub evicted: u64,
+}
+
+/// The instances of one service and how many of them are healthy (see
+/// [`MemoryRegistry::health_of_all`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceHealth {
+    /// The service.
+    pub service: ServiceKey,
+    /// Its instances.
+    pub instances: usize,
+    /// Those really healthy (whatever the protection threshold makes
+    /// lookups say).
+    pub healthy: usize,
 }
 
 /// What [`MemoryRegistry::lookup_with_revision`] found.
@@ -145,6 +191,9 @@ impl MemoryRegistryBuilder {
                     timers: BinaryHeap::new(),
                     frozen: Vec::new(),
                     next_wake: None,
+                    watchers: 0,
+                    heartbeats: 0,
+                    events: RegistryEvents::default(),
                 }),
                 wake: Arc::new(Notify::new()),
                 limits: self.limits,
@@ -249,6 +298,12 @@ struct State {
     /// When the sweeper will next look at the timers of its own accord
     /// (`None`: only when woken). A timer due earlier wakes it.
     next_wake: Option<Instant>,
+    /// Open watches.
+    watchers: usize,
+    /// Heartbeats that renewed a lease.
+    heartbeats: u64,
+    /// What happened to instances.
+    events: RegistryEvents,
 }
 
 struct ServiceEntry {
@@ -493,7 +548,29 @@ impl MemoryRegistry {
             ephemeral: state.ephemeral,
             renewing: state.renewals.count,
             self_preservation: state.preserving,
+            keeping_up: state.renewals.keeping_up(),
+            watchers: state.watchers,
+            heartbeats: state.heartbeats,
+            events: state.events,
         }
+    }
+
+    /// Every service with instances, and how many of them are really
+    /// healthy (whatever the protection threshold makes lookups say), in
+    /// no order: what metrics show. A walk over every instance, under the
+    /// registry's lock.
+    pub fn health_of_all(&self) -> Vec<ServiceHealth> {
+        let state = self.shared.lock();
+        state
+            .services
+            .iter()
+            .filter(|(_, s)| !s.instances.is_empty())
+            .map(|(service, s)| ServiceHealth {
+                service: ServiceKey::clone(service),
+                instances: s.instances.len(),
+                healthy: s.instances.values().filter(|l| l.instance.healthy).count(),
+            })
+            .collect()
     }
 
     fn update(
@@ -520,6 +597,7 @@ impl MemoryRegistry {
         change(&mut lease.instance);
         if (lease.instance.healthy, lease.instance.enabled) != before {
             let instance = lease.instance.clone();
+            state.events.updated += 1;
             state.record(service, Changed::Put(id, instance));
         }
         Ok(())
@@ -668,10 +746,14 @@ impl State {
         }
         let first = entry.instances.len() == 1;
         match &previous {
-            Some(previous) => self.forget(previous),
+            Some(previous) => {
+                self.forget(previous);
+                self.events.updated += u64::from(changed);
+            }
             None => {
                 self.instances += 1;
                 self.populated += usize::from(first);
+                self.events.registered += 1;
             }
         }
         if let Some(ttl) = ttl {
@@ -760,10 +842,13 @@ impl Registry for MemoryRegistry {
             && !state.preserving
         {
             // Past eviction, and the sweeper has not got to it yet.
-            state.remove(&key.service, &key.id);
+            if state.remove(&key.service, &key.id) {
+                state.events.evicted += 1;
+            }
             return Err(RegistryError::LeaseExpired(key.clone()));
         }
         lease.renewed = now;
+        state.heartbeats += 1;
         // A lease that was keeping up has a timer due no later than its
         // new one would be; the sweeper queues it again when it comes due.
         let mut requeue = None;
@@ -794,6 +879,7 @@ impl Registry for MemoryRegistry {
         };
         let wake = requeue.is_some_and(|at| state.schedule(at, &service, &id));
         if let Some(instance) = healed {
+            state.events.recovered += 1;
             state.record(service, Changed::Put(id, instance));
         }
         drop(guard);
@@ -804,7 +890,10 @@ impl Registry for MemoryRegistry {
     }
 
     async fn deregister(&self, key: &InstanceKey) -> Result<(), RegistryError> {
-        self.shared.lock().remove(&key.service, &key.id);
+        let mut state = self.shared.lock();
+        if state.remove(&key.service, &key.id) {
+            state.events.deregistered += 1;
+        }
         Ok(())
     }
 
@@ -945,6 +1034,65 @@ mod tests {
             .await
             .unwrap();
         assert!(r.instances(&key).await.unwrap()[0].enabled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_count_every_kind_of_event_the_heartbeats_and_the_open_watches() {
+        let r = MemoryRegistry::builder()
+            .eviction_grace(Duration::from_secs(2))
+            .build();
+        let ttl = Duration::from_secs(3);
+        r.register(inst("a"), ttl).await.unwrap();
+        r.register(inst("bb"), ttl).await.unwrap();
+        r.register(inst("a"), ttl).await.unwrap(); // unchanged: a renewal
+        r.register(inst("a").with_version("2"), ttl).await.unwrap();
+        r.set_enabled(&inst("a").instance_key(), false).unwrap();
+        r.heartbeat(&inst("a").instance_key()).await.unwrap();
+        let watch = r.watch(&ServiceKey::new("svc"), None).await.unwrap();
+        let other = r.watch(&ServiceKey::new("other"), None).await.unwrap();
+        assert_eq!(r.stats().watchers, 2);
+        drop(other);
+        assert_eq!(r.stats().watchers, 1);
+        let health = r.health_of_all();
+        assert_eq!(
+            health,
+            vec![ServiceHealth {
+                service: ServiceKey::new("svc"),
+                instances: 2,
+                healthy: 2
+            }]
+        );
+
+        // bb falls silent: expired (unhealthy), then evicted after the grace;
+        // a renews through it, once after its lease ran out (recovered).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        r.heartbeat(&inst("a").instance_key()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(r.health_of_all()[0].healthy, 1);
+        assert_eq!(r.stats().events.expired, 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        r.heartbeat(&inst("a").instance_key()).await.unwrap();
+        assert_eq!(r.health_of_all()[0].instances, 1);
+        r.deregister(&inst("a").instance_key()).await.unwrap();
+        r.deregister(&inst("a").instance_key()).await.unwrap(); // gone: nothing
+        let stats = r.stats();
+        let events = stats.events;
+        assert_eq!(
+            (
+                events.registered,
+                events.updated,
+                events.deregistered,
+                events.expired,
+                events.evicted
+            ),
+            (2, 2, 1, 2, 1),
+            "{stats:?}"
+        );
+        assert_eq!(events.recovered, 1, "{stats:?}");
+        assert_eq!(stats.heartbeats, 3);
+        assert!(r.health_of_all().is_empty());
+        drop(watch);
+        assert_eq!(r.stats().watchers, 0);
     }
 
     #[tokio::test]

@@ -104,7 +104,9 @@ impl Drop for Watcher {
         // The last watcher of a service with no instances takes its entry along.
         drop(self.rx.take());
         if let Some(shared) = self.registry.upgrade() {
-            shared.lock().drop_if_unused(&self.service);
+            let mut state = shared.lock();
+            state.watchers = state.watchers.saturating_sub(1);
+            state.drop_if_unused(&self.service);
         }
     }
 }
@@ -168,6 +170,7 @@ impl MemoryRegistry {
             .events
             .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
             .subscribe();
+        state.watchers += 1;
         drop(state);
 
         let watcher = Watcher {
