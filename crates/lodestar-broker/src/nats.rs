@@ -92,6 +92,8 @@ pub struct NatsBroker {
     servers: String,
     /// Which topics a JetStream stream holds.
     streams: Arc<StreamCache>,
+    /// Where dead letters are counted.
+    metrics: lodestar::metrics::BrokerMetrics,
 }
 
 impl std::fmt::Debug for NatsBroker {
@@ -151,7 +153,16 @@ impl NatsBroker {
             client,
             servers: shown,
             streams: Arc::default(),
+            metrics: lodestar::metrics::BrokerMetrics::of(lodestar::metrics::Metrics::global()),
         })
+    }
+
+    /// Counts the messages it dead-letters
+    /// (`lodestar_broker_dead_lettered_total{topic}`) in `metrics` rather
+    /// than the process's registry.
+    pub fn with_metrics(mut self, metrics: &lodestar::metrics::Metrics) -> Self {
+        self.metrics = lodestar::metrics::BrokerMetrics::of(metrics);
+        self
     }
 
     /// The underlying `async-nats` client.
@@ -347,6 +358,7 @@ impl NatsBroker {
         let pump = DurablePump {
             broker: self.clone(),
             settle: Arc::new(Settle {
+                counted: self.metrics.topic(topic),
                 topic: topic.to_owned(),
                 durable: durable.name.clone(),
                 max_deliver: durable.max_deliver,
@@ -761,6 +773,8 @@ impl DurablePump {
 /// What the ackers of one durable subscription's deliveries share.
 struct Settle {
     topic: String,
+    /// The topic's counters (dead letters).
+    counted: lodestar::metrics::TopicMetrics,
     /// The durable's name.
     durable: String,
     max_deliver: u32,
@@ -814,7 +828,9 @@ impl JetStreamAck {
         self.message
             .ack_with(AckKind::Term)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        settle.counted.dead_lettered().inc();
+        Ok(())
     }
 }
 

@@ -355,6 +355,7 @@ mod service {
     use super::*;
     use lodestar::Service;
     use lodestar::events::{self, EventPublisher};
+    use lodestar::metrics::{BrokerMetrics, Metrics};
     use tokio::sync::{mpsc, oneshot};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,6 +622,115 @@ mod service {
         );
         assert!(tried.contains(&"fine".to_owned()), "{tried:?}");
         running.shutdown().await.unwrap();
+        // Shut down, every delivery it took is settled and counted; the
+        // subscription on the dead-letter topic is the test's own.
+        assert_eq!(
+            counts("svc.jobs"),
+            Counts {
+                published: 2,
+                delivered: 3,
+                acked: 1,
+                nacked: 2,
+                redelivered: 1,
+                dead_lettered: 1,
+            }
+        );
+        assert_eq!(counts("dead.svc.jobs"), Counts::default());
+    }
+
+    /// The broker counters of `topic` in the process's registry, where a
+    /// service's subscribers and publishers count by default.
+    fn counts(topic: &str) -> Counts {
+        let topic = BrokerMetrics::of(Metrics::global()).topic(topic);
+        Counts {
+            published: topic.published().get(),
+            delivered: topic.delivered().get(),
+            acked: topic.acked().get(),
+            nacked: topic.nacked().get(),
+            redelivered: topic.redelivered().get(),
+            dead_lettered: topic.dead_lettered().get(),
+        }
+    }
+
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Counts {
+        published: u64,
+        delivered: u64,
+        acked: u64,
+        nacked: u64,
+        redelivered: u64,
+        dead_lettered: u64,
+    }
+
+    /// A service subscribed to `topic` through `subscriber`, whose handler
+    /// fails on 13, is sent 1, 13 and 2 through `publisher`; once it is
+    /// shut down, its counters say what happened, once each, and the
+    /// scrape shows them by topic.
+    async fn counted_once_each(
+        publisher: Arc<dyn Broker>,
+        subscriber: Arc<dyn Broker>,
+        topic: &str,
+    ) {
+        let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<u64>();
+        let running = Service::builder("counted")
+            .broker(subscriber)
+            .subscribe(
+                topic,
+                SubscribeOptions::queue("counted"),
+                events::proto_handler(move |n: u64, _message: Message| {
+                    let seen = seen_tx.clone();
+                    async move {
+                        let _ = seen.send(n);
+                        if n == 13 {
+                            return Err("unlucky".into());
+                        }
+                        Ok(())
+                    }
+                }),
+            )
+            .start()
+            .await
+            .unwrap();
+        let publisher = EventPublisher::from_arc(publisher);
+        for n in [1u64, 13, 2] {
+            publisher.publish(topic, &n).await.unwrap();
+        }
+        for n in [1u64, 13, 2] {
+            assert_eq!(bounded("a handled event", seen_rx.recv()).await, Some(n));
+        }
+        running.shutdown().await.unwrap();
+        assert_eq!(
+            counts(topic),
+            Counts {
+                published: 3,
+                delivered: 3,
+                acked: 2,
+                nacked: 1,
+                ..Counts::default()
+            }
+        );
+        let scraped = Metrics::global().encode();
+        for line in [
+            format!("lodestar_broker_published_total{{topic=\"{topic}\"}} 3"),
+            format!("lodestar_broker_nacked_total{{topic=\"{topic}\"}} 1"),
+        ] {
+            assert!(scraped.contains(&line), "{line} not in\n{scraped}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_memory_broker_counts_published_delivered_acked_and_nacked_once_each() {
+        let broker: Arc<dyn Broker> = Arc::new(lodestar::MemoryBroker::new());
+        counted_once_each(broker.clone(), broker, "counted.memory").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_http_broker_counts_published_delivered_acked_and_nacked_once_each() {
+        let registry: Arc<dyn lodestar::Registry> = Arc::new(lodestar::MemoryRegistry::new());
+        let publisher: Arc<dyn Broker> =
+            Arc::new(lodestar_broker::HttpBroker::new(registry.clone()));
+        let subscriber: Arc<dyn Broker> = Arc::new(lodestar_broker::HttpBroker::new(registry));
+        counted_once_each(publisher, subscriber, "counted.http").await;
     }
 }
 

@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::metrics::{BrokerMetrics, Metrics};
 use crate::trace::TraceContext;
 pub use lodestar_core::broker::{
     Broker, BrokerError, Delivery, Durable, Message, SubscribeOptions, Subscription, header,
@@ -77,23 +78,35 @@ pub fn decode<T: prost::Message + Default>(message: &Message) -> Result<T, Broke
     })
 }
 
-/// Publishes with lodestar's headers set. Cheap to clone.
+/// Publishes with lodestar's headers set, and counts what it published
+/// (`lodestar_broker_published_total{topic}`, in [`Metrics::global`]
+/// unless [`with_metrics`](Self::with_metrics) says otherwise). Cheap to
+/// clone.
 #[derive(Debug, Clone)]
 pub struct EventPublisher {
     broker: Arc<dyn Broker>,
+    metrics: BrokerMetrics,
 }
 
 impl EventPublisher {
     /// A publisher over `broker`.
     pub fn new(broker: impl Broker) -> Self {
-        Self {
-            broker: Arc::new(broker),
-        }
+        Self::from_arc(Arc::new(broker))
     }
 
     /// A publisher over a shared broker.
     pub fn from_arc(broker: Arc<dyn Broker>) -> Self {
-        Self { broker }
+        Self {
+            broker,
+            metrics: BrokerMetrics::of(Metrics::global()),
+        }
+    }
+
+    /// Counts what it publishes in `metrics` rather than the process's
+    /// registry.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.metrics = BrokerMetrics::of(metrics);
+        self
     }
 
     /// The broker underneath.
@@ -120,7 +133,9 @@ impl EventPublisher {
     ) -> Result<(), BrokerError> {
         self.broker
             .publish(stamp(Message::new(topic, body), content_type))
-            .await
+            .await?;
+        self.metrics.topic(topic).published().inc();
+        Ok(())
     }
 }
 
@@ -214,13 +229,17 @@ pub const NACK_DELAY: std::time::Duration = std::time::Duration::from_millis(500
 /// Runs one subscription: each delivery is handled in turn (so a
 /// publisher's order is kept), acked when the handler succeeds and nacked
 /// when it fails. Stops taking deliveries when `stop` turns true, finishes
-/// the one in hand, then unsubscribes.
+/// the one in hand, then unsubscribes. Counts each delivery, redelivery,
+/// ack and nack under the subscription's topic in `metrics` (with none,
+/// the service's metrics are off: in a registry nobody serves).
 pub(crate) async fn run_subscriber(
     mut subscription: Subscription,
     handler: Handler,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    metrics: Option<Metrics>,
 ) {
     let topic = subscription.topic().to_owned();
+    let counted = BrokerMetrics::of(&metrics.unwrap_or_default()).topic(&topic);
     loop {
         let delivery = tokio::select! {
             biased;
@@ -233,6 +252,10 @@ pub(crate) async fn run_subscriber(
             tracing::warn!(%topic, "the subscription ended");
             return;
         };
+        counted.delivered().inc();
+        if delivery.attempt > 1 {
+            counted.redelivered().inc();
+        }
         let context = delivery.message.header(header::TRACEPARENT).and_then(|t| {
             TraceContext::parse(t, delivery.message.header(crate::trace::TRACESTATE))
         });
@@ -247,8 +270,12 @@ pub(crate) async fn run_subscriber(
         }
         .unwrap_or_else(|_| Err("the handler panicked".into()));
         let settled = match result {
-            Ok(()) => delivery.ack().await,
+            Ok(()) => {
+                counted.acked().inc();
+                delivery.ack().await
+            }
             Err(e) => {
+                counted.nacked().inc();
                 tracing::warn!(%topic, id = delivery.message.id(), attempt = delivery.attempt, error = %e,
                     "the handler failed; the message is nacked");
                 delivery.nack(NACK_DELAY).await

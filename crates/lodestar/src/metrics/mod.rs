@@ -47,9 +47,11 @@
 //! assert!(metrics.encode().contains("myapp_jobs_total 1"));
 //! ```
 
+mod broker;
 pub(crate) mod governance;
 mod histogram;
 pub(crate) mod rpc;
+mod sources;
 
 use std::any::{Any, TypeId};
 use std::fmt;
@@ -59,7 +61,9 @@ use lodestar_core::sync::MutexExt;
 pub use prometheus_client;
 use prometheus_client::registry::Registry;
 
+pub use broker::{BrokerMetrics, MAX_TOPICS, OTHER_TOPIC, TopicMetrics};
 pub use histogram::DurationHistogram;
+pub use sources::Sources;
 
 /// The content type of [`Metrics::encode`]'s text: OpenMetrics 1.0.0.
 /// Prometheus reads the text in this format only when the response says

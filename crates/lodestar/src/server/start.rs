@@ -240,6 +240,7 @@ impl ServiceBuilder {
                     subscription,
                     subscriber.handler,
                     subscribers_stopped.clone(),
+                    self.metrics.clone(),
                 )));
             }
         }
