@@ -275,10 +275,8 @@ impl Primed {
     }
 
     /// Sends the last byte; the status code and body of the answer.
-    fn complete(mut self) -> (u16, String) {
-        self.stream.write_all(&[self.last]).unwrap();
-        let mut response = String::new();
-        self.stream.read_to_string(&mut response).unwrap();
+    fn complete(self) -> (u16, String) {
+        let response = self.complete_whole();
         let code = response[9..12].parse().unwrap();
         let body = response
             .split_once("\r\n\r\n")
@@ -286,6 +284,30 @@ impl Primed {
             .unwrap_or_default();
         (code, body)
     }
+
+    /// Sends the last byte; the whole answer, status line and headers too.
+    fn complete_whole(mut self) -> String {
+        self.stream.write_all(&[self.last]).unwrap();
+        let mut response = String::new();
+        self.stream.read_to_string(&mut response).unwrap();
+        response
+    }
+}
+
+/// The value of the sample `series` (name and labels, as the scrape
+/// writes them) in OpenMetrics `text`, if there is one.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.parse().unwrap())
+}
+
+/// The next event of a watch, bounded.
+async fn next_event(watch: &mut lodestar::WatchStream) -> WatchEvent {
+    bounded("a watch event", watch.next())
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 fn status(http_addr: SocketAddr) -> serde_json::Value {
@@ -1875,4 +1897,184 @@ mod auth {
         assert!(log.contains("open-file limit"), "{log}");
         drop(held);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_instances_by_health_watchers_events_and_http_durations_as_the_cli_sees_them()
+{
+    let registry = registry("127.0.0.1:0", &[]);
+    let register = |id: &str, ttl_ms: u64| {
+        let body = format!(
+            r#"{{"service": "shop", "id": "{id}", "address": "127.0.0.1:9", "ttl_ms": {ttl_ms}}}"#
+        );
+        let (code, answer) = http(registry.http, "POST", "/v1/instances", Some(&body), None);
+        assert_eq!(code, 201, "{answer}");
+    };
+    let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
+    let shop = ServiceKey::new("shop");
+    let mut watch = bounded("a watch", remote.watch(&shop, None)).await.unwrap();
+    assert!(matches!(
+        next_event(&mut watch).await,
+        WatchEvent::Snapshot { .. }
+    ));
+    register("stays", 60_000);
+    register("goes", 600);
+    for _ in 0..2 {
+        assert!(matches!(
+            next_event(&mut watch).await,
+            WatchEvent::Put { .. }
+        ));
+    }
+    let (code, _) = http(
+        registry.http,
+        "PUT",
+        "/v1/services/shop/instances/stays/heartbeat",
+        None,
+        None,
+    );
+    assert_eq!(code, 204);
+    let (code, _) = http(registry.http, "GET", "/no/such/api/7", None, None);
+    assert_eq!(code, 404);
+    // "goes" misses its heartbeats: marked unhealthy (the watch says so).
+    match next_event(&mut watch).await {
+        WatchEvent::Put { instance, .. } => assert!(instance.id == "goes" && !instance.healthy),
+        other => panic!("expected goes to turn unhealthy, got {other:?}"),
+    }
+
+    let scrape = || {
+        let response = Primed::send(registry.http, "GET", "/metrics", None, None).complete_whole();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains(&format!(
+                "content-type: {}",
+                lodestar::metrics::CONTENT_TYPE
+            )),
+            "{head}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        body.to_owned()
+    };
+    let text = scrape();
+    let instances = |status: &str| {
+        sample(
+            &text,
+            &format!(
+                r#"lodestar_registry_instances{{namespace="default",group="default",service="shop",status="{status}"}}"#
+            ),
+        )
+    };
+    assert_eq!(
+        (instances("healthy"), instances("unhealthy")),
+        (Some(1.0), Some(1.0)),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "lodestar_registry_watchers"),
+        Some(1.0),
+        "{text}"
+    );
+    let event = |text: &str, kind: &str| {
+        sample(
+            text,
+            &format!(r#"lodestar_registry_events_total{{type="{kind}"}}"#),
+        )
+    };
+    assert_eq!(event(&text, "registered"), Some(2.0), "{text}");
+    assert_eq!(event(&text, "expired"), Some(1.0), "{text}");
+    assert_eq!(event(&text, "evicted"), Some(0.0), "{text}");
+    assert_eq!(
+        sample(&text, "lodestar_registry_heartbeats_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "lodestar_registry_self_preservation"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "lodestar_registry_self_preservation_threshold_ratio"),
+        Some(0.5),
+        "{text}"
+    );
+    // Durations by route template, never by the ids in the path; every
+    // path no route matches is one series.
+    let requests = |method: &str, route: &str, code: u16| {
+        sample(
+            &text,
+            &format!(
+                r#"http_server_request_duration_seconds_count{{http_request_method="{method}",http_route="{route}",http_response_status_code="{code}"}}"#
+            ),
+        )
+    };
+    assert_eq!(requests("POST", "/v1/instances", 201), Some(2.0), "{text}");
+    assert_eq!(
+        requests(
+            "PUT",
+            "/v1/services/{service}/instances/{id}/heartbeat",
+            204
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(requests("GET", "_OTHER", 404), Some(1.0), "{text}");
+    assert!(!text.contains("stays/heartbeat"), "{text}");
+
+    // The CLI sees what the gauge says.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
+    command.args([
+        "services",
+        "--registry",
+        &registry.url(),
+        "--output",
+        "json",
+    ]);
+    let output = lodestar_tests::run_bounded(command, TIMEOUT);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(listed["services"][0]["service"], "shop");
+    assert_eq!(listed["services"][0]["instances"], 2);
+    assert_eq!(listed["services"][0]["healthy"], 1);
+
+    // Evicted after the grace (the watch says so); the watch closed, no watchers.
+    match next_event(&mut watch).await {
+        WatchEvent::Delete { id, .. } => assert_eq!(id, "goes"),
+        other => panic!("expected goes to be evicted, got {other:?}"),
+    }
+    drop(watch);
+    let deadline = Instant::now() + TIMEOUT;
+    let text = loop {
+        // The server learns that the watch closed when the stream's reset
+        // reaches it.
+        let text = scrape();
+        if sample(&text, "lodestar_registry_watchers") == Some(0.0) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        sample(&text, "lodestar_registry_watchers"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(event(&text, "evicted"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"lodestar_registry_instances{namespace="default",group="default",service="shop",status="unhealthy"}"#
+        ),
+        Some(0.0),
+        "{text}"
+    );
+
+    // Liveness and readiness, open to all.
+    assert_eq!(http(registry.http, "GET", "/healthz", None, None).0, 200);
+    let (code, ready) = http(registry.http, "GET", "/readyz", None, None);
+    assert_eq!(code, 200, "{ready}");
+    assert!(ready.contains(r#""ready":true"#), "{ready}");
 }

@@ -27,13 +27,16 @@ impl Apis {
         let config = Config {
             tokens,
             warmup: Duration::ZERO,
+            metrics: lodestar::metrics::Metrics::new(),
             ..Config::default()
         };
         let closing = tokio::sync::watch::Sender::new(false);
         let server = Arc::new(Server::new(&config, closing.subscribe())?);
         let service = pb::registry_server::RegistryServer::new(grpc::Api::new(server.clone()));
+        let metrics = crate::metrics::ServerMetrics::of(&config.metrics);
+        metrics.add(&server);
         Ok(Self {
-            http: http::router(server, config.max_body, config.request_timeout),
+            http: http::router(server, config.max_body, config.request_timeout, metrics),
             grpc: axum::Router::new().fallback_service(service),
             _closing: closing,
         })

@@ -10,6 +10,9 @@
 //! | `DELETE /v1/services/{service}/instances/{id}?namespace=&group=` | deregister |
 //! | `PUT /v1/services/{service}/instances/{id}/enabled?namespace=&group=` | `{"enabled": false}` takes it out of traffic |
 //! | `PUT /v1/services/{service}/protection?namespace=&group=` | `{"threshold": 0.5}` |
+//! | `GET /metrics` | the server's metrics, OpenMetrics text (read access to every namespace) |
+//! | `GET /healthz` | 200 while the process serves (liveness) |
+//! | `GET /readyz` | 200 while it serves requests, 503 once shutdown began |
 //!
 //! Requests carry `Authorization: Bearer <token>` when the server has
 //! tokens (see [`crate::auth`]): 401 without a token where one is needed
@@ -47,7 +50,12 @@ use crate::store::Check;
 type Shared = State<Arc<Server>>;
 
 /// The API's routes, behind [`guard`].
-pub(crate) fn router(server: Arc<Server>, max_body: usize, request_timeout: Duration) -> Router {
+pub(crate) fn router(
+    server: Arc<Server>,
+    max_body: usize,
+    request_timeout: Duration,
+    metrics: crate::metrics::ServerMetrics,
+) -> Router {
     let guard_state = Guard {
         server: server.clone(),
         max_body,
@@ -68,6 +76,9 @@ pub(crate) fn router(server: Arc<Server>, max_body: usize, request_timeout: Dura
             put(enabled),
         )
         .route("/v1/services/{service}/protection", put(protection))
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -85,6 +96,10 @@ pub(crate) fn router(server: Arc<Server>, max_body: usize, request_timeout: Dura
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(guard_state),
             guard,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::record,
         ))
 }
 
@@ -252,6 +267,39 @@ async fn status(State(server): Shared) -> Json<Value> {
         "warming": s.warming,
         "uptime_ms": s.uptime_ms,
     }))
+}
+
+/// The metrics, for Prometheus. Service names show in them, so reading
+/// them takes read access to every namespace (anonymous callers have it
+/// with the default `open_reads`; a scraper may send a token).
+async fn scrape(State(server): Shared, Extension(caller): Extension<Caller>) -> Response {
+    if let Err(denied) = authorize(&caller, Access::Read, Some(crate::ALL_NAMESPACES)) {
+        return denied;
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            lodestar::metrics::CONTENT_TYPE,
+        )],
+        server.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: serving, and not shutting down.
+async fn readyz(State(server): Shared) -> Response {
+    let closing = *server.closing.borrow();
+    let body = Json(json!({ "ready": !closing, "warming": server.warming() }));
+    if closing {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    } else {
+        body.into_response()
+    }
 }
 
 async fn services(

@@ -19,7 +19,12 @@
 //!   gRPC health).
 //! * **Self-preservation**: when most instances stop renewing at once,
 //!   expiry freezes (see [`lodestar::registry::memory::SelfPreservation`]);
-//!   it shows in logs, in the status API and in the `/v1/status` page.
+//!   it shows in logs, in the status API, in the `/v1/status` page and
+//!   in `GET /metrics`.
+//! * **Metrics**: the HTTP API serves `GET /metrics` (OpenMetrics text,
+//!   [`Config::metrics`]; reading it takes read access to every
+//!   namespace, as service names show in it), `GET /healthz` (alive) and
+//!   `GET /readyz` (serving, not shutting down); see `docs/observability.md`.
 //! * **Protection threshold** per service: below it, lookups return every
 //!   instance as healthy instead of funnelling all traffic onto a few.
 //! * **Watch** streams ordered events with revisions; a watcher that
@@ -68,6 +73,7 @@ mod conn;
 pub mod fuzzing;
 mod grpc;
 mod http;
+mod metrics;
 mod registration;
 mod store;
 
@@ -145,6 +151,9 @@ pub struct Config {
     /// An operator whose registry takes registrations from untrusted
     /// clients sets this to the networks its services live in.
     pub check_networks: Vec<Network>,
+    /// Where the server counts what it does (served on `GET /metrics` of
+    /// the HTTP API). Default: [`Metrics::global`](lodestar::metrics::Metrics::global).
+    pub metrics: lodestar::metrics::Metrics,
 }
 
 impl Default for Config {
@@ -168,6 +177,7 @@ impl Default for Config {
             limits: Limits::default(),
             history_bytes: 16 * 1024 * 1024,
             check_networks: Vec::new(),
+            metrics: lodestar::metrics::Metrics::global().clone(),
         }
     }
 }
@@ -207,6 +217,10 @@ pub(crate) struct Server {
     /// Set when shutdown begins: long-lived streams (keep-alive) end then,
     /// rather than hold the drain up until its grace period runs out.
     pub(crate) closing: tokio::sync::watch::Receiver<bool>,
+    /// Self-preservation's settings, if it is on.
+    pub(crate) self_preservation: Option<SelfPreservation>,
+    /// Where it counts, and what `GET /metrics` serves.
+    pub(crate) metrics: lodestar::metrics::Metrics,
 }
 
 impl Server {
@@ -242,6 +256,8 @@ impl Server {
             check_interval: config.check_interval,
             check_networks: config.check_networks.clone(),
             closing,
+            self_preservation: config.self_preservation,
+            metrics: config.metrics.clone(),
         })
     }
 
@@ -404,6 +420,8 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
     conn::raise_open_file_limit();
     let closing = tokio::sync::watch::Sender::new(false);
     let server = Arc::new(Server::new(&config, closing.subscribe()).map_err(Error::Store)?);
+    let metrics = metrics::ServerMetrics::of(&config.metrics);
+    metrics.add(&server);
 
     let mut grpc = Service::builder(lodestar_registry::SERVICE_NAME)
         .bind(config.addr)
@@ -442,7 +460,12 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
                     .as_ref()
                     .map(lodestar::tls::ServerTls::http1_acceptor),
             };
-            let app = http::router(server.clone(), config.max_body, config.request_timeout);
+            let app = http::router(
+                server.clone(),
+                config.max_body,
+                config.request_timeout,
+                metrics,
+            );
             tasks.push(tokio::spawn(conn::serve_http1(listener, app, limits)));
             Some(bound)
         }
