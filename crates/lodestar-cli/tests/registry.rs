@@ -2078,3 +2078,52 @@ async fn metrics_show_instances_by_health_watchers_events_and_http_durations_as_
     assert_eq!(code, 200, "{ready}");
     assert!(ready.contains(r#""ready":true"#), "{ready}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_cache_ages_while_the_registry_is_down_and_its_watch_reconnects_are_counted() {
+    let first = registry("127.0.0.1:0", &[]);
+    let grpc = first.grpc;
+    let metrics = lodestar::metrics::Metrics::new();
+    let remote = RemoteRegistry::new(&[grpc.to_string()]).with_metrics(&metrics);
+    let shop = ServiceKey::new("shop");
+    let mut follow = lodestar_core::registry::Follow::new(std::sync::Arc::new(remote), shop);
+    bounded("the first snapshot", follow.next()).await.unwrap();
+    let age_series = r#"lodestar_registry_client_cache_age_seconds{namespace="default",group="default",service="shop"}"#;
+    let reconnects = "lodestar_registry_client_watch_reconnects_total";
+    let text = metrics.encode();
+    assert_eq!(sample(&text, age_series), Some(0.0), "{text}");
+    assert_eq!(sample(&text, reconnects), Some(0.0), "{text}");
+
+    // The registry goes away: the watch breaks, and the cache ages.
+    first.proc.kill();
+    assert!(bounded("the watch to break", follow.next()).await.is_err());
+    let before = sample(&metrics.encode(), age_series).unwrap();
+    // Time has to pass for an age to grow.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = metrics.encode();
+    let after = sample(&text, age_series).unwrap();
+    assert!(after >= before + 0.25, "{before} then {after}: {text}");
+    assert_eq!(sample(&text, reconnects), Some(0.0), "{text}");
+
+    // It comes back on the same address: the watch reconnects (counted
+    // once), and the cache is current again.
+    let second = registry(&grpc.to_string(), &[]);
+    let body = r#"{"service": "shop", "id": "a", "address": "127.0.0.1:9", "ttl_ms": 60000}"#;
+    assert_eq!(
+        http(second.http, "POST", "/v1/instances", Some(body), None).0,
+        201
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        // Errors while the watch retries, then the registry's events.
+        if let Ok(known) = bounded("a watch answer", follow.next()).await
+            && known.contains_key("a")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the watch never came back");
+    }
+    let text = metrics.encode();
+    assert_eq!(sample(&text, reconnects), Some(1.0), "{text}");
+    assert_eq!(sample(&text, age_series), Some(0.0), "{text}");
+}

@@ -89,6 +89,7 @@ use lodestar::{
 use lodestar_core::sync::MutexExt;
 
 mod keepalive;
+mod metrics;
 mod snapshot;
 
 pub use snapshot::{MAX_SNAPSHOT_BYTES, MIN_WRITE_INTERVAL, SnapshotError, SnapshotRegistry};
@@ -356,6 +357,8 @@ struct Inner {
     cache: Mutex<HashMap<ServiceKey, Cached>>,
     /// The stream heartbeats go on.
     keepalive: keepalive::KeepAlive,
+    /// Where it counts, and shows its cache when scraped.
+    metrics: lodestar::metrics::Metrics,
 }
 
 /// What this client knows of one service.
@@ -366,6 +369,14 @@ struct Cached {
     /// it may hold instances that never came back, so the next watch asks
     /// for a full snapshot.
     from_warming: bool,
+    /// When the server last confirmed the set: its last answer, or the
+    /// moment its last open watch ended.
+    confirmed: Option<std::time::Instant>,
+    /// Watches of the service open now: while one is, the server tells
+    /// every change, and the set is current.
+    watching: usize,
+    /// A watch of the service ended: the next one is a reconnection.
+    watch_ended: bool,
 }
 
 impl std::fmt::Debug for RemoteRegistry {
@@ -385,13 +396,19 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 impl RemoteRegistry {
     /// A registry served at `addresses` (`host:port`; tried in turn).
     pub fn new(addresses: &[String]) -> Self {
-        Self::build(addresses.to_vec(), None, None)
+        Self::build(
+            addresses.to_vec(),
+            None,
+            None,
+            lodestar::metrics::Metrics::global().clone(),
+        )
     }
 
     fn build(
         addresses: Vec<String>,
         tls: Option<lodestar::tls::ClientTls>,
         authorization: Option<lodestar::metadata::AsciiMetadataValue>,
+        metrics: lodestar::metrics::Metrics,
     ) -> Self {
         let known = StaticRegistry::new().with(SERVICE_NAME, addresses.iter().cloned());
         let mut client = Client::builder(known)
@@ -400,16 +417,29 @@ impl RemoteRegistry {
         if let Some(tls) = &tls {
             client = client.tls(tls.clone());
         }
-        Self {
-            inner: Arc::new(Inner {
-                addresses,
-                client: client.build(),
-                tls,
-                authorization,
-                cache: Mutex::new(HashMap::new()),
-                keepalive: keepalive::KeepAlive::default(),
-            }),
-        }
+        let inner = Arc::new(Inner {
+            addresses,
+            client: client.build(),
+            tls,
+            authorization,
+            cache: Mutex::new(HashMap::new()),
+            keepalive: keepalive::KeepAlive::default(),
+            metrics,
+        });
+        metrics::ClientMetrics::of(&inner.metrics).add(&inner);
+        Self { inner }
+    }
+
+    /// Counts its watch reconnections and shows the age of its cache
+    /// (`lodestar_registry_client_*`) in `metrics` rather than the
+    /// process's registry.
+    pub fn with_metrics(self, metrics: &lodestar::metrics::Metrics) -> Self {
+        Self::build(
+            self.inner.addresses.clone(),
+            self.inner.tls.clone(),
+            self.inner.authorization.clone(),
+            metrics.clone(),
+        )
     }
 
     /// Sends `token` with every call, reads included
@@ -426,6 +456,7 @@ impl RemoteRegistry {
             self.inner.addresses.clone(),
             self.inner.tls.clone(),
             authorization,
+            self.inner.metrics.clone(),
         )
     }
 
@@ -435,6 +466,7 @@ impl RemoteRegistry {
             self.inner.addresses.clone(),
             Some(tls),
             self.inner.authorization.clone(),
+            self.inner.metrics.clone(),
         )
     }
 
@@ -481,6 +513,7 @@ impl RemoteRegistry {
     fn remember(&self, key: &ServiceKey, instances: Vec<Instance>, warming: bool) -> Vec<Instance> {
         let mut cache = self.inner.cache.lock_unpoisoned();
         let cached = cache.entry(key.clone()).or_default();
+        cached.confirmed = Some(std::time::Instant::now());
         if warming {
             cached.from_warming = true;
         } else {
@@ -609,9 +642,12 @@ impl Registry for RemoteRegistry {
             .await
             .map_err(|s| self.error(s, None))?
             .into_inner();
+        let open = metrics::OpenWatch::begin(&self.inner, service);
         let this = self.clone();
         let key = service.clone();
         let events = stream.flat_map(move |response| {
+            // Ends with the stream: the cache stops being current then.
+            let _open = &open;
             let events: Vec<Result<WatchEvent, RegistryError>> = match response {
                 Ok(response) => response
                     .events
@@ -633,6 +669,7 @@ impl RemoteRegistry {
         let revision = event.revision;
         let mut cache = self.inner.cache.lock_unpoisoned();
         let cached = cache.entry(key.clone()).or_default();
+        cached.confirmed = Some(std::time::Instant::now());
         let known = &mut cached.instances;
         match event.kind? {
             pb::watch_event::Kind::Snapshot(snapshot) => {
