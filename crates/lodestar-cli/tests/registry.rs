@@ -2020,6 +2020,11 @@ async fn metrics_show_instances_by_health_watchers_events_and_http_durations_as_
     );
     assert_eq!(requests("GET", "_OTHER", 404), Some(1.0), "{text}");
     assert!(!text.contains("stays/heartbeat"), "{text}");
+    // The gRPC API's calls show on the same port.
+    assert!(
+        text.contains(r#"rpc_method="lodestar.registry.v1.Registry/Watch""#),
+        "{text}"
+    );
 
     // The CLI sees what the gauge says.
     let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));

@@ -432,7 +432,12 @@ pub async fn start(config: Config) -> Result<RunningRegistry, Error> {
         .connection_limits(lodestar::ConnectionLimits {
             max_connections: config.grpc_max_connections,
             ..lodestar::ConnectionLimits::default()
-        });
+        })
+        .metrics(Some(config.metrics.clone()));
+    if config.http_addr.is_some() {
+        // Its HTTP port serves the metrics, its own and the gRPC API's.
+        grpc = grpc.admin_addr(None);
+    }
     if let Some(tls) = &config.tls {
         grpc = grpc.tls(tls.clone());
     }
