@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use lodestar::metrics::Metrics;
-use lodestar::{Code, Request};
+use lodestar::{Code, Registry as _, Request};
 use lodestar_tests::*;
 use tokio_stream::StreamExt;
 
@@ -227,22 +227,44 @@ async fn ten_thousand_calls_to_unknown_methods_make_one_series() {
     running.abort().await;
 }
 
-/// A real Prometheus (Debian's) scrapes a service and a broker subscriber
-/// over HTTP/1.1, and answers for the calls the test made by method and
-/// code, the failed one included.
+/// A real Prometheus (Debian's) scrapes a service, the registry server it
+/// registers in and a broker subscriber over HTTP/1.1: every target is up,
+/// it answers for the calls the test made by method and code, the failed
+/// one included, and the registry's instance gauge matches the registry's
+/// own list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prometheus_scrapes_a_service_and_a_subscriber() {
-    let world = World::new();
-    let running = bounded(
-        "an instance to start",
-        world
-            .builder("scraped", "a")
-            .metrics(Some(Metrics::new()))
-            .add_service(EchoServer::new(world.echo("a")))
-            .start(),
+async fn prometheus_scrapes_a_service_the_registry_and_a_subscriber() {
+    let registry_server = bounded(
+        "the registry server to start",
+        lodestar_registry_server::start(lodestar_registry_server::Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: Some("127.0.0.1:0".parse().unwrap()),
+            warmup: Duration::ZERO,
+            metrics: Metrics::new(),
+            ..lodestar_registry_server::Config::default()
+        }),
     )
     .await
     .unwrap();
+    let registry =
+        lodestar_registry::from_url(&format!("lodestar://{}", registry_server.local_addr()))
+            .unwrap();
+    let world = World::new();
+    let mut instances = Vec::new();
+    for id in ["a", "b"] {
+        let running = bounded(
+            "an instance to start",
+            lodestar::Service::builder("scraped")
+                .id(id)
+                .registry(registry.clone())
+                .metrics(Some(Metrics::new()))
+                .add_service(EchoServer::new(world.echo(id)))
+                .start(),
+        )
+        .await
+        .unwrap();
+        instances.push(running);
+    }
     let subscriber = bounded(
         "a subscriber to start",
         lodestar::Service::builder("subscriber")
@@ -258,14 +280,18 @@ async fn prometheus_scrapes_a_service_and_a_subscriber() {
     .await
     .unwrap();
     let prometheus = lodestar_tests::prometheus::Prometheus::start(&[
-        ("services", vec![running.admin_addr().unwrap()]),
+        (
+            "services",
+            instances.iter().map(|i| i.admin_addr().unwrap()).collect(),
+        ),
+        ("registry", vec![registry_server.http_addr().unwrap()]),
         ("subscribers", vec![subscriber.admin_addr().unwrap()]),
     ])
     .await;
     prometheus.all_up().await;
 
-    let mut echo = EchoClient::by_name(&world.client(), "scraped");
-    for _ in 0..3 {
+    let mut echo = EchoClient::by_name(&lodestar::Client::new(registry.clone()), "scraped");
+    for _ in 0..4 {
         bounded("unary", echo.unary(EchoRequest::default()))
             .await
             .unwrap();
@@ -281,6 +307,7 @@ async fn prometheus_scrapes_a_service_and_a_subscriber() {
     .unwrap_err();
     assert_eq!(failed.code(), Code::NotFound);
 
+    // Summed over the instances, by method and code.
     let query = r#"sum by (rpc_method, rpc_status_code) (rpc_server_call_duration_seconds_count{job="services", rpc_method=~"lodestar.test.Echo/(Unary|Fail)"})"#;
     let value = |result: &[serde_json::Value], method: &str, code: &str| {
         result
@@ -290,7 +317,7 @@ async fn prometheus_scrapes_a_service_and_a_subscriber() {
     };
     let result = prometheus
         .query_until(query, |result| {
-            value(result, "lodestar.test.Echo/Unary", "OK") == Some(3.0)
+            value(result, "lodestar.test.Echo/Unary", "OK") == Some(4.0)
                 && value(result, "lodestar.test.Echo/Fail", "NOT_FOUND") == Some(1.0)
         })
         .await;
@@ -300,10 +327,28 @@ async fn prometheus_scrapes_a_service_and_a_subscriber() {
         Some(0.0),
         "{result:?}"
     );
+
+    // The registry's gauge says what the registry lists.
+    let listed = registry
+        .instances(&lodestar::ServiceKey::new("scraped"))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    let gauge = prometheus
+        .query_until(
+            r#"sum(lodestar_registry_instances{job="registry", service="scraped", status="healthy"})"#,
+            |result| !result.is_empty(),
+        )
+        .await;
+    assert_eq!(gauge[0]["value"][1], listed.len().to_string(), "{gauge:?}");
+
     // The subscriber's own target is scraped too.
     let up = prometheus.query(r#"up{job="subscribers"}"#).await;
     assert_eq!(up.len(), 1, "{up:?}");
     assert_eq!(up[0]["value"][1], "1", "{up:?}");
-    running.abort().await;
+    for running in instances {
+        running.abort().await;
+    }
     subscriber.abort().await;
+    registry_server.shutdown().await.unwrap();
 }

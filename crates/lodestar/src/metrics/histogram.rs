@@ -26,24 +26,18 @@ const BOUNDS_NANOS: [u64; DURATION_BUCKETS.len()] = {
 /// own histogram takes a lock per observation, which every call of a busy
 /// method would share.
 ///
+/// It is what lodestar's call metrics are made of; it encodes as a
+/// histogram (`EncodeMetric`), so a collector of one's own can encode it.
+///
 /// ```
 /// use std::time::Duration;
-/// use lodestar::metrics::{DurationHistogram, Metrics};
+/// use lodestar::metrics::DurationHistogram;
 ///
-/// let metrics = Metrics::new();
-/// let latency = metrics.set(|registry| {
-///     let latency = std::sync::Arc::new(DurationHistogram::default());
-///     registry.register_with_unit(
-///         "myapp_job_duration",
-///         "How long jobs take",
-///         lodestar::metrics::prometheus_client::registry::Unit::Seconds,
-///         latency.clone(),
-///     );
-///     latency
-/// });
+/// let latency = DurationHistogram::default();
 /// latency.observe(Duration::from_millis(30));
-/// assert_eq!(latency.count(), 1);
-/// assert!(metrics.encode().contains(r#"myapp_job_duration_seconds_bucket{le="0.05"} 1"#));
+/// latency.observe(Duration::from_secs(20)); // above every bucket: +Inf
+/// assert_eq!(latency.count(), 2);
+/// assert!((latency.sum_seconds() - 20.03).abs() < 1e-9);
 /// ```
 #[derive(Debug, Default)]
 pub struct DurationHistogram {
