@@ -77,6 +77,9 @@ pub(crate) enum Passed {
 #[derive(Debug, Default)]
 pub(crate) struct Messages {
     limit: Option<FrameLimit>,
+    // Where the messages that pass are counted (metrics), if anywhere:
+    // counted here, added to the series once, when the body goes.
+    counted: Option<Counted>,
     // Boxed: rare (compression, JSON), and bodies are moved often.
     reframer: Option<Box<Reframer>>,
     // An error to yield on the next poll, after the data before it
@@ -84,13 +87,46 @@ pub(crate) struct Messages {
     pending: Option<Box<tonic::Status>>,
 }
 
+/// A body's messages, for a method's series: counted as they pass, added
+/// to the series when dropped.
+#[derive(Debug)]
+struct Counted {
+    series: Arc<crate::metrics::rpc::Series>,
+    way: crate::metrics::rpc::Way,
+    /// Messages counted already, when the counting began.
+    from: u64,
+}
+
+impl Drop for Messages {
+    fn drop(&mut self) {
+        if let Some(counted) = self.counted.take() {
+            let now = self.limit.as_ref().map_or(0, |limit| limit.messages);
+            counted
+                .series
+                .messages(counted.way, now.saturating_sub(counted.from));
+        }
+    }
+}
+
 impl Messages {
+    /// Counts the messages that pass from now on in `series`, as going
+    /// `way`, until the body goes. (Only a body whose messages are
+    /// followed, under a limit, counts them: every body lodestar's
+    /// stacks make is.)
+    pub(crate) fn count_in(
+        &mut self,
+        series: Arc<crate::metrics::rpc::Series>,
+        way: crate::metrics::rpc::Way,
+    ) {
+        let from = self.limit.as_ref().map_or(0, |limit| limit.messages);
+        self.counted = Some(Counted { series, way, from });
+    }
+
     /// Messages limited to `limit` bytes, if given.
     pub(crate) fn new(limit: Option<usize>) -> Self {
-        Self {
-            limit: limit.map(FrameLimit::new),
-            ..Self::default()
-        }
+        let mut messages = Self::default();
+        messages.limit = limit.map(FrameLimit::new);
+        messages
     }
 
     /// Refuses messages over `limit` bytes (keeping any flags recorded).
@@ -157,14 +193,15 @@ impl Messages {
     pub(crate) fn pass(&mut self, data: &mut Bytes, encoded: Option<&Encoded>) -> Passed {
         // The usual chunk: whole messages within the limit, nothing to
         // rewrite.
-        if self.reframer.is_none()
-            && !data.is_empty()
-            && self
-                .limit
-                .as_ref()
-                .is_none_or(|limit| limit.passes(data, encoded))
-        {
-            return Passed::Data;
+        if self.reframer.is_none() && !data.is_empty() {
+            match self.limit.as_mut() {
+                None => return Passed::Data,
+                Some(limit) if limit.passes(data, encoded) => {
+                    limit.messages += encoded.map_or(1, |e| e.checked as u64);
+                    return Passed::Data;
+                }
+                Some(_) => {}
+            }
         }
         self.pass_slowly(data, encoded)
     }
@@ -268,7 +305,12 @@ impl<B> CallBody<B> {
     /// Ends `record` with the call's code when the body ends (a status in
     /// its trailers, a failure, its deadline), or `CANCELLED` if it is
     /// dropped first.
+    /// Its messages count in the record's series, as received.
     pub(crate) fn set_record(&mut self, record: Record) {
+        if let Some(series) = record.series() {
+            let way = crate::metrics::rpc::Way::Received;
+            self.messages.count_in(series.clone(), way);
+        }
         self.record = record;
     }
 
@@ -422,6 +464,8 @@ struct FrameLimit {
     remaining: u64,
     /// Where to record each message's compressed flag, if anywhere.
     flags: Option<ReceivedFlags>,
+    /// Messages whose header passed.
+    messages: u64,
 }
 
 impl FrameLimit {
@@ -432,6 +476,7 @@ impl FrameLimit {
             have: 0,
             remaining: 0,
             flags: None,
+            messages: 0,
         }
     }
 
@@ -444,6 +489,7 @@ impl FrameLimit {
         encoded: &codec::Encoded,
     ) -> Result<(), (usize, tonic::Status)> {
         if self.passes(data, Some(encoded)) {
+            self.messages += encoded.checked as u64;
             return Ok(());
         }
         self.scan(data)
@@ -476,6 +522,7 @@ impl FrameLimit {
     /// oversized message's header, and the status to end the call with.
     fn scan(&mut self, data: &Bytes) -> Result<(), (usize, tonic::Status)> {
         if self.passes(data, None) {
+            self.messages += 1;
             return Ok(());
         }
         self.follow(data)
@@ -532,6 +579,7 @@ impl FrameLimit {
         if u64::from(len) > self.limit as u64 {
             return Err((began, too_large(u64::from(len), self.limit)));
         }
+        self.messages += 1;
         self.remaining = u64::from(len);
         Ok(())
     }
@@ -592,6 +640,11 @@ impl RequestBody {
         if !data.is_empty() {
             self.ahead = Some(data);
         }
+    }
+
+    /// What each message passes through.
+    pub(crate) fn messages(&mut self) -> &mut Messages {
+        &mut self.messages
     }
 
     /// Where this body reports the first error it yields.

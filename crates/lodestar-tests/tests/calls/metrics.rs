@@ -178,6 +178,40 @@ async fn calls_are_counted_by_method_and_final_code_on_both_sides() {
         "{text}"
     );
 
+    // Messages each way: a client stream of three, answered with one.
+    let requests = (0..3).map(|n| EchoRequest {
+        message: format!("m{n}"),
+        ..Default::default()
+    });
+    bounded(
+        "client stream",
+        echo.client_stream(tokio_stream::iter(requests)),
+    )
+    .await
+    .unwrap();
+    let messages = |text: &str, side: &str, way: &str, extra: &str| {
+        let series = format!(
+            r#"rpc_{side}_messages_{way}_total{{rpc_system_name="grpc",rpc_method="{ECHO}/ClientStream"{extra}}}"#
+        );
+        sample(text, &series)
+    };
+    let text = scrape_until(admin, |text| {
+        messages(text, "server", "received", "") == Some(3.0)
+            && messages(text, "server", "sent", "") == Some(1.0)
+    })
+    .await;
+    let unary_received = format!(
+        r#"rpc_server_messages_received_total{{rpc_system_name="grpc",rpc_method="{ECHO}/Unary"}}"#
+    );
+    assert_eq!(sample(&text, &unary_received), Some(1.0), "{text}");
+    let text = called.encode();
+    assert_eq!(messages(&text, "client", "sent", to), Some(3.0), "{text}");
+    assert_eq!(
+        messages(&text, "client", "received", to),
+        Some(1.0),
+        "{text}"
+    );
+
     // Liveness and readiness.
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     assert_eq!(http_get(admin, "/readyz").await.0, 200);

@@ -1,8 +1,8 @@
 //! The RPC metrics: every call a server serves and a client makes, by
 //! method and status code.
 //!
-//! Each method has one [`Series`]: calls started and in flight, and a
-//! duration histogram per status code. A server finds its
+//! Each method has one [`Series`]: calls started and in flight, messages
+//! each way, and a duration histogram per status code. A server finds its
 //! methods' series once, at start ([`MethodTable`]); a client on a
 //! method's first call ([`ClientMethods`]). Per call: a lookup in a
 //! sorted table, a clock read at each end, and relaxed atomic additions.
@@ -90,7 +90,8 @@ impl Kind {
 type Key = (Box<str>, Box<str>);
 
 /// One method's counts (a client's: one method of one service): calls
-/// started and in flight, and a duration histogram per status code.
+/// started and in flight, messages each way (added when each body goes),
+/// and a duration histogram per status code.
 #[derive(Debug)]
 pub(crate) struct Series {
     /// `pkg.Service/Method`, or [`OTHER`].
@@ -98,6 +99,8 @@ pub(crate) struct Series {
     kind: Kind,
     started: AtomicU64,
     active: AtomicI64,
+    received: AtomicU64,
+    sent: AtomicU64,
     /// By code, in [`CODES`] order.
     durations: [DurationHistogram; 17],
 }
@@ -109,6 +112,8 @@ impl Series {
             kind,
             started: AtomicU64::new(0),
             active: AtomicI64::new(0),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
             durations: Default::default(),
         }
     }
@@ -116,6 +121,20 @@ impl Series {
     /// The method's label: `pkg.Service/Method`, or `_OTHER`.
     pub(crate) fn method(&self) -> &str {
         &self.method
+    }
+
+    /// Counts `count` messages going `way`.
+    pub(crate) fn messages(&self, way: Way, count: u64) {
+        let counter = match way {
+            Way::Received => &self.received,
+            Way::Sent => &self.sent,
+        };
+        counter.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// The kind of the method.
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// A call of this method starts now.
@@ -131,12 +150,24 @@ impl Series {
     }
 }
 
+/// Which way messages go, from the side counting them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Way {
+    Received,
+    Sent,
+}
+
 /// A call in progress: ended with its code by [`end`](Self::end), or
 /// `CANCELLED` if dropped first.
 #[derive(Debug, Default)]
 pub(crate) struct Record(Option<(Arc<Series>, Instant)>);
 
 impl Record {
+    /// The series this call counts in, while it runs.
+    pub(crate) fn series(&self) -> Option<&Arc<Series>> {
+        self.0.as_ref().map(|(series, _)| series)
+    }
+
     /// The call ended with `code`.
     #[inline]
     pub(crate) fn end(&mut self, code: Code) {
@@ -431,6 +462,18 @@ impl Collector for Family {
             &format!("Calls started ({side})"),
             &|s| s.started.load(Ordering::Relaxed),
         )?;
+        counter(
+            &mut encoder,
+            &format!("rpc_{side}_messages_received"),
+            &format!("Messages received ({side}): requests on a server, responses on a client"),
+            &|s| s.received.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            &format!("rpc_{side}_messages_sent"),
+            &format!("Messages sent ({side}): responses on a server, requests on a client"),
+            &|s| s.sent.load(Ordering::Relaxed),
+        )?;
         let name = format!("rpc_{side}_calls_active");
         let mut family = encoder.encode_descriptor(
             &name,
@@ -472,14 +515,26 @@ impl Family {
                 ("grpc_method", method.to_owned()),
             ]
         };
-        let name = format!("grpc_{side}_started");
-        let mut family =
-            encoder.encode_descriptor(&name, "RPCs started", None, MetricType::Counter)?;
-        for (_, series) in all {
-            let started = series.started.load(Ordering::Relaxed);
-            family
-                .encode_family(&labels(series))?
-                .encode_counter::<NoLabelSet, u64, u64>(&started, None)?;
+        type Count = fn(&Series) -> u64;
+        let counters: [(&str, &str, Count); 3] = [
+            ("started", "RPCs started", |s| {
+                s.started.load(Ordering::Relaxed)
+            }),
+            ("msg_received", "Stream messages received", |s| {
+                s.received.load(Ordering::Relaxed)
+            }),
+            ("msg_sent", "Stream messages sent", |s| {
+                s.sent.load(Ordering::Relaxed)
+            }),
+        ];
+        for (name, help, value) in counters {
+            let name = format!("grpc_{side}_{name}");
+            let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+            for (_, series) in all {
+                family
+                    .encode_family(&labels(series))?
+                    .encode_counter::<NoLabelSet, u64, u64>(&value(series), None)?;
+            }
         }
         let name = format!("grpc_{side}_handled");
         let mut family = encoder.encode_descriptor(

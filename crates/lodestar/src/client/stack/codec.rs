@@ -111,13 +111,21 @@ where
         let deadline = request.extensions().get::<Deadline>().copied();
         let received = params.inspect_compression.then(ReceivedFlags::default);
         let request_error = RequestError::default();
+        let count_sent = request
+            .extensions_mut()
+            .remove::<super::metered::CountSent>();
         let request = request.map(|body| {
-            RequestBody::new(
+            let mut body = RequestBody::new(
                 body,
                 params.limits.max_encoding_message_size,
                 plan.request,
                 request_error.clone(),
-            )
+            );
+            if let Some(super::metered::CountSent(series)) = count_sent {
+                body.messages()
+                    .count_in(series, crate::metrics::rpc::Way::Sent);
+            }
+            body
         });
         Either::Left(ResponseFuture {
             inner: self.inner.call(request),

@@ -20,7 +20,12 @@ use tonic::body::Body;
 use super::Call;
 use crate::client::{MethodInfo, ResponseBody};
 use crate::codec::Descriptors;
-use crate::metrics::rpc::{ClientMethods, Kind, Record};
+use crate::metrics::rpc::{ClientMethods, Kind, Record, Series, Way};
+
+/// The series whose sent messages the codec layer's request body counts
+/// (a request extension, for calls that may send more than one).
+#[derive(Debug, Clone)]
+pub(crate) struct CountSent(pub(crate) Arc<Series>);
 
 /// Counts each call (when the client counts them) and passes it on.
 #[derive(Debug)]
@@ -61,6 +66,15 @@ where
         let path = request.uri().path();
         let series = methods.find(path, || kind(request.extensions().get(), path));
         let record = series.start();
+        let mut request = request;
+        match series.kind() {
+            // One request message: counted now, with nothing per message.
+            Kind::Unary | Kind::ServerStream => series.messages(Way::Sent, 1),
+            // Counted as they go, by the codec layer's body.
+            Kind::ClientStream | Kind::Bidi | Kind::Unknown => {
+                request.extensions_mut().insert(CountSent(series));
+            }
+        }
         Either::Right(MeteredFuture {
             inner: self.inner.call(request),
             record,

@@ -184,7 +184,7 @@ mod tests {
         );
         let full = core(balance.clone());
         let retry = retry::Retry::new(retry::Params { max_attempts: 3 }, balance.clone());
-        let without = deadline_and_codec(&balance, retry);
+        let without = metered::Metered::new(None, deadline_and_codec(&balance, retry));
         let request = || http::Request::new(tonic::body::Body::empty());
         let with = std::mem::size_of_val(&full.call(request()));
         let without = std::mem::size_of_val(&without.call(request()));

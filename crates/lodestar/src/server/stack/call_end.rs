@@ -270,6 +270,11 @@ impl Unended {
         self.call.as_mut().map(Call::enter)
     }
 
+    /// The series the call counts in, if it is counted.
+    pub(crate) fn series(&self) -> Option<&std::sync::Arc<crate::metrics::rpc::Series>> {
+        self.record.series()
+    }
+
     /// Takes the call out (for the response body to end it).
     pub(crate) fn take(&mut self) -> Self {
         std::mem::take(self)

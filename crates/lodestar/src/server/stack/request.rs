@@ -54,7 +54,7 @@ impl RequestBody {
     }
 
     /// What each message passes through, for the layers to configure.
-    pub(super) fn messages(&mut self) -> &mut Messages {
+    pub(crate) fn messages(&mut self) -> &mut Messages {
         self.inner.messages()
     }
 }

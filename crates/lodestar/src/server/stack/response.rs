@@ -94,6 +94,10 @@ impl ResponseBody {
 
     /// Reports the end of `call`, which this body now ends.
     pub(super) fn set_call(&mut self, call: Unended) {
+        if let Some(series) = call.series() {
+            let way = crate::metrics::rpc::Way::Sent;
+            self.messages.count_in(series.clone(), way);
+        }
         self.call = call;
     }
 

@@ -85,6 +85,10 @@ where
         let timeout = find_header(request.headers(), &crate::grpc_timeout::HEADER);
         let arrived = crate::deadline::inbound(timeout);
         let mut request = request.map(|body| RequestBody::new(body, json));
+        if let Some(series) = record.series() {
+            let way = crate::metrics::rpc::Way::Received;
+            request.body_mut().messages().count_in(series.clone(), way);
+        }
         match arrived {
             Ok(None) => {}
             Ok(Some(deadline)) => {
