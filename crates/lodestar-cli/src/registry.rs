@@ -170,6 +170,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
             "http"
         };
         println!("lodestar registry: HTTP on {scheme}://{http}/v1/status");
+        println!("lodestar registry: metrics on {scheme}://{http}/metrics");
     }
     lodestar::server::shutdown_signal().await;
     running.shutdown().await?;
