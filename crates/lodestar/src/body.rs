@@ -314,6 +314,12 @@ impl<B> CallBody<B> {
         self.record = record;
     }
 
+    /// The body inside.
+    #[cfg(feature = "otlp")]
+    pub(crate) fn get_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+
     /// What each message passes through, to configure.
     pub(crate) fn messages(&mut self) -> &mut Messages {
         &mut self.messages

@@ -131,9 +131,22 @@ impl EventPublisher {
         content_type: &str,
         body: impl Into<Bytes>,
     ) -> Result<(), BrokerError> {
-        self.broker
-            .publish(stamp(Message::new(topic, body), content_type))
-            .await?;
+        let message = Message::new(topic, body);
+        #[cfg(feature = "otlp")]
+        if crate::telemetry::spans_on() {
+            // The event carries the producer span's context (`stamp`).
+            let traced = crate::telemetry::spans::publish(topic);
+            let published = traced
+                .run(async { self.broker.publish(stamp(message, content_type)).await })
+                .await;
+            if let Err(error) = &published {
+                crate::telemetry::spans::failed(&traced, error);
+            }
+            published?;
+            self.metrics.topic(topic).published().inc();
+            return Ok(());
+        }
+        self.broker.publish(stamp(message, content_type)).await?;
         self.metrics.topic(topic).published().inc();
         Ok(())
     }
@@ -223,6 +236,32 @@ impl std::fmt::Debug for Subscriber {
     }
 }
 
+/// Runs `handled`, the handling of `message`, in the publisher's trace
+/// `context`; with OpenTelemetry on, in a consumer span under it.
+async fn handle<T>(
+    topic: &str,
+    message: &Message,
+    context: Option<TraceContext>,
+    handled: impl Future<Output = Result<Result<(), HandlerError>, T>>,
+) -> Result<Result<(), HandlerError>, T> {
+    #[cfg(feature = "otlp")]
+    if crate::telemetry::spans_on() {
+        let traced = crate::telemetry::spans::consume(topic, message.id(), context.as_ref());
+        let result = traced.run(handled).await;
+        match &result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => crate::telemetry::spans::failed(&traced, error),
+            Err(_) => crate::telemetry::spans::failed(&traced, &"the handler panicked"),
+        }
+        return result;
+    }
+    let _ = (topic, message);
+    match context {
+        Some(context) => context.scope(handled).await,
+        None => handled.await,
+    }
+}
+
 /// How long a nacked delivery waits before it is delivered again.
 pub const NACK_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -264,11 +303,9 @@ pub(crate) async fn run_subscriber(
         let message = delivery.message.clone();
         let handled = std::panic::AssertUnwindSafe(async { handler(message).await });
         let handled = futures_util::FutureExt::catch_unwind(handled);
-        let result = match context {
-            Some(context) => context.scope(handled).await,
-            None => handled.await,
-        }
-        .unwrap_or_else(|_| Err("the handler panicked".into()));
+        let result = handle(&topic, &delivery.message, context, handled)
+            .await
+            .unwrap_or_else(|_| Err("the handler panicked".into()));
         let settled = match result {
             Ok(()) => {
                 counted.acked().inc();

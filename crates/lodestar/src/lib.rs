@@ -67,6 +67,7 @@ mod policy_data;
 
 pub mod server;
 mod status;
+pub mod telemetry;
 pub mod tls;
 pub mod trace;
 

@@ -25,6 +25,7 @@
 //! )
 //! .unwrap();
 //! assert_eq!(context.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+//! assert_eq!(context.parent_id(), "00f067aa0ba902b7");
 //! let inside = context.clone().scope(async { TraceContext::current() }).await;
 //! assert_eq!(inside, Some(context));
 //! assert_eq!(TraceContext::current(), None);
@@ -128,6 +129,13 @@ impl TraceContext {
     /// The trace id: 32 hex digits.
     pub fn trace_id(&self) -> &str {
         self.traceparent().get(3..35).unwrap_or_default()
+    }
+
+    /// The parent id: the span that sent this context (the caller's, or,
+    /// with OpenTelemetry on, the span of the call being served), 16 hex
+    /// digits.
+    pub fn parent_id(&self) -> &str {
+        self.traceparent().get(36..52).unwrap_or_default()
     }
 }
 

@@ -249,14 +249,43 @@ impl tower_service::Service<Request<Body>> for Channel {
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        #[cfg(feature = "otlp")]
+        if crate::telemetry::spans_on() {
+            return self.call_traced(request);
+        }
         prepare(&mut request, self.defaults.as_deref());
+        self.send(request)
+    }
+}
+
+impl Channel {
+    /// Sends a prepared call down the route.
+    fn send(&mut self, request: Request<Body>) -> CallFuture {
         match &mut self.route {
             Route::Core(core) => {
                 let core = core.clone();
                 Box::pin(async move { core.call(request).await })
             }
-            Route::Layered(service) => service.call(request),
+            Route::Layered(service) => tower_service::Service::call(service, request),
         }
+    }
+
+    /// A call in its client span, which ends with the call's response (or
+    /// its failure); the request carries the span's context.
+    #[cfg(feature = "otlp")]
+    #[cold]
+    fn call_traced(&mut self, mut request: Request<Body>) -> CallFuture {
+        let span = crate::telemetry::spans::call(&mut request);
+        prepare(&mut request, self.defaults.as_deref());
+        let call = self.send(request);
+        Box::pin(async move {
+            let mut result = call.await;
+            match &mut result {
+                Ok(response) => span.hold(response),
+                Err(status) => span.finish_status(status),
+            }
+            result
+        })
     }
 }
 

@@ -469,11 +469,18 @@ impl Observed {
 pub(crate) struct Permits {
     pub(crate) breaker: Option<Box<super::breaker::Permit>>,
     pub(crate) bulkhead: Option<super::stack::BulkheadPermit>,
+    /// The call's client span, with OpenTelemetry on.
+    #[cfg(feature = "otlp")]
+    pub(crate) span: Option<crate::telemetry::spans::CallSpan>,
 }
 
 impl Permits {
     fn is_empty(&self) -> bool {
-        self.breaker.is_none() && self.bulkhead.is_none()
+        #[cfg(feature = "otlp")]
+        let no_span = self.span.is_none();
+        #[cfg(not(feature = "otlp"))]
+        let no_span = true;
+        self.breaker.is_none() && self.bulkhead.is_none() && no_span
     }
 
     /// The call ended with `outcome`.
@@ -482,6 +489,10 @@ impl Permits {
             permit.finish(outcome);
         }
         self.bulkhead = None;
+        #[cfg(feature = "otlp")]
+        if let Some(span) = self.span.take() {
+            span.finish_outcome(outcome);
+        }
     }
 }
 

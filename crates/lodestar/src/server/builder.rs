@@ -74,6 +74,9 @@ impl Service {
             metrics: Some(crate::metrics::Metrics::global().clone()),
             // `/metrics`, `/healthz`, `/readyz` on loopback, any free port.
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            // lodestar's logs and traces, from the environment, unless the
+            // process has a subscriber already.
+            telemetry: true,
         }
     }
 }
@@ -123,6 +126,7 @@ pub struct ServiceBuilder {
     pub(super) observers: super::observe::Observers,
     pub(super) metrics: Option<crate::metrics::Metrics>,
     pub(super) admin: Option<SocketAddr>,
+    pub(super) telemetry: bool,
 }
 
 /// Adds one service to the routes, with the final message limits.
@@ -383,6 +387,23 @@ impl ServiceBuilder {
         policy.validate()?;
         self.policy = policy;
         Ok(self)
+    }
+
+    /// Whether [`start`](Self::start) installs lodestar's `tracing`
+    /// subscriber, configured from the environment (`RUST_LOG`,
+    /// `LODESTAR_LOG_FORMAT`, the `OTEL_*` variables; see
+    /// [`telemetry`](crate::telemetry)), as the process's global default.
+    /// Default: yes, if the process has none yet (once per process; a
+    /// subscriber the program installed first is left alone).
+    ///
+    /// ```
+    /// // The program logs its own way.
+    /// let builder = lodestar::Service::builder("greeter").telemetry(false);
+    /// # drop(builder);
+    /// ```
+    pub fn telemetry(mut self, install: bool) -> Self {
+        self.telemetry = install;
+        self
     }
 
     /// Tells `observer` of every decision the server's policy layers make

@@ -158,6 +158,8 @@ impl RunningService {
         if let Some(admin) = &self.admin {
             let _ = admin.stop.send(true);
         }
+        // The spans of the last calls, exported before the process exits.
+        crate::telemetry::flush().await;
         served
     }
 

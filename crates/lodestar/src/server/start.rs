@@ -24,7 +24,14 @@ impl ServiceBuilder {
     /// most the TTL or 5 s, whichever is less); if that attempt failed, the
     /// service serves anyway and registers in the background as soon as the
     /// registry can be reached.
+    ///
+    /// First, unless [`telemetry`](Self::telemetry) is off, it installs
+    /// lodestar's logs and traces from the environment, if the process has
+    /// no `tracing` subscriber yet ([`telemetry`](crate::telemetry)).
     pub async fn start(self) -> Result<RunningService, ServeError> {
+        if self.telemetry {
+            crate::telemetry::install_from_env(&self.instance.key.service);
+        }
         let builtin = [
             <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> as NamedService>::NAME,
             "grpc.reflection.v1.ServerReflection",

@@ -5,11 +5,12 @@
 //! 1. **budget** (per connection): response data counts against the
 //!    connection's and the server's unsent-byte budgets
 //!    ([`ConnectionLimits`](super::ConnectionLimits); `server/budget.rs`);
-//! 2. **trace**: the caller's W3C trace context is current for the rest
-//!    of the call (`trace.rs`);
-//! 3. **status**: an error of any layer below becomes a proper gRPC status,
+//! 2. **status**: an error of any layer below becomes a proper gRPC status,
 //!    and every call's final status is reported to [`CallEnd`] hooks
 //!    (`status.rs`, `call_end.rs`, `response.rs`);
+//! 3. **trace**: the caller's W3C trace context is current for the rest
+//!    of the call; with OpenTelemetry on, the call's server span is, and
+//!    ends with the call's final status (`trace.rs`);
 //! 4. **admission**: the policy's rate and concurrency limits refuse a
 //!    call before anything below runs (`admission.rs`; `server/admission`);
 //! 5. **user layers**, added with
@@ -107,7 +108,7 @@ pub(crate) struct Settings {
 }
 
 /// The stack below the per-connection budget, as built at start.
-type Outer = TraceService<StatusService<AdmissionService<Layered>>>;
+type Outer = StatusService<TraceService<AdmissionService<Layered>>>;
 
 /// The server stack, built once.
 #[derive(Clone)]
@@ -130,10 +131,10 @@ impl Stack {
         ));
         // Outermost first; the budget is added per connection.
         let outer = ServiceBuilder::new()
-            .layer(TraceLayer)
             .layer(StatusLayer {
                 methods: settings.methods,
             })
+            .layer(TraceLayer)
             .layer(AdmissionLayer {
                 admission: admission.clone(),
             })

@@ -1,5 +1,8 @@
 //! The trace layer: runs the rest of the call inside the caller's W3C trace
-//! context, so the calls and events the handler makes carry it on.
+//! context, so the calls and events the handler makes carry it on; with
+//! OpenTelemetry on, inside the call's server span, whose own context it
+//! then is (`telemetry/spans.rs`). It is below the status layer, so that
+//! the span learns the call's final status ([`CallEnd`](super::CallEnd)).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -55,6 +58,14 @@ where
             true => TraceContext::from_headers(request.headers()),
             false => None,
         };
+        #[cfg(feature = "otlp")]
+        if crate::telemetry::spans_on() {
+            let inner = &mut self.inner;
+            let traced = crate::telemetry::spans::serve(request, context, |r| inner.call(r));
+            return TraceFuture::Scoped {
+                inner: Box::pin(traced),
+            };
+        }
         match context {
             None => TraceFuture::Plain {
                 inner: self.inner.call(request),
