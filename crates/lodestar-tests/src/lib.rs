@@ -18,6 +18,7 @@ pub mod conformance;
 pub mod etcd;
 pub mod nats;
 pub mod prometheus;
+pub mod rotel;
 
 /// Generated code for the `lodestar.test` package.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
@@ -71,6 +72,8 @@ pub struct TestEcho {
     name: String,
     events: mpsc::UnboundedSender<Event>,
     client: Option<Client>,
+    /// Where `Nested` publishes its report, if anywhere.
+    publisher: Option<(lodestar::events::EventPublisher, String)>,
 }
 
 impl TestEcho {
@@ -81,7 +84,14 @@ impl TestEcho {
             name: name.to_owned(),
             events,
             client,
+            publisher: None,
         }
+    }
+
+    /// `Nested` then publishes the report it got on `topic`.
+    pub fn publishing(mut self, publisher: lodestar::events::EventPublisher, topic: &str) -> Self {
+        self.publisher = Some((publisher, topic.to_owned()));
+        self
     }
 
     fn reply(&self, message: String, payload_len: usize) -> EchoReply {
@@ -139,6 +149,8 @@ impl Echo for TestEcho {
             );
         }
         let message = request.into_inner();
+        // A log line of the handler's, for the log tests.
+        tracing::info!(served_by = %self.name, text = %message.message, "echoing");
         let mut response = Response::new(self.reply(message.message, message.payload.len()));
         *response.metadata_mut() = echoed;
         Ok(response)
@@ -295,7 +307,14 @@ impl Echo for TestEcho {
         let service = request.into_inner().service;
         let mut next = EchoClient::by_name(client, &service);
         // No deadline is passed here by hand: lodestar carries the inbound one.
-        next.report_deadline(()).await
+        let report = next.report_deadline(()).await?;
+        if let Some((publisher, topic)) = &self.publisher {
+            publisher
+                .publish(topic, report.get_ref())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        Ok(report)
     }
 }
 

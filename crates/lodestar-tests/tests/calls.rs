@@ -985,5 +985,7 @@ mod metrics;
 mod retries;
 #[path = "calls/server_stack.rs"]
 mod server_stack;
+#[path = "calls/telemetry.rs"]
+mod telemetry;
 #[path = "calls/traffic.rs"]
 mod traffic;
