@@ -24,6 +24,7 @@ mod registry;
 mod resilience;
 mod rpc;
 mod rpc_sides;
+mod traced;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -88,7 +89,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
     /// Only these scenarios (rpc, rpc-server, rpc-client, registry, broker,
-    /// failover, footprint, pick, balance, resilience, overload, observability).
+    /// failover, footprint, pick, balance, resilience, overload, observability,
+    /// tracing).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -165,6 +167,7 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         "resilience",
         "overload",
         "observability",
+        "tracing",
     ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
@@ -216,6 +219,9 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     }
     if wanted("overload") {
         report.cases.extend(overload::run(&settings).await?);
+    }
+    if wanted("tracing") {
+        report.cases.extend(traced::run(&settings).await?);
     }
     let markdown = report.to_markdown();
     println!("{markdown}");

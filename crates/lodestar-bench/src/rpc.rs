@@ -331,7 +331,12 @@ impl Server {
         }
         LODESTAR_SERVERS
             .iter()
-            .chain([&RESILIENT_SERVER, &METRICS_OFF_SERVER])
+            .chain([
+                &RESILIENT_SERVER,
+                &METRICS_OFF_SERVER,
+                &crate::traced::SAMPLED,
+                &crate::traced::NOT_SAMPLED,
+            ])
             .find(|s| s.name == name)
             .map(Server::Lodestar)
             .ok_or_else(|| {

@@ -37,6 +37,7 @@ fn smoke_run_reports_every_scenario() {
         "balance",
         "resilience",
         "overload",
+        "tracing",
     ] {
         assert!(
             cases.iter().any(|c| c["scenario"] == scenario),
