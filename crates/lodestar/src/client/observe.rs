@@ -469,9 +469,10 @@ impl Observed {
 pub(crate) struct Permits {
     pub(crate) breaker: Option<Box<super::breaker::Permit>>,
     pub(crate) bulkhead: Option<super::stack::BulkheadPermit>,
-    /// The call's client span, with OpenTelemetry on.
+    /// The call's client span, with OpenTelemetry on (boxed: the body of
+    /// an untraced call stays as small as it was).
     #[cfg(feature = "otlp")]
-    pub(crate) span: Option<crate::telemetry::spans::CallSpan>,
+    pub(crate) span: Option<Box<crate::telemetry::spans::CallSpan>>,
 }
 
 impl Permits {

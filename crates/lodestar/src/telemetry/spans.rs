@@ -287,7 +287,7 @@ impl CallSpan {
                         .unwrap_or_default(),
                 )
             }),
-            None => response.body_mut().get_mut().permits().span = Some(self),
+            None => response.body_mut().get_mut().permits().span = Some(Box::new(self)),
         }
     }
 }
