@@ -270,7 +270,7 @@ async fn calls_succeed_when_the_collector_is_down_and_it_is_said_once() {
         let world = World::new();
         let service = start(&world, "untraceable", world.echo("u")).await;
         let mut echo = EchoClient::by_name(&world.client(), "untraceable");
-        for round in 0..3 {
+        for round in 0..2 {
             let request = EchoRequest {
                 message: format!("round {round}"),
                 ..Default::default()
@@ -291,4 +291,134 @@ async fn calls_succeed_when_the_collector_is_down_and_it_is_said_once() {
         // Dropping the guard does not hang on the collector.
         bounded("the guard to drop", async { drop(guard) }).await;
     }
+}
+
+/// Whether `span` has the attribute, as the collector prints it.
+fn has(span: &CollectedSpan, attribute: &str) -> bool {
+    span.attributes.iter().any(|a| a == attribute)
+}
+
+#[tokio::test]
+async fn a_calls_spans_end_with_its_final_status_whatever_ends_it() {
+    let rotel = Rotel::start().await;
+    let (dispatch, guard) = Telemetry::new()
+        .logs(false)
+        .otlp(
+            format!("http://{}/v1/traces", rotel.http),
+            Protocol::HttpProtobuf,
+        )
+        .dispatch()
+        .unwrap();
+    let _default = tracing::dispatcher::set_default(&dispatch);
+    let mut world = World::new();
+    let service = start(&world, "ended", world.echo("e")).await;
+    let client = world.client();
+    let mut echo = EchoClient::by_name(&client, "ended");
+
+    // Failed by the handler, with a code that is the caller's doing.
+    let failed = echo.fail(FailRequest {
+        code: Code::NotFound as i32,
+        message: "no such thing".into(),
+    });
+    let status = bounded("a failing call", failed).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    // Ended by its deadline while the handler sleeps.
+    let mut request = Request::new(sleep_request("slow", Duration::from_secs(30)));
+    request.set_timeout(Duration::from_millis(100));
+    let status = bounded("a call past its deadline", echo.sleep(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    world.expect_sleep_cancelled("slow").await;
+    // Ended by its deadline in the middle of a stream.
+    let mut request = Request::new(stream_request("long", 1000, Duration::from_millis(20)));
+    request.set_timeout(Duration::from_millis(150));
+    let mut stream = bounded("a stream to start", echo.server_stream(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = bounded("the stream to end", async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status.code()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended, Some(Code::DeadlineExceeded));
+    assert_eq!(
+        world.next_event().await,
+        Event::StreamEnded {
+            token: "long".into(),
+            completed: false
+        }
+    );
+    // Cancelled: the caller drops the call while the handler sleeps.
+    let mut abandoning = echo.clone();
+    let call = tokio::spawn(async move {
+        abandoning
+            .sleep(sleep_request("abandoned", Duration::from_secs(60)))
+            .await
+    });
+    assert_eq!(
+        world.next_event().await,
+        Event::SleepStarted("abandoned".into())
+    );
+    call.abort();
+    assert_eq!(
+        world.next_event().await,
+        Event::SleepCancelled("abandoned".into())
+    );
+    bounded("a shutdown", service.shutdown()).await.unwrap();
+    bounded("a flush", guard.flush()).await;
+
+    let sleep = "lodestar.test.Echo/Sleep";
+    let spans = rotel
+        .spans_until(|spans| {
+            spans
+                .iter()
+                .filter(|s| s.kind == "SPAN_KIND_SERVER")
+                .count()
+                >= 4
+        })
+        .await;
+    let server = |name: &str, code: Code| {
+        spans
+            .iter()
+            .find(|s| {
+                s.kind == "SPAN_KIND_SERVER"
+                    && s.name == name
+                    && has(s, &format!("rpc.grpc.status_code: Int({})", code as i32))
+            })
+            .unwrap_or_else(|| panic!("a server span {name} ending {code:?} in {spans:#?}"))
+    };
+    // A caller's mistake is no server error; a passed deadline is.
+    let not_found = server("lodestar.test.Echo/Fail", Code::NotFound);
+    assert!(has(not_found, "rpc.response.status_code: Str(NOT_FOUND)"));
+    assert!(
+        !not_found
+            .attributes
+            .iter()
+            .any(|a| a.starts_with("error.type"))
+    );
+    let past_deadline = server(sleep, Code::DeadlineExceeded);
+    assert!(has(past_deadline, "error.type: Str(DEADLINE_EXCEEDED)"));
+    let mid_stream = server("lodestar.test.Echo/ServerStream", Code::DeadlineExceeded);
+    assert!(has(mid_stream, "error.type: Str(DEADLINE_EXCEEDED)"));
+    let cancelled = server(sleep, Code::Cancelled);
+    assert!(
+        !cancelled
+            .attributes
+            .iter()
+            .any(|a| a.starts_with("error.type"))
+    );
+    // On the client, every code but OK is an error.
+    let client_failed = spans
+        .iter()
+        .find(|s| s.kind == "SPAN_KIND_CLIENT" && s.name == "lodestar.test.Echo/Fail")
+        .unwrap();
+    assert!(has(client_failed, "error.type: Str(NOT_FOUND)"));
+    assert_eq!(not_found.parent_id, client_failed.id);
 }
