@@ -60,6 +60,7 @@ async fn a_callers_trace_id_is_in_the_handlers_log_lines_as_text_and_json() {
         let logs = Captured::default();
         let sink = logs.clone();
         let (dispatch, _guard) = Telemetry::new()
+            .log_filter("info,lodestar_tests=debug")
             .log_format(format)
             .log_writer(move || sink.clone())
             .dispatch()
@@ -106,7 +107,7 @@ async fn a_callers_trace_id_is_in_the_handlers_log_lines_as_text_and_json() {
                 let traced: serde_json::Value = serde_json::from_str(&traced).unwrap();
                 assert_eq!(traced["trace_id"], TRACE_ID, "{traced}");
                 assert_eq!(traced["span_id"].as_str().map(str::len), Some(16));
-                assert_eq!(traced["level"], "INFO");
+                assert_eq!(traced["level"], "DEBUG");
                 assert_eq!(traced["message"], "echoing");
                 let untraced: serde_json::Value = serde_json::from_str(&untraced).unwrap();
                 assert!(untraced.get("trace_id").is_none(), "{untraced}");

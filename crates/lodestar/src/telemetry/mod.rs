@@ -145,6 +145,17 @@ pub struct Telemetry {
     /// `service.name` when neither `OTEL_SERVICE_NAME` nor the resource
     /// attributes set it (a service's own name, at start).
     fallback_service_name: Option<String>,
+    /// What the methods set over the environment's OTLP settings.
+    overrides: Overrides,
+}
+
+/// OTLP settings made in code, applied over the environment's once an
+/// endpoint is known (whichever was set first).
+#[derive(Debug, Default)]
+struct Overrides {
+    service_name: Option<String>,
+    resource: Vec<(String, String)>,
+    sampler: Option<Sampler>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -175,6 +186,7 @@ impl Telemetry {
             logs: true,
             writer: None,
             fallback_service_name: None,
+            overrides: Overrides::default(),
         }
     }
 
@@ -223,15 +235,22 @@ impl Telemetry {
     /// (`http://host:4318/v1/traces`); for gRPC, the collector's address
     /// (`http://host:4317`). Replaces what the environment said.
     pub fn otlp(mut self, endpoint: impl Into<String>, protocol: Protocol) -> Self {
-        let otlp = self.settings.otlp.get_or_insert_with(|| Otlp {
-            endpoint: String::new(),
-            protocol,
-            service_name: None,
-            resource: Vec::new(),
-            sampler: Sampler::default(),
-        });
-        otlp.endpoint = endpoint.into();
-        otlp.protocol = protocol;
+        let endpoint = endpoint.into();
+        match &mut self.settings.otlp {
+            Some(otlp) => {
+                otlp.endpoint = endpoint;
+                otlp.protocol = protocol;
+            }
+            None => {
+                self.settings.otlp = Some(Otlp {
+                    endpoint,
+                    protocol,
+                    service_name: None,
+                    resource: Vec::new(),
+                    sampler: Sampler::default(),
+                })
+            }
+        }
         self
     }
 
@@ -241,36 +260,40 @@ impl Telemetry {
         self
     }
 
-    /// The `service.name` of the spans (as `OTEL_SERVICE_NAME`). Applies
-    /// once an endpoint is set.
+    /// The `service.name` of the spans (as `OTEL_SERVICE_NAME`), when they
+    /// are exported.
     pub fn service_name(mut self, name: impl Into<String>) -> Self {
-        if let Some(otlp) = &mut self.settings.otlp {
-            otlp.service_name = Some(name.into());
-        }
+        self.overrides.service_name = Some(name.into());
         self
     }
 
-    /// Adds a resource attribute (as `OTEL_RESOURCE_ATTRIBUTES`). Applies
-    /// once an endpoint is set.
+    /// Adds a resource attribute (as `OTEL_RESOURCE_ATTRIBUTES`), when
+    /// spans are exported.
     pub fn resource_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        if let Some(otlp) = &mut self.settings.otlp {
-            otlp.resource.push((key.into(), value.into()));
-        }
+        self.overrides.resource.push((key.into(), value.into()));
         self
     }
 
     /// Which traces are recorded (as `OTEL_TRACES_SAMPLER`; default
-    /// [`Sampler::ParentBasedAlwaysOn`]). Applies once an endpoint is set.
+    /// [`Sampler::ParentBasedAlwaysOn`]), when spans are exported.
     pub fn sampler(mut self, sampler: Sampler) -> Self {
-        if let Some(otlp) = &mut self.settings.otlp {
-            otlp.sampler = sampler;
-        }
+        self.overrides.sampler = Some(sampler);
         self
     }
 
-    /// The OTLP settings, if spans are to be exported.
-    pub fn otlp_settings(&self) -> Option<&Otlp> {
-        self.settings.otlp.as_ref()
+    /// The OTLP settings, if spans are to be exported: the environment's,
+    /// with what was set here.
+    pub fn otlp_settings(&self) -> Option<Otlp> {
+        let mut otlp = self.settings.otlp.clone()?;
+        let overrides = &self.overrides;
+        if let Some(name) = &overrides.service_name {
+            otlp.service_name = Some(name.clone());
+        }
+        otlp.resource.extend(overrides.resource.iter().cloned());
+        if let Some(sampler) = overrides.sampler {
+            otlp.sampler = sampler;
+        }
+        Some(otlp)
     }
 
     /// `service.name` when nothing else sets it.
@@ -295,10 +318,10 @@ impl Telemetry {
             layers.push(self.log_layer()?);
         }
         #[cfg(feature = "otlp")]
-        let exporting = match &self.settings.otlp {
+        let exporting = match self.otlp_settings() {
             Some(otlp) => {
                 let (layer, pipeline) =
-                    otlp::Pipeline::start(otlp, self.fallback_service_name.as_deref())?;
+                    otlp::Pipeline::start(&otlp, self.fallback_service_name.as_deref())?;
                 layers.push(layer);
                 Some(pipeline)
             }
@@ -458,19 +481,57 @@ pub(crate) fn install_from_env(service_name: &str) {
     INSTALLED.get_or_init(|| {
         let (telemetry, problem) = match Telemetry::from_env() {
             Ok(telemetry) => (telemetry.fallback_service_name(service_name), None),
-            Err(error) => (Telemetry::new(), Some(error.to_string())),
+            Err(error) => (Telemetry::new(), Some(error)),
         };
         let (guard, problem) = match telemetry.init() {
             Ok(guard) => (Some(guard), problem),
-            // No exporter: logs alone, and say why.
             Err(TelemetryError::AlreadyInstalled) => (None, problem),
-            Err(error) => (Telemetry::new().init().ok(), Some(error.to_string())),
+            // The exporter or the log filter: the defaults, and say why.
+            Err(error) => (Telemetry::new().init().ok(), Some(error)),
         };
         if let Some(problem) = problem {
             tracing::warn!(
-                "telemetry: {problem}; logging with the defaults (text, info) and exporting no span"
+                error = %problem,
+                "telemetry is not set up as configured; logging with the defaults (text, info) \
+                 and exporting no span"
             );
         }
         guard
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_made_in_code_apply_whichever_comes_first() {
+        let before = Telemetry::new()
+            .service_name("orders")
+            .sampler(Sampler::AlwaysOff)
+            .resource_attribute("team", "a")
+            .otlp("http://c:4317", Protocol::Grpc);
+        let otlp = before.otlp_settings().unwrap();
+        assert_eq!(otlp.service_name.as_deref(), Some("orders"));
+        assert_eq!(otlp.sampler, Sampler::AlwaysOff);
+        assert_eq!(otlp.resource, [("team".to_owned(), "a".to_owned())]);
+        assert_eq!(otlp.endpoint, "http://c:4317");
+        assert_eq!(otlp.protocol, Protocol::Grpc);
+        // Without an endpoint, nothing is exported.
+        assert_eq!(
+            Telemetry::new().service_name("orders").otlp_settings(),
+            None
+        );
+        let off = before.without_otlp();
+        assert_eq!(off.otlp_settings(), None);
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_an_error_that_names_it() {
+        let error = Telemetry::new()
+            .log_filter("lodestar=loud")
+            .dispatch()
+            .unwrap_err();
+        assert!(error.to_string().contains("lodestar=loud"), "{error}");
+    }
 }

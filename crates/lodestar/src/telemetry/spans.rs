@@ -170,11 +170,7 @@ pub(crate) fn publish(topic: &str) -> Traced {
         otel.status_code = Empty,
         otel.status_description = Empty,
     );
-    let parent = match tracing::Span::current().is_none() {
-        true => TraceContext::current(),
-        false => None,
-    };
-    Traced::new(span, parent.as_ref())
+    Traced::new(span, outside_any_span().as_ref())
 }
 
 /// The consumer span of a delivery on `topic`, under the publisher's
@@ -209,12 +205,19 @@ pub(crate) fn failed(traced: &Traced, error: &dyn std::fmt::Display) {
 }
 
 /// The parent a client call names itself: the request's own
-/// `traceparent`, or, outside any span, the current context.
+/// `traceparent`, else [`outside_any_span`].
 fn explicit_parent(headers: &http::HeaderMap) -> Option<TraceContext> {
-    TraceContext::from_headers(headers).or_else(|| match tracing::Span::current().is_none() {
+    TraceContext::from_headers(headers).or_else(outside_any_span)
+}
+
+/// The current context, when no span is current to be the parent (code
+/// that set a context of its own with [`TraceContext::scope`]); inside a
+/// span, the span is the parent, as made.
+fn outside_any_span() -> Option<TraceContext> {
+    match tracing::Span::current().is_none() {
         true => TraceContext::current(),
         false => None,
-    })
+    }
 }
 
 /// Which side of a call a span is: which codes are errors.
