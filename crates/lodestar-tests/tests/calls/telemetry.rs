@@ -423,3 +423,57 @@ async fn a_calls_spans_end_with_its_final_status_whatever_ends_it() {
     assert!(has(client_failed, "error.type: Str(NOT_FOUND)"));
     assert_eq!(not_found.parent_id, client_failed.id);
 }
+
+#[tokio::test]
+async fn the_registry_clients_calls_carry_the_callers_trace() {
+    use tracing::Instrument as _;
+
+    let rotel = Rotel::start().await;
+    let (dispatch, guard) = Telemetry::new()
+        .logs(false)
+        .otlp(format!("http://{}", rotel.grpc), Protocol::Grpc)
+        .dispatch()
+        .unwrap();
+    let _default = tracing::dispatcher::set_default(&dispatch);
+    let server = lodestar_registry_server::start(lodestar_registry_server::Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: None,
+        warmup: Duration::ZERO,
+        ..lodestar_registry_server::Config::default()
+    })
+    .await
+    .unwrap();
+    let registry = lodestar_registry::RemoteRegistry::new(&[server.local_addr().to_string()]);
+    let instance = Instance::new("registered", "127.0.0.1:1");
+    let registering = registry.register(instance, Duration::from_secs(30));
+    bounded(
+        "a registration in a span",
+        registering.instrument(tracing::info_span!("registering")),
+    )
+    .await
+    .unwrap();
+    bounded("a flush", guard.flush()).await;
+
+    let register = "lodestar.registry.v1.Registry/Register";
+    let spans = rotel
+        .spans_until(|spans| {
+            spans.iter().any(|s| s.name == "registering")
+                && spans
+                    .iter()
+                    .any(|s| s.kind == "SPAN_KIND_SERVER" && s.name == register)
+        })
+        .await;
+    let find = |kind: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.kind == kind && s.name == name)
+            .unwrap_or_else(|| panic!("a {kind} span {name} in {spans:#?}"))
+    };
+    let outer = find("SPAN_KIND_INTERNAL", "registering");
+    let client = find("SPAN_KIND_CLIENT", register);
+    let served = find("SPAN_KIND_SERVER", register);
+    assert_eq!(client.parent_id, outer.id);
+    assert_eq!(served.parent_id, client.id);
+    assert_eq!(served.trace_id, outer.trace_id);
+    server.shutdown().await.unwrap();
+}
