@@ -68,6 +68,11 @@ use tracing_subscriber::registry::LookupSpan;
 use settings::Settings;
 pub use settings::{LogFormat, Otlp, Protocol, Sampler};
 
+/// The target of the spans lodestar makes for calls and events. They are
+/// for export only: log lines carry their ids, not their fields, so the log
+/// layer skips them (no per-call formatting of their fields).
+pub const SPANS_TARGET: &str = "lodestar::spans";
+
 /// A layer of lodestar's telemetry, for a subscriber of type `S`.
 pub type BoxLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
 

@@ -90,7 +90,7 @@ where
 {
     let name = method_name(request.uri().path());
     let span = tracing::info_span!(
-        target: "lodestar::server",
+        target: super::SPANS_TARGET,
         parent: None,
         "grpc.server",
         otel.name = name,
@@ -126,7 +126,7 @@ where
 pub(crate) fn call<B>(request: &mut http::Request<B>) -> CallSpan {
     let name = method_name(request.uri().path());
     let span = tracing::info_span!(
-        target: "lodestar::client",
+        target: super::SPANS_TARGET,
         "grpc.client",
         otel.name = name,
         otel.kind = "client",
@@ -160,7 +160,7 @@ pub(crate) fn call<B>(request: &mut http::Request<B>) -> CallSpan {
 /// its context (run the publication in it: [`Traced::run`]).
 pub(crate) fn publish(topic: &str) -> Traced {
     let span = tracing::info_span!(
-        target: "lodestar::events",
+        target: super::SPANS_TARGET,
         "publish",
         otel.name = format!("publish {topic}"),
         otel.kind = "producer",
@@ -181,7 +181,7 @@ pub(crate) fn consume(
     parent: Option<&TraceContext>,
 ) -> Traced {
     let span = tracing::info_span!(
-        target: "lodestar::events",
+        target: super::SPANS_TARGET,
         parent: None,
         "process",
         otel.name = format!("process {topic}"),
