@@ -531,6 +531,25 @@ mod tests {
         assert_eq!(off.otlp_settings(), None);
     }
 
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn an_endpoint_the_exporter_cannot_reach_is_an_error_that_names_it() {
+        for endpoint in [
+            "https://collector:4318/v1/traces",
+            "collector:4318",
+            "not a url",
+        ] {
+            let error = Telemetry::new()
+                .otlp(endpoint, Protocol::HttpProtobuf)
+                .dispatch()
+                .unwrap_err();
+            assert!(
+                matches!(&error, TelemetryError::Exporter { endpoint: e, .. } if e == endpoint),
+                "{error}"
+            );
+        }
+    }
+
     #[test]
     fn a_bad_log_filter_is_an_error_that_names_it() {
         let error = Telemetry::new()

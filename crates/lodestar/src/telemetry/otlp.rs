@@ -274,6 +274,19 @@ impl Health {
 }
 
 fn build_exporter(otlp: &Otlp) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
+    let refused = |reason: &str| TelemetryError::Exporter {
+        endpoint: otlp.endpoint.clone(),
+        reason: reason.to_owned(),
+    };
+    match otlp.endpoint.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+        Ok(uri) if uri.scheme_str() == Some("https") => {
+            return Err(refused(
+                "TLS is not compiled into the exporter; send to a collector over plain http://",
+            ));
+        }
+        _ => return Err(refused("expected an http:// URL with a host")),
+    }
     let built = match otlp.protocol {
         Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
