@@ -91,6 +91,8 @@ impl Pipeline {
             .with_tracer(provider.tracer("lodestar"))
             .with_location(false)
             .with_threads(false)
+            // No clock reads at every poll for busy and idle times.
+            .with_tracked_inactivity(false)
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
         let id = IDS.fetch_add(1, Ordering::Relaxed);
         PIPELINES.lock_unpoisoned().push((id, provider.clone()));
