@@ -262,7 +262,7 @@ async fn calls_succeed_when_the_collector_is_down_and_it_is_said_once() {
         let logs = Captured::default();
         let sink = logs.clone();
         let (dispatch, guard) = Telemetry::new()
-            .log_filter("warn,lodestar_tests=debug")
+            .log_filter("info,lodestar_tests=debug")
             .log_writer(move || sink.clone())
             .otlp(endpoint, protocol)
             .dispatch()

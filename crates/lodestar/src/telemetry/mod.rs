@@ -378,13 +378,19 @@ impl Telemetry {
     where
         S: Subscriber + for<'a> LookupSpan<'a>,
     {
-        let filter =
-            tracing_subscriber::EnvFilter::try_new(&self.settings.log_filter).map_err(|e| {
-                TelemetryError::LogFilter {
-                    filter: self.settings.log_filter.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+        let invalid = |e: &dyn std::fmt::Display| TelemetryError::LogFilter {
+            filter: self.settings.log_filter.clone(),
+            reason: e.to_string(),
+        };
+        // lodestar's spans are skipped by a static directive (only spans
+        // have that target), which keeps the filter's level hint: `debug!`
+        // and `trace!` under the level still cost one comparison.
+        let skip_spans = format!("{SPANS_TARGET}=off")
+            .parse()
+            .map_err(|e| invalid(&e))?;
+        let filter = tracing_subscriber::EnvFilter::try_new(&self.settings.log_filter)
+            .map_err(|e| invalid(&e))?
+            .add_directive(skip_spans);
         let layer = tracing_subscriber::fmt::layer();
         Ok(match self.writer.take() {
             Some(writer) => {
