@@ -7,7 +7,7 @@
 //!   an empty payload, 32 in flight, lodestar → lodestar. Throughput, CPU
 //!   and the client's allocations per call.
 
-use crate::harness::{self, Case, Result, Settings};
+use crate::harness::{Case, Result, Settings};
 use crate::rpc;
 
 /// The cost case.
@@ -21,35 +21,18 @@ const COST: rpc::RpcCase = rpc::RpcCase {
 
 pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
     eprintln!("observability: what counting every call costs");
-    // Discovery for the runs; idle while measuring.
-    let (_registry, registry_url) = crate::registry::start_server(settings.server_cpu()).await?;
-    let cost = harness::alternate(
+    let cost = rpc::cost(
         settings,
         "observability",
-        COST.name,
-        &["lodestar", "lodestar, metrics off"],
-        |variant| {
-            let registry_url = registry_url.clone();
-            async move {
-                let (server, flags): (_, &[&str]) = if variant == "lodestar" {
-                    (rpc::Server::of(rpc::Side::Lodestar), &[])
-                } else {
-                    (
-                        rpc::Server::Lodestar(&rpc::METRICS_OFF_SERVER),
-                        &["--no-metrics"],
-                    )
-                };
-                rpc::one_run_with(
-                    settings,
-                    &COST,
-                    server,
-                    rpc::Side::Lodestar,
-                    &registry_url,
-                    flags,
-                )
-                .await
-            }
-        },
+        &COST,
+        [
+            ("lodestar", rpc::Server::of(rpc::Side::Lodestar), &[]),
+            (
+                "lodestar, metrics off",
+                rpc::Server::Lodestar(&rpc::METRICS_OFF_SERVER),
+                &["--no-metrics"],
+            ),
+        ],
     )
     .await?;
     Ok(vec![cost])

@@ -408,36 +408,22 @@ pub(crate) async fn run(settings: &Settings) -> Result<Vec<Case>> {
         |variant| async move { one_run(settings, false, variant == "lodestar").await },
     )
     .await?;
-    // Discovery for the cost case's runs; idle while measuring.
-    let (_registry, registry_url) = crate::registry::start_server(settings.server_cpu()).await?;
-    let cost = harness::alternate(
+    let cost = rpc::cost(
         settings,
         "resilience",
-        COST.name,
-        &["lodestar", "lodestar, resilience off"],
-        |variant| {
-            let registry_url = registry_url.clone();
-            async move {
-                let on = variant == "lodestar";
-                let (server, flags): (_, &[&str]) = if on {
-                    (
-                        rpc::Server::Lodestar(&rpc::RESILIENT_SERVER),
-                        &["--resilience"],
-                    )
-                } else {
-                    (rpc::Server::of(rpc::Side::Lodestar), &[])
-                };
-                rpc::one_run_with(
-                    settings,
-                    &COST,
-                    server,
-                    rpc::Side::Lodestar,
-                    &registry_url,
-                    flags,
-                )
-                .await
-            }
-        },
+        &COST,
+        [
+            (
+                "lodestar",
+                rpc::Server::Lodestar(&rpc::RESILIENT_SERVER),
+                &["--resilience"],
+            ),
+            (
+                "lodestar, resilience off",
+                rpc::Server::of(rpc::Side::Lodestar),
+                &[],
+            ),
+        ],
     )
     .await?;
     Ok(vec![storm, tail, cost])

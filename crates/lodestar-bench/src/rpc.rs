@@ -884,6 +884,36 @@ pub(crate) async fn one_run(
 }
 
 /// [`one_run`], with `client_flags` added to the client's arguments.
+/// One variant of a [`cost`] case: its name in the tables, its server and
+/// its client's flags.
+pub(crate) type CostVariant = (&'static str, Server, &'static [&'static str]);
+
+/// A cost case: `case`, lodestar's client against lodestar's server, with
+/// a feature on (the first variant) and off (the second), the runs
+/// alternating; discovery through a registry server of its own, idle
+/// while measuring.
+pub(crate) async fn cost(
+    settings: &Settings,
+    scenario: &'static str,
+    case: &RpcCase,
+    variants: [CostVariant; 2],
+) -> Result<Case> {
+    let (_registry, registry_url) = crate::registry::start_server(settings.server_cpu()).await?;
+    let names = variants.map(|(name, _, _)| name);
+    harness::alternate(settings, scenario, case.name, &names, |variant| {
+        let registry_url = registry_url.clone();
+        let (_, server, flags) = variants
+            .iter()
+            .copied()
+            .find(|(name, _, _)| *name == variant)
+            .unwrap_or(variants[0]);
+        async move {
+            one_run_with(settings, case, server, Side::Lodestar, &registry_url, flags).await
+        }
+    })
+    .await
+}
+
 pub(crate) async fn one_run_with(
     settings: &Settings,
     case: &RpcCase,

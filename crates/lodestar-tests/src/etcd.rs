@@ -12,17 +12,11 @@ pub use crate::free_port;
 
 /// The etcd binary: `LODESTAR_ETCD`, else `etcd` on the PATH.
 pub fn binary() -> String {
-    let binary = std::env::var("LODESTAR_ETCD").unwrap_or_else(|_| "etcd".to_owned());
-    let found = Command::new(&binary)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "`{binary}` cannot be run: the etcd tests need etcd (Debian: apt-get install etcd-server). \\
-         ./scripts/test installs it; or set LODESTAR_ETCD to an etcd binary."
-    );
-    binary
+    crate::find_binary(
+        "LODESTAR_ETCD",
+        &["etcd"],
+        "the etcd tests need etcd (Debian: apt-get install etcd-server)",
+    )
 }
 
 /// The user [`Etcd::secure`] creates: it may read and write the registry's

@@ -544,6 +544,30 @@ pub fn unique_name() -> String {
     )
 }
 
+/// A program the tests start: the path in the environment variable `env`
+/// if set (it must run), else the first of `candidates` that runs
+/// (`--version` succeeds). Fails the test with `hint` (what needs it and
+/// how to install it) if none does.
+pub fn find_binary(env: &str, candidates: &[&str], hint: &str) -> String {
+    let runs = |binary: &str| {
+        std::process::Command::new(binary)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if let Ok(binary) = std::env::var(env) {
+        assert!(runs(&binary), "{env}=`{binary}` cannot be run");
+        return binary;
+    }
+    match candidates.iter().find(|binary| runs(binary)) {
+        Some(binary) => (*binary).to_owned(),
+        None => panic!(
+            "{} cannot be run: {hint}. ./scripts/test installs it; or set {env}.",
+            candidates.first().copied().unwrap_or_default()
+        ),
+    }
+}
+
 /// The status of an HTTP/1.1 `GET` of `path` from `address`, or `None` if
 /// nothing answers there (yet).
 pub async fn http_get_status(address: std::net::SocketAddr, path: &str) -> Option<u16> {

@@ -9,29 +9,11 @@ use std::time::Duration;
 /// The nats-server binary: `LODESTAR_NATS_SERVER`, else `nats-server` on
 /// the PATH, else Debian's `/usr/sbin/nats-server`.
 pub fn binary() -> String {
-    let runs = |binary: &str| {
-        Command::new(binary)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if let Ok(binary) = std::env::var("LODESTAR_NATS_SERVER") {
-        assert!(
-            runs(&binary),
-            "LODESTAR_NATS_SERVER=`{binary}` cannot be run"
-        );
-        return binary;
-    }
-    let found = ["nats-server", "/usr/sbin/nats-server"]
-        .into_iter()
-        .find(|binary| runs(binary));
-    match found {
-        Some(binary) => binary.to_owned(),
-        None => panic!(
-            "nats-server cannot be run: the NATS tests need it (Debian: apt-get install \
-             nats-server). ./scripts/test installs it; or set LODESTAR_NATS_SERVER."
-        ),
-    }
+    crate::find_binary(
+        "LODESTAR_NATS_SERVER",
+        &["nats-server", "/usr/sbin/nats-server"],
+        "the NATS tests need it (Debian: apt-get install nats-server)",
+    )
 }
 
 /// One nats-server with JetStream on.

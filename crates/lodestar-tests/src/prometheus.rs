@@ -10,17 +10,11 @@ use std::time::Duration;
 /// The prometheus binary: `LODESTAR_PROMETHEUS`, else `prometheus` on the
 /// PATH.
 pub fn binary() -> String {
-    let binary = std::env::var("LODESTAR_PROMETHEUS").unwrap_or_else(|_| "prometheus".to_owned());
-    let runs = Command::new(&binary)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        runs,
-        "`{binary}` cannot be run: the metrics tests need Prometheus (Debian: apt-get install \
-         prometheus). ./scripts/test installs it; or set LODESTAR_PROMETHEUS."
-    );
-    binary
+    crate::find_binary(
+        "LODESTAR_PROMETHEUS",
+        &["prometheus"],
+        "the metrics tests need Prometheus (Debian: apt-get install prometheus)",
+    )
 }
 
 /// One Prometheus server scraping fixed targets.

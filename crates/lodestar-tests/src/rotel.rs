@@ -13,23 +13,11 @@ use tokio::sync::watch;
 /// The rotel-agent binary: `LODESTAR_ROTEL` (which `scripts/test` sets),
 /// else `rotel-agent` on the PATH.
 pub fn binary() -> String {
-    let runs = |binary: &str| {
-        Command::new(binary)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if let Ok(binary) = std::env::var("LODESTAR_ROTEL") {
-        assert!(runs(&binary), "LODESTAR_ROTEL=`{binary}` cannot be run");
-        return binary;
-    }
-    if runs("rotel-agent") {
-        return "rotel-agent".to_owned();
-    }
-    panic!(
-        "rotel-agent cannot be run: the trace export tests need it (pip install rotel==0.0.1a15; \
-         its wheel carries the binary). ./scripts/test installs it; or set LODESTAR_ROTEL."
-    );
+    crate::find_binary(
+        "LODESTAR_ROTEL",
+        &["rotel-agent"],
+        "the trace export tests need it (pip install rotel==0.0.1a15; its wheel carries the binary)",
+    )
 }
 
 /// One span as the collector printed it.

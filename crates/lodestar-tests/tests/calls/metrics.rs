@@ -22,6 +22,21 @@ fn count(text: &str, side: &str, method: &str, code: &str, extra: &str) -> f64 {
     sample(text, &series).unwrap_or(0.0)
 }
 
+/// `ok` calls that succeed, then one that fails `NOT_FOUND`.
+async fn ok_and_not_found(echo: &mut EchoClient<lodestar::client::Channel>, ok: usize) {
+    for _ in 0..ok {
+        bounded("unary", echo.unary(EchoRequest::default()))
+            .await
+            .unwrap();
+    }
+    let failure = FailRequest {
+        code: Code::NotFound as i32,
+        message: "no such thing".into(),
+    };
+    let failed = bounded("fail", echo.fail(failure)).await.unwrap_err();
+    assert_eq!(failed.code(), Code::NotFound);
+}
+
 /// Scrapes `admin` until `done` holds for the text (the server learns of a
 /// cancellation asynchronously); bounded.
 async fn scrape_until(admin: std::net::SocketAddr, done: impl Fn(&str) -> bool) -> String {
@@ -68,19 +83,7 @@ async fn calls_are_counted_by_method_and_final_code_on_both_sides() {
     );
 
     // OK, and a failure by its code.
-    bounded("unary", echo.unary(EchoRequest::default()))
-        .await
-        .unwrap();
-    let failed = bounded(
-        "fail",
-        echo.fail(FailRequest {
-            code: Code::NotFound as i32,
-            message: "no such thing".into(),
-        }),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(failed.code(), Code::NotFound);
+    ok_and_not_found(&mut echo, 1).await;
 
     // A stream that ends by its trailers.
     let mut stream = bounded(
@@ -325,21 +328,7 @@ async fn prometheus_scrapes_a_service_the_registry_and_a_subscriber() {
     prometheus.all_up().await;
 
     let mut echo = EchoClient::by_name(&lodestar::Client::new(registry.clone()), "scraped");
-    for _ in 0..4 {
-        bounded("unary", echo.unary(EchoRequest::default()))
-            .await
-            .unwrap();
-    }
-    let failed = bounded(
-        "fail",
-        echo.fail(FailRequest {
-            code: Code::NotFound as i32,
-            message: "no such thing".into(),
-        }),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(failed.code(), Code::NotFound);
+    ok_and_not_found(&mut echo, 4).await;
 
     // Summed over the instances, by method and code.
     let query = r#"sum by (rpc_method, rpc_status_code) (rpc_server_call_duration_seconds_count{job="services", rpc_method=~"lodestar.test.Echo/(Unary|Fail)"})"#;
