@@ -36,6 +36,21 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// How long a connection has to send a request's head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the admin endpoint's connections may cost.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    pub(crate) max_connections: usize,
+    pub(crate) header_timeout: Duration,
+}
+
+impl Bounds {
+    /// [`MAX_CONNECTIONS`] and [`HEADER_TIMEOUT`].
+    pub(crate) const DEFAULT: Bounds = Bounds {
+        max_connections: MAX_CONNECTIONS,
+        header_timeout: HEADER_TIMEOUT,
+    };
+}
+
 /// What the admin endpoint reports on.
 pub(crate) struct State {
     /// `None`: metrics are off (`/metrics` is `404`).
@@ -104,9 +119,10 @@ impl State {
 pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<State>,
+    bounds: Bounds,
     mut stop: watch::Receiver<bool>,
 ) {
-    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let places = Arc::new(Semaphore::new(bounds.max_connections));
     // Told to stop, or the handle is gone.
     let stopped = async move {
         let _ = stop.wait_for(|stop| *stop).await;
@@ -139,7 +155,7 @@ pub(crate) async fn serve(
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(bounds.header_timeout)
                 .serve_connection(TokioIo::new(stream), service);
             // A peer that goes away is not an error of ours.
             let _ = connection.await;
@@ -149,4 +165,101 @@ pub(crate) async fn serve(
         while connections.try_join_next().is_some() {}
     }
     connections.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const BOUND: Duration = Duration::from_secs(5);
+    const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+
+    /// An admin endpoint with `bounds`, serving until the sender drops.
+    async fn start(bounds: Bounds) -> (std::net::SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            metrics: Some(Metrics::new()),
+            events: Arc::new(Announcer::new()),
+            registers: false,
+        });
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(listener, state, bounds, stopped));
+        (address, stop)
+    }
+
+    /// Sends `request` on a new connection and reads the answer to its end.
+    async fn exchange(address: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        // A peer may close before reading everything (a head too large).
+        let _ = stream.write_all(request).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(BOUND, stream.read_to_end(&mut answer))
+            .await
+            .expect("an answer, then the connection closed");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_their_status_and_the_endpoint_carries_on() {
+        let (address, _stop) = start(Bounds::DEFAULT).await;
+        let cases: [(&[u8], &str); 4] = [
+            (
+                b"POST /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 3\r\n\r\nabc",
+                "HTTP/1.1 405",
+            ),
+            (
+                b"GET /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+                "HTTP/1.1 404",
+            ),
+            (b"this is not HTTP\r\n\r\n", "HTTP/1.1 400"),
+            // Not serving yet (no lifecycle step announced).
+            (
+                b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+                "HTTP/1.1 503",
+            ),
+        ];
+        for (request, status) in cases {
+            let answer = exchange(address, request).await;
+            assert!(answer.starts_with(status), "{status}: {answer}");
+        }
+        // A request head larger than hyper's buffer is refused, not kept.
+        let mut huge = b"GET /metrics HTTP/1.1\r\nx-big: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+        let answer = exchange(address, &huge).await;
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+            "{answer}"
+        );
+        // Still serving.
+        let answer = exchange(address, HEALTHZ).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_and_connections_are_bounded() {
+        let bounds = Bounds {
+            max_connections: 2,
+            header_timeout: Duration::from_millis(300),
+        };
+        let (address, _stop) = start(bounds).await;
+        // Two connections that say nothing take both places...
+        let mut silent = [
+            TcpStream::connect(address).await.unwrap(),
+            TcpStream::connect(address).await.unwrap(),
+        ];
+        // ...so a third is served only once the header timeout has closed them.
+        let started = tokio::time::Instant::now();
+        let answer = exchange(address, HEALTHZ).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250), "{waited:?}");
+        for stream in &mut silent {
+            let mut rest = Vec::new();
+            let closed = tokio::time::timeout(BOUND, stream.read_to_end(&mut rest)).await;
+            assert!(closed.is_ok(), "a silent connection is closed");
+        }
+    }
 }

@@ -202,7 +202,12 @@ impl ServiceBuilder {
                     registers: self.registry.is_some(),
                 });
                 let (stop, stopped) = watch::channel(false);
-                let task = tokio::spawn(crate::admin::serve(admin_listener, state, stopped));
+                let task = tokio::spawn(crate::admin::serve(
+                    admin_listener,
+                    state,
+                    crate::admin::Bounds::DEFAULT,
+                    stopped,
+                ));
                 tracing::info!(service = %instance.key, address = %admin_addr,
                     "metrics at http://{admin_addr}/metrics");
                 Some(super::running::Admin {
