@@ -156,6 +156,25 @@ pub struct Config {
     pub metrics: lodestar::metrics::Metrics,
 }
 
+impl Config {
+    /// A server for tests and demos: gRPC on loopback at any free port,
+    /// no HTTP API, no warm-up; every other setting the default.
+    ///
+    /// ```
+    /// let config = lodestar_registry_server::Config::ephemeral();
+    /// assert_eq!(config.addr.port(), 0);
+    /// assert!(config.http_addr.is_none());
+    /// ```
+    pub fn ephemeral() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: None,
+            warmup: Duration::ZERO,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {

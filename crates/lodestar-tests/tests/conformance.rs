@@ -286,14 +286,9 @@ async fn keepalive_stream_answers_each_heartbeat_in_order_and_needs_the_token() 
 #[tokio::test]
 async fn keepalive_streams_outlive_a_dropped_registry_handle() {
     use lodestar_registry::pb;
-    let server = lodestar_registry_server::start(lodestar_registry_server::Config {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: None,
-        warmup: Duration::ZERO,
-        ..lodestar_registry_server::Config::default()
-    })
-    .await
-    .unwrap();
+    let server = lodestar_registry_server::start(lodestar_registry_server::Config::ephemeral())
+        .await
+        .unwrap();
     let address = server.local_addr().to_string();
     drop(server);
     let registry = lodestar_registry::RemoteRegistry::new(std::slice::from_ref(&address));

@@ -57,14 +57,9 @@ impl Drop for Proc {
 
 /// `lodestar registry`'s server, in process, on any free port.
 async fn registry() -> (lodestar_registry_server::RunningRegistry, String) {
-    let registry = lodestar_registry_server::start(lodestar_registry_server::Config {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: None,
-        warmup: Duration::ZERO,
-        ..lodestar_registry_server::Config::default()
-    })
-    .await
-    .unwrap();
+    let registry = lodestar_registry_server::start(lodestar_registry_server::Config::ephemeral())
+        .await
+        .unwrap();
     let url = format!("lodestar://{}", registry.local_addr());
     (registry, url)
 }

@@ -112,14 +112,9 @@ fn the_client_runs_all_four_call_kinds_against_the_server_which_stops_on_sigterm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_and_client_find_each_other_through_a_registry_server() {
-    let registry = lodestar_registry_server::start(lodestar_registry_server::Config {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: None,
-        warmup: Duration::ZERO,
-        ..lodestar_registry_server::Config::default()
-    })
-    .await
-    .unwrap();
+    let registry = lodestar_registry_server::start(lodestar_registry_server::Config::ephemeral())
+        .await
+        .unwrap();
     let url = format!("lodestar://{}", registry.local_addr());
     let (_first, _) = start_server(&["--registry", &url, "--name", "first"]);
     let (_second, _) = start_server(&["--registry", &url, "--name", "second"]);

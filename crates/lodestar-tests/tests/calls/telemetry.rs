@@ -440,14 +440,9 @@ async fn the_registry_clients_calls_carry_the_callers_trace() {
         .dispatch()
         .unwrap();
     let _default = tracing::dispatcher::set_default(&dispatch);
-    let server = lodestar_registry_server::start(lodestar_registry_server::Config {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: None,
-        warmup: Duration::ZERO,
-        ..lodestar_registry_server::Config::default()
-    })
-    .await
-    .unwrap();
+    let server = lodestar_registry_server::start(lodestar_registry_server::Config::ephemeral())
+        .await
+        .unwrap();
     let registry = lodestar_registry::RemoteRegistry::new(&[server.local_addr().to_string()]);
     let instance = Instance::new("registered", "127.0.0.1:1");
     let registering = registry.register(instance, Duration::from_secs(30));
