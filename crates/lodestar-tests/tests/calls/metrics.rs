@@ -375,3 +375,29 @@ async fn prometheus_scrapes_a_service_the_registry_and_a_subscriber() {
     subscriber.abort().await;
     registry_server.shutdown().await.unwrap();
 }
+
+/// An admin address that is taken stops the start, and the error says it
+/// is the admin endpoint's and how to choose another.
+#[tokio::test]
+async fn a_taken_admin_address_is_refused_by_name() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let world = World::new();
+    let started = bounded(
+        "the start to fail",
+        world
+            .builder("admin-taken", "a")
+            .admin_addr(Some(address))
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await;
+    let error = started.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, lodestar::server::ServeError::AdminBind { address: a, .. } if a == address),
+        "{message}"
+    );
+    assert!(message.contains(&address.to_string()), "{message}");
+    assert!(message.contains("ServiceBuilder::admin_addr"), "{message}");
+}

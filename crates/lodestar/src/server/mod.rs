@@ -113,6 +113,17 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The admin endpoint's address could not be bound.
+    #[error(
+        "cannot bind the admin endpoint (/metrics, /healthz, /readyz) at {address}: {source}; \
+         choose another with ServiceBuilder::admin_addr, or None for no admin endpoint"
+    )]
+    AdminBind {
+        /// The address asked for ([`ServiceBuilder::admin_addr`](crate::ServiceBuilder::admin_addr)).
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The reflection descriptors could not be loaded.
     #[error("invalid file descriptor set for reflection: {0}")]
     Reflection(String),

@@ -190,11 +190,11 @@ impl ServiceBuilder {
                         .await
                         .map_err(|source| {
                             serve.abort();
-                            ServeError::Bind { address, source }
+                            ServeError::AdminBind { address, source }
                         })?;
                 let admin_addr = admin_listener.local_addr().map_err(|source| {
                     serve.abort();
-                    ServeError::Bind { address, source }
+                    ServeError::AdminBind { address, source }
                 })?;
                 let state = Arc::new(crate::admin::State {
                     metrics: self.metrics.clone(),
