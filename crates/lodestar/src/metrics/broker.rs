@@ -13,21 +13,19 @@
 //! The topics a process counts are bounded: past [`MAX_TOPICS`], further
 //! topics count as one `_OTHER` series.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use lodestar_core::sync::MutexExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use super::Metrics;
+use super::bounded::Bounded;
 
 /// The most topics a registry keeps series for; more count as `_OTHER`.
 pub const MAX_TOPICS: usize = 1000;
 
 /// The `topic` of messages on topics past [`MAX_TOPICS`].
-pub const OTHER_TOPIC: &str = "_OTHER";
+pub const OTHER_TOPIC: &str = super::bounded::OTHER;
 
 type Labels = [(&'static str, String); 1];
 
@@ -50,16 +48,12 @@ pub struct BrokerMetrics {
 struct Shared {
     families: [Family<Labels, Counter>; 6],
     /// Each topic's counters, read without a lock.
-    topics: ArcSwap<HashMap<Box<str>, TopicMetrics>>,
-    /// Adding a topic, one at a time.
-    adding: Mutex<()>,
+    topics: Bounded<TopicMetrics>,
 }
 
 impl std::fmt::Debug for BrokerMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerMetrics")
-            .field("topics", &self.shared.topics.load().len())
-            .finish()
+        f.debug_struct("BrokerMetrics").finish_non_exhaustive()
     }
 }
 
@@ -135,8 +129,7 @@ impl BrokerMetrics {
             BrokerMetrics {
                 shared: Arc::new(Shared {
                     families,
-                    topics: ArcSwap::default(),
-                    adding: Mutex::new(()),
+                    topics: Bounded::new(MAX_TOPICS),
                 }),
             }
         })
@@ -145,35 +138,21 @@ impl BrokerMetrics {
     /// The counters of `topic` (or of `_OTHER`, past [`MAX_TOPICS`]).
     /// Allocates only the first time a topic is seen.
     pub fn topic(&self, topic: &str) -> TopicMetrics {
-        if let Some(found) = self.shared.topics.load().get(topic) {
-            return found.clone();
-        }
-        let _adding = self.shared.adding.lock_unpoisoned();
-        let topics = self.shared.topics.load_full();
-        if let Some(found) = topics.get(topic) {
-            return found.clone();
-        }
-        let name = if topics.len() < MAX_TOPICS {
-            topic
-        } else {
-            OTHER_TOPIC
-        };
-        if let Some(other) = topics.get(name) {
-            return other.clone();
-        }
-        let labels: Labels = [("topic", name.to_owned())];
-        let counters = self
-            .shared
-            .families
-            .each_ref()
-            .map(|family| family.get_or_create(&labels).clone());
-        let found = TopicMetrics {
-            counters: Arc::new(counters),
-        };
-        let mut grown = HashMap::clone(&topics);
-        grown.insert(name.into(), found.clone());
-        self.shared.topics.store(Arc::new(grown));
-        found
+        self.shared.topics.find(
+            topic,
+            |_| true,
+            |name| {
+                let labels: Labels = [("topic", name.to_owned())];
+                let counters = self
+                    .shared
+                    .families
+                    .each_ref()
+                    .map(|family| family.get_or_create(&labels).clone());
+                TopicMetrics {
+                    counters: Arc::new(counters),
+                }
+            },
+        )
     }
 }
 

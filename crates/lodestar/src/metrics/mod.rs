@@ -47,6 +47,7 @@
 //! assert!(metrics.encode().contains("myapp_jobs_total 1"));
 //! ```
 
+mod bounded;
 mod broker;
 pub(crate) mod governance;
 mod histogram;

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
 use lodestar_core::sync::MutexExt;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -20,13 +19,14 @@ use prometheus_client::registry::Unit;
 use tokio::time::Instant;
 use tonic::Code;
 
+use super::bounded::Bounded;
 use super::{DurationHistogram, Metrics};
 use crate::policy_data::code_name;
 
 /// The `rpc_method` of calls to a method the server does not serve (or a
 /// client's beyond [`MAX_CLIENT_METHODS`]), as the OpenTelemetry
 /// conventions name them: one series for all, however many there are.
-pub(crate) const OTHER: &str = "_OTHER";
+pub(crate) use super::bounded::OTHER;
 
 /// The most methods a client keeps series for per service called; calls
 /// to more count as [`OTHER`].
@@ -294,9 +294,8 @@ impl MethodTable {
 pub(crate) struct ClientMethods {
     service: Box<str>,
     family: Arc<Family>,
-    /// Sorted by path; replaced whole when a method is added.
-    known: ArcSwap<Vec<(Box<str>, Arc<Series>)>>,
-    adding: Mutex<()>,
+    /// By path.
+    known: Bounded<Arc<Series>>,
 }
 
 impl ClientMethods {
@@ -305,8 +304,7 @@ impl ClientMethods {
         Self {
             service: service.into(),
             family: Family::register(metrics, Side::Client),
-            known: ArcSwap::default(),
-            adding: Mutex::new(()),
+            known: Bounded::new(MAX_CLIENT_METHODS),
         }
     }
 
@@ -314,37 +312,21 @@ impl ClientMethods {
     /// is, if it must be added.
     #[inline]
     pub(crate) fn find(&self, path: &str, kind: impl FnOnce() -> Kind) -> Arc<Series> {
-        let known = self.known.load();
-        match known.binary_search_by(|(candidate, _)| (**candidate).cmp(path)) {
-            Ok(index) => match known.get(index) {
-                Some((_, series)) => series.clone(),
-                None => self.add(path, kind()),
+        self.known.find(
+            path,
+            |path| method(path).is_some(),
+            |label| match method(label) {
+                Some(method) => self.family.series(&self.service, method, kind()),
+                None => self.family.series(&self.service, OTHER, Kind::Unknown),
             },
-            Err(_) => self.add(path, kind()),
-        }
+        )
     }
+}
 
-    #[cold]
-    fn add(&self, path: &str, kind: Kind) -> Arc<Series> {
-        let _adding = self.adding.lock_unpoisoned();
-        let known = self.known.load();
-        if let Ok(index) = known.binary_search_by(|(c, _)| (**c).cmp(path))
-            && let Some((_, series)) = known.get(index)
-        {
-            return series.clone();
-        }
-        let method = match path.strip_prefix('/') {
-            Some(method) if is_method_name(method) && known.len() < MAX_CLIENT_METHODS => method,
-            _ => return self.family.series(&self.service, OTHER, Kind::Unknown),
-        };
-        let series = self.family.series(&self.service, method, kind);
-        let mut next = Vec::with_capacity(known.len() + 1);
-        next.extend(known.iter().cloned());
-        next.push((path.into(), series.clone()));
-        next.sort_by(|a, b| a.0.cmp(&b.0));
-        self.known.store(Arc::new(next));
-        series
-    }
+/// The method a client's call path names (`/pkg.Service/Method` without
+/// its slash), if it looks like one.
+fn method(path: &str) -> Option<&str> {
+    path.strip_prefix('/').filter(|m| is_method_name(m))
 }
 
 /// Whether `method` looks like `pkg.Service/Method`: printable, one slash,
