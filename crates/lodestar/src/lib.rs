@@ -53,6 +53,7 @@ mod body;
 pub mod client;
 pub mod codec;
 pub mod compression;
+pub mod config;
 mod deadline;
 pub mod events;
 pub mod fault;
