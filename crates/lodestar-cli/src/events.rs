@@ -11,12 +11,11 @@ use lodestar::broker::{Broker, Durable, Message, SubscribeOptions};
 #[derive(clap::Args, Debug)]
 pub(crate) struct BrokerArg {
     /// Broker URL (memory://, http://, nats://host:4222[,host:4222]).
-    /// Default: LODESTAR_BROKER, then nats://127.0.0.1:4222.
     #[arg(long, env = "LODESTAR_BROKER", default_value = "nats://127.0.0.1:4222")]
     broker: String,
     /// Registry URL, for the http:// broker (which finds subscribers
-    /// there). Default: LODESTAR_REGISTRY, then lodestar://127.0.0.1:7070.
-    #[arg(long)]
+    /// there). Default: lodestar://127.0.0.1:7070.
+    #[arg(long, env = "LODESTAR_REGISTRY")]
     registry: Option<String>,
 }
 
@@ -91,10 +90,15 @@ pub(crate) struct SubscribeArgs {
     /// least once, each message acked once printed.
     #[arg(long)]
     durable: Option<String>,
-    /// With --durable: seconds a delivery may stay unacked before it is
+    /// With --durable: how long a delivery may stay unacked before it is
     /// delivered again.
-    #[arg(long, default_value_t = 30, requires = "durable")]
-    ack_wait: u64,
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "30s",
+        requires = "durable"
+    )]
+    ack_wait: crate::args::Span,
     /// With --durable: deliveries before a message is dead-lettered.
     #[arg(long, default_value_t = 5, requires = "durable")]
     max_deliver: u32,
@@ -110,7 +114,7 @@ pub(crate) async fn subscribe(args: SubscribeArgs) -> Result<ExitCode, Box<dyn E
     let options = match (args.queue, args.durable) {
         (_, Some(name)) => SubscribeOptions::durable(
             Durable::new(name)
-                .ack_wait(std::time::Duration::from_secs(args.ack_wait))
+                .ack_wait(args.ack_wait.0)
                 .max_deliver(args.max_deliver),
         ),
         (Some(queue), None) => SubscribeOptions::queue(queue),

@@ -4,17 +4,45 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod args;
 mod cert;
 mod demo;
 mod events;
+mod progress;
 mod registry;
+mod table;
+
+/// Examples, the environment and exit codes, after `lodestar --help`.
+const AFTER_HELP: &str = "\
+Examples:
+  lodestar demo                  the whole system in one process, in seconds
+  lodestar registry --data-dir /var/lib/lodestar   run the registry server
+  lodestar services              the services in the registry
+  lodestar describe route-guide --output json       instances of a service, for scripts
+  lodestar subscribe orders.created --queue billing  print events as JSON lines
+  lodestar publish orders.created '{\"id\":7}' --header content-type=application/json
+  lodestar cert --out certs      a development CA and certificates for TLS
+  lodestar completions bash > ~/.local/share/bash-completion/completions/lodestar
+
+Environment:
+  LODESTAR_REGISTRY        registry URL (default lodestar://127.0.0.1:7070)
+  LODESTAR_REGISTRY_TOKEN  the token sent to the registry (never shown)
+  LODESTAR_BROKER          broker URL (default nats://127.0.0.1:4222)
+  RUST_LOG                 log filter, on stderr (default warn; e.g. RUST_LOG=debug)
+  COLUMNS                  the width tables fit (default: the terminal's)
+
+Durations are written 500ms, 2s, 1m30s, 1h.
+
+Exit codes:
+  0   success
+  1   failure: unreachable server or registry, refused input, failed check
+  2   usage error (unknown command or flag, bad value)
+  64+ lodestar call: 64 + the gRPC status code (e.g. 69 NOT_FOUND, 78 UNAVAILABLE)";
 
 /// lodestar: services from .proto, called by name, with discovery and governance.
 #[derive(Parser, Debug)]
 #[command(name = "lodestar", version, about, propagate_version = true)]
-#[command(
-    after_help = "Examples:\n  lodestar demo                  run three RouteGuide instances and call them by name\n  RUST_LOG=debug lodestar demo   the same, with the framework's logs\n  lodestar cert --out certs      a development CA and certificates for TLS\n  lodestar registry --data-dir /var/lib/lodestar   run the registry server\n  lodestar registry --tokens tokens.json --tls-cert certs/server.pem --tls-key certs/server.key\n                                 tenant tokens and TLS (see lodestar registry --help)\n  LODESTAR_REGISTRY_TOKEN=… lodestar services --registry 'lodestars://host:7070?ca=certs/ca.pem'\n  lodestar describe route-guide --output json       instances of a service, for scripts\n  lodestar subscribe orders.created --queue billing  print events as JSON lines\n  lodestar publish orders.created '{\"id\":7}' --header content-type=application/json"
-)]
+#[command(after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,6 +69,16 @@ enum Command {
     Publish(events::PublishArgs),
     /// Prints each message on a topic, one JSON line each, until interrupted.
     Subscribe(events::SubscribeArgs),
+    /// Prints a shell completion script: `lodestar completions bash >
+    /// ~/.local/share/bash-completion/completions/lodestar`.
+    Completions(Completions),
+}
+
+/// Options of `lodestar completions`.
+#[derive(clap::Args, Debug)]
+struct Completions {
+    /// The shell to complete for.
+    shell: clap_complete::Shell,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +109,15 @@ fn main() -> ExitCode {
             Command::Describe(args) => registry::describe(args).await,
             Command::Publish(args) => events::publish(args).await,
             Command::Subscribe(args) => events::subscribe(args).await,
+            Command::Completions(args) => {
+                clap_complete::generate(
+                    args.shell,
+                    &mut <Cli as clap::CommandFactory>::command(),
+                    "lodestar",
+                    &mut std::io::stdout(),
+                );
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {

@@ -4,10 +4,12 @@ use std::error::Error;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use lodestar::registry::limits::printable;
 use lodestar::{DEFAULT_NAMESPACE, Registry, ServiceKey};
+
+use crate::args::Span;
+use crate::table::{Align, Table};
 
 /// Options of `lodestar registry`.
 #[derive(clap::Args, Debug)]
@@ -52,14 +54,14 @@ pub(crate) struct ServeArgs {
     /// Mutual TLS: clients must present a certificate from this CA (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// Seconds a connection has to send a request's headers (HTTP API,
-    /// idle keep-alive time included) or finish its TLS handshake and
-    /// HTTP/2 preface (gRPC API).
-    #[arg(long, default_value_t = 10.0)]
-    header_timeout: f64,
-    /// Seconds one HTTP request, its body included, may take (408 after).
-    #[arg(long, default_value_t = 30.0)]
-    request_timeout: f64,
+    /// Time a connection has to send a request's headers (HTTP API, idle
+    /// keep-alive time included) or finish its TLS handshake and HTTP/2
+    /// preface (gRPC API).
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    header_timeout: Span,
+    /// Time one HTTP request, its body included, may take (408 after).
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    request_timeout: Span,
     /// Connections the HTTP API serves at once; more are closed.
     #[arg(long, default_value_t = 512)]
     http_max_connections: usize,
@@ -69,12 +71,12 @@ pub(crate) struct ServeArgs {
     /// Largest HTTP request body in bytes (413 past it).
     #[arg(long, default_value_t = 64 * 1024)]
     max_body: usize,
-    /// Seconds an instance whose lease ran out stays (unhealthy) before eviction.
-    #[arg(long, default_value_t = 10.0)]
-    eviction_grace: f64,
-    /// Seconds after a start during which instances are still coming back.
-    #[arg(long, default_value_t = 10.0)]
-    warmup: f64,
+    /// How long an instance whose lease ran out stays (unhealthy) before eviction.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    eviction_grace: Span,
+    /// How long after a start instances are still coming back (no eviction).
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    warmup: Span,
     /// Turn self-preservation off.
     #[arg(long)]
     no_self_preservation: bool,
@@ -87,19 +89,15 @@ pub(crate) struct ServeArgs {
     /// The most bytes of metadata (keys and values) an instance may have.
     #[arg(long, default_value_t = lodestar::registry::Limits::default().max_metadata)]
     max_metadata_bytes: usize,
-    /// The shortest lease TTL accepted, in seconds.
-    #[arg(long, default_value_t = lodestar::registry::Limits::default().min_ttl.as_secs_f64())]
-    min_ttl: f64,
-    /// The longest lease TTL accepted, in seconds.
-    #[arg(long, default_value_t = lodestar::registry::Limits::default().max_ttl.as_secs_f64())]
-    max_ttl: f64,
+    /// The shortest lease TTL accepted.
+    #[arg(long, value_name = "DURATION", default_value_t = Span(lodestar::registry::Limits::default().min_ttl))]
+    min_ttl: Span,
+    /// The longest lease TTL accepted.
+    #[arg(long, value_name = "DURATION", default_value_t = Span(lodestar::registry::Limits::default().max_ttl))]
+    max_ttl: Span,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
-    let seconds = |name: &str, value: f64| {
-        Duration::try_from_secs_f64(value)
-            .map_err(|_| format!("--{name} must be a non-negative number of seconds, not {value}"))
-    };
     let token = match (&args.token, &args.token_file) {
         (Some(token), _) => Some(token.clone()),
         (None, Some(path)) => Some(
@@ -142,17 +140,17 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
         tokens,
         open_reads,
         tls,
-        eviction_grace: seconds("eviction-grace", args.eviction_grace)?,
-        warmup: seconds("warmup", args.warmup)?,
+        eviction_grace: args.eviction_grace.0,
+        warmup: args.warmup.0,
         check_networks: args.check_networks,
         limits: lodestar::registry::Limits {
             max_metadata: args.max_metadata_bytes,
-            min_ttl: seconds("min-ttl", args.min_ttl)?,
-            max_ttl: seconds("max-ttl", args.max_ttl)?,
+            min_ttl: args.min_ttl.0,
+            max_ttl: args.max_ttl.0,
             ..lodestar::registry::Limits::default()
         },
-        header_timeout: seconds("header-timeout", args.header_timeout)?,
-        request_timeout: seconds("request-timeout", args.request_timeout)?,
+        header_timeout: args.header_timeout.0,
+        request_timeout: args.request_timeout.0,
         http_max_connections: args.http_max_connections,
         grpc_max_connections: args.grpc_max_connections,
         max_body: args.max_body,
@@ -182,10 +180,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<ExitCode, Box<dyn Error>> {
 pub(crate) struct RegistryArg {
     /// Registry URL (memory://, lodestar://host:port[,host:port],
     /// lodestars://host:port?ca=PATH[&cert=PATH&key=PATH] for TLS,
-    /// etcd://host:port[,host:port]). Default: LODESTAR_REGISTRY, then
-    /// lodestar://127.0.0.1:7070. The token comes from
-    /// LODESTAR_REGISTRY_TOKEN (or ?token=…, which shows in process listings).
-    #[arg(long)]
+    /// etcd://host:port[,host:port]). Default: lodestar://127.0.0.1:7070.
+    /// The token comes from LODESTAR_REGISTRY_TOKEN (or ?token=…, which
+    /// shows in process listings).
+    #[arg(long, env = "LODESTAR_REGISTRY")]
     registry: Option<String>,
     /// Namespace.
     #[arg(long, default_value = DEFAULT_NAMESPACE)]
@@ -202,6 +200,18 @@ pub(crate) enum Output {
 }
 
 impl RegistryArg {
+    /// What a read of this registry is, for progress lines.
+    fn reading(&self) -> String {
+        let url = self
+            .registry
+            .as_deref()
+            .unwrap_or(lodestar_registry::DEFAULT_URL);
+        format!(
+            "reading the registry at {}",
+            printable(url.split('?').next().unwrap_or(url))
+        )
+    }
+
     fn connect(&self) -> Result<std::sync::Arc<dyn Registry>, Box<dyn Error>> {
         Ok(match &self.registry {
             Some(url) => lodestar_registry::from_url(url)?,
@@ -212,6 +222,7 @@ impl RegistryArg {
 
 pub(crate) async fn services(args: RegistryArg) -> Result<ExitCode, Box<dyn Error>> {
     let registry = args.connect()?;
+    let reading = crate::progress::waiting(args.reading());
     let keys = registry.services(&args.namespace).await?;
     let mut rows = Vec::new();
     for key in keys {
@@ -219,6 +230,7 @@ pub(crate) async fn services(args: RegistryArg) -> Result<ExitCode, Box<dyn Erro
         let healthy = instances.iter().filter(|i| i.healthy).count();
         rows.push((key, instances.len(), healthy));
     }
+    drop(reading);
     match args.output {
         Output::Json => {
             let services: Vec<serde_json::Value> = rows
@@ -233,18 +245,22 @@ pub(crate) async fn services(args: RegistryArg) -> Result<ExitCode, Box<dyn Erro
             println!("{}", serde_json::json!({ "services": services }));
         }
         Output::Table => {
-            println!(
-                "{:<32} {:<16} {:>9} {:>8}",
-                "SERVICE", "GROUP", "INSTANCES", "HEALTHY"
-            );
+            let mut table = Table::new(&[
+                ("SERVICE", Align::Left),
+                ("GROUP", Align::Left),
+                ("INSTANCES", Align::Right),
+                ("HEALTHY", Align::Right),
+            ]);
             for (key, total, healthy) in &rows {
                 // Names come from whoever registered: printed safely.
-                println!(
-                    "{:<32} {:<16} {total:>9} {healthy:>8}",
-                    printable(&key.service),
-                    printable(&key.group)
-                );
+                table.row(vec![
+                    printable(&key.service).into_owned(),
+                    printable(&key.group).into_owned(),
+                    total.to_string(),
+                    healthy.to_string(),
+                ]);
             }
+            table.print();
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -267,7 +283,9 @@ pub(crate) async fn describe(args: DescribeArgs) -> Result<ExitCode, Box<dyn Err
     let key = ServiceKey::new(&args.service)
         .with_namespace(&args.registry.namespace)
         .with_group(&args.group);
+    let reading = crate::progress::waiting(args.registry.reading());
     let instances = registry.instances(&key).await?;
+    drop(reading);
     match args.registry.output {
         Output::Json => {
             let value = serde_json::json!({
@@ -282,21 +300,25 @@ pub(crate) async fn describe(args: DescribeArgs) -> Result<ExitCode, Box<dyn Err
                 printable(&key.to_string()),
                 instances.len()
             );
-            println!(
-                "{:<36} {:<22} {:<8} {:<8} {:<10} {:>6}",
-                "ID", "ADDRESS", "HEALTHY", "ENABLED", "VERSION", "WEIGHT"
-            );
+            let mut table = Table::new(&[
+                ("ID", Align::Left),
+                ("ADDRESS", Align::Left),
+                ("HEALTHY", Align::Left),
+                ("ENABLED", Align::Left),
+                ("VERSION", Align::Left),
+                ("WEIGHT", Align::Right),
+            ]);
             for i in &instances {
-                println!(
-                    "{:<36} {:<22} {:<8} {:<8} {:<10} {:>6}",
-                    printable(&i.id),
-                    printable(&i.address),
-                    i.healthy,
-                    i.enabled,
-                    printable(&i.version),
-                    i.weight
-                );
+                table.row(vec![
+                    printable(&i.id).into_owned(),
+                    printable(&i.address).into_owned(),
+                    i.healthy.to_string(),
+                    i.enabled.to_string(),
+                    printable(&i.version).into_owned(),
+                    i.weight.to_string(),
+                ]);
             }
+            table.print();
         }
     }
     Ok(

@@ -135,7 +135,7 @@ fn registry_command(grpc: &str, extra: &[&str]) -> Command {
             "--http-addr",
             "127.0.0.1:0",
             "--eviction-grace",
-            "1",
+            "1s",
         ])
         .args(extra)
         .env_remove("LODESTAR_REGISTRY_TOKEN");
@@ -479,7 +479,7 @@ async fn a_killed_instance_turns_unhealthy_then_is_evicted_and_clients_stop_pick
 async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
     let data = std::env::temp_dir().join(format!("lodestar-registry-test-{}", std::process::id()));
     let data_dir = data.to_str().unwrap().to_owned();
-    let first = registry("127.0.0.1:0", &["--data-dir", &data_dir, "--warmup", "1"]);
+    let first = registry("127.0.0.1:0", &["--data-dir", &data_dir, "--warmup", "1s"]);
     let grpc = first.grpc;
     let (_a, a_address) = instance(&first.url(), "rg-a", 1500);
     let (_b, _) = instance(&first.url(), "rg-b", 1500);
@@ -516,7 +516,7 @@ async fn a_registry_restart_under_load_loses_no_call_and_instances_come_back() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let second = registry(
         &grpc.to_string(),
-        &["--data-dir", &data_dir, "--warmup", "1"],
+        &["--data-dir", &data_dir, "--warmup", "1s"],
     );
     let restarted = Instant::now();
     // Every live instance registers again within about one heartbeat (0.5 s).
@@ -1847,7 +1847,7 @@ mod auth {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn half_sent_headers_and_idle_connections_are_closed_after_the_header_timeout() {
-        let registry = registry("127.0.0.1:0", &["--header-timeout", "0.5"]);
+        let registry = registry("127.0.0.1:0", &["--header-timeout", "500ms"]);
         let mut half = TcpStream::connect(registry.http).unwrap();
         half.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
             .unwrap();

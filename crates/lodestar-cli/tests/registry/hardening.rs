@@ -536,7 +536,7 @@ async fn the_grpc_api_serves_at_most_its_connection_limit() {
 async fn one_tiny_lease_cannot_freeze_expiry_for_the_whole_registry() {
     // The report's registry let a 1 ms lease in; let it in here too, to
     // show that the self-preservation rule itself holds.
-    let registry = registry("127.0.0.1:0", &["--min-ttl", "0.001"]);
+    let registry = registry("127.0.0.1:0", &["--min-ttl", "1ms"]);
     let remote = RemoteRegistry::new(&[registry.grpc.to_string()]);
     let ttl = Duration::from_secs(3);
     let fleet: Vec<Instance> = (0..150)
