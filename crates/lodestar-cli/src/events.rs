@@ -11,11 +11,16 @@ use lodestar::broker::{Broker, Durable, Message, SubscribeOptions};
 #[derive(clap::Args, Debug)]
 pub(crate) struct BrokerArg {
     /// Broker URL (memory://, http://, nats://host:4222[,host:4222]).
-    #[arg(long, env = "LODESTAR_BROKER", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "LODESTAR_BROKER",
+        default_value = "nats://127.0.0.1:4222",
+        value_parser = crate::args::broker_url
+    )]
     broker: String,
     /// Registry URL, for the http:// broker (which finds subscribers
     /// there). Default: lodestar://127.0.0.1:7070.
-    #[arg(long, env = "LODESTAR_REGISTRY")]
+    #[arg(long, env = "LODESTAR_REGISTRY", value_parser = crate::args::registry_url)]
     registry: Option<String>,
 }
 
@@ -40,11 +45,12 @@ impl BrokerArg {
 pub(crate) struct PublishArgs {
     /// The topic, e.g. orders.created.
     topic: String,
-    /// The message body (UTF-8 text; use `-` to read it from standard input).
+    /// The message body (UTF-8 text; use `-` to read it from standard
+    /// input, at most 16 MiB, the HTTP broker's limit).
     data: String,
     /// A header, as name=value; repeatable.
     #[arg(long = "header", value_name = "NAME=VALUE")]
-    headers: Vec<String>,
+    headers: Vec<crate::args::NameValue>,
     /// The body's content type.
     #[arg(long, default_value = "text/plain")]
     content_type: String,
@@ -54,19 +60,24 @@ pub(crate) struct PublishArgs {
 
 pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode, Box<dyn Error>> {
     let body = if args.data == "-" {
+        let limit = lodestar_broker::http::DEFAULT_MAX_BODY;
         let mut body = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)?;
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::io::stdin(), limit as u64 + 1),
+            &mut body,
+        )?;
+        if body.len() > limit {
+            return Err(
+                format!("the message on standard input is larger than {limit} bytes").into(),
+            );
+        }
         body
     } else {
         args.data.into_bytes()
     };
     let mut message = Message::new(&args.topic, body);
-    for header in &args.headers {
-        let (name, value) = header
-            .split_once('=')
-            .filter(|(name, _)| !name.is_empty())
-            .ok_or_else(|| format!("--header `{header}`: expected name=value"))?;
-        message = message.with_header(name.to_ascii_lowercase(), value);
+    for header in args.headers {
+        message = message.with_header(header.name, header.value);
     }
     let message = lodestar::events::stamp(message, &args.content_type);
     let id = message.id().unwrap_or_default().to_owned();

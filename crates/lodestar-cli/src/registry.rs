@@ -183,7 +183,7 @@ pub(crate) struct RegistryArg {
     /// etcd://host:port[,host:port]). Default: lodestar://127.0.0.1:7070.
     /// The token comes from LODESTAR_REGISTRY_TOKEN (or ?token=…, which
     /// shows in process listings).
-    #[arg(long, env = "LODESTAR_REGISTRY")]
+    #[arg(long, env = "LODESTAR_REGISTRY", value_parser = crate::args::registry_url)]
     registry: Option<String>,
     /// Namespace.
     #[arg(long, default_value = DEFAULT_NAMESPACE)]
