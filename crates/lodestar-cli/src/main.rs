@@ -11,6 +11,7 @@ mod events;
 mod progress;
 mod registry;
 mod table;
+mod watch;
 
 /// Examples, the environment and exit codes, after `lodestar --help`.
 const AFTER_HELP: &str = "\
@@ -19,6 +20,7 @@ Examples:
   lodestar registry --data-dir /var/lib/lodestar   run the registry server
   lodestar services              the services in the registry
   lodestar describe route-guide --output json       instances of a service, for scripts
+  lodestar watch route-guide --count 5              registry changes as they happen
   lodestar subscribe orders.created --queue billing  print events as JSON lines
   lodestar publish orders.created '{\"id\":7}' --header content-type=application/json
   lodestar cert --out certs      a development CA and certificates for TLS
@@ -69,6 +71,10 @@ enum Command {
     Publish(events::PublishArgs),
     /// Prints each message on a topic, one JSON line each, until interrupted.
     Subscribe(events::SubscribeArgs),
+    /// Prints a service's registry changes as they happen (instances
+    /// added, changed, removed): JSON lines when piped, a live table on a
+    /// terminal; until interrupted, --timeout or --count.
+    Watch(watch::WatchArgs),
     /// Prints a shell completion script: `lodestar completions bash >
     /// ~/.local/share/bash-completion/completions/lodestar`.
     Completions(Completions),
@@ -109,6 +115,7 @@ fn main() -> ExitCode {
             Command::Describe(args) => registry::describe(args).await,
             Command::Publish(args) => events::publish(args).await,
             Command::Subscribe(args) => events::subscribe(args).await,
+            Command::Watch(args) => watch::watch(args).await,
             Command::Completions(args) => {
                 clap_complete::generate(
                     args.shell,

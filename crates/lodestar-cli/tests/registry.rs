@@ -23,6 +23,10 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 #[path = "registry/persistence.rs"]
 mod persistence;
 
+/// `lodestar watch` against the registry process.
+#[path = "registry/watch.rs"]
+mod watch;
+
 async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(TIMEOUT, future)
         .await
