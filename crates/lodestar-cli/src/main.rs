@@ -17,6 +17,7 @@ mod watch;
 const AFTER_HELP: &str = "\
 Examples:
   lodestar demo                  the whole system in one process, in seconds
+  lodestar demo --keep           the same, left running, with addresses to try
   lodestar registry --data-dir /var/lib/lodestar   run the registry server
   lodestar services              the services in the registry
   lodestar describe route-guide --output json       instances of a service, for scripts
@@ -52,10 +53,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Runs a self-contained demo: an in-memory registry, three RouteGuide
-    /// instances and a client calling them by name with all four call kinds;
-    /// then one instance shuts down gracefully and one is killed while calls
-    /// go on. Exits 0 when every call succeeded.
+    /// Runs the whole system in one process, in seconds: a registry server,
+    /// an HTTP broker, a greeter and four RouteGuide instances, called by
+    /// name with every call kind; one instance slow, one failing, routed
+    /// around; an event from RouteGuide handled by the greeter; a graceful
+    /// shutdown and a crash while calls go on.
+    ///
+    /// Exits 0 when all went well, that is when: every call succeeded as
+    /// the client saw it; every failed attempt was on route-guide-4 (whose
+    /// GetFeature fails by design) or on route-guide-1 after its crash, and
+    /// was sent again to another instance; outlier detection ejected
+    /// route-guide-4 and no call reached it afterwards; every event
+    /// published was handled; route-guide-2 left the registry on its
+    /// graceful shutdown and route-guide-1 was evicted when its lease ran
+    /// out. Otherwise it says what went wrong and exits 1.
     Demo(demo::Args),
     /// Writes a development CA, a server certificate and a client
     /// certificate (PEM), to turn on TLS and mutual TLS in a minute.
