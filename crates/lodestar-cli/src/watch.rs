@@ -12,11 +12,14 @@ use std::collections::BTreeMap;
 use std::error::Error;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use lodestar::registry::Follow;
 use lodestar::registry::limits::printable;
 use lodestar::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
+
+use crate::args::Span;
+use crate::table::{Align, Table};
 
 /// The events a table shows under the instances.
 const TABLE_EVENTS: usize = 8;
@@ -33,9 +36,10 @@ pub(crate) struct WatchArgs {
     #[arg(long, default_value = DEFAULT_NAMESPACE)]
     namespace: String,
     /// Registry URL (memory://, lodestar://host:port[,host:port],
-    /// lodestars://host:port?ca=PATH for TLS, etcd://host:port). Default:
-    /// LODESTAR_REGISTRY, then lodestar://127.0.0.1:7070.
-    #[arg(long)]
+    /// lodestars://host:port?ca=PATH for TLS, etcd://host:port[,host:port]).
+    /// Default: lodestar://127.0.0.1:7070. The token comes from
+    /// LODESTAR_REGISTRY_TOKEN.
+    #[arg(long, env = "LODESTAR_REGISTRY", value_parser = crate::args::registry_url)]
     registry: Option<String>,
     /// Output: `jsonl`, one JSON object per event (type, service, id,
     /// address, healthy, enabled, version, revision, time); or `table`, the
@@ -45,8 +49,8 @@ pub(crate) struct WatchArgs {
     output: Option<WatchOutput>,
     /// Stop after this long (e.g. 500ms, 30s, 1m30s). Default: run until
     /// interrupted.
-    #[arg(long, value_parser = lodestar::config::parse_duration)]
-    timeout: Option<Duration>,
+    #[arg(long)]
+    timeout: Option<Span>,
     /// Stop after this many events.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
@@ -153,7 +157,7 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn Error>> {
     tokio::pin!(interrupted);
     let timeout = async {
         match args.timeout {
-            Some(timeout) => tokio::time::sleep(timeout).await,
+            Some(Span(timeout)) => tokio::time::sleep(timeout).await,
             None => std::future::pending().await,
         }
     };
@@ -230,21 +234,25 @@ fn draw(
         instances.len(),
         rfc3339(SystemTime::now())
     )?;
-    writeln!(
-        out,
-        "{:<36} {:<22} {:<8} {:<8} {:<10}",
-        "ID", "ADDRESS", "HEALTHY", "ENABLED", "VERSION"
-    )?;
+    let mut table = Table::new(&[
+        ("ID", Align::Left),
+        ("ADDRESS", Align::Left),
+        ("HEALTHY", Align::Left),
+        ("ENABLED", Align::Left),
+        ("VERSION", Align::Left),
+    ]);
     for i in instances.values() {
-        writeln!(
-            out,
-            "{:<36} {:<22} {:<8} {:<8} {:<10}",
-            printable(&i.id),
-            printable(&i.address),
-            i.healthy,
-            i.enabled,
-            printable(&i.version)
-        )?;
+        // Names come from whoever registered: printed safely.
+        table.row(vec![
+            printable(&i.id).into_owned(),
+            printable(&i.address).into_owned(),
+            i.healthy.to_string(),
+            i.enabled.to_string(),
+            printable(&i.version).into_owned(),
+        ]);
+    }
+    for line in table.render(crate::table::terminal_width()) {
+        writeln!(out, "{line}")?;
     }
     if !latest.is_empty() {
         writeln!(out, "\nlatest events:")?;
@@ -292,6 +300,8 @@ fn rfc3339(time: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
