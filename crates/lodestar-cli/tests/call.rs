@@ -77,7 +77,14 @@ impl Drop for Proc {
 fn registry() -> (Proc, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
     command
-        .args(["registry", "--addr", "127.0.0.1:0", "--no-http", "--warmup", "0"])
+        .args([
+            "registry",
+            "--addr",
+            "127.0.0.1:0",
+            "--no-http",
+            "--warmup",
+            "0",
+        ])
         .env_remove("LODESTAR_REGISTRY_TOKEN");
     let proc = Proc::spawn(command);
     let address = proc.line("lodestar registry: gRPC on");
@@ -120,12 +127,13 @@ fn child_service() {
         let registry = lodestar_registry::from_url(&url).unwrap();
         let (events, _kept) = tokio::sync::mpsc::unbounded_channel();
         let builder = match kind.as_str() {
-            "route-guide" => lodestar::Service::builder(route_guide::SERVICE_NAME).add_service(
-                route_guide::RouteGuideService::new("child").into_server(),
-            ),
-            "echo" => lodestar::Service::builder("echo").add_service(lodestar_tests::EchoServer::new(
-                lodestar_tests::TestEcho::new("child", events, None),
-            )),
+            "route-guide" => lodestar::Service::builder(route_guide::SERVICE_NAME)
+                .add_service(route_guide::RouteGuideService::new("child").into_server()),
+            "echo" => {
+                lodestar::Service::builder("echo").add_service(lodestar_tests::EchoServer::new(
+                    lodestar_tests::TestEcho::new("child", events, None),
+                ))
+            }
             other => panic!("no such child service: {other}"),
         };
         let running = builder.registry(registry).start().await.unwrap();
@@ -181,7 +189,8 @@ fn failed(output: &Output, code: i32) -> Value {
     );
     let text = stderr(output);
     let line = text.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("stderr is not one JSON object ({e}):\n{text}"))
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("stderr is not one JSON object ({e}):\n{text}"))
 }
 
 /// The four call kinds of RouteGuide through `target` (with `extra` flags).
@@ -193,7 +202,12 @@ fn assert_four_kinds(target: &str, extra: &[&str]) {
     };
     // Unary, by its full name.
     let replies = ok(&call("routeguide.RouteGuide/GetFeature", KNOWN_POINT));
-    assert_eq!(replies, [json!({"name": KNOWN_NAME, "location": serde_json::from_str::<Value>(KNOWN_POINT).unwrap()})]);
+    assert_eq!(
+        replies,
+        [
+            json!({"name": KNOWN_NAME, "location": serde_json::from_str::<Value>(KNOWN_POINT).unwrap()})
+        ]
+    );
     // Server streaming, by service and method.
     let rectangle = r#"{"lo":{"latitude":400000000,"longitude":-750000000},
                         "hi":{"latitude":420000000,"longitude":-730000000}}"#;
@@ -219,7 +233,10 @@ fn assert_four_kinds(target: &str, extra: &[&str]) {
                    {"location":{"latitude":1,"longitude":2},"message":"second"}
                    {"location":{"latitude":1,"longitude":2},"message":"third"}"#;
     let replies = ok(&call("RouteChat", notes));
-    let messages: Vec<&str> = replies.iter().map(|r| r["message"].as_str().unwrap()).collect();
+    let messages: Vec<&str> = replies
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect();
     assert_eq!(messages, ["first", "first", "second"]);
 }
 
@@ -253,13 +270,16 @@ fn a_bidi_call_sends_each_value_as_it_is_read() {
     command.stdin(Stdio::piped());
     let mut call = Proc::spawn(command);
     let mut stdin: ChildStdin = call.child.stdin.take().unwrap();
-    let note = |message: &str| format!(r#"{{"location":{{"latitude":5,"longitude":6}},"message":"{message}"}}"#);
+    let note = |message: &str| {
+        format!(r#"{{"location":{{"latitude":5,"longitude":6}},"message":"{message}"}}"#)
+    };
     // Two notes at one place: the second is answered with the first, while
     // stdin is still open.
     writeln!(stdin, "{}", note("one")).unwrap();
     writeln!(stdin, "{}", note("two")).unwrap();
     stdin.flush().unwrap();
-    let reply: Value = serde_json::from_str(&call.next_line("the answer to the second note")).unwrap();
+    let reply: Value =
+        serde_json::from_str(&call.next_line("the answer to the second note")).unwrap();
     assert_eq!(reply["message"], "one");
     // More, still on the same call.
     write!(stdin, "{}", note("three")).unwrap();
@@ -296,7 +316,10 @@ fn failures_are_one_json_object_with_documented_exit_codes() {
     );
     assert_eq!(error["error"], "target");
     let message = error["message"].as_str().unwrap();
-    assert!(message.contains("unknown service `route-gide`"), "{message}");
+    assert!(
+        message.contains("unknown service `route-gide`"),
+        "{message}"
+    );
     assert!(message.contains("known services: route-guide"), "{message}");
 
     // Unknown method: the candidates, closest first.
@@ -304,22 +327,38 @@ fn failures_are_one_json_object_with_documented_exit_codes() {
     assert_eq!(error["error"], "method");
     let message = error["message"].as_str().unwrap();
     assert!(
-        message.contains("unknown method `GetFeatures`; closest: routeguide.RouteGuide/GetFeature,"),
+        message
+            .contains("unknown method `GetFeatures`; closest: routeguide.RouteGuide/GetFeature,"),
         "{message}"
     );
 
     // Invalid JSON: the line and column.
     let error = failed(
-        &lodestar(&["call", &address, "GetFeature", "-d", "{\"latitude\": 1,\n \"longitude\": x}"]),
+        &lodestar(&[
+            "call",
+            &address,
+            "GetFeature",
+            "-d",
+            "{\"latitude\": 1,\n \"longitude\": x}",
+        ]),
         1,
     );
     assert_eq!(error["error"], "input");
     let message = error["message"].as_str().unwrap();
-    assert!(message.contains("invalid JSON in -d at line 2, column 15"), "{message}");
+    assert!(
+        message.contains("invalid JSON in -d at line 2, column 15"),
+        "{message}"
+    );
 
     // A wrong field type: the field, by its path.
     let error = failed(
-        &lodestar(&["call", &address, "ListFeatures", "-d", r#"{"lo":{"latitude":true}}"#]),
+        &lodestar(&[
+            "call",
+            &address,
+            "ListFeatures",
+            "-d",
+            r#"{"lo":{"latitude":true}}"#,
+        ]),
         1,
     );
     let message = error["message"].as_str().unwrap();
@@ -328,28 +367,63 @@ fn failures_are_one_json_object_with_documented_exit_codes() {
 
     // An unknown field is refused, unless allowed.
     let unknown = r#"{"latitude":409146138,"longitude":-746188906,"altitude":3}"#;
-    let error = failed(&lodestar(&["call", &address, "GetFeature", "-d", unknown]), 1);
-    assert!(error["message"].as_str().unwrap().contains("altitude"), "{error}");
+    let error = failed(
+        &lodestar(&["call", &address, "GetFeature", "-d", unknown]),
+        1,
+    );
+    assert!(
+        error["message"].as_str().unwrap().contains("altitude"),
+        "{error}"
+    );
     let replies = ok(&lodestar(&[
-        "call", &address, "GetFeature", "-d", unknown, "--allow-unknown-fields",
+        "call",
+        &address,
+        "GetFeature",
+        "-d",
+        unknown,
+        "--allow-unknown-fields",
     ]));
     assert_eq!(replies[0]["name"], KNOWN_NAME);
 
     // A unary method refuses a second value.
     let error = failed(
-        &lodestar(&["call", &address, "GetFeature", "-d", &format!("{KNOWN_POINT} {KNOWN_POINT}")]),
+        &lodestar(&[
+            "call",
+            &address,
+            "GetFeature",
+            "-d",
+            &format!("{KNOWN_POINT} {KNOWN_POINT}"),
+        ]),
         1,
     );
-    assert!(error["message"].as_str().unwrap().contains("second value"), "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("second value"),
+        "{error}"
+    );
 
     // A status from the server: 64 + its code, and its JSON.
     let error = failed(
-        &lodestar(&["call", &echo, "Fail", "-d", r#"{"code":5,"message":"no such thing"}"#]),
+        &lodestar(&[
+            "call",
+            &echo,
+            "Fail",
+            "-d",
+            r#"{"code":5,"message":"no such thing"}"#,
+        ]),
         69,
     );
-    assert_eq!(error, json!({"code": "not_found", "message": "no such thing"}));
+    assert_eq!(
+        error,
+        json!({"code": "not_found", "message": "no such thing"})
+    );
     let error = failed(
-        &lodestar(&["call", &echo, "Fail", "-d", r#"{"code":14,"message":"down"}"#]),
+        &lodestar(&[
+            "call",
+            &echo,
+            "Fail",
+            "-d",
+            r#"{"code":14,"message":"down"}"#,
+        ]),
         78,
     );
     assert_eq!(error["code"], "unavailable");
@@ -357,12 +431,21 @@ fn failures_are_one_json_object_with_documented_exit_codes() {
     // Nothing listening: a transport failure, exit 1.
     let dead = lodestar_tests::free_port();
     let error = failed(
-        &lodestar(&["call", &format!("127.0.0.1:{dead}"), "GetFeature", "--connect-timeout", "2s"]),
+        &lodestar(&[
+            "call",
+            &format!("127.0.0.1:{dead}"),
+            "GetFeature",
+            "--connect-timeout",
+            "2s",
+        ]),
         1,
     );
     assert_eq!(error["error"], "transport");
     assert!(
-        error["message"].as_str().unwrap().contains(&format!("127.0.0.1:{dead}")),
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{dead}")),
         "{error}"
     );
 }
@@ -381,13 +464,30 @@ fn imports_well_known_types_metadata_and_deadlines_reach_the_server() {
     ]));
     assert_eq!(replies.len(), 3, "{replies:?}");
     // google.protobuf.Empty in, a deadline out: --timeout is sent.
-    let replies = ok(&lodestar(&["call", &echo, "ReportDeadline", "--timeout", "30s"]));
+    let replies = ok(&lodestar(&[
+        "call",
+        &echo,
+        "ReportDeadline",
+        "--timeout",
+        "30s",
+    ]));
     assert_eq!(replies[0]["hasDeadline"], true, "{replies:?}");
-    let remaining = replies[0]["remainingMs"].as_str().unwrap().parse::<i64>().unwrap();
+    let remaining = replies[0]["remainingMs"]
+        .as_str()
+        .unwrap()
+        .parse::<i64>()
+        .unwrap();
     assert!((1..=30_000).contains(&remaining), "{remaining}");
     // -H goes out as metadata; -v shows what comes back.
     let output = lodestar(&[
-        "call", &echo, "Echo/Unary", "-d", r#"{"message":"hi"}"#, "-H", "x-trace-me: yes", "-v",
+        "call",
+        &echo,
+        "Echo/Unary",
+        "-d",
+        r#"{"message":"hi"}"#,
+        "-H",
+        "x-trace-me: yes",
+        "-v",
     ]);
     let replies = ok(&output);
     assert_eq!(replies[0]["message"], "hi");
@@ -400,7 +500,13 @@ fn imports_well_known_types_metadata_and_deadlines_reach_the_server() {
     assert_eq!(replies[0]["message"], "");
     assert_eq!(replies[0]["payloadLen"], "0");
     // A bare name two services share would be ambiguous; this server has one.
-    let replies = ok(&lodestar(&["call", &echo, "Unary", "-d", r#"{"message":"x"}"#]));
+    let replies = ok(&lodestar(&[
+        "call",
+        &echo,
+        "Unary",
+        "-d",
+        r#"{"message":"x"}"#,
+    ]));
     assert_eq!(replies[0]["message"], "x");
 }
 
@@ -409,9 +515,20 @@ fn list_and_health() {
     let (_registry, url) = registry();
     let (_instance, address) = service("route-guide", &url);
 
-    let services = stdout(&ok_status(lodestar(&["list", "route-guide", "--registry", &url])));
-    assert!(services.lines().any(|l| l == "routeguide.RouteGuide"), "{services}");
-    assert!(services.lines().any(|l| l == "grpc.health.v1.Health"), "{services}");
+    let services = stdout(&ok_status(lodestar(&[
+        "list",
+        "route-guide",
+        "--registry",
+        &url,
+    ])));
+    assert!(
+        services.lines().any(|l| l == "routeguide.RouteGuide"),
+        "{services}"
+    );
+    assert!(
+        services.lines().any(|l| l == "grpc.health.v1.Health"),
+        "{services}"
+    );
 
     let listed = lodestar(&["list", &address, "RouteGuide", "--output", "json"]);
     let listed: Value = serde_json::from_str(&stdout(&ok_status(listed))).unwrap();
@@ -432,10 +549,30 @@ fn list_and_health() {
     assert_eq!(
         kinds,
         [
-            ("GetFeature", "unary", "routeguide.Point", "routeguide.Feature"),
-            ("ListFeatures", "server_streaming", "routeguide.Rectangle", "routeguide.Feature"),
-            ("RecordRoute", "client_streaming", "routeguide.Point", "routeguide.RouteSummary"),
-            ("RouteChat", "bidi_streaming", "routeguide.RouteNote", "routeguide.RouteNote"),
+            (
+                "GetFeature",
+                "unary",
+                "routeguide.Point",
+                "routeguide.Feature"
+            ),
+            (
+                "ListFeatures",
+                "server_streaming",
+                "routeguide.Rectangle",
+                "routeguide.Feature"
+            ),
+            (
+                "RecordRoute",
+                "client_streaming",
+                "routeguide.Point",
+                "routeguide.RouteSummary"
+            ),
+            (
+                "RouteChat",
+                "bidi_streaming",
+                "routeguide.RouteNote",
+                "routeguide.RouteNote"
+            ),
         ]
     );
     let table = stdout(&ok_status(lodestar(&["list", &address, "RouteGuide"])));
@@ -447,12 +584,24 @@ fn list_and_health() {
     let serving = lodestar(&["health", "route-guide", "--registry", &url]);
     assert_eq!(stdout(&ok_status(serving)).trim(), "SERVING");
     let serving = lodestar(&["health", &address, "routeguide.RouteGuide", "--json"]);
-    assert_eq!(stdout(&ok_status(serving)).trim(), r#"{"status":"SERVING"}"#);
+    assert_eq!(
+        stdout(&ok_status(serving)).trim(),
+        r#"{"status":"SERVING"}"#
+    );
     let unknown = lodestar(&["health", &address, "no.Such"]);
     assert_eq!(unknown.status.code(), Some(3), "{}", stderr(&unknown));
-    assert!(stderr(&unknown).contains("not_found"), "{}", stderr(&unknown));
+    assert!(
+        stderr(&unknown).contains("not_found"),
+        "{}",
+        stderr(&unknown)
+    );
     let dead = lodestar_tests::free_port();
-    let dead = lodestar(&["health", &format!("127.0.0.1:{dead}"), "--connect-timeout", "2s"]);
+    let dead = lodestar(&[
+        "health",
+        &format!("127.0.0.1:{dead}"),
+        "--connect-timeout",
+        "2s",
+    ]);
     assert_eq!(dead.status.code(), Some(1), "{}", stderr(&dead));
 }
 
