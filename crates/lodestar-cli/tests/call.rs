@@ -95,6 +95,11 @@ fn registry() -> (Proc, String) {
 /// `child_service`): `kind` is `route-guide` or `echo`, registered in
 /// `registry` (`memory://`: a registry of its own). Returns its address.
 fn service(kind: &str, registry: &str) -> (Proc, String) {
+    service_with(kind, registry, None)
+}
+
+/// [`service`], over mutual TLS with the certificates in `tls_dir` when given.
+fn service_with(kind: &str, registry: &str, tls_dir: Option<&std::path::Path>) -> (Proc, String) {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
@@ -107,6 +112,9 @@ fn service(kind: &str, registry: &str) -> (Proc, String) {
         ])
         .env("LODESTAR_CHILD_KIND", kind)
         .env("LODESTAR_CHILD_REGISTRY", registry);
+    if let Some(dir) = tls_dir {
+        command.env("LODESTAR_CHILD_TLS_DIR", dir);
+    }
     let proc = Proc::spawn(command);
     let address = proc.line("child serving on");
     (proc, address)
@@ -135,6 +143,20 @@ fn child_service() {
                 ))
             }
             other => panic!("no such child service: {other}"),
+        };
+        let builder = match std::env::var("LODESTAR_CHILD_TLS_DIR") {
+            Ok(dir) => {
+                let dir = std::path::Path::new(&dir);
+                let tls = lodestar::tls::ServerTls::from_pem_files(
+                    dir.join("server.pem"),
+                    dir.join("server.key"),
+                )
+                .unwrap()
+                .require_client_certs_from_file(dir.join("ca.pem"))
+                .unwrap();
+                builder.tls(tls)
+            }
+            Err(_) => builder,
         };
         let running = builder.registry(registry).start().await.unwrap();
         println!("child serving on {}", running.local_addr());
@@ -263,6 +285,61 @@ fn each_call_kind_by_address() {
 }
 
 #[test]
+fn calls_over_mutual_tls() {
+    let dir = std::env::temp_dir().join(format!(
+        "lodestar-call-tls-{}",
+        lodestar_tests::unique_name()
+    ));
+    lodestar::tls::DevPki::generate(&["localhost", "127.0.0.1"], 1)
+        .unwrap()
+        .write_to(&dir)
+        .unwrap();
+    let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let (_instance, address) = service_with("route-guide", "memory://", Some(&dir));
+    // https:// and --ca, presenting a client certificate.
+    let https = format!("https://{address}");
+    let replies = ok(&lodestar(&[
+        "call",
+        &https,
+        "GetFeature",
+        "-d",
+        KNOWN_POINT,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+    ]));
+    assert_eq!(replies[0]["name"], KNOWN_NAME);
+    // An address, with a name the certificate lists, for the health check.
+    let serving = lodestar(&[
+        "health",
+        &address,
+        "--ca",
+        &ca,
+        "--server-name",
+        "localhost",
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+    ]);
+    assert_eq!(stdout(&ok_status(serving)).trim(), "SERVING");
+    // Without a client certificate the server refuses: a failure on this side.
+    let output = lodestar(&["call", &https, "GetFeature", "--ca", &ca]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    // Plaintext to a TLS server fails too, and says where.
+    let error = failed(&lodestar(&["call", &address, "GetFeature"]), 1);
+    assert!(
+        error["message"].as_str().unwrap().contains(&address),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_bidi_call_sends_each_value_as_it_is_read() {
     let (_instance, address) = service("route-guide", "memory://");
     let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
@@ -321,6 +398,23 @@ fn failures_are_one_json_object_with_documented_exit_codes() {
         "{message}"
     );
     assert!(message.contains("known services: route-guide"), "{message}");
+
+    // An instance the service does not have: its instances are listed.
+    let error = failed(
+        &lodestar(&[
+            "call",
+            "route-guide",
+            "GetFeature",
+            "--registry",
+            &url,
+            "--instance",
+            "nope",
+        ]),
+        1,
+    );
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("has no instance `nope`"), "{message}");
+    assert!(message.contains("its instances: route-guide-"), "{message}");
 
     // Unknown method: the candidates, closest first.
     let error = failed(&lodestar(&["call", &address, "GetFeatures"]), 1);
@@ -463,6 +557,20 @@ fn imports_well_known_types_metadata_and_deadlines_reach_the_server() {
         r#"{"count":3,"interval":"0.001s","token":"t"}"#,
     ]));
     assert_eq!(replies.len(), 3, "{replies:?}");
+    // Values from a file, streamed (-d @FILE).
+    let file = std::env::temp_dir().join(format!(
+        "lodestar-call-{}.json",
+        lodestar_tests::unique_name()
+    ));
+    std::fs::write(&file, "{\"message\":\"a\"}\n{\"message\":\"b\"}\n").unwrap();
+    let data = format!("@{}", file.display());
+    let replies = ok(&lodestar(&["call", &echo, "Bidi", "-d", &data]));
+    let _ = std::fs::remove_file(&file);
+    let messages: Vec<&str> = replies
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, ["a", "b"]);
     // google.protobuf.Empty in, a deadline out: --timeout is sent.
     let replies = ok(&lodestar(&[
         "call",
