@@ -291,9 +291,7 @@ impl Reflection {
     ) -> Result<Vec<MessageResponse>, tonic::Status> {
         let mut grpc = tonic::client::Grpc::new(self.connection.channel.clone())
             .max_decoding_message_size(self.max_message);
-        grpc.ready()
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        grpc.ready().await?;
         let outgoing: Vec<ServerReflectionRequest> = requests
             .iter()
             .map(|r| ServerReflectionRequest {
