@@ -691,7 +691,13 @@ fn list_and_health() {
     // server does not know, 1 when nothing answers.
     let serving = lodestar(&["health", "route-guide", "--registry", &url]);
     assert_eq!(stdout(&ok_status(serving)).trim(), "SERVING");
-    let serving = lodestar(&["health", &address, "routeguide.RouteGuide", "--json"]);
+    let serving = lodestar(&[
+        "health",
+        &address,
+        "routeguide.RouteGuide",
+        "--output",
+        "json",
+    ]);
     assert_eq!(
         stdout(&ok_status(serving)).trim(),
         r#"{"status":"SERVING"}"#

@@ -28,6 +28,7 @@ use super::reflection::Reflection;
 use super::status::exit_code_table;
 use super::target::TargetArgs;
 use super::{Failure, FailureKind, method, status};
+use crate::args::Span;
 
 /// The default of `--max-message-size`: gRPC's usual 4 MiB.
 const DEFAULT_MAX_MESSAGE: usize = 4 * 1024 * 1024;
@@ -70,8 +71,8 @@ pub(crate) struct CallArgs {
     headers: Vec<Header>,
     /// Deadline of the call (sent as grpc-timeout), e.g. 500ms, 5s, 1m.
     /// Default: none.
-    #[arg(long, value_parser = lodestar::config::parse_duration)]
-    timeout: Option<Duration>,
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<Span>,
     /// How replies are printed. Default: pretty on a terminal, jsonl otherwise.
     #[arg(long, value_enum)]
     output: Option<OutputFormat>,
@@ -204,11 +205,15 @@ async fn call(
         max_decoding_message_size: args.max_message_size,
         max_encoding_message_size: args.max_message_size,
     };
+    let waiting = super::waiting(format!(
+        "finding {} and reading its schema",
+        printable(&args.target.target)
+    ));
     let connection = args.target.connect(limits).await?;
     let mut reflection = Reflection::new(
         connection.clone(),
         args.max_message_size,
-        args.target.connect_timeout + REFLECTION_SLACK,
+        args.target.connect_timeout() + REFLECTION_SLACK,
     );
     let services = reflection.services().await?;
     // Only the service METHOD names, when the server has it; else all, so
@@ -235,6 +240,7 @@ async fn call(
             )
         })?;
     *session = Some((reflection, pool));
+    drop(waiting);
     let input = Input::from_flag(args.data.as_deref());
     let to_message = ToMessage::new(descriptor.input(), args.allow_unknown_fields);
     let (requests, input_failed) = if descriptor.is_client_streaming() {
@@ -388,7 +394,7 @@ async fn exchange(
             }
         }
     }
-    if let Some(timeout) = args.timeout {
+    if let Some(Span(timeout)) = args.timeout {
         request.set_timeout(timeout);
     }
     let mut grpc = tonic::client::Grpc::new(channel)

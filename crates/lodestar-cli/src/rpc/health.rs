@@ -9,7 +9,6 @@
 
 use std::error::Error;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use lodestar::MessageLimits;
 use lodestar::registry::limits::printable;
@@ -20,6 +19,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::target::TargetArgs;
 use super::{Failure, FailureKind};
+use crate::args::Span;
 
 /// Exit code: the check answered SERVING.
 const SERVING: u8 = 0;
@@ -48,16 +48,28 @@ pub(crate) struct HealthArgs {
     /// Default: the server as a whole.
     service: Option<String>,
     /// Longest wait for the answer, once connected, e.g. 500ms, 1s.
-    #[arg(long, default_value = "5s", value_parser = lodestar::config::parse_duration)]
-    timeout: Duration,
-    /// Print the status as a JSON document ({"status":"SERVING"}).
-    #[arg(long)]
-    json: bool,
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    timeout: Span,
+    /// Output format: the status's name, or a JSON document ({"status":"SERVING"}).
+    #[arg(long, value_enum, default_value_t = HealthOutput::Text)]
+    output: HealthOutput,
+}
+
+/// How `health` prints the status.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HealthOutput {
+    /// `SERVING`.
+    Text,
+    /// `{"status":"SERVING"}`.
+    Json,
 }
 
 /// Runs `lodestar health`.
 pub(crate) async fn run(args: HealthArgs) -> Result<ExitCode, Box<dyn Error>> {
-    let (code, printed) = match check(&args).await {
+    let waiting = super::waiting(format!("checking {}", printable(&args.target.target)));
+    let checked = check(&args).await;
+    drop(waiting);
+    let (code, printed) = match checked {
         Ok(status) => {
             let code = if status == ServingStatus::Serving {
                 SERVING
@@ -74,7 +86,9 @@ pub(crate) async fn run(args: HealthArgs) -> Result<ExitCode, Box<dyn Error>> {
         Err(failure) => (RPC_FAILED, Err(failure)),
     };
     match printed {
-        Ok(status) if args.json => println!("{}", json!({ "status": status })),
+        Ok(status) if args.output == HealthOutput::Json => {
+            println!("{}", json!({ "status": status }))
+        }
         Ok(status) => println!("{status}"),
         Err(failure) => eprintln!("lodestar health: {failure}"),
     }
@@ -88,7 +102,7 @@ async fn check(args: &HealthArgs) -> Result<ServingStatus, Failure> {
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.clone(),
     });
-    request.set_timeout(args.timeout);
+    request.set_timeout(args.timeout.0);
     let mut client = HealthClient::new(connection.channel);
     let what = format!(
         "checking {}{} on {}",
@@ -100,7 +114,7 @@ async fn check(args: &HealthArgs) -> Result<ServingStatus, Failure> {
         printable(&service),
         connection.description
     );
-    let bound = args.target.connect_timeout + args.timeout;
+    let bound = args.target.connect_timeout() + args.timeout.0;
     let answer = tokio::time::timeout(bound, client.check(request))
         .await
         .map_err(|_| {

@@ -13,6 +13,7 @@ use serde_json::json;
 use super::reflection::Reflection;
 use super::target::TargetArgs;
 use super::{Failure, FailureKind};
+use crate::table::{Align, Table};
 
 /// Each reflection round may take this long beyond --connect-timeout.
 const REFLECTION_SLACK: Duration = Duration::from_secs(20);
@@ -55,14 +56,19 @@ pub(crate) fn kind(method: &MethodDescriptor) -> &'static str {
 
 /// Runs `lodestar list`.
 pub(crate) async fn run(args: ListArgs) -> Result<ExitCode, Box<dyn Error>> {
+    let waiting = super::waiting(format!(
+        "finding {} and reading its schema",
+        printable(&args.target.target)
+    ));
     let connection = args.target.connect(MessageLimits::default()).await?;
     let mut reflection = Reflection::new(
         connection,
         MessageLimits::default().max_decoding_message_size,
-        args.target.connect_timeout + REFLECTION_SLACK,
+        args.target.connect_timeout() + REFLECTION_SLACK,
     );
     let services = reflection.services().await?;
     let Some(wanted) = &args.service else {
+        drop(waiting);
         match args.output {
             ListOutput::Json => println!("{}", json!({ "services": services })),
             ListOutput::Table => {
@@ -75,6 +81,7 @@ pub(crate) async fn run(args: ListArgs) -> Result<ExitCode, Box<dyn Error>> {
     };
     let service = pick_service(wanted, &services)?;
     let pool = reflection.pool(std::slice::from_ref(&service)).await?;
+    drop(waiting);
     let descriptor = pool.get_service_by_name(&service).ok_or_else(|| {
         Failure::new(
             FailureKind::Reflection,
@@ -102,36 +109,22 @@ pub(crate) async fn run(args: ListArgs) -> Result<ExitCode, Box<dyn Error>> {
             println!("{}", json!({ "service": service, "methods": methods }));
         }
         ListOutput::Table => {
-            let rows: Vec<[String; 4]> = methods
-                .iter()
-                .map(|m| {
-                    [
-                        printable(&format!("{service}/{}", m.name())).into_owned(),
-                        kind(m).to_owned(),
-                        printable(m.input().full_name()).into_owned(),
-                        printable(m.output().full_name()).into_owned(),
-                    ]
-                })
-                .collect();
-            let header = ["METHOD", "KIND", "INPUT", "OUTPUT"].map(str::to_owned);
-            let mut widths = [0; 4];
-            for row in std::iter::once(&header).chain(&rows) {
-                for (width, cell) in widths.iter_mut().zip(row) {
-                    *width = (*width).max(cell.chars().count());
-                }
+            let mut table = Table::new(&[
+                ("METHOD", Align::Left),
+                ("KIND", Align::Left),
+                ("INPUT", Align::Left),
+                ("OUTPUT", Align::Left),
+            ]);
+            for m in &methods {
+                // Names come from the server: printed safely.
+                table.row(vec![
+                    printable(&format!("{service}/{}", m.name())).into_owned(),
+                    kind(m).to_owned(),
+                    printable(m.input().full_name()).into_owned(),
+                    printable(m.output().full_name()).into_owned(),
+                ]);
             }
-            for row in std::iter::once(&header).chain(&rows) {
-                println!(
-                    "{:<w0$}  {:<w1$}  {:<w2$}  {}",
-                    row[0],
-                    row[1],
-                    row[2],
-                    row[3],
-                    w0 = widths[0],
-                    w1 = widths[1],
-                    w2 = widths[2]
-                );
-            }
+            table.print();
         }
     }
     Ok(ExitCode::SUCCESS)

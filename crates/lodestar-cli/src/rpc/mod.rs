@@ -100,6 +100,13 @@ impl fmt::Display for Failure {
 
 impl std::error::Error for Failure {}
 
+/// Reports `what` on stderr if it takes more than a second (see
+/// [`crate::progress`]), on a terminal only: piped, stderr is for the one
+/// JSON object a failed `call` prints.
+pub(crate) fn waiting(what: impl Into<String>) -> Option<crate::progress::Progress> {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| crate::progress::waiting(what))
+}
+
 /// The client's own error behind a status, if the status came from this
 /// side's connection (the target could not be reached, or the connection
 /// failed) rather than from a server.

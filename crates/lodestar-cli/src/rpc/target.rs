@@ -20,6 +20,7 @@ use lodestar::{
 };
 
 use super::{Failure, FailureKind};
+use crate::args::Span;
 
 /// The name the chosen instance has in the client's own registry.
 const PINNED: &str = "lodestar-cli-target";
@@ -42,7 +43,7 @@ pub(crate) struct TargetArgs {
     pub(crate) target: String,
     /// Registry to find a service name in (lodestar://host:port,
     /// lodestars://…, etcd://…). Default: lodestar://127.0.0.1:7070.
-    #[arg(long, env = "LODESTAR_REGISTRY", help_heading = "Target")]
+    #[arg(long, env = "LODESTAR_REGISTRY", value_parser = crate::args::registry_url, help_heading = "Target")]
     registry: Option<String>,
     /// Namespace of the service name.
     #[arg(long, default_value = DEFAULT_NAMESPACE, help_heading = "Target")]
@@ -73,8 +74,13 @@ pub(crate) struct TargetArgs {
     #[arg(long, value_name = "NAME", help_heading = "Target")]
     server_name: Option<String>,
     /// Longest wait for the connection (and for the registry), e.g. 500ms, 10s.
-    #[arg(long, default_value = "10s", value_parser = lodestar::config::parse_duration, help_heading = "Target")]
-    pub(crate) connect_timeout: Duration,
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        help_heading = "Target"
+    )]
+    connect_timeout: Span,
 }
 
 /// What the TARGET text is.
@@ -147,6 +153,11 @@ pub(crate) struct Connection {
 }
 
 impl TargetArgs {
+    /// The longest wait for the connection (`--connect-timeout`).
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout.0
+    }
+
     /// Resolves TARGET to one instance and makes a client for it; nothing is
     /// connected yet (the first call connects, within --connect-timeout).
     pub(crate) async fn connect(&self, limits: MessageLimits) -> Result<Connection, Failure> {
@@ -179,7 +190,7 @@ impl TargetArgs {
         // A static registry: the one instance stays for as long as the command runs.
         let registry = StaticRegistry::new().with(PINNED, [address]);
         let mut builder = Client::builder(registry)
-            .connect_timeout(self.connect_timeout)
+            .connect_timeout(self.connect_timeout.0)
             .max_attempts(1)
             .message_limits(limits)
             .metrics(None);
@@ -245,11 +256,11 @@ impl TargetArgs {
                 FailureKind::Transport,
                 format!(
                     "the registry did not answer within {} (--connect-timeout)",
-                    lodestar::config::format_duration(self.connect_timeout)
+                    lodestar::config::format_duration(self.connect_timeout.0)
                 ),
             )
         };
-        let instances = tokio::time::timeout(self.connect_timeout, registry.instances(&key))
+        let instances = tokio::time::timeout(self.connect_timeout.0, registry.instances(&key))
             .await
             .map_err(|_| timed_out())?
             .map_err(|e| {
@@ -260,7 +271,7 @@ impl TargetArgs {
             })?;
         if instances.is_empty() {
             let known =
-                tokio::time::timeout(self.connect_timeout, registry.services(&self.namespace))
+                tokio::time::timeout(self.connect_timeout.0, registry.services(&self.namespace))
                     .await
                     .ok()
                     .and_then(Result::ok)
