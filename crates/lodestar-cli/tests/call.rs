@@ -100,6 +100,16 @@ fn service(kind: &str, registry: &str) -> (Proc, String) {
 
 /// [`service`], over mutual TLS with the certificates in `tls_dir` when given.
 fn service_with(kind: &str, registry: &str, tls_dir: Option<&std::path::Path>) -> (Proc, String) {
+    service_refusing(kind, registry, tls_dir, &[])
+}
+
+/// [`service_with`], refusing calls whose paths start with one of `refused`.
+fn service_refusing(
+    kind: &str,
+    registry: &str,
+    tls_dir: Option<&std::path::Path>,
+    refused: &[&str],
+) -> (Proc, String) {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
@@ -112,6 +122,7 @@ fn service_with(kind: &str, registry: &str, tls_dir: Option<&std::path::Path>) -
         ])
         .env("LODESTAR_CHILD_KIND", kind)
         .env("LODESTAR_CHILD_REGISTRY", registry);
+    command.env("LODESTAR_CHILD_REFUSE", refused.join(","));
     if let Some(dir) = tls_dir {
         command.env("LODESTAR_CHILD_TLS_DIR", dir);
     }
@@ -158,6 +169,30 @@ fn child_service() {
             }
             Err(_) => builder,
         };
+        // Reflection paths to refuse as UNIMPLEMENTED, as a server without them would.
+        let refused: Vec<String> = std::env::var("LODESTAR_CHILD_REFUSE")
+            .map(|list| {
+                list.split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let builder = builder.layer(tower::filter::FilterLayer::new(
+            move |request: http::Request<lodestar::server::RequestBody>| {
+                let path = request.uri().path();
+                if refused
+                    .iter()
+                    .any(|prefix| path.starts_with(prefix.as_str()))
+                {
+                    Err(lodestar::Status::unimplemented(format!(
+                        "{path} is not served"
+                    )))
+                } else {
+                    Ok(request)
+                }
+            },
+        ));
         let running = builder.registry(registry).start().await.unwrap();
         println!("child serving on {}", running.local_addr());
         lodestar::server::shutdown_signal().await;
@@ -616,6 +651,35 @@ fn imports_well_known_types_metadata_and_deadlines_reach_the_server() {
         r#"{"message":"x"}"#,
     ]));
     assert_eq!(replies[0]["message"], "x");
+}
+
+#[test]
+fn reflection_falls_back_to_v1alpha_and_says_when_there_is_none() {
+    let v1 = "/grpc.reflection.v1.ServerReflection/";
+    let v1alpha = "/grpc.reflection.v1alpha.ServerReflection/";
+    let (_old, address) = service_refusing("route-guide", "memory://", None, &[v1]);
+    let replies = ok(&lodestar(&[
+        "call",
+        &address,
+        "GetFeature",
+        "-d",
+        KNOWN_POINT,
+    ]));
+    assert_eq!(replies[0]["name"], KNOWN_NAME);
+    let methods = stdout(&ok_status(lodestar(&["list", &address, "RouteGuide"])));
+    assert!(
+        methods.contains("routeguide.RouteGuide/RouteChat"),
+        "{methods}"
+    );
+
+    let (_none, address) = service_refusing("route-guide", "memory://", None, &[v1, v1alpha]);
+    let error = failed(&lodestar(&["call", &address, "GetFeature"]), 1);
+    assert_eq!(error["error"], "reflection");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("does not serve reflection (grpc.reflection.v1 nor v1alpha)"),
+        "{message}"
+    );
 }
 
 #[test]
