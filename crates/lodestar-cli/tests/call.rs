@@ -110,6 +110,18 @@ fn service_refusing(
     tls_dir: Option<&std::path::Path>,
     refused: &[&str],
 ) -> (Proc, String) {
+    service_failing(kind, registry, tls_dir, refused, None)
+}
+
+/// [`service_refusing`], failing the method at the path `failing` (when
+/// given) with NOT_FOUND and details.
+fn service_failing(
+    kind: &str,
+    registry: &str,
+    tls_dir: Option<&std::path::Path>,
+    refused: &[&str],
+    failing: Option<&str>,
+) -> (Proc, String) {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
@@ -123,6 +135,9 @@ fn service_refusing(
         .env("LODESTAR_CHILD_KIND", kind)
         .env("LODESTAR_CHILD_REGISTRY", registry);
     command.env("LODESTAR_CHILD_REFUSE", refused.join(","));
+    if let Some(path) = failing {
+        command.env("LODESTAR_CHILD_FAIL", path);
+    }
     if let Some(dir) = tls_dir {
         command.env("LODESTAR_CHILD_TLS_DIR", dir);
     }
@@ -178,6 +193,8 @@ fn child_service() {
                     .collect()
             })
             .unwrap_or_default();
+        // A method to fail NOT_FOUND with details, as a handler may.
+        let failing = std::env::var("LODESTAR_CHILD_FAIL").unwrap_or_default();
         let builder = builder.layer(tower::filter::FilterLayer::new(
             move |request: http::Request<lodestar::server::RequestBody>| {
                 let path = request.uri().path();
@@ -188,6 +205,8 @@ fn child_service() {
                     Err(lodestar::Status::unimplemented(format!(
                         "{path} is not served"
                     )))
+                } else if !failing.is_empty() && path == failing {
+                    Err(not_found_with_details())
                 } else {
                     Ok(request)
                 }
@@ -198,6 +217,46 @@ fn child_service() {
         lodestar::server::shutdown_signal().await;
         running.shutdown().await.unwrap();
     });
+}
+
+/// `google.rpc.Status`, as the `grpc-status-details-bin` trailer carries it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// NOT_FOUND with two details: a type of the server's schema
+/// (`routeguide.Point`), and one nobody describes.
+fn not_found_with_details() -> lodestar::Status {
+    use prost::Message as _;
+    let point = route_guide::Point {
+        latitude: 7,
+        longitude: 0,
+    };
+    let status = RpcStatus {
+        code: lodestar::Code::NotFound as i32,
+        message: "no feature here".into(),
+        details: vec![
+            prost_types::Any {
+                type_url: "type.googleapis.com/routeguide.Point".into(),
+                value: point.encode_to_vec(),
+            },
+            prost_types::Any {
+                type_url: "type.googleapis.com/acme.Unknown".into(),
+                value: vec![1, 2, 3],
+            },
+        ],
+    };
+    lodestar::Status::with_details(
+        lodestar::Code::NotFound,
+        "no feature here",
+        status.encode_to_vec().into(),
+    )
 }
 
 /// `lodestar ARGS…`, run to its end (bounded), stdin empty.
@@ -556,6 +615,27 @@ fn failures_are_one_json_object_with_documented_exit_codes() {
         78,
     );
     assert_eq!(error["code"], "unavailable");
+
+    // Details: decoded when the server describes their type, else base64.
+    let (_failing, failing) = service_failing(
+        "route-guide",
+        "memory://",
+        None,
+        &[],
+        Some("/routeguide.RouteGuide/GetFeature"),
+    );
+    let error = failed(&lodestar(&["call", &failing, "GetFeature"]), 69);
+    assert_eq!(
+        error,
+        json!({
+            "code": "not_found",
+            "message": "no feature here",
+            "details": [
+                {"type": "routeguide.Point", "value": "CAc", "debug": {"latitude": 7}},
+                {"type": "acme.Unknown", "value": "AQID"},
+            ],
+        })
+    );
 
     // Nothing listening: a transport failure, exit 1.
     let dead = lodestar_tests::free_port();
