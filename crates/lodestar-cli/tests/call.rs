@@ -95,33 +95,22 @@ fn registry() -> (Proc, String) {
 /// `child_service`): `kind` is `route-guide` or `echo`, registered in
 /// `registry` (`memory://`: a registry of its own). Returns its address.
 fn service(kind: &str, registry: &str) -> (Proc, String) {
-    service_with(kind, registry, None)
+    service_with(kind, registry, Quirks::default())
 }
 
-/// [`service`], over mutual TLS with the certificates in `tls_dir` when given.
-fn service_with(kind: &str, registry: &str, tls_dir: Option<&std::path::Path>) -> (Proc, String) {
-    service_refusing(kind, registry, tls_dir, &[])
+/// How a child service departs from the plain one.
+#[derive(Debug, Default)]
+struct Quirks<'a> {
+    /// Serve over mutual TLS with the certificates in this directory.
+    tls_dir: Option<&'a std::path::Path>,
+    /// Refuse calls whose paths start with one of these (UNIMPLEMENTED).
+    refused: &'a [&'a str],
+    /// Fail the method at this path NOT_FOUND, with details.
+    failing: Option<&'a str>,
 }
 
-/// [`service_with`], refusing calls whose paths start with one of `refused`.
-fn service_refusing(
-    kind: &str,
-    registry: &str,
-    tls_dir: Option<&std::path::Path>,
-    refused: &[&str],
-) -> (Proc, String) {
-    service_failing(kind, registry, tls_dir, refused, None)
-}
-
-/// [`service_refusing`], failing the method at the path `failing` (when
-/// given) with NOT_FOUND and details.
-fn service_failing(
-    kind: &str,
-    registry: &str,
-    tls_dir: Option<&std::path::Path>,
-    refused: &[&str],
-    failing: Option<&str>,
-) -> (Proc, String) {
+/// [`service`], with `quirks`.
+fn service_with(kind: &str, registry: &str, quirks: Quirks<'_>) -> (Proc, String) {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
@@ -134,11 +123,11 @@ fn service_failing(
         ])
         .env("LODESTAR_CHILD_KIND", kind)
         .env("LODESTAR_CHILD_REGISTRY", registry);
-    command.env("LODESTAR_CHILD_REFUSE", refused.join(","));
-    if let Some(path) = failing {
+    command.env("LODESTAR_CHILD_REFUSE", quirks.refused.join(","));
+    if let Some(path) = quirks.failing {
         command.env("LODESTAR_CHILD_FAIL", path);
     }
-    if let Some(dir) = tls_dir {
+    if let Some(dir) = quirks.tls_dir {
         command.env("LODESTAR_CHILD_TLS_DIR", dir);
     }
     let proc = Proc::spawn(command);
@@ -390,7 +379,14 @@ fn calls_over_mutual_tls() {
         .unwrap();
     let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
     let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
-    let (_instance, address) = service_with("route-guide", "memory://", Some(&dir));
+    let (_instance, address) = service_with(
+        "route-guide",
+        "memory://",
+        Quirks {
+            tls_dir: Some(&dir),
+            ..Quirks::default()
+        },
+    );
     // https:// and --ca, presenting a client certificate.
     let https = format!("https://{address}");
     let replies = ok(&lodestar(&[
@@ -617,12 +613,13 @@ fn failures_are_one_json_object_with_documented_exit_codes() {
     assert_eq!(error["code"], "unavailable");
 
     // Details: decoded when the server describes their type, else base64.
-    let (_failing, failing) = service_failing(
+    let (_failing, failing) = service_with(
         "route-guide",
         "memory://",
-        None,
-        &[],
-        Some("/routeguide.RouteGuide/GetFeature"),
+        Quirks {
+            failing: Some("/routeguide.RouteGuide/GetFeature"),
+            ..Quirks::default()
+        },
     );
     let error = failed(&lodestar(&["call", &failing, "GetFeature"]), 69);
     assert_eq!(
@@ -737,7 +734,14 @@ fn imports_well_known_types_metadata_and_deadlines_reach_the_server() {
 fn reflection_falls_back_to_v1alpha_and_says_when_there_is_none() {
     let v1 = "/grpc.reflection.v1.ServerReflection/";
     let v1alpha = "/grpc.reflection.v1alpha.ServerReflection/";
-    let (_old, address) = service_refusing("route-guide", "memory://", None, &[v1]);
+    let (_old, address) = service_with(
+        "route-guide",
+        "memory://",
+        Quirks {
+            refused: &[v1],
+            ..Quirks::default()
+        },
+    );
     let replies = ok(&lodestar(&[
         "call",
         &address,
@@ -752,7 +756,14 @@ fn reflection_falls_back_to_v1alpha_and_says_when_there_is_none() {
         "{methods}"
     );
 
-    let (_none, address) = service_refusing("route-guide", "memory://", None, &[v1, v1alpha]);
+    let (_none, address) = service_with(
+        "route-guide",
+        "memory://",
+        Quirks {
+            refused: &[v1, v1alpha],
+            ..Quirks::default()
+        },
+    );
     let error = failed(&lodestar(&["call", &address, "GetFeature"]), 1);
     assert_eq!(error["error"], "reflection");
     let message = error["message"].as_str().unwrap();
