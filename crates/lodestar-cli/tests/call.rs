@@ -612,6 +612,21 @@ fn failures_are_one_json_object_with_documented_exit_codes() {
     );
     assert_eq!(error["code"], "unavailable");
 
+    // A reply over --max-message-size (reflection, with larger answers, still works).
+    let error = failed(
+        &lodestar(&[
+            "call",
+            &address,
+            "GetFeature",
+            "-d",
+            KNOWN_POINT,
+            "--max-message-size",
+            "50",
+        ]),
+        72,
+    );
+    assert_eq!(error["code"], "resource_exhausted");
+
     // Details: decoded when the server describes their type, else base64.
     let (_failing, failing) = service_with(
         "route-guide",

@@ -209,7 +209,7 @@ async fn call(
         "finding {} and reading its schema",
         printable(&args.target.target)
     ));
-    let connection = args.target.connect(limits).await?;
+    let connection = args.target.connect().await?;
     let mut reflection = Reflection::new(
         connection.clone(),
         args.max_message_size,
@@ -253,7 +253,13 @@ async fn call(
         let (_, never) = oneshot::channel();
         (receiver, never)
     };
-    let exchange = exchange(args, connection.channel, &descriptor, &chosen, requests);
+    let exchange = exchange(
+        args,
+        connection.channel(limits),
+        &descriptor,
+        &chosen,
+        requests,
+    );
     tokio::select! {
         biased;
         Ok(failure) = input_failed => Err(Ended::Local(failure)),

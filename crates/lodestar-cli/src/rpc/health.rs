@@ -97,13 +97,13 @@ pub(crate) async fn run(args: HealthArgs) -> Result<ExitCode, Box<dyn Error>> {
 
 /// The status the target reports for the service.
 async fn check(args: &HealthArgs) -> Result<ServingStatus, Failure> {
-    let connection = args.target.connect(MessageLimits::default()).await?;
+    let connection = args.target.connect().await?;
     let service = args.service.clone().unwrap_or_default();
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.clone(),
     });
     request.set_timeout(args.timeout.0);
-    let mut client = HealthClient::new(connection.channel);
+    let mut client = HealthClient::new(connection.channel(MessageLimits::default()));
     let what = format!(
         "checking {}{} on {}",
         if service.is_empty() {

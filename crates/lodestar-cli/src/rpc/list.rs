@@ -60,7 +60,7 @@ pub(crate) async fn run(args: ListArgs) -> Result<ExitCode, Box<dyn Error>> {
         "finding {} and reading its schema",
         printable(&args.target.target)
     ));
-    let connection = args.target.connect(MessageLimits::default()).await?;
+    let connection = args.target.connect().await?;
     let mut reflection = Reflection::new(
         connection,
         MessageLimits::default().max_decoding_message_size,

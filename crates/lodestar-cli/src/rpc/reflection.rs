@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
+use lodestar::MessageLimits;
 use lodestar::registry::limits::printable;
 use prost::Message as _;
 use prost_reflect::DescriptorPool;
@@ -58,6 +59,8 @@ impl Version {
 #[derive(Debug)]
 pub(crate) struct Reflection {
     connection: Connection,
+    /// The channel reflection goes through.
+    channel: lodestar::client::Channel,
     /// The largest message accepted from the server.
     max_message: usize,
     /// Each round's bound.
@@ -69,10 +72,19 @@ pub(crate) struct Reflection {
 }
 
 impl Reflection {
-    /// A client over `connection`, each round bounded by `timeout`.
+    /// A client over `connection`, each round bounded by `timeout`, taking
+    /// answers of up to `max_message` bytes (at least 4 MiB, gRPC's usual
+    /// limit: a schema's files may be larger than the messages a call is
+    /// allowed).
     pub(crate) fn new(connection: Connection, max_message: usize, timeout: Duration) -> Self {
+        let max_message = max_message.max(MessageLimits::default().max_decoding_message_size);
+        let channel = connection.channel(MessageLimits {
+            max_decoding_message_size: max_message,
+            max_encoding_message_size: MessageLimits::default().max_encoding_message_size,
+        });
         Self {
             connection,
+            channel,
             max_message,
             timeout,
             version: None,
@@ -289,7 +301,7 @@ impl Reflection {
         version: Version,
         requests: &[MessageRequest],
     ) -> Result<Vec<MessageResponse>, tonic::Status> {
-        let mut grpc = tonic::client::Grpc::new(self.connection.channel.clone())
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
             .max_decoding_message_size(self.max_message);
         grpc.ready().await?;
         let outgoing: Vec<ServerReflectionRequest> = requests

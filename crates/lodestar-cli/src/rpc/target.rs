@@ -143,13 +143,36 @@ impl TargetName {
     }
 }
 
-/// The instance a command talks to, and a channel to it.
+/// The instance a command talks to; channels to it are made with the
+/// message limits each use needs (reflection's answers may be larger than
+/// the call's messages are allowed to be).
 #[derive(Debug, Clone)]
 pub(crate) struct Connection {
     /// The target as messages name it: the address, or the service and instance.
     pub(crate) description: String,
-    /// Calls go here.
-    pub(crate) channel: lodestar::client::Channel,
+    /// `host:port`.
+    address: String,
+    tls: Option<ClientTls>,
+    connect_timeout: Duration,
+}
+
+impl Connection {
+    /// A channel to the instance, whose messages are bounded by `limits`;
+    /// each channel opens its own connection, lazily, within the connect
+    /// timeout.
+    pub(crate) fn channel(&self, limits: MessageLimits) -> lodestar::client::Channel {
+        // A static registry: the one instance stays for as long as the command runs.
+        let registry = StaticRegistry::new().with(PINNED, [self.address.clone()]);
+        let mut builder = Client::builder(registry)
+            .connect_timeout(self.connect_timeout)
+            .max_attempts(1)
+            .message_limits(limits)
+            .metrics(None);
+        if let Some(tls) = &self.tls {
+            builder = builder.tls(tls.clone());
+        }
+        builder.build().channel(PINNED)
+    }
 }
 
 impl TargetArgs {
@@ -158,9 +181,10 @@ impl TargetArgs {
         self.connect_timeout.0
     }
 
-    /// Resolves TARGET to one instance and makes a client for it; nothing is
-    /// connected yet (the first call connects, within --connect-timeout).
-    pub(crate) async fn connect(&self, limits: MessageLimits) -> Result<Connection, Failure> {
+    /// Resolves TARGET to one instance, and reads the TLS files; nothing is
+    /// connected yet (the first call on a channel connects, within
+    /// --connect-timeout).
+    pub(crate) async fn connect(&self) -> Result<Connection, Failure> {
         let name = TargetName::parse(&self.target)?;
         let (address, scheme_tls, description) = match name {
             TargetName::Address { address, tls } => {
@@ -187,19 +211,11 @@ impl TargetArgs {
             ));
         }
         let tls = self.client_tls(scheme_tls == Some(true))?;
-        // A static registry: the one instance stays for as long as the command runs.
-        let registry = StaticRegistry::new().with(PINNED, [address]);
-        let mut builder = Client::builder(registry)
-            .connect_timeout(self.connect_timeout.0)
-            .max_attempts(1)
-            .message_limits(limits)
-            .metrics(None);
-        if let Some(tls) = tls {
-            builder = builder.tls(tls);
-        }
         Ok(Connection {
             description,
-            channel: builder.build().channel(PINNED),
+            address,
+            tls,
+            connect_timeout: self.connect_timeout.0,
         })
     }
 
