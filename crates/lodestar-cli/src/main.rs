@@ -10,6 +10,7 @@ mod demo;
 mod events;
 mod progress;
 mod registry;
+mod rpc;
 mod table;
 mod watch;
 
@@ -24,6 +25,10 @@ Examples:
   lodestar watch route-guide --count 5              registry changes as they happen
   lodestar subscribe orders.created --queue billing  print events as JSON lines
   lodestar publish orders.created '{\"id\":7}' --header content-type=application/json
+  lodestar call route-guide GetFeature -d '{\"latitude\":409146138,\"longitude\":-746188906}'
+                                 call a method by service name, JSON in and out
+  lodestar list route-guide RouteGuide               the methods a service serves
+  lodestar health 127.0.0.1:10000                    exit 0 when serving
   lodestar cert --out certs      a development CA and certificates for TLS
   lodestar completions bash > ~/.local/share/bash-completion/completions/lodestar
 
@@ -86,6 +91,15 @@ enum Command {
     /// added, changed, removed): JSON lines when piped, a live table on a
     /// terminal; until interrupted, --timeout or --count.
     Watch(watch::WatchArgs),
+    /// Calls a method of a service (by name through the registry, or by
+    /// address) with JSON in and out, through server reflection: all four
+    /// call kinds, streams printed as they arrive.
+    Call(Box<rpc::call::CallArgs>),
+    /// Lists the services of a server, or the methods of one, through
+    /// server reflection.
+    List(rpc::list::ListArgs),
+    /// Checks a server's health (grpc.health.v1), with exit codes for probes.
+    Health(rpc::health::HealthArgs),
     /// Prints a shell completion script: `lodestar completions bash >
     /// ~/.local/share/bash-completion/completions/lodestar`.
     Completions(Completions),
@@ -127,6 +141,9 @@ fn main() -> ExitCode {
             Command::Publish(args) => events::publish(args).await,
             Command::Subscribe(args) => events::subscribe(args).await,
             Command::Watch(args) => watch::watch(args).await,
+            Command::Call(args) => Ok(rpc::call::run(*args).await),
+            Command::List(args) => rpc::list::run(args).await,
+            Command::Health(args) => rpc::health::run(args).await,
             Command::Completions(args) => {
                 clap_complete::generate(
                     args.shell,
