@@ -34,6 +34,13 @@ impl fmt::Display for DurationError {
 
 impl std::error::Error for DurationError {}
 
+impl DurationError {
+    /// Why the text is not a duration (`unknown unit (expected ...)`).
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
 /// Reads a duration such as `500ms`, `2s`, `1m30s` or `1h`.
 ///
 /// ```

@@ -77,6 +77,8 @@ impl Service {
             // lodestar's logs and traces, from the environment, unless the
             // process has a subscriber already.
             telemetry: true,
+            // Default: the environment's settings.
+            telemetry_settings: None,
         }
     }
 }
@@ -127,6 +129,7 @@ pub struct ServiceBuilder {
     pub(super) metrics: Option<crate::metrics::Metrics>,
     pub(super) admin: Option<SocketAddr>,
     pub(super) telemetry: bool,
+    pub(super) telemetry_settings: Option<crate::telemetry::Telemetry>,
 }
 
 /// Adds one service to the routes, with the final message limits.
@@ -403,6 +406,16 @@ impl ServiceBuilder {
     /// ```
     pub fn telemetry(mut self, install: bool) -> Self {
         self.telemetry = install;
+        self
+    }
+
+    /// The settings [`start`](Self::start) installs lodestar's subscriber
+    /// with (when [`telemetry`](Self::telemetry) is on), instead of those
+    /// of the environment; [`from_config`](Self::from_config) sets them
+    /// from `[telemetry]`. The service's name is the spans' `service.name`
+    /// unless they set one. Default: [`Telemetry::from_env`](crate::telemetry::Telemetry::from_env).
+    pub fn telemetry_settings(mut self, telemetry: crate::telemetry::Telemetry) -> Self {
+        self.telemetry_settings = Some(telemetry);
         self
     }
 

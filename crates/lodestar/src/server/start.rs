@@ -28,9 +28,9 @@ impl ServiceBuilder {
     /// First, unless [`telemetry`](Self::telemetry) is off, it installs
     /// lodestar's logs and traces from the environment, if the process has
     /// no `tracing` subscriber yet ([`telemetry`](crate::telemetry)).
-    pub async fn start(self) -> Result<RunningService, ServeError> {
+    pub async fn start(mut self) -> Result<RunningService, ServeError> {
         if self.telemetry {
-            crate::telemetry::install_from_env(&self.instance.key.service);
+            crate::telemetry::install(&self.instance.key.service, self.telemetry_settings.take());
         }
         let builtin = [
             <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> as NamedService>::NAME,

@@ -479,18 +479,22 @@ pub(crate) fn spans_on() -> bool {
     spans::on()
 }
 
-/// Installs lodestar's subscriber, configured from the environment, as the
-/// process's global default, unless one is installed already; once per
+/// Installs lodestar's subscriber, configured by `settings` (none: from
+/// the environment), as the process's global default, unless one is installed already; once per
 /// process. A variable that cannot be used is logged (as a warning) and
 /// the defaults are used instead: a service starts whatever `OTEL_*` says.
-pub(crate) fn install_from_env(service_name: &str) {
+pub(crate) fn install(service_name: &str, settings: Option<Telemetry>) {
     /// The guard of what was installed, kept for the life of the process.
     static INSTALLED: OnceLock<Option<TelemetryGuard>> = OnceLock::new();
     if tracing::dispatcher::has_been_set() {
         return;
     }
     INSTALLED.get_or_init(|| {
-        let (telemetry, problem) = match Telemetry::from_env() {
+        let settings = match settings {
+            Some(settings) => Ok(settings),
+            None => Telemetry::from_env(),
+        };
+        let (telemetry, problem) = match settings {
             Ok(telemetry) => (telemetry.fallback_service_name(service_name), None),
             Err(error) => (Telemetry::new(), Some(error)),
         };

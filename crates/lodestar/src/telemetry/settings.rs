@@ -263,7 +263,7 @@ fn parse_resource(value: &str) -> Result<Vec<(String, String)>, TelemetryError> 
 
 /// `%XX` escapes decoded; `None` if the result is not UTF-8. A `%` not
 /// followed by two hex digits stays as it is.
-fn percent_decode(value: &str) -> Option<String> {
+pub(crate) fn percent_decode(value: &str) -> Option<String> {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
