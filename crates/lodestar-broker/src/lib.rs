@@ -110,6 +110,32 @@ pub async fn from_url(
     }
 }
 
+/// The broker a configuration names: `[broker] url` (see [`from_url`]),
+/// which is `memory://` unless the file or the environment
+/// (`LODESTAR_BROKER_URL`, or `LODESTAR_BROKER` as before) says otherwise.
+/// `registry` is where the HTTP broker finds subscribers (usually
+/// `lodestar_registry::from_config(&config)?`).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = lodestar::config::Config::from_toml("[broker]\nurl = \"memory://\"")?;
+/// let registry = std::sync::Arc::new(lodestar::MemoryRegistry::new());
+/// let broker = lodestar_broker::from_config(&config, registry).await?;
+/// let builder = lodestar::ServiceBuilder::from_config(
+///     &lodestar::config::Config::from_toml("service.name = \"billing\"")?,
+/// )?
+/// .broker(broker);
+/// # drop(builder);
+/// # Ok(()) }
+/// ```
+pub async fn from_config(
+    config: &lodestar::config::Config,
+    registry: Arc<dyn lodestar::Registry>,
+) -> Result<Arc<dyn Broker>, UrlError> {
+    from_url(&config.broker.url, registry).await
+}
+
 /// The HTTP broker from the part of its URL after `http://`.
 fn http_broker(
     rest: &str,

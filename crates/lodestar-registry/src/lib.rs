@@ -335,6 +335,50 @@ fn redacted(url: &str) -> String {
     format!("{base}?{}", pairs.join("&"))
 }
 
+/// The registry a configuration names: `[registry] url` (see
+/// [`from_url`]), which is `memory://` unless the file or the environment
+/// (`LODESTAR_REGISTRY_URL`, or `LODESTAR_REGISTRY` as before) says
+/// otherwise. The token still comes from [`TOKEN_ENV`]; it is never a key
+/// of the file.
+///
+/// This crate opens it because `lodestar` cannot depend on it; the rest of
+/// a service comes from
+/// [`ServiceBuilder::from_config`](lodestar::ServiceBuilder::from_config):
+///
+/// ```
+/// use lodestar::config::Config;
+/// use lodestar::{Client, ServiceBuilder};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // Usually `Config::load("lodestar.toml")?`: the file, then the environment.
+/// let config = Config::from_toml(r#"
+///     [service]
+///     name = "orders"
+///     admin = "off"
+///     [registry]
+///     url = "memory://"
+///     [broker]
+///     url = "memory://"
+///     [telemetry]
+///     install = false
+/// "#)?;
+/// let registry = lodestar_registry::from_config(&config)?;
+/// let running = ServiceBuilder::from_config(&config)?
+///     .registry(registry.clone())
+///     .start()
+///     .await?;
+/// let instances = registry.instances(&lodestar::ServiceKey::new("orders")).await?;
+/// assert_eq!(instances.len(), 1);
+/// let client = Client::from_config(registry, &config)?.build();
+/// # drop(client);
+/// running.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub fn from_config(config: &lodestar::config::Config) -> Result<Arc<dyn Registry>, UrlError> {
+    from_url(&config.registry.url)
+}
+
 /// The registry named by `LODESTAR_REGISTRY`, or [`DEFAULT_URL`].
 pub fn from_env() -> Result<Arc<dyn Registry>, UrlError> {
     from_url(&std::env::var("LODESTAR_REGISTRY").unwrap_or_else(|_| DEFAULT_URL.to_owned()))
