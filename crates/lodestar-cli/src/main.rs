@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod args;
 mod cert;
+mod config;
 mod demo;
 mod events;
 mod progress;
@@ -76,6 +77,9 @@ enum Command {
     /// Writes a development CA, a server certificate and a client
     /// certificate (PEM), to turn on TLS and mutual TLS in a minute.
     Cert(cert::Args),
+    /// Checks a lodestar.toml (`config check FILE`), or prints one with every
+    /// key at its default (`config defaults`).
+    Config(config::Args),
     /// Runs the registry server: gRPC and HTTP/JSON APIs, leases and
     /// heartbeats, persistent instances, self-preservation.
     Registry(Box<registry::ServeArgs>),
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Cert(args) => cert::run(args),
+            Command::Config(args) => config::run(args),
             Command::Registry(args) => registry::serve(*args).await,
             Command::Services(args) => registry::services(args).await,
             Command::Describe(args) => registry::describe(args).await,

@@ -1,0 +1,58 @@
+//! `lodestar config`: checks a `lodestar.toml`, and prints one with every
+//! key at its default.
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use lodestar::config::Config;
+
+/// Options of `lodestar config`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Checks a configuration file, then the environment variables over it
+    /// (LODESTAR_<SECTION>_<KEY> and their aliases, such as LODESTAR_REGISTRY,
+    /// RUST_LOG and OTEL_*). Prints `FILE: ok` and exits 0, or prints the
+    /// error (file, line, column, key, and the key meant for a typo) and
+    /// exits 1.
+    Check(CheckArgs),
+    /// Prints a complete lodestar.toml: every key, explained, with its
+    /// environment variable, set to its default.
+    Defaults,
+}
+
+/// Options of `lodestar config check`.
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// The file to check.
+    file: PathBuf,
+    /// Check the file alone, without the environment's variables.
+    #[arg(long)]
+    no_env: bool,
+}
+
+pub(crate) fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
+    match args.command {
+        Command::Check(args) => {
+            // A missing file is an error here (loading treats it as "no file").
+            let config = if args.no_env || !args.file.exists() {
+                Config::from_file(&args.file)?
+            } else {
+                Config::load_from(&args.file, std::env::vars())?
+            };
+            drop(config);
+            println!("{}: ok", args.file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Defaults => {
+            print!("{}", lodestar::config::default_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
