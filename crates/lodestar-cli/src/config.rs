@@ -20,7 +20,8 @@ enum Command {
     /// (LODESTAR_<SECTION>_<KEY> and their aliases, such as LODESTAR_REGISTRY,
     /// RUST_LOG and OTEL_*). Prints `FILE: ok` and exits 0, or prints the
     /// error (file, line, column, key, and the key meant for a typo) and
-    /// exits 1.
+    /// exits 1. A variable one letter or two from a known one is reported
+    /// as a likely typo (a warning).
     Check(CheckArgs),
     /// Prints a complete lodestar.toml: every key, explained, with its
     /// environment variable, set to its default.
@@ -47,6 +48,14 @@ pub(crate) fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
                 Config::load_from(&args.file, std::env::vars())?
             };
             drop(config);
+            if !args.no_env {
+                // A variable with a typo is read by nothing: say so.
+                for (name, _) in std::env::vars() {
+                    if let Some(meant) = lodestar::config::closest_variable(&name) {
+                        eprintln!("warning: no key reads {name}; did you mean {meant}?");
+                    }
+                }
+            }
             println!("{}: ok", args.file.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -112,6 +112,17 @@ fn config_check_says_ok_and_reads_the_environment_over_the_file() {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(text(&output.stderr).contains("shorter than service.ttl (\"1s\")"));
 
+    // A variable with a typo is read by nothing, and said so.
+    let output = lodestar_config(&["check", file], &[("LODESTAR_SERVICE_BND", "0.0.0.0:1")]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(
+        text(&output.stderr).contains(
+            "warning: no key reads LODESTAR_SERVICE_BND; did you mean LODESTAR_SERVICE_BIND?"
+        ),
+        "{}",
+        text(&output.stderr)
+    );
+
     // No such file.
     let output = lodestar_config(&["check", "no-such-file.toml"], &[]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");

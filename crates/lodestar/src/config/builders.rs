@@ -93,7 +93,7 @@ impl ServiceBuilder {
             .map_err(|error| ConfigError::Policy {
                 key: "service.policy",
                 origin: None,
-                error,
+                error: Box::new(error),
             })
     }
 }
@@ -170,7 +170,7 @@ impl Client {
             .map_err(|error| ConfigError::Policy {
                 key: "client.policy",
                 origin: None,
-                error,
+                error: Box::new(error),
             })
     }
 }

@@ -89,7 +89,7 @@ pub enum ConfigError {
         origin: Option<Origin>,
         /// Why the policy was refused; it names the policy's field.
         #[source]
-        error: PolicyError,
+        error: Box<PolicyError>,
     },
     /// The file could not be read.
     #[error("configuration file {}: {reason}", path.display())]

@@ -242,7 +242,7 @@ impl Kind {
 
     /// The value a variable's text stands for; the error says what was
     /// expected.
-    pub(crate) fn from_env(&self, text: &str) -> Result<toml::Value, String> {
+    pub(crate) fn parse_env(&self, text: &str) -> Result<toml::Value, String> {
         let value = match *self {
             Kind::Integer { .. } => text
                 .trim()
@@ -857,6 +857,37 @@ pub(crate) fn closest(path: &str) -> Option<&'static str> {
     candidates
         .map(|candidate| (edit_distance(path, candidate), candidate))
         .filter(|(distance, candidate)| *distance <= (candidate.len() / 3).max(2))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// For a variable that no key reads, the one closest to it, if one is close
+/// enough to be a likely typo: `LODESTAR_SERVICE_BND` gives
+/// `LODESTAR_SERVICE_BIND`. `None` for a variable a key reads, and for one
+/// far from all of them (other programs' variables).
+///
+/// ```
+/// use lodestar::config::closest_variable;
+/// assert_eq!(closest_variable("LODESTAR_SERVICE_BND").as_deref(), Some("LODESTAR_SERVICE_BIND"));
+/// assert_eq!(closest_variable("LODESTAR_SERVICE_BIND"), None);
+/// assert_eq!(closest_variable("HOME"), None);
+/// ```
+pub fn closest_variable(name: &str) -> Option<String> {
+    let known: Vec<String> = KEYS
+        .iter()
+        .flat_map(|key| {
+            key.env()
+                .into_iter()
+                .chain(key.aliases.iter().map(|a| (*a).to_owned()))
+        })
+        .collect();
+    if known.iter().any(|k| k == name) {
+        return None;
+    }
+    known
+        .into_iter()
+        .map(|candidate| (edit_distance(name, &candidate), candidate))
+        .filter(|(distance, _)| *distance <= 2)
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, candidate)| candidate)
 }

@@ -277,7 +277,7 @@ impl<'a> Document<'a> {
                     ValueError::Policy(error) => ConfigError::Policy {
                         key: key.path,
                         origin: Some(self.origin(at, false)),
-                        error,
+                        error: Box::new(error),
                     },
                 })?;
             } else if keys::is_section(&path) {
@@ -393,7 +393,7 @@ fn resolve(document: Option<Document<'_>>, env: Env) -> Result<Config, ConfigErr
         }
         let value = key
             .kind
-            .from_env(text)
+            .parse_env(text)
             .map_err(|expected| ConfigError::Invalid {
                 key: key.path.to_owned(),
                 value: format!("{text:?}"),
@@ -402,13 +402,15 @@ fn resolve(document: Option<Document<'_>>, env: Env) -> Result<Config, ConfigErr
             })?;
         insert(&mut table, key.path, value);
     }
+    // Set by a variable of the key itself, which wins over the base.
+    let endpoint_set = [
+        "LODESTAR_TELEMETRY_OTLP_ENDPOINT",
+        crate::telemetry::settings::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    ]
+    .iter()
+    .any(|name| env.get(name).is_some());
     if let Some(base) = env.get(OTLP_BASE_ENDPOINT)
-        && !keys::key("telemetry.otlp_endpoint")
-            .and_then(Key::env)
-            .is_some_and(|name| env.get(&name).is_some())
-        && env
-            .get(crate::telemetry::settings::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
-            .is_none()
+        && !endpoint_set
     {
         let protocol = match lookup(&table, "telemetry.otlp_protocol") {
             Some(toml::Value::String(p)) if p == "grpc" => crate::telemetry::Protocol::Grpc,

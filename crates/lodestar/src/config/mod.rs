@@ -117,7 +117,7 @@ mod text;
 
 pub use duration::{DurationError, MAX_DURATION, format_duration, parse_duration};
 pub use error::{ConfigError, Origin};
-pub use keys::{KEYS, Key, Kind, MAX_LABELS, MAX_TEXT, key};
+pub use keys::{KEYS, Key, Kind, MAX_LABELS, MAX_TEXT, closest_variable, key};
 pub use load::{MAX_CONFIG_FILE, MAX_ENV_VALUE};
 pub use model::{
     BrokerConfig, ClientConfig, ClientHttp2Config, ClientLimits, ClientTlsConfig, CodecName,
