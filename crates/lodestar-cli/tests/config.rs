@@ -299,3 +299,71 @@ fn the_environment_overrides_the_file_when_loading() {
     assert_eq!(config.registry.url, "lodestar://127.0.0.1:7070");
     assert!(Path::new(&path).exists());
 }
+
+#[tokio::test]
+async fn tls_from_config_serves_and_calls_with_mutual_tls() {
+    let dir = TempDir::new();
+    let pki = lodestar::tls::DevPki::generate(&["localhost", "127.0.0.1"], 1).unwrap();
+    pki.write_to(&dir.0).unwrap();
+    let file = |name: &str| dir.0.join(name).display().to_string();
+    let world = World::new();
+    let name = lodestar_tests::unique_name();
+    let config = config(&format!(
+        "[service]\nname = \"{name}\"\nadmin = \"off\"\n\
+         [service.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+         [client.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [telemetry]\ninstall = false\n",
+        file("server.pem"),
+        file("server.key"),
+        file("ca.pem"),
+        file("ca.pem"),
+        file("client.pem"),
+        file("client.key"),
+    ));
+    let running = bounded(
+        "a TLS service from its config to start",
+        ServiceBuilder::from_config(&config)
+            .unwrap()
+            .registry(world.registry.clone())
+            .add_service(EchoServer::new(world.echo("tls")))
+            .start(),
+    )
+    .await
+    .unwrap();
+    let client = Client::from_config(world.registry.clone(), &config)
+        .unwrap()
+        .build();
+    let mut echo = EchoClient::by_name(&client, &name);
+    let request = lodestar_tests::EchoRequest {
+        message: "over TLS".to_owned(),
+        ..Default::default()
+    };
+    let reply = bounded("a call over mutual TLS", echo.unary(request.clone()))
+        .await
+        .unwrap();
+    assert!(reply.into_inner().message.contains("over TLS"));
+
+    // Without its certificate, the client is refused.
+    let mut anonymous = config.clone();
+    anonymous.client.tls.cert = PathBuf::new();
+    anonymous.client.tls.key = PathBuf::new();
+    let client = Client::from_config(world.registry.clone(), &anonymous)
+        .unwrap()
+        .max_attempts(1)
+        .build();
+    let mut echo = EchoClient::by_name(&client, &name);
+    let status = bounded("a call without a client certificate", echo.unary(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    bounded("shutdown", running.shutdown()).await.unwrap();
+
+    // A file that cannot be read names its key and path.
+    let mut missing = config.clone();
+    missing.service.tls.cert = dir.0.join("nope.pem");
+    let error = ServiceBuilder::from_config(&missing)
+        .unwrap_err()
+        .to_string();
+    assert!(error.starts_with("key `service.tls.cert` is \""), "{error}");
+    assert!(error.contains("nope.pem"), "{error}");
+}

@@ -25,6 +25,11 @@ impl ServiceBuilder {
     /// builder can be changed further in code, which wins over the file
     /// and the environment.
     ///
+    /// Logs and traces come from `[telemetry]`
+    /// ([`Config::telemetry`]), into which [`Config::load`] reads `RUST_LOG`,
+    /// `LODESTAR_LOG_FORMAT` and the `OTEL_*` variables; a config read
+    /// without the environment ([`Config::from_toml`]) ignores them.
+    ///
     /// Refused: an empty `service.name`, TLS files that cannot be read,
     /// a server policy that is not valid, limits too large for this
     /// machine.
