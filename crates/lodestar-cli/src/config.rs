@@ -30,6 +30,12 @@ enum Command {
 
 /// Options of `lodestar config check`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Environment:\n  \
+    LODESTAR_<SECTION>_<KEY>  one per key: LODESTAR_SERVICE_BIND, LODESTAR_CLIENT_TIMEOUT, ...\n  \
+    LODESTAR_REGISTRY, LODESTAR_BROKER, LODESTAR_ZONE, RUST_LOG, LODESTAR_LOG_FORMAT, OTEL_*\n  \
+    \x20                         older names of some keys, weaker than LODESTAR_<SECTION>_<KEY>\n\n\
+    Every key, its type, default and variables: docs/configuration.md, or `lodestar config defaults`.\n\n\
+    Exit codes: 0 the configuration is valid; 1 it is not (or the file cannot be read); 2 usage.")]
 struct CheckArgs {
     /// The file to check.
     file: PathBuf,

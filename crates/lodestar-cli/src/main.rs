@@ -31,6 +31,7 @@ Examples:
   lodestar list route-guide RouteGuide               the methods a service serves
   lodestar health 127.0.0.1:10000                    exit 0 when serving
   lodestar cert --out certs      a development CA and certificates for TLS
+  lodestar config check lodestar.toml   check a configuration file and the LODESTAR_* variables
   lodestar completions bash > ~/.local/share/bash-completion/completions/lodestar
 
 Environment:
