@@ -110,6 +110,23 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
     }
 }
 
+/// Reads the text file at `path`, refusing one larger than `max` bytes
+/// (whatever its metadata says: one byte more is read to find out); the
+/// error says why, for the caller to name the file and what it was for
+/// (`what`: "a policy file", "a configuration file").
+pub(crate) fn read_bounded(path: &std::path::Path, max: u64, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > max {
+        return Err(format!("larger than the {max} bytes {what} may have"));
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,6 @@
 //! range checks, and gRPC codes by name.
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use lodestar_core::registry::limits::quoted;
@@ -108,18 +107,8 @@ pub(crate) fn from_file<T>(
             ));
         }
     };
-    let file = std::fs::File::open(path).map_err(|e| file_error(e.to_string()))?;
-    let mut text = String::new();
-    // One byte more than allowed: reading it means the file is too big,
-    // whatever its metadata said.
-    file.take(MAX_POLICY_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| file_error(e.to_string()))?;
-    if text.len() as u64 > MAX_POLICY_FILE {
-        return Err(file_error(format!(
-            "larger than the {MAX_POLICY_FILE} bytes a policy file may have"
-        )));
-    }
+    let text =
+        crate::io::read_bounded(path, MAX_POLICY_FILE, "a policy file").map_err(file_error)?;
     parse(&text).map_err(|error| PolicyError::InFile {
         path: path.to_owned(),
         error: Box::new(error),

@@ -22,6 +22,8 @@ pub enum Kind {
         /// The most bytes.
         max: usize,
     },
+    /// `tracing` filter directives, as `RUST_LOG` takes them.
+    LogFilter,
     /// A duration in the shared grammar (`"500ms"`, `"2s"`, `"1m"`).
     Duration,
     /// A duration, or the word given for none.
@@ -103,6 +105,7 @@ impl Kind {
     pub fn expected(&self) -> String {
         match *self {
             Kind::Text { max } => format!("a string of at most {max} bytes"),
+            Kind::LogFilter => "filter directives such as \"info,lodestar=debug\"".to_owned(),
             Kind::Duration => "a duration such as \"500ms\", \"2s\", \"1m\"".to_owned(),
             Kind::DurationOr(none) => {
                 format!("a duration such as \"500ms\", \"2s\", \"1m\", or \"{none}\"")
@@ -129,6 +132,7 @@ impl Kind {
     pub fn type_name(&self) -> String {
         match *self {
             Kind::Text { .. } => "string".to_owned(),
+            Kind::LogFilter => "log filter".to_owned(),
             Kind::Duration => "duration".to_owned(),
             Kind::DurationOr(none) => format!("duration or \"{none}\""),
             Kind::Address => "address".to_owned(),
@@ -162,6 +166,14 @@ impl Kind {
             (Kind::Path, toml::Value::String(s)) => {
                 if s.len() > MAX_TEXT {
                     return fail(Some(format!("{} bytes", s.len())));
+                }
+            }
+            (Kind::LogFilter, toml::Value::String(s)) => {
+                if s.len() > MAX_TEXT {
+                    return fail(Some(format!("{} bytes", s.len())));
+                }
+                if let Err(e) = tracing_subscriber::EnvFilter::try_new(s) {
+                    return fail(Some(e.to_string()));
                 }
             }
             (Kind::Duration, toml::Value::String(s)) => {
@@ -273,6 +285,7 @@ impl Kind {
             }
             Kind::Policy => return Err("a policy table, which only a file may set".to_owned()),
             Kind::Text { .. }
+            | Kind::LogFilter
             | Kind::Duration
             | Kind::DurationOr(_)
             | Kind::Address
@@ -761,7 +774,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         path: "telemetry.log_filter",
-        kind: Kind::Text { max: MAX_TEXT },
+        kind: Kind::LogFilter,
         default: "\"info\"",
         aliases: &["RUST_LOG"],
         doc: "Which events are logged (`EnvFilter` directives, as `RUST_LOG`).",

@@ -1,7 +1,6 @@
 //! Reading a [`Config`]: a TOML document checked key by key against the
 //! [table](super::keys::KEYS), then the environment over it.
 
-use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -156,22 +155,12 @@ impl Config {
 
 /// Reads at most [`MAX_CONFIG_FILE`] bytes of `path`.
 fn read_file(path: &Path) -> Result<String, ConfigError> {
-    let error = |reason: String| ConfigError::File {
-        path: path.to_owned(),
-        reason,
-    };
-    let file = std::fs::File::open(path).map_err(|e| error(e.to_string()))?;
-    let mut text = String::new();
-    // One byte more than allowed: reading it means the file is too big.
-    file.take(MAX_CONFIG_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| error(e.to_string()))?;
-    if text.len() as u64 > MAX_CONFIG_FILE {
-        return Err(error(format!(
-            "larger than the {MAX_CONFIG_FILE} bytes a configuration file may have"
-        )));
-    }
-    Ok(text)
+    crate::io::read_bounded(path, MAX_CONFIG_FILE, "a configuration file").map_err(|reason| {
+        ConfigError::File {
+            path: path.to_owned(),
+            reason,
+        }
+    })
 }
 
 /// The variables that may set a key, looked up by name.

@@ -216,6 +216,15 @@ fn settings_across_keys_are_checked() {
         .to_string();
     assert!(error.contains("service.heartbeat_interval"), "{error}");
     assert!(error.contains("shorter than service.ttl"), "{error}");
+    let error = Config::from_env(env(&[("RUST_LOG", "lodestar=loud")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with(
+            "RUST_LOG (key `telemetry.log_filter`) is \"lodestar=loud\": expected filter directives"
+        ),
+        "{error}"
+    );
     let error = Config::from_toml("[service.tls]\ncert = \"a.pem\"")
         .unwrap_err()
         .to_string();
