@@ -9,6 +9,7 @@ mod cert;
 mod config;
 mod demo;
 mod events;
+mod new;
 mod progress;
 mod registry;
 mod rpc;
@@ -20,6 +21,7 @@ const AFTER_HELP: &str = "\
 Examples:
   lodestar demo                  the whole system in one process, in seconds
   lodestar demo --keep           the same, left running, with addresses to try
+  lodestar new orders            a new service crate (proto, handlers, lodestar.toml, test)
   lodestar registry --data-dir /var/lib/lodestar   run the registry server
   lodestar services              the services in the registry
   lodestar describe route-guide --output json       instances of a service, for scripts
@@ -105,6 +107,9 @@ enum Command {
     List(rpc::list::ListArgs),
     /// Checks a server's health (grpc.health.v1), with exit codes for probes.
     Health(rpc::health::HealthArgs),
+    /// Creates a new service crate: a .proto with every call kind, handlers,
+    /// a main reading lodestar.toml, and a test (no network, no protoc).
+    New(new::Args),
     /// Prints a shell completion script: `lodestar completions bash >
     /// ~/.local/share/bash-completion/completions/lodestar`.
     Completions(Completions),
@@ -150,6 +155,7 @@ fn main() -> ExitCode {
             Command::Call(args) => Ok(rpc::call::run(*args).await),
             Command::List(args) => rpc::list::run(args).await,
             Command::Health(args) => rpc::health::run(args).await,
+            Command::New(args) => new::run(args),
             Command::Completions(args) => {
                 clap_complete::generate(
                     args.shell,
