@@ -4,11 +4,11 @@
 //! real `lodestar registry` process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::io::Write;
+use std::process::{ChildStdin, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use lodestar_tests::process::Proc;
 use lodestar_tests::run_bounded;
 use serde_json::{Value, json};
 
@@ -18,60 +18,6 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// A point with a feature in route-guide's data.
 const KNOWN_POINT: &str = r#"{"latitude":409146138,"longitude":-746188906}"#;
 const KNOWN_NAME: &str = "Lodestar Trailhead, Kestrel Ridge, NJ, USA";
-
-/// A child process, killed when dropped; its stdout lines arrive on `lines`.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(mut command: Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start a child process");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// The next stdout line, which must come within [`TIMEOUT`].
-    fn next_line(&self, what: &str) -> String {
-        self.lines
-            .recv_timeout(TIMEOUT)
-            .unwrap_or_else(|_| panic!("no stdout line: {what}"))
-    }
-
-    /// What follows `prefix` on the first stdout line that has it.
-    fn line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line `{prefix}…`"));
-            // (libtest may print the test's name on the same line first)
-            if let Some(at) = line.find(prefix) {
-                return line[at + prefix.len()..].trim().to_owned();
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `lodestar registry` on a free port; its URL.
 fn registry() -> (Proc, String) {
@@ -467,7 +413,10 @@ fn a_bidi_call_sends_each_value_as_it_is_read() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status:?}");
-    assert!(call.lines.try_recv().is_err(), "no more replies");
+    assert!(
+        call.try_next_line(Duration::ZERO).is_none(),
+        "no more replies"
+    );
 }
 
 #[test]

@@ -1,11 +1,11 @@
 //! `lodestar demo`, run as a real process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use lodestar_tests::process::Proc;
 
 /// The one line of `stdout` that starts (after indentation) with `prefix`.
 fn line<'a>(stdout: &'a str, prefix: &str) -> &'a str {
@@ -125,16 +125,6 @@ fn demo_succeeds_and_reports_every_call_kind_the_event_the_failures_and_the_cras
     );
 }
 
-/// A `lodestar demo --keep` process, killed when dropped.
-struct Kept(Child);
-
-impl Drop for Kept {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The address in `http://ADDRESS/…`.
 fn http_address(url: &str) -> SocketAddr {
     url.trim_start_matches("http://")
@@ -148,29 +138,13 @@ fn http_address(url: &str) -> SocketAddr {
 #[test]
 fn demo_keep_leaves_everything_running_at_the_addresses_it_prints() {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lodestar"));
-    command
-        .args([
-            "demo", "--keep", "--load", "10", "--rounds", "2", "--after", "5",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut kept = Kept(command.spawn().unwrap());
-    let stdout = kept.0.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
+    command.args([
+        "demo", "--keep", "--load", "10", "--rounds", "2", "--after", "5",
+    ]);
+    let kept = Proc::spawn(command);
     let mut printed = Vec::new();
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no `Ready` line; so far:\n{}", printed.join("\n")));
+        let line = kept.next_line("the demo's output, up to `Ready: press Ctrl-C`");
         let ready = line.starts_with("Ready: press Ctrl-C");
         printed.push(line);
         if ready {

@@ -2,15 +2,14 @@
 //! services and clients in other processes, over real sockets.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lodestar::{Client, Registry, ServiceKey, StaticRegistry, WatchEvent};
-use lodestar_core::sync::MutexExt;
 use lodestar_registry::{RemoteRegistry, SnapshotRegistry};
+use lodestar_tests::process::Proc;
 use route_guide::{Point, RouteGuideClient, SERVICE_NAME};
 use tokio_stream::StreamExt;
 
@@ -31,90 +30,6 @@ async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(TIMEOUT, future)
         .await
         .unwrap_or_else(|_| panic!("timed out after {TIMEOUT:?} waiting for {what}"))
-}
-
-/// A child process, killed when dropped; its stdout lines arrive on `lines`.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Proc {
-    fn spawn(mut command: Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start a child process");
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let collected = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = collected.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut all = sink.lock_unpoisoned();
-                all.push_str(&line);
-                all.push('\n');
-            }
-        });
-        Self {
-            child,
-            lines,
-            stderr: collected,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock_unpoisoned().clone()
-    }
-
-    /// The first stdout line with `prefix`, and what follows it.
-    fn line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line `{prefix}…`; stderr:\n{}", self.stderr()));
-            // (libtest may print the test's name on the same line first)
-            if let Some(at) = line.find(prefix) {
-                return line[at + prefix.len()..].trim().to_owned();
-            }
-        }
-    }
-
-    /// Waits (bounded) until stderr, read by a thread, says `needle`.
-    fn wait_stderr(&self, needle: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.stderr().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no `{needle}`; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `lodestar registry` on `grpc` (port 0: any), with extra flags.

@@ -17,6 +17,7 @@ pub mod broker_conformance;
 pub mod conformance;
 pub mod etcd;
 pub mod nats;
+pub mod process;
 pub mod prometheus;
 pub mod rotel;
 

@@ -20,10 +20,7 @@ fn watch_command(url: &str, extra: &[&str]) -> Command {
 
 /// The next stdout line of `proc`, as JSON (bounded).
 fn next_json(proc: &Proc) -> Value {
-    let line = proc
-        .lines
-        .recv_timeout(TIMEOUT)
-        .unwrap_or_else(|_| panic!("no JSON line; stderr:\n{}", proc.stderr()));
+    let line = proc.next_line("a JSON line");
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
