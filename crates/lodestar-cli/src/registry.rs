@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use lodestar::registry::limits::printable;
-use lodestar::{DEFAULT_NAMESPACE, Registry, ServiceKey};
+use lodestar::{DEFAULT_NAMESPACE, Instance, Registry, ServiceKey};
 
 use crate::args::Span;
 use crate::table::{Align, Table};
@@ -300,25 +300,7 @@ pub(crate) async fn describe(args: DescribeArgs) -> Result<ExitCode, Box<dyn Err
                 printable(&key.to_string()),
                 instances.len()
             );
-            let mut table = Table::new(&[
-                ("ID", Align::Left),
-                ("ADDRESS", Align::Left),
-                ("HEALTHY", Align::Left),
-                ("ENABLED", Align::Left),
-                ("VERSION", Align::Left),
-                ("WEIGHT", Align::Right),
-            ]);
-            for i in &instances {
-                table.row(vec![
-                    printable(&i.id).into_owned(),
-                    printable(&i.address).into_owned(),
-                    i.healthy.to_string(),
-                    i.enabled.to_string(),
-                    printable(&i.version).into_owned(),
-                    i.weight.to_string(),
-                ]);
-            }
-            table.print();
+            instance_table(&instances).print();
         }
     }
     Ok(
@@ -332,4 +314,28 @@ pub(crate) async fn describe(args: DescribeArgs) -> Result<ExitCode, Box<dyn Err
             ExitCode::SUCCESS
         },
     )
+}
+
+/// Instances as a table: id, address, health, version, weight (for
+/// `describe` and `watch`). Names come from whoever registered: printed safely.
+pub(crate) fn instance_table<'a>(instances: impl IntoIterator<Item = &'a Instance>) -> Table {
+    let mut table = Table::new(&[
+        ("ID", Align::Left),
+        ("ADDRESS", Align::Left),
+        ("HEALTHY", Align::Left),
+        ("ENABLED", Align::Left),
+        ("VERSION", Align::Left),
+        ("WEIGHT", Align::Right),
+    ]);
+    for i in instances {
+        table.row(vec![
+            printable(&i.id).into_owned(),
+            printable(&i.address).into_owned(),
+            i.healthy.to_string(),
+            i.enabled.to_string(),
+            printable(&i.version).into_owned(),
+            i.weight.to_string(),
+        ]);
+    }
+    table
 }

@@ -19,7 +19,6 @@ use lodestar::registry::limits::printable;
 use lodestar::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 
 use crate::args::Span;
-use crate::table::{Align, Table};
 
 /// The events a table shows under the instances.
 const TABLE_EVENTS: usize = 8;
@@ -234,23 +233,7 @@ fn draw(
         instances.len(),
         rfc3339(SystemTime::now())
     )?;
-    let mut table = Table::new(&[
-        ("ID", Align::Left),
-        ("ADDRESS", Align::Left),
-        ("HEALTHY", Align::Left),
-        ("ENABLED", Align::Left),
-        ("VERSION", Align::Left),
-    ]);
-    for i in instances.values() {
-        // Names come from whoever registered: printed safely.
-        table.row(vec![
-            printable(&i.id).into_owned(),
-            printable(&i.address).into_owned(),
-            i.healthy.to_string(),
-            i.enabled.to_string(),
-            printable(&i.version).into_owned(),
-        ]);
-    }
+    let table = crate::registry::instance_table(instances.values());
     for line in table.render(crate::table::terminal_width()) {
         writeln!(out, "{line}")?;
     }
