@@ -156,6 +156,11 @@ struct Inner {
     client: Client,
     /// The auth token, once authenticated.
     token: Mutex<Option<String>>,
+    /// Held while a token is fetched: calls that find no token wait for the
+    /// one `Authenticate` in flight instead of each sending their own
+    /// (etcd checks each password with bcrypt, so forty at once can take
+    /// longer than a call's deadline).
+    authenticating: tokio::sync::Mutex<()>,
     /// The lease of each instance this process registered.
     leases: Mutex<HashMap<InstanceKey, i64>>,
     /// The last known instances of each service.
@@ -219,6 +224,7 @@ impl EtcdRegistry {
                 config,
                 client: client.build(),
                 token: Mutex::new(None),
+                authenticating: tokio::sync::Mutex::new(()),
                 leases: Mutex::new(HashMap::new()),
                 cache: Mutex::new(HashMap::new()),
             }),
@@ -268,6 +274,11 @@ impl EtcdRegistry {
         let Some((user, password)) = &self.inner.config.credentials else {
             return Ok(None);
         };
+        if let Some(token) = self.inner.token.lock_unpoisoned().clone() {
+            return Ok(Some(token));
+        }
+        let _one_at_a_time = self.inner.authenticating.lock().await;
+        // The call that held the lock may have fetched it meanwhile.
         if let Some(token) = self.inner.token.lock_unpoisoned().clone() {
             return Ok(Some(token));
         }
