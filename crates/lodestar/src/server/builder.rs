@@ -57,6 +57,8 @@ impl Service {
             // 4096 connections; 32 MiB unsent per connection, 256 MiB in
             // all; 30 s stall timeout.
             connections: ConnectionLimits::default(),
+            // gRPC-Web and Connect on (free until used), no CORS.
+            web: super::WebProtocols::default(),
             // Health and reflection are added at start.
             services: Vec::new(),
             names: Vec::new(),
@@ -118,6 +120,7 @@ pub struct ServiceBuilder {
     pub(super) tls: Option<ServerTls>,
     pub(super) http2: crate::Http2Settings,
     pub(super) connections: ConnectionLimits,
+    pub(super) web: super::WebProtocols,
     pub(super) services: Vec<AddService>,
     pub(super) names: Vec<&'static str>,
     pub(super) descriptors: Vec<&'static [u8]>,
@@ -309,6 +312,27 @@ impl ServiceBuilder {
     /// connection that sends nothing it holds for 30 s is closed).
     pub fn connection_limits(mut self, limits: ConnectionLimits) -> Self {
         self.connections = limits;
+        self
+    }
+
+    /// Which protocols besides native gRPC the service's port serves
+    /// (gRPC-Web, Connect; HTTP/1.1 with them), and which browser origins
+    /// may call them (CORS). Default: [`WebProtocols::default`](super::WebProtocols::default):
+    /// gRPC-Web and Connect on, no cross-origin access. See `docs/web.md`.
+    ///
+    /// ```
+    /// use lodestar::server::{Cors, WebProtocols};
+    ///
+    /// let builder = lodestar::Service::builder("greeter").web(WebProtocols {
+    ///     cors: Cors::allow(["http://localhost:5173"]),
+    ///     ..WebProtocols::default()
+    /// });
+    /// // Native gRPC over HTTP/2 only:
+    /// let grpc_only = lodestar::Service::builder("greeter").web(WebProtocols::none());
+    /// # drop((builder, grpc_only));
+    /// ```
+    pub fn web(mut self, web: super::WebProtocols) -> Self {
+        self.web = web;
         self
     }
 

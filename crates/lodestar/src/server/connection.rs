@@ -1,8 +1,18 @@
 //! Connections: the accept loop, the limits on connections, and serving
-//! one connection over HTTP/2 (handshake deadline, stall detection,
-//! graceful drain).
+//! one connection over HTTP/2 or HTTP/1.1 (handshake deadline, stall
+//! detection, graceful drain).
+//!
+//! Which HTTP a connection speaks is decided once, before hyper sees it:
+//! under TLS by ALPN (`h2`, or `http/1.1` when the web protocols are on),
+//! in plaintext by its first bytes (the HTTP/2 preface, or anything else
+//! for HTTP/1.1). Both serve the same [`ConnectionStack`] under the same
+//! limits: the connection count, the unsent-byte budgets and stall
+//! timeout, the drain at shutdown. HTTP/1.1 adds a deadline for each
+//! request's head ([`HTTP1_HEADER_TIMEOUT`]) and a bound on its size.
 
 use lodestar_core::task::AbortOnDrop;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Poll;
@@ -78,9 +88,21 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// How connections are served: TLS or not, HTTP/2 settings, and limits.
+/// How long an HTTP/1.1 client has to send a request's head (the
+/// request line and headers), from the first byte of the connection or,
+/// kept alive, of the request: a client that dawdles is disconnected.
+pub(crate) const HTTP1_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most an HTTP/1.1 request's head may take (hyper answers `431`
+/// past it), which also bounds a Connect `GET`'s query.
+pub(crate) const HTTP1_MAX_HEAD: usize = 64 * 1024;
+
+/// How connections are served: TLS or not, HTTP/1.1 or not, HTTP/2
+/// settings, and limits.
 pub(crate) struct Connections {
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Whether HTTP/1.1 connections are served (the web protocols are on).
+    pub(crate) http1: bool,
     pub(crate) http2: crate::Http2Settings,
     pub(crate) limits: ConnectionLimits,
 }
@@ -97,9 +119,19 @@ pub(crate) async fn serve(
 ) {
     let Connections {
         tls,
+        http1: serve_http1,
         http2: settings,
         limits,
     } = connections;
+    let http1 = serve_http1.then(|| {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HTTP1_HEADER_TIMEOUT)
+            .max_buf_size(HTTP1_MAX_HEAD)
+            .keep_alive(true);
+        http1
+    });
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -153,7 +185,7 @@ pub(crate) async fn serve(
                         stream,
                         settings.handshake_timeout,
                         tls.clone(),
-                        http2.clone(),
+                        Builders { http1: http1.clone(), http2: http2.clone() },
                         Served {
                             stack: stack.for_connection(budget.clone()),
                             budget,
@@ -199,6 +231,12 @@ pub(crate) async fn serve(
 /// The client connection preface every HTTP/2 connection starts with.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// hyper's connection builders: HTTP/1.1 when served, and HTTP/2.
+struct Builders {
+    http1: Option<hyper::server::conn::http1::Builder>,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
 /// What serves one connection: the stack for its calls, and the budget it
 /// watches for stalls.
 struct Served {
@@ -211,7 +249,7 @@ async fn serve_connection(
     stream: TcpStream,
     handshake_timeout: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    builders: Builders,
     served: Served,
     drain: watch::Receiver<bool>,
 ) {
@@ -220,10 +258,35 @@ async fn serve_connection(
     // In the connection's own task, so a slow client holds up no one else;
     // a client that never finishes its handshake is dropped.
     let Some(acceptor) = tls else {
-        if let Some(stream) = expect_preface(stream, started, peer).await {
-            run_connection(TokioIo::new(stream), http2, served, drain, peer).await;
-        }
-        return;
+        return match builders.http1 {
+            // HTTP/2 only: as before, the preface read whole.
+            None => {
+                if let Some(stream) = expect_preface(stream, started, peer).await {
+                    let connection = builders
+                        .http2
+                        .serve_connection(TokioIo::new(stream), served.stack);
+                    run_connection(connection, served.budget, served.stall_timeout, drain, peer)
+                        .await;
+                }
+            }
+            Some(http1) => match sniff(stream, started, peer).await {
+                Some((stream, true)) => {
+                    let connection = builders
+                        .http2
+                        .serve_connection(TokioIo::new(stream), served.stack);
+                    run_connection(connection, served.budget, served.stall_timeout, drain, peer)
+                        .await;
+                }
+                Some((stream, false)) => {
+                    let connection = http1
+                        .serve_connection(TokioIo::new(stream), served.stack)
+                        .with_upgrades();
+                    run_connection(connection, served.budget, served.stall_timeout, drain, peer)
+                        .await;
+                }
+                None => {}
+            },
+        };
     };
     let stream = match tokio::time::timeout_at(started, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
@@ -232,9 +295,62 @@ async fn serve_connection(
             return tracing::info!(?peer, "TLS handshake timed out after {handshake_timeout:?}");
         }
     };
-    if let Some(stream) = expect_preface(stream, started, peer).await {
-        run_connection(TokioIo::new(stream), http2, served, drain, peer).await;
+    // ALPN decides: `http/1.1` is offered only when HTTP/1.1 is served.
+    let negotiated_http1 = stream.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+    match builders.http1 {
+        Some(http1) if negotiated_http1 => {
+            let connection = http1
+                .serve_connection(TokioIo::new(stream), served.stack)
+                .with_upgrades();
+            run_connection(connection, served.budget, served.stall_timeout, drain, peer).await;
+        }
+        _ => {
+            if let Some(stream) = expect_preface(stream, started, peer).await {
+                let connection = builders
+                    .http2
+                    .serve_connection(TokioIo::new(stream), served.stack);
+                run_connection(connection, served.budget, served.stall_timeout, drain, peer).await;
+            }
+        }
     }
+}
+
+/// Reads a plaintext connection's first bytes before `deadline`: the
+/// whole HTTP/2 preface (`true`), or as soon as a byte differs from it,
+/// HTTP/1.1 (`false`). Hands back a stream that replays them.
+async fn sniff<S>(
+    mut stream: S,
+    deadline: tokio::time::Instant,
+    peer: Option<std::net::SocketAddr>,
+) -> Option<(Rewind<S>, bool)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut read = vec![0u8; PREFACE.len()];
+    let mut len = 0;
+    while len < PREFACE.len() {
+        match tokio::time::timeout_at(deadline, stream.read(&mut read[len..])).await {
+            Ok(Ok(0)) => {
+                tracing::debug!(?peer, "connection closed before its first request");
+                return None;
+            }
+            Ok(Ok(n)) => len += n,
+            Ok(Err(e)) => {
+                tracing::debug!(?peer, error = %e, "connection failed before its first request");
+                return None;
+            }
+            Err(_) => {
+                tracing::info!(?peer, "no request in time; closing the connection");
+                return None;
+            }
+        }
+        if read[..len] != PREFACE[..len] {
+            read.truncate(len);
+            return Some((Rewind::new(read, stream), false));
+        }
+    }
+    Some((Rewind::new(read, stream), true))
 }
 
 /// Reads the HTTP/2 preface before `deadline` (hyper would wait forever),
@@ -262,21 +378,48 @@ where
     }
 }
 
-async fn run_connection<I>(
-    io: I,
-    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    served: Served,
+/// A connection hyper serves, as [`run_connection`] drives it: HTTP/2
+/// or HTTP/1.1.
+trait Driven: Future<Output = Result<(), hyper::Error>> {
+    /// Finish the calls open, take no more (HTTP/2: `GOAWAY`; HTTP/1.1:
+    /// close after the request in progress).
+    fn drain(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Driven for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Driven for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+async fn run_connection<C: Driven>(
+    connection: C,
+    budget: Arc<ConnectionBudget>,
+    stall_timeout: Duration,
     drain: watch::Receiver<bool>,
     peer: Option<std::net::SocketAddr>,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let Served {
-        stack,
-        budget,
-        stall_timeout,
-    } = served;
-    let connection = http2.serve_connection(io, stack);
+) {
     tokio::pin!(connection);
     // The drain and stall checks run in a task of their own: this one is
     // woken for every frame, and then polls only the connection and reads
@@ -307,7 +450,7 @@ async fn run_connection<I>(
             if now & DRAIN != 0 && !draining {
                 // Polled again at once, to send the GOAWAY.
                 draining = true;
-                connection.as_mut().graceful_shutdown();
+                connection.as_mut().drain();
                 continue;
             }
             // A wake takes the registered waker: register again after each

@@ -44,6 +44,7 @@ mod running;
 mod signal;
 mod stack;
 mod start;
+pub(crate) mod web;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -61,6 +62,7 @@ pub use lifecycle::{Lifecycle, LifecycleEvents};
 pub use running::RunningService;
 pub use signal::shutdown_signal;
 pub use stack::{CallEnd, CallOutcome, Next, RequestBody, ResponseBody};
+pub use web::{Cors, WebProtocols};
 
 /// What `lodestar-build` generates for each server so that [`ServiceBuilder`]
 /// can configure it and describe it through reflection.

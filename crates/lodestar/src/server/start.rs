@@ -15,7 +15,6 @@ use super::lifecycle::{Announcer, Lifecycle};
 use super::registration::Registration;
 use super::{RunningService, ServeError, ServiceBuilder, shutdown_signal, stack};
 use crate::codec::Descriptors;
-use crate::tls::ServerTls;
 use lodestar_core::registry::KeepRegistered;
 
 impl ServiceBuilder {
@@ -167,6 +166,7 @@ impl ServiceBuilder {
                 methods,
             },
             self.layers,
+            self.web.clone(),
         );
         let admission = stack.admission();
         let serve = tokio::spawn(connection::serve(
@@ -176,7 +176,12 @@ impl ServiceBuilder {
             self.grace,
             events.clone(),
             Connections {
-                tls: self.tls.as_ref().map(ServerTls::acceptor),
+                // HTTP/1.1 is offered by ALPN beside h2 when a web protocol is on.
+                tls: self
+                    .tls
+                    .as_ref()
+                    .map(|tls| tls.acceptor_for(self.web.serves_http1())),
+                http1: self.web.serves_http1(),
                 http2: self.http2,
                 limits: self.connections,
             },

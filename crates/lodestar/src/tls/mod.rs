@@ -173,6 +173,18 @@ impl ServerTls {
     pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
+
+    /// The service port's acceptor: `h2`, and `http/1.1` after it when
+    /// the port serves HTTP/1.1 too (the web protocols), so that h2
+    /// clients get gRPC and HTTP/1.1-only clients get in.
+    pub(crate) fn acceptor_for(&self, http1: bool) -> tokio_rustls::TlsAcceptor {
+        if !http1 {
+            return self.acceptor();
+        }
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 /// A client's TLS settings. See the [module docs](self).

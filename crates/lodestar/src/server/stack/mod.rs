@@ -62,6 +62,7 @@ use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 
 pub use call_end::{CallEnd, CallOutcome};
+pub(crate) use request::Inbound;
 pub use request::RequestBody;
 pub use response::ResponseBody;
 pub(crate) use router::{Router, RouterBuilder};
@@ -79,6 +80,7 @@ use self::trace::{TraceLayer, TraceService};
 use self::user::{Layered, UserLayers};
 use super::admission::Admission;
 use super::budget::{BudgetFuture, Budgeted, ConnectionBudget};
+use super::web::{self, Answer, WebFuture, WebProtocols, WebState};
 use crate::MessageLimits;
 use crate::codec::Descriptors;
 use crate::compression::Encoding;
@@ -108,12 +110,14 @@ pub(crate) struct Settings {
 }
 
 /// The stack below the per-connection budget, as built at start.
-type Outer = StatusService<TraceService<AdmissionService<Layered>>>;
+pub(crate) type Outer = StatusService<TraceService<AdmissionService<Layered>>>;
 
 /// The server stack, built once.
 #[derive(Clone)]
 pub(crate) struct Stack {
     outer: Outer,
+    /// The web protocols' settings, shared by every connection.
+    web: Arc<WebState>,
     /// The policy's limits, for `RunningService::set_policy` to update.
     admission: Arc<Admission>,
 }
@@ -124,7 +128,13 @@ impl Stack {
         routes: Router,
         settings: Settings,
         layers: Vec<Box<dyn UserLayer>>,
+        web: WebProtocols,
     ) -> Self {
+        let web = Arc::new(WebState {
+            settings: web,
+            descriptors: settings.descriptors.clone(),
+            limits: settings.limits,
+        });
         let admission = Arc::new(Admission::new(
             &settings.policy.load(),
             settings.observers.clone(),
@@ -154,7 +164,11 @@ impl Stack {
                 limits: settings.limits,
             })
             .service(RoutesService::new(routes));
-        Self { outer, admission }
+        Self {
+            outer,
+            web,
+            admission,
+        }
     }
 
     /// The policy's limits as this stack applies them.
@@ -168,7 +182,11 @@ impl Stack {
         let admission = outer.get_mut().get_mut();
         admission.make_own();
         admission.get_mut().make_own();
-        ConnectionStack { outer, budget }
+        ConnectionStack {
+            outer,
+            budget,
+            web: self.web.clone(),
+        }
     }
 }
 
@@ -176,19 +194,58 @@ impl Stack {
 pub(crate) struct ConnectionStack {
     outer: Outer,
     budget: Arc<ConnectionBudget>,
+    web: Arc<WebState>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionStack {
-    type Response = Response<Budgeted<ResponseBody>>;
+    type Response = Response<Budgeted<Answer>>;
     type Error = Infallible;
-    type Future = BudgetFuture<Deferred<Outer, Request<Incoming>>>;
+    type Future = BudgetFuture<Dispatched>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let deferred = Deferred::Waiting {
-            service: self.outer.clone(),
-            request: Some(request),
+        // Native gRPC first, as it always went; the web protocols
+        // (`server/web`) translate theirs at the edge, then call the same
+        // stack.
+        let dispatched = if web::is_native(&request) {
+            Dispatched::Grpc {
+                inner: Deferred::Waiting {
+                    service: self.outer.clone(),
+                    request: Some(request),
+                },
+            }
+        } else {
+            Dispatched::Web {
+                inner: web::serve(self.outer.clone(), self.web.clone(), request),
+            }
         };
-        BudgetFuture::new(deferred, self.budget.clone())
+        BudgetFuture::new(dispatched, self.budget.clone())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call on its way: native gRPC through the stack, or a web
+    /// protocol's call (boxed: it translates, then calls the stack).
+    #[project = DispatchedProj]
+    pub(crate) enum Dispatched {
+        Grpc { #[pin] inner: Deferred<Outer, Request<Incoming>> },
+        Web { inner: WebFuture },
+    }
+}
+
+impl Future for Dispatched {
+    type Output = Result<Response<Answer>, Infallible>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            DispatchedProj::Grpc { inner } => inner
+                .poll(cx)
+                .map(|answer| answer.map(|r| r.map(|body| Answer::Grpc { body }))),
+            DispatchedProj::Web { inner } => inner
+                .as_mut()
+                .poll(cx)
+                .map(|r| Ok(r.map(|body| Answer::Web { body }))),
+        }
     }
 }
 

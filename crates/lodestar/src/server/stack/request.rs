@@ -26,7 +26,7 @@ pin_project_lite::pin_project! {
     /// (and, for a JSON call, transcodes it) as the handler reads it.
     pub struct RequestBody {
         #[pin]
-        inner: CallBody<Incoming>,
+        inner: CallBody<Inbound>,
         // What the layers below the user's decided for the response.
         pub(super) plan: Plan,
         // Whether the call is JSON (`application/grpc+json`).
@@ -43,7 +43,8 @@ impl std::fmt::Debug for RequestBody {
 }
 
 impl RequestBody {
-    pub(super) fn new(inner: Incoming, json: bool) -> Self {
+    pub(super) fn new(inner: impl Into<Inbound>, json: bool) -> Self {
+        let inner = inner.into();
         Self {
             // A broken request stream means the client is gone, whatever
             // the handler answers now.
@@ -81,6 +82,67 @@ impl Body for RequestBody {
     #[inline]
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's body as it came: native gRPC's HTTP/2 body, or what the
+    /// web protocols (`server/web`) made of theirs. gRPC-Web (binary) and
+    /// Connect streaming bodies are framed as gRPC's and come as
+    /// [`Inbound::Grpc`]; the others are translated at the edge.
+    #[project = InboundProj]
+    pub(crate) enum Inbound {
+        /// The body as hyper read it, framed as gRPC's.
+        Grpc { #[pin] body: Incoming },
+        /// A translated body (gRPC-Web text, a Connect unary message).
+        Web { #[pin] body: crate::server::web::WebRequestBody },
+    }
+}
+
+impl From<Incoming> for Inbound {
+    #[inline]
+    fn from(body: Incoming) -> Self {
+        Self::Grpc { body }
+    }
+}
+
+impl From<crate::server::web::WebRequestBody> for Inbound {
+    fn from(body: crate::server::web::WebRequestBody) -> Self {
+        Self::Web { body }
+    }
+}
+
+impl Body for Inbound {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            InboundProj::Grpc { body } => body
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            InboundProj::Web { body } => body.poll_frame(cx),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Grpc { body } => body.is_end_stream(),
+            Self::Web { body } => body.is_end_stream(),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Grpc { body } => body.size_hint(),
+            Self::Web { body } => body.size_hint(),
+        }
     }
 }
 

@@ -16,10 +16,8 @@ use std::task::{Context, Poll, ready};
 use http::{Request, Response};
 use tower::{BoxError, Layer, Service};
 
-use hyper::body::Incoming;
-
 use super::call_end::{Call, CallEnd, Unended};
-use super::request::RequestBody;
+use super::request::{Inbound, RequestBody};
 use super::{GRPC_STATUS, ResponseBody, reject};
 use crate::codec as json;
 use crate::headers::{find_header, has_header};
@@ -57,9 +55,10 @@ impl<S> StatusService<S> {
     }
 }
 
-impl<S> Service<Request<Incoming>> for StatusService<S>
+impl<S, B> Service<Request<B>> for StatusService<S>
 where
     S: Service<Request<RequestBody>, Response = Response<ResponseBody>>,
+    B: Into<Inbound>,
     S::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody>;
@@ -74,7 +73,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let record = match &self.methods {
             Some(methods) => methods.find(request.uri().path()).start(),
             None => Record::default(),
