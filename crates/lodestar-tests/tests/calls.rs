@@ -989,3 +989,5 @@ mod server_stack;
 mod telemetry;
 #[path = "calls/traffic.rs"]
 mod traffic;
+#[path = "calls/web.rs"]
+mod web;

@@ -1,0 +1,1086 @@
+//! gRPC-Web and Connect on the service's own port, over HTTP/1.1 and
+//! HTTP/2: a raw HTTP client for the wire details, `curl` and `buf curl`
+//! as third-party clients, CORS, the switches, and bad input.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lodestar::server::{Cors, WebProtocols};
+use lodestar_tests::*;
+use prost::Message as _;
+
+/// An answer as a client sees it.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// One HTTP connection to a service, kept alive between requests.
+enum Conn {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Conn {
+    async fn http1(address: std::net::SocketAddr) -> Self {
+        let stream = bounded("connect", tokio::net::TcpStream::connect(address))
+            .await
+            .unwrap();
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        Conn::Http1(sender)
+    }
+
+    async fn http2(address: std::net::SocketAddr) -> Self {
+        let stream = bounded("connect", tokio::net::TcpStream::connect(address))
+            .await
+            .unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        Conn::Http2(sender)
+    }
+
+    async fn send(&mut self, request: http::Request<Full<Bytes>>) -> Answer {
+        let exchange = async {
+            let response = match self {
+                Conn::Http1(sender) => {
+                    sender.ready().await?;
+                    sender.send_request(request).await?
+                }
+                Conn::Http2(sender) => {
+                    sender.ready().await?;
+                    sender.send_request(request).await?
+                }
+            };
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, hyper::Error>(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        bounded("an HTTP exchange", exchange).await.unwrap()
+    }
+
+    async fn post(&mut self, path: &str, content_type: &str, body: impl Into<Bytes>) -> Answer {
+        self.post_with(path, content_type, &[], body).await
+    }
+
+    async fn post_with(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Answer {
+        let mut request = http::Request::builder()
+            .method(Method::POST)
+            .uri(self.uri(path))
+            .header("content-type", content_type);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        self.send(request.body(Full::new(body.into())).unwrap())
+            .await
+    }
+
+    fn uri(&self, path: &str) -> String {
+        match self {
+            // HTTP/2 needs a scheme and authority; HTTP/1.1 a Host header,
+            // which hyper adds from an absolute URI too.
+            Conn::Http1(_) | Conn::Http2(_) => format!("http://localhost{path}"),
+        }
+    }
+}
+
+/// `message` framed as gRPC, gRPC-Web and Connect streams frame it.
+fn frame(flags: u8, message: &[u8]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u8(flags);
+    out.put_u32(message.len() as u32);
+    out.put_slice(message);
+    out.freeze()
+}
+
+/// The frames of a body: flags and payload each.
+fn frames(mut body: Bytes) -> Vec<(u8, Bytes)> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        assert!(body.len() >= 5, "a truncated frame: {body:?}");
+        let flags = body.get_u8();
+        let len = body.get_u32() as usize;
+        assert!(body.len() >= len, "a truncated frame");
+        out.push((flags, body.split_to(len)));
+    }
+    out
+}
+
+/// The trailers in a gRPC-Web body's last frame, as `name: value` lines.
+fn web_trailers(frames: &[(u8, Bytes)]) -> String {
+    let (flags, block) = frames.last().expect("a trailer frame");
+    assert_eq!(*flags, 0x80, "the last frame carries the trailers");
+    String::from_utf8(block.to_vec()).unwrap()
+}
+
+fn echo_request(message: &str) -> Vec<u8> {
+    EchoRequest {
+        message: message.into(),
+        payload: vec![],
+    }
+    .encode_to_vec()
+}
+
+async fn start(world: &World, web: WebProtocols) -> lodestar::RunningService {
+    bounded(
+        "an instance to start",
+        world
+            .builder("echo", "a")
+            .web(web)
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_unary_answers_json_and_proto_over_http1_and_http2() {
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let address = running.local_addr();
+    for mut conn in [Conn::http1(address).await, Conn::http2(address).await] {
+        let answer = conn
+            .post_with(
+                "/lodestar.test.Echo/Unary",
+                "application/json",
+                &[("connect-protocol-version", "1"), ("x-note", "kept")],
+                r#"{"message":"hello"}"#,
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        assert_eq!(answer.header("content-type"), "application/json");
+        assert_eq!(answer.json()["message"], "hello");
+        assert_eq!(answer.json()["servedBy"], "a");
+        let answer = conn
+            .post(
+                "/lodestar.test.Echo/Unary",
+                "application/proto",
+                echo_request("binary"),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        assert_eq!(answer.header("content-type"), "application/proto");
+        assert_eq!(EchoReply::decode(answer.body).unwrap().message, "binary");
+        // Native gRPC still works beside it on HTTP/2 (the world's client).
+    }
+    let mut echo = EchoClient::by_name(&world.client(), "echo");
+    let reply = bounded("a native call", echo.unary(EchoRequest::default()))
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().served_by, "a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_errors_carry_the_mapped_http_status_and_metadata() {
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Fail",
+            "application/json",
+            r#"{"code":5,"message":"no such thing"}"#,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND, "{answer:?}");
+    assert_eq!(answer.header("content-type"), "application/json");
+    assert_eq!(
+        answer.json(),
+        serde_json::json!({"code": "not_found", "message": "no such thing"})
+    );
+    assert_eq!(answer.header("x-failed-by"), "a", "metadata as headers");
+    for (code, http) in [(3, 400), (7, 403), (8, 429), (14, 503), (16, 401), (4, 504)] {
+        let answer = conn
+            .post(
+                "/lodestar.test.Echo/Fail",
+                "application/json",
+                format!(r#"{{"code":{code}}}"#),
+            )
+            .await;
+        assert_eq!(answer.status.as_u16(), http, "code {code}: {answer:?}");
+    }
+    // Unknown methods and services: 404 with `unimplemented`.
+    for path in ["/lodestar.test.Echo/Nope", "/no.Such/Service"] {
+        let answer = conn.post(path, "application/json", "{}").await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}: {answer:?}");
+        assert_eq!(answer.json()["code"], "unimplemented", "{path}");
+    }
+    // Bad JSON is the caller's fault.
+    let answer = conn
+        .post("/lodestar.test.Echo/Unary", "application/json", "{nope")
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{answer:?}");
+    assert_eq!(answer.json()["code"], "invalid_argument");
+    // A streaming method called as unary: 415.
+    let answer = conn
+        .post("/lodestar.test.Echo/ServerStream", "application/json", "{}")
+        .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeouts_become_the_call_deadline_and_get_serves_reads() {
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let answer = conn
+        .post_with(
+            "/lodestar.test.Echo/ReportDeadline",
+            "application/json",
+            &[("connect-timeout-ms", "5000")],
+            "{}",
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    let report = answer.json();
+    assert_eq!(report["hasDeadline"], true, "{report}");
+    let remaining: i64 = report["remainingMs"].as_str().unwrap().parse().unwrap();
+    assert!((4000..=5000).contains(&remaining), "{report}");
+    // The deadline ends a slow call: 504 deadline_exceeded.
+    let answer = conn
+        .post_with(
+            "/lodestar.test.Echo/Sleep",
+            "application/json",
+            &[("connect-timeout-ms", "100")],
+            r#"{"duration":"10s","token":"slow"}"#,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT, "{answer:?}");
+    assert_eq!(answer.json()["code"], "deadline_exceeded");
+    let answer = conn
+        .post_with(
+            "/lodestar.test.Echo/Unary",
+            "application/json",
+            &[("connect-timeout-ms", "soon")],
+            "{}",
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{answer:?}");
+
+    // GET, for the method marked NO_SIDE_EFFECTS.
+    let get = |uri: String| {
+        http::Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let answer = conn
+        .send(get(
+            "http://localhost/lodestar.test.Echo/ReportDeadline?connect=v1&encoding=json&message=%7B%7D"
+                .into(),
+        ))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.json()["servedBy"], "a");
+    let answer = conn
+        .send(get(
+            "http://localhost/lodestar.test.Echo/ReportDeadline?encoding=proto&base64=1&message="
+                .into(),
+        ))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(DeadlineReport::decode(answer.body).unwrap().served_by, "a");
+    // Others may not be called with GET.
+    let answer = conn
+        .send(get(
+            "http://localhost/lodestar.test.Echo/Unary?encoding=json&message=%7B%7D".into(),
+        ))
+        .await;
+    assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED, "{answer:?}");
+    assert_eq!(answer.header("allow"), "POST");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_streams_end_with_an_end_of_stream_envelope() {
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let request = frame(0, br#"{"count":3,"token":"t","trailer":"done"}"#);
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/ServerStream",
+            "application/connect+json",
+            request,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.header("content-type"), "application/connect+json");
+    let got = frames(answer.body);
+    assert_eq!(got.len(), 4, "{got:?}");
+    for (flags, message) in &got[..3] {
+        assert_eq!(*flags, 0);
+        let reply: serde_json::Value = serde_json::from_slice(message).unwrap();
+        assert_eq!(reply["servedBy"], "a");
+    }
+    let (flags, end) = &got[3];
+    assert_eq!(*flags, 0x02);
+    let end: serde_json::Value = serde_json::from_slice(end).unwrap();
+    assert!(end.get("error").is_none(), "{end}");
+
+    // Client streaming over HTTP/1.1: several request envelopes.
+    let mut body = BytesMut::new();
+    for word in ["a", "b", "c"] {
+        body.put(frame(0, &echo_request(word)));
+    }
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/ClientStream",
+            "application/connect+proto",
+            body.freeze(),
+        )
+        .await;
+    let got = frames(answer.body);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        !EchoReply::decode(got[0].1.clone())
+            .unwrap()
+            .served_by
+            .is_empty()
+    );
+    assert_eq!(got[1].0, 0x02);
+
+    // An error ends the stream in the envelope, still HTTP 200.
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Fail",
+            "application/connect+json",
+            frame(0, br#"{"code":5,"message":"gone"}"#),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let got = frames(answer.body);
+    let end: serde_json::Value = serde_json::from_slice(&got.last().unwrap().1).unwrap();
+    assert_eq!(end["error"]["code"], "not_found", "{end}");
+    assert_eq!(end["error"]["message"], "gone", "{end}");
+    assert_eq!(end["metadata"]["x-failed-by"][0], "a", "{end}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_carries_trailers_in_the_body_over_both_http_versions() {
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let address = running.local_addr();
+    for mut conn in [Conn::http1(address).await, Conn::http2(address).await] {
+        let answer = conn
+            .post_with(
+                "/lodestar.test.Echo/Unary",
+                "application/grpc-web+proto",
+                &[("x-grpc-web", "1")],
+                frame(0, &echo_request("web")),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("content-type"), "application/grpc-web+proto");
+        let got = frames(answer.body);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(EchoReply::decode(got[0].1.clone()).unwrap().message, "web");
+        assert!(web_trailers(&got).contains("grpc-status: 0\r\n"));
+
+        // NOT_FOUND, in the trailers (in the body), HTTP 200.
+        let fail = FailRequest {
+            code: 5,
+            message: "absent".into(),
+        };
+        let answer = conn
+            .post(
+                "/lodestar.test.Echo/Fail",
+                "application/grpc-web",
+                frame(0, &fail.encode_to_vec()),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(answer.headers.get("grpc-status").is_none());
+        let trailers = web_trailers(&frames(answer.body));
+        assert!(trailers.contains("grpc-status: 5\r\n"), "{trailers}");
+        assert!(trailers.contains("grpc-message: absent\r\n"), "{trailers}");
+
+        // Server streaming, JSON messages.
+        let answer = conn
+            .post(
+                "/lodestar.test.Echo/ServerStream",
+                "application/grpc-web+json",
+                frame(0, br#"{"count":2,"token":"w"}"#),
+            )
+            .await;
+        let got = frames(answer.body);
+        assert_eq!(got.len(), 3, "{got:?}");
+        let reply: serde_json::Value = serde_json::from_slice(&got[0].1).unwrap();
+        assert_eq!(reply["servedBy"], "a");
+        assert!(web_trailers(&got).contains("grpc-status: 0"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_text_is_base64_both_ways() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let body = b64.encode(frame(0, &echo_request("in text")));
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web-text",
+            body,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        answer.header("content-type"),
+        "application/grpc-web-text+proto"
+    );
+    // Each chunk is encoded on its own: decode padded segments in turn.
+    let mut decoded = Vec::new();
+    let text = answer.body.to_vec();
+    let mut start = 0;
+    for end in 1..=text.len() {
+        let at_group_end = (end - start) % 4 == 0;
+        if at_group_end && (text[end - 1] == b'=' || end == text.len()) {
+            decoded.extend(b64.decode(&text[start..end]).unwrap());
+            start = end;
+        }
+    }
+    let got = frames(Bytes::from(decoded));
+    assert_eq!(
+        EchoReply::decode(got[0].1.clone()).unwrap().message,
+        "in text"
+    );
+    assert!(web_trailers(&got).contains("grpc-status: 0"));
+
+    // Not base64: INVALID_ARGUMENT, and the connection carries on.
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web-text",
+            "@@@@",
+        )
+        .await;
+    let trailers = String::from_utf8(
+        b64.decode(&answer.body[..])
+            .map(|d| frames(Bytes::from(d)))
+            .map(|f| web_trailers(&f).into_bytes())
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(trailers.contains("grpc-status: 3"), "{trailers}");
+    let answer = conn
+        .post("/lodestar.test.Echo/Unary", "application/json", "{}")
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_documented_answer_and_the_connection_carries_on() {
+    let world = World::new();
+    let limits = lodestar::MessageLimits {
+        max_decoding_message_size: 1024,
+        ..lodestar::MessageLimits::default()
+    };
+    let running = bounded(
+        "an instance to start",
+        world
+            .builder("echo", "a")
+            .message_limits(limits)
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await
+    .unwrap();
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let status_of = |answer: Answer| {
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        web_trailers(&frames(answer.body))
+    };
+    // A frame whose length says more than the body holds (truncated).
+    let mut truncated = BytesMut::from(&frame(0, &echo_request("x"))[..]);
+    truncated.truncate(truncated.len() - 2);
+    let trailers = status_of(
+        conn.post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web",
+            truncated.freeze(),
+        )
+        .await,
+    );
+    assert!(!trailers.contains("grpc-status: 0"), "{trailers}");
+    // A flag gRPC does not define (a trailer frame from the client).
+    let trailers = status_of(
+        conn.post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web",
+            frame(0x80, b"x: y\r\n"),
+        )
+        .await,
+    );
+    assert!(!trailers.contains("grpc-status: 0"), "{trailers}");
+    // A message over the server's limit: RESOURCE_EXHAUSTED, nothing buffered.
+    let big = EchoRequest {
+        message: String::new(),
+        payload: vec![7; 4096],
+    }
+    .encode_to_vec();
+    let trailers = status_of(
+        conn.post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web",
+            frame(0, &big),
+        )
+        .await,
+    );
+    assert!(trailers.contains("grpc-status: 8"), "{trailers}");
+    // Connect unary bodies are bounded by the same limit: 429 resource_exhausted.
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Unary",
+            "application/proto",
+            big.clone(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS, "{answer:?}");
+    assert_eq!(answer.json()["code"], "resource_exhausted");
+    // A content type no protocol takes: 415.
+    let answer = conn
+        .post("/lodestar.test.Echo/Unary", "text/plain", "hello")
+        .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{answer:?}"
+    );
+    // Native gRPC over HTTP/1.1: refused cleanly.
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc",
+            frame(0, &echo_request("x")),
+        )
+        .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+        "{answer:?}"
+    );
+    // An unsupported compression: 501 unimplemented.
+    let answer = conn
+        .post_with(
+            "/lodestar.test.Echo/Unary",
+            "application/json",
+            &[("content-encoding", "br")],
+            "{}",
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::NOT_IMPLEMENTED, "{answer:?}");
+    // A wrong protocol version: 400.
+    let answer = conn
+        .post_with(
+            "/lodestar.test.Echo/Unary",
+            "application/json",
+            &[("connect-protocol-version", "2")],
+            "{}",
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{answer:?}");
+    // After all of it, the same connection still serves.
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Unary",
+            "application/json",
+            r#"{"message":"still"}"#,
+        )
+        .await;
+    assert_eq!(answer.json()["message"], "still");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_compressed_connect_calls_round_trip() {
+    use std::io::{Read, Write};
+    let world = World::new();
+    let running = bounded(
+        "an instance to start",
+        world
+            .builder("echo", "a")
+            .send_compressed(lodestar::compression::Encoding::Gzip)
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await
+    .unwrap();
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(br#"{"message":"squeezed"}"#).unwrap();
+    let answer = conn
+        .post_with(
+            "/lodestar.test.Echo/Unary",
+            "application/json",
+            &[("content-encoding", "gzip"), ("accept-encoding", "gzip")],
+            gz.finish().unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.header("content-encoding"), "gzip");
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(&answer.body[..])
+        .read_to_string(&mut json)
+        .unwrap();
+    assert!(json.contains("squeezed"), "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_allowed_origins_only() {
+    let world = World::new();
+    let web = WebProtocols {
+        cors: Cors::allow(["http://app.example"]),
+        ..WebProtocols::default()
+    };
+    let running = start(&world, web).await;
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let preflight = |origin: &str| {
+        http::Request::builder()
+            .method(Method::OPTIONS)
+            .uri("http://localhost/lodestar.test.Echo/Unary")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,connect-protocol-version",
+            )
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let answer = conn.send(preflight("http://app.example")).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT, "{answer:?}");
+    assert_eq!(
+        answer.header("access-control-allow-origin"),
+        "http://app.example"
+    );
+    assert!(
+        answer
+            .header("access-control-allow-methods")
+            .contains("POST")
+    );
+    assert!(
+        answer
+            .header("access-control-allow-headers")
+            .contains("connect-protocol-version")
+    );
+    assert_eq!(answer.header("access-control-max-age"), "7200");
+    let answer = conn.send(preflight("http://evil.example")).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{answer:?}");
+    assert!(answer.headers.get("access-control-allow-origin").is_none());
+
+    let call = |origin: &'static str| [("origin", origin)];
+    let answer = conn
+        .post_with(
+            "/lodestar.test.Echo/Unary",
+            "application/json",
+            &call("http://app.example"),
+            "{}",
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        answer.header("access-control-allow-origin"),
+        "http://app.example"
+    );
+    assert!(
+        answer
+            .header("access-control-expose-headers")
+            .contains("grpc-status")
+    );
+    let answer = conn
+        .post_with(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web",
+            &call("http://evil.example"),
+            frame(0, &echo_request("x")),
+        )
+        .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "served, but the browser keeps it from the page"
+    );
+    assert!(answer.headers.get("access-control-allow-origin").is_none());
+
+    // The default: no cross-origin access at all.
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let answer = conn.send(preflight("http://app.example")).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switched_off_protocols_are_refused_and_grpc_only_refuses_http1() {
+    let world = World::new();
+    let web = WebProtocols {
+        grpc_web: false,
+        ..WebProtocols::default()
+    };
+    let running = start(&world, web).await;
+    let mut conn = Conn::http2(running.local_addr()).await;
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web",
+            frame(0, &[]),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let answer = conn
+        .post("/lodestar.test.Echo/Unary", "application/json", "{}")
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+
+    let world = World::new();
+    let running = start(&world, WebProtocols::none()).await;
+    // HTTP/1.1 is not served at all: the connection is closed.
+    let answer = bounded("an HTTP/1.1 request", async {
+        let stream = tokio::net::TcpStream::connect(running.local_addr())
+            .await
+            .unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::post("http://localhost/lodestar.test.Echo/Unary")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        sender.send_request(request).await
+    })
+    .await;
+    assert!(answer.is_err(), "{answer:?}");
+    // HTTP/2 with a web content type: 415.
+    let mut conn = Conn::http2(running.local_addr()).await;
+    let answer = conn
+        .post("/lodestar.test.Echo/Unary", "application/json", "{}")
+        .await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let mut echo = EchoClient::by_name(&world.client(), "echo");
+    bounded("a native call", echo.unary(EchoRequest::default()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_layers_and_metrics_see_web_calls_as_they_see_grpc_calls() {
+    let world = World::new();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    let metrics = lodestar::metrics::Metrics::new();
+    let running = bounded(
+        "an instance to start",
+        world
+            .builder("echo", "a")
+            .metrics(Some(metrics.clone()))
+            .layer(tower::layer::layer_fn(move |inner| Counting {
+                inner,
+                seen: counted.clone(),
+            }))
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await
+    .unwrap();
+    let mut conn = Conn::http1(running.local_addr()).await;
+    conn.post("/lodestar.test.Echo/Unary", "application/json", "{}")
+        .await;
+    conn.post(
+        "/lodestar.test.Echo/Unary",
+        "application/grpc-web",
+        frame(0, &echo_request("x")),
+    )
+    .await;
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Fail",
+            "application/json",
+            r#"{"code":5}"#,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    let mut echo = EchoClient::by_name(&world.client(), "echo");
+    bounded("a native call", echo.unary(EchoRequest::default()))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        4,
+        "the user layer saw every call"
+    );
+    let text = metrics.encode();
+    let ok = sample(
+        &text,
+        "rpc_server_call_duration_seconds_count{rpc_system_name=\"grpc\",rpc_method=\"lodestar.test.Echo/Unary\",rpc_status_code=\"OK\",error_type=\"\"}",
+    );
+    assert_eq!(ok, Some(3.0), "{text}");
+    let failed = text
+        .lines()
+        .any(|l| l.contains("Echo/Fail") && l.contains("NOT_FOUND") && l.ends_with(" 1"));
+    assert!(failed, "{text}");
+}
+
+/// A user layer that counts the calls it sees.
+#[derive(Clone)]
+struct Counting {
+    inner: lodestar::server::Next,
+    seen: Arc<AtomicUsize>,
+}
+
+impl tower_service::Service<http::Request<lodestar::server::RequestBody>> for Counting {
+    type Response = http::Response<lodestar::server::ResponseBody>;
+    type Error = tower::BoxError;
+    type Future = <lodestar::server::Next as tower_service::Service<
+        http::Request<lodestar::server::RequestBody>,
+    >>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), tower::BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<lodestar::server::RequestBody>) -> Self::Future {
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        self.inner.call(request)
+    }
+}
+
+/// `curl`, for Connect unary JSON as anyone would call it.
+fn curl(args: &[&str]) -> (String, String) {
+    let mut command = std::process::Command::new("curl");
+    command.args(["-sS", "--max-time", "10"]).args(args);
+    let output = run_bounded(command, Duration::from_secs(20));
+    assert!(output.status.success(), "curl {args:?}: {output:?}");
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_calls_connect_unary_json() {
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let url = format!("http://{}/lodestar.test.Echo/Unary", running.local_addr());
+    let (out, _) = tokio::task::spawn_blocking(move || {
+        curl(&[
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"message":"from curl"}"#,
+            &url,
+        ])
+    })
+    .await
+    .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["message"], "from curl");
+    let url = format!("http://{}/lodestar.test.Echo/Fail", running.local_addr());
+    let (out, _) = tokio::task::spawn_blocking(move || {
+        curl(&[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"code":5,"message":"nothing here"}"#,
+            &url,
+        ])
+    })
+    .await
+    .unwrap();
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    assert_eq!(code, "404");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["code"],
+        "not_found"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tls_http1_by_alpn_gets_connect_and_h2_still_gets_grpc() {
+    use lodestar::tls::{ClientTls, DevPki, ServerTls};
+    let world = World::new();
+    let pki = DevPki::generate(&["localhost", "127.0.0.1"], 1).unwrap();
+    let tls = ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes()).unwrap();
+    let running = bounded(
+        "an instance to start",
+        world
+            .builder("echo", "a")
+            .tls(tls)
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("lodestar-web-{}", unique_name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_cert).unwrap();
+    let url = format!(
+        "https://localhost:{}/lodestar.test.Echo/Unary",
+        running.local_addr().port()
+    );
+    let ca_arg = ca.display().to_string();
+    let (out, err) = tokio::task::spawn_blocking(move || {
+        curl(&[
+            "-v",
+            "--http1.1",
+            "--cacert",
+            &ca_arg,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"message":"tls"}"#,
+            &url,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["message"], "tls");
+    let _ = std::fs::remove_dir_all(&dir);
+    let client = lodestar::Client::builder(world.registry.clone())
+        .tls(ClientTls::from_ca_pem(pki.ca_cert.as_bytes()).unwrap())
+        .build();
+    let mut echo = EchoClient::by_name(&client, "echo");
+    let reply = bounded("a native call over h2", echo.unary(EchoRequest::default()))
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().served_by, "a");
+}
+
+/// `buf curl` (npm `@bufbuild/buf`, installed by `scripts/test` into
+/// `target/npm`), with the test service's descriptors as its schema.
+fn buf_curl(schema: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let root = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../target/npm/node_modules/.bin/buf"
+    );
+    let buf = find_binary(
+        "LODESTAR_BUF",
+        &[root, "buf"],
+        "buf (npm @bufbuild/buf) is needed for the third-party client tests",
+    );
+    let mut command = std::process::Command::new(buf);
+    command.args(["curl", "--schema"]).arg(schema).args(args);
+    run_bounded(command, Duration::from_secs(30))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buf_curl_calls_over_connect_grpc_web_and_grpc() {
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let dir = std::env::temp_dir().join(format!("lodestar-buf-{}", unique_name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = dir.join("echo.binpb");
+    std::fs::write(&schema, pb::FILE_DESCRIPTOR_SET).unwrap();
+    let base = format!("http://{}", running.local_addr());
+    for (protocol, extra) in [
+        ("connect", None),
+        ("grpcweb", None),
+        ("grpc", Some("--http2-prior-knowledge")),
+    ] {
+        let (schema1, base1) = (schema.clone(), base.clone());
+        let output = tokio::task::spawn_blocking(move || {
+            let (schema, base) = (schema1, base1);
+            let url = format!("{base}/lodestar.test.Echo/Unary");
+            let mut args = vec!["--protocol", protocol, "-d", r#"{"message":"via buf"}"#];
+            args.extend(extra);
+            args.push(&url);
+            buf_curl(&schema, &args)
+        })
+        .await
+        .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{protocol}: {output:?}");
+        let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(reply["message"], "via buf", "{protocol}");
+
+        // NOT_FOUND as each protocol carries it.
+        let (schema2, base2) = (schema.clone(), base.clone());
+        let output = tokio::task::spawn_blocking(move || {
+            let (schema, base) = (schema2, base2);
+            let url = format!("{base}/lodestar.test.Echo/Fail");
+            let mut args = vec!["--protocol", protocol, "-d", r#"{"code":5,"message":"no"}"#];
+            args.extend(extra);
+            args.push(&url);
+            buf_curl(&schema, &args)
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{protocol}: {output:?}");
+        assert!(err.contains("not_found"), "{protocol}: {err}");
+    }
+    // Server streaming over Connect and gRPC-Web, on HTTP/1.1.
+    for protocol in ["connect", "grpcweb"] {
+        let (schema3, base3) = (schema.clone(), base.clone());
+        let output = tokio::task::spawn_blocking(move || {
+            let (schema, base) = (schema3, base3);
+            let url = format!("{base}/lodestar.test.Echo/ServerStream");
+            buf_curl(
+                &schema,
+                &["--protocol", protocol, "-d", r#"{"count":3}"#, &url],
+            )
+        })
+        .await
+        .unwrap();
+        assert!(output.status.success(), "{protocol}: {output:?}");
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            out.matches("\"servedBy\": \"a\"").count(),
+            3,
+            "{protocol}: {out}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
