@@ -9,7 +9,7 @@ use std::path::Path;
 use super::error::ConfigError;
 use super::model::{
     ClientLimits, CodecName, Config, LogFormatName, MetricsConfig, ProtocolName, SamplerName,
-    ServiceLimits,
+    ServiceLimits, WebConfig,
 };
 use crate::client::{Client, ClientBuilder, IntoRegistry};
 use crate::server::{Service, ServiceBuilder};
@@ -67,6 +67,7 @@ impl ServiceBuilder {
             .message_limits(service_message_limits(&s.limits)?)
             .connection_limits(connection_limits(&s.limits)?)
             .http2((&s.http2).into())
+            .web(web(&s.web)?)
             .metrics(metrics(&config.metrics))
             .telemetry(config.telemetry.install)
             .telemetry_settings(config.telemetry()?);
@@ -219,6 +220,60 @@ impl Config {
         }
         Ok(telemetry)
     }
+}
+
+/// `[service.web]` as [`WebProtocols`](crate::server::WebProtocols):
+/// each origin must be `*` or `scheme://host[:port]`.
+fn web(config: &WebConfig) -> Result<crate::server::WebProtocols, ConfigError> {
+    let list = |text: &str| -> Vec<String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let origins = list(&config.cors.allow_origins);
+    for origin in &origins {
+        let well_formed = origin == "*"
+            || origin.split_once("://").is_some_and(|(scheme, host)| {
+                !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+            });
+        if !well_formed {
+            return Err(ConfigError::invalid(
+                "service.web.cors.allow_origins",
+                format!("{origin:?}"),
+                "origins as browsers send them, `scheme://host[:port]` (no path), or `*`",
+            ));
+        }
+    }
+    let headers = list(&config.cors.allow_headers);
+    if let Some(bad) = headers
+        .iter()
+        .find(|h| http::HeaderName::try_from(h.as_str()).is_err())
+    {
+        return Err(ConfigError::invalid(
+            "service.web.cors.allow_headers",
+            format!("{bad:?}"),
+            "header names separated by commas",
+        ));
+    }
+    Ok(crate::server::WebProtocols {
+        grpc_web: config.grpc_web,
+        connect: config.connect,
+        cors: crate::server::Cors {
+            allow_origins: origins,
+            allow_headers: headers,
+            max_age: config.cors.max_age,
+        },
+    })
+}
+
+/// [`web`], for the config tests.
+#[cfg(test)]
+pub(super) fn web_for_tests(
+    config: &WebConfig,
+) -> Result<crate::server::WebProtocols, ConfigError> {
+    web(config)
 }
 
 fn is_set(path: &Path) -> bool {

@@ -537,6 +537,42 @@ pub static KEYS: &[Key] = &[
         aliases: &[],
         doc: "How long a new connection has to finish its TLS handshake and send the HTTP/2 preface.",
     },
+    // [service.web]
+    Key {
+        path: "service.web.grpc_web",
+        kind: Kind::Bool,
+        default: "true",
+        aliases: &[],
+        doc: "Serve gRPC-Web (binary and text, HTTP/1.1 and HTTP/2) on the service's port.",
+    },
+    Key {
+        path: "service.web.connect",
+        kind: Kind::Bool,
+        default: "true",
+        aliases: &[],
+        doc: "Serve the Connect protocol (unary POST, GET for NO_SIDE_EFFECTS methods, streams) on the service's port. With either web protocol on, the port also takes HTTP/1.1.",
+    },
+    Key {
+        path: "service.web.cors.allow_origins",
+        kind: Kind::Text { max: MAX_TEXT },
+        default: "\"\"",
+        aliases: &[],
+        doc: "Browser origins allowed to call the web protocols, separated by commas (`https://app.example.com`, exact); `*` for any; empty for no cross-origin access.",
+    },
+    Key {
+        path: "service.web.cors.allow_headers",
+        kind: Kind::Text { max: MAX_TEXT },
+        default: "\"\"",
+        aliases: &[],
+        doc: "Request headers allowed cross-origin besides Connect's, gRPC-Web's and `Authorization`, separated by commas.",
+    },
+    Key {
+        path: "service.web.cors.max_age",
+        kind: Kind::Duration,
+        default: "\"2h\"",
+        aliases: &[],
+        doc: "How long browsers may cache a preflight's answer (`Access-Control-Max-Age`).",
+    },
     // [service.tls]
     Key {
         path: "service.tls.cert",

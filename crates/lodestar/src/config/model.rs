@@ -80,6 +80,8 @@ pub struct ServiceConfig {
     pub http2: Http2Config,
     /// TLS; off unless `cert` and `key` are set.
     pub tls: ServerTlsConfig,
+    /// The web protocols on the service's port (gRPC-Web, Connect, CORS).
+    pub web: WebConfig,
     /// The server policy ([`server::policy`](crate::server::policy)).
     pub policy: crate::server::policy::Policy,
 }
@@ -105,6 +107,7 @@ impl Default for ServiceConfig {
             limits: ServiceLimits::default(),
             http2: Http2Config::from(crate::Http2Settings::server()),
             tls: ServerTlsConfig::default(),
+            web: WebConfig::default(),
             policy: crate::server::policy::Policy::default(),
         }
     }
@@ -142,6 +145,54 @@ impl Default for ServiceLimits {
             max_unsent_bytes_per_connection: connections.max_unsent_bytes_per_connection as u64,
             max_unsent_bytes: connections.max_unsent_bytes as u64,
             stall_timeout: connections.stall_timeout,
+        }
+    }
+}
+
+/// `[service.web]`: [`WebProtocols`](crate::server::WebProtocols).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct WebConfig {
+    /// Serve gRPC-Web.
+    pub grpc_web: bool,
+    /// Serve the Connect protocol.
+    pub connect: bool,
+    /// Cross-origin access.
+    pub cors: CorsConfig,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        let web = crate::server::WebProtocols::default();
+        Self {
+            grpc_web: web.grpc_web,
+            connect: web.connect,
+            cors: CorsConfig::default(),
+        }
+    }
+}
+
+/// `[service.web.cors]`: [`Cors`](crate::server::Cors).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CorsConfig {
+    /// The origins allowed, separated by commas; `*` for any; empty for none.
+    pub allow_origins: String,
+    /// More request headers allowed, separated by commas.
+    pub allow_headers: String,
+    /// How long browsers may cache a preflight's answer.
+    #[serde(with = "text::duration")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            allow_origins: String::new(),
+            allow_headers: String::new(),
+            max_age: crate::server::Cors::default().max_age,
         }
     }
 }

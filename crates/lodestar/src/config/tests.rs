@@ -401,3 +401,36 @@ fn suggestions_need_a_close_key() {
     assert_eq!(keys::edit_distance("bidn", "bind"), 1);
     assert_eq!(keys::edit_distance("", "abc"), 3);
 }
+
+#[test]
+fn the_web_section_maps_onto_web_protocols_and_checks_origins() {
+    let config = Config::from_toml(
+        "[service]\nname = \"w\"\n[service.web]\ngrpc_web = false\n\
+         [service.web.cors]\nallow_origins = \"https://app.example, http://localhost:5173\"\n\
+         allow_headers = \"x-tenant\"\nmax_age = \"10m\"",
+    )
+    .unwrap();
+    assert!(!config.service.web.grpc_web);
+    crate::ServiceBuilder::from_config(&config).unwrap();
+    let web = super::builders::web_for_tests(&config.service.web).unwrap();
+    assert!(web.connect && !web.grpc_web);
+    assert_eq!(
+        web.cors.allow_origins,
+        ["https://app.example", "http://localhost:5173"]
+    );
+    assert_eq!(web.cors.allow_headers, ["x-tenant"]);
+    assert_eq!(web.cors.max_age, Duration::from_secs(600));
+    let bad = Config::from_toml(
+        "[service]\nname = \"w\"\n[service.web.cors]\nallow_origins = \"app.example/path\"",
+    )
+    .unwrap();
+    let error = crate::ServiceBuilder::from_config(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("key `service.web.cors.allow_origins` is \"app.example/path\""),
+        "{error}"
+    );
+    let env_set = Config::from_env(env(&[("LODESTAR_SERVICE_WEB_CONNECT", "false")])).unwrap();
+    assert!(!env_set.service.web.connect);
+}
