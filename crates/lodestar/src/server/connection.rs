@@ -89,8 +89,9 @@ impl Default for ConnectionLimits {
 }
 
 /// How long an HTTP/1.1 client has to send a request's head (the
-/// request line and headers), from the first byte of the connection or,
-/// kept alive, of the request: a client that dawdles is disconnected.
+/// request line and headers), counted from when the server starts waiting
+/// for it: a client that dawdles, or a kept-alive connection left idle
+/// this long, is disconnected.
 pub(crate) const HTTP1_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most an HTTP/1.1 request's head may take (hyper answers `431`
