@@ -12,14 +12,12 @@
 //! The counting is a few atomic operations per chunk and per write, and
 //! allocates nothing: the count travels inside the chunk ([`Sending`]).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::Response;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::body::status_trailers;
@@ -167,40 +165,6 @@ impl Buf for Sending {
 pub(crate) trait EndsCall {
     /// The call ends with `status`: the body is not polled again.
     fn ended(self: Pin<&mut Self>, status: &tonic::Status);
-}
-
-pin_project_lite::pin_project! {
-    /// The future of a call whose response body is counted against its
-    /// connection's budget.
-    pub(crate) struct BudgetFuture<F> {
-        #[pin]
-        inner: F,
-        budget: Option<Arc<ConnectionBudget>>,
-    }
-}
-
-impl<F> BudgetFuture<F> {
-    /// Counts the body of `inner`'s response against `budget`.
-    pub(crate) fn new(inner: F, budget: Arc<ConnectionBudget>) -> Self {
-        Self {
-            inner,
-            budget: Some(budget),
-        }
-    }
-}
-
-impl<F, B, E> Future for BudgetFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<Budgeted<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = std::task::ready!(this.inner.poll(cx))?;
-        let budget = this.budget.take();
-        Poll::Ready(Ok(response.map(|body| Budgeted::new(body, budget))))
-    }
 }
 
 pin_project_lite::pin_project! {

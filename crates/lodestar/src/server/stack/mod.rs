@@ -79,7 +79,7 @@ use self::status::{StatusLayer, StatusService};
 use self::trace::{TraceLayer, TraceService};
 use self::user::{Layered, UserLayers};
 use super::admission::Admission;
-use super::budget::{BudgetFuture, Budgeted, ConnectionBudget};
+use super::budget::{Budgeted, ConnectionBudget};
 use super::web::{self, Answer, WebFuture, WebProtocols, WebState};
 use crate::MessageLimits;
 use crate::codec::Descriptors;
@@ -200,51 +200,73 @@ pub(crate) struct ConnectionStack {
 impl hyper::service::Service<Request<Incoming>> for ConnectionStack {
     type Response = Response<Budgeted<Answer>>;
     type Error = Infallible;
-    type Future = BudgetFuture<Dispatched>;
+    type Future = Dispatched;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         // Native gRPC first, as it always went; the web protocols
         // (`server/web`) translate theirs at the edge, then call the same
         // stack.
-        let dispatched = if web::is_native(&request) {
-            Dispatched::Grpc {
+        let call = if web::is_native(&request) {
+            Call::Grpc {
                 inner: Deferred::Waiting {
                     service: self.outer.clone(),
                     request: Some(request),
                 },
             }
         } else {
-            Dispatched::Web {
+            Call::Web {
                 inner: web::serve(self.outer.clone(), self.web.clone(), request),
             }
         };
-        BudgetFuture::new(dispatched, self.budget.clone())
+        Dispatched {
+            call,
+            budget: Some(self.budget.clone()),
+        }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A call on its way: native gRPC through the stack, or a web
-    /// protocol's call (boxed: it translates, then calls the stack).
-    #[project = DispatchedProj]
-    pub(crate) enum Dispatched {
+    /// A call on its way, its response body to be counted against the
+    /// connection's budget.
+    pub(crate) struct Dispatched {
+        #[pin]
+        call: Call,
+        budget: Option<Arc<ConnectionBudget>>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Native gRPC through the stack, or a web protocol's call (boxed: it
+    /// translates, then calls the stack).
+    #[project = CallProj]
+    enum Call {
         Grpc { #[pin] inner: Deferred<Outer, Request<Incoming>> },
         Web { inner: WebFuture },
     }
 }
 
 impl Future for Dispatched {
-    type Output = Result<Response<Answer>, Infallible>;
+    type Output = Result<Response<Budgeted<Answer>>, Infallible>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            DispatchedProj::Grpc { inner } => inner
-                .poll(cx)
-                .map(|answer| answer.map(|r| r.map(|body| Answer::Grpc { body }))),
-            DispatchedProj::Web { inner } => inner
-                .as_mut()
-                .poll(cx)
-                .map(|r| Ok(r.map(|body| Answer::Web { body }))),
+        let this = self.project();
+        // The body is wrapped once, in one move of the response.
+        match this.call.project() {
+            CallProj::Grpc { inner } => {
+                let Ok(response) = std::task::ready!(inner.poll(cx));
+                let budget = this.budget.take();
+                Poll::Ready(Ok(
+                    response.map(|body| Budgeted::new(Answer::Grpc { body }, budget))
+                ))
+            }
+            CallProj::Web { inner } => {
+                let response = std::task::ready!(inner.as_mut().poll(cx));
+                let budget = this.budget.take();
+                Poll::Ready(Ok(
+                    response.map(|body| Budgeted::new(Answer::Web { body }, budget))
+                ))
+            }
         }
     }
 }
