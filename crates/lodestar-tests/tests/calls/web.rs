@@ -1084,3 +1084,60 @@ async fn buf_curl_calls_over_connect_grpc_web_and_grpc() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_rate_limit_counts_web_and_grpc_calls_alike() {
+    let world = World::new();
+    // A burst of 3, refilled once in 1,000 s: the fourth call is refused.
+    let policy = lodestar::server::policy::Policy::from_toml(
+        "[[methods]]\nnames = [\"lodestar.test.Echo/Unary\"]\n\
+         rate_limit = { per_second = 0.001, burst = 3 }",
+    )
+    .unwrap();
+    let running = bounded(
+        "an instance to start",
+        world
+            .builder("echo", "a")
+            .policy(policy)
+            .unwrap()
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await
+    .unwrap();
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let answer = conn
+        .post("/lodestar.test.Echo/Unary", "application/json", "{}")
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web",
+            frame(0, &echo_request("x")),
+        )
+        .await;
+    assert!(web_trailers(&frames(answer.body)).contains("grpc-status: 0"));
+    let mut echo = EchoClient::by_name(&world.client(), "echo");
+    bounded("a native call", echo.unary(EchoRequest::default()))
+        .await
+        .unwrap();
+    // The burst is spent by the three protocols together.
+    let answer = conn
+        .post("/lodestar.test.Echo/Unary", "application/json", "{}")
+        .await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS, "{answer:?}");
+    assert_eq!(answer.json()["code"], "resource_exhausted");
+    let answer = conn
+        .post(
+            "/lodestar.test.Echo/Unary",
+            "application/grpc-web",
+            frame(0, &echo_request("x")),
+        )
+        .await;
+    assert!(web_trailers(&frames(answer.body)).contains("grpc-status: 8"));
+    let status = bounded("a native call", echo.unary(EchoRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), lodestar::Code::ResourceExhausted);
+}
