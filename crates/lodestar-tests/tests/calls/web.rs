@@ -1141,3 +1141,431 @@ async fn the_servers_rate_limit_counts_web_and_grpc_calls_alike() {
         .unwrap_err();
     assert_eq!(status.code(), lodestar::Code::ResourceExhausted);
 }
+
+// WebSocket: the lodestar.v1 sub-protocol (docs/web.md, "WebSocket").
+
+mod websocket {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::{self, Message};
+
+    type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+    /// Opens a socket on `path` with `protocol`, and `origin` if given.
+    async fn open(
+        address: std::net::SocketAddr,
+        path: &str,
+        protocol: &str,
+        origin: Option<&str>,
+    ) -> Result<Socket, tungstenite::Error> {
+        let mut request = format!("ws://{address}{path}").into_client_request()?;
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", protocol.parse().unwrap());
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().unwrap());
+        }
+        let stream = bounded("connect", tokio::net::TcpStream::connect(address))
+            .await
+            .unwrap();
+        let (socket, response) = bounded(
+            "a WebSocket handshake",
+            tokio_tungstenite::client_async(request, stream),
+        )
+        .await?;
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"],
+            protocol,
+            "the server picks the offered sub-protocol"
+        );
+        Ok(socket)
+    }
+
+    /// Opens a socket and sends the leading envelope.
+    async fn call(
+        address: std::net::SocketAddr,
+        path: &str,
+        protocol: &str,
+        leading: &str,
+    ) -> Socket {
+        let mut socket = open(address, path, protocol, None).await.unwrap();
+        send(&mut socket, frame(0x04, leading.as_bytes())).await;
+        socket
+    }
+
+    async fn send(socket: &mut Socket, envelope: Bytes) {
+        bounded("a send", socket.send(Message::Binary(envelope)))
+            .await
+            .unwrap();
+    }
+
+    /// The next envelope from the server (pings skipped).
+    async fn receive(socket: &mut Socket) -> (u8, Bytes) {
+        loop {
+            match bounded("a message", socket.next()).await {
+                Some(Ok(Message::Binary(data))) => {
+                    let mut got = frames(data);
+                    assert_eq!(got.len(), 1, "one envelope per message");
+                    return got.remove(0);
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected a binary message, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server's close frame and returns its code.
+    async fn closed(socket: &mut Socket) -> CloseCode {
+        loop {
+            match bounded("the close", socket.next()).await {
+                Some(Ok(Message::Close(Some(frame)))) => return frame.code,
+                Some(Ok(Message::Close(None))) | None => return CloseCode::Status,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("expected a close frame, got {e}"),
+            }
+        }
+    }
+
+    /// The end envelope's JSON, then a normal close.
+    async fn end_of(socket: &mut Socket) -> serde_json::Value {
+        let (flags, payload) = receive(socket).await;
+        assert_eq!(flags, 0x02, "the end envelope: {payload:?}");
+        let end: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(closed(socket).await, CloseCode::Normal);
+        end
+    }
+
+    const JSON: &str = "lodestar.v1+json";
+    const PROTO: &str = "lodestar.v1+proto";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_call_kind_runs_over_a_websocket_with_json_and_proto() {
+        let world = World::new();
+        let running = start(&world, WebProtocols::default()).await;
+        let address = running.local_addr();
+
+        // Unary, JSON: leading metadata, the message, the half-close.
+        let mut socket = call(address, "/lodestar.test.Echo/Unary", JSON, "{}").await;
+        send(&mut socket, frame(0, br#"{"message":"hi"}"#)).await;
+        send(&mut socket, frame(0x02, b"")).await;
+        let (flags, reply) = receive(&mut socket).await;
+        assert_eq!(flags, 0);
+        let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(reply["message"], "hi");
+        assert_eq!(reply["servedBy"], "a");
+        let end = end_of(&mut socket).await;
+        assert!(end.get("error").is_none(), "{end}");
+
+        // Unary, proto.
+        let mut socket = call(address, "/lodestar.test.Echo/Unary", PROTO, "{}").await;
+        send(&mut socket, frame(0, &echo_request("bin"))).await;
+        send(&mut socket, frame(0x02, b"")).await;
+        let (_, reply) = receive(&mut socket).await;
+        assert_eq!(EchoReply::decode(reply).unwrap().message, "bin");
+        assert!(end_of(&mut socket).await.get("error").is_none());
+
+        // Server streaming, JSON, with a trailer in the end envelope.
+        let mut socket = call(address, "/lodestar.test.Echo/ServerStream", JSON, "{}").await;
+        send(
+            &mut socket,
+            frame(0, br#"{"count":3,"token":"t","trailer":"done"}"#),
+        )
+        .await;
+        send(&mut socket, frame(0x02, b"")).await;
+        for n in 0..3 {
+            let (flags, reply) = receive(&mut socket).await;
+            assert_eq!(flags, 0);
+            let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+            assert_eq!(reply["message"], format!("t #{n}"));
+        }
+        let end = end_of(&mut socket).await;
+        assert!(end.get("error").is_none(), "{end}");
+        assert_eq!(end["metadata"]["x-trailer"][0], "done", "{end}");
+
+        // Server streaming, proto.
+        let mut socket = call(address, "/lodestar.test.Echo/ServerStream", PROTO, "{}").await;
+        let request = StreamRequest {
+            count: 2,
+            token: "p".into(),
+            ..Default::default()
+        };
+        send(&mut socket, frame(0, &request.encode_to_vec())).await;
+        send(&mut socket, frame(0x02, b"")).await;
+        for n in 0..2 {
+            let (_, reply) = receive(&mut socket).await;
+            assert_eq!(EchoReply::decode(reply).unwrap().message, format!("p #{n}"));
+        }
+        assert!(end_of(&mut socket).await.get("error").is_none());
+
+        // Client streaming, both encodings: the answer comes after the half-close.
+        for protocol in [JSON, PROTO] {
+            let mut socket = call(address, "/lodestar.test.Echo/ClientStream", protocol, "{}").await;
+            for word in ["a", "b", "c"] {
+                let message = if protocol == JSON {
+                    format!(r#"{{"message":"{word}"}}"#).into_bytes()
+                } else {
+                    echo_request(word)
+                };
+                send(&mut socket, frame(0, &message)).await;
+            }
+            send(&mut socket, frame(0x02, b"")).await;
+            let (_, reply) = receive(&mut socket).await;
+            let message = if protocol == JSON {
+                serde_json::from_slice::<serde_json::Value>(&reply).unwrap()["message"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            } else {
+                EchoReply::decode(reply).unwrap().message
+            };
+            assert_eq!(message, "3 messages", "{protocol}");
+            assert!(end_of(&mut socket).await.get("error").is_none());
+        }
+
+        // Bidi ping-pong, both encodings: each answer is read before the
+        // next message is sent.
+        for protocol in [JSON, PROTO] {
+            let mut socket = call(address, "/lodestar.test.Echo/Bidi", protocol, "{}").await;
+            for n in 0..5 {
+                let word = format!("ping {n}");
+                let message = if protocol == JSON {
+                    format!(r#"{{"message":"{word}"}}"#).into_bytes()
+                } else {
+                    echo_request(&word)
+                };
+                send(&mut socket, frame(0, &message)).await;
+                let (flags, reply) = receive(&mut socket).await;
+                assert_eq!(flags, 0);
+                let got = if protocol == JSON {
+                    serde_json::from_slice::<serde_json::Value>(&reply).unwrap()["message"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                } else {
+                    EchoReply::decode(reply).unwrap().message
+                };
+                assert_eq!(got, word, "{protocol}");
+            }
+            send(&mut socket, frame(0x02, b"")).await;
+            assert!(end_of(&mut socket).await.get("error").is_none());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statuses_headers_and_deadlines_travel_in_the_envelopes() {
+        let world = World::new();
+        let running = start(&world, WebProtocols::default()).await;
+        let address = running.local_addr();
+
+        // NOT_FOUND in the end envelope, with the handler's metadata.
+        let mut socket = call(address, "/lodestar.test.Echo/Fail", JSON, "{}").await;
+        send(&mut socket, frame(0, br#"{"code":5,"message":"gone"}"#)).await;
+        send(&mut socket, frame(0x02, b"")).await;
+        let end = end_of(&mut socket).await;
+        assert_eq!(end["error"]["code"], "not_found", "{end}");
+        assert_eq!(end["error"]["message"], "gone", "{end}");
+        assert_eq!(end["metadata"]["x-failed-by"][0], "a", "{end}");
+
+        // The deadline from the leading envelope: the handler sees it...
+        let mut socket = call(
+            address,
+            "/lodestar.test.Echo/ReportDeadline",
+            JSON,
+            r#"{"headers":{"x-tenant":"t1"},"timeout_ms":5000}"#,
+        )
+        .await;
+        send(&mut socket, frame(0, b"{}")).await;
+        send(&mut socket, frame(0x02, b"")).await;
+        let (_, reply) = receive(&mut socket).await;
+        let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(reply["hasDeadline"], true, "{reply}");
+        let remaining = reply["remainingMs"].as_str().unwrap().parse::<i64>().unwrap();
+        assert!((1..=5000).contains(&remaining), "{reply}");
+        end_of(&mut socket).await;
+
+        // ...and a call that outlives it ends DEADLINE_EXCEEDED.
+        let mut socket = call(
+            address,
+            "/lodestar.test.Echo/Sleep",
+            PROTO,
+            r#"{"timeout_ms":100}"#,
+        )
+        .await;
+        let sleep = sleep_request("ws", Duration::from_secs(30));
+        send(&mut socket, frame(0, &sleep.encode_to_vec())).await;
+        send(&mut socket, frame(0x02, b"")).await;
+        let end = end_of(&mut socket).await;
+        assert_eq!(end["error"]["code"], "deadline_exceeded", "{end}");
+
+        // An unknown method: unimplemented in the end envelope.
+        let mut socket = call(address, "/lodestar.test.Echo/Nope", JSON, "{}").await;
+        send(&mut socket, frame(0, b"{}")).await;
+        send(&mut socket, frame(0x02, b"")).await;
+        let end = end_of(&mut socket).await;
+        assert_eq!(end["error"]["code"], "unimplemented", "{end}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_input_gets_its_close_code_and_the_server_carries_on() {
+        let world = World::new();
+        let limits = lodestar::MessageLimits {
+            max_decoding_message_size: 1024,
+            ..lodestar::MessageLimits::default()
+        };
+        let running = bounded(
+            "an instance to start",
+            world
+                .builder("echo", "a")
+                .message_limits(limits)
+                .web(WebProtocols {
+                    cors: Cors::allow(["https://app.example.com"]),
+                    ..WebProtocols::default()
+                })
+                .add_service(EchoServer::new(world.echo("a")))
+                .start(),
+        )
+        .await
+        .unwrap();
+        let address = running.local_addr();
+        let unary = "/lodestar.test.Echo/Unary";
+        let serves = || async {
+            let mut socket = call(address, unary, JSON, "{}").await;
+            send(&mut socket, frame(0, br#"{"message":"still"}"#)).await;
+            send(&mut socket, frame(0x02, b"")).await;
+            let (_, reply) = receive(&mut socket).await;
+            assert!(String::from_utf8_lossy(&reply).contains("still"));
+            end_of(&mut socket).await;
+        };
+
+        // An envelope whose length disagrees with its message: 1002.
+        let mut socket = call(address, unary, JSON, "{}").await;
+        let mut wrong = BytesMut::from(&frame(0, b"{}")[..]);
+        wrong.put_slice(b"extra");
+        send(&mut socket, wrong.freeze()).await;
+        assert_eq!(closed(&mut socket).await, CloseCode::Protocol);
+        serves().await;
+
+        // Too short to be an envelope, and a first envelope that is not
+        // the leading metadata: 1002.
+        let mut socket = open(address, unary, JSON, None).await.unwrap();
+        send(&mut socket, Bytes::from_static(&[0, 0])).await;
+        assert_eq!(closed(&mut socket).await, CloseCode::Protocol);
+        let mut socket = open(address, unary, JSON, None).await.unwrap();
+        send(&mut socket, frame(0, b"{}")).await;
+        assert_eq!(closed(&mut socket).await, CloseCode::Protocol);
+        serves().await;
+
+        // A message over the receive limit: 1009, announced by the
+        // envelope's length alone.
+        let mut socket = call(address, unary, PROTO, "{}").await;
+        let mut header = BytesMut::new();
+        header.put_u8(0);
+        header.put_u32(1 << 20);
+        send(&mut socket, header.freeze()).await;
+        assert_eq!(closed(&mut socket).await, CloseCode::Size);
+        // A WebSocket message over the bound: 1009 from the frame limit.
+        let mut socket = call(address, unary, PROTO, "{}").await;
+        let big = vec![b'x'; 4096];
+        let _ = socket.send(Message::Binary(frame(0, &big))).await;
+        assert_eq!(closed(&mut socket).await, CloseCode::Size);
+        serves().await;
+
+        // A text frame: 1003.
+        let mut socket = call(address, unary, JSON, "{}").await;
+        bounded("a send", socket.send(Message::text(r#"{"message":"t"}"#)))
+            .await
+            .unwrap();
+        assert_eq!(closed(&mut socket).await, CloseCode::Unsupported);
+        serves().await;
+
+        // A bad leading envelope (a reserved header): 1002.
+        let mut socket = call(
+            address,
+            unary,
+            JSON,
+            r#"{"headers":{"grpc-timeout":"1S"}}"#,
+        )
+        .await;
+        assert_eq!(closed(&mut socket).await, CloseCode::Protocol);
+
+        // Origins: an allowed one opens, a disallowed one gets 403 before
+        // the upgrade, none (a non-browser client) opens.
+        let socket = open(address, unary, JSON, Some("https://app.example.com")).await;
+        assert!(socket.is_ok());
+        match open(address, unary, JSON, Some("https://evil.example.com")).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), StatusCode::FORBIDDEN)
+            }
+            other => panic!("a disallowed origin must get 403, got {other:?}"),
+        }
+        // No sub-protocol of ours: 400.
+        match open(address, unary, "chat", None).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), StatusCode::BAD_REQUEST)
+            }
+            other => panic!("an unknown sub-protocol must get 400, got {other:?}"),
+        }
+        serves().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_socket_is_pinged_and_websocket_can_be_switched_off() {
+        let world = World::new();
+        let running = start(
+            &world,
+            WebProtocols {
+                websocket_ping_interval: Duration::from_millis(100),
+                websocket_ping_timeout: Duration::from_millis(200),
+                ..WebProtocols::default()
+            },
+        )
+        .await;
+        let address = running.local_addr();
+        // The raw socket is read with no automatic pong: tungstenite
+        // answers pings only when it reads, so reading once and then
+        // stopping leaves the server's second ping unanswered.
+        let mut socket = open(address, "/lodestar.test.Echo/Bidi", JSON, None)
+            .await
+            .unwrap();
+        match bounded("a ping", socket.next()).await {
+            Some(Ok(Message::Ping(_))) => {}
+            other => panic!("expected the server's ping, got {other:?}"),
+        }
+        // Answering keeps the socket open: the call still runs.
+        send(&mut socket, frame(0x04, b"{}")).await;
+        send(&mut socket, frame(0, br#"{"message":"alive"}"#)).await;
+        let (_, reply) = receive(&mut socket).await;
+        assert!(String::from_utf8_lossy(&reply).contains("alive"));
+        send(&mut socket, frame(0x02, b"")).await;
+        end_of(&mut socket).await;
+
+        // A peer that never reads answers no ping: closed 1001 (going away).
+        // Reading would answer the ping, so the test waits without reading
+        // for longer than the interval and the timeout together.
+        let mut silent = open(address, "/lodestar.test.Echo/Bidi", JSON, None)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(closed(&mut silent).await, CloseCode::Away);
+
+        // Switched off: no upgrade.
+        let off = start(
+            &world,
+            WebProtocols {
+                websocket: false,
+                ..WebProtocols::default()
+            },
+        )
+        .await;
+        match open(off.local_addr(), "/lodestar.test.Echo/Unary", JSON, None).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_ne!(response.status(), StatusCode::SWITCHING_PROTOCOLS)
+            }
+            other => panic!("WebSocket off must refuse the upgrade, got {other:?}"),
+        }
+    }
+}

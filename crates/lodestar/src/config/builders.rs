@@ -260,6 +260,9 @@ fn web(config: &WebConfig) -> Result<crate::server::WebProtocols, ConfigError> {
     Ok(crate::server::WebProtocols {
         grpc_web: config.grpc_web,
         connect: config.connect,
+        websocket: config.websocket,
+        websocket_ping_interval: config.websocket_ping_interval,
+        websocket_ping_timeout: config.websocket_ping_timeout,
         cors: crate::server::Cors {
             allow_origins: origins,
             allow_headers: headers,

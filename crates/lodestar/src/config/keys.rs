@@ -553,6 +553,27 @@ pub static KEYS: &[Key] = &[
         doc: "Serve the Connect protocol (unary POST, GET for NO_SIDE_EFFECTS methods, streams) on the service's port. With either web protocol on, the port also takes HTTP/1.1.",
     },
     Key {
+        path: "service.web.websocket",
+        kind: Kind::Bool,
+        default: "true",
+        aliases: &[],
+        doc: "Serve WebSocket (the lodestar.v1 sub-protocol, every call kind; HTTP/1.1 Upgrade and HTTP/2 extended CONNECT) on the service's port. A socket's Origin, when sent, must be in cors.allow_origins.",
+    },
+    Key {
+        path: "service.web.websocket_ping_interval",
+        kind: Kind::Duration,
+        default: "\"30s\"",
+        aliases: &[],
+        doc: "How long a WebSocket may be silent before the server pings it.",
+    },
+    Key {
+        path: "service.web.websocket_ping_timeout",
+        kind: Kind::Duration,
+        default: "\"10s\"",
+        aliases: &[],
+        doc: "How long the server waits for any frame after a ping before it closes a silent WebSocket.",
+    },
+    Key {
         path: "service.web.cors.allow_origins",
         kind: Kind::Text { max: MAX_TEXT },
         default: "\"\"",

@@ -158,6 +158,14 @@ pub struct WebConfig {
     pub grpc_web: bool,
     /// Serve the Connect protocol.
     pub connect: bool,
+    /// Serve WebSocket.
+    pub websocket: bool,
+    /// How long a WebSocket may be silent before it is pinged.
+    #[serde(with = "text::duration")]
+    pub websocket_ping_interval: Duration,
+    /// How long a pinged WebSocket may stay silent before it is closed.
+    #[serde(with = "text::duration")]
+    pub websocket_ping_timeout: Duration,
     /// Cross-origin access.
     pub cors: CorsConfig,
 }
@@ -168,6 +176,9 @@ impl Default for WebConfig {
         Self {
             grpc_web: web.grpc_web,
             connect: web.connect,
+            websocket: web.websocket,
+            websocket_ping_interval: web.websocket_ping_interval,
+            websocket_ping_timeout: web.websocket_ping_timeout,
             cors: CorsConfig::default(),
         }
     }

@@ -144,6 +144,11 @@ pub(crate) async fn serve(
         .keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
         .max_concurrent_streams(settings.max_concurrent_streams);
+    if serve_http1 {
+        // RFC 8441: WebSocket over HTTP/2 (extended CONNECT); a CONNECT
+        // with WebSocket off is refused by the web dispatch.
+        http2.enable_connect_protocol();
+    }
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let unsent = ServerBudget::new(limits.max_unsent_bytes);

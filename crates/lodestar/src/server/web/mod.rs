@@ -35,6 +35,7 @@ mod connect;
 mod cors;
 mod grpc_web;
 mod settings;
+mod websocket;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -91,12 +92,18 @@ enum Route {
     ConnectUnary(connect::Codec),
     ConnectStream(connect::Codec),
     ConnectGet,
+    /// A WebSocket opening (HTTP/1.1 `Upgrade` or HTTP/2 extended
+    /// `CONNECT`).
+    WebSocket,
     /// A content type (or method) no protocol that is on takes.
     Unsupported,
 }
 
 impl Route {
     fn of<B>(request: &Request<B>, settings: &WebProtocols) -> Self {
+        if settings.websocket && websocket::is_websocket(request) {
+            return Route::WebSocket;
+        }
         if request.method() == Method::GET {
             return if settings.connect {
                 Route::ConnectGet
@@ -166,6 +173,7 @@ async fn dispatch(
         Route::ConnectUnary(codec) => connect::unary(outer, &state, request, codec).await,
         Route::ConnectStream(codec) => connect::stream(outer, request, codec).await,
         Route::ConnectGet => connect::get(outer, &state, request).await,
+        Route::WebSocket => websocket::open(outer, &state, request),
         Route::GrpcOverHttp1 => plain(
             StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             "native gRPC needs HTTP/2; over HTTP/1.1 call with gRPC-Web \
@@ -246,6 +254,8 @@ pin_project_lite::pin_project! {
     pub(crate) enum WebRequestBody {
         Text { #[pin] body: grpc_web::Base64Body },
         Whole { data: Option<Bytes> },
+        /// A WebSocket's messages, framed as gRPC's, as they arrive.
+        Socket { rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>> },
     }
 }
 
@@ -258,6 +268,10 @@ impl WebRequestBody {
 
     fn whole(data: Bytes) -> Self {
         Self::Whole { data: Some(data) }
+    }
+
+    fn socket(rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>) -> Self {
+        Self::Socket { rx }
     }
 }
 
@@ -274,6 +288,9 @@ impl Body for WebRequestBody {
             WebRequestBodyProj::Whole { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
             }
+            WebRequestBodyProj::Socket { rx } => rx
+                .poll_recv(cx)
+                .map(|item| item.map(|result| result.map(Frame::data))),
         }
     }
 
@@ -281,12 +298,13 @@ impl Body for WebRequestBody {
         match self {
             Self::Text { body } => body.is_end_stream(),
             Self::Whole { data } => data.is_none(),
+            Self::Socket { .. } => false,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Text { .. } => SizeHint::default(),
+            Self::Text { .. } | Self::Socket { .. } => SizeHint::default(),
             Self::Whole { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -35,6 +35,18 @@ pub struct WebProtocols {
     /// `application/proto`, `GET` for methods marked `NO_SIDE_EFFECTS`,
     /// and streams as `application/connect+json|+proto`. Default: on.
     pub connect: bool,
+    /// WebSocket (`lodestar.v1+json`, `lodestar.v1+proto`; an HTTP/1.1
+    /// `Upgrade` or an HTTP/2 extended `CONNECT`) for every call kind,
+    /// one call per socket (`docs/web.md`, "WebSocket"). A socket's
+    /// `Origin`, when it sends one, must be in [`Cors::allow_origins`].
+    /// Default: on.
+    pub websocket: bool,
+    /// How long a WebSocket may be silent before the server pings it.
+    /// Default: 30 s.
+    pub websocket_ping_interval: Duration,
+    /// How long the server waits for any frame (a pong or other) after a
+    /// ping before it closes the socket. Default: 10 s.
+    pub websocket_ping_timeout: Duration,
     /// Which browser origins may call the web protocols. Default: none
     /// ([`Cors::default`]): no cross-origin access.
     pub cors: Cors,
@@ -45,6 +57,9 @@ impl Default for WebProtocols {
         Self {
             grpc_web: true,
             connect: true,
+            websocket: true,
+            websocket_ping_interval: Duration::from_secs(30),
+            websocket_ping_timeout: Duration::from_secs(10),
             cors: Cors::default(),
         }
     }
@@ -56,14 +71,15 @@ impl WebProtocols {
         Self {
             grpc_web: false,
             connect: false,
-            cors: Cors::default(),
+            websocket: false,
+            ..Self::default()
         }
     }
 
     /// Whether the port takes HTTP/1.1 connections: when any web
     /// protocol is on.
     pub fn serves_http1(&self) -> bool {
-        self.grpc_web || self.connect
+        self.grpc_web || self.connect || self.websocket
     }
 }
 
