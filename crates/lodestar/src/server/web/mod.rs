@@ -101,8 +101,12 @@ enum Route {
 
 impl Route {
     fn of<B>(request: &Request<B>, settings: &WebProtocols) -> Self {
-        if settings.websocket && websocket::is_websocket(request) {
-            return Route::WebSocket;
+        if websocket::is_websocket(request) {
+            return if settings.websocket {
+                Route::WebSocket
+            } else {
+                Route::Unsupported
+            };
         }
         if request.method() == Method::GET {
             return if settings.connect {
@@ -502,6 +506,18 @@ mod tests {
         let get = request(Version::HTTP_11, Method::GET, "");
         assert_eq!(Route::of(&get, &all), Route::ConnectGet);
         assert_eq!(Route::of(&get, &none), Route::Unsupported);
+        let upgrade = Request::builder()
+            .method(Method::GET)
+            .uri("/pkg.Svc/M")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .unwrap();
+        assert_eq!(Route::of(&upgrade, &all), Route::WebSocket);
+        let no_ws = WebProtocols {
+            websocket: false,
+            ..WebProtocols::default()
+        };
+        assert_eq!(Route::of(&upgrade, &no_ws), Route::Unsupported);
         let put = request(Version::HTTP_11, Method::PUT, "application/json");
         assert_eq!(Route::of(&put, &all), Route::Unsupported);
     }

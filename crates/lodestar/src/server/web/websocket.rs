@@ -71,7 +71,10 @@ pub(super) fn is_websocket<B>(request: &Request<B>) -> bool {
             .headers()
             .get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")))
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+            })
 }
 
 /// How the socket's messages are encoded.
@@ -154,8 +157,7 @@ pub(super) fn open(
                 "a WebSocket opening needs Sec-WebSocket-Key",
             );
         };
-        let accept =
-            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         match HeaderValue::try_from(accept) {
             Ok(value) => Some(value),
             Err(_) => {
@@ -709,7 +711,10 @@ mod tests {
     #[test]
     fn responses_split_into_whole_envelopes() {
         let mut buffer = BytesMut::from(&[0u8, 0, 0, 0, 1, 9, 0, 0, 0][..]);
-        assert_eq!(split(&mut buffer).unwrap(), Bytes::from_static(&[0, 0, 0, 0, 1, 9]));
+        assert_eq!(
+            split(&mut buffer).unwrap(),
+            Bytes::from_static(&[0, 0, 0, 0, 1, 9])
+        );
         assert!(split(&mut buffer).is_none());
         buffer.extend_from_slice(&[0, 0]);
         assert_eq!(split(&mut buffer).unwrap().len(), 5);
