@@ -1568,3 +1568,88 @@ mod websocket {
         }
     }
 }
+
+/// WebSocket over HTTP/2 (RFC 8441), with a raw `h2` client and frames
+/// encoded by hand: the extended `CONNECT`, then a unary call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_opens_by_extended_connect_over_http2() {
+    /// A masked client frame (RFC 6455 §5.2), binary, short.
+    fn ws_frame(payload: &[u8]) -> Bytes {
+        assert!(payload.len() < 126);
+        let mask = [1u8, 2, 3, 4];
+        let mut out = BytesMut::new();
+        out.put_u8(0x82);
+        out.put_u8(0x80 | payload.len() as u8);
+        out.put_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out.freeze()
+    }
+    let world = World::new();
+    let running = start(&world, WebProtocols::default()).await;
+    let stream = bounded(
+        "connect",
+        tokio::net::TcpStream::connect(running.local_addr()),
+    )
+    .await
+    .unwrap();
+    let (client, connection) = bounded("an h2 handshake", h2::client::handshake(stream))
+        .await
+        .unwrap();
+    let mut connection = connection;
+    let mut ping_pong = connection.ping_pong().unwrap();
+    tokio::spawn(connection);
+    // The server's SETTINGS come first, so once a ping is answered they
+    // have been read.
+    bounded("a pong", ping_pong.ping(h2::Ping::opaque()))
+        .await
+        .unwrap();
+    let mut client = bounded("ready", client.ready()).await.unwrap();
+    assert!(client.is_extended_connect_protocol_enabled());
+    let mut request = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri("http://localhost/lodestar.test.Echo/Unary")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "lodestar.v1+json")
+        .body(())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    let response = bounded("the CONNECT's answer", response).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "lodestar.v1+json"
+    );
+    for envelope in [
+        frame(0x04, b"{}"),
+        frame(0, br#"{"message":"over h2"}"#),
+        frame(0x02, b""),
+    ] {
+        send.send_data(ws_frame(&envelope), false).unwrap();
+    }
+    // The server's frames (unmasked): the reply, the end envelope, close.
+    let mut body = response.into_body();
+    let mut got = BytesMut::new();
+    let mut messages: Vec<(u8, Bytes)> = Vec::new();
+    while messages.last().is_none_or(|(op, _)| *op != 0x8) {
+        let data = bounded("a frame", body.data()).await.unwrap().unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        got.extend_from_slice(&data);
+        while got.len() >= 2 && got.len() >= 2 + (got[1] & 0x7f) as usize {
+            assert!(got[1] & 0x7f < 126, "short frames only");
+            let len = (got[1] & 0x7f) as usize;
+            let op = got[0] & 0x0f;
+            let frame = got.split_to(2 + len).freeze();
+            messages.push((op, frame.slice(2..)));
+        }
+    }
+    let reply = frames(messages[0].1.clone());
+    assert_eq!(messages[0].0, 0x2, "binary");
+    assert!(String::from_utf8_lossy(&reply[0].1).contains("over h2"));
+    let end = frames(messages[1].1.clone());
+    assert_eq!(end[0].0, 0x02);
+    assert_eq!(&end[0].1[..], b"{}");
+    assert_eq!(&messages[2].1[..2], &1000u16.to_be_bytes());
+}
