@@ -578,8 +578,13 @@ impl Sample {
         self
     }
 
-    /// Adds p50, p99 and p99.9 of `latencies`.
+    /// Adds p50, p99 and p99.9 of `latencies`; none when nothing was
+    /// recorded (every call failed, say, as under overload without
+    /// shedding), rather than a 0 that reads as fast.
     pub(crate) fn latencies(&mut self, latencies: &mut Latencies) -> &mut Self {
+        if latencies.len() == 0 {
+            return self;
+        }
         let [p50, p99, p999] = latencies.percentiles_us();
         self.set(P50, p50).set(P99, p99).set(P999, p999)
     }
@@ -628,11 +633,15 @@ impl Sample {
     pub(crate) fn from_json(value: &serde_json::Value, metrics: &[Metric]) -> Result<Sample> {
         let mut sample = Sample::default();
         for metric in metrics {
-            let v = value
-                .get(metric.name)
-                .and_then(|v| v.as_f64())
-                .ok_or_else(|| format!("missing `{}` in {value}", metric.name))?;
-            sample.set(*metric, v);
+            let v = value.get(metric.name).and_then(|v| v.as_f64());
+            match v {
+                Some(v) => {
+                    sample.set(*metric, v);
+                }
+                // Percentiles are left out when no call succeeded.
+                None if [P50.name, P99.name, P999.name].contains(&metric.name) => {}
+                None => return Err(format!("missing `{}` in {value}", metric.name).into()),
+            }
         }
         Ok(sample)
     }
