@@ -1653,3 +1653,182 @@ async fn websocket_opens_by_extended_connect_over_http2() {
     assert_eq!(&end[0].1[..], b"{}");
     assert_eq!(&messages[2].1[..2], &1000u16.to_be_bytes());
 }
+
+// The client's side: `ClientBuilder::protocol`.
+
+/// A client of `world`'s registry whose calls go over `protocol`.
+fn web_client(
+    world: &World,
+    protocol: lodestar::client::Protocol,
+) -> EchoClient<lodestar::client::Channel> {
+    let client = lodestar::Client::builder(world.registry.clone())
+        .protocol(protocol)
+        .build();
+    EchoClient::by_name(&client, "echo")
+}
+
+fn echo(message: &str) -> EchoRequest {
+    EchoRequest {
+        message: message.into(),
+        payload: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_calls_every_kind_over_grpc_web_and_connect() {
+    use lodestar::client::Protocol;
+    use tokio_stream::StreamExt as _;
+    let world = World::new();
+    let _running = start(&world, WebProtocols::default()).await;
+    for protocol in [Protocol::GrpcWeb, Protocol::Connect] {
+        let mut client = web_client(&world, protocol);
+
+        // Unary, with metadata both ways.
+        let mut request = lodestar::Request::new(echo("hello"));
+        request
+            .metadata_mut()
+            .insert("x-asked", "yes".parse().unwrap());
+        let reply = bounded("unary", client.unary(request)).await.unwrap();
+        assert_eq!(
+            reply.metadata().get("x-asked").unwrap(),
+            "yes",
+            "{protocol}"
+        );
+        assert_eq!(reply.get_ref().message, "hello", "{protocol}");
+
+        // Server stream, with a trailer.
+        let stream = bounded(
+            "server stream",
+            client.server_stream(StreamRequest {
+                count: 3,
+                interval: None,
+                token: "s".into(),
+                trailer: "end".into(),
+            }),
+        )
+        .await
+        .unwrap();
+        let mut stream = stream.into_inner();
+        let mut got = Vec::new();
+        while let Some(reply) = bounded("a message", stream.next()).await {
+            got.push(reply.unwrap().message);
+        }
+        assert_eq!(got, ["s #0", "s #1", "s #2"], "{protocol}");
+        let trailers = bounded("trailers", stream.trailers())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(trailers.get("x-trailer").unwrap(), "end", "{protocol}");
+
+        // Client stream.
+        let messages = tokio_stream::iter((0..3).map(|n| EchoRequest {
+            message: format!("c{n}"),
+            payload: vec![0; 10],
+        }));
+        let reply = bounded("client stream", client.client_stream(messages))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.message, "3 messages", "{protocol}");
+        assert_eq!(reply.payload_len, 30, "{protocol}");
+
+        // Bidi, one answer per message as it goes.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let replies = bounded(
+            "bidi",
+            client.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        );
+        tx.send(echo("b0")).await.unwrap();
+        let mut replies = replies.await.unwrap().into_inner();
+        assert_eq!(
+            bounded("b0", replies.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .message,
+            "b0"
+        );
+        tx.send(echo("b1")).await.unwrap();
+        assert_eq!(
+            bounded("b1", replies.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .message,
+            "b1"
+        );
+        drop(tx);
+        assert!(
+            bounded("the end", replies.next()).await.is_none(),
+            "{protocol}"
+        );
+
+        // NOT_FOUND, with its message (not ASCII) and metadata.
+        let status = bounded(
+            "fail",
+            client.fail(FailRequest {
+                code: lodestar::Code::NotFound as i32,
+                message: "no such order: ünïcode ✓".into(),
+            }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            status.code(),
+            lodestar::Code::NotFound,
+            "{protocol}: {status:?}"
+        );
+        assert_eq!(status.message(), "no such order: ünïcode ✓", "{protocol}");
+        assert_eq!(
+            status.metadata().get("x-failed-by").unwrap(),
+            "a",
+            "{protocol}"
+        );
+
+        // The deadline reaches the server, and one that passes is
+        // DEADLINE_EXCEEDED.
+        let mut request = lodestar::Request::new(());
+        request.set_timeout(Duration::from_secs(5));
+        let report = bounded("report", client.report_deadline(request))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            report.has_deadline && report.remaining_ms > 3000 && report.remaining_ms <= 5000,
+            "{protocol}: {report:?}"
+        );
+        let mut request = lodestar::Request::new(sleep_request("late", Duration::from_secs(5)));
+        request.set_timeout(Duration::from_millis(200));
+        let status = bounded("sleep", client.sleep(request)).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            lodestar::Code::DeadlineExceeded,
+            "{protocol}: {status:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_client_of_a_server_without_web_protocols_gets_a_clear_error() {
+    use lodestar::client::Protocol;
+    let world = World::new();
+    let _running = start(&world, WebProtocols::none()).await;
+    for (protocol, name) in [
+        (Protocol::GrpcWeb, "gRPC-Web"),
+        (Protocol::Connect, "Connect"),
+    ] {
+        let mut client = web_client(&world, protocol);
+        let status = bounded("unary", client.unary(echo("x"))).await.unwrap_err();
+        assert_eq!(status.code(), lodestar::Code::Unknown, "{status:?}");
+        let message = status.message();
+        assert!(
+            message.contains(name)
+                && message.contains("415")
+                && message.contains("application/grpc (HTTP/2)"),
+            "{message}"
+        );
+    }
+    // Native gRPC still works.
+    let mut client = web_client(&world, Protocol::Grpc);
+    bounded("native", client.unary(echo("x"))).await.unwrap();
+}

@@ -57,6 +57,7 @@ pub mod selector;
 mod stack;
 pub mod strategy;
 mod stream;
+mod web;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -80,6 +81,7 @@ use stack::Balance;
 const MAX_ATTEMPTS: usize = 8;
 
 pub use policy::{Policy, PolicyError, Strategy};
+pub use web::{Protocol, UnknownProtocol};
 
 /// What a call needs to know about its method, carried in the request's
 /// extensions so that it reaches the channel through any layers. Clients
@@ -237,6 +239,7 @@ pub(crate) struct ClientConfig {
     pub(crate) tls: Option<ClientTls>,
     pub(crate) codec: Codec,
     pub(crate) http2: crate::Http2Settings,
+    pub(crate) protocol: Protocol,
     pub(crate) protection_threshold: f64,
     pub(crate) metrics: Option<crate::metrics::Metrics>,
 }
@@ -283,6 +286,8 @@ impl Default for ClientConfig {
             tls: None,
             codec: Codec::Protobuf,
             http2: crate::Http2Settings::client(),
+            // Native gRPC.
+            protocol: Protocol::Grpc,
             protection_threshold: 0.0,
             // Calls counted in the process's registry.
             metrics: Some(crate::metrics::Metrics::global().clone()),
@@ -549,6 +554,16 @@ impl ClientBuilder {
     /// keepalive pings, flow control). Default: [`Http2Settings::client`](crate::Http2Settings::client).
     pub fn http2(mut self, settings: crate::Http2Settings) -> Self {
         self.config.http2 = settings;
+        self
+    }
+
+    /// The wire protocol of every call: native gRPC, gRPC-Web or Connect
+    /// (see [`Protocol`]). Calls are made the same way whatever it is; the
+    /// translation happens in the client's lowest layer, so deadlines,
+    /// limits, retries and metrics work alike. Connections stay HTTP/2.
+    /// Default: [`Protocol::Grpc`].
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.config.protocol = protocol;
         self
     }
 

@@ -28,6 +28,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::body::RequestBody;
 use crate::client::connection::Sender;
+use crate::client::web::Decoder;
 
 /// A request handed to HTTP/2, waiting for its response.
 pub(crate) struct Sent {
@@ -260,6 +261,8 @@ pub(crate) struct Received {
     data_done: bool,
     /// Held for as long as the response is: see [`Sent::cancel`].
     _cancel: Option<OnDrop>,
+    /// Reads a gRPC-Web or Connect body back as native gRPC's.
+    web: Option<Box<Decoder>>,
 }
 
 impl Received {
@@ -268,6 +271,17 @@ impl Received {
             stream,
             data_done: false,
             _cancel: cancel,
+            web: None,
+        }
+    }
+
+    /// The body of a gRPC-Web or Connect response, read by `web`.
+    pub(crate) fn web(stream: RecvStream, cancel: Option<OnDrop>, web: Box<Decoder>) -> Self {
+        Self {
+            stream,
+            data_done: false,
+            _cancel: cancel,
+            web: Some(web),
         }
     }
 }
@@ -282,6 +296,9 @@ impl Body for Received {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
+        if let Some(web) = this.web.as_deref_mut() {
+            return web.poll(&mut this.stream, cx);
+        }
         if !this.data_done {
             match this.stream.poll_data(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -309,7 +326,11 @@ impl Body for Received {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stream.is_end_stream()
+        match &self.web {
+            // Its status is yet to come, even when the stream has ended.
+            Some(web) => web.done,
+            None => self.stream.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -19,6 +19,7 @@ use crate::client::connection::Sender;
 use crate::client::observe::{AttemptGuard, Observed, Outcome};
 use crate::client::selector::Endpoint;
 use crate::client::stream::{self, NotSent, Received};
+use crate::client::web::{self, Protocol};
 
 /// Sends `request` to `endpoint` and says what is left of it if that
 /// fails. Over an open connection the request goes out now, before the
@@ -71,6 +72,27 @@ fn exchange(
     mut guard: AttemptGuard,
 ) -> impl Future<Output = Result<Response<Observed>, Failure>> + Send + use<> {
     set_origin(&mut request, &endpoint, balance.config.tls.is_some());
+    // The one branch native gRPC pays for the choice of protocol.
+    let web = match balance.config.protocol {
+        Protocol::Grpc => None,
+        protocol => {
+            let path = request.uri().path();
+            let unary = super::metered::kind(request.extensions().get(), path)
+                == crate::metrics::rpc::Kind::Unary;
+            let limit = balance.config.limits.max_decoding_message_size;
+            match web::prepare(&mut request, protocol, unary, limit) {
+                Ok(decoder) => Some(decoder),
+                Err(status) => {
+                    guard.finish(Outcome::Status(status.code()));
+                    return Either::Right(std::future::ready(Err(failed(
+                        &endpoint,
+                        Leftover::Fail(status),
+                        String::new(),
+                    ))));
+                }
+            }
+        }
+    };
     let request_error = request.body().error().clone();
     match stream::send(&sender, request) {
         Ok(sent) => {
@@ -83,6 +105,7 @@ fn exchange(
                     request_error,
                     guard,
                     cancel: sent.cancel,
+                    web,
                 }),
             })
         }
@@ -148,6 +171,8 @@ struct Waiting {
     request_error: RequestError,
     guard: AttemptGuard,
     cancel: Option<stream::OnDrop>,
+    /// How to read the response back, for a call over gRPC-Web or Connect.
+    web: Option<Box<web::Decoder>>,
 }
 
 impl Future for Exchange {
@@ -175,9 +200,14 @@ impl Waiting {
             request_error,
             mut guard,
             cancel,
+            web,
         } = self;
         match result {
-            Ok(response) => {
+            Ok(mut response) => {
+                if let Some(mut web) = web {
+                    web.response(&mut response);
+                    return Ok(web_response(response, web, cancel, guard, &endpoint));
+                }
                 endpoint.stats.connected();
                 guard.answered();
                 // A trailers-only response (its headers end the stream)
@@ -216,6 +246,30 @@ impl Waiting {
             }
         }
     }
+}
+
+/// A web call's response, read back as native gRPC's by `web`.
+fn web_response(
+    response: Response<RecvStream>,
+    web: Box<web::Decoder>,
+    cancel: Option<stream::OnDrop>,
+    mut guard: AttemptGuard,
+    endpoint: &Endpoint,
+) -> Response<Observed> {
+    endpoint.stats.connected();
+    guard.answered();
+    let trailers_only = response.body().is_end_stream();
+    let guard = match trailers_only
+        .then(|| crate::status::code_in(response.headers()))
+        .flatten()
+    {
+        Some(code) => {
+            guard.finish(Outcome::Status(code));
+            None
+        }
+        None => Some(guard),
+    };
+    response.map(|body| Observed::new(Received::web(body, cancel, web), guard))
 }
 
 fn failed(endpoint: &Endpoint, leftover: Leftover, message: String) -> Failure {

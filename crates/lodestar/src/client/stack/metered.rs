@@ -41,7 +41,7 @@ impl<S> Metered<S> {
 }
 
 /// The kind of the method `path` names, from the call's descriptors.
-fn kind(info: Option<&MethodInfo>, path: &str) -> Kind {
+pub(crate) fn kind(info: Option<&MethodInfo>, path: &str) -> Kind {
     info.and_then(|info| info.descriptors)
         .and_then(|set| Descriptors::of_static(set).ok())
         .and_then(|descriptors| descriptors.method(path))

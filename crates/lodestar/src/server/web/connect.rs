@@ -345,7 +345,7 @@ fn metadata(mut headers: HeaderMap) -> HeaderMap {
 }
 
 /// Connect's name of a gRPC code.
-pub(super) fn code_name(code: tonic::Code) -> &'static str {
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code;
     match code {
         Code::Ok => "ok",
@@ -393,13 +393,13 @@ pub(crate) fn http_status(code: tonic::Code) -> StatusCode {
 
 /// `google.rpc.Status`, to read a status's details.
 #[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
+pub(crate) struct RpcStatus {
     #[prost(int32, tag = "1")]
-    code: i32,
+    pub(crate) code: i32,
     #[prost(string, tag = "2")]
-    message: String,
+    pub(crate) message: String,
     #[prost(message, repeated, tag = "3")]
-    details: Vec<prost_types::Any>,
+    pub(crate) details: Vec<prost_types::Any>,
 }
 
 /// The JSON of a Connect error: `code`, `message` and `details` (each

@@ -37,6 +37,9 @@ mod grpc_web;
 mod settings;
 mod websocket;
 
+// Shared with the client's side (`client/web.rs`).
+pub(crate) use connect::{RpcStatus, code_name as connect_code_name};
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
