@@ -369,7 +369,7 @@ pub const ZONE_ENV: &str = "LODESTAR_ZONE";
 #[derive(Debug)]
 pub struct ClientBuilder {
     registry: Arc<dyn Registry>,
-    config: ClientConfig,
+    pub(crate) config: ClientConfig,
 }
 
 impl ClientBuilder {

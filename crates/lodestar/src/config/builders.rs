@@ -138,6 +138,7 @@ impl Client {
                 CodecName::Protobuf => crate::Codec::Protobuf,
                 CodecName::Json => crate::Codec::Json,
             })
+            .protocol(c.protocol.into())
             .message_limits(client_message_limits(&c.limits)?)
             .http2((&c.http2).into())
             .metrics(metrics(&config.metrics));

@@ -704,6 +704,13 @@ pub static KEYS: &[Key] = &[
         doc: "How messages are encoded on the wire.",
     },
     Key {
+        path: "client.protocol",
+        kind: Kind::Choice(&["grpc", "grpc-web", "connect"]),
+        default: "\"grpc\"",
+        aliases: &[],
+        doc: "The wire protocol of calls: native gRPC, gRPC-Web (binary) or Connect; all over HTTP/2.",
+    },
+    Key {
         path: "client.send_compressed",
         kind: COMPRESSION,
         default: "\"none\"",

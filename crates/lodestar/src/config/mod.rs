@@ -120,9 +120,9 @@ pub use error::{ConfigError, Origin};
 pub use keys::{KEYS, Key, Kind, MAX_LABELS, MAX_TEXT, closest_variable, key};
 pub use load::{MAX_CONFIG_FILE, MAX_ENV_VALUE};
 pub use model::{
-    BrokerConfig, ClientConfig, ClientHttp2Config, ClientLimits, ClientTlsConfig, CodecName,
-    Compression, Config, CorsConfig, Http2Config, LogFormatName, MetricsConfig, ProtocolName,
-    RegistryConfig, SamplerName, ServerTlsConfig, ServiceConfig, ServiceLimits, TelemetryConfig,
-    WebConfig,
+    BrokerConfig, ClientConfig, ClientHttp2Config, ClientLimits, ClientProtocolName,
+    ClientTlsConfig, CodecName, Compression, Config, CorsConfig, Http2Config, LogFormatName,
+    MetricsConfig, ProtocolName, RegistryConfig, SamplerName, ServerTlsConfig, ServiceConfig,
+    ServiceLimits, TelemetryConfig, WebConfig,
 };
 pub use reference::{default_toml, reference_markdown};

@@ -348,6 +348,8 @@ pub struct ClientConfig {
     pub protection_threshold: f64,
     /// How messages are encoded.
     pub codec: CodecName,
+    /// The wire protocol of calls.
+    pub protocol: ClientProtocolName,
     /// How requests are compressed.
     pub send_compressed: Compression,
     /// The caller's labels, matched by routes.
@@ -377,6 +379,7 @@ impl Default for ClientConfig {
             ejection_max: Duration::from_secs(30),
             protection_threshold: 0.0,
             codec: CodecName::Protobuf,
+            protocol: ClientProtocolName::Grpc,
             send_compressed: Compression::None,
             labels: BTreeMap::new(),
             limits: ClientLimits::default(),
@@ -550,6 +553,32 @@ pub enum CodecName {
     Protobuf,
     /// The proto3 JSON mapping.
     Json,
+}
+
+/// The wire protocol of a client's calls:
+/// [`client::Protocol`](crate::client::Protocol) by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ClientProtocolName {
+    /// Native gRPC.
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// gRPC-Web (binary).
+    #[serde(rename = "grpc-web")]
+    GrpcWeb,
+    /// The Connect protocol.
+    #[serde(rename = "connect")]
+    Connect,
+}
+
+impl From<ClientProtocolName> for crate::client::Protocol {
+    fn from(name: ClientProtocolName) -> Self {
+        match name {
+            ClientProtocolName::Grpc => crate::client::Protocol::Grpc,
+            ClientProtocolName::GrpcWeb => crate::client::Protocol::GrpcWeb,
+            ClientProtocolName::Connect => crate::client::Protocol::Connect,
+        }
+    }
 }
 
 /// [`LogFormat`](crate::telemetry::LogFormat) by name.

@@ -187,6 +187,11 @@ fn bad_values_name_the_key_the_value_and_what_was_expected() {
              or \"json\"",
         ),
         (
+            "[client]\nprotocol = \"grpcweb\"",
+            "key `client.protocol` at line 2, column 12 is \"grpcweb\": expected one of \"grpc\", \
+             \"grpc-web\" or \"connect\"",
+        ),
+        (
             "[registry]\nurl = \"consul://x\"",
             "key `registry.url` at line 2, column 7 is \"consul://x\": expected a URL \
              starting with memory://, lodestar://, lodestars://, etcd://",
@@ -438,4 +443,21 @@ fn the_web_section_maps_onto_web_protocols_and_checks_origins() {
     );
     let env_set = Config::from_env(env(&[("LODESTAR_SERVICE_WEB_CONNECT", "false")])).unwrap();
     assert!(!env_set.service.web.connect);
+}
+
+#[test]
+fn the_client_protocol_is_read_by_name_and_reaches_the_builder() {
+    let dir = std::env::temp_dir().join(format!("lodestar-config-proto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lodestar.toml");
+    std::fs::write(&path, "[client]\nprotocol = \"connect\"\n").unwrap();
+    let config = Config::load_from(&path, env(&[])).unwrap();
+    assert_eq!(config.client.protocol, ClientProtocolName::Connect);
+    let builder =
+        crate::Client::from_config(lodestar_core::MemoryRegistry::new(), &config).unwrap();
+    assert_eq!(builder.config.protocol, crate::client::Protocol::Connect);
+    let config =
+        Config::load_from(&path, env(&[("LODESTAR_CLIENT_PROTOCOL", "grpc-web")])).unwrap();
+    assert_eq!(config.client.protocol, ClientProtocolName::GrpcWeb);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
