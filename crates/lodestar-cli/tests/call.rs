@@ -849,3 +849,63 @@ fn ok_status(output: Output) -> Output {
     );
     output
 }
+
+#[test]
+fn calls_over_connect_and_grpc_web() {
+    let (_echo, echo) = service("echo", "memory://");
+    let (_failing, failing) = service_with(
+        "route-guide",
+        "memory://",
+        Quirks {
+            failing: Some("/routeguide.RouteGuide/GetFeature"),
+            ..Quirks::default()
+        },
+    );
+    for protocol in ["connect", "grpc-web"] {
+        // A fresh instance each: RouteChat answers with the notes before.
+        let (_instance, address) = service("route-guide", "memory://");
+        assert_four_kinds(&address, &["--protocol", protocol]);
+        // NOT_FOUND with its details, mapped back from the protocol's own
+        // error (Connect's JSON, gRPC-Web's trailers frame).
+        let error = failed(
+            &lodestar(&["call", &failing, "GetFeature", "--protocol", protocol]),
+            69,
+        );
+        assert_eq!(
+            error,
+            json!({
+                "code": "not_found",
+                "message": "no feature here",
+                "details": [
+                    {"type": "routeguide.Point", "value": "CAc", "debug": {"latitude": 7}},
+                    {"type": "acme.Unknown", "value": "AQID"},
+                ],
+            }),
+            "{protocol}"
+        );
+        // The deadline: the server's handler sleeps past it.
+        let error = failed(
+            &lodestar(&[
+                "call",
+                &echo,
+                "Sleep",
+                "-d",
+                r#"{"token":"t","duration":"5s"}"#,
+                "--timeout",
+                "300ms",
+                "--protocol",
+                protocol,
+            ]),
+            68,
+        );
+        assert_eq!(error["code"], "deadline_exceeded", "{protocol}");
+    }
+    // An unknown protocol is a usage error.
+    let output = lodestar(&["call", &echo, "Unary", "--protocol", "http"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("expected \"grpc\", \"grpc-web\" or \"connect\""),
+        "{}",
+        stderr(&output)
+    );
+}

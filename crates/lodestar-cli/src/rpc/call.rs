@@ -88,6 +88,17 @@ pub(crate) struct CallArgs {
     /// Print the response headers and trailers on stderr.
     #[arg(short = 'v', long)]
     verbose: bool,
+    /// The wire protocol of the call: grpc, grpc-web (binary) or connect,
+    /// all over HTTP/2. Reflection, which finds the method, always goes
+    /// over native gRPC, so the server must serve that too.
+    #[arg(long, value_name = "PROTOCOL", default_value = "grpc", value_parser = parse_protocol)]
+    protocol: lodestar::client::Protocol,
+}
+
+/// Reads `--protocol`.
+fn parse_protocol(text: &str) -> Result<lodestar::client::Protocol, String> {
+    text.parse()
+        .map_err(|e: lodestar::client::UnknownProtocol| e.to_string())
 }
 
 /// One `-H` metadata entry.
@@ -255,7 +266,7 @@ async fn call(
     };
     let exchange = exchange(
         args,
-        connection.channel(limits),
+        connection.channel_over(limits, args.protocol),
         &descriptor,
         &chosen,
         requests,
@@ -403,6 +414,13 @@ async fn exchange(
     if let Some(Span(timeout)) = args.timeout {
         request.set_timeout(timeout);
     }
+    // Connect sends unary calls unlike streams.
+    request
+        .extensions_mut()
+        .insert(lodestar::client::CallKind::of(
+            descriptor.is_client_streaming(),
+            descriptor.is_server_streaming(),
+        ));
     let mut grpc = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(args.max_message_size)
         .max_encoding_message_size(args.max_message_size);

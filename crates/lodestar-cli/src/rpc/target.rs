@@ -161,11 +161,21 @@ impl Connection {
     /// each channel opens its own connection, lazily, within the connect
     /// timeout.
     pub(crate) fn channel(&self, limits: MessageLimits) -> lodestar::client::Channel {
+        self.channel_over(limits, lodestar::client::Protocol::Grpc)
+    }
+
+    /// [`Connection::channel`], its calls over `protocol`.
+    pub(crate) fn channel_over(
+        &self,
+        limits: MessageLimits,
+        protocol: lodestar::client::Protocol,
+    ) -> lodestar::client::Channel {
         // A static registry: the one instance stays for as long as the command runs.
         let registry = StaticRegistry::new().with(PINNED, [self.address.clone()]);
         let mut builder = Client::builder(registry)
             .connect_timeout(self.connect_timeout)
             .max_attempts(1)
+            .protocol(protocol)
             .message_limits(limits)
             .metrics(None);
         if let Some(tls) = &self.tls {

@@ -81,7 +81,7 @@ use stack::Balance;
 const MAX_ATTEMPTS: usize = 8;
 
 pub use policy::{Policy, PolicyError, Strategy};
-pub use web::{Protocol, UnknownProtocol};
+pub use web::{CallKind, Protocol, UnknownProtocol};
 
 /// What a call needs to know about its method, carried in the request's
 /// extensions so that it reaches the channel through any layers. Clients

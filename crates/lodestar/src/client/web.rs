@@ -75,6 +75,43 @@ impl std::fmt::Display for Protocol {
     }
 }
 
+/// The kind of a call, as a request extension, for calls whose method the
+/// client cannot look up in generated descriptors (a dynamic client such
+/// as `lodestar call`). Only [`Protocol::Connect`] needs it: it sends
+/// unary calls differently from streams. Without it, and without
+/// descriptors, a Connect call goes as a stream, which lodestar servers
+/// take for every kind but other Connect servers may refuse for unary
+/// methods.
+///
+/// ```
+/// let mut request = tonic::Request::new(());
+/// request.extensions_mut().insert(lodestar::client::CallKind::Unary);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallKind {
+    /// One message each way.
+    Unary,
+    /// One request message, a stream of replies.
+    ServerStream,
+    /// A stream of request messages, one reply.
+    ClientStream,
+    /// Streams both ways.
+    Bidi,
+}
+
+impl CallKind {
+    /// The kind of a method that streams its requests and/or its replies.
+    pub fn of(client_streaming: bool, server_streaming: bool) -> Self {
+        match (client_streaming, server_streaming) {
+            (false, false) => CallKind::Unary,
+            (false, true) => CallKind::ServerStream,
+            (true, false) => CallKind::ClientStream,
+            (true, true) => CallKind::Bidi,
+        }
+    }
+}
+
 /// A protocol name that is not one of `grpc`, `grpc-web` or `connect`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownProtocol(pub String);

@@ -76,9 +76,14 @@ fn exchange(
     let web = match balance.config.protocol {
         Protocol::Grpc => None,
         protocol => {
-            let path = request.uri().path();
-            let unary = super::metered::kind(request.extensions().get(), path)
-                == crate::metrics::rpc::Kind::Unary;
+            let unary = match request.extensions().get::<web::CallKind>() {
+                Some(kind) => *kind == web::CallKind::Unary,
+                None => {
+                    let path = request.uri().path();
+                    super::metered::kind(request.extensions().get(), path)
+                        == crate::metrics::rpc::Kind::Unary
+                }
+            };
             let limit = balance.config.limits.max_decoding_message_size;
             match web::prepare(&mut request, protocol, unary, limit) {
                 Ok(decoder) => Some(decoder),
