@@ -1832,3 +1832,30 @@ async fn a_web_client_of_a_server_without_web_protocols_gets_a_clear_error() {
     let mut client = web_client(&world, Protocol::Grpc);
     bounded("native", client.unary(echo("x"))).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_replies_obey_the_clients_receive_limit() {
+    use lodestar::client::Protocol;
+    let world = World::new();
+    let _running = start(&world, WebProtocols::default()).await;
+    for protocol in [Protocol::GrpcWeb, Protocol::Connect] {
+        let client = lodestar::Client::builder(world.registry.clone())
+            .protocol(protocol)
+            .message_limits(lodestar::MessageLimits {
+                max_decoding_message_size: 64,
+                ..lodestar::MessageLimits::default()
+            })
+            .build();
+        let mut client = EchoClient::by_name(&client, "echo");
+        let status = bounded("unary", client.unary(echo(&"x".repeat(200))))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            lodestar::Code::ResourceExhausted,
+            "{protocol}: {status:?}"
+        );
+        // A small one still passes.
+        bounded("unary", client.unary(echo("x"))).await.unwrap();
+    }
+}

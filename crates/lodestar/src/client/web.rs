@@ -209,13 +209,16 @@ pub(crate) fn prepare(
             Mode::GrpcWeb
         }
         Protocol::Connect => {
-            if let Some(timeout) = headers.remove(crate::grpc_timeout::HEADER) {
-                if let Some(timeout) = crate::grpc_timeout::parse(&timeout) {
-                    // At least 1 ms (0 would mean "already expired"), at
-                    // most ten digits.
-                    let ms = timeout.as_millis().clamp(1, 9_999_999_999);
-                    headers.insert(CONNECT_TIMEOUT_MS, HeaderValue::from(ms as u64));
-                }
+            if let Some(timeout) = headers.remove(crate::grpc_timeout::HEADER)
+                && let Some(timeout) = crate::grpc_timeout::parse(&timeout)
+            {
+                // At least 1 ms (0 would mean "already expired"), at most
+                // ten digits.
+                let ms = timeout.as_millis().clamp(1, 9_999_999_999);
+                headers.insert(
+                    CONNECT_TIMEOUT_MS,
+                    HeaderValue::from(u64::try_from(ms).unwrap_or(9_999_999_999)),
+                );
             }
             headers.insert(CONNECT_PROTOCOL_VERSION, HeaderValue::from_static("1"));
             if unary {
@@ -253,22 +256,7 @@ pub(crate) fn prepare(
     if mode == Mode::ConnectUnary {
         unwrap_unary(request)?;
     }
-    Ok(Box::new(Decoder {
-        mode,
-        json,
-        limit: receive_limit,
-        failed_http: None,
-        header_status: None,
-        unary_trailers: None,
-        compressed: false,
-        input: Bytes::new(),
-        head: BytesMut::new(),
-        remaining: 0,
-        end_len: None,
-        collected: BytesMut::new(),
-        pending: None,
-        done: false,
-    }))
+    Ok(Box::new(Decoder::new(mode, json, receive_limit)))
 }
 
 /// Replaces a unary request's one framed message with the bare message
@@ -354,6 +342,25 @@ pub(crate) struct Decoder {
 }
 
 impl Decoder {
+    fn new(mode: Mode, json: bool, limit: usize) -> Self {
+        Self {
+            mode,
+            json,
+            limit,
+            failed_http: None,
+            header_status: None,
+            unary_trailers: None,
+            compressed: false,
+            input: Bytes::new(),
+            head: BytesMut::new(),
+            remaining: 0,
+            end_len: None,
+            collected: BytesMut::new(),
+            pending: None,
+            done: false,
+        }
+    }
+
     /// Rewrites the head of a response to look like native gRPC's.
     pub(crate) fn response<B>(&mut self, response: &mut Response<B>) {
         let status = response.status();
@@ -761,6 +768,61 @@ fn status_of(error: &serde_json::Value) -> Option<tonic::Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn framed(flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![flags];
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Feeds `chunks` to a decoder: the data it yields, and its trailers.
+    fn decode(mode: Mode, chunks: &[&[u8]]) -> (Vec<u8>, Option<HeaderMap>) {
+        let mut decoder = Decoder::new(mode, false, 1024);
+        let (mut data, mut trailers) = (Vec::new(), None);
+        for chunk in chunks {
+            decoder.input = Bytes::copy_from_slice(chunk);
+            while let Some(frame) = decoder.step() {
+                match frame.into_data() {
+                    Ok(bytes) => data.extend_from_slice(&bytes),
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                }
+            }
+        }
+        (data, trailers)
+    }
+
+    #[test]
+    fn frames_split_anywhere_pass_whole_and_the_end_frame_becomes_trailers() {
+        let messages = [framed(0, b"hello"), framed(1, b""), framed(0, &[7; 40])].concat();
+        for (mode, end) in [
+            (Mode::GrpcWeb, framed(0x80, b"grpc-status: 0\r\nx-k: v\r\n")),
+            (
+                Mode::ConnectStream,
+                framed(0x02, br#"{"metadata":{"x-k":["v"]}}"#),
+            ),
+        ] {
+            let body = [messages.clone(), end].concat();
+            for cut in 0..=body.len() {
+                let (data, trailers) = decode(mode, &[&body[..cut], &body[cut..]]);
+                assert_eq!(data, messages, "{mode:?}, cut at {cut}");
+                let trailers = trailers.unwrap_or_else(|| panic!("{mode:?}, cut at {cut}"));
+                assert_eq!(trailers["grpc-status"], "0");
+                assert_eq!(trailers["x-k"], "v");
+            }
+            let single: Vec<&[u8]> = body.chunks(1).collect();
+            assert_eq!(decode(mode, &single).0, messages, "{mode:?}, byte by byte");
+        }
+    }
+
+    #[test]
+    fn an_end_frame_over_the_bound_ends_the_call() {
+        let mut head = vec![0x80];
+        head.extend_from_slice(&((MAX_METADATA + 1) as u32).to_be_bytes());
+        let (data, trailers) = decode(Mode::GrpcWeb, &[&head]);
+        assert!(data.is_empty());
+        assert_eq!(trailers.unwrap()["grpc-status"], "8");
+    }
 
     #[test]
     fn protocols_parse_by_name() {
