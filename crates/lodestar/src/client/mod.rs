@@ -36,7 +36,9 @@
 //!    (the panic threshold). Every attempt is counted on its endpoint
 //!    ([`EndpointStats`](selector::EndpointStats)) and reported to
 //!    [observers](observe).
-//! 6. **Endpoint**: one lazily opened HTTP/2 connection per instance.
+//! 6. **Endpoint**: one lazily opened HTTP/2 connection per instance. Calls
+//!    go over native gRPC, or over gRPC-Web or Connect
+//!    ([`ClientBuilder::protocol`]), translated here.
 //!
 //! The trace context of the call being served
 //! ([`TraceContext`](crate::trace::TraceContext)) goes out with every call,
