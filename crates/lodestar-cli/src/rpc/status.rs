@@ -54,28 +54,8 @@ pub(crate) fn exit_code(code: Code) -> u8 {
     }
 }
 
-/// The Connect protocol's name of `code` (snake case, `canceled` with one l).
-pub(crate) fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "canceled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
-}
+/// The Connect protocol's name of `code` (lodestar's one table).
+pub(crate) use lodestar::server::connect_code_name as code_name;
 
 /// `google.rpc.Status`, as `grpc-status-details-bin` carries it.
 #[derive(Clone, PartialEq, prost::Message)]

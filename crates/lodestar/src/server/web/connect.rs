@@ -344,8 +344,13 @@ fn metadata(mut headers: HeaderMap) -> HeaderMap {
     headers
 }
 
-/// Connect's name of a gRPC code.
-pub(crate) fn code_name(code: tonic::Code) -> &'static str {
+/// The Connect protocol's name of a gRPC code: snake case, `canceled`
+/// with one l (what Connect error bodies and `lodestar call` print).
+///
+/// ```
+/// assert_eq!(lodestar::server::connect_code_name(lodestar::Code::NotFound), "not_found");
+/// ```
+pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code;
     match code {
         Code::Ok => "ok",

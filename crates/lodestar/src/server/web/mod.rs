@@ -38,7 +38,8 @@ mod settings;
 mod websocket;
 
 // Shared with the client's side (`client/web.rs`).
-pub(crate) use connect::{RpcStatus, code_name as connect_code_name};
+pub(crate) use connect::RpcStatus;
+pub use connect::code_name as connect_code_name;
 
 use std::future::Future;
 use std::pin::Pin;
