@@ -1567,6 +1567,190 @@ mod websocket {
             other => panic!("WebSocket off must refuse the upgrade, got {other:?}"),
         }
     }
+
+    /// A browser's way under TLS: ALPN offers only `http/1.1`, and the
+    /// socket opens with an HTTP/1.1 `Upgrade`; an `h2` client of the same
+    /// port still gets native gRPC.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_tls_a_socket_opens_over_http1_by_alpn_and_h2_still_gets_grpc() {
+        use lodestar::tls::{ClientTls, DevPki, ServerTls};
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName};
+
+        let world = World::new();
+        let pki = DevPki::generate(&["localhost", "127.0.0.1"], 1).unwrap();
+        let tls =
+            ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes()).unwrap();
+        let running = bounded(
+            "an instance to start",
+            world
+                .builder("echo", "a")
+                .tls(tls)
+                .add_service(EchoServer::new(world.echo("a")))
+                .start(),
+        )
+        .await
+        .unwrap();
+        let address = running.local_addr();
+
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pki.ca_cert.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = bounded("connect", tokio::net::TcpStream::connect(address))
+            .await
+            .unwrap();
+        let stream = bounded(
+            "a TLS handshake",
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp),
+        )
+        .await
+        .unwrap();
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+
+        let mut request = format!("wss://localhost:{}/lodestar.test.Echo/Bidi", address.port())
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", JSON.parse().unwrap());
+        let (mut socket, response) = bounded(
+            "a WebSocket handshake over TLS",
+            tokio_tungstenite::client_async(request, stream),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        bounded("a send", socket.send(Message::Binary(frame(0x04, b"{}"))))
+            .await
+            .unwrap();
+        for word in ["over", "tls"] {
+            let message = format!(r#"{{"message":"{word}"}}"#);
+            bounded(
+                "a send",
+                socket.send(Message::Binary(frame(0, message.as_bytes()))),
+            )
+            .await
+            .unwrap();
+            let reply = match bounded("a reply", socket.next()).await {
+                Some(Ok(Message::Binary(data))) => frames(data).remove(0).1,
+                other => panic!("expected a reply, got {other:?}"),
+            };
+            let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+            assert_eq!(reply["message"], word);
+        }
+        bounded("a send", socket.send(Message::Binary(frame(0x02, b""))))
+            .await
+            .unwrap();
+        let end = loop {
+            match bounded("the end envelope", socket.next()).await {
+                Some(Ok(Message::Binary(data))) => break frames(data).remove(0),
+                Some(Ok(Message::Ping(_))) => {}
+                other => panic!("expected the end envelope, got {other:?}"),
+            }
+        };
+        assert_eq!(end.0, 0x02);
+
+        let client = lodestar::Client::builder(world.registry.clone())
+            .tls(ClientTls::from_ca_pem(pki.ca_cert.as_bytes()).unwrap())
+            .build();
+        let mut echo = EchoClient::by_name(&client, "echo");
+        let reply = bounded("a native call over h2", echo.unary(EchoRequest::default()))
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().served_by, "a");
+    }
+
+    /// A bidi socket with one round trip done: the upgrade is complete
+    /// and the call runs.
+    async fn live(address: std::net::SocketAddr) -> Socket {
+        let mut socket = call(address, "/lodestar.test.Echo/Bidi", JSON, "{}").await;
+        send(&mut socket, frame(0, br#"{"message":"up"}"#)).await;
+        let (_, reply) = receive(&mut socket).await;
+        assert!(String::from_utf8_lossy(&reply).contains("up"));
+        socket
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sockets_count_as_connections_and_close_going_away_when_the_server_drains() {
+        let world = World::new();
+        let grace = Duration::from_secs(2);
+        let running = bounded(
+            "an instance to start",
+            world
+                .builder("echo", "a")
+                .connection_limits(lodestar::ConnectionLimits {
+                    max_connections: 2,
+                    ..lodestar::ConnectionLimits::default()
+                })
+                .grace_period(grace)
+                .add_service(EchoServer::new(world.echo("a")))
+                .start(),
+        )
+        .await
+        .unwrap();
+        let address = running.local_addr();
+
+        // An upgraded HTTP/1.1 connection is still a connection: with two
+        // sockets open, a third is closed before its handshake.
+        let mut first = live(address).await;
+        let mut second = live(address).await;
+        assert!(
+            open(address, "/lodestar.test.Echo/Bidi", JSON, None)
+                .await
+                .is_err(),
+            "a socket over max_connections must be refused"
+        );
+
+        // One ends: its place is free once the server has closed it.
+        send(&mut first, frame(0x02, b"")).await;
+        end_of(&mut first).await;
+        assert!(
+            bounded("the server to close the socket", first.next())
+                .await
+                .is_none()
+        );
+        let mut third = bounded("a freed place", async {
+            loop {
+                if let Ok(socket) = open(address, "/lodestar.test.Echo/Bidi", JSON, None).await {
+                    return socket;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        send(&mut third, frame(0x04, b"{}")).await;
+
+        // At shutdown, sockets whose calls still run are waited for, then
+        // closed with 1001 before the grace period ends, so the drain
+        // ends without cutting anything.
+        let started = std::time::Instant::now();
+        let shutdown = tokio::spawn(running.shutdown());
+        for socket in [&mut second, &mut third] {
+            assert_eq!(closed(socket).await, CloseCode::Away);
+            // Reading on sends the client's close frame back.
+            assert!(bounded("the socket's end", socket.next()).await.is_none());
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= grace / 2,
+            "the calls were given time to finish (closed after {waited:?})"
+        );
+        bounded("the shutdown", shutdown).await.unwrap().unwrap();
+        assert!(
+            started.elapsed() < grace,
+            "the drain ended before the grace period: nothing was cut"
+        );
+    }
 }
 
 /// WebSocket over HTTP/2 (RFC 8441), with a raw `h2` client and frames

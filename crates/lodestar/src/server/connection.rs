@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use super::budget::{ConnectionBudget, ServerBudget};
 use super::lifecycle::{Announcer, Lifecycle};
 use super::stack::{ConnectionStack, Stack};
+use super::web::Upgraded;
 use crate::io::Rewind;
 
 /// The least a connection holding response data must send per
@@ -98,6 +99,11 @@ pub(crate) const HTTP1_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// past it), which also bounds a Connect `GET`'s query.
 pub(crate) const HTTP1_MAX_HEAD: usize = 64 * 1024;
 
+/// The server's drain, as each connection sees it: `None` while serving,
+/// then the instant the grace period ends, when connections still open
+/// are cut.
+pub(crate) type Drain = watch::Receiver<Option<tokio::time::Instant>>;
+
 /// How connections are served: TLS or not, HTTP/1.1 or not, HTTP/2
 /// settings, and limits.
 pub(crate) struct Connections {
@@ -149,7 +155,7 @@ pub(crate) async fn serve(
         // with WebSocket off is refused by the web dispatch.
         http2.enable_connect_protocol();
     }
-    let (drain_tx, drain_rx) = watch::channel(false);
+    let (drain_tx, drain_rx) = watch::channel(None);
     let mut connections = JoinSet::new();
     let unsent = ServerBudget::new(limits.max_unsent_bytes);
     // Whether the last connection was refused, to warn once per episode.
@@ -193,7 +199,7 @@ pub(crate) async fn serve(
                         tls.clone(),
                         Builders { http1: http1.clone(), http2: http2.clone() },
                         Served {
-                            stack: stack.for_connection(budget.clone()),
+                            stack: stack.for_connection(budget.clone(), drain_rx.clone()),
                             budget,
                             stall_timeout: limits.stall_timeout,
                         },
@@ -211,7 +217,7 @@ pub(crate) async fn serve(
     }
     drop(listener);
     events.announce(Lifecycle::ListenerClosed);
-    let _ = drain_tx.send(true);
+    let _ = drain_tx.send(Some(tokio::time::Instant::now() + grace));
     let open = connections.len();
     let drained = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
@@ -257,7 +263,7 @@ async fn serve_connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
     builders: Builders,
     served: Served,
-    drain: watch::Receiver<bool>,
+    drain: Drain,
 ) {
     let peer = stream.peer_addr().ok();
     let started = tokio::time::Instant::now() + handshake_timeout;
@@ -283,13 +289,7 @@ async fn serve_connection(
                     run_connection(connection, served.budget, served.stall_timeout, drain, peer)
                         .await;
                 }
-                Some((stream, false)) => {
-                    let connection = http1
-                        .serve_connection(TokioIo::new(stream), served.stack)
-                        .with_upgrades();
-                    run_connection(connection, served.budget, served.stall_timeout, drain, peer)
-                        .await;
-                }
+                Some((stream, false)) => serve_http1(&http1, stream, served, drain, peer).await,
                 None => {}
             },
         };
@@ -304,12 +304,7 @@ async fn serve_connection(
     // ALPN decides: `http/1.1` is offered only when HTTP/1.1 is served.
     let negotiated_http1 = stream.get_ref().1.alpn_protocol() == Some(b"http/1.1");
     match builders.http1 {
-        Some(http1) if negotiated_http1 => {
-            let connection = http1
-                .serve_connection(TokioIo::new(stream), served.stack)
-                .with_upgrades();
-            run_connection(connection, served.budget, served.stall_timeout, drain, peer).await;
-        }
+        Some(http1) if negotiated_http1 => serve_http1(&http1, stream, served, drain, peer).await,
         _ => {
             if let Some(stream) = expect_preface(stream, started, peer).await {
                 let connection = builders
@@ -318,6 +313,29 @@ async fn serve_connection(
                 run_connection(connection, served.budget, served.stall_timeout, drain, peer).await;
             }
         }
+    }
+}
+
+/// Serves an HTTP/1.1 connection, then the WebSocket it may have been
+/// upgraded to: in this task, so that a socket counts against
+/// `max_connections`, and is waited for and cut as connections are.
+async fn serve_http1<S>(
+    http1: &hyper::server::conn::http1::Builder,
+    stream: S,
+    served: Served,
+    drain: Drain,
+    peer: Option<std::net::SocketAddr>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let upgraded = Arc::new(Upgraded::default());
+    let stack = served.stack.holding_upgrades(upgraded.clone());
+    let connection = http1
+        .serve_connection(TokioIo::new(stream), stack)
+        .with_upgrades();
+    run_connection(connection, served.budget, served.stall_timeout, drain, peer).await;
+    if let Some(socket) = upgraded.take() {
+        socket.await;
     }
 }
 
@@ -423,7 +441,7 @@ async fn run_connection<C: Driven>(
     connection: C,
     budget: Arc<ConnectionBudget>,
     stall_timeout: Duration,
-    drain: watch::Receiver<bool>,
+    drain: Drain,
     peer: Option<std::net::SocketAddr>,
 ) {
     tokio::pin!(connection);
@@ -500,7 +518,7 @@ impl Signals {
 /// says `drain` when the server stops, and `cut` when the client has read
 /// too little of its responses for a `stall_timeout`.
 async fn watch_connection(
-    mut drain: watch::Receiver<bool>,
+    mut drain: Drain,
     budget: Arc<ConnectionBudget>,
     stall_timeout: Duration,
     peer: Option<std::net::SocketAddr>,
@@ -515,7 +533,7 @@ async fn watch_connection(
     let mut draining = false;
     loop {
         tokio::select! {
-            _ = drain.wait_for(|d| *d), if !draining => {
+            _ = drain.wait_for(Option::is_some), if !draining => {
                 draining = true;
                 signals.send(DRAIN);
             }

@@ -80,7 +80,8 @@ use self::trace::{TraceLayer, TraceService};
 use self::user::{Layered, UserLayers};
 use super::admission::Admission;
 use super::budget::{Budgeted, ConnectionBudget};
-use super::web::{self, Answer, WebFuture, WebProtocols, WebState};
+use super::connection::Drain;
+use super::web::{self, Answer, SocketHost, Upgraded, WebFuture, WebProtocols, WebState};
 use crate::MessageLimits;
 use crate::codec::Descriptors;
 use crate::compression::Encoding;
@@ -177,7 +178,13 @@ impl Stack {
     }
 
     /// This stack for one connection, its responses counted against `budget`.
-    pub(crate) fn for_connection(&self, budget: Arc<ConnectionBudget>) -> ConnectionStack {
+    ///
+    /// `drain` is the server's, for the WebSockets the connection opens.
+    pub(crate) fn for_connection(
+        &self,
+        budget: Arc<ConnectionBudget>,
+        drain: Drain,
+    ) -> ConnectionStack {
         let mut outer = self.outer.clone();
         let admission = outer.get_mut().get_mut();
         admission.make_own();
@@ -186,6 +193,7 @@ impl Stack {
             outer,
             budget,
             web: self.web.clone(),
+            sockets: SocketHost::new(drain),
         }
     }
 }
@@ -195,6 +203,16 @@ pub(crate) struct ConnectionStack {
     outer: Outer,
     budget: Arc<ConnectionBudget>,
     web: Arc<WebState>,
+    sockets: SocketHost,
+}
+
+impl ConnectionStack {
+    /// This stack with the WebSocket an HTTP/1.1 connection upgrades to
+    /// put in `upgraded`, for the connection's task to run.
+    pub(crate) fn holding_upgrades(mut self, upgraded: Arc<Upgraded>) -> Self {
+        self.sockets = self.sockets.holding(upgraded);
+        self
+    }
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionStack {
@@ -215,7 +233,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionStack {
             }
         } else {
             Call::Web {
-                inner: web::serve(self.outer.clone(), self.web.clone(), request),
+                inner: web::serve(self.outer.clone(), self.web.clone(), &self.sockets, request),
             }
         };
         Dispatched {

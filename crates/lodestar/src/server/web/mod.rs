@@ -54,6 +54,7 @@ use hyper::body::Incoming;
 use tower::{BoxError, Service as _};
 
 pub use settings::{Cors, WebProtocols};
+pub(crate) use websocket::{SocketHost, Upgraded};
 
 use super::budget::EndsCall;
 use super::stack::{Inbound, Outer, ResponseBody};
@@ -162,13 +163,22 @@ impl Route {
 pub(crate) type WebFuture = Pin<Box<dyn Future<Output = Response<WebResponseBody>> + Send>>;
 
 /// Serves a request that is not native gRPC (see the module docs).
-pub(crate) fn serve(outer: Outer, state: Arc<WebState>, request: Request<Incoming>) -> WebFuture {
-    Box::pin(dispatch(outer, state, request))
+///
+/// `sockets` is where a WebSocket the request opens runs (see
+/// [`SocketHost`]).
+pub(crate) fn serve(
+    outer: Outer,
+    state: Arc<WebState>,
+    sockets: &SocketHost,
+    request: Request<Incoming>,
+) -> WebFuture {
+    Box::pin(dispatch(outer, state, sockets.clone(), request))
 }
 
 async fn dispatch(
     outer: Outer,
     state: Arc<WebState>,
+    sockets: SocketHost,
     request: Request<Incoming>,
 ) -> Response<WebResponseBody> {
     let cors = &state.settings.cors;
@@ -181,7 +191,7 @@ async fn dispatch(
         Route::ConnectUnary(codec) => connect::unary(outer, &state, request, codec).await,
         Route::ConnectStream(codec) => connect::stream(outer, request, codec).await,
         Route::ConnectGet => connect::get(outer, &state, request).await,
-        Route::WebSocket => websocket::open(outer, &state, request),
+        Route::WebSocket => websocket::open(outer, &state, sockets, request),
         Route::GrpcOverHttp1 => plain(
             StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             "native gRPC needs HTTP/2; over HTTP/1.1 call with gRPC-Web \

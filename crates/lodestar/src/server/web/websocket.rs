@@ -11,6 +11,7 @@
 //! closes with `1000`. The messages become the body of a native gRPC
 //! request that goes through the same server stack as every protocol.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 
 use super::connect::{end_stream, grpc_timeout};
 use super::{WebRequestBody, WebResponseBody, WebState, call, cors, plain};
+use crate::server::connection::Drain;
 use crate::server::stack::{Outer, ResponseBody};
 
 /// The sub-protocol with JSON messages.
@@ -54,6 +56,87 @@ const QUEUE: usize = 8;
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// At most this many leading-metadata headers.
 const MAX_HEADERS: usize = 64;
+/// When the server drains, a socket whose call is still running is
+/// closed (`1001`) this long before the grace period ends, or halfway
+/// through a shorter one, so that its close frame goes out before the
+/// connection is cut.
+const CLOSE_MARGIN: Duration = Duration::from_millis(500);
+
+/// A socket's task, for its connection to run.
+type SocketTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What a WebSocket takes from the connection it is opened on: the
+/// server's drain, and on HTTP/1.1 the [`Upgraded`] slot its task goes
+/// in.
+///
+/// An HTTP/1.1 connection that upgrades is over for hyper, so its task
+/// runs the socket next: the socket then counts against
+/// `max_connections`, and is waited for and cut at shutdown as any
+/// connection. An HTTP/2 socket is one stream of a connection that stays
+/// open while it runs, so it has a task of its own.
+#[derive(Clone)]
+pub(crate) struct SocketHost {
+    drain: Drain,
+    upgraded: Option<Arc<Upgraded>>,
+}
+
+impl SocketHost {
+    /// Sockets that run in tasks of their own (HTTP/2).
+    pub(crate) fn new(drain: Drain) -> Self {
+        Self {
+            drain,
+            upgraded: None,
+        }
+    }
+
+    /// Sockets put in `upgraded`, for the connection's task (HTTP/1.1).
+    pub(crate) fn holding(self, upgraded: Arc<Upgraded>) -> Self {
+        Self {
+            upgraded: Some(upgraded),
+            ..self
+        }
+    }
+
+    /// Runs `task` where this host says.
+    fn run(&self, task: SocketTask) {
+        let task = match &self.upgraded {
+            Some(slot) => match slot.put(task) {
+                Ok(()) => return,
+                Err(task) => task,
+            },
+            None => task,
+        };
+        tokio::spawn(task);
+    }
+}
+
+/// The WebSocket an HTTP/1.1 connection was upgraded to, for the
+/// connection's task to run when hyper is done with it.
+#[derive(Default)]
+pub(crate) struct Upgraded(std::sync::Mutex<Option<SocketTask>>);
+
+impl Upgraded {
+    /// The socket's task, if the connection was upgraded.
+    pub(crate) fn take(&self) -> Option<SocketTask> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Puts `task` in the slot, or hands it back when one is there.
+    fn put(&self, task: SocketTask) -> Result<(), SocketTask> {
+        let mut slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_some() {
+            return Err(task);
+        }
+        *slot = Some(task);
+        Ok(())
+    }
+}
 
 /// Whether `request` asks for a WebSocket: an HTTP/1.1 `GET` with
 /// `Upgrade: websocket`, or an HTTP/2 `CONNECT` with `:protocol =
@@ -120,6 +203,7 @@ impl Encoding {
 pub(super) fn open(
     outer: Outer,
     state: &Arc<WebState>,
+    sockets: SocketHost,
     mut request: Request<Incoming>,
 ) -> Response<WebResponseBody> {
     let settings = &state.settings;
@@ -186,13 +270,14 @@ pub(super) fn open(
         receive_limit: state.limits.max_decoding_message_size,
         ping_interval: settings.websocket_ping_interval,
         ping_timeout: settings.websocket_ping_timeout,
+        drain: sockets.drain.clone(),
     };
-    tokio::spawn(async move {
+    sockets.run(Box::pin(async move {
         match upgrade.await {
             Ok(upgraded) => socket.run(TokioIo::new(upgraded)).await,
             Err(error) => tracing::debug!(%error, "WebSocket upgrade failed"),
         }
-    });
+    }));
     let mut response = Response::new(WebResponseBody::empty());
     let headers = response.headers_mut();
     if let Some(accept) = accept {
@@ -355,6 +440,9 @@ struct Socket {
     receive_limit: usize,
     ping_interval: Duration,
     ping_timeout: Duration,
+    /// The server's drain: the call is given until shortly before the
+    /// grace period ends.
+    drain: Drain,
 }
 
 /// A response body being sent, and the bytes of a partial envelope.
@@ -403,6 +491,8 @@ impl Socket {
         let mut heard = Instant::now();
         let mut pinged: Option<Instant> = None;
         let limit = self.receive_limit;
+        let going_away = going_away(self.drain);
+        tokio::pin!(going_away);
 
         // The leading envelope comes first.
         let mut headers = self.headers;
@@ -425,6 +515,7 @@ impl Socket {
                 () = tokio::time::sleep_until(next) => {
                     ping(ws, &mut pinged, heard, self.ping_interval).await?;
                 }
+                closing = &mut going_away => return Err(closing),
             }
         };
         let (flags, payload) = envelope(&leading, limit)?;
@@ -543,9 +634,27 @@ impl Socket {
                 () = tokio::time::sleep_until(next) => {
                     ping(ws, &mut pinged, heard, self.ping_interval).await?;
                 }
+                closing = &mut going_away => return Err(closing),
             }
         }
     }
+}
+
+/// Resolves when a socket still open must close because the server is
+/// stopping: [`CLOSE_MARGIN`] before its grace period ends (or halfway
+/// through a shorter one). Never, while the server serves.
+async fn going_away(mut drain: Drain) -> Closing {
+    let deadline = match drain.wait_for(Option::is_some).await {
+        Ok(deadline) => *deadline,
+        Err(_) => None,
+    };
+    let Some(deadline) = deadline else {
+        // The server is gone: its connections go with it.
+        return std::future::pending().await;
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::sleep_until(deadline - CLOSE_MARGIN.min(left / 2)).await;
+    Closing::new(CloseCode::Away, "the server is shutting down")
 }
 
 /// Request headers without the reserved ones.
