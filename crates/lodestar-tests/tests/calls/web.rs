@@ -158,11 +158,17 @@ fn echo_request(message: &str) -> Vec<u8> {
 }
 
 async fn start(world: &World, web: WebProtocols) -> lodestar::RunningService {
+    start_with(world, |b| b.web(web)).await
+}
+
+/// Starts Echo instance `a`, its builder set up by `configure`.
+async fn start_with(
+    world: &World,
+    configure: impl FnOnce(lodestar::ServiceBuilder) -> lodestar::ServiceBuilder,
+) -> lodestar::RunningService {
     bounded(
         "an instance to start",
-        world
-            .builder("echo", "a")
-            .web(web)
+        configure(world.builder("echo", "a"))
             .add_service(EchoServer::new(world.echo("a")))
             .start(),
     )
@@ -519,16 +525,7 @@ async fn bad_input_gets_its_documented_answer_and_the_connection_carries_on() {
         max_decoding_message_size: 1024,
         ..lodestar::MessageLimits::default()
     };
-    let running = bounded(
-        "an instance to start",
-        world
-            .builder("echo", "a")
-            .message_limits(limits)
-            .add_service(EchoServer::new(world.echo("a")))
-            .start(),
-    )
-    .await
-    .unwrap();
+    let running = start_with(&world, |b| b.message_limits(limits)).await;
     let mut conn = Conn::http1(running.local_addr()).await;
     let status_of = |answer: Answer| {
         assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
@@ -571,58 +568,61 @@ async fn bad_input_gets_its_documented_answer_and_the_connection_carries_on() {
         .await,
     );
     assert!(trailers.contains("grpc-status: 8"), "{trailers}");
-    // Connect unary bodies are bounded by the same limit: 429 resource_exhausted.
-    let answer = conn
-        .post(
-            "/lodestar.test.Echo/Unary",
+    // Refused with an HTTP status, each on the same connection.
+    // What is wrong, the content type, more headers, the body, the status.
+    type Refusal = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        Bytes,
+        StatusCode,
+    );
+    let refused: [Refusal; 5] = [
+        (
+            "a Connect unary body over the same limit",
             "application/proto",
-            big.clone(),
-        )
-        .await;
-    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS, "{answer:?}");
-    assert_eq!(answer.json()["code"], "resource_exhausted");
-    // A content type no protocol takes: 415.
-    let answer = conn
-        .post("/lodestar.test.Echo/Unary", "text/plain", "hello")
-        .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "{answer:?}"
-    );
-    // Native gRPC over HTTP/1.1: refused cleanly.
-    let answer = conn
-        .post(
-            "/lodestar.test.Echo/Unary",
+            &[],
+            big.into(),
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
+        (
+            "a content type no protocol takes",
+            "text/plain",
+            &[],
+            "hello".into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "native gRPC over HTTP/1.1",
             "application/grpc",
+            &[],
             frame(0, &echo_request("x")),
-        )
-        .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-        "{answer:?}"
-    );
-    // An unsupported compression: 501 unimplemented.
-    let answer = conn
-        .post_with(
-            "/lodestar.test.Echo/Unary",
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+        ),
+        (
+            "an unsupported compression",
             "application/json",
             &[("content-encoding", "br")],
-            "{}",
-        )
-        .await;
-    assert_eq!(answer.status, StatusCode::NOT_IMPLEMENTED, "{answer:?}");
-    // A wrong protocol version: 400.
-    let answer = conn
-        .post_with(
-            "/lodestar.test.Echo/Unary",
+            "{}".into(),
+            StatusCode::NOT_IMPLEMENTED,
+        ),
+        (
+            "a wrong Connect protocol version",
             "application/json",
             &[("connect-protocol-version", "2")],
-            "{}",
-        )
-        .await;
-    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{answer:?}");
+            "{}".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (what, content_type, headers, body, status) in refused {
+        let answer = conn
+            .post_with("/lodestar.test.Echo/Unary", content_type, headers, body)
+            .await;
+        assert_eq!(answer.status, status, "{what}: {answer:?}");
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(answer.json()["code"], "resource_exhausted", "{what}");
+        }
+    }
     // After all of it, the same connection still serves.
     let answer = conn
         .post(
@@ -638,16 +638,10 @@ async fn bad_input_gets_its_documented_answer_and_the_connection_carries_on() {
 async fn gzip_compressed_connect_calls_round_trip() {
     use std::io::{Read, Write};
     let world = World::new();
-    let running = bounded(
-        "an instance to start",
-        world
-            .builder("echo", "a")
-            .send_compressed(lodestar::compression::Encoding::Gzip)
-            .add_service(EchoServer::new(world.echo("a")))
-            .start(),
-    )
-    .await
-    .unwrap();
+    let running = start_with(&world, |b| {
+        b.send_compressed(lodestar::compression::Encoding::Gzip)
+    })
+    .await;
     let mut conn = Conn::http1(running.local_addr()).await;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(br#"{"message":"squeezed"}"#).unwrap();
@@ -813,20 +807,14 @@ async fn user_layers_and_metrics_see_web_calls_as_they_see_grpc_calls() {
     let seen = Arc::new(AtomicUsize::new(0));
     let counted = seen.clone();
     let metrics = lodestar::metrics::Metrics::new();
-    let running = bounded(
-        "an instance to start",
-        world
-            .builder("echo", "a")
-            .metrics(Some(metrics.clone()))
+    let running = start_with(&world, |b| {
+        b.metrics(Some(metrics.clone()))
             .layer(tower::layer::layer_fn(move |inner| Counting {
                 inner,
                 seen: counted.clone(),
             }))
-            .add_service(EchoServer::new(world.echo("a")))
-            .start(),
-    )
-    .await
-    .unwrap();
+    })
+    .await;
     let mut conn = Conn::http1(running.local_addr()).await;
     conn.post("/lodestar.test.Echo/Unary", "application/json", "{}")
         .await;
@@ -950,16 +938,7 @@ async fn under_tls_http1_by_alpn_gets_connect_and_h2_still_gets_grpc() {
     let world = World::new();
     let pki = DevPki::generate(&["localhost", "127.0.0.1"], 1).unwrap();
     let tls = ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes()).unwrap();
-    let running = bounded(
-        "an instance to start",
-        world
-            .builder("echo", "a")
-            .tls(tls)
-            .add_service(EchoServer::new(world.echo("a")))
-            .start(),
-    )
-    .await
-    .unwrap();
+    let running = start_with(&world, |b| b.tls(tls)).await;
     let dir = std::env::temp_dir().join(format!("lodestar-web-{}", unique_name()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = dir.join("ca.pem");
@@ -1094,17 +1073,7 @@ async fn the_servers_rate_limit_counts_web_and_grpc_calls_alike() {
          rate_limit = { per_second = 0.001, burst = 3 }",
     )
     .unwrap();
-    let running = bounded(
-        "an instance to start",
-        world
-            .builder("echo", "a")
-            .policy(policy)
-            .unwrap()
-            .add_service(EchoServer::new(world.echo("a")))
-            .start(),
-    )
-    .await
-    .unwrap();
+    let running = start_with(&world, |b| b.policy(policy).unwrap()).await;
     let mut conn = Conn::http1(running.local_addr()).await;
     let answer = conn
         .post("/lodestar.test.Echo/Unary", "application/json", "{}")
@@ -1421,20 +1390,13 @@ mod websocket {
             max_decoding_message_size: 1024,
             ..lodestar::MessageLimits::default()
         };
-        let running = bounded(
-            "an instance to start",
-            world
-                .builder("echo", "a")
-                .message_limits(limits)
-                .web(WebProtocols {
-                    cors: Cors::allow(["https://app.example.com"]),
-                    ..WebProtocols::default()
-                })
-                .add_service(EchoServer::new(world.echo("a")))
-                .start(),
-        )
-        .await
-        .unwrap();
+        let running = start_with(&world, |b| {
+            b.message_limits(limits).web(WebProtocols {
+                cors: Cors::allow(["https://app.example.com"]),
+                ..WebProtocols::default()
+            })
+        })
+        .await;
         let address = running.local_addr();
         let unary = "/lodestar.test.Echo/Unary";
         let serves = || async {
@@ -1581,16 +1543,7 @@ mod websocket {
         let pki = DevPki::generate(&["localhost", "127.0.0.1"], 1).unwrap();
         let tls =
             ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes()).unwrap();
-        let running = bounded(
-            "an instance to start",
-            world
-                .builder("echo", "a")
-                .tls(tls)
-                .add_service(EchoServer::new(world.echo("a")))
-                .start(),
-        )
-        .await
-        .unwrap();
+        let running = start_with(&world, |b| b.tls(tls)).await;
         let address = running.local_addr();
 
         let mut roots = rustls::RootCertStore::empty();
@@ -1684,20 +1637,14 @@ mod websocket {
     async fn sockets_count_as_connections_and_close_going_away_when_the_server_drains() {
         let world = World::new();
         let grace = Duration::from_secs(2);
-        let running = bounded(
-            "an instance to start",
-            world
-                .builder("echo", "a")
-                .connection_limits(lodestar::ConnectionLimits {
-                    max_connections: 2,
-                    ..lodestar::ConnectionLimits::default()
-                })
-                .grace_period(grace)
-                .add_service(EchoServer::new(world.echo("a")))
-                .start(),
-        )
-        .await
-        .unwrap();
+        let running = start_with(&world, |b| {
+            b.connection_limits(lodestar::ConnectionLimits {
+                max_connections: 2,
+                ..lodestar::ConnectionLimits::default()
+            })
+            .grace_period(grace)
+        })
+        .await;
         let address = running.local_addr();
 
         // An upgraded HTTP/1.1 connection is still a connection: with two
