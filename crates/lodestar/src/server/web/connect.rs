@@ -18,20 +18,15 @@
 //! `Connect-Timeout-Ms` becomes `grpc-timeout`; compression is gzip
 //! (`Content-Encoding` for unary, `Connect-Content-Encoding` for streams).
 
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
-
 use base64::Engine as _;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use tower::BoxError;
 
+use super::trailers::{Ending, TrailersInBody};
 use super::{WebRequestBody, WebResponseBody, WebState, call};
-use crate::server::budget::EndsCall;
 use crate::server::stack::{Outer, ResponseBody};
 
 /// How a Connect call's messages are encoded.
@@ -649,12 +644,8 @@ pub(super) async fn stream(
     if let Some(encoding) = encoding {
         headers.insert(CONNECT_CONTENT_ENCODING, encoding);
     }
-    let body = ConnectStreamBody {
-        inner: body,
-        status_headers,
-        done: false,
-    };
-    let mut response = Response::new(WebResponseBody::ConnectStream { body });
+    let body = TrailersInBody::new(body, Ending::Connect, status_headers);
+    let mut response = Response::new(WebResponseBody::Streamed { body });
     *response.headers_mut() = headers;
     response
 }
@@ -691,75 +682,6 @@ pub(super) fn end_stream(status: &tonic::Status, trailers: &HeaderMap) -> Bytes 
     frame.put_u32(u32::try_from(json.len()).unwrap_or(u32::MAX));
     frame.put_slice(&json);
     frame.freeze()
-}
-
-pin_project_lite::pin_project! {
-    /// A Connect stream's response body: the messages as they are, then
-    /// the end-of-stream envelope made of the trailers.
-    pub(crate) struct ConnectStreamBody {
-        #[pin]
-        inner: ResponseBody,
-        status_headers: Option<HeaderMap>,
-        done: bool,
-    }
-}
-
-impl ConnectStreamBody {
-    fn end(trailers: &HeaderMap) -> Bytes {
-        let status = tonic::Status::from_header_map(trailers)
-            .unwrap_or_else(|| tonic::Status::internal("the response ended without a status"));
-        end_stream(&status, trailers)
-    }
-}
-
-impl Body for ConnectStreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if *this.done {
-            return Poll::Ready(None);
-        }
-        match ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                Err(frame) => {
-                    *this.done = true;
-                    let trailers = frame.into_trailers().unwrap_or_default();
-                    Poll::Ready(Some(Ok(Frame::data(Self::end(&trailers)))))
-                }
-            },
-            Some(Err(error)) => {
-                *this.done = true;
-                Poll::Ready(Some(Err(error)))
-            }
-            None => {
-                *this.done = true;
-                let trailers = this.status_headers.take().unwrap_or_default();
-                Poll::Ready(Some(Ok(Frame::data(Self::end(&trailers)))))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
-impl EndsCall for ConnectStreamBody {
-    fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
-        let this = self.project();
-        *this.done = true;
-        this.inner.ended(status);
-    }
 }
 
 #[cfg(test)]

@@ -19,12 +19,12 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use tower::BoxError;
 
+use super::trailers::{Ending, TrailersInBody};
 use super::{WebRequestBody, WebResponseBody, call};
-use crate::server::budget::EndsCall;
 use crate::server::stack::{Outer, ResponseBody};
 
 /// How a gRPC-Web call is encoded: base64 text or binary, and JSON or
@@ -100,36 +100,8 @@ fn respond(response: Response<ResponseBody>, mode: Mode) -> Response<WebResponse
     // A trailers-only answer: its status goes in the trailer frame, as a
     // full answer's does, so clients find it in one place.
     let status_headers = super::take_status_headers(&mut parts.headers);
-    let body = GrpcWebBody {
-        inner: body,
-        text: mode.text,
-        status_headers,
-        done: false,
-    };
-    Response::from_parts(parts, WebResponseBody::GrpcWeb { body })
-}
-
-pin_project_lite::pin_project! {
-    /// A response body in gRPC-Web's form: the data as it is (or in
-    /// base64), then the trailers as a frame.
-    pub(crate) struct GrpcWebBody {
-        #[pin]
-        inner: ResponseBody,
-        text: bool,
-        // A trailers-only answer's status headers, sent as the trailers.
-        status_headers: Option<HeaderMap>,
-        done: bool,
-    }
-}
-
-impl GrpcWebBody {
-    fn encode(text: bool, bytes: Bytes) -> Bytes {
-        if text {
-            Bytes::from(STANDARD.encode(&bytes))
-        } else {
-            bytes
-        }
-    }
+    let body = TrailersInBody::new(body, Ending::GrpcWeb { text: mode.text }, status_headers);
+    Response::from_parts(parts, WebResponseBody::Streamed { body })
 }
 
 /// The trailer frame for `trailers`: flag `0x80`, the length, and
@@ -148,63 +120,6 @@ pub(super) fn trailer_frame(trailers: &HeaderMap) -> Bytes {
     frame.put_u32(u32::try_from(block.len()).unwrap_or(u32::MAX));
     frame.put_slice(&block);
     frame.freeze()
-}
-
-impl Body for GrpcWebBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if *this.done {
-            return Poll::Ready(None);
-        }
-        match ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => Poll::Ready(Some(Ok(Frame::data(Self::encode(*this.text, data))))),
-                Err(frame) => {
-                    *this.done = true;
-                    let trailers = frame.into_trailers().unwrap_or_default();
-                    let data = Self::encode(*this.text, trailer_frame(&trailers));
-                    Poll::Ready(Some(Ok(Frame::data(data))))
-                }
-            },
-            Some(Err(error)) => {
-                *this.done = true;
-                Poll::Ready(Some(Err(error)))
-            }
-            None => {
-                *this.done = true;
-                let trailers = this.status_headers.take().unwrap_or_else(|| {
-                    // The handler's body ended without a status.
-                    crate::body::status_trailers(&tonic::Status::internal(
-                        "the response ended without a status",
-                    ))
-                });
-                let data = Self::encode(*this.text, trailer_frame(&trailers));
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
-impl EndsCall for GrpcWebBody {
-    fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
-        let this = self.project();
-        *this.done = true;
-        this.inner.ended(status);
-    }
 }
 
 pin_project_lite::pin_project! {

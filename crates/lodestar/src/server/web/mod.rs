@@ -35,6 +35,7 @@ mod connect;
 mod cors;
 mod grpc_web;
 mod settings;
+mod trailers;
 mod websocket;
 
 // Shared with the client's side (`client/web.rs`).
@@ -336,8 +337,8 @@ pin_project_lite::pin_project! {
     pub(crate) enum WebResponseBody {
         /// A whole answer: a Connect unary reply or error, a refusal.
         Full { data: Option<Bytes> },
-        GrpcWeb { #[pin] body: grpc_web::GrpcWebBody },
-        ConnectStream { #[pin] body: connect::ConnectStreamBody },
+        /// gRPC-Web, and Connect streams: the trailers in the body.
+        Streamed { #[pin] body: trailers::TrailersInBody },
     }
 }
 
@@ -365,16 +366,14 @@ impl Body for WebResponseBody {
             WebResponseBodyProj::Full { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
             }
-            WebResponseBodyProj::GrpcWeb { body } => body.poll_frame(cx),
-            WebResponseBodyProj::ConnectStream { body } => body.poll_frame(cx),
+            WebResponseBodyProj::Streamed { body } => body.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full { data } => data.is_none(),
-            Self::GrpcWeb { body } => body.is_end_stream(),
-            Self::ConnectStream { body } => body.is_end_stream(),
+            Self::Streamed { body } => body.is_end_stream(),
         }
     }
 
@@ -383,8 +382,7 @@ impl Body for WebResponseBody {
             Self::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Self::GrpcWeb { body } => body.size_hint(),
-            Self::ConnectStream { body } => body.size_hint(),
+            Self::Streamed { body } => body.size_hint(),
         }
     }
 }
@@ -393,8 +391,7 @@ impl EndsCall for WebResponseBody {
     fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
         match self.project() {
             WebResponseBodyProj::Full { data } => *data = None,
-            WebResponseBodyProj::GrpcWeb { body } => body.ended(status),
-            WebResponseBodyProj::ConnectStream { body } => body.ended(status),
+            WebResponseBodyProj::Streamed { body } => body.ended(status),
         }
     }
 }
