@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Frame;
-use lodestar::client::Policy;
 use lodestar::client::observe::{Attempt, Decision, DecisionKind, Observer};
+use lodestar::client::{Policy, Protocol};
 use lodestar::server::{Next, RequestBody, ResponseBody};
 use lodestar::{RunningService, Status};
 use prost::Message as _;
@@ -317,9 +317,25 @@ async fn an_idempotent_call_is_retried_on_another_instance_within_its_deadline()
     let world = World::new();
     let fleet = Fleet::start(&world, &["bad", "good"]).await;
     *fleet.script("bad").always.lock().unwrap() = Some(Code::Unavailable);
+    // Over every protocol: a status in a gRPC-Web trailers frame or a
+    // Connect error body is read before the retry layer looks, as a
+    // trailers-only answer's is.
+    for protocol in [Protocol::Grpc, Protocol::GrpcWeb, Protocol::Connect] {
+        fleet.clear();
+        retried_elsewhere(&world, &fleet, protocol).await;
+    }
+}
+
+async fn retried_elsewhere(world: &World, fleet: &Fleet, protocol: Protocol) {
     let decisions = Decisions::default();
     let policy = policy("[[methods]]\nnames = [\"Unary\"]\nretry = { max_attempts = 2 }\n");
-    let mut echo = EchoClient::by_name(&client(&world, policy, &decisions), "echo");
+    let client = Client::builder(world.registry.clone())
+        .policy(policy)
+        .unwrap()
+        .observe(decisions.clone())
+        .protocol(protocol)
+        .build();
+    let mut echo = EchoClient::by_name(&client, "echo");
     let deadline = Duration::from_secs(2);
     for n in 0..20 {
         let started = Instant::now();
@@ -328,13 +344,19 @@ async fn an_idempotent_call_is_retried_on_another_instance_within_its_deadline()
             &n.to_string(),
             Some(deadline),
         ));
-        let reply = bounded("a unary call", call).await.unwrap().into_inner();
-        assert_eq!(reply.served_by, "good");
+        let reply = bounded("a unary call", call)
+            .await
+            .unwrap_or_else(|status| panic!("over {protocol}: {status:?}"))
+            .into_inner();
+        assert_eq!(reply.served_by, "good", "over {protocol}");
         assert!(started.elapsed() < deadline);
     }
     let seen = fleet.seen();
     let failed: Vec<&Seen> = seen.iter().filter(|s| s.instance == "bad").collect();
-    assert!(!failed.is_empty(), "round robin sends some calls to `bad`");
+    assert!(
+        !failed.is_empty(),
+        "round robin sends some calls to `bad` ({protocol})"
+    );
     for bad in &failed {
         assert_eq!(bad.previous, None, "{bad:?}");
         let retried: Vec<&Seen> = seen.iter().filter(|s| s.token == bad.token).collect();
@@ -348,7 +370,8 @@ async fn an_idempotent_call_is_retried_on_another_instance_within_its_deadline()
     }
     assert_eq!(
         decisions.count(|d| matches!(d, DecisionKind::Retry { attempt: 2, .. })),
-        failed.len()
+        failed.len(),
+        "over {protocol}"
     );
 }
 

@@ -22,6 +22,12 @@
 //! Everything read whole (a Connect unary reply, an error body, a trailers
 //! frame) is bounded: by the client's receive limit, or by
 //! [`MAX_METADATA`].
+//!
+//! An answer that is only a status reaches the layers above as gRPC's
+//! trailers-only answer (the status in the headers of an ended response),
+//! so that retries, breakers and metrics read it where they read a native
+//! one: an error (not `200`) is read whole first, and a gRPC-Web unary
+//! call's first frame is awaited ([`Decoder::status_only`]).
 
 use std::task::{Context, Poll};
 
@@ -256,7 +262,9 @@ pub(crate) fn prepare(
     if mode == Mode::ConnectUnary {
         unwrap_unary(request)?;
     }
-    Ok(Box::new(Decoder::new(mode, json, receive_limit)))
+    let mut decoder = Decoder::new(mode, json, receive_limit);
+    decoder.peek = unary && mode == Mode::GrpcWeb;
+    Ok(Box::new(decoder))
 }
 
 /// Replaces a unary request's one framed message with the bare message
@@ -309,6 +317,17 @@ fn unwrap_unary(request: &mut Request<RequestBody>) -> Result<(), tonic::Status>
     Ok(())
 }
 
+/// Whether a web answer is only a status ([`Decoder::status_only`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatusOnly {
+    /// No: messages may come.
+    No,
+    /// Yes, in its headers already.
+    Now,
+    /// Perhaps: [`Decoder::poll_first`] tells.
+    AfterFirstFrame,
+}
+
 /// Reads a web call's response body back as native gRPC: messages as
 /// gRPC frames, then the status as trailers.
 #[derive(Debug)]
@@ -338,6 +357,12 @@ pub(crate) struct Decoder {
     collected: BytesMut,
     /// Trailers to yield after the data just yielded.
     pending: Option<HeaderMap>,
+    /// Whether the first frame is read before the answer is handed on
+    /// (gRPC-Web unary calls: a status alone there is a status-only
+    /// answer).
+    peek: bool,
+    /// The first frame, read by [`poll_first`](Self::poll_first).
+    held: Option<Frame<Bytes>>,
     pub(crate) done: bool,
 }
 
@@ -357,6 +382,8 @@ impl Decoder {
             end_len: None,
             collected: BytesMut::new(),
             pending: None,
+            peek: false,
+            held: None,
             done: false,
         }
     }
@@ -430,12 +457,67 @@ impl Decoder {
         }
     }
 
+    /// After [`response`](Self::response): whether the answer is only a
+    /// status, as gRPC's trailers-only answer is, so that the layers above
+    /// (retries, breakers, metrics) read it from the headers. A status in
+    /// the headers of a response that has ended is one at once
+    /// (`end_stream`). An error (not `200`, or not the protocol's content
+    /// type), and a gRPC-Web unary answer (whose status may be its only
+    /// frame), are known after [`poll_first`](Self::poll_first).
+    pub(crate) fn status_only(&mut self, end_stream: bool) -> StatusOnly {
+        if self.failed_http.is_some() {
+            return StatusOnly::AfterFirstFrame;
+        }
+        if self.header_status.is_some() {
+            if end_stream {
+                self.header_status = None;
+                self.done = true;
+                return StatusOnly::Now;
+            }
+            return StatusOnly::No;
+        }
+        if self.peek && !end_stream {
+            return StatusOnly::AfterFirstFrame;
+        }
+        StatusOnly::No
+    }
+
+    /// Reads the body's first frame: the status, as gRPC's status headers,
+    /// when that is all the answer is (an error's body is read whole,
+    /// bounded by [`MAX_METADATA`]); otherwise `None`, and the frame is
+    /// kept for [`poll`](Self::poll).
+    pub(crate) fn poll_first(
+        &mut self,
+        stream: &mut RecvStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, h2::Error>> {
+        let first = match std::task::ready!(self.poll(stream, cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => return Poll::Ready(Err(error)),
+            None => return Poll::Ready(Ok(None)),
+        };
+        match first.into_trailers() {
+            Ok(status) => {
+                self.pending = None;
+                self.done = true;
+                Poll::Ready(Ok(Some(status)))
+            }
+            Err(frame) => {
+                self.held = Some(frame);
+                Poll::Ready(Ok(None))
+            }
+        }
+    }
+
     /// The next frame of the translated body, read from `stream`.
     pub(crate) fn poll(
         &mut self,
         stream: &mut RecvStream,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if let Some(frame) = self.held.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         if let Some(trailers) = self.pending.take() {
             self.done = true;
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));

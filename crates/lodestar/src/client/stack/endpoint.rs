@@ -19,7 +19,7 @@ use crate::client::connection::Sender;
 use crate::client::observe::{AttemptGuard, Observed, Outcome};
 use crate::client::selector::Endpoint;
 use crate::client::stream::{self, NotSent, Received};
-use crate::client::web::{self, Protocol};
+use crate::client::web::{self, Protocol, StatusOnly};
 
 /// Sends `request` to `endpoint` and says what is left of it if that
 /// fails. Over an open connection the request goes out now, before the
@@ -104,6 +104,7 @@ fn exchange(
             guard.sent();
             Either::Left(Exchange {
                 response: sent.response,
+                peeking: None,
                 waiting: Some(Waiting {
                     endpoint,
                     sender,
@@ -160,12 +161,16 @@ fn exchange(
 }
 
 pin_project_lite::pin_project! {
-    /// An attempt sent, waiting for the response's headers.
+    /// An attempt sent, waiting for the response's headers (and, for a
+    /// web call answered with an error, its short body).
     struct Exchange {
         #[pin]
         response: h2::client::ResponseFuture,
         // Taken when the response comes.
         waiting: Option<Waiting>,
+        // A web answer whose first frame is being read: it may be only a
+        // status.
+        peeking: Option<Response<RecvStream>>,
     }
 }
 
@@ -184,12 +189,42 @@ impl Future for Exchange {
     type Output = Result<Response<Observed>, Failure>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = std::task::ready!(this.response.poll(cx));
-        match this.waiting.take() {
-            Some(waiting) => Poll::Ready(waiting.outcome(result)),
-            // Polled after it was ready: a bug in the caller; never hang.
-            None => Poll::Ready(Err(Failure::NoEndpoint)),
+        let mut this = self.project();
+        loop {
+            let Some(waiting) = this.waiting.as_mut() else {
+                // Polled after it was ready: a bug in the caller; never hang.
+                return Poll::Ready(Err(Failure::NoEndpoint));
+            };
+            // A web answer that may be only a status: its first frame tells.
+            if let (Some(response), Some(web)) = (this.peeking.as_mut(), waiting.web.as_deref_mut())
+            {
+                let read = std::task::ready!(web.poll_first(response.body_mut(), cx));
+                let result = match this.peeking.take() {
+                    Some(mut response) => read.map(|status| {
+                        if let Some(status) = status {
+                            response.headers_mut().extend(status);
+                        }
+                        response
+                    }),
+                    None => return Poll::Ready(Err(Failure::NoEndpoint)),
+                };
+                return Poll::Ready(match this.waiting.take() {
+                    Some(waiting) => waiting.outcome(result),
+                    None => Err(Failure::NoEndpoint),
+                });
+            }
+            let mut result = std::task::ready!(this.response.as_mut().poll(cx));
+            if let (Ok(response), Some(web)) = (&mut result, waiting.web.as_deref_mut()) {
+                web.response(response);
+                if web.status_only(response.body().is_end_stream()) == StatusOnly::AfterFirstFrame {
+                    *this.peeking = result.ok();
+                    continue;
+                }
+            }
+            return Poll::Ready(match this.waiting.take() {
+                Some(waiting) => waiting.outcome(result),
+                None => Err(Failure::NoEndpoint),
+            });
         }
     }
 }
@@ -208,18 +243,18 @@ impl Waiting {
             web,
         } = self;
         match result {
-            Ok(mut response) => {
-                if let Some(mut web) = web {
-                    web.response(&mut response);
-                    return Ok(web_response(response, web, cancel, guard, &endpoint));
-                }
+            Ok(response) => {
                 endpoint.stats.connected();
                 guard.answered();
-                // A trailers-only response (its headers end the stream)
-                // carries its status in its headers.
-                let trailers_only = response.body().is_end_stream();
-                let guard = match trailers_only
-                    .then(|| crate::status::code_in(response.headers()))
+                let (parts, stream) = response.into_parts();
+                let body = match web {
+                    None => Received::new(stream, cancel),
+                    Some(web) => Received::web(stream, cancel, web),
+                };
+                // A status-only answer (gRPC's trailers-only response, or a
+                // web call's status read back) carries it in its headers.
+                let guard = match http_body::Body::is_end_stream(&body)
+                    .then(|| crate::status::code_in(&parts.headers))
                     .flatten()
                 {
                     Some(code) => {
@@ -228,7 +263,7 @@ impl Waiting {
                     }
                     None => Some(guard),
                 };
-                Ok(response.map(|body| Observed::new(Received::new(body, cancel), guard)))
+                Ok(Response::from_parts(parts, Observed::new(body, guard)))
             }
             Err(e) => {
                 if let Some(status) = request_error.get().cloned() {
@@ -251,30 +286,6 @@ impl Waiting {
             }
         }
     }
-}
-
-/// A web call's response, read back as native gRPC's by `web`.
-fn web_response(
-    response: Response<RecvStream>,
-    web: Box<web::Decoder>,
-    cancel: Option<stream::OnDrop>,
-    mut guard: AttemptGuard,
-    endpoint: &Endpoint,
-) -> Response<Observed> {
-    endpoint.stats.connected();
-    guard.answered();
-    let trailers_only = response.body().is_end_stream();
-    let guard = match trailers_only
-        .then(|| crate::status::code_in(response.headers()))
-        .flatten()
-    {
-        Some(code) => {
-            guard.finish(Outcome::Status(code));
-            None
-        }
-        None => Some(guard),
-    };
-    response.map(|body| Observed::new(Received::web(body, cancel, web), guard))
 }
 
 fn failed(endpoint: &Endpoint, leftover: Leftover, message: String) -> Failure {
