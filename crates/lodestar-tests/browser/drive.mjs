@@ -1,9 +1,9 @@
 // Drives headless Chromium (Debian's, never a downloaded one) with
-// playwright-core for tests/browser/mod.rs, and prints what a page showed
-// as one line of JSON.
+// playwright-core for the browser tests (lodestar_tests::browser), and
+// prints what a page showed as one line of JSON.
 //
-//   node drive.mjs example URL   the example page: its four calls' results
-//   node drive.mjs probe URL     cross_origin.html: its #results JSON
+//   node drive.mjs example URL   examples/route-guide's page: its four calls' results
+//   node drive.mjs probe URL     a test page that leaves its results as JSON in #results
 //
 // Environment: LODESTAR_PLAYWRIGHT, a node_modules folder holding
 // playwright-core; LODESTAR_CHROMIUM, the browser (default /usr/bin/chromium).
