@@ -92,7 +92,7 @@ async fn the_browser_client_makes_every_call_kind_with_headers_errors_deadlines_
     assert_eq!(ok(&page, "clientStream"), "3 messages");
     assert_eq!(
         ok(&page, "bidiInterleaved"),
-        &json!({"seen": ["one", "two", "three"], "ended": true}),
+        &json!({"seen": ["one", "two", "three"], "ended": true, "buffered": "number"}),
         "each bidi reply is read before the next request is sent"
     );
     saw_deadline(ok(&page, "socketDeadlineSeen"));

@@ -231,6 +231,11 @@ export class StreamCall {
     this.#write(envelope(FLAG_END, new Uint8Array(0)));
   }
 
+  /** Bytes sent but not yet on the wire (the socket's `bufferedAmount`): wait while it grows. */
+  get bufferedAmount() {
+    return this.#socket.bufferedAmount;
+  }
+
   /** Cancels the call: the socket is closed, the handler cancelled. */
   cancel(reason = "cancelled by the caller") {
     this.#finish(new LodestarError("canceled", String(reason)), true);
