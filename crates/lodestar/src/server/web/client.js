@@ -114,6 +114,8 @@ export class Client {
           options.onTrailer?.(trailers);
           return;
         }
+        // Nothing more once aborted, even what had already arrived.
+        call.signal.throwIfAborted();
         yield JSON.parse(decoder.decode(payload));
       }
     } catch (error) {
@@ -323,8 +325,11 @@ export class StreamCall {
     if (this.#outcome !== undefined) return;
     this.#outcome = outcome;
     this.#stop.done();
-    if (closeSocket && this.#socket.readyState <= WebSocket.OPEN) {
-      this.#socket.close(1000);
+    if (closeSocket) {
+      // Ended here (cancelled, aborted, the deadline, a bad message):
+      // replies not yet taken are dropped, as the call is over.
+      this.#replies.length = 0;
+      if (this.#socket.readyState <= WebSocket.OPEN) this.#socket.close(1000);
     }
     this.#wake();
   }
