@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 
 pub mod broker_conformance;
+pub mod browser;
 pub mod conformance;
 pub mod etcd;
 pub mod nats;

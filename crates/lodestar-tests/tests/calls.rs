@@ -975,6 +975,8 @@ where
 
 #[path = "calls/admission.rs"]
 mod admission;
+#[path = "calls/browser.rs"]
+mod browser;
 #[path = "calls/client_stack.rs"]
 mod client_stack;
 #[path = "calls/guards.rs"]

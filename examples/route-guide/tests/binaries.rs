@@ -1,5 +1,8 @@
-//! `route-guide-server` and `route-guide-client` as real processes.
+//! `route-guide-server` and `route-guide-client` as real processes, and
+//! the example page in a real browser (`browser/`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod browser;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

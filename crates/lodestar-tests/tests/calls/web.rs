@@ -662,6 +662,112 @@ async fn gzip_compressed_connect_calls_round_trip() {
     assert!(json.contains("squeezed"), "{json}");
 }
 
+/// A `GET` (or `HEAD`) of `path` with `headers`.
+async fn get(conn: &mut Conn, method: Method, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request = http::Request::builder().method(method).uri(conn.uri(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    conn.send(request.body(Full::new(Bytes::new())).unwrap())
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_client_and_assets_are_served_with_etags_over_http1_and_http2() {
+    let world = World::new();
+    let page: &'static [u8] = b"<!doctype html><p>the page</p>";
+    let web = WebProtocols::default()
+        .asset("/", "text/html; charset=utf-8", page)
+        .unwrap();
+    let running = start(&world, web).await;
+    let address = running.local_addr();
+    for mut conn in [Conn::http1(address).await, Conn::http2(address).await] {
+        let client = get(&mut conn, Method::GET, "/_lodestar/client.js", &[]).await;
+        assert_eq!(client.status, StatusCode::OK);
+        assert_eq!(
+            client.header("content-type"),
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(client.header("cache-control"), "no-cache");
+        assert_eq!(client.header("access-control-allow-origin"), "*");
+        let text = std::str::from_utf8(&client.body).unwrap();
+        for export in [
+            "export class LodestarError",
+            "export function createClient",
+            "lodestar.v1+json",
+            "connect-timeout-ms",
+        ] {
+            assert!(text.contains(export), "client.js has {export}");
+        }
+        let etag = client.header("etag").to_owned();
+        assert!(etag.starts_with('"') && etag.len() == 18, "{etag}");
+
+        // Revalidation: the same ETag is 304 with no body.
+        let again = get(
+            &mut conn,
+            Method::GET,
+            "/_lodestar/client.js",
+            &[("if-none-match", &etag)],
+        )
+        .await;
+        assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+        assert!(again.body.is_empty());
+        assert_eq!(again.header("etag"), etag);
+
+        let head = get(&mut conn, Method::HEAD, "/_lodestar/client.js", &[]).await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(head.body.is_empty());
+        assert_eq!(head.header("content-length"), client.body.len().to_string());
+
+        // The asset, at its exact path only.
+        let answer = get(&mut conn, Method::GET, "/", &[]).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("content-type"), "text/html; charset=utf-8");
+        assert_eq!(&answer.body[..], page);
+        assert!(answer.headers.get("access-control-allow-origin").is_none());
+        let other = get(&mut conn, Method::GET, "/index.html", &[]).await;
+        assert_ne!(other.status, StatusCode::OK);
+        let post = conn.post("/", "text/html", "x").await;
+        assert_eq!(post.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+        // The calls still work beside them.
+        let call = conn
+            .post(
+                "/lodestar.test.Echo/Unary",
+                "application/json",
+                r#"{"message":"hi"}"#,
+            )
+            .await;
+        assert_eq!(call.status, StatusCode::OK);
+    }
+    running.shutdown().await.unwrap();
+
+    // Switched off: not served (the GET goes to Connect, which has no such
+    // method).
+    let world = World::new();
+    let running = start(
+        &world,
+        WebProtocols {
+            client_js: false,
+            ..WebProtocols::default()
+        },
+    )
+    .await;
+    let mut conn = Conn::http1(running.local_addr()).await;
+    let off = get(&mut conn, Method::GET, "/_lodestar/client.js", &[]).await;
+    assert_ne!(off.status, StatusCode::OK);
+    assert!(!String::from_utf8_lossy(&off.body).contains("createClient"));
+    running.shutdown().await.unwrap();
+
+    // With the web protocols off, not even over HTTP/2.
+    let world = World::new();
+    let running = start(&world, WebProtocols::none()).await;
+    let mut conn = Conn::http2(running.local_addr()).await;
+    let none = get(&mut conn, Method::GET, "/_lodestar/client.js", &[]).await;
+    assert_ne!(none.status, StatusCode::OK);
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_answers_allowed_origins_only() {
     let world = World::new();
@@ -1463,6 +1569,11 @@ mod websocket {
             }
             other => panic!("a disallowed origin must get 403, got {other:?}"),
         }
+        // The service's own origin (a page it served) opens without being
+        // listed: the Origin's host and port are the Host.
+        let own = format!("http://{address}");
+        let socket = open(address, unary, JSON, Some(&own)).await;
+        assert!(socket.is_ok(), "the service's own origin opens");
         // No sub-protocol of ours: 400.
         match open(address, unary, "chat", None).await {
             Err(tungstenite::Error::Http(response)) => {

@@ -269,6 +269,8 @@ fn web(config: &WebConfig) -> Result<crate::server::WebProtocols, ConfigError> {
             allow_headers: headers,
             max_age: config.cors.max_age,
         },
+        client_js: config.client_js,
+        assets: Vec::new(),
     })
 }
 

@@ -557,7 +557,7 @@ pub static KEYS: &[Key] = &[
         kind: Kind::Bool,
         default: "true",
         aliases: &[],
-        doc: "Serve WebSocket (the lodestar.v1 sub-protocol, every call kind; HTTP/1.1 Upgrade and HTTP/2 extended CONNECT) on the service's port. A socket's Origin, when sent, must be in cors.allow_origins.",
+        doc: "Serve WebSocket (the lodestar.v1 sub-protocol, every call kind; HTTP/1.1 Upgrade and HTTP/2 extended CONNECT) on the service's port. A socket's Origin, when sent, must be in cors.allow_origins or be the service's own (its host and port those of the Host).",
     },
     Key {
         path: "service.web.websocket_ping_interval",
@@ -572,6 +572,13 @@ pub static KEYS: &[Key] = &[
         default: "\"10s\"",
         aliases: &[],
         doc: "How long the server waits for any frame after a ping before it closes a silent WebSocket.",
+    },
+    Key {
+        path: "service.web.client_js",
+        kind: Kind::Bool,
+        default: "true",
+        aliases: &[],
+        doc: "Serve the browser client (an ES module calling every call kind over Connect and WebSocket) at `GET /_lodestar/client.js` while a web protocol is on.",
     },
     Key {
         path: "service.web.cors.allow_origins",

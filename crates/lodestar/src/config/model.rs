@@ -168,6 +168,8 @@ pub struct WebConfig {
     pub websocket_ping_timeout: Duration,
     /// Cross-origin access.
     pub cors: CorsConfig,
+    /// Serve the browser client at `/_lodestar/client.js`.
+    pub client_js: bool,
 }
 
 impl Default for WebConfig {
@@ -180,6 +182,7 @@ impl Default for WebConfig {
             websocket_ping_interval: web.websocket_ping_interval,
             websocket_ping_timeout: web.websocket_ping_timeout,
             cors: CorsConfig::default(),
+            client_js: web.client_js,
         }
     }
 }

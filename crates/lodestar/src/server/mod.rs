@@ -62,7 +62,7 @@ pub use lifecycle::{Lifecycle, LifecycleEvents};
 pub use running::RunningService;
 pub use signal::shutdown_signal;
 pub use stack::{CallEnd, CallOutcome, Next, RequestBody, ResponseBody};
-pub use web::{Cors, WebProtocols, connect_code_name};
+pub use web::{Asset, AssetError, Cors, WebProtocols, connect_code_name};
 
 /// What `lodestar-build` generates for each server so that [`ServiceBuilder`]
 /// can configure it and describe it through reflection.

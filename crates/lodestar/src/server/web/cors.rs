@@ -34,6 +34,34 @@ pub(super) fn allowed_origin(cors: &Cors, headers: &HeaderMap) -> Option<HeaderV
     })
 }
 
+/// Whether `request` comes from a page of the service's own origin: its
+/// `Origin`, less the scheme, is the request's `Host` (HTTP/1.1) or
+/// `:authority` (HTTP/2). Browsers let such a page call without CORS; the
+/// WebSocket origin check lets it open a socket likewise.
+pub(super) fn is_same_origin<B>(request: &Request<B>) -> bool {
+    let Some(origin) = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(origin) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = match request.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok()),
+    };
+    host.is_some_and(|host| !host.is_empty() && host.eq_ignore_ascii_case(origin))
+}
+
 /// Whether `request` is a CORS preflight (`OPTIONS` with
 /// `Access-Control-Request-Method`).
 pub(super) fn is_preflight<B>(request: &Request<B>) -> bool {
@@ -129,6 +157,36 @@ mod tests {
         assert!(allowed_origin(&Cors::default(), allowed.headers()).is_none());
         let any = Cors::allow(["*"]);
         assert_eq!(allowed_origin(&any, other.headers()).unwrap(), "*");
+    }
+
+    #[test]
+    fn same_origin_is_the_host_with_a_web_scheme() {
+        let with = |origin: &'static str, host: &'static str| {
+            Request::builder()
+                .uri("/pkg.Svc/M")
+                .header(header::ORIGIN, origin)
+                .header(header::HOST, host)
+                .body(())
+                .unwrap()
+        };
+        assert!(is_same_origin(&with(
+            "http://127.0.0.1:8080",
+            "127.0.0.1:8080"
+        )));
+        assert!(is_same_origin(&with("https://App.example", "app.example")));
+        assert!(!is_same_origin(&with(
+            "http://127.0.0.1:8081",
+            "127.0.0.1:8080"
+        )));
+        assert!(!is_same_origin(&with("http://evil.example", "app.example")));
+        assert!(!is_same_origin(&with("null", "null")));
+        assert!(!is_same_origin(&with("ftp://app.example", "app.example")));
+        let http2 = Request::builder()
+            .uri("http://app.example:443/pkg.Svc/M")
+            .header(header::ORIGIN, "https://app.example:443")
+            .body(())
+            .unwrap();
+        assert!(is_same_origin(&http2));
     }
 
     #[test]

@@ -28,9 +28,11 @@
 //! `CONNECT`, needing the connection's upgrade support, which HTTP/1.1
 //! connections are already served with) and REST routes from
 //! `google.api.http` (`rest.rs`, matched before Connect by method and
-//! path template); `/_lodestar/client.js` is one more arm answering a
-//! `GET` of that path.
+//! path template). Static files, the browser client
+//! `/_lodestar/client.js` and a service's assets, are one more arm
+//! (`assets.rs`), matched by exact path before Connect's `GET`.
 
+mod assets;
 mod connect;
 mod cors;
 mod grpc_web;
@@ -54,6 +56,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::{BoxError, Service as _};
 
+pub use assets::{Asset, AssetError};
 pub use settings::{Cors, WebProtocols};
 pub(crate) use websocket::{SocketHost, Upgraded};
 
@@ -101,6 +104,9 @@ enum Route {
     /// A WebSocket opening (HTTP/1.1 `Upgrade` or HTTP/2 extended
     /// `CONNECT`).
     WebSocket,
+    /// A `GET` or `HEAD` of a static file: `/_lodestar/client.js` or an
+    /// asset (`assets.rs`).
+    Static,
     /// A content type (or method) no protocol that is on takes.
     Unsupported,
 }
@@ -113,6 +119,9 @@ impl Route {
             } else {
                 Route::Unsupported
             };
+        }
+        if assets::is_static(request, settings) {
+            return Route::Static;
         }
         if request.method() == Method::GET {
             return if settings.connect {
@@ -193,6 +202,7 @@ async fn dispatch(
         Route::ConnectStream(codec) => connect::stream(outer, request, codec).await,
         Route::ConnectGet => connect::get(outer, &state, request).await,
         Route::WebSocket => websocket::open(outer, &state, sockets, request),
+        Route::Static => assets::serve(&request, &state.settings),
         Route::GrpcOverHttp1 => plain(
             StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             "native gRPC needs HTTP/2; over HTTP/1.1 call with gRPC-Web \
@@ -516,6 +526,9 @@ mod tests {
         );
         let get = request(Version::HTTP_11, Method::GET, "");
         assert_eq!(Route::of(&get, &all), Route::ConnectGet);
+        let client_js = Request::get("/_lodestar/client.js").body(()).unwrap();
+        assert_eq!(Route::of(&client_js, &all), Route::Static);
+        assert_eq!(Route::of(&client_js, &none), Route::Unsupported);
         assert_eq!(Route::of(&get, &none), Route::Unsupported);
         let upgrade = Request::builder()
             .method(Method::GET)

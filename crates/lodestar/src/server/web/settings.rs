@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use super::assets::Asset;
+
 /// Which protocols besides native gRPC a service serves on its port, and
 /// who may call them from a browser. Set with
 /// [`ServiceBuilder::web`](crate::ServiceBuilder::web); `[web]` in
@@ -38,8 +40,9 @@ pub struct WebProtocols {
     /// WebSocket (`lodestar.v1+json`, `lodestar.v1+proto`; an HTTP/1.1
     /// `Upgrade` or an HTTP/2 extended `CONNECT`) for every call kind,
     /// one call per socket (`docs/web.md`, "WebSocket"). A socket's
-    /// `Origin`, when it sends one, must be in [`Cors::allow_origins`].
-    /// Default: on.
+    /// `Origin`, when it sends one, must be in [`Cors::allow_origins`], or
+    /// be the service's own (its host and port those of the request's
+    /// `Host`: a page the service served). Default: on.
     pub websocket: bool,
     /// How long a WebSocket may be silent before the server pings it.
     /// Default: 30 s.
@@ -50,6 +53,14 @@ pub struct WebProtocols {
     /// Which browser origins may call the web protocols. Default: none
     /// ([`Cors::default`]): no cross-origin access.
     pub cors: Cors,
+    /// Serve the browser client, an ES module that calls every call kind
+    /// (Connect over `fetch`, and WebSocket), at `GET
+    /// /_lodestar/client.js` (`docs/web.md`, "Browser client"), while a
+    /// web protocol is on. Default: on.
+    pub client_js: bool,
+    /// Static files served at exact paths (`GET`, `HEAD`), added with
+    /// [`WebProtocols::asset`]. Default: none.
+    pub assets: Vec<Asset>,
 }
 
 impl Default for WebProtocols {
@@ -61,6 +72,8 @@ impl Default for WebProtocols {
             websocket_ping_interval: Duration::from_secs(30),
             websocket_ping_timeout: Duration::from_secs(10),
             cors: Cors::default(),
+            client_js: true,
+            assets: Vec::new(),
         }
     }
 }

@@ -209,6 +209,7 @@ pub(super) fn open(
     let settings = &state.settings;
     if request.headers().contains_key(header::ORIGIN)
         && cors::allowed_origin(&settings.cors, request.headers()).is_none()
+        && !cors::is_same_origin(&request)
     {
         return plain(
             StatusCode::FORBIDDEN,
