@@ -34,6 +34,7 @@
 mod connect;
 mod cors;
 mod grpc_web;
+pub(crate) mod rest;
 mod settings;
 mod trailers;
 mod websocket;
@@ -69,6 +70,8 @@ pub(crate) struct WebState {
     pub(crate) settings: WebProtocols,
     pub(crate) descriptors: Descriptors,
     pub(crate) limits: MessageLimits,
+    /// The REST routes (`rest.rs`); `None` with REST off or no route.
+    pub(crate) rest: Option<rest::Routes>,
 }
 
 /// Whether `request` is native gRPC: HTTP/2 with `application/grpc`,
@@ -101,18 +104,23 @@ enum Route {
     /// A WebSocket opening (HTTP/1.1 `Upgrade` or HTTP/2 extended
     /// `CONNECT`).
     WebSocket,
+    /// A REST route, or a request only REST could take (`rest.rs`).
+    Rest(rest::Hit),
     /// A content type (or method) no protocol that is on takes.
     Unsupported,
 }
 
 impl Route {
-    fn of<B>(request: &Request<B>, settings: &WebProtocols) -> Self {
+    fn of<B>(request: &Request<B>, settings: &WebProtocols, rest: Option<&rest::Routes>) -> Self {
         if websocket::is_websocket(request) {
             return if settings.websocket {
                 Route::WebSocket
             } else {
                 Route::Unsupported
             };
+        }
+        if let Some(hit) = rest.and_then(|routes| routes.classify(request)) {
+            return Route::Rest(hit);
         }
         if request.method() == Method::GET {
             return if settings.connect {
@@ -184,10 +192,14 @@ async fn dispatch(
 ) -> Response<WebResponseBody> {
     let cors = &state.settings.cors;
     if cors::is_preflight(&request) {
-        return cors::preflight(cors, &request);
+        return cors::preflight(cors, &request, state.rest.is_some());
     }
     let origin = cors::allowed_origin(cors, request.headers());
-    let mut response = match Route::of(&request, &state.settings) {
+    let mut response = match Route::of(&request, &state.settings, state.rest.as_ref()) {
+        Route::Rest(hit) => match &state.rest {
+            Some(routes) => rest::serve(outer, &state, routes, request, hit).await,
+            None => unsupported(&state.settings),
+        },
         Route::GrpcWeb(mode) => grpc_web::serve(outer, request, mode).await,
         Route::ConnectUnary(codec) => connect::unary(outer, &state, request, codec).await,
         Route::ConnectStream(codec) => connect::stream(outer, request, codec).await,
@@ -496,40 +508,43 @@ mod tests {
             text: false,
             json: false,
         });
-        assert_eq!(Route::of(&post("application/grpc-web"), &all), web);
+        assert_eq!(Route::of(&post("application/grpc-web"), &all, None), web);
         assert_eq!(
-            Route::of(&post("application/grpc-web"), &none),
+            Route::of(&post("application/grpc-web"), &none, None),
             Route::Unsupported
         );
         assert_eq!(
-            Route::of(&post("application/json; charset=utf-8"), &all),
+            Route::of(&post("application/json; charset=utf-8"), &all, None),
             Route::ConnectUnary(connect::Codec::Json)
         );
         assert_eq!(
-            Route::of(&post("application/connect+proto"), &all),
+            Route::of(&post("application/connect+proto"), &all, None),
             Route::ConnectStream(connect::Codec::Proto)
         );
-        assert_eq!(Route::of(&post("text/plain"), &all), Route::Unsupported);
         assert_eq!(
-            Route::of(&post("application/grpc"), &all),
+            Route::of(&post("text/plain"), &all, None),
+            Route::Unsupported
+        );
+        assert_eq!(
+            Route::of(&post("application/grpc"), &all, None),
             Route::GrpcOverHttp1
         );
         let get = request(Version::HTTP_11, Method::GET, "");
-        assert_eq!(Route::of(&get, &all), Route::ConnectGet);
-        assert_eq!(Route::of(&get, &none), Route::Unsupported);
+        assert_eq!(Route::of(&get, &all, None), Route::ConnectGet);
+        assert_eq!(Route::of(&get, &none, None), Route::Unsupported);
         let upgrade = Request::builder()
             .method(Method::GET)
             .uri("/pkg.Svc/M")
             .header(header::UPGRADE, "websocket")
             .body(())
             .unwrap();
-        assert_eq!(Route::of(&upgrade, &all), Route::WebSocket);
+        assert_eq!(Route::of(&upgrade, &all, None), Route::WebSocket);
         let no_ws = WebProtocols {
             websocket: false,
             ..WebProtocols::default()
         };
-        assert_eq!(Route::of(&upgrade, &no_ws), Route::Unsupported);
+        assert_eq!(Route::of(&upgrade, &no_ws, None), Route::Unsupported);
         let put = request(Version::HTTP_11, Method::PUT, "application/json");
-        assert_eq!(Route::of(&put, &all), Route::Unsupported);
+        assert_eq!(Route::of(&put, &all, None), Route::Unsupported);
     }
 }
