@@ -377,21 +377,25 @@ async fn a_route_the_server_cannot_take_stops_the_start_naming_it() {
     ] {
         assert!(text.contains(says), "{text}");
     }
-    // With REST off, the rule is not read.
+    // With REST off, the rule is not read. (Two descriptor sets that
+    // both carry google/api/http.proto load side by side.)
     let web = WebProtocols {
         rest: false,
         ..WebProtocols::default()
     };
-    bounded(
+    let running = bounded(
         "a start with REST off",
         world
             .builder("bad", "b")
             .web(web)
             .add_service(BadRouteServer::new(Bad))
+            .add_service(EchoServer::new(world.echo("b")))
             .start(),
     )
     .await
     .unwrap();
+    let answer = get(running.local_addr(), "/v1/echo/off").await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{answer:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

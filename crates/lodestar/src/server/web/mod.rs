@@ -9,10 +9,11 @@
 //! reads top to bottom:
 //!
 //! 1. a CORS preflight is answered from the allow list (`cors.rs`);
-//! 2. the request is classified ([`Route::of`]): gRPC-Web
-//!    (`grpc_web.rs`), Connect unary, `GET` or stream (`connect.rs`),
-//!    native gRPC over HTTP/1.1 (refused: `505`), or something else
-//!    (`415`);
+//! 2. the request is classified ([`Route::of`]): a WebSocket opening
+//!    (`websocket.rs`), a REST route from `google.api.http` (`rest.rs`,
+//!    for requests no other protocol claims), gRPC-Web (`grpc_web.rs`),
+//!    Connect unary, `GET` or stream (`connect.rs`), native gRPC over
+//!    HTTP/1.1 (refused: `505`), or something else (`415`);
 //! 3. the protocol's module translates the request into a native gRPC one
 //!    at the edge (headers, framing, base64, `Connect-Timeout-Ms`) and
 //!    calls **the same server stack** ([`call`]): status, trace,
@@ -23,13 +24,8 @@
 //!    Connect errors as JSON with their HTTP status);
 //! 5. an allowed origin's answer gets its CORS headers.
 //!
-//! Later protocols slot into step 2 with a module each: WebSocket
-//! (`websocket.rs`, an HTTP/1.1 `Upgrade` or an HTTP/2 extended
-//! `CONNECT`, needing the connection's upgrade support, which HTTP/1.1
-//! connections are already served with) and REST routes from
-//! `google.api.http` (`rest.rs`, matched before Connect by method and
-//! path template); `/_lodestar/client.js` is one more arm answering a
-//! `GET` of that path.
+//! Later protocols slot into step 2 with a module each;
+//! `/_lodestar/client.js` is one more arm answering a `GET` of that path.
 
 mod connect;
 mod cors;

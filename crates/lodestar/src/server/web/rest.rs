@@ -288,12 +288,18 @@ impl Template {
         self.segments.last() == Some(&Segment::Rest)
     }
 
-    /// The request path's segments if it matches, with the verb taken off.
-    fn split<'p>(&self, path: &'p str) -> Option<Vec<&'p str>> {
+    /// The request path without its leading `/` and the template's verb.
+    fn strip<'p>(&self, path: &'p str) -> Option<&'p str> {
         let mut path = path.strip_prefix('/')?;
         if let Some(verb) = &self.verb {
             path = path.strip_suffix(verb.as_str())?.strip_suffix(':')?;
         }
+        Some(path)
+    }
+
+    /// The request path's segments if it matches, with the verb taken off.
+    fn split<'p>(&self, path: &'p str) -> Option<Vec<&'p str>> {
+        let path = self.strip(path)?;
         let parts: Vec<&str> = if path.is_empty() {
             Vec::new()
         } else {
@@ -320,9 +326,32 @@ impl Template {
         (at == parts.len()).then_some(parts)
     }
 
-    /// Whether `path` matches.
+    /// Whether `path` matches (as [`Template::captures`] would, with no
+    /// allocation: every web request that may be REST asks).
     pub(crate) fn is_match(&self, path: &str) -> bool {
-        self.split(path).is_some()
+        let Some(path) = self.strip(path) else {
+            return false;
+        };
+        let mut parts = (!path.is_empty())
+            .then(|| path.split('/'))
+            .into_iter()
+            .flatten();
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(literal) => {
+                    if parts.next() != Some(literal.as_str()) {
+                        return false;
+                    }
+                }
+                Segment::One => {
+                    if parts.next().is_none_or(str::is_empty) {
+                        return false;
+                    }
+                }
+                Segment::Rest => return true,
+            }
+        }
+        parts.next().is_none()
     }
 
     /// The variables' values if `path` matches: each field path and its
@@ -579,22 +608,21 @@ impl Routes {
 /// Whether a content type is one of the other protocols' (gRPC, gRPC-Web,
 /// Connect streams, Connect's `application/proto`).
 fn is_other_protocol(headers: &HeaderMap) -> bool {
-    let Some(media) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-    else {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return false;
     };
-    media.starts_with("application/grpc")
-        || media.starts_with("application/connect+")
-        || media == "application/proto"
+    let media = value
+        .as_bytes()
+        .split(|b| *b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    let starts = |prefix: &[u8]| {
+        media.len() >= prefix.len() && media[..prefix.len()].eq_ignore_ascii_case(prefix)
+    };
+    starts(b"application/grpc")
+        || starts(b"application/connect+")
+        || media.eq_ignore_ascii_case(b"application/proto")
 }
 
 /// One binding's route, its fields checked against the method's types.
@@ -1206,6 +1234,22 @@ mod tests {
             Some(vec![("name".into(), "jobs/7".into())])
         );
         assert_eq!(captured("/v1/{name=jobs/*}:cancel", "/v1/jobs/7"), None);
+        for (template, path) in [
+            ("/v1/{name=rooms/*/notes/**}", "/v1/rooms/a/notes/x/y"),
+            ("/v1/{name=rooms/*/notes/**}", "/v1/rooms/a/notes"),
+            ("/v1/{name=rooms/*/notes/**}", "/v1/rooms/a"),
+            ("/v1/{name=jobs/*}:cancel", "/v1/jobs/7:cancel"),
+            ("/v1/{name=jobs/*}:cancel", "/v1/jobs/:cancel"),
+            ("/v1/echo/{message}", "/v1/echo/x/"),
+            ("/v1/*", "/v1"),
+        ] {
+            let t = parse(template);
+            assert_eq!(
+                t.is_match(path),
+                t.split(path).is_some(),
+                "{template} {path}"
+            );
+        }
         assert!(parse("/").is_match("/"));
         assert!(!parse("/").is_match("/x"));
         assert!(parse("/v1/**").is_match("/v1"));

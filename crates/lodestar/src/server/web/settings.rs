@@ -22,6 +22,7 @@ use std::time::Duration;
 ///     ..WebProtocols::default()
 /// };
 /// assert!(web.connect);
+/// assert!(web.rest); // routes from `google.api.http`, where methods have them
 /// assert!(web.serves_http1());
 /// assert!(!WebProtocols::none().serves_http1());
 /// ```
