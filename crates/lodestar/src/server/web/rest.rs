@@ -123,8 +123,7 @@ impl HttpRule {
 
 /// A path template that does not parse, or a rule that does not fit its
 /// method: which method, which template, and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the REST route of {method} ({verb} \"{template}\") is invalid: {reason}")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RouteError {
     /// The gRPC method (`package.Service.Method`).
     pub(crate) method: String,
@@ -135,6 +134,18 @@ pub(crate) struct RouteError {
     /// What is wrong, and what was expected.
     pub(crate) reason: String,
 }
+
+impl fmt::Display for RouteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the REST route of {}", self.method)?;
+        if !self.template.is_empty() {
+            write!(f, " ({} \"{}\")", self.verb, self.template)?;
+        }
+        write!(f, " is invalid: {}", self.reason)
+    }
+}
+
+impl std::error::Error for RouteError {}
 
 /// One segment of a path template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -455,6 +466,8 @@ enum BodyField {
 struct RestRoute {
     verb: Method,
     template: Template,
+    /// The template as written, for errors.
+    text: String,
     /// The method's gRPC path (`/package.Service/Method`).
     grpc_path: Uri,
     input: MessageDescriptor,
@@ -499,10 +512,16 @@ impl Routes {
             .filter(|s| services.contains(&s.full_name()))
         {
             for method in service.methods() {
-                let Ok(option) = HttpOption::decode(method.options().encode_to_vec().as_slice())
-                else {
-                    continue;
-                };
+                let options = method.options().encode_to_vec();
+                let option = HttpOption::decode(options.as_slice()).map_err(|e| RouteError {
+                    method: method.full_name().to_owned(),
+                    verb: String::new(),
+                    template: String::new(),
+                    reason: format!(
+                        "its option 72295728 is not a google.api.HttpRule: {e} (another \
+                         extension with google.api.http's number?)"
+                    ),
+                })?;
                 let Some(rule) = option.http else { continue };
                 if method.is_client_streaming() || method.is_server_streaming() {
                     tracing::warn!(
@@ -533,7 +552,7 @@ impl Routes {
                 return Err(RouteError {
                     method: a.grpc_path.path().trim_start_matches('/').replace('/', "."),
                     verb: a.verb.to_string(),
-                    template: a.template.to_string(),
+                    template: a.text.clone(),
                     reason: format!(
                         "the same verb and template already route to {}",
                         b.grpc_path.path().trim_start_matches('/').replace('/', ".")
@@ -679,6 +698,7 @@ fn route(
     Ok(RestRoute {
         verb,
         template,
+        text: text.to_owned(),
         grpc_path: grpc_path.clone(),
         input,
         output,
@@ -1261,6 +1281,14 @@ mod tests {
     /// `t.Inner { int64 n = 1; }`, `enum t.Color { RED = 0; BLUE = 1; }`
     /// and `service t.S { rpc M(Req) returns (Req); }`.
     fn pool() -> Descriptors {
+        pool_with(&[])
+    }
+
+    /// [`pool`], with more methods of `t.S` (`Req` in and out), each with
+    /// its `google.api.http` rule as protoc writes it (an unknown field of
+    /// the method's options, since prost-types cannot carry extensions),
+    /// and whether its server streams.
+    fn pool_with(methods: &[(&str, HttpRule, bool)]) -> Descriptors {
         use prost_types::field_descriptor_proto::{Label, Type};
         use prost_types::{
             DescriptorProto, EnumDescriptorProto, EnumValueDescriptorProto, FieldDescriptorProto,
@@ -1316,20 +1344,99 @@ mod tests {
                     ],
                     ..Default::default()
                 }],
-                service: vec![ServiceDescriptorProto {
-                    name: Some("S".into()),
-                    method: vec![MethodDescriptorProto {
-                        name: Some("M".into()),
-                        input_type: Some(".t.Req".into()),
-                        output_type: Some(".t.Req".into()),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
                 ..Default::default()
             }],
         };
-        Descriptors::from_sets(&[&set.encode_to_vec()]).unwrap()
+        // Length-delimited field `tag` holding `bytes`.
+        let raw = |tag: u32, bytes: &[u8]| {
+            let mut out = Vec::new();
+            prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut out);
+            prost::encoding::encode_varint(bytes.len() as u64, &mut out);
+            out.extend_from_slice(bytes);
+            out
+        };
+        let plain = MethodDescriptorProto {
+            name: Some("M".into()),
+            input_type: Some(".t.Req".into()),
+            output_type: Some(".t.Req".into()),
+            ..Default::default()
+        };
+        let mut service = ServiceDescriptorProto {
+            name: Some("S".into()),
+            method: vec![plain.clone()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        for (name, rule, streams) in methods {
+            let mut method = MethodDescriptorProto {
+                name: Some((*name).into()),
+                server_streaming: Some(*streams),
+                ..plain.clone()
+            }
+            .encode_to_vec();
+            let option = HttpOption {
+                http: Some(rule.clone()),
+            };
+            method.extend(raw(4, &option.encode_to_vec()));
+            service.extend(raw(2, &method));
+        }
+        let mut file = set.file[0].encode_to_vec();
+        file.extend(raw(6, &service));
+        Descriptors::from_sets(&[&raw(1, &file)]).unwrap()
+    }
+
+    #[test]
+    fn the_table_is_built_from_the_methods_options() {
+        let get = |template: &str| HttpRule {
+            get: template.into(),
+            ..Default::default()
+        };
+        let pool = pool_with(&[
+            (
+                "A",
+                HttpRule {
+                    additional_bindings: vec![get("/v1/a/special")],
+                    ..get("/v1/a/{name}")
+                },
+                false,
+            ),
+            ("B", get("/v1/{name=**}"), false),
+            ("Streams", get("/v1/streams"), true),
+        ]);
+        let routes = Routes::build(&pool, &["t.S"]).unwrap();
+        let table: Vec<(&str, &str)> = routes
+            .routes
+            .iter()
+            .map(|r| (r.text.as_str(), r.grpc_path.path()))
+            .collect();
+        // Most literal first, `**` last; the streaming method is skipped.
+        assert_eq!(
+            table,
+            [
+                ("/v1/a/special", "/t.S/A"),
+                ("/v1/a/{name}", "/t.S/A"),
+                ("/v1/{name=**}", "/t.S/B"),
+            ]
+        );
+        assert!(Routes::build(&pool, &["t.Other"]).unwrap().is_empty());
+        let twice = pool_with(&[("A", get("/v1/x"), false), ("B", get("/v1/x"), false)]);
+        let error = Routes::build(&twice, &["t.S"]).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "the REST route of t.S.B (GET \"/v1/x\") is invalid: the same verb and template \
+             already route to t.S.A"
+        );
+        let bad = pool_with(&[("A", get("/v1/{nope}"), false)]);
+        let error = Routes::build(&bad, &["t.S"]).unwrap_err().to_string();
+        assert!(error.contains("t.S.A (GET \"/v1/{nope}\")"), "{error}");
+        let error = Routes::build(&pool_with(&[("A", HttpRule::default(), false)]), &["t.S"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "the REST route of t.S.A is invalid: the rule has no verb and path (get, put, \
+             post, delete, patch or custom)"
+        );
     }
 
     fn rest_route(rule: HttpRule) -> Result<RestRoute, RouteError> {
