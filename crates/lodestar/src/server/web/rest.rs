@@ -474,7 +474,8 @@ struct RestRoute {
     output: MessageDescriptor,
     body: BodyField,
     response_body: Option<FieldDescriptor>,
-    /// The path variables' fields, to refuse them in the query.
+    /// The path variables' fields (`.proto` names), to refuse them in
+    /// the query.
     bound: HashSet<String>,
 }
 
@@ -674,7 +675,7 @@ fn route(
                 "the path variable `{path}` is a repeated or map field; variables fill single fields"
             )));
         }
-        bound.insert(path);
+        bound.insert(proto_path(&input, &variable.field));
     }
     let body = match rule.body.as_str() {
         "" => BodyField::None,
@@ -970,7 +971,14 @@ fn request_message(
         }
         let resolved = resolve(input, &field)
             .map_err(|e| invalid(format!("unknown query parameter `{key}`: {e}")))?;
-        if route.bound.contains(&key) || route.bound.contains(&proto_path(input, &field)) {
+        let named = proto_path(input, &field);
+        let covers = |bound: &String| {
+            bound == &named
+                || bound
+                    .strip_prefix(named.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+        };
+        if route.bound.iter().any(covers) {
             return Err(invalid(format!(
                 "the query parameter `{key}` sets a field that comes from the path"
             )));
@@ -1481,8 +1489,10 @@ mod tests {
         assert!(e.contains("`ids`") && e.contains("32-bit integer"), "{e}");
         let e = bad(&get, "/v1/1/items/x", "color=GREEN", None);
         assert!(e.contains("RED, BLUE"), "{e}");
-        let e = bad(&get, "/v1/1/items/x", "name=y", None);
-        assert!(e.contains("comes from the path"), "{e}");
+        for from_path in ["name=y", "inner.n=2", "inner=%7B%7D"] {
+            let e = bad(&get, "/v1/1/items/x", from_path, None);
+            assert!(e.contains("comes from the path"), "{from_path}: {e}");
+        }
         let e = bad(&get, "/v1/1/items/x", "flag=yes", None);
         assert!(e.contains("true or false"), "{e}");
         let e = bad(&get, "/v1/x/items/x", "", None);
