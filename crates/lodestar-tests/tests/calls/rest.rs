@@ -261,6 +261,18 @@ async fn path_query_and_body_map_onto_the_request_over_both_http_versions() {
     assert!(remaining > 0 && remaining <= 5000, "{report}");
     let report = get(address, "/v1/deadline").await.json();
     assert_eq!(report.get("hasDeadline"), None, "{report}");
+    // A handler that outlives it: 504, deadline_exceeded (a 0.9 s sleep, 50 ms allowed).
+    let answer = send(
+        address,
+        false,
+        Method::from_bytes(b"SLEEP").unwrap(),
+        "/v1/sleep/late/900000000",
+        &[("grpc-timeout", "50m")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT, "{answer:?}");
+    assert_eq!(answer.json()["code"], "deadline_exceeded");
     // `response_body`: one field of the reply is the body.
     let answer = get(address, "/v1/deadline/served-by").await;
     assert_eq!(answer.body, "\"a\"");
