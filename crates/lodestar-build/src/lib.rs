@@ -16,6 +16,27 @@
 //! dependency to use it. Well-known types (`google.protobuf.*`) and imports
 //! work as with `protoc`.
 //!
+//! # REST routes: `google.api.http`
+//!
+//! `google/api/annotations.proto` and `google/api/http.proto` come with
+//! lodestar-build (written from the published field list, with upstream's
+//! field numbers), so a `.proto` can annotate its methods with no download
+//! and no include path of its own:
+//!
+//! ```proto
+//! import "google/api/annotations.proto";
+//!
+//! service RouteGuide {
+//!   rpc GetFeature(Point) returns (Feature) {
+//!     option (google.api.http) = { get: "/v1/features/{latitude}/{longitude}" };
+//!   }
+//! }
+//! ```
+//!
+//! A lodestar service then serves the method as that REST route too, on its
+//! own port (`docs/web.md`, "REST"). A copy of these files in one of the
+//! `includes` is used instead of the built-in one.
+//!
 //! # Example
 //!
 //! `build.rs`:
@@ -135,8 +156,7 @@ impl Builder {
                     )
                 })?,
         };
-        let mut compiler = protox::Compiler::new(includes.iter().map(AsRef::as_ref))
-            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        let mut compiler = protox::Compiler::with_file_resolver(resolver(includes));
         compiler.include_imports(true).include_source_info(true);
         compiler
             .open_files(protos.iter().map(AsRef::as_ref))
@@ -181,6 +201,43 @@ impl Builder {
             }));
         }
         config.compile_fds(fds)
+    }
+}
+
+/// The files `google.api.http` annotations import, built in.
+const GOOGLE_API: [(&str, &str); 2] = [
+    (
+        "google/api/annotations.proto",
+        include_str!("../proto/google/api/annotations.proto"),
+    ),
+    (
+        "google/api/http.proto",
+        include_str!("../proto/google/api/http.proto"),
+    ),
+];
+
+/// Finds imports in `includes` first, then among the well-known types,
+/// then among the built-in `google/api` files.
+fn resolver(includes: &[impl AsRef<Path>]) -> protox::file::ChainFileResolver {
+    use protox::file::{ChainFileResolver, GoogleFileResolver, IncludeFileResolver};
+    let mut resolver = ChainFileResolver::new();
+    for include in includes {
+        resolver.add(IncludeFileResolver::new(include.as_ref().to_owned()));
+    }
+    resolver.add(GoogleFileResolver::new());
+    resolver.add(GoogleApiResolver);
+    resolver
+}
+
+/// Serves [`GOOGLE_API`] by name.
+struct GoogleApiResolver;
+
+impl protox::file::FileResolver for GoogleApiResolver {
+    fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
+        match GOOGLE_API.iter().find(|(path, _)| *path == name) {
+            Some((path, source)) => protox::file::File::from_source(path, source),
+            None => Err(protox::Error::file_not_found(name)),
+        }
     }
 }
 
@@ -445,6 +502,63 @@ mod tests {
         assert!(!out.contains("compile_error!"));
         let missing = vec![("\"pkg.Svc\",\"Gone\"".to_owned(), String::new())];
         assert!(add_method_infos(code, &missing).contains("compile_error!"));
+    }
+
+    #[test]
+    fn google_api_annotations_need_no_include_path_of_their_own() {
+        let dir = std::env::temp_dir().join(format!("lodestar-build-http-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.proto"),
+            r#"syntax = "proto3";
+            package a;
+            import "google/api/annotations.proto";
+            message M { string id = 1; }
+            service S {
+              rpc Get(M) returns (M) {
+                option (google.api.http) = { get: "/v1/{id}" additional_bindings { post: "/v1" body: "*" } };
+              }
+            }"#,
+        )
+        .unwrap();
+        let mut compiler = protox::Compiler::with_file_resolver(resolver(&[&dir]));
+        compiler.include_imports(true);
+        compiler.open_files([dir.join("a.proto")]).unwrap();
+        let pool = compiler.descriptor_pool();
+        let _ = std::fs::remove_dir_all(&dir);
+        let http = pool.get_extension_by_name("google.api.http").unwrap();
+        // Upstream's number, so every tool reads the option alike.
+        assert_eq!(http.number(), 72295728);
+        let method = pool
+            .get_service_by_name("a.S")
+            .unwrap()
+            .methods()
+            .next()
+            .unwrap();
+        let options = method.options();
+        let rule = options.get_extension(&http);
+        let rule = rule.as_message().unwrap();
+        assert_eq!(
+            rule.get_field_by_name("get").unwrap().as_str(),
+            Some("/v1/{id}")
+        );
+        let bindings = rule.get_field_by_name("additional_bindings").unwrap();
+        let binding = bindings.as_list().unwrap()[0].as_message().unwrap().clone();
+        assert_eq!(
+            binding.get_field_by_name("body").unwrap().as_str(),
+            Some("*")
+        );
+        // The imports are in the set, for servers to read the option.
+        let names: Vec<String> = compiler
+            .file_descriptor_set()
+            .file
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        assert!(
+            names.contains(&"google/api/http.proto".to_owned()),
+            "{names:?}"
+        );
     }
 
     #[test]

@@ -28,6 +28,13 @@ pub mod pb {
     lodestar::include_proto!("lodestar.test");
 }
 
+/// Generated code for `lodestar.test.badroute`: a service with a REST
+/// route no server takes (`**` before the last segment).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod bad_route {
+    lodestar::include_proto!("lodestar.test.badroute");
+}
+
 pub use pb::echo_client::EchoClient;
 pub use pb::echo_server::{Echo, EchoServer};
 pub use pb::*;

@@ -983,6 +983,8 @@ mod client_stack;
 mod guards;
 #[path = "calls/metrics.rs"]
 mod metrics;
+#[path = "calls/rest.rs"]
+mod rest;
 #[path = "calls/retries.rs"]
 mod retries;
 #[path = "calls/server_stack.rs"]

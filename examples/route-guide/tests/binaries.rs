@@ -113,6 +113,30 @@ fn the_client_runs_all_four_call_kinds_against_the_server_which_stops_on_sigterm
     );
 }
 
+#[test]
+fn get_feature_is_a_rest_route_too() {
+    let (_server, address) = start_server(&[]);
+    let curl = |path: &str| {
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+            .arg(format!("http://{address}{path}"))
+            .output()
+            .expect("run curl");
+        assert!(output.status.success(), "curl: {output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    // `option (google.api.http) = { get: "/v1/features/{latitude}/{longitude}" }`
+    let out = curl("/v1/features/409146138/-746188906");
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    assert_eq!(code, "200", "{out}");
+    assert_eq!(
+        body,
+        r#"{"name":"Lodestar Trailhead, Kestrel Ridge, NJ, USA","location":{"latitude":409146138,"longitude":-746188906}}"#
+    );
+    let out = curl("/v1/features/north/1");
+    assert!(out.ends_with("\n400"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_and_client_find_each_other_through_a_registry_server() {
     let registry = lodestar_registry_server::start(lodestar_registry_server::Config::ephemeral())

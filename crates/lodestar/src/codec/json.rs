@@ -118,6 +118,11 @@ impl Descriptors {
             })
     }
 
+    /// The pool itself.
+    pub(crate) fn pool(&self) -> &DescriptorPool {
+        &self.0
+    }
+
     /// The method a request path (`/package.Service/Method`) names.
     pub(crate) fn method(&self, path: &str) -> Option<MethodDescriptor> {
         let (service, method) = path.strip_prefix('/')?.split_once('/')?;

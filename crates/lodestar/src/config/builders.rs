@@ -262,6 +262,7 @@ fn web(config: &WebConfig) -> Result<crate::server::WebProtocols, ConfigError> {
         grpc_web: config.grpc_web,
         connect: config.connect,
         websocket: config.websocket,
+        rest: config.rest,
         websocket_ping_interval: config.websocket_ping_interval,
         websocket_ping_timeout: config.websocket_ping_timeout,
         cors: crate::server::Cors {

@@ -560,6 +560,13 @@ pub static KEYS: &[Key] = &[
         doc: "Serve WebSocket (the lodestar.v1 sub-protocol, every call kind; HTTP/1.1 Upgrade and HTTP/2 extended CONNECT) on the service's port. A socket's Origin, when sent, must be in cors.allow_origins or be the service's own (its host and port those of the Host).",
     },
     Key {
+        path: "service.web.rest",
+        kind: Kind::Bool,
+        default: "true",
+        aliases: &[],
+        doc: "Serve REST routes from the services' `google.api.http` annotations (JSON in and out, unary methods) on the service's port. Costs nothing when no method is annotated.",
+    },
+    Key {
         path: "service.web.websocket_ping_interval",
         kind: Kind::Duration,
         default: "\"30s\"",

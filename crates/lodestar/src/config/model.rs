@@ -160,6 +160,8 @@ pub struct WebConfig {
     pub connect: bool,
     /// Serve WebSocket.
     pub websocket: bool,
+    /// Serve REST routes from `google.api.http` annotations.
+    pub rest: bool,
     /// How long a WebSocket may be silent before it is pinged.
     #[serde(with = "text::duration")]
     pub websocket_ping_interval: Duration,
@@ -179,6 +181,7 @@ impl Default for WebConfig {
             grpc_web: web.grpc_web,
             connect: web.connect,
             websocket: web.websocket,
+            rest: web.rest,
             websocket_ping_interval: web.websocket_ping_interval,
             websocket_ping_timeout: web.websocket_ping_timeout,
             cors: CorsConfig::default(),

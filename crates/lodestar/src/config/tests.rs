@@ -411,7 +411,7 @@ fn suggestions_need_a_close_key() {
 fn the_web_section_maps_onto_web_protocols_and_checks_origins() {
     let config = Config::from_toml(
         "[service]\nname = \"w\"\n[service.web]\ngrpc_web = false\n\
-         websocket = false\nwebsocket_ping_interval = \"5s\"\nwebsocket_ping_timeout = \"2s\"\n\
+         websocket = false\nrest = false\nwebsocket_ping_interval = \"5s\"\nwebsocket_ping_timeout = \"2s\"\n\
          client_js = false\n\
          [service.web.cors]\nallow_origins = \"https://app.example, http://localhost:5173\"\n\
          allow_headers = \"x-tenant\"\nmax_age = \"10m\"",
@@ -428,6 +428,8 @@ fn the_web_section_maps_onto_web_protocols_and_checks_origins() {
     assert_eq!(web.cors.allow_headers, ["x-tenant"]);
     assert_eq!(web.cors.max_age, Duration::from_secs(600));
     assert!(!web.websocket);
+    assert!(!web.rest);
+    assert!(crate::server::WebProtocols::default().rest);
     assert_eq!(web.websocket_ping_interval, Duration::from_secs(5));
     assert_eq!(web.websocket_ping_timeout, Duration::from_secs(2));
     assert!(crate::server::WebProtocols::default().websocket);

@@ -148,6 +148,12 @@ pub enum ServeError {
     /// it must be.
     #[error("invalid setting: {0}")]
     Setting(String),
+    /// A method's `google.api.http` rule cannot be served as a REST route
+    /// (a template that does not parse, a field the request does not
+    /// have, a verb and template that route twice); the message names the
+    /// method, the template and what was expected.
+    #[error("{0}; fix the rule, or turn REST off (WebProtocols::rest, [service.web] rest)")]
+    RestRoute(String),
     /// A declared subscription could not be made.
     #[error("cannot subscribe to `{topic}`: {source}")]
     Subscribe {

@@ -138,6 +138,16 @@ impl ServiceBuilder {
             _ => self.observers,
         };
 
+        // REST routes from the served methods' `google.api.http` options,
+        // checked now: a bad template stops the start, naming it.
+        let rest = if self.web.rest {
+            let routes = crate::server::web::rest::Routes::build(&known, &served)
+                .map_err(|e| ServeError::RestRoute(e.to_string()))?;
+            (!routes.is_empty()).then_some(routes)
+        } else {
+            None
+        };
+
         let mut routes = stack::RouterBuilder::default();
         for add in self.services {
             add(&mut routes, &self.limits);
@@ -167,6 +177,7 @@ impl ServiceBuilder {
             },
             self.layers,
             self.web.clone(),
+            rest,
         );
         let admission = stack.admission();
         let serve = tokio::spawn(connection::serve(

@@ -130,11 +130,13 @@ impl Stack {
         settings: Settings,
         layers: Vec<Box<dyn UserLayer>>,
         web: WebProtocols,
+        rest: Option<web::rest::Routes>,
     ) -> Self {
         let web = Arc::new(WebState {
             settings: web,
             descriptors: settings.descriptors.clone(),
             limits: settings.limits,
+            rest,
         });
         let admission = Arc::new(Admission::new(
             &settings.policy.load(),

@@ -141,7 +141,7 @@ fn compressed(value: Option<&[u8]>) -> Result<bool, tonic::Status> {
 }
 
 /// A unary message framed as gRPC's.
-fn envelope(flags: u8, message: &[u8]) -> Result<Bytes, tonic::Status> {
+pub(super) fn envelope(flags: u8, message: &[u8]) -> Result<Bytes, tonic::Status> {
     let len = u32::try_from(message.len()).map_err(|_| {
         tonic::Status::resource_exhausted("a message of 4 GiB or more cannot be framed")
     })?;
@@ -244,7 +244,7 @@ async fn read_bounded(body: Incoming, limit: usize) -> Result<Bytes, tonic::Stat
 
 /// The Connect unary answer for a native response: the reply with `200`,
 /// or a Connect error.
-async fn unary_response(
+pub(super) async fn unary_response(
     response: Response<ResponseBody>,
     codec: Codec,
     known: bool,

@@ -73,17 +73,30 @@ pub(super) fn is_preflight<B>(request: &Request<B>) -> bool {
 
 /// Answers a preflight: `204` with what the origin may do, or `403`
 /// without CORS headers for an origin not allowed (or a method the web
-/// protocols do not use).
-pub(super) fn preflight<B>(cors: &Cors, request: &Request<B>) -> Response<WebResponseBody> {
+/// protocols do not use: `POST` and `GET`, and with REST routes `PUT`,
+/// `PATCH` and `DELETE`).
+pub(super) fn preflight<B>(
+    cors: &Cors,
+    request: &Request<B>,
+    rest: bool,
+) -> Response<WebResponseBody> {
+    let methods = if rest {
+        "POST, GET, PUT, PATCH, DELETE"
+    } else {
+        "POST, GET"
+    };
     let method_ok = request
         .headers()
         .get(header::ACCESS_CONTROL_REQUEST_METHOD)
-        .is_some_and(|m| m.as_bytes() == b"POST" || m.as_bytes() == b"GET");
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| !m.is_empty() && methods.split(", ").any(|allowed| allowed == m));
     let Some(origin) = allowed_origin(cors, request.headers()).filter(|_| method_ok) else {
         return plain(
             StatusCode::FORBIDDEN,
-            "this origin may not call this service (see Cors::allow_origins), \
-             or the method is neither POST nor GET",
+            &format!(
+                "this origin may not call this service (see Cors::allow_origins), \
+                 or the method is not one of {methods}"
+            ),
         );
     };
     let mut response = Response::new(WebResponseBody::empty());
@@ -92,7 +105,7 @@ pub(super) fn preflight<B>(cors: &Cors, request: &Request<B>) -> Response<WebRes
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, GET"),
+        HeaderValue::from_static(methods),
     );
     let mut allow = String::from(ALLOW_HEADERS);
     for extra in &cors.allow_headers {
@@ -194,7 +207,7 @@ mod tests {
         let cors = Cors::allow(["https://app.example.com"]);
         let ok = request(Method::OPTIONS, "https://app.example.com", Some("POST"));
         assert!(is_preflight(&ok));
-        let response = preflight(&cors, &ok);
+        let response = preflight(&cors, &ok, false);
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
         let headers = response.headers();
         assert_eq!(headers[header::ACCESS_CONTROL_MAX_AGE], "7200");
@@ -206,6 +219,7 @@ mod tests {
         let refused = preflight(
             &cors,
             &request(Method::OPTIONS, "https://evil.example.com", Some("POST")),
+            false,
         );
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
         assert!(
@@ -216,7 +230,19 @@ mod tests {
         let put = preflight(
             &cors,
             &request(Method::OPTIONS, "https://app.example.com", Some("PUT")),
+            false,
         );
         assert_eq!(put.status(), StatusCode::FORBIDDEN);
+        // With REST routes, their verbs are allowed too.
+        let put = preflight(
+            &cors,
+            &request(Method::OPTIONS, "https://app.example.com", Some("PUT")),
+            true,
+        );
+        assert_eq!(put.status(), StatusCode::NO_CONTENT);
+        assert_eq!(
+            put.headers()[header::ACCESS_CONTROL_ALLOW_METHODS],
+            "POST, GET, PUT, PATCH, DELETE"
+        );
     }
 }

@@ -9,10 +9,11 @@
 //! reads top to bottom:
 //!
 //! 1. a CORS preflight is answered from the allow list (`cors.rs`);
-//! 2. the request is classified ([`Route::of`]): gRPC-Web
-//!    (`grpc_web.rs`), Connect unary, `GET` or stream (`connect.rs`),
-//!    native gRPC over HTTP/1.1 (refused: `505`), or something else
-//!    (`415`);
+//! 2. the request is classified ([`Route::of`]): a WebSocket opening
+//!    (`websocket.rs`), a REST route from `google.api.http` (`rest.rs`,
+//!    for requests no other protocol claims), gRPC-Web (`grpc_web.rs`),
+//!    Connect unary, `GET` or stream (`connect.rs`), native gRPC over
+//!    HTTP/1.1 (refused: `505`), or something else (`415`);
 //! 3. the protocol's module translates the request into a native gRPC one
 //!    at the edge (headers, framing, base64, `Connect-Timeout-Ms`) and
 //!    calls **the same server stack** ([`call`]): status, trace,
@@ -23,19 +24,18 @@
 //!    Connect errors as JSON with their HTTP status);
 //! 5. an allowed origin's answer gets its CORS headers.
 //!
-//! Later protocols slot into step 2 with a module each: WebSocket
-//! (`websocket.rs`, an HTTP/1.1 `Upgrade` or an HTTP/2 extended
-//! `CONNECT`, needing the connection's upgrade support, which HTTP/1.1
-//! connections are already served with) and REST routes from
+//! Every protocol has a module of its own: WebSocket (`websocket.rs`, an
+//! HTTP/1.1 `Upgrade` or an HTTP/2 extended `CONNECT`), REST routes from
 //! `google.api.http` (`rest.rs`, matched before Connect by method and
-//! path template). Static files, the browser client
-//! `/_lodestar/client.js` and a service's assets, are one more arm
-//! (`assets.rs`), matched by exact path before Connect's `GET`.
+//! path template), and static files, the browser client
+//! `/_lodestar/client.js` and a service's assets (`assets.rs`, matched by
+//! exact path first).
 
 mod assets;
 mod connect;
 mod cors;
 mod grpc_web;
+pub(crate) mod rest;
 mod settings;
 mod trailers;
 mod websocket;
@@ -72,6 +72,8 @@ pub(crate) struct WebState {
     pub(crate) settings: WebProtocols,
     pub(crate) descriptors: Descriptors,
     pub(crate) limits: MessageLimits,
+    /// The REST routes (`rest.rs`); `None` with REST off or no route.
+    pub(crate) rest: Option<rest::Routes>,
 }
 
 /// Whether `request` is native gRPC: HTTP/2 with `application/grpc`,
@@ -107,12 +109,14 @@ enum Route {
     /// A `GET` or `HEAD` of a static file: `/_lodestar/client.js` or an
     /// asset (`assets.rs`).
     Static,
+    /// A REST route, or a request only REST could take (`rest.rs`).
+    Rest(rest::Hit),
     /// A content type (or method) no protocol that is on takes.
     Unsupported,
 }
 
 impl Route {
-    fn of<B>(request: &Request<B>, settings: &WebProtocols) -> Self {
+    fn of<B>(request: &Request<B>, settings: &WebProtocols, rest: Option<&rest::Routes>) -> Self {
         if websocket::is_websocket(request) {
             return if settings.websocket {
                 Route::WebSocket
@@ -122,6 +126,9 @@ impl Route {
         }
         if assets::is_static(request, settings) {
             return Route::Static;
+        }
+        if let Some(hit) = rest.and_then(|routes| routes.classify(request)) {
+            return Route::Rest(hit);
         }
         if request.method() == Method::GET {
             return if settings.connect {
@@ -193,10 +200,14 @@ async fn dispatch(
 ) -> Response<WebResponseBody> {
     let cors = &state.settings.cors;
     if cors::is_preflight(&request) {
-        return cors::preflight(cors, &request);
+        return cors::preflight(cors, &request, state.rest.is_some());
     }
     let origin = cors::allowed_origin(cors, request.headers());
-    let mut response = match Route::of(&request, &state.settings) {
+    let mut response = match Route::of(&request, &state.settings, state.rest.as_ref()) {
+        Route::Rest(hit) => match &state.rest {
+            Some(routes) => rest::serve(outer, &state, routes, request, hit).await,
+            None => unsupported(&state.settings),
+        },
         Route::GrpcWeb(mode) => grpc_web::serve(outer, request, mode).await,
         Route::ConnectUnary(codec) => connect::unary(outer, &state, request, codec).await,
         Route::ConnectStream(codec) => connect::stream(outer, request, codec).await,
@@ -506,43 +517,46 @@ mod tests {
             text: false,
             json: false,
         });
-        assert_eq!(Route::of(&post("application/grpc-web"), &all), web);
+        assert_eq!(Route::of(&post("application/grpc-web"), &all, None), web);
         assert_eq!(
-            Route::of(&post("application/grpc-web"), &none),
+            Route::of(&post("application/grpc-web"), &none, None),
             Route::Unsupported
         );
         assert_eq!(
-            Route::of(&post("application/json; charset=utf-8"), &all),
+            Route::of(&post("application/json; charset=utf-8"), &all, None),
             Route::ConnectUnary(connect::Codec::Json)
         );
         assert_eq!(
-            Route::of(&post("application/connect+proto"), &all),
+            Route::of(&post("application/connect+proto"), &all, None),
             Route::ConnectStream(connect::Codec::Proto)
         );
-        assert_eq!(Route::of(&post("text/plain"), &all), Route::Unsupported);
         assert_eq!(
-            Route::of(&post("application/grpc"), &all),
+            Route::of(&post("text/plain"), &all, None),
+            Route::Unsupported
+        );
+        assert_eq!(
+            Route::of(&post("application/grpc"), &all, None),
             Route::GrpcOverHttp1
         );
         let get = request(Version::HTTP_11, Method::GET, "");
-        assert_eq!(Route::of(&get, &all), Route::ConnectGet);
+        assert_eq!(Route::of(&get, &all, None), Route::ConnectGet);
         let client_js = Request::get("/_lodestar/client.js").body(()).unwrap();
-        assert_eq!(Route::of(&client_js, &all), Route::Static);
-        assert_eq!(Route::of(&client_js, &none), Route::Unsupported);
-        assert_eq!(Route::of(&get, &none), Route::Unsupported);
+        assert_eq!(Route::of(&client_js, &all, None), Route::Static);
+        assert_eq!(Route::of(&client_js, &none, None), Route::Unsupported);
+        assert_eq!(Route::of(&get, &none, None), Route::Unsupported);
         let upgrade = Request::builder()
             .method(Method::GET)
             .uri("/pkg.Svc/M")
             .header(header::UPGRADE, "websocket")
             .body(())
             .unwrap();
-        assert_eq!(Route::of(&upgrade, &all), Route::WebSocket);
+        assert_eq!(Route::of(&upgrade, &all, None), Route::WebSocket);
         let no_ws = WebProtocols {
             websocket: false,
             ..WebProtocols::default()
         };
-        assert_eq!(Route::of(&upgrade, &no_ws), Route::Unsupported);
+        assert_eq!(Route::of(&upgrade, &no_ws, None), Route::Unsupported);
         let put = request(Version::HTTP_11, Method::PUT, "application/json");
-        assert_eq!(Route::of(&put, &all), Route::Unsupported);
+        assert_eq!(Route::of(&put, &all, None), Route::Unsupported);
     }
 }

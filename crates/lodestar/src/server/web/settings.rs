@@ -24,6 +24,7 @@ use super::assets::Asset;
 ///     ..WebProtocols::default()
 /// };
 /// assert!(web.connect);
+/// assert!(web.rest); // routes from `google.api.http`, where methods have them
 /// assert!(web.serves_http1());
 /// assert!(!WebProtocols::none().serves_http1());
 /// ```
@@ -44,6 +45,11 @@ pub struct WebProtocols {
     /// be the service's own (its host and port those of the request's
     /// `Host`: a page the service served). Default: on.
     pub websocket: bool,
+    /// REST routes from the services' `google.api.http` annotations
+    /// (`docs/web.md`, "REST"): `GET /v1/features/1/2` and the like,
+    /// JSON in and out, unary methods only. Default: on (it costs nothing
+    /// when no method is annotated).
+    pub rest: bool,
     /// How long a WebSocket may be silent before the server pings it.
     /// Default: 30 s.
     pub websocket_ping_interval: Duration,
@@ -69,6 +75,7 @@ impl Default for WebProtocols {
             grpc_web: true,
             connect: true,
             websocket: true,
+            rest: true,
             websocket_ping_interval: Duration::from_secs(30),
             websocket_ping_timeout: Duration::from_secs(10),
             cors: Cors::default(),
@@ -85,14 +92,15 @@ impl WebProtocols {
             grpc_web: false,
             connect: false,
             websocket: false,
+            rest: false,
             ..Self::default()
         }
     }
 
     /// Whether the port takes HTTP/1.1 connections: when any web
-    /// protocol is on.
+    /// protocol (REST included) is on.
     pub fn serves_http1(&self) -> bool {
-        self.grpc_web || self.connect || self.websocket
+        self.grpc_web || self.connect || self.websocket || self.rest
     }
 }
 
