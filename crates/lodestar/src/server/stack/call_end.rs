@@ -8,6 +8,7 @@ use http::HeaderMap;
 use tokio::time::Instant;
 use tonic::Code;
 
+use crate::Deadline;
 use crate::metrics::rpc::Record;
 use crate::server::admission::Slot;
 
@@ -187,13 +188,18 @@ impl Call {
     }
 
     /// Ends the call: runs the hooks with the outcome `outcome` describes
-    /// (worked out only if some hook waits for it).
-    pub(crate) fn end<'a>(self, outcome: impl FnOnce() -> (Code, Message<'a>)) {
+    /// (worked out only if some hook waits for it), or `abandoned` if the
+    /// client went away.
+    fn end<'a>(
+        self,
+        abandoned: (Code, &'static str),
+        outcome: impl FnOnce() -> (Code, Message<'a>),
+    ) {
         let Some(watched) = self.watched else {
             return;
         };
         let (code, message) = if self.abandoned {
-            (Code::Cancelled, Message::Text(CANCELLED))
+            (abandoned.0, Message::Text(abandoned.1))
         } else {
             outcome()
         };
@@ -208,22 +214,6 @@ impl Call {
         if let Some(slot) = watched.slot {
             slot.end(&outcome);
         }
-    }
-
-    /// Ends the call with the status that `headers` (a trailers-only
-    /// response's headers, or trailers) carry.
-    pub(crate) fn end_with_headers(self, headers: &HeaderMap) {
-        self.end(|| {
-            (
-                crate::status::code_in(headers).unwrap_or(Code::Unknown),
-                Message::Headers(headers),
-            )
-        });
-    }
-
-    /// Ends the call with `status`.
-    pub(crate) fn end_with_status(self, status: &tonic::Status) {
-        self.end(|| (status.code(), Message::Text(status.message())));
     }
 }
 
@@ -256,12 +246,31 @@ fn swap_current(call: &mut Call) {
 pub(crate) struct Unended {
     call: Option<Call>,
     record: Record,
+    /// The call's deadline: a client that goes away at it ended the call
+    /// by its deadline, not by a cancel of its own.
+    deadline: Option<Deadline>,
 }
 
 impl Unended {
-    /// `call`, until it ends, counted in `record`.
-    pub(crate) fn new(call: Option<Call>, record: Record) -> Self {
-        Self { call, record }
+    /// `call`, until it ends, counted in `record`, with its `deadline`.
+    pub(crate) fn new(call: Option<Call>, record: Record, deadline: Option<Deadline>) -> Self {
+        Self {
+            call,
+            record,
+            deadline,
+        }
+    }
+
+    /// How a call the client abandoned ends: `DEADLINE_EXCEEDED` when it
+    /// went away at the call's deadline (within [`AT_DEADLINE`]), else
+    /// `CANCELLED`.
+    fn abandoned(&self) -> (Code, &'static str) {
+        match self.deadline {
+            Some(deadline) if deadline.remaining() <= AT_DEADLINE => {
+                (Code::DeadlineExceeded, CANCELLED_AT_DEADLINE)
+            }
+            _ => (Code::Cancelled, CANCELLED),
+        }
     }
 
     /// Makes the call current while the guard lives, if it has not ended.
@@ -284,7 +293,7 @@ impl Unended {
     /// the client abandoned ends `CANCELLED`.
     fn final_code(&self, code: Code) -> Code {
         match &self.call {
-            Some(call) if call.abandoned => Code::Cancelled,
+            Some(call) if call.abandoned => self.abandoned().0,
             _ => code,
         }
     }
@@ -292,8 +301,11 @@ impl Unended {
     /// Ends the call with `status`, if it has not ended.
     pub(crate) fn end_with_status(&mut self, status: &tonic::Status) {
         self.record.end(self.final_code(status.code()));
+        let abandoned = self.abandoned();
         if let Some(call) = self.call.take() {
-            call.end_with_status(status);
+            call.end(abandoned, || {
+                (status.code(), Message::Text(status.message()))
+            });
         }
     }
 
@@ -301,23 +313,35 @@ impl Unended {
     pub(crate) fn end_with_headers(&mut self, headers: &HeaderMap) {
         let code = crate::status::code_in(headers).unwrap_or(Code::Unknown);
         self.record.end(self.final_code(code));
+        let abandoned = self.abandoned();
         if let Some(call) = self.call.take() {
-            call.end_with_headers(headers);
+            call.end(abandoned, || (code, Message::Headers(headers)));
         }
     }
 }
 
 impl Drop for Unended {
     fn drop(&mut self) {
-        // The record, dropped, ends `CANCELLED` too.
+        let abandoned = self.abandoned();
+        self.record.end(abandoned.0);
         if let Some(call) = self.call.take() {
-            call.end(|| (Code::Cancelled, Message::Text(CANCELLED)));
+            call.end(abandoned, || (abandoned.0, Message::Text(abandoned.1)));
         }
     }
 }
 
 /// The message of a call the client abandoned.
 pub(crate) const CANCELLED: &str = "the client went away before the call ended";
+
+/// The message of a call the client abandoned at its deadline.
+const CANCELLED_AT_DEADLINE: &str = "the client went away at the call's deadline";
+
+/// How near its deadline a call the client abandons counts as ended by
+/// it: 10 ms. The client gives up at the deadline it set, and the server's
+/// copy of it runs from the request's arrival, a transit later, so the
+/// client's cancel and the server's own timer race; either way the call
+/// ended by its deadline.
+const AT_DEADLINE: Duration = Duration::from_millis(10);
 
 /// Where a call's status message is, until someone asks for it.
 #[derive(Debug, Clone, Copy)]
@@ -355,5 +379,33 @@ impl<'a> CallOutcome<'a> {
     /// reached the layer that registered it) to the call's end.
     pub fn elapsed(&self) -> Duration {
         self.elapsed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gone_at_the_deadline_ended_the_call_by_it() {
+        let gone = |deadline: Option<Deadline>| {
+            Unended::new(None, Record::default(), deadline)
+                .abandoned()
+                .0
+        };
+        assert_eq!(gone(None), Code::Cancelled);
+        assert_eq!(
+            gone(Some(Deadline::after(Duration::from_secs(1)))),
+            Code::Cancelled
+        );
+        // The client's timer fired a transit before the server's.
+        assert_eq!(
+            gone(Some(Deadline::after(Duration::from_millis(2)))),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(
+            gone(Some(Deadline::at(Instant::now()))),
+            Code::DeadlineExceeded
+        );
     }
 }

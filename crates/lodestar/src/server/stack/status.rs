@@ -88,18 +88,22 @@ where
             let way = crate::metrics::rpc::Way::Received;
             request.body_mut().messages().count_in(series.clone(), way);
         }
-        match arrived {
-            Ok(None) => {}
+        let deadline = match arrived {
+            Ok(None) => None,
             Ok(Some(deadline)) => {
                 request.extensions_mut().insert(deadline);
                 request.body_mut().plan.arrived = Some(deadline);
+                Some(deadline)
             }
-            Err(status) => request.body_mut().plan.refusal = Some(status),
-        }
+            Err(status) => {
+                request.body_mut().plan.refusal = Some(status);
+                None
+            }
+        };
         request.extensions_mut().insert(CallEnd::HANDLE);
         StatusFuture {
             inner: self.inner.call(request),
-            call: Unended::new(Some(Call::new()), record),
+            call: Unended::new(Some(Call::new()), record, deadline),
             json,
         }
     }
