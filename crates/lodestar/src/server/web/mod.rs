@@ -10,7 +10,7 @@
 //!
 //! 1. a CORS preflight is answered from the allow list (`cors.rs`);
 //! 2. the request is classified ([`Route::of`]): a WebSocket opening
-//!    (`websocket.rs`), a REST route from `google.api.http` (`rest.rs`,
+//!    (`websocket.rs`), a REST route from `google.api.http` (`rest/`,
 //!    for requests no other protocol claims), gRPC-Web (`grpc_web.rs`),
 //!    Connect unary, `GET` or stream (`connect.rs`), native gRPC over
 //!    HTTP/1.1 (refused: `505`), or something else (`415`);
@@ -26,7 +26,7 @@
 //!
 //! Every protocol has a module of its own: WebSocket (`websocket.rs`, an
 //! HTTP/1.1 `Upgrade` or an HTTP/2 extended `CONNECT`), REST routes from
-//! `google.api.http` (`rest.rs`, matched before Connect by method and
+//! `google.api.http` (`rest/`, matched before Connect by method and
 //! path template), and static files, the browser client
 //! `/_lodestar/client.js` and a service's assets (`assets.rs`, matched by
 //! exact path first).
@@ -72,7 +72,7 @@ pub(crate) struct WebState {
     pub(crate) settings: WebProtocols,
     pub(crate) descriptors: Descriptors,
     pub(crate) limits: MessageLimits,
-    /// The REST routes (`rest.rs`); `None` with REST off or no route.
+    /// The REST routes (`rest/`); `None` with REST off or no route.
     pub(crate) rest: Option<rest::Routes>,
 }
 
@@ -109,7 +109,7 @@ enum Route {
     /// A `GET` or `HEAD` of a static file: `/_lodestar/client.js` or an
     /// asset (`assets.rs`).
     Static,
-    /// A REST route, or a request only REST could take (`rest.rs`).
+    /// A REST route, or a request only REST could take (`rest/`).
     Rest(rest::Hit),
     /// A content type (or method) no protocol that is on takes.
     Unsupported,
