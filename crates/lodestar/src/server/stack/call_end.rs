@@ -188,18 +188,19 @@ impl Call {
     }
 
     /// Ends the call: runs the hooks with the outcome `outcome` describes
-    /// (worked out only if some hook waits for it), or `abandoned` if the
-    /// client went away.
+    /// (worked out only if some hook waits for it), or the one `abandoned`
+    /// gives if the client went away.
     fn end<'a>(
         self,
-        abandoned: (Code, &'static str),
+        abandoned: impl FnOnce() -> (Code, &'static str),
         outcome: impl FnOnce() -> (Code, Message<'a>),
     ) {
         let Some(watched) = self.watched else {
             return;
         };
         let (code, message) = if self.abandoned {
-            (abandoned.0, Message::Text(abandoned.1))
+            let (code, message) = abandoned();
+            (code, Message::Text(message))
         } else {
             outcome()
         };
@@ -261,18 +262,6 @@ impl Unended {
         }
     }
 
-    /// How a call the client abandoned ends: `DEADLINE_EXCEEDED` when it
-    /// went away at the call's deadline (within [`AT_DEADLINE`]), else
-    /// `CANCELLED`.
-    fn abandoned(&self) -> (Code, &'static str) {
-        match self.deadline {
-            Some(deadline) if deadline.remaining() <= AT_DEADLINE => {
-                (Code::DeadlineExceeded, CANCELLED_AT_DEADLINE)
-            }
-            _ => (Code::Cancelled, CANCELLED),
-        }
-    }
-
     /// Makes the call current while the guard lives, if it has not ended.
     #[inline]
     pub(crate) fn enter(&mut self) -> Option<Entered<'_>> {
@@ -293,7 +282,7 @@ impl Unended {
     /// the client abandoned ends `CANCELLED`.
     fn final_code(&self, code: Code) -> Code {
         match &self.call {
-            Some(call) if call.abandoned => self.abandoned().0,
+            Some(call) if call.abandoned => abandoned(self.deadline).0,
             _ => code,
         }
     }
@@ -301,11 +290,12 @@ impl Unended {
     /// Ends the call with `status`, if it has not ended.
     pub(crate) fn end_with_status(&mut self, status: &tonic::Status) {
         self.record.end(self.final_code(status.code()));
-        let abandoned = self.abandoned();
+        let deadline = self.deadline;
         if let Some(call) = self.call.take() {
-            call.end(abandoned, || {
-                (status.code(), Message::Text(status.message()))
-            });
+            call.end(
+                || abandoned(deadline),
+                || (status.code(), Message::Text(status.message())),
+            );
         }
     }
 
@@ -313,20 +303,34 @@ impl Unended {
     pub(crate) fn end_with_headers(&mut self, headers: &HeaderMap) {
         let code = crate::status::code_in(headers).unwrap_or(Code::Unknown);
         self.record.end(self.final_code(code));
-        let abandoned = self.abandoned();
+        let deadline = self.deadline;
         if let Some(call) = self.call.take() {
-            call.end(abandoned, || (code, Message::Headers(headers)));
+            call.end(|| abandoned(deadline), || (code, Message::Headers(headers)));
         }
     }
 }
 
 impl Drop for Unended {
     fn drop(&mut self) {
-        let abandoned = self.abandoned();
-        self.record.end(abandoned.0);
+        // Not ended: the client went away (a record with no call is ended
+        // already, or was never started).
         if let Some(call) = self.call.take() {
-            call.end(abandoned, || (abandoned.0, Message::Text(abandoned.1)));
+            let (code, message) = abandoned(self.deadline);
+            self.record.end(code);
+            call.end(|| (code, message), || (code, Message::Text(message)));
         }
+    }
+}
+
+/// How a call the client abandoned ends: `DEADLINE_EXCEEDED` when it went
+/// away at the call's `deadline` (within [`AT_DEADLINE`]), else
+/// `CANCELLED`. Asked of abandoned calls only (it reads the clock).
+fn abandoned(deadline: Option<Deadline>) -> (Code, &'static str) {
+    match deadline {
+        Some(deadline) if deadline.remaining() <= AT_DEADLINE => {
+            (Code::DeadlineExceeded, CANCELLED_AT_DEADLINE)
+        }
+        _ => (Code::Cancelled, CANCELLED),
     }
 }
 
@@ -388,11 +392,7 @@ mod tests {
 
     #[test]
     fn a_client_gone_at_the_deadline_ended_the_call_by_it() {
-        let gone = |deadline: Option<Deadline>| {
-            Unended::new(None, Record::default(), deadline)
-                .abandoned()
-                .0
-        };
+        let gone = |deadline: Option<Deadline>| abandoned(deadline).0;
         assert_eq!(gone(None), Code::Cancelled);
         assert_eq!(
             gone(Some(Deadline::after(Duration::from_secs(1)))),

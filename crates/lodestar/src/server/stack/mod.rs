@@ -283,9 +283,14 @@ impl Future for Dispatched {
             CallProj::Web { inner } => {
                 let response = std::task::ready!(inner.as_mut().poll(cx));
                 let budget = this.budget.take();
-                Poll::Ready(Ok(
-                    response.map(|body| Budgeted::new(Answer::Web { body }, budget))
-                ))
+                Poll::Ready(Ok(response.map(|body| {
+                    Budgeted::new(
+                        Answer::Web {
+                            body: Box::pin(body),
+                        },
+                        budget,
+                    )
+                })))
             }
         }
     }

@@ -419,11 +419,12 @@ impl EndsCall for WebResponseBody {
 
 pin_project_lite::pin_project! {
     /// The body of any answer a connection sends: native gRPC's, or a web
-    /// protocol's.
+    /// protocol's (boxed: every native answer is moved a few times on its
+    /// way out, and stays the size of its own body).
     #[project = AnswerProj]
     pub(crate) enum Answer {
         Grpc { #[pin] body: ResponseBody },
-        Web { #[pin] body: WebResponseBody },
+        Web { body: Pin<Box<WebResponseBody>> },
     }
 }
 
@@ -438,7 +439,7 @@ impl Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             AnswerProj::Grpc { body } => body.poll_frame(cx),
-            AnswerProj::Web { body } => body.poll_frame(cx),
+            AnswerProj::Web { body } => body.as_mut().poll_frame(cx),
         }
     }
 
@@ -463,7 +464,7 @@ impl EndsCall for Answer {
     fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
         match self.project() {
             AnswerProj::Grpc { body } => body.ended(status),
-            AnswerProj::Web { body } => body.ended(status),
+            AnswerProj::Web { body } => body.as_mut().ended(status),
         }
     }
 }
