@@ -208,10 +208,7 @@ async fn unary_run(
         (NATIVE, _) => (frame.clone(), h2load::GRPC_HEADERS, frame.len()),
         (_, Web::GrpcWeb) => (
             frame.clone(),
-            &[
-                "content-type: application/grpc-web+proto",
-                "x-grpc-web: 1",
-            ],
+            &["content-type: application/grpc-web+proto", "x-grpc-web: 1"],
             frame.len() + 5,
         ),
         (_, Web::ConnectJson) => {
