@@ -1,10 +1,11 @@
 //! h2load (nghttp2's HTTP/2 load generator, Debian's `nghttp2-client`) as a
-//! neutral gRPC load generator: neither tonic's code nor lodestar's on the
-//! client side. It POSTs one framed gRPC message (the 5-byte frame header
-//! and the protobuf bytes, from a file, with `content-type:
-//! application/grpc` and `te: trailers`) over one connection with a fixed
-//! number of streams in flight, and reports requests per second; its
-//! per-request log gives the latencies.
+//! neutral load generator: neither tonic's code nor lodestar's on the
+//! client side. It POSTs one request body (for native gRPC, a framed
+//! message: the 5-byte frame header and the protobuf bytes, with
+//! [`GRPC_HEADERS`]; for the `web` scenario, a Connect or gRPC-Web body
+//! with theirs) from a file over one connection with a fixed number of
+//! streams in flight, and reports requests per second; its per-request log
+//! gives the latencies.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,6 +32,9 @@ pub(crate) fn find() -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
+/// The request headers of a native gRPC call.
+pub(crate) const GRPC_HEADERS: &[&str] = &["content-type: application/grpc", "te: trailers"];
+
 /// A gRPC message as it goes on the wire: a byte saying "not compressed",
 /// its length (4 bytes, big endian), and its protobuf bytes.
 pub(crate) fn grpc_frame(message: &impl prost::Message) -> Result<Vec<u8>> {
@@ -50,13 +54,17 @@ pub(crate) struct Load<'a> {
     pub(crate) h2load: &'a Path,
     /// `http://host:port/package.Service/Method`.
     pub(crate) url: String,
-    /// The request body: one framed gRPC message ([`grpc_frame`]).
+    /// The request body: one framed gRPC message ([`grpc_frame`]), or a
+    /// web protocol's body.
     pub(crate) body: Vec<u8>,
+    /// The request headers (`name: value`), e.g. [`GRPC_HEADERS`].
+    pub(crate) headers: &'a [&'a str],
     /// Streams in flight on the one connection.
     pub(crate) streams: usize,
     /// The fewest response DATA bytes a successful call carries (its
     /// framed reply). A gRPC error comes back as HTTP 200 with trailers
-    /// only, so a run whose responses carry less than this failed.
+    /// only, so a run whose responses carry less than this failed (and
+    /// one with any status but 2xx failed too: a Connect error).
     pub(crate) min_response_bytes: u64,
 }
 
@@ -75,21 +83,20 @@ pub(crate) async fn run(settings: &Settings, load: &Load<'_>, server: &Proc) -> 
 }
 
 async fn run_in(settings: &Settings, load: &Load<'_>, server: &Proc, dir: &Path) -> Result<Sample> {
-    let body = dir.join("request.grpc");
+    let body = dir.join("request.body");
     std::fs::write(&body, &load.body)?;
     let log = dir.join("requests.tsv");
-    let args = vec![
+    let mut args = vec![
         "--clients=1".to_owned(),
         "--threads=1".to_owned(),
         format!("--max-concurrent-streams={}", load.streams),
         format!("--warm-up-time={}ms", settings.warmup.as_millis()),
         format!("--duration={}ms", (settings.duration + TAIL).as_millis()),
         format!("--data={}", body.display()),
-        "--header=content-type: application/grpc".to_owned(),
-        "--header=te: trailers".to_owned(),
         format!("--log-file={}", log.display()),
-        load.url.clone(),
     ];
+    args.extend(load.headers.iter().map(|h| format!("--header={h}")));
+    args.push(load.url.clone());
     let mut h2load = Proc::spawn("h2load", settings.client_cpu(), load.h2load, &args)?;
     // h2load connects (a millisecond on loopback), warms up, then measures
     // for the window and the tail: the CPU readings bracket the window.
@@ -133,6 +140,8 @@ struct Summary {
     failed: u64,
     /// Response DATA bytes.
     data_bytes: u64,
+    /// Responses with an HTTP status other than 2xx.
+    not_2xx: u64,
 }
 
 impl Summary {
@@ -173,16 +182,36 @@ impl Summary {
             .map(|(bytes, _)| bytes)
             .ok_or_else(|| format!("h2load: no data bytes in `{traffic}`"))?
             .parse::<u64>()?;
+        // `status codes: 162624 2xx, 0 3xx, 0 4xx, 0 5xx`
+        let statuses = line("status codes:")?;
+        let mut not_2xx = 0;
+        for item in statuses.split(',') {
+            let (count, class) = item
+                .trim()
+                .split_once(' ')
+                .ok_or_else(|| format!("h2load: unexpected status counts `{statuses}`"))?;
+            if class != "2xx" {
+                not_2xx += count.parse::<u64>()?;
+            }
+        }
         Ok(Summary {
             per_second,
             succeeded,
             failed,
             data_bytes,
+            not_2xx,
         })
     }
 
     /// Every request succeeded, and with a real answer, not a gRPC error.
     fn check(&self, load: &Load<'_>) -> Result<()> {
+        if self.not_2xx > 0 {
+            return Err(format!(
+                "h2load: {} responses with a status other than 2xx (of {})",
+                self.not_2xx, self.succeeded
+            )
+            .into());
+        }
         if self.failed > 0 || self.succeeded == 0 {
             return Err(format!(
                 "h2load: {} requests failed, {} succeeded",
@@ -241,6 +270,7 @@ time for request:       43us      5.06ms       360us       145us    87.35%
             h2load: Path::new("h2load"),
             url: String::new(),
             body: Vec::new(),
+            headers: GRPC_HEADERS,
             streams: 32,
             min_response_bytes,
         }
@@ -256,6 +286,7 @@ time for request:       43us      5.06ms       360us       145us    87.35%
                 succeeded: 162620,
                 failed: 4,
                 data_bytes: 1276590,
+                not_2xx: 0,
             }
         );
         assert!(Summary::parse("finished in 3.00s, 10.00 req/s\n").is_err());
@@ -272,6 +303,9 @@ time for request:       43us      5.06ms       360us       145us    87.35%
         assert!(ok.check(&load(5)).is_ok());
         // Trailers-only answers carry no DATA: fewer bytes than replies.
         assert!(ok.check(&load(1029)).is_err());
+        // A Connect error is a 4xx or 5xx with a body.
+        let refused = Summary { not_2xx: 1, ..ok };
+        assert!(refused.check(&load(5)).is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@ mod resilience;
 mod rpc;
 mod rpc_sides;
 mod traced;
+mod web;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -74,6 +75,9 @@ enum Command {
     /// (child) An overloaded server or its load.
     #[command(hide = true, subcommand)]
     Overload(overload::Child),
+    /// (child) A web protocol peer server.
+    #[command(hide = true, subcommand)]
+    Web(web::Child),
 }
 
 #[derive(clap::Args, Debug)]
@@ -90,7 +94,7 @@ struct RunArgs {
     duration: f64,
     /// Only these scenarios (rpc, rpc-server, rpc-client, registry, broker,
     /// failover, footprint, pick, balance, resilience, overload, observability,
-    /// tracing).
+    /// tracing, web).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -141,6 +145,7 @@ async fn dispatch(command: Command) -> harness::Result<()> {
         Command::Balance(child) => balance::child(child).await,
         Command::Resilience(child) => resilience::child(child).await,
         Command::Overload(child) => overload::child(child).await,
+        Command::Web(child) => web::child(child).await,
     }
 }
 
@@ -168,6 +173,7 @@ async fn run(args: RunArgs) -> harness::Result<()> {
         "overload",
         "observability",
         "tracing",
+        "web",
     ];
     if let Some(unknown) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(format!("unknown scenario `{unknown}`; known: {}", known.join(", ")).into());
@@ -222,6 +228,9 @@ async fn run(args: RunArgs) -> harness::Result<()> {
     }
     if wanted("tracing") {
         report.cases.extend(traced::run(&settings).await?);
+    }
+    if wanted("web") {
+        report.cases.extend(web::run(&settings).await?);
     }
     let markdown = report.to_markdown();
     println!("{markdown}");

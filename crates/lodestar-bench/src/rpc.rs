@@ -62,6 +62,10 @@ pub(crate) enum Call {
     ServerStream,
     /// One stream per worker; one message out, wait for it back, repeat.
     PingPong,
+    /// [`Call::PingPong`] over a WebSocket per worker (the `lodestar.v1+proto`
+    /// sub-protocol, [`crate::web`]) instead of gRPC: `--target` is the
+    /// lodestar server's address, and `--side` is not used.
+    WsPingPong,
 }
 
 /// The child processes of this scenario.
@@ -405,7 +409,7 @@ async fn serve(
 
 /// One operation of a worker: a call (or a round trip), counted as `ops`
 /// operations.
-trait Op: Send + 'static {
+pub(crate) trait Op: Send + 'static {
     /// Does it; returns how many operations it was.
     fn call(&mut self) -> impl std::future::Future<Output = Result<u64>> + Send;
 }
@@ -585,10 +589,10 @@ impl Clients {
 }
 
 /// A boxed [`Op`] factory, one op per worker.
-type Worker =
+pub(crate) type Worker =
     Box<dyn FnMut() -> Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>> + Send>;
 
-fn worker<O: Op>(op: O) -> Worker {
+pub(crate) fn worker<O: Op>(op: O) -> Worker {
     let op = Arc::new(tokio::sync::Mutex::new(op));
     Box::new(move || {
         let op = op.clone();
@@ -623,17 +627,35 @@ async fn make_worker(clients: &Clients, args: &ClientArgs) -> Result<Worker> {
             let mut c = c.clone();
             PingPong::open(|rx| c.ping_pong(rx), raw::Payload { body }).await?
         }
+        (_, Call::WsPingPong) => return Err("WebSocket workers need no gRPC client".into()),
     })
 }
 
 async fn load(args: ClientArgs) -> Result<()> {
+    if args.call == Call::WsPingPong {
+        let (target, body) = (args.target.clone(), vec![0x5Au8; args.size]);
+        return drive(&args, move || {
+            crate::web::ws_ping_pong(target.clone(), body.clone())
+        })
+        .await;
+    }
     let clients =
         Clients::connect(args.side, &args.target, args.resilience, !args.no_metrics).await?;
+    drive(&args, || make_worker(&clients, &args)).await
+}
+
+/// Runs the load of `args` with workers from `make` (one first, alone,
+/// then one per worker), and reports the measured window.
+async fn drive<F, Fut>(args: &ClientArgs, mut make: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Worker>>,
+{
     let warmup = Duration::from_millis(args.warmup_ms);
     let duration = Duration::from_millis(args.duration_ms);
     // One call first, so discovery and connection setup are outside the
     // measurement on both sides.
-    make_worker(&clients, &args).await?().await?;
+    make().await?().await?;
     let start = Instant::now();
     let measure_from = start + warmup;
     let measure_to = measure_from + duration;
@@ -643,7 +665,7 @@ async fn load(args: ClientArgs) -> Result<()> {
         None => {
             let per_worker = (LATENCY_SAMPLES / args.concurrency.max(1)).max(1024);
             for _ in 0..args.concurrency.max(1) {
-                let mut op = make_worker(&clients, &args).await?;
+                let mut op = make().await?;
                 let tally = tally.clone();
                 tasks.spawn(async move {
                     // A bounded sample: the client's peak RSS must not
@@ -676,7 +698,7 @@ async fn load(args: ClientArgs) -> Result<()> {
             let workers = args.concurrency.max(1);
             let mut pool = Vec::with_capacity(workers);
             for _ in 0..workers {
-                pool.push(make_worker(&clients, &args).await?);
+                pool.push(make().await?);
             }
             let tally = tally.clone();
             tasks.spawn(async move {

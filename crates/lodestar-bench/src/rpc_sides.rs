@@ -121,6 +121,7 @@ async fn h2load_run(
         // The reply echoes the request.
         min_response_bytes: body.len() as u64,
         body,
+        headers: h2load::GRPC_HEADERS,
         streams: case.streams,
     };
     let sample = h2load::run(settings, &load, &server).await?;

@@ -38,6 +38,7 @@ fn smoke_run_reports_every_scenario() {
         "resilience",
         "overload",
         "tracing",
+        "web",
     ] {
         assert!(
             cases.iter().any(|c| c["scenario"] == scenario),
