@@ -170,7 +170,8 @@ pin_project_lite::pin_project! {
         waiting: Option<Waiting>,
         // A web answer whose first frame is being read: it may be only a
         // status.
-        peeking: Option<Response<RecvStream>>,
+        // (Boxed: rare, and the future stays small for native calls.)
+        peeking: Option<Box<Response<RecvStream>>>,
     }
 }
 
@@ -204,7 +205,7 @@ impl Future for Exchange {
                         if let Some(status) = status {
                             response.headers_mut().extend(status);
                         }
-                        response
+                        *response
                     }),
                     None => return Poll::Ready(Err(Failure::NoEndpoint)),
                 };
@@ -217,7 +218,7 @@ impl Future for Exchange {
             if let (Ok(response), Some(web)) = (&mut result, waiting.web.as_deref_mut()) {
                 web.response(response);
                 if web.status_only(response.body().is_end_stream()) == StatusOnly::AfterFirstFrame {
-                    *this.peeking = result.ok();
+                    *this.peeking = result.ok().map(Box::new);
                     continue;
                 }
             }
