@@ -9,33 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{Method, StatusCode};
+use http_body_util::Full;
 use lodestar::server::{Cors, WebProtocols};
 use lodestar_tests::*;
 
-/// An answer as a client sees it.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-    }
-}
+use super::web::{Answer, Conn, Counting, assert_counted};
 
 /// Sends one request on a fresh HTTP/1.1 or HTTP/2 connection.
 async fn send(
@@ -53,31 +32,12 @@ async fn send(
         request = request.header(*name, *value);
     }
     let request = request.body(Full::new(body.into())).unwrap();
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        let response = if http2 {
-            let (mut sender, connection) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(connection);
-            sender.send_request(request).await.unwrap()
-        } else {
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(connection);
-            sender.send_request(request).await.unwrap()
-        };
-        let (parts, body) = response.into_parts();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
+    let mut conn = if http2 {
+        Conn::http2(address).await
+    } else {
+        Conn::http1(address).await
     };
-    bounded("an HTTP exchange", exchange).await
+    conn.send(request).await
 }
 
 async fn get(address: std::net::SocketAddr, path: &str) -> Answer {
@@ -508,41 +468,5 @@ async fn user_layers_and_metrics_see_rest_calls() {
         2,
         "the user layer saw both calls"
     );
-    let text = metrics.encode();
-    let ok = sample(
-        &text,
-        "rpc_server_call_duration_seconds_count{rpc_system_name=\"grpc\",rpc_method=\"lodestar.test.Echo/Unary\",rpc_status_code=\"OK\",error_type=\"\"}",
-    );
-    assert_eq!(ok, Some(1.0), "{text}");
-    let failed = text
-        .lines()
-        .any(|l| l.contains("Echo/Fail") && l.contains("NOT_FOUND") && l.ends_with(" 1"));
-    assert!(failed, "{text}");
-}
-
-/// A user layer that counts the calls it sees.
-#[derive(Clone)]
-struct Counting {
-    inner: lodestar::server::Next,
-    seen: Arc<AtomicUsize>,
-}
-
-impl tower_service::Service<http::Request<lodestar::server::RequestBody>> for Counting {
-    type Response = http::Response<lodestar::server::ResponseBody>;
-    type Error = tower::BoxError;
-    type Future = <lodestar::server::Next as tower_service::Service<
-        http::Request<lodestar::server::RequestBody>,
-    >>::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), tower::BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<lodestar::server::RequestBody>) -> Self::Future {
-        self.seen.fetch_add(1, Ordering::SeqCst);
-        self.inner.call(request)
-    }
+    assert_counted(&metrics, 1.0);
 }

@@ -16,19 +16,19 @@ use prost::Message as _;
 
 /// An answer as a client sees it.
 #[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
+pub(super) struct Answer {
+    pub(super) status: StatusCode,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
 }
 
 impl Answer {
-    fn json(&self) -> serde_json::Value {
+    pub(super) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&self.body)))
     }
 
-    fn header(&self, name: &str) -> &str {
+    pub(super) fn header(&self, name: &str) -> &str {
         self.headers
             .get(name)
             .and_then(|v| v.to_str().ok())
@@ -37,13 +37,13 @@ impl Answer {
 }
 
 /// One HTTP connection to a service, kept alive between requests.
-enum Conn {
+pub(super) enum Conn {
     Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
     Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Conn {
-    async fn http1(address: std::net::SocketAddr) -> Self {
+    pub(super) async fn http1(address: std::net::SocketAddr) -> Self {
         let stream = bounded("connect", tokio::net::TcpStream::connect(address))
             .await
             .unwrap();
@@ -54,7 +54,7 @@ impl Conn {
         Conn::Http1(sender)
     }
 
-    async fn http2(address: std::net::SocketAddr) -> Self {
+    pub(super) async fn http2(address: std::net::SocketAddr) -> Self {
         let stream = bounded("connect", tokio::net::TcpStream::connect(address))
             .await
             .unwrap();
@@ -66,7 +66,7 @@ impl Conn {
         Conn::Http2(sender)
     }
 
-    async fn send(&mut self, request: http::Request<Full<Bytes>>) -> Answer {
+    pub(super) async fn send(&mut self, request: http::Request<Full<Bytes>>) -> Answer {
         let exchange = async {
             let response = match self {
                 Conn::Http1(sender) => {
@@ -947,12 +947,18 @@ async fn user_layers_and_metrics_see_web_calls_as_they_see_grpc_calls() {
         4,
         "the user layer saw every call"
     );
+    assert_counted(&metrics, 3.0);
+}
+
+/// Asserts the server's metrics counted `ok` successful `Echo/Unary`
+/// calls, and one `Echo/Fail` ending `NOT_FOUND`.
+pub(super) fn assert_counted(metrics: &lodestar::metrics::Metrics, ok: f64) {
     let text = metrics.encode();
-    let ok = sample(
+    let counted = sample(
         &text,
         "rpc_server_call_duration_seconds_count{rpc_system_name=\"grpc\",rpc_method=\"lodestar.test.Echo/Unary\",rpc_status_code=\"OK\",error_type=\"\"}",
     );
-    assert_eq!(ok, Some(3.0), "{text}");
+    assert_eq!(counted, Some(ok), "{text}");
     let failed = text
         .lines()
         .any(|l| l.contains("Echo/Fail") && l.contains("NOT_FOUND") && l.ends_with(" 1"));
@@ -961,9 +967,9 @@ async fn user_layers_and_metrics_see_web_calls_as_they_see_grpc_calls() {
 
 /// A user layer that counts the calls it sees.
 #[derive(Clone)]
-struct Counting {
-    inner: lodestar::server::Next,
-    seen: Arc<AtomicUsize>,
+pub(super) struct Counting {
+    pub(super) inner: lodestar::server::Next,
+    pub(super) seen: Arc<AtomicUsize>,
 }
 
 impl tower_service::Service<http::Request<lodestar::server::RequestBody>> for Counting {
