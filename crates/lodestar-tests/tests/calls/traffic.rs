@@ -210,13 +210,15 @@ async fn every_strategy_spreads_calls_evenly_over_five_instances() {
         // build's call costs ~1 ms of CPU on this machine's two cores).
         // The two P2C strategies answer to load and latency, which a
         // shared two-core machine running tests in parallel makes unequal
-        // between equal instances; the strategies' own tests hold them to
-        // 20% ± 1.5% over 50,000 picks with equal load and latency. Random
+        // between equal instances, and an instance's slow first calls
+        // weigh on its latency estimate for seconds: they need the longest
+        // run. Their own tests hold them to 20% ± 1.5% over 50,000 picks
+        // with equal load and latency. Random
         // picks and hashed keys are binomial: over 6,000 calls a share's
         // standard deviation is 0.52%, and ± 2% is 3.9 of them. The round
         // robins are exact, up to the calls in flight.
         let (calls, tolerance) = match strategy {
-            Strategy::LeastRequest { .. } | Strategy::PeakEwma { .. } => (3_000, 0.04),
+            Strategy::LeastRequest { .. } | Strategy::PeakEwma { .. } => (10_000, 0.04),
             Strategy::Random | Strategy::Hash { .. } => (6_000, 0.02),
             _ => (2_000, 0.015),
         };
