@@ -4,8 +4,8 @@
 //! JSON each (`application/x-ndjson`), in grpc-gateway's wrapping:
 //!
 //! ```text
-//! {"result":{"name":"Patriots Path, Mendham, NJ 07945, USA","location":{…}}}
-//! {"result":{"name":"101 New Jersey 10, Whippany, NJ 07981, USA","location":{…}}}
+//! {"result":{"name":"Lodestar Trailhead, Kestrel Ridge, NJ, USA","location":{…}}}
+//! {"result":{"name":"Foxglove Lookout, Elm Harbor, NJ, USA","location":{…}}}
 //! {"error":{"code":"deadline_exceeded","message":"…"}}
 //! ```
 //!
