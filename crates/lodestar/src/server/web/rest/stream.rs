@@ -52,7 +52,7 @@ use crate::server::stack::ResponseBody;
 use crate::server::web::{WebResponseBody, connect};
 
 /// The content type of a streamed REST answer.
-pub(crate) const NDJSON: &str = "application/x-ndjson";
+const NDJSON: &str = "application/x-ndjson";
 
 /// A gRPC frame's header: flags and length.
 const HEADER: usize = 5;
