@@ -339,6 +339,102 @@ mod tests {
         assert!(error.message().contains("11 bytes"), "{error:?}");
     }
 
+    /// A response body of `frames`, as the stack hands it on.
+    fn body(frames: Vec<Frame<Bytes>>) -> ResponseBody {
+        let frames = frames.into_iter().map(Ok::<_, std::convert::Infallible>);
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        ResponseBody::from(tonic::body::Body::new(body))
+    }
+
+    /// Replies of `google.protobuf.StringValue`, whose JSON is a string.
+    fn reply() -> Reply {
+        let pool = prost_reflect::DescriptorPool::global();
+        Reply {
+            output: pool
+                .get_message_by_name("google.protobuf.StringValue")
+                .unwrap(),
+            response_body: None,
+        }
+    }
+
+    /// `text` as an encoded `StringValue`, framed.
+    fn string_frame(flags: u8, text: &str) -> Vec<u8> {
+        let mut message = vec![0x0a, text.len() as u8];
+        message.extend_from_slice(text.as_bytes());
+        frame(flags, &message)
+    }
+
+    fn status(code: i32) -> Frame<Bytes> {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from(code));
+        Frame::trailers(trailers)
+    }
+
+    /// The whole body `frames` become, as text.
+    async fn lines(frames: Vec<Frame<Bytes>>, limit: usize) -> String {
+        use http_body_util::BodyExt as _;
+        let lines = Box::pin(Lines::new(body(frames), reply(), limit));
+        let bytes = lines.collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn replies_split_anyhow_become_one_line_each_and_a_failure_the_last() {
+        let mut two = string_frame(0, "a");
+        two.extend(string_frame(0, "bb"));
+        // Chunks that cut frames anywhere: inside a header, inside a message.
+        let chunks = || {
+            [&two[..3], &two[3..9], &two[9..]]
+                .map(|chunk| Frame::data(Bytes::copy_from_slice(chunk)))
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        let mut ok = chunks();
+        ok.push(status(0));
+        assert_eq!(
+            lines(ok, 100).await,
+            "{\"result\":\"a\"}\n{\"result\":\"bb\"}\n"
+        );
+        let mut failed = chunks();
+        failed.push(status(5));
+        assert_eq!(
+            lines(failed, 100).await,
+            "{\"result\":\"a\"}\n{\"result\":\"bb\"}\n{\"error\":{\"code\":\"not_found\"}}\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_the_stream_cannot_be_ends_it_with_an_error_line() {
+        let one = || Frame::data(Bytes::from(string_frame(0, "a")));
+        let first = "{\"result\":\"a\"}\n";
+        let code = |text: &str| {
+            let last = text.lines().last().unwrap();
+            let json: serde_json::Value = serde_json::from_str(last).unwrap();
+            json["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        // A frame cut short by a successful end.
+        let cut = Frame::data(Bytes::from(string_frame(0, "abc")[..6].to_vec()));
+        let out = lines(vec![one(), cut, status(0)], 100).await;
+        assert!(out.starts_with(first) && code(&out) == "internal", "{out}");
+        // No status at all.
+        let out = lines(vec![one()], 100).await;
+        assert!(out.starts_with(first) && code(&out) == "internal", "{out}");
+        // A compressed frame (REST asks for none).
+        let gzip = Frame::data(Bytes::from(string_frame(1, "z")));
+        let out = lines(vec![one(), gzip, status(0)], 100).await;
+        assert!(out.starts_with(first) && code(&out) == "internal", "{out}");
+        // A line over the limit (15 bytes here), though its message fits.
+        let long = Frame::data(Bytes::from(string_frame(0, "0123456789")));
+        let out = lines(vec![one(), long, status(0)], 15).await;
+        assert!(
+            out.starts_with(first) && code(&out) == "resource_exhausted",
+            "{out}"
+        );
+    }
+
     #[test]
     fn a_failure_is_one_error_line() {
         let line = error_line(&tonic::Status::not_found("gone"));
