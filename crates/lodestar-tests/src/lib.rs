@@ -220,6 +220,15 @@ impl Echo for TestEcho {
                     return;
                 }
             }
+            if request.fail_code != 0 {
+                let code = Code::from_i32(request.fail_code);
+                let _ = tx.send(Err(Status::new(code, request.fail_message))).await;
+                guard.event = Some(Event::StreamEnded {
+                    token: request.token,
+                    completed: true,
+                });
+                return;
+            }
             if !request.trailer.is_empty() {
                 // A status with code OK ends the stream successfully, and
                 // its metadata travels as trailers.
@@ -428,6 +437,7 @@ pub fn stream_request(token: &str, count: u32, interval: Duration) -> StreamRequ
         interval: interval.try_into().ok(),
         token: token.to_owned(),
         trailer: String::new(),
+        ..Default::default()
     }
 }
 

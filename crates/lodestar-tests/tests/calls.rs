@@ -231,6 +231,7 @@ async fn a_deadline_that_passes_mid_stream_ends_the_stream() {
         interval: Some(Duration::from_millis(20).try_into().unwrap()),
         token: "long".into(),
         trailer: String::new(),
+        ..Default::default()
     });
     request.set_timeout(Duration::from_millis(300));
     let mut stream = bounded("stream start", echo.server_stream(request))
@@ -303,6 +304,7 @@ async fn dropping_a_server_stream_ends_it_on_the_server() {
         interval: Some(Duration::from_millis(5).try_into().unwrap()),
         token: "dropped".into(),
         trailer: String::new(),
+        ..Default::default()
     };
     let mut stream = bounded("stream start", echo.server_stream(request))
         .await

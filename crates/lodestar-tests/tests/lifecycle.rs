@@ -45,6 +45,7 @@ async fn graceful_shutdown_deregisters_closes_the_listener_then_drains_in_flight
         interval: Some(Duration::from_millis(150).try_into().unwrap()),
         token: "in-flight".into(),
         trailer: String::new(),
+        ..Default::default()
     };
     let mut stream = bounded("stream start", echo.server_stream(request))
         .await
@@ -126,6 +127,7 @@ async fn streams_still_open_at_the_end_of_the_grace_period_are_cut() {
         interval: Some(Duration::from_millis(20).try_into().unwrap()),
         token: "endless".into(),
         trailer: String::new(),
+        ..Default::default()
     };
     let mut stream = bounded("stream start", echo.server_stream(request))
         .await

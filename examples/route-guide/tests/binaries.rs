@@ -137,6 +137,46 @@ fn get_feature_is_a_rest_route_too() {
     assert!(out.ends_with("\n400"), "{out}");
 }
 
+#[test]
+fn list_features_streams_over_rest_as_lines_of_json() {
+    let (_server, address) = start_server(&[]);
+    // `option (google.api.http) = { get: "/v1/features" }`: the rectangle
+    // from the query, a line per feature as it is found (`-N`: as it comes).
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "10",
+            "-w",
+            "%{http_code} %{content_type}",
+        ])
+        .arg(format!(
+            "http://{address}/v1/features?lo.latitude=400000000&lo.longitude=-750000000\
+             &hi.latitude=420000000&hi.longitude=-730000000"
+        ))
+        .output()
+        .expect("run curl");
+    assert!(output.status.success(), "curl: {output:?}");
+    let out = String::from_utf8_lossy(&output.stdout);
+    let (body, status) = out.rsplit_once('\n').unwrap();
+    assert_eq!(status, "200 application/x-ndjson", "{out}");
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.len(), 100, "{out}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with(r#"{"result":{"#) && l.ends_with("}}}")),
+        "{out}"
+    );
+    assert!(
+        lines.contains(
+            &r#"{"result":{"name":"Lodestar Trailhead, Kestrel Ridge, NJ, USA","location":{"latitude":409146138,"longitude":-746188906}}}"#
+        ),
+        "{out}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_and_client_find_each_other_through_a_registry_server() {
     let registry = lodestar_registry_server::start(lodestar_registry_server::Config::ephemeral())

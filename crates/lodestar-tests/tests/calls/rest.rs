@@ -1,8 +1,10 @@
 //! REST routes from `google.api.http` on the service's own port: `curl` on
 //! an annotated route, path, query and body mapping, the status mapping,
 //! unknown routes and verbs, bad input, the body limit, a template the
-//! server refuses at start, CORS, the switch, and a user layer that sees
-//! REST calls as it sees every call. Real sockets.
+//! server refuses at start, CORS, the switch, a user layer that sees
+//! REST calls as it sees every call, and server streams as lines of JSON
+//! (errors before and after the first reply, deadlines, back-pressure,
+//! the send limit). Real sockets.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -122,6 +124,13 @@ async fn curl_calls_annotated_rest_routes() {
                 "\n%{http_code}",
                 &format!("{base}/v1/fail/5?message=no%20such%20thing"),
             ]),
+            // A server stream, a line per reply, over HTTP/1.1 and HTTP/2.
+            curl(&["-N", &format!("{base}/v1/streams/c?count=3")]),
+            curl(&[
+                "-N",
+                "--http2-prior-knowledge",
+                &format!("{base}/v1/streams/c?count=2&fail_code=14&fail_message=down"),
+            ]),
         ]
     })
     .await
@@ -149,6 +158,16 @@ async fn curl_calls_annotated_rest_routes() {
         body,
         serde_json::json!({"code": "not_found", "message": "no such thing"})
     );
+    let lines = |out: &str| -> Vec<serde_json::Value> {
+        assert!(out.ends_with('\n'), "{out:?}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    };
+    assert_eq!(lines(&out[4]), results("c", 0..3));
+    let mut expected = results("c", 0..2);
+    expected.push(serde_json::json!({"error": {"code": "unavailable", "message": "down"}}));
+    assert_eq!(lines(&out[5]), expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,6 +477,8 @@ async fn user_layers_and_metrics_see_rest_calls() {
         get(address, "/v1/fail/5").await.status,
         StatusCode::NOT_FOUND
     );
+    let stream = get(address, "/v1/streams/m?count=2").await;
+    assert_eq!(stream.body.iter().filter(|b| **b == b'\n').count(), 2);
     // Refused before the stack: not a call.
     assert_eq!(
         get(address, "/v1/nothing").await.status,
@@ -465,8 +486,313 @@ async fn user_layers_and_metrics_see_rest_calls() {
     );
     assert_eq!(
         seen.load(Ordering::SeqCst),
-        2,
-        "the user layer saw both calls"
+        3,
+        "the user layer saw every call"
     );
     assert_counted(&metrics, 1.0);
+    let text = metrics.encode();
+    let streamed = sample(
+        &text,
+        "rpc_server_call_duration_seconds_count{rpc_system_name=\"grpc\",rpc_method=\"lodestar.test.Echo/ServerStream\",rpc_status_code=\"OK\",error_type=\"\"}",
+    );
+    assert_eq!(streamed, Some(1.0), "{text}");
+}
+
+/// A REST server stream being read: its head, then its body a line at a time.
+struct Lines {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+    // The connection's sender, kept for as long as the stream is read.
+    _conn: Conn,
+}
+
+impl Lines {
+    /// `GET path` on `conn`, read up to the answer's head.
+    async fn open(mut conn: Conn, path: &str, headers: &[(&str, &str)]) -> Self {
+        let mut request = http::Request::get(format!("http://localhost{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(Bytes::new())).unwrap();
+        let exchange = async {
+            match &mut conn {
+                Conn::Http1(sender) => {
+                    sender.ready().await?;
+                    sender.send_request(request).await
+                }
+                Conn::Http2(sender) => {
+                    sender.ready().await?;
+                    sender.send_request(request).await
+                }
+            }
+        };
+        let response = bounded("a streamed answer's head", exchange).await.unwrap();
+        let (parts, body) = response.into_parts();
+        Self {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            buffer: Vec::new(),
+            _conn: conn,
+        }
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+
+    /// The next line, as JSON; `None` at the end of the body.
+    async fn next(&mut self) -> Option<serde_json::Value> {
+        use http_body_util::BodyExt as _;
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                let json = serde_json::from_slice(&line[..end])
+                    .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&line)));
+                return Some(json);
+            }
+            match bounded("a line of the stream", self.body.frame()).await {
+                Some(frame) => {
+                    if let Ok(data) = frame.unwrap().into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+                None => {
+                    assert!(
+                        self.buffer.is_empty(),
+                        "the body ended inside a line: {:?}",
+                        String::from_utf8_lossy(&self.buffer)
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Every line left.
+    async fn rest(&mut self) -> Vec<serde_json::Value> {
+        let mut lines = Vec::new();
+        while let Some(line) = self.next().await {
+            lines.push(line);
+        }
+        lines
+    }
+}
+
+async fn conn(address: std::net::SocketAddr, http2: bool) -> Conn {
+    if http2 {
+        Conn::http2(address).await
+    } else {
+        Conn::http1(address).await
+    }
+}
+
+/// `{"result":{"message":"<token> #n","servedBy":"a"}}` for n in `range`.
+fn results(token: &str, range: std::ops::Range<u32>) -> Vec<serde_json::Value> {
+    range
+        .map(|n| serde_json::json!({"result": {"message": format!("{token} #{n}"), "servedBy": "a"}}))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_streams_arrive_as_json_lines_over_http1_and_http2() {
+    let mut world = World::new();
+    let running = start(
+        &world,
+        WebProtocols::default(),
+        lodestar::MessageLimits::default(),
+    )
+    .await;
+    let address = running.local_addr();
+    for http2 in [false, true] {
+        let mut stream =
+            Lines::open(conn(address, http2).await, "/v1/streams/s?count=3", &[]).await;
+        assert_eq!(stream.status, StatusCode::OK);
+        assert_eq!(stream.header("content-type"), "application/x-ndjson");
+        assert_eq!(stream.header("x-accel-buffering"), "no");
+        assert_eq!(stream.rest().await, results("s", 0..3), "http2: {http2}");
+        // `response_body` applies to each reply.
+        let mut stream = Lines::open(
+            conn(address, http2).await,
+            "/v1/streams/f/messages?count=2",
+            &[],
+        )
+        .await;
+        assert_eq!(
+            stream.rest().await,
+            [
+                serde_json::json!({"result": "f #0"}),
+                serde_json::json!({"result": "f #1"})
+            ]
+        );
+        for _ in 0..2 {
+            assert!(matches!(
+                world.next_event().await,
+                Event::StreamEnded {
+                    completed: true,
+                    ..
+                }
+            ));
+        }
+
+        // Each reply goes out as it comes: the first line arrives while the
+        // handler still holds the stream open (the second reply is 30 s
+        // away), and the client going away cancels the handler.
+        let mut stream = Lines::open(
+            conn(address, http2).await,
+            "/v1/streams/open?count=2&interval=30s",
+            &[],
+        )
+        .await;
+        assert_eq!(stream.status, StatusCode::OK);
+        assert_eq!(stream.next().await, Some(results("open", 0..1)[0].clone()));
+        drop(stream);
+        assert_eq!(
+            world.next_event().await,
+            Event::StreamEnded {
+                token: "open".into(),
+                completed: false
+            }
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_error_is_the_status_before_the_first_reply_and_the_last_line_after_it() {
+    let world = World::new();
+    let running = start(
+        &world,
+        WebProtocols::default(),
+        lodestar::MessageLimits::default(),
+    )
+    .await;
+    let address = running.local_addr();
+    for http2 in [false, true] {
+        // After two replies: 200, the replies, then the error as the last line.
+        let mut stream = Lines::open(
+            conn(address, http2).await,
+            "/v1/streams/e?count=2&fail_code=5&fail_message=gone",
+            &[],
+        )
+        .await;
+        assert_eq!(stream.status, StatusCode::OK);
+        let mut expected = results("e", 0..2);
+        expected.push(serde_json::json!({"error": {"code": "not_found", "message": "gone"}}));
+        assert_eq!(stream.rest().await, expected, "http2: {http2}");
+
+        // Before any reply: the REST error answer, with the code's status.
+        let answer = send(
+            address,
+            http2,
+            Method::GET,
+            "/v1/streams/e?count=0&failCode=7&failMessage=no",
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{answer:?}");
+        assert_eq!(answer.header("content-type"), "application/json");
+        assert_eq!(
+            answer.json(),
+            serde_json::json!({"code": "permission_denied", "message": "no"})
+        );
+
+        // No reply and no error: 200 and an empty body.
+        let answer = send(
+            address,
+            http2,
+            Method::GET,
+            "/v1/streams/none?count=0",
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        assert_eq!(answer.header("content-type"), "application/x-ndjson");
+        assert!(answer.body.is_empty(), "{answer:?}");
+
+        // A deadline (`grpc-timeout`) that passes mid-stream ends it with a
+        // deadline_exceeded line.
+        let mut stream = Lines::open(
+            conn(address, http2).await,
+            "/v1/streams/d?count=100&interval=0.05s",
+            &[("grpc-timeout", "300m")],
+        )
+        .await;
+        assert_eq!(stream.status, StatusCode::OK);
+        let lines = stream.rest().await;
+        let (last, replies) = lines.split_last().unwrap();
+        assert_eq!(last["error"]["code"], "deadline_exceeded", "{lines:?}");
+        assert!(
+            !replies.is_empty() && replies.len() < 100,
+            "{} replies before the deadline",
+            replies.len()
+        );
+        assert_eq!(replies, &results("d", 0..replies.len() as u32)[..]);
+    }
+    // A bad query is refused before the call, as on unary routes.
+    let answer = get(address, "/v1/streams/x?count=many").await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.json()["code"], "invalid_argument");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_holds_the_handler_back_and_lines_are_bounded_by_the_send_limit() {
+    let mut world = World::new();
+    let limits = lodestar::MessageLimits {
+        max_encoding_message_size: 64,
+        ..lodestar::MessageLimits::default()
+    };
+    let running = start(&world, WebProtocols::default(), limits).await;
+    let address = running.local_addr();
+    // An HTTP/2 client that lets the server send 1 KiB ahead of what it
+    // has read: the server takes replies from the handler only as the
+    // connection takes lines, so 200 replies (about 10 KB) wait in the
+    // handler, not in the server, until they are read.
+    let stream = bounded("connect", tokio::net::TcpStream::connect(address))
+        .await
+        .unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(1024)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let mut slow = Lines::open(Conn::Http2(sender), "/v1/streams/slow?count=200", &[]).await;
+    assert_eq!(slow.next().await, Some(results("slow", 0..1)[0].clone()));
+    // While nothing is read, the handler cannot finish. (Absence is
+    // checked for a bounded time: with a window that does not hold the
+    // client back, the handler ends in well under it.)
+    let ended = tokio::time::timeout(Duration::from_millis(500), world.events.recv()).await;
+    assert!(ended.is_err(), "the handler finished early: {ended:?}");
+    let rest = slow.rest().await;
+    assert_eq!(rest, results("slow", 1..200));
+    assert_eq!(
+        world.next_event().await,
+        Event::StreamEnded {
+            token: "slow".into(),
+            completed: true
+        }
+    );
+
+    // The send limit bounds each line: a reply whose protobuf fits (40
+    // bytes) but whose JSON line does not (76) ends the call
+    // resource_exhausted, before the first reply with its HTTP status.
+    let token = "t".repeat(32);
+    let answer = get(address, &format!("/v1/streams/{token}?count=2")).await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS, "{answer:?}");
+    assert_eq!(answer.json()["code"], "resource_exhausted");
+    assert!(
+        answer.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("send limit of 64 bytes"),
+        "{answer:?}"
+    );
 }

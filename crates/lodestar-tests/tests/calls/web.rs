@@ -1952,6 +1952,7 @@ async fn a_client_calls_every_kind_over_grpc_web_and_connect() {
                 interval: None,
                 token: "s".into(),
                 trailer: "end".into(),
+                ..Default::default()
             }),
         )
         .await

@@ -564,7 +564,7 @@ pub static KEYS: &[Key] = &[
         kind: Kind::Bool,
         default: "true",
         aliases: &[],
-        doc: "Serve REST routes from the services' `google.api.http` annotations (JSON in and out, unary methods) on the service's port. Costs nothing when no method is annotated.",
+        doc: "Serve REST routes from the services' `google.api.http` annotations (JSON in and out; unary methods, and server-streaming ones as a line of JSON per reply) on the service's port. Costs nothing when no method is annotated.",
     },
     Key {
         path: "service.web.websocket_ping_interval",

@@ -327,7 +327,7 @@ fn unary_error(
 
 /// The response headers that are the call's metadata: gRPC's own
 /// (content type, encodings) left out.
-fn metadata(mut headers: HeaderMap) -> HeaderMap {
+pub(super) fn metadata(mut headers: HeaderMap) -> HeaderMap {
     for name in [
         header::CONTENT_TYPE,
         header::CONTENT_LENGTH,

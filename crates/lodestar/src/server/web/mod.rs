@@ -360,6 +360,9 @@ pin_project_lite::pin_project! {
         Full { data: Option<Bytes> },
         /// gRPC-Web, and Connect streams: the trailers in the body.
         Streamed { #[pin] body: trailers::TrailersInBody },
+        /// A REST server stream: a line of JSON per reply (boxed: its
+        /// first line is read before the answer is made).
+        Lines { body: Pin<Box<rest::stream::Lines>> },
     }
 }
 
@@ -388,6 +391,7 @@ impl Body for WebResponseBody {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
             }
             WebResponseBodyProj::Streamed { body } => body.poll_frame(cx),
+            WebResponseBodyProj::Lines { body } => body.as_mut().poll_frame(cx),
         }
     }
 
@@ -395,6 +399,7 @@ impl Body for WebResponseBody {
         match self {
             Self::Full { data } => data.is_none(),
             Self::Streamed { body } => body.is_end_stream(),
+            Self::Lines { body } => body.is_end_stream(),
         }
     }
 
@@ -404,6 +409,7 @@ impl Body for WebResponseBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Self::Streamed { body } => body.size_hint(),
+            Self::Lines { body } => body.size_hint(),
         }
     }
 }
@@ -413,6 +419,7 @@ impl EndsCall for WebResponseBody {
         match self.project() {
             WebResponseBodyProj::Full { data } => *data = None,
             WebResponseBodyProj::Streamed { body } => body.ended(status),
+            WebResponseBodyProj::Lines { body } => body.as_mut().ended(status),
         }
     }
 }

@@ -47,8 +47,9 @@ pub struct WebProtocols {
     pub websocket: bool,
     /// REST routes from the services' `google.api.http` annotations
     /// (`docs/web.md`, "REST"): `GET /v1/features/1/2` and the like,
-    /// JSON in and out, unary methods only. Default: on (it costs nothing
-    /// when no method is annotated).
+    /// JSON in and out, for unary methods and server-streaming ones (a
+    /// line of JSON per reply). Default: on (it costs nothing when no
+    /// method is annotated).
     pub rest: bool,
     /// How long a WebSocket may be silent before the server pings it.
     /// Default: 30 s.

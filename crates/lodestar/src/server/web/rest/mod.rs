@@ -19,10 +19,13 @@
 //! answers `200` with the reply as JSON (or its `response_body` field),
 //! or a Connect error body with the code's HTTP status.
 //!
-//! Path templates, their grammar and matching: `template.rs`.
+//! A server-streaming method's route answers its replies as they come,
+//! one line of JSON each (`application/x-ndjson`, `{"result":…}`), and a
+//! failure after the first reply as a last `{"error":…}` line:
+//! `stream.rs`. A client-streaming or bidi method's rule is skipped with
+//! a warning at start (a REST request has one message).
 //!
-//! Unary methods only: a streaming method's rule is skipped with a
-//! warning at start.
+//! Path templates, their grammar and matching: `template.rs`.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -38,6 +41,7 @@ use prost_reflect::{
     SerializeOptions, Value,
 };
 
+pub(crate) mod stream;
 mod template;
 
 use self::template::{Template, percent_decode};
@@ -158,9 +162,11 @@ struct RestRoute {
     /// The method's gRPC path (`/package.Service/Method`).
     grpc_path: Uri,
     input: MessageDescriptor,
-    output: MessageDescriptor,
     body: BodyField,
-    response_body: Option<FieldDescriptor>,
+    /// How a reply becomes JSON.
+    reply: Reply,
+    /// Whether the method streams its replies (server streaming).
+    streams: bool,
     /// The path variables' fields (`.proto` names), to refuse them in
     /// the query.
     bound: HashSet<String>,
@@ -190,8 +196,9 @@ impl Routes {
     /// The routes of the methods of `services` that carry a
     /// `google.api.http` option. A template that does not parse, or that
     /// names fields the request does not have, is an error naming the
-    /// method and the template; a streaming method's rules are skipped
-    /// with a warning (REST serves unary methods only).
+    /// method and the template; a client-streaming or bidi method's rules
+    /// are skipped with a warning (REST serves unary and server-streaming
+    /// methods).
     pub(crate) fn build(descriptors: &Descriptors, services: &[&str]) -> Result<Self, RouteError> {
         let mut routes = Vec::new();
         for service in descriptors
@@ -211,11 +218,12 @@ impl Routes {
                     ),
                 })?;
                 let Some(rule) = option.http else { continue };
-                if method.is_client_streaming() || method.is_server_streaming() {
+                if method.is_client_streaming() {
                     tracing::warn!(
                         method = method.full_name(),
-                        "google.api.http on a streaming method is not served over REST \
-                         (unary methods only); call it with Connect, gRPC-Web or WebSocket"
+                        "google.api.http on a client-streaming or bidi method is not served \
+                         over REST (unary and server-streaming methods only); call it with \
+                         Connect, gRPC-Web or WebSocket"
                     );
                     continue;
                 }
@@ -389,9 +397,12 @@ fn route(
         text: text.to_owned(),
         grpc_path: grpc_path.clone(),
         input,
-        output,
         body,
-        response_body,
+        reply: Reply {
+            output,
+            response_body,
+        },
+        streams: method.is_server_streaming(),
         bound,
     })
 }
@@ -508,6 +519,10 @@ pub(super) async fn serve(
     parts.uri = route.grpc_path.clone();
     let request = Request::from_parts(parts, WebRequestBody::whole(frame).into());
     let response = call(outer, request).await;
+    if route.streams {
+        let limit = state.limits.max_encoding_message_size;
+        return stream::respond(response, route.reply.clone(), limit).await;
+    }
     let response = connect::unary_response(
         response,
         connect::Codec::Proto,
@@ -528,7 +543,7 @@ pub(super) async fn serve(
             );
         }
     };
-    match reply_json(route, &reply) {
+    match route.reply.json(&reply) {
         Ok(json) => {
             parts.headers.insert(
                 header::CONTENT_TYPE,
@@ -818,34 +833,45 @@ fn scalar(kind: &Kind, text: &str) -> Result<Value, String> {
     })
 }
 
-/// The reply as JSON: the whole message, or its `response_body` field.
-fn reply_json(route: &RestRoute, reply: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-    let message = DynamicMessage::decode(route.output.clone(), reply).map_err(|e| {
-        tonic::Status::internal(format!(
-            "the reply does not decode as {}: {e}",
-            route.output.full_name()
-        ))
-    })?;
-    let encode = |e: serde_json::Error| {
-        tonic::Status::internal(format!(
-            "encoding a {} as JSON: {e}",
-            route.output.full_name()
-        ))
-    };
-    let Some(field) = &route.response_body else {
-        return serde_json::to_vec(&message).map_err(encode);
-    };
-    // The field's JSON as the whole message's JSON writes it, defaults
-    // included (so an unset field is its default, not nothing).
-    let options = SerializeOptions::new().skip_default_fields(false);
-    let whole = message
-        .serialize_with_options(serde_json::value::Serializer, &options)
-        .map_err(encode)?;
-    let value = whole
-        .get(field.json_name())
-        .cloned()
-        .unwrap_or(serde_json::Value::Null);
-    serde_json::to_vec(&value).map_err(encode)
+/// How a route's replies become JSON: the reply type, and the
+/// `response_body` field if the rule names one.
+#[derive(Debug, Clone)]
+pub(crate) struct Reply {
+    output: MessageDescriptor,
+    response_body: Option<FieldDescriptor>,
+}
+
+impl Reply {
+    /// The reply (encoded protobuf) as JSON: the whole message, or its
+    /// `response_body` field.
+    fn json(&self, reply: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        let message = DynamicMessage::decode(self.output.clone(), reply).map_err(|e| {
+            tonic::Status::internal(format!(
+                "the reply does not decode as {}: {e}",
+                self.output.full_name()
+            ))
+        })?;
+        let encode = |e: serde_json::Error| {
+            tonic::Status::internal(format!(
+                "encoding a {} as JSON: {e}",
+                self.output.full_name()
+            ))
+        };
+        let Some(field) = &self.response_body else {
+            return serde_json::to_vec(&message).map_err(encode);
+        };
+        // The field's JSON as the whole message's JSON writes it, defaults
+        // included (so an unset field is its default, not nothing).
+        let options = SerializeOptions::new().skip_default_fields(false);
+        let whole = message
+            .serialize_with_options(serde_json::value::Serializer, &options)
+            .map_err(encode)?;
+        let value = whole
+            .get(field.json_name())
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        serde_json::to_vec(&value).map_err(encode)
+    }
 }
 
 #[cfg(test)]
@@ -860,11 +886,20 @@ mod tests {
         pool_with(&[])
     }
 
+    /// Which side of a test method streams.
+    #[derive(Debug, Clone, Copy)]
+    enum Streams {
+        No,
+        Server,
+        Client,
+        Both,
+    }
+
     /// [`pool`], with more methods of `t.S` (`Req` in and out), each with
     /// its `google.api.http` rule as protoc writes it (an unknown field of
     /// the method's options, since prost-types cannot carry extensions),
-    /// and whether its server streams.
-    fn pool_with(methods: &[(&str, HttpRule, bool)]) -> Descriptors {
+    /// and which side streams.
+    fn pool_with(methods: &[(&str, HttpRule, Streams)]) -> Descriptors {
         use prost_types::field_descriptor_proto::{Label, Type};
         use prost_types::{
             DescriptorProto, EnumDescriptorProto, EnumValueDescriptorProto, FieldDescriptorProto,
@@ -944,9 +979,16 @@ mod tests {
         }
         .encode_to_vec();
         for (name, rule, streams) in methods {
+            let (client, server) = match streams {
+                Streams::No => (false, false),
+                Streams::Server => (false, true),
+                Streams::Client => (true, false),
+                Streams::Both => (true, true),
+            };
             let mut method = MethodDescriptorProto {
                 name: Some((*name).into()),
-                server_streaming: Some(*streams),
+                client_streaming: Some(client),
+                server_streaming: Some(server),
                 ..plain.clone()
             }
             .encode_to_vec();
@@ -974,40 +1016,50 @@ mod tests {
                     additional_bindings: vec![get("/v1/a/special")],
                     ..get("/v1/a/{name}")
                 },
-                false,
+                Streams::No,
             ),
-            ("B", get("/v1/{name=**}"), false),
-            ("Streams", get("/v1/streams"), true),
+            ("B", get("/v1/{name=**}"), Streams::No),
+            ("Streams", get("/v1/streams"), Streams::Server),
+            ("Uploads", get("/v1/uploads"), Streams::Client),
+            ("Chats", get("/v1/chats"), Streams::Both),
         ]);
         let routes = Routes::build(&pool, &["t.S"]).unwrap();
-        let table: Vec<(&str, &str)> = routes
+        let table: Vec<(&str, &str, bool)> = routes
             .routes
             .iter()
-            .map(|r| (r.text.as_str(), r.grpc_path.path()))
+            .map(|r| (r.text.as_str(), r.grpc_path.path(), r.streams))
             .collect();
-        // Most literal first, `**` last; the streaming method is skipped.
+        // Most literal first, `**` last; the server-streaming method is a
+        // streamed route, the client-streaming and bidi ones are skipped.
         assert_eq!(
             table,
             [
-                ("/v1/a/special", "/t.S/A"),
-                ("/v1/a/{name}", "/t.S/A"),
-                ("/v1/{name=**}", "/t.S/B"),
+                ("/v1/a/special", "/t.S/A", false),
+                ("/v1/a/{name}", "/t.S/A", false),
+                ("/v1/streams", "/t.S/Streams", true),
+                ("/v1/{name=**}", "/t.S/B", false),
             ]
         );
         assert!(Routes::build(&pool, &["t.Other"]).unwrap().is_empty());
-        let twice = pool_with(&[("A", get("/v1/x"), false), ("B", get("/v1/x"), false)]);
+        let twice = pool_with(&[
+            ("A", get("/v1/x"), Streams::No),
+            ("B", get("/v1/x"), Streams::No),
+        ]);
         let error = Routes::build(&twice, &["t.S"]).unwrap_err().to_string();
         assert_eq!(
             error,
             "the REST route of t.S.B (GET \"/v1/x\") is invalid: the same verb and template \
              already route to t.S.A"
         );
-        let bad = pool_with(&[("A", get("/v1/{nope}"), false)]);
+        let bad = pool_with(&[("A", get("/v1/{nope}"), Streams::No)]);
         let error = Routes::build(&bad, &["t.S"]).unwrap_err().to_string();
         assert!(error.contains("t.S.A (GET \"/v1/{nope}\")"), "{error}");
-        let error = Routes::build(&pool_with(&[("A", HttpRule::default(), false)]), &["t.S"])
-            .unwrap_err()
-            .to_string();
+        let error = Routes::build(
+            &pool_with(&[("A", HttpRule::default(), Streams::No)]),
+            &["t.S"],
+        )
+        .unwrap_err()
+        .to_string();
         assert_eq!(
             error,
             "the REST route of t.S.A is invalid: the rule has no verb and path (get, put, \
@@ -1256,24 +1308,24 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let mut reply = DynamicMessage::new(whole.output.clone());
+        let mut reply = DynamicMessage::new(whole.reply.output.clone());
         reply.set_field_by_name("name", Value::String("x".into()));
         let bytes = reply.encode_to_vec();
-        assert_eq!(reply_json(&whole, &bytes).unwrap(), br#"{"name":"x"}"#);
+        assert_eq!(whole.reply.json(&bytes).unwrap(), br#"{"name":"x"}"#);
         let field = rest_route(HttpRule {
             get: "/v1".into(),
             response_body: "flag".into(),
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(reply_json(&field, &bytes).unwrap(), b"false");
+        assert_eq!(field.reply.json(&bytes).unwrap(), b"false");
         let field = rest_route(HttpRule {
             get: "/v1".into(),
             response_body: "name".into(),
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(reply_json(&field, &bytes).unwrap(), br#""x""#);
+        assert_eq!(field.reply.json(&bytes).unwrap(), br#""x""#);
     }
 
     #[test]
