@@ -851,7 +851,7 @@ fn ok_status(output: Output) -> Output {
 }
 
 #[test]
-fn calls_over_connect_and_grpc_web() {
+fn calls_over_connect_and_grpc_web_binary_and_text() {
     let (_echo, echo) = service("echo", "memory://");
     let (_failing, failing) = service_with(
         "route-guide",
@@ -861,12 +861,13 @@ fn calls_over_connect_and_grpc_web() {
             ..Quirks::default()
         },
     );
-    for protocol in ["connect", "grpc-web"] {
+    for protocol in ["connect", "grpc-web", "grpc-web-text"] {
         // A fresh instance each: RouteChat answers with the notes before.
         let (_instance, address) = service("route-guide", "memory://");
         assert_four_kinds(&address, &["--protocol", protocol]);
         // NOT_FOUND with its details, mapped back from the protocol's own
-        // error (Connect's JSON, gRPC-Web's trailers frame).
+        // error (Connect's JSON, gRPC-Web's trailers frame, in base64 for
+        // text).
         let error = failed(
             &lodestar(&["call", &failing, "GetFeature", "--protocol", protocol]),
             69,
@@ -904,7 +905,8 @@ fn calls_over_connect_and_grpc_web() {
     let output = lodestar(&["call", &echo, "Unary", "--protocol", "http"]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(
-        stderr(&output).contains("expected \"grpc\", \"grpc-web\" or \"connect\""),
+        stderr(&output)
+            .contains("expected \"grpc\", \"grpc-web\", \"grpc-web-text\" or \"connect\""),
         "{}",
         stderr(&output)
     );

@@ -633,6 +633,18 @@ impl RequestBody {
         }
     }
 
+    /// Wraps `inner`, a body that is not gRPC's frames (a gRPC-Web text
+    /// request, whose frames `inner` checked already), passing its data
+    /// as it is.
+    pub(crate) fn unchecked(inner: tonic::body::Body, error: RequestError) -> Self {
+        Self {
+            inner,
+            messages: Messages::new(None),
+            error,
+            ahead: None,
+        }
+    }
+
     /// A body of `bytes` (a kept copy of a request, already checked and
     /// encoded) that reports its errors to `error`. Allocates nothing.
     pub(crate) fn replay(bytes: Bytes, error: RequestError) -> Self {

@@ -88,9 +88,11 @@ pub(crate) struct CallArgs {
     /// Print the response headers and trailers on stderr.
     #[arg(short = 'v', long)]
     verbose: bool,
-    /// The wire protocol of the call: grpc, grpc-web (binary) or connect,
-    /// all over HTTP/2. Reflection, which finds the method, always goes
-    /// over native gRPC, so the server must serve that too.
+    /// The wire protocol of the call: grpc, grpc-web (binary),
+    /// grpc-web-text (gRPC-Web in base64) or connect, all over HTTP/2
+    /// (`grpcweb` and `grpcwebtext` are taken too). Reflection, which finds
+    /// the method, always goes over native gRPC, so the server must serve
+    /// that too.
     #[arg(long, value_name = "PROTOCOL", default_value = "grpc", value_parser = parse_protocol)]
     protocol: lodestar::client::Protocol,
 }

@@ -320,7 +320,12 @@ async fn an_idempotent_call_is_retried_on_another_instance_within_its_deadline()
     // Over every protocol: a status in a gRPC-Web trailers frame or a
     // Connect error body is read before the retry layer looks, as a
     // trailers-only answer's is.
-    for protocol in [Protocol::Grpc, Protocol::GrpcWeb, Protocol::Connect] {
+    for protocol in [
+        Protocol::Grpc,
+        Protocol::GrpcWeb,
+        Protocol::GrpcWebText,
+        Protocol::Connect,
+    ] {
         fleet.clear();
         retried_elsewhere(&world, &fleet, protocol).await;
     }

@@ -1923,12 +1923,12 @@ fn echo(message: &str) -> EchoRequest {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_calls_every_kind_over_grpc_web_and_connect() {
+async fn a_client_calls_every_kind_over_grpc_web_binary_and_text_and_connect() {
     use lodestar::client::Protocol;
     use tokio_stream::StreamExt as _;
     let world = World::new();
     let _running = start(&world, WebProtocols::default()).await;
-    for protocol in [Protocol::GrpcWeb, Protocol::Connect] {
+    for protocol in [Protocol::GrpcWeb, Protocol::GrpcWebText, Protocol::Connect] {
         let mut client = web_client(&world, protocol);
 
         // Unary, with metadata both ways.
@@ -1943,6 +1943,12 @@ async fn a_client_calls_every_kind_over_grpc_web_and_connect() {
             "{protocol}"
         );
         assert_eq!(reply.get_ref().message, "hello", "{protocol}");
+
+        // A large message each way: many HTTP/2 frames (and, in text, base64
+        // split wherever they split).
+        let large = "0123456789".repeat(20_000) + "!";
+        let reply = bounded("large", client.unary(echo(&large))).await.unwrap();
+        assert!(reply.get_ref().message == large, "{protocol}");
 
         // Server stream, with a trailer.
         let stream = bounded(
@@ -2064,6 +2070,7 @@ async fn a_web_client_of_a_server_without_web_protocols_gets_a_clear_error() {
     let _running = start(&world, WebProtocols::none()).await;
     for (protocol, name) in [
         (Protocol::GrpcWeb, "gRPC-Web"),
+        (Protocol::GrpcWebText, "gRPC-Web"),
         (Protocol::Connect, "Connect"),
     ] {
         let mut client = web_client(&world, protocol);
@@ -2087,7 +2094,7 @@ async fn web_replies_obey_the_clients_receive_limit() {
     use lodestar::client::Protocol;
     let world = World::new();
     let _running = start(&world, WebProtocols::default()).await;
-    for protocol in [Protocol::GrpcWeb, Protocol::Connect] {
+    for protocol in [Protocol::GrpcWeb, Protocol::GrpcWebText, Protocol::Connect] {
         let client = lodestar::Client::builder(world.registry.clone())
             .protocol(protocol)
             .message_limits(lodestar::MessageLimits {
@@ -2107,4 +2114,175 @@ async fn web_replies_obey_the_clients_receive_limit() {
         // A small one still passes.
         bounded("unary", client.unary(echo("x"))).await.unwrap();
     }
+}
+
+/// A registry whose one instance of `echo` is at `address`.
+async fn echo_at(address: std::net::SocketAddr) -> lodestar::MemoryRegistry {
+    use lodestar::Registry as _;
+    let registry = lodestar::MemoryRegistry::new();
+    registry
+        .register(
+            lodestar::Instance::new("echo", address.to_string()),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    registry
+}
+
+/// Serves `TestEcho` with tonic behind `tonic_web::GrpcWebLayer`, over
+/// HTTP/2 on a loopback port: a gRPC-Web server that is not lodestar's.
+async fn tonic_web_echo(world: &World) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tower::Layer as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let service = tonic_web::GrpcWebLayer::new().layer(EchoServer::new(world.echo("tonic-web")));
+    let serving = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = service.clone();
+            let service =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let mut service = service.clone();
+                    async move {
+                        tower::Service::call(&mut service, request.map(tonic::body::Body::new))
+                            .await
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    (address, serving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_calls_tonic_web_over_grpc_web_binary_and_text() {
+    use lodestar::client::Protocol;
+    use tokio_stream::StreamExt as _;
+    let world = World::new();
+    let (address, serving) = tonic_web_echo(&world).await;
+    let registry = echo_at(address).await;
+    for protocol in [Protocol::GrpcWeb, Protocol::GrpcWebText] {
+        let client = lodestar::Client::builder(registry.clone())
+            .protocol(protocol)
+            .build();
+        let mut client = EchoClient::by_name(&client, "echo");
+
+        // Unary, small and large (many HTTP/2 frames).
+        let mut request = lodestar::Request::new(echo("hello"));
+        request
+            .metadata_mut()
+            .insert("x-asked", "yes".parse().unwrap());
+        let reply = bounded("unary", client.unary(request)).await.unwrap();
+        assert_eq!(reply.get_ref().message, "hello", "{protocol}");
+        assert_eq!(reply.metadata().get("x-asked").unwrap(), "yes");
+        let large = "0123456789".repeat(20_000) + "!";
+        let reply = bounded("large", client.unary(echo(&large))).await.unwrap();
+        assert!(reply.get_ref().message == large, "{protocol}");
+
+        // Server stream, with its trailer.
+        let stream = bounded(
+            "server stream",
+            client.server_stream(StreamRequest {
+                count: 3,
+                interval: None,
+                token: "s".into(),
+                trailer: "end".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        let mut stream = stream.into_inner();
+        let mut got = Vec::new();
+        while let Some(reply) = bounded("a message", stream.next()).await {
+            got.push(reply.unwrap().message);
+        }
+        assert_eq!(got, ["s #0", "s #1", "s #2"], "{protocol}");
+        let trailers = bounded("trailers", stream.trailers())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(trailers.get("x-trailer").unwrap(), "end", "{protocol}");
+
+        // An error: tonic answers trailers-only, which tonic-web passes in
+        // the response's headers.
+        let status = bounded(
+            "fail",
+            client.fail(FailRequest {
+                code: lodestar::Code::NotFound as i32,
+                message: "no such order: ünïcode ✓".into(),
+            }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            status.code(),
+            lodestar::Code::NotFound,
+            "{protocol}: {status:?}"
+        );
+        assert_eq!(status.message(), "no such order: ünïcode ✓", "{protocol}");
+        assert_eq!(status.metadata().get("x-failed-by").unwrap(), "tonic-web");
+
+        // A deadline that passes (the client's own: this server does not
+        // enforce `grpc-timeout`).
+        let mut request = lodestar::Request::new(sleep_request("late", Duration::from_secs(5)));
+        request.set_timeout(Duration::from_millis(200));
+        let status = bounded("sleep", client.sleep(request)).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            lodestar::Code::DeadlineExceeded,
+            "{protocol}: {status:?}"
+        );
+    }
+    serving.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_answer_that_is_not_base64_ends_the_call_internal() {
+    // A server that answers gRPC-Web text with a body that is not base64.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let serving = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service =
+                hyper::service::service_fn(|_: http::Request<hyper::body::Incoming>| async {
+                    let good = base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        frame(0, b"\x0a\x02hi"),
+                    );
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/grpc-web-text+proto")
+                            .body(Full::new(Bytes::from(format!("{good}*AAA"))))
+                            .unwrap(),
+                    )
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    let client = lodestar::Client::builder(echo_at(address).await)
+        .protocol(lodestar::client::Protocol::GrpcWebText)
+        .build();
+    let mut client = EchoClient::by_name(&client, "echo");
+    let status = bounded("unary", client.unary(echo("x"))).await.unwrap_err();
+    assert_eq!(status.code(), lodestar::Code::Internal, "{status:?}");
+    assert!(
+        status.message().contains("not base64")
+            && status.message().contains("0x2a")
+            && status.message().contains("offset 12"),
+        "{status:?}"
+    );
+    serving.abort();
 }

@@ -6,6 +6,10 @@
 //!   `application/grpc-web+proto` (or `+json`); the response's status
 //!   comes in a last frame flagged `0x80` holding `name: value\r\n` lines
 //!   (the server's `grpc_web::trailer_frame`), made into trailers here.
+//! * **gRPC-Web text**: the same body in base64 both ways
+//!   (`application/grpc-web-text+proto`), encoded and decoded as it
+//!   streams ([`web_text`](super::web_text)); what is decoded is read as
+//!   binary gRPC-Web is.
 //! * **Connect, unary** (methods that take and return one message): the
 //!   request is the bare message (`application/proto` or
 //!   `application/json`), the answer the bare reply with `200`, or a JSON
@@ -39,6 +43,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body as _, Frame};
 
 use crate::body::RequestBody;
+use crate::client::web_text::{DecodeText, EncodeText};
 
 /// The wire protocol a client's calls travel over. Default:
 /// [`Protocol::Grpc`].
@@ -57,6 +62,14 @@ pub enum Protocol {
     /// in the body, so it passes proxies that drop HTTP trailers. Every
     /// call kind.
     GrpcWeb,
+    /// gRPC-Web text (`application/grpc-web-text+proto`, with `accept:
+    /// application/grpc-web-text`): gRPC-Web's body in base64 both ways,
+    /// for proxies and servers that pass only text. The request is encoded
+    /// as its messages go (padded where the next message is not ready yet,
+    /// and at its end); the response is decoded as it comes, wherever the
+    /// server padded it. About a third larger on the wire than
+    /// [`Protocol::GrpcWeb`]. Every call kind.
+    GrpcWebText,
     /// The Connect protocol: unary calls as a plain `POST` of the message
     /// (`application/proto` or `application/json`), others as Connect
     /// streams (`application/connect+proto`).
@@ -65,11 +78,20 @@ pub enum Protocol {
 
 impl Protocol {
     /// The protocol's name as `lodestar.toml` and the CLI spell it:
-    /// `grpc`, `grpc-web` or `connect`.
+    /// `grpc`, `grpc-web`, `grpc-web-text` or `connect`. Parsing
+    /// ([`str::parse`]) takes these, and `grpcweb` and `grpcwebtext` (as
+    /// `buf curl --protocol grpcweb` spells it) too.
+    ///
+    /// ```
+    /// use lodestar::client::Protocol;
+    /// assert_eq!("grpcwebtext".parse::<Protocol>(), Ok(Protocol::GrpcWebText));
+    /// assert_eq!(Protocol::GrpcWebText.to_string(), "grpc-web-text");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Grpc => "grpc",
             Protocol::GrpcWeb => "grpc-web",
+            Protocol::GrpcWebText => "grpc-web-text",
             Protocol::Connect => "connect",
         }
     }
@@ -118,7 +140,8 @@ impl CallKind {
     }
 }
 
-/// A protocol name that is not one of `grpc`, `grpc-web` or `connect`.
+/// A protocol name that is not one of `grpc`, `grpc-web`, `grpc-web-text`
+/// or `connect`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownProtocol(pub String);
 
@@ -126,7 +149,8 @@ impl std::fmt::Display for UnknownProtocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "unknown protocol {:?}: expected \"grpc\", \"grpc-web\" or \"connect\"",
+            "unknown protocol {:?}: expected \"grpc\", \"grpc-web\", \"grpc-web-text\" or \
+             \"connect\"",
             self.0
         )
     }
@@ -141,6 +165,7 @@ impl std::str::FromStr for Protocol {
         match s {
             "grpc" => Ok(Protocol::Grpc),
             "grpc-web" | "grpcweb" => Ok(Protocol::GrpcWeb),
+            "grpc-web-text" | "grpcwebtext" => Ok(Protocol::GrpcWebText),
             "connect" => Ok(Protocol::Connect),
             other => Err(UnknownProtocol(other.to_owned())),
         }
@@ -202,15 +227,24 @@ pub(crate) fn prepare(
     let headers = request.headers_mut();
     headers.remove(header::TE);
     let mode = match protocol {
-        Protocol::Grpc | Protocol::GrpcWeb => {
+        Protocol::Grpc | Protocol::GrpcWeb | Protocol::GrpcWebText => {
+            let text = protocol == Protocol::GrpcWebText;
             headers.insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static(if json {
-                    "application/grpc-web+json"
-                } else {
-                    "application/grpc-web+proto"
+                HeaderValue::from_static(match (text, json) {
+                    (false, false) => "application/grpc-web+proto",
+                    (false, true) => "application/grpc-web+json",
+                    (true, false) => "application/grpc-web-text+proto",
+                    (true, true) => "application/grpc-web-text+json",
                 }),
             );
+            if text {
+                // tonic-web answers in text only when asked to.
+                headers.insert(
+                    header::ACCEPT,
+                    HeaderValue::from_static("application/grpc-web-text"),
+                );
+            }
             headers.insert("x-grpc-web", HeaderValue::from_static("1"));
             Mode::GrpcWeb
         }
@@ -261,6 +295,15 @@ pub(crate) fn prepare(
     };
     if mode == Mode::ConnectUnary {
         unwrap_unary(request)?;
+    }
+    if protocol == Protocol::GrpcWebText {
+        let error = request.body().error().clone();
+        let body = std::mem::replace(
+            request.body_mut(),
+            RequestBody::replay(Bytes::new(), error.clone()),
+        );
+        let text = tonic::body::Body::new(EncodeText::new(body));
+        *request.body_mut() = RequestBody::unchecked(text, error);
     }
     let mut decoder = Decoder::new(mode, json, receive_limit);
     decoder.peek = unary && mode == Mode::GrpcWeb;
@@ -345,6 +388,8 @@ pub(crate) struct Decoder {
     unary_trailers: Option<HeaderMap>,
     /// Whether a Connect unary reply is compressed.
     compressed: bool,
+    /// A gRPC-Web text response's base64, decoded as it comes.
+    text: Option<DecodeText>,
     /// Data received and not looked at yet.
     input: Bytes,
     /// A frame's head that came in pieces.
@@ -376,6 +421,7 @@ impl Decoder {
             header_status: None,
             unary_trailers: None,
             compressed: false,
+            text: None,
             input: Bytes::new(),
             head: BytesMut::new(),
             remaining: 0,
@@ -406,6 +452,9 @@ impl Decoder {
                 "application/grpc"
             }),
         );
+        if self.mode == Mode::GrpcWeb && content_type.starts_with("application/grpc-web-text") {
+            self.text = Some(DecodeText::default());
+        }
         if crate::status::code_in(headers).is_some() {
             let mut only = HeaderMap::new();
             for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
@@ -539,15 +588,25 @@ impl Decoder {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(data))) => {
                     let _ = stream.flow_control().release_capacity(data.len());
-                    self.input = data;
+                    if let Some(failed) = self.take_input(data) {
+                        return Poll::Ready(Some(Ok(failed)));
+                    }
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
                 Poll::Ready(None) => {
                     let trailers = match self.header_status.take() {
                         Some(status) => status,
                         None => trailers_of(&tonic::Status::internal(format!(
-                            "the {} response ended without its status (no end-of-stream frame)",
-                            self.mode.name()
+                            "the {} response ended without its status (no end-of-stream \
+                             frame){}",
+                            self.mode.name(),
+                            match self.text.as_ref().map_or(0, DecodeText::holds) {
+                                0 => String::new(),
+                                n => format!(
+                                    ", inside a group of four base64 characters ({n} of them \
+                                     left over)"
+                                ),
+                            }
                         ))),
                     };
                     self.done = true;
@@ -555,6 +614,23 @@ impl Decoder {
                 }
             }
         }
+    }
+
+    /// Makes `data`, read from the body, the input to follow: decoded
+    /// first, if it is base64. Invalid base64 ends the call: its status,
+    /// as trailers.
+    fn take_input(&mut self, data: Bytes) -> Option<Frame<Bytes>> {
+        self.input = match self.text.as_mut() {
+            None => data,
+            Some(text) => match text.decode(&data) {
+                Ok(decoded) => decoded,
+                Err(status) => {
+                    self.done = true;
+                    return Some(Frame::trailers(trailers_of(&status)));
+                }
+            },
+        };
+        None
     }
 
     /// Follows the frames in `input`: a frame to yield, if one is ready.
@@ -860,10 +936,20 @@ mod tests {
 
     /// Feeds `chunks` to a decoder: the data it yields, and its trailers.
     fn decode(mode: Mode, chunks: &[&[u8]]) -> (Vec<u8>, Option<HeaderMap>) {
-        let mut decoder = Decoder::new(mode, false, 1024);
+        decode_with(Decoder::new(mode, false, 1024), chunks)
+    }
+
+    /// Feeds `chunks` to `decoder`: the data it yields, and its trailers.
+    fn decode_with(mut decoder: Decoder, chunks: &[&[u8]]) -> (Vec<u8>, Option<HeaderMap>) {
         let (mut data, mut trailers) = (Vec::new(), None);
         for chunk in chunks {
-            decoder.input = Bytes::copy_from_slice(chunk);
+            if decoder.done {
+                break;
+            }
+            if let Some(failed) = decoder.take_input(Bytes::copy_from_slice(chunk)) {
+                trailers = failed.into_trailers().ok();
+                break;
+            }
             while let Some(frame) = decoder.step() {
                 match frame.into_data() {
                     Ok(bytes) => data.extend_from_slice(&bytes),
@@ -897,6 +983,61 @@ mod tests {
         }
     }
 
+    /// A decoder of a gRPC-Web text response.
+    fn text_decoder() -> Decoder {
+        let mut decoder = Decoder::new(Mode::GrpcWeb, false, 1024);
+        let mut response = Response::new(());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc-web-text+proto"),
+        );
+        decoder.response(&mut response);
+        assert!(decoder.text.is_some());
+        decoder
+    }
+
+    #[test]
+    fn a_text_response_padded_frame_by_frame_decodes_split_anywhere() {
+        use base64::engine::general_purpose::STANDARD;
+        let frames = [
+            framed(0, b"hello"),
+            framed(1, b""),
+            framed(0, &[7; 40]),
+            framed(0x80, b"grpc-status: 0\r\nx-k: v\r\n"),
+        ];
+        // As a server that encodes each frame as it flushes it: padded
+        // segments, one per frame.
+        let body: String = frames.iter().map(|f| STANDARD.encode(f)).collect();
+        let body = body.as_bytes();
+        let messages = frames[..3].concat();
+        for cut in 0..=body.len() {
+            let (data, trailers) = decode_with(text_decoder(), &[&body[..cut], &body[cut..]]);
+            assert_eq!(data, messages, "cut at {cut}");
+            let trailers = trailers.unwrap_or_else(|| panic!("cut at {cut}"));
+            assert_eq!(trailers["grpc-status"], "0");
+            assert_eq!(trailers["x-k"], "v");
+        }
+        let single: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(decode_with(text_decoder(), &single).0, messages);
+    }
+
+    #[test]
+    fn invalid_base64_in_a_text_response_ends_the_call_internal() {
+        use base64::engine::general_purpose::STANDARD;
+        let good = STANDARD.encode(framed(0, b"hello"));
+        let body = format!("{good}%%%%");
+        let (data, trailers) = decode_with(text_decoder(), &[body.as_bytes()]);
+        assert!(data.is_empty(), "{data:?}");
+        let trailers = trailers.unwrap();
+        assert_eq!(trailers["grpc-status"], "13");
+        let status = tonic::Status::from_header_map(&trailers).unwrap();
+        let message = status.message();
+        assert!(
+            message.contains("base64") && message.contains("0x25") && message.contains("offset 16"),
+            "{message}"
+        );
+    }
+
     #[test]
     fn an_end_frame_over_the_bound_ends_the_call() {
         let mut head = vec![0x80];
@@ -910,9 +1051,24 @@ mod tests {
     fn protocols_parse_by_name() {
         assert_eq!("grpc".parse::<Protocol>(), Ok(Protocol::Grpc));
         assert_eq!("grpc-web".parse::<Protocol>(), Ok(Protocol::GrpcWeb));
+        assert_eq!("grpcweb".parse::<Protocol>(), Ok(Protocol::GrpcWeb));
+        for name in ["grpc-web-text", "grpcwebtext"] {
+            assert_eq!(name.parse::<Protocol>(), Ok(Protocol::GrpcWebText));
+        }
         assert_eq!("connect".parse::<Protocol>(), Ok(Protocol::Connect));
+        for protocol in [
+            Protocol::Grpc,
+            Protocol::GrpcWeb,
+            Protocol::GrpcWebText,
+            Protocol::Connect,
+        ] {
+            assert_eq!(protocol.to_string().parse::<Protocol>(), Ok(protocol));
+        }
         let e = "http".parse::<Protocol>().unwrap_err().to_string();
-        assert!(e.contains("\"http\"") && e.contains("grpc-web"), "{e}");
+        assert!(
+            e.contains("\"http\"") && e.contains("\"grpc-web-text\""),
+            "{e}"
+        );
     }
 
     #[test]

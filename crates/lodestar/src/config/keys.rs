@@ -719,10 +719,10 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         path: "client.protocol",
-        kind: Kind::Choice(&["grpc", "grpc-web", "connect"]),
+        kind: Kind::Choice(&["grpc", "grpc-web", "grpc-web-text", "connect"]),
         default: "\"grpc\"",
         aliases: &[],
-        doc: "The wire protocol of calls: native gRPC, gRPC-Web (binary) or Connect; all over HTTP/2.",
+        doc: "The wire protocol of calls: native gRPC, gRPC-Web (binary), gRPC-Web text (base64) or Connect; all over HTTP/2.",
     },
     Key {
         path: "client.send_compressed",

@@ -572,6 +572,9 @@ pub enum ClientProtocolName {
     /// gRPC-Web (binary).
     #[serde(rename = "grpc-web")]
     GrpcWeb,
+    /// gRPC-Web text (base64).
+    #[serde(rename = "grpc-web-text")]
+    GrpcWebText,
     /// The Connect protocol.
     #[serde(rename = "connect")]
     Connect,
@@ -582,6 +585,7 @@ impl From<ClientProtocolName> for crate::client::Protocol {
         match name {
             ClientProtocolName::Grpc => crate::client::Protocol::Grpc,
             ClientProtocolName::GrpcWeb => crate::client::Protocol::GrpcWeb,
+            ClientProtocolName::GrpcWebText => crate::client::Protocol::GrpcWebText,
             ClientProtocolName::Connect => crate::client::Protocol::Connect,
         }
     }

@@ -189,7 +189,7 @@ fn bad_values_name_the_key_the_value_and_what_was_expected() {
         (
             "[client]\nprotocol = \"grpcweb\"",
             "key `client.protocol` at line 2, column 12 is \"grpcweb\": expected one of \"grpc\", \
-             \"grpc-web\" or \"connect\"",
+             \"grpc-web\", \"grpc-web-text\" or \"connect\"",
         ),
         (
             "[registry]\nurl = \"consul://x\"",
@@ -464,5 +464,13 @@ fn the_client_protocol_is_read_by_name_and_reaches_the_builder() {
     let config =
         Config::load_from(&path, env(&[("LODESTAR_CLIENT_PROTOCOL", "grpc-web")])).unwrap();
     assert_eq!(config.client.protocol, ClientProtocolName::GrpcWeb);
+    std::fs::write(&path, "[client]\nprotocol = \"grpc-web-text\"\n").unwrap();
+    let config = Config::load_from(&path, env(&[])).unwrap();
+    let builder =
+        crate::Client::from_config(lodestar_core::MemoryRegistry::new(), &config).unwrap();
+    assert_eq!(
+        builder.config.protocol,
+        crate::client::Protocol::GrpcWebText
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
