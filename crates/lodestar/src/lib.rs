@@ -71,6 +71,7 @@ mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;
+mod web_text;
 
 pub use client::Client;
 pub use codec::Codec;

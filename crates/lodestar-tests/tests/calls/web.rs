@@ -512,6 +512,10 @@ async fn grpc_web_text_is_base64_both_ways() {
     )
     .unwrap();
     assert!(trailers.contains("grpc-status: 3"), "{trailers}");
+    assert!(
+        trailers.contains("0x40%20('@')%20at%20offset%200"),
+        "{trailers}"
+    );
     let answer = conn
         .post("/lodestar.test.Echo/Unary", "application/json", "{}")
         .await;
@@ -1922,6 +1926,54 @@ fn echo(message: &str) -> EchoRequest {
     }
 }
 
+/// Calls over `protocol`: a unary call with metadata both ways, a large
+/// message each way (many HTTP/2 frames and, in text, base64 split
+/// wherever they split), and a server stream with its trailer.
+async fn unary_large_and_server_stream(
+    client: &mut EchoClient<lodestar::client::Channel>,
+    protocol: lodestar::client::Protocol,
+) {
+    use tokio_stream::StreamExt as _;
+    let mut request = lodestar::Request::new(echo("hello"));
+    request
+        .metadata_mut()
+        .insert("x-asked", "yes".parse().unwrap());
+    let reply = bounded("unary", client.unary(request)).await.unwrap();
+    assert_eq!(
+        reply.metadata().get("x-asked").unwrap(),
+        "yes",
+        "{protocol}"
+    );
+    assert_eq!(reply.get_ref().message, "hello", "{protocol}");
+    let large = "0123456789".repeat(20_000) + "!";
+    let reply = bounded("large", client.unary(echo(&large))).await.unwrap();
+    assert!(reply.get_ref().message == large, "{protocol}");
+
+    let stream = bounded(
+        "server stream",
+        client.server_stream(StreamRequest {
+            count: 3,
+            interval: None,
+            token: "s".into(),
+            trailer: "end".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let mut stream = stream.into_inner();
+    let mut got = Vec::new();
+    while let Some(reply) = bounded("a message", stream.next()).await {
+        got.push(reply.unwrap().message);
+    }
+    assert_eq!(got, ["s #0", "s #1", "s #2"], "{protocol}");
+    let trailers = bounded("trailers", stream.trailers())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(trailers.get("x-trailer").unwrap(), "end", "{protocol}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_calls_every_kind_over_grpc_web_binary_and_text_and_connect() {
     use lodestar::client::Protocol;
@@ -1931,49 +1983,7 @@ async fn a_client_calls_every_kind_over_grpc_web_binary_and_text_and_connect() {
     for protocol in [Protocol::GrpcWeb, Protocol::GrpcWebText, Protocol::Connect] {
         let mut client = web_client(&world, protocol);
 
-        // Unary, with metadata both ways.
-        let mut request = lodestar::Request::new(echo("hello"));
-        request
-            .metadata_mut()
-            .insert("x-asked", "yes".parse().unwrap());
-        let reply = bounded("unary", client.unary(request)).await.unwrap();
-        assert_eq!(
-            reply.metadata().get("x-asked").unwrap(),
-            "yes",
-            "{protocol}"
-        );
-        assert_eq!(reply.get_ref().message, "hello", "{protocol}");
-
-        // A large message each way: many HTTP/2 frames (and, in text, base64
-        // split wherever they split).
-        let large = "0123456789".repeat(20_000) + "!";
-        let reply = bounded("large", client.unary(echo(&large))).await.unwrap();
-        assert!(reply.get_ref().message == large, "{protocol}");
-
-        // Server stream, with a trailer.
-        let stream = bounded(
-            "server stream",
-            client.server_stream(StreamRequest {
-                count: 3,
-                interval: None,
-                token: "s".into(),
-                trailer: "end".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
-        let mut stream = stream.into_inner();
-        let mut got = Vec::new();
-        while let Some(reply) = bounded("a message", stream.next()).await {
-            got.push(reply.unwrap().message);
-        }
-        assert_eq!(got, ["s #0", "s #1", "s #2"], "{protocol}");
-        let trailers = bounded("trailers", stream.trailers())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(trailers.get("x-trailer").unwrap(), "end", "{protocol}");
+        unary_large_and_server_stream(&mut client, protocol).await;
 
         // Client stream.
         let messages = tokio_stream::iter((0..3).map(|n| EchoRequest {
@@ -2163,7 +2173,6 @@ async fn tonic_web_echo(world: &World) -> (std::net::SocketAddr, tokio::task::Jo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_calls_tonic_web_over_grpc_web_binary_and_text() {
     use lodestar::client::Protocol;
-    use tokio_stream::StreamExt as _;
     let world = World::new();
     let (address, serving) = tonic_web_echo(&world).await;
     let registry = echo_at(address).await;
@@ -2173,42 +2182,7 @@ async fn a_client_calls_tonic_web_over_grpc_web_binary_and_text() {
             .build();
         let mut client = EchoClient::by_name(&client, "echo");
 
-        // Unary, small and large (many HTTP/2 frames).
-        let mut request = lodestar::Request::new(echo("hello"));
-        request
-            .metadata_mut()
-            .insert("x-asked", "yes".parse().unwrap());
-        let reply = bounded("unary", client.unary(request)).await.unwrap();
-        assert_eq!(reply.get_ref().message, "hello", "{protocol}");
-        assert_eq!(reply.metadata().get("x-asked").unwrap(), "yes");
-        let large = "0123456789".repeat(20_000) + "!";
-        let reply = bounded("large", client.unary(echo(&large))).await.unwrap();
-        assert!(reply.get_ref().message == large, "{protocol}");
-
-        // Server stream, with its trailer.
-        let stream = bounded(
-            "server stream",
-            client.server_stream(StreamRequest {
-                count: 3,
-                interval: None,
-                token: "s".into(),
-                trailer: "end".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
-        let mut stream = stream.into_inner();
-        let mut got = Vec::new();
-        while let Some(reply) = bounded("a message", stream.next()).await {
-            got.push(reply.unwrap().message);
-        }
-        assert_eq!(got, ["s #0", "s #1", "s #2"], "{protocol}");
-        let trailers = bounded("trailers", stream.trailers())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(trailers.get("x-trailer").unwrap(), "end", "{protocol}");
+        unary_large_and_server_stream(&mut client, protocol).await;
 
         // An error: tonic answers trailers-only, which tonic-web passes in
         // the response's headers.

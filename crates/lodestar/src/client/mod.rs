@@ -60,7 +60,6 @@ mod stack;
 pub mod strategy;
 mod stream;
 mod web;
-mod web_text;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -8,7 +8,7 @@
 //!   (the server's `grpc_web::trailer_frame`), made into trailers here.
 //! * **gRPC-Web text**: the same body in base64 both ways
 //!   (`application/grpc-web-text+proto`), encoded and decoded as it
-//!   streams ([`web_text`](super::web_text)); what is decoded is read as
+//!   streams ([`web_text`](crate::web_text)); what is decoded is read as
 //!   binary gRPC-Web is.
 //! * **Connect, unary** (methods that take and return one message): the
 //!   request is the bare message (`application/proto` or
@@ -43,7 +43,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body as _, Frame};
 
 use crate::body::RequestBody;
-use crate::client::web_text::{DecodeText, EncodeText};
+use crate::web_text::{DecodeText, EncodeText};
 
 /// The wire protocol a client's calls travel over. Default:
 /// [`Protocol::Grpc`].
@@ -624,8 +624,12 @@ impl Decoder {
             None => data,
             Some(text) => match text.decode(&data) {
                 Ok(decoded) => decoded,
-                Err(status) => {
+                Err(error) => {
                     self.done = true;
+                    let status = tonic::Status::internal(format!(
+                        "the gRPC-Web text response is not base64 (standard alphabet, \
+                         padded): {error}"
+                    ));
                     return Some(Frame::trailers(trailers_of(&status)));
                 }
             },

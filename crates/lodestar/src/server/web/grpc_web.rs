@@ -14,8 +14,6 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response};
@@ -26,6 +24,7 @@ use tower::BoxError;
 use super::trailers::{Ending, TrailersInBody};
 use super::{WebRequestBody, WebResponseBody, call};
 use crate::server::stack::{Outer, ResponseBody};
+use crate::web_text::DecodeText;
 
 /// How a gRPC-Web call is encoded: base64 text or binary, and JSON or
 /// protobuf messages.
@@ -129,7 +128,7 @@ pin_project_lite::pin_project! {
     pub(crate) struct Base64Body {
         #[pin]
         inner: Incoming,
-        carry: Vec<u8>,
+        text: DecodeText,
         done: bool,
     }
 }
@@ -138,37 +137,10 @@ impl Base64Body {
     pub(super) fn new(inner: Incoming) -> Self {
         Self {
             inner,
-            carry: Vec::new(),
+            text: DecodeText::default(),
             done: false,
         }
     }
-}
-
-/// Decodes the complete groups of four of `input` (runs of groups, each
-/// run ended by a padded group or the end), returning the bytes and
-/// leaving the incomplete tail in `carry`.
-pub(super) fn decode_groups(carry: &mut Vec<u8>, input: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-    carry.extend_from_slice(input);
-    let complete = carry.len() - carry.len() % 4;
-    let mut out = Vec::with_capacity(complete / 4 * 3);
-    let mut start = 0;
-    let mut at = 0;
-    while at < complete {
-        let group_end = at + 4;
-        if carry[group_end - 1] == b'=' || group_end == complete {
-            STANDARD
-                .decode_vec(&carry[start..group_end], &mut out)
-                .map_err(|e| {
-                    tonic::Status::invalid_argument(format!(
-                        "the gRPC-Web text request is not valid base64: {e}"
-                    ))
-                })?;
-            start = group_end;
-        }
-        at = group_end;
-    }
-    carry.drain(..complete);
-    Ok(out)
 }
 
 impl Body for Base64Body {
@@ -189,11 +161,15 @@ impl Body for Base64Body {
                     let Ok(data) = frame.into_data() else {
                         continue; // request trailers carry nothing here
                     };
-                    match decode_groups(this.carry, &data) {
+                    match this.text.decode(&data) {
                         Ok(out) if out.is_empty() => {}
-                        Ok(out) => return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
-                        Err(status) => {
+                        Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Err(error) => {
                             *this.done = true;
+                            let status = tonic::Status::invalid_argument(format!(
+                                "the gRPC-Web text request is not base64 (standard alphabet, \
+                                 padded): {error}"
+                            ));
                             return Poll::Ready(Some(Err(Box::new(status))));
                         }
                     }
@@ -204,13 +180,13 @@ impl Body for Base64Body {
                 }
                 None => {
                     *this.done = true;
-                    if this.carry.is_empty() {
+                    let held = this.text.holds();
+                    if held == 0 {
                         return Poll::Ready(None);
                     }
                     let status = tonic::Status::invalid_argument(format!(
-                        "the gRPC-Web text request ends inside a base64 group ({} characters \
-                         left over; a body is whole groups of four)",
-                        this.carry.len()
+                        "the gRPC-Web text request ends inside a base64 group ({held} characters \
+                         left over; a body is whole groups of four)"
                     ));
                     return Poll::Ready(Some(Err(Box::new(status))));
                 }
@@ -237,21 +213,6 @@ mod tests {
         assert_eq!(Mode::of("application/grpc-web-text+json"), mode(true, true));
         assert_eq!(Mode::of("application/grpc-web+thrift"), None);
         assert_eq!(Mode::of("application/grpc"), None);
-    }
-
-    #[test]
-    fn base64_decodes_across_chunks_and_padded_segments() {
-        let mut carry = Vec::new();
-        // "hello" = aGVsbG8= and "!" = IQ== encoded separately, split oddly.
-        let mut out = decode_groups(&mut carry, b"aGV").unwrap();
-        assert!(out.is_empty());
-        assert_eq!(carry, b"aGV");
-        out.extend(decode_groups(&mut carry, b"sbG8=IQ").unwrap());
-        out.extend(decode_groups(&mut carry, b"==").unwrap());
-        assert_eq!(out, b"hello!");
-        assert!(carry.is_empty());
-        let error = decode_groups(&mut carry, b"a*cd").unwrap_err();
-        assert_eq!(error.code(), tonic::Code::InvalidArgument);
     }
 
     #[test]

@@ -3,14 +3,15 @@
 //!
 //! The spec lets each side pad wherever it flushes, so a body is a run of
 //! *segments*, each valid padded base64 on its own: `aGVsbG8=IQ==` is
-//! `hello` then `!`. The encoder here pads only where it must (when the
-//! request's next message is not ready yet, and at its end), so a unary
-//! request is one segment, which every server takes (tonic-web decodes a
-//! request as one run of base64). The decoder takes segments split
+//! `hello` then `!`. The encoder (the client's requests) pads only where
+//! it must (when the request's next message is not ready yet, and at its
+//! end), so a unary request is one segment, which every server takes
+//! (tonic-web decodes a request as one run of base64). The decoder (the
+//! client's responses and the server's requests) takes segments split
 //! anywhere: it holds back at most three characters of an incomplete group
-//! of four, and decodes each chunk of the response as it comes, so the
-//! frames it yields are gRPC-Web's binary frames, read on as binary ones
-//! are (and bounded the same way, by the receive limit above).
+//! of four, and decodes each chunk as it comes, so the frames it yields
+//! are gRPC-Web's binary frames, read on as binary ones are (and bounded
+//! the same way, by the reader's receive limit).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -159,7 +160,7 @@ pub(crate) struct DecodeText {
 impl DecodeText {
     /// The bytes that `chunk`'s complete groups (with those held back)
     /// stand for; an incomplete group is held back for the next chunk.
-    pub(crate) fn decode(&mut self, chunk: &[u8]) -> Result<Bytes, tonic::Status> {
+    pub(crate) fn decode(&mut self, chunk: &[u8]) -> Result<Bytes, NotBase64> {
         let start = self.offset;
         self.offset += chunk.len() as u64;
         let mut out = Vec::with_capacity((self.held + chunk.len()) / 4 * 3);
@@ -205,7 +206,7 @@ impl DecodeText {
 
 /// Decodes whole groups of four, the first at `at` in the body, onto
 /// `out`.
-fn decode_segment(segment: &[u8], at: u64, out: &mut Vec<u8>) -> Result<(), tonic::Status> {
+fn decode_segment(segment: &[u8], at: u64, out: &mut Vec<u8>) -> Result<(), NotBase64> {
     STANDARD.decode_vec(segment, out).map_err(|error| {
         use base64::DecodeError;
         let what = match error {
@@ -232,10 +233,21 @@ fn decode_segment(segment: &[u8], at: u64, out: &mut Vec<u8>) -> Result<(), toni
                 at + segment.len() as u64
             ),
         };
-        tonic::Status::internal(format!(
-            "the gRPC-Web text response is not base64 (standard alphabet, padded): {what}"
-        ))
+        NotBase64(what)
     })
+}
+
+/// Text that is not base64 (the standard alphabet, padded): what is wrong,
+/// and at which offset of the body. Each side makes it its status: a
+/// server's `INVALID_ARGUMENT` (the request), a client's `INTERNAL` (the
+/// response).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NotBase64(String);
+
+impl std::fmt::Display for NotBase64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[cfg(test)]
@@ -243,7 +255,7 @@ mod tests {
     use super::*;
 
     /// Decodes `chunks` in order; the bytes, and what is held back.
-    fn decode_all(chunks: &[&[u8]]) -> Result<(Vec<u8>, usize), tonic::Status> {
+    fn decode_all(chunks: &[&[u8]]) -> Result<(Vec<u8>, usize), NotBase64> {
         let mut decoder = DecodeText::default();
         let mut out = Vec::new();
         for chunk in chunks {
@@ -285,11 +297,7 @@ mod tests {
 
     #[test]
     fn invalid_base64_names_the_byte_and_its_offset() {
-        let error = |chunks: &[&[u8]]| {
-            let status = decode_all(chunks).unwrap_err();
-            assert_eq!(status.code(), tonic::Code::Internal);
-            status.message().to_owned()
-        };
+        let error = |chunks: &[&[u8]]| decode_all(chunks).unwrap_err().to_string();
         // The bad byte is the 11th character of the body, wherever it is cut.
         for cut in 0..=12 {
             let body = b"aGVsbG8=IQ*=";
