@@ -1974,6 +1974,30 @@ async fn unary_large_and_server_stream(
     assert_eq!(trailers.get("x-trailer").unwrap(), "end", "{protocol}");
 }
 
+/// A `NOT_FOUND` over `protocol`, its message not ASCII: the status, for
+/// its metadata.
+async fn not_found(
+    client: &mut EchoClient<lodestar::client::Channel>,
+    protocol: lodestar::client::Protocol,
+) -> lodestar::Status {
+    let status = bounded(
+        "fail",
+        client.fail(FailRequest {
+            code: lodestar::Code::NotFound as i32,
+            message: "no such order: ünïcode ✓".into(),
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        status.code(),
+        lodestar::Code::NotFound,
+        "{protocol}: {status:?}"
+    );
+    assert_eq!(status.message(), "no such order: ünïcode ✓", "{protocol}");
+    status
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_calls_every_kind_over_grpc_web_binary_and_text_and_connect() {
     use lodestar::client::Protocol;
@@ -2029,21 +2053,7 @@ async fn a_client_calls_every_kind_over_grpc_web_binary_and_text_and_connect() {
         );
 
         // NOT_FOUND, with its message (not ASCII) and metadata.
-        let status = bounded(
-            "fail",
-            client.fail(FailRequest {
-                code: lodestar::Code::NotFound as i32,
-                message: "no such order: ünïcode ✓".into(),
-            }),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(
-            status.code(),
-            lodestar::Code::NotFound,
-            "{protocol}: {status:?}"
-        );
-        assert_eq!(status.message(), "no such order: ünïcode ✓", "{protocol}");
+        let status = not_found(&mut client, protocol).await;
         assert_eq!(
             status.metadata().get("x-failed-by").unwrap(),
             "a",
@@ -2186,21 +2196,7 @@ async fn a_client_calls_tonic_web_over_grpc_web_binary_and_text() {
 
         // An error: tonic answers trailers-only, which tonic-web passes in
         // the response's headers.
-        let status = bounded(
-            "fail",
-            client.fail(FailRequest {
-                code: lodestar::Code::NotFound as i32,
-                message: "no such order: ünïcode ✓".into(),
-            }),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(
-            status.code(),
-            lodestar::Code::NotFound,
-            "{protocol}: {status:?}"
-        );
-        assert_eq!(status.message(), "no such order: ünïcode ✓", "{protocol}");
+        let status = not_found(&mut client, protocol).await;
         assert_eq!(status.metadata().get("x-failed-by").unwrap(), "tonic-web");
 
         // A deadline that passes (the client's own: this server does not
