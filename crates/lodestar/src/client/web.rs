@@ -211,23 +211,45 @@ impl Mode {
     }
 }
 
+/// Marks a request [`prepare`] rewrote already: one that comes back
+/// unsent (its connection was closing) and is sent again is not rewritten
+/// twice. `json`: its messages are JSON.
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    json: bool,
+}
+
 /// Rewrites a native gRPC `request` for `protocol` (not
 /// [`Protocol::Grpc`]); `unary` says whether the method takes and returns
-/// one message. The decoder reads the response back.
+/// one message. The decoder reads the response back. A request rewritten
+/// already is left as it is.
 pub(crate) fn prepare(
     request: &mut Request<RequestBody>,
     protocol: Protocol,
     unary: bool,
     receive_limit: usize,
 ) -> Result<Box<Decoder>, tonic::Status> {
+    let mode = match protocol {
+        Protocol::Grpc | Protocol::GrpcWeb | Protocol::GrpcWebText => Mode::GrpcWeb,
+        Protocol::Connect if unary => Mode::ConnectUnary,
+        Protocol::Connect => Mode::ConnectStream,
+    };
+    let decoder = |json| {
+        let mut decoder = Decoder::new(mode, json, receive_limit);
+        decoder.peek = unary && mode == Mode::GrpcWeb;
+        Box::new(decoder)
+    };
+    if let Some(prepared) = request.extensions().get::<Prepared>() {
+        return Ok(decoder(prepared.json));
+    }
     let json = request
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().ends_with(b"+json"));
     let headers = request.headers_mut();
     headers.remove(header::TE);
-    let mode = match protocol {
-        Protocol::Grpc | Protocol::GrpcWeb | Protocol::GrpcWebText => {
+    match mode {
+        Mode::GrpcWeb => {
             let text = protocol == Protocol::GrpcWebText;
             headers.insert(
                 header::CONTENT_TYPE,
@@ -246,9 +268,8 @@ pub(crate) fn prepare(
                 );
             }
             headers.insert("x-grpc-web", HeaderValue::from_static("1"));
-            Mode::GrpcWeb
         }
-        Protocol::Connect => {
+        Mode::ConnectUnary | Mode::ConnectStream => {
             if let Some(timeout) = headers.remove(crate::grpc_timeout::HEADER)
                 && let Some(timeout) = crate::grpc_timeout::parse(&timeout)
             {
@@ -261,7 +282,7 @@ pub(crate) fn prepare(
                 );
             }
             headers.insert(CONNECT_PROTOCOL_VERSION, HeaderValue::from_static("1"));
-            if unary {
+            if mode == Mode::ConnectUnary {
                 headers.insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(if json {
@@ -273,7 +294,6 @@ pub(crate) fn prepare(
                 if let Some(accept) = headers.remove(GRPC_ACCEPT_ENCODING) {
                     headers.insert(header::ACCEPT_ENCODING, accept);
                 }
-                Mode::ConnectUnary
             } else {
                 headers.insert(
                     header::CONTENT_TYPE,
@@ -289,10 +309,9 @@ pub(crate) fn prepare(
                 if let Some(accept) = headers.remove(GRPC_ACCEPT_ENCODING) {
                     headers.insert(CONNECT_ACCEPT_ENCODING, accept);
                 }
-                Mode::ConnectStream
             }
         }
-    };
+    }
     if mode == Mode::ConnectUnary {
         unwrap_unary(request)?;
     }
@@ -305,9 +324,8 @@ pub(crate) fn prepare(
         let text = tonic::body::Body::new(EncodeText::new(body));
         *request.body_mut() = RequestBody::unchecked(text, error);
     }
-    let mut decoder = Decoder::new(mode, json, receive_limit);
-    decoder.peek = unary && mode == Mode::GrpcWeb;
-    Ok(Box::new(decoder))
+    request.extensions_mut().insert(Prepared { json });
+    Ok(decoder(json))
 }
 
 /// Replaces a unary request's one framed message with the bare message
@@ -936,6 +954,64 @@ mod tests {
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         out.extend_from_slice(payload);
         out
+    }
+
+    /// A native request of one framed message, as the client stack hands
+    /// it to `prepare`.
+    fn native_request(json: bool) -> Request<RequestBody> {
+        let body = RequestBody::replay(Bytes::from(framed(0, b"message")), Default::default());
+        let mut request = Request::new(body);
+        let content_type = if json {
+            "application/grpc+json"
+        } else {
+            "application/grpc"
+        };
+        let headers = request.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(
+            crate::grpc_timeout::HEADER,
+            HeaderValue::from_static("250m"),
+        );
+        request
+    }
+
+    /// A request's body, read whole (every body here is ready).
+    fn read_body(request: &mut Request<RequestBody>) -> Vec<u8> {
+        let mut now = Context::from_waker(std::task::Waker::noop());
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(frame)) =
+            std::pin::Pin::new(request.body_mut()).poll_frame(&mut now)
+        {
+            if let Ok(data) = frame.expect("a ready body").into_data() {
+                out.extend_from_slice(&data);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_request_sent_again_unsent_is_not_rewritten_twice() {
+        for protocol in [Protocol::GrpcWeb, Protocol::GrpcWebText, Protocol::Connect] {
+            for unary in [true, false] {
+                for json in [false, true] {
+                    let case = format!("{protocol}, unary {unary}, json {json}");
+                    let mut once = native_request(json);
+                    let first = prepare(&mut once, protocol, unary, 1024).expect(&case);
+                    let mut twice = native_request(json);
+                    prepare(&mut twice, protocol, unary, 1024).expect(&case);
+                    // Back unsent (its connection was closing), sent again.
+                    let again = prepare(&mut twice, protocol, unary, 1024).expect(&case);
+                    assert_eq!(once.headers(), twice.headers(), "{case}");
+                    assert_eq!(read_body(&mut once), read_body(&mut twice), "{case}");
+                    assert_eq!(
+                        (first.mode, first.json, first.peek),
+                        (again.mode, again.json, again.peek),
+                        "{case}"
+                    );
+                }
+            }
+        }
     }
 
     /// Feeds `chunks` to a decoder: the data it yields, and its trailers.
