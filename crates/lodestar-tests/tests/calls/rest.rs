@@ -16,7 +16,7 @@ use http_body_util::Full;
 use lodestar::server::{Cors, WebProtocols};
 use lodestar_tests::*;
 
-use super::web::{Answer, Conn, Counting, assert_counted};
+use super::web::{Answer, Conn, Counting, assert_counted, start_with_small_budget};
 
 /// Sends one request on a fresh HTTP/1.1 or HTTP/2 connection.
 async fn send(
@@ -795,4 +795,25 @@ async fn a_slow_reader_holds_the_handler_back_and_lines_are_bounded_by_the_send_
             .contains("send limit of 64 bytes"),
         "{answer:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_over_the_connections_budget_ends_the_stream_with_an_error_line() {
+    let world = World::new();
+    let running = start_with_small_budget(&world).await;
+    // A line of 6 KB: more than the connection may hold. The head (200)
+    // went out with the first line; the error is the line in its place.
+    let path = format!("/v1/streams/{}?count=2", "t".repeat(6000));
+    for http2 in [false, true] {
+        let mut stream = Lines::open(conn(running.local_addr(), http2).await, &path, &[]).await;
+        assert_eq!(stream.status, StatusCode::OK, "http2 {http2}");
+        let lines = stream.rest().await;
+        assert_eq!(lines.len(), 1, "http2 {http2}: {lines:?}");
+        assert_eq!(lines[0]["error"]["code"], "resource_exhausted", "{lines:?}");
+        let message = lines[0]["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("max_unsent_bytes_per_connection"),
+            "{message}"
+        );
+    }
 }

@@ -458,6 +458,54 @@ async fn grpc_web_carries_trailers_in_the_body_over_both_http_versions() {
     }
 }
 
+/// An instance of Echo whose connections may each hold 4 KiB unsent.
+pub(super) async fn start_with_small_budget(world: &World) -> lodestar::RunningService {
+    bounded(
+        "an instance to start",
+        world
+            .builder("echo", "a")
+            .connection_limits(lodestar::ConnectionLimits {
+                max_unsent_bytes_per_connection: 4096,
+                ..lodestar::ConnectionLimits::default()
+            })
+            .add_service(EchoServer::new(world.echo("a")))
+            .start(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_over_the_connections_budget_ends_a_grpc_web_stream_in_its_body() {
+    let world = World::new();
+    let running = start_with_small_budget(&world).await;
+    // A 6 KB reply: more than the connection may hold. Over HTTP/1.1 with
+    // no `TE: trailers`, only a status in the body reaches the client.
+    let token = "t".repeat(6000);
+    let request = format!(r#"{{"count":2,"token":"{token}"}}"#);
+    for mut conn in [
+        Conn::http1(running.local_addr()).await,
+        Conn::http2(running.local_addr()).await,
+    ] {
+        let answer = conn
+            .post(
+                "/lodestar.test.Echo/ServerStream",
+                "application/grpc-web+json",
+                frame(0, request.as_bytes()),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let got = frames(answer.body);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let trailers = web_trailers(&got);
+        assert!(trailers.contains("grpc-status: 8\r\n"), "{trailers}");
+        assert!(
+            trailers.contains("max_unsent_bytes_per_connection"),
+            "{trailers}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_web_text_is_base64_both_ways() {
     use base64::Engine as _;

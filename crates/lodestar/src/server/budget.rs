@@ -20,8 +20,6 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::body::status_trailers;
-
 /// The budget of the whole server, shared by its connections.
 #[derive(Debug)]
 pub(crate) struct ServerBudget {
@@ -163,8 +161,11 @@ impl Buf for Sending {
 
 /// A response body that learns when the budget ends its call.
 pub(crate) trait EndsCall {
-    /// The call ends with `status`: the body is not polled again.
-    fn ended(self: Pin<&mut Self>, status: &tonic::Status);
+    /// The call ends with `status`: the body is not polled again. The
+    /// frame that tells the peer, as the body's protocol says: native
+    /// gRPC's trailers; a web protocol's last frame in the body (an HTTP/1.1
+    /// client that did not ask for trailers never sees them).
+    fn ended(self: Pin<&mut Self>, status: &tonic::Status) -> Frame<Bytes>;
 }
 
 pin_project_lite::pin_project! {
@@ -209,11 +210,14 @@ impl<B: Body<Data = Bytes> + EndsCall> Body for Budgeted<B> {
             (Some(data), Some(budget)) if !data.is_empty() => match budget.reserve(data.len()) {
                 Ok(held) => Some(held),
                 Err(status) => {
-                    // The chunk is dropped here; the call ends with why.
+                    // The chunk is dropped here; the call ends with why (a
+                    // few bytes, past the budget).
                     *this.done = true;
-                    this.inner.ended(&status);
+                    let last = this.inner.ended(&status);
                     tracing::debug!(error = %status.message(), "response refused");
-                    return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))));
+                    return Poll::Ready(Some(Ok(
+                        last.map_data(|data| Sending { data, held: None })
+                    )));
                 }
             },
             _ => None,

@@ -205,7 +205,8 @@ impl Body for ResponseBody {
 }
 
 impl EndsCall for ResponseBody {
-    fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
+    fn ended(self: Pin<&mut Self>, status: &tonic::Status) -> Frame<Bytes> {
         self.project().call.end_with_status(status);
+        Frame::trailers(status_trailers(status))
     }
 }

@@ -415,9 +415,13 @@ impl Body for WebResponseBody {
 }
 
 impl EndsCall for WebResponseBody {
-    fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
+    fn ended(self: Pin<&mut Self>, status: &tonic::Status) -> Frame<Bytes> {
         match self.project() {
-            WebResponseBodyProj::Full { data } => *data = None,
+            WebResponseBodyProj::Full { data } => {
+                // Its head (the status, the length) went out already.
+                *data = None;
+                Frame::trailers(crate::body::status_trailers(status))
+            }
             WebResponseBodyProj::Streamed { body } => body.ended(status),
             WebResponseBodyProj::Lines { body } => body.as_mut().ended(status),
         }
@@ -468,7 +472,7 @@ impl Body for Answer {
 }
 
 impl EndsCall for Answer {
-    fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
+    fn ended(self: Pin<&mut Self>, status: &tonic::Status) -> Frame<Bytes> {
         match self.project() {
             AnswerProj::Grpc { body } => body.ended(status),
             AnswerProj::Web { body } => body.as_mut().ended(status),

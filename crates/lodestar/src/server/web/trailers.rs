@@ -116,9 +116,11 @@ impl Body for TrailersInBody {
 }
 
 impl EndsCall for TrailersInBody {
-    fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
+    fn ended(self: Pin<&mut Self>, status: &tonic::Status) -> Frame<Bytes> {
         let this = self.project();
         *this.done = true;
-        this.inner.ended(status);
+        // The status goes in the body, as the protocol's last frame.
+        let _ = this.inner.ended(status);
+        Frame::data(this.ending.end(&crate::body::status_trailers(status)))
     }
 }

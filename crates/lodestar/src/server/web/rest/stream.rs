@@ -159,14 +159,14 @@ impl Lines {
         loop {
             match whole_frame(this.buffer, *this.limit) {
                 Err(status) => {
-                    this.inner.as_mut().ended(&status);
+                    let _ = this.inner.as_mut().ended(&status);
                     return Poll::Ready(Next::End(status, HeaderMap::new()));
                 }
                 Ok(Some((flags, message))) => {
                     match line(this.reply, flags, &message, *this.limit) {
                         Ok(line) => return Poll::Ready(Next::Line(line)),
                         Err(status) => {
-                            this.inner.as_mut().ended(&status);
+                            let _ = this.inner.as_mut().ended(&status);
                             return Poll::Ready(Next::End(status, HeaderMap::new()));
                         }
                     }
@@ -199,7 +199,7 @@ impl Lines {
                 }
                 None => tonic::Status::internal("the response ended without a status"),
             };
-            this.inner.as_mut().ended(&ended);
+            let _ = this.inner.as_mut().ended(&ended);
             return Poll::Ready(Next::End(ended, HeaderMap::new()));
         }
     }
@@ -296,11 +296,12 @@ impl Body for Lines {
 }
 
 impl EndsCall for Lines {
-    fn ended(self: Pin<&mut Self>, status: &tonic::Status) {
+    fn ended(self: Pin<&mut Self>, status: &tonic::Status) -> Frame<Bytes> {
         let this = self.project();
         *this.done = true;
         *this.first = None;
-        this.inner.ended(status);
+        let _ = this.inner.ended(status);
+        Frame::data(error_line(status))
     }
 }
 
