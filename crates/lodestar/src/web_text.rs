@@ -23,8 +23,9 @@ use http_body::{Body, Frame};
 
 use crate::body::RequestBody;
 
-/// The most base64 a request yields in one chunk when its body has more
-/// ready: 32 KiB (a multiple of four).
+/// Once a chunk of a request's base64 reaches 32 KiB (a multiple of
+/// four), it goes out, even if the body has more ready (a message's
+/// frame is encoded whole, so one chunk may be larger).
 const MAX_CHUNK: usize = 32 * 1024;
 
 /// A request body in base64, encoded as its frames come.
@@ -159,7 +160,9 @@ pub(crate) struct DecodeText {
 
 impl DecodeText {
     /// The bytes that `chunk`'s complete groups (with those held back)
-    /// stand for; an incomplete group is held back for the next chunk.
+    /// stand for; an incomplete group is held back for the next chunk. A
+    /// chunk with a bad group yields none of its bytes, only the error
+    /// (the body is broken: its call ends).
     pub(crate) fn decode(&mut self, chunk: &[u8]) -> Result<Bytes, NotBase64> {
         let start = self.offset;
         self.offset += chunk.len() as u64;

@@ -28,12 +28,16 @@
 //! first reply on, the status is `200`, and a failure is the last line,
 //! `{"error":…}`. A stream that ends successfully ends with its last
 //! reply (the end of the HTTP body says so); its trailing metadata is
-//! not sent.
+//! not sent (but for a stream with no reply, whose whole answer is its
+//! head: there it is in `trailer-…` headers, as on Connect unary), nor is
+//! a failed stream's after its first reply.
 //!
 //! **Bounds and back-pressure.** Replies are taken from the handler's
 //! stream only as the connection takes lines: one reply is decoded at a
-//! time, and at most one reply's bytes (its length prefix checked
-//! against the send limit before they are held) wait here. A line over
+//! time, and what waits here is at most one chunk of the stack's body
+//! (the replies that were ready at once, up to tonic's 32 KiB) and the
+//! part of a reply not yet whole (its length prefix checked against the
+//! send limit before its bytes are held). A line over
 //! the send limit (JSON can be larger than protobuf) ends the stream
 //! with `resource_exhausted`.
 
@@ -72,10 +76,15 @@ pub(super) async fn respond(
     let (parts, body) = response.into_parts();
     let mut headers = parts.headers;
     if let Some(status) = crate::server::web::take_status_headers(&mut headers) {
-        // A trailers-only answer: the call failed before any reply.
+        // A trailers-only answer: the call ended before any reply (`OK`
+        // from a layer that answered for the handler: no replies).
         let status = tonic::Status::from_header_map(&status)
             .unwrap_or_else(|| tonic::Status::internal("the response ended without a status"));
-        return connect::error_response(&status, None, connect::metadata(headers));
+        let headers = connect::metadata(headers);
+        if status.code() == tonic::Code::Ok {
+            return no_replies(headers);
+        }
+        return connect::error_response(&status, None, headers);
     }
     let mut headers = connect::metadata(headers);
     let mut lines = Box::pin(Lines::new(body, reply, limit));
@@ -98,10 +107,7 @@ pub(super) async fn respond(
             if status.code() != tonic::Code::Ok {
                 return connect::error_response(&status, None, headers);
             }
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
-            let mut response = Response::new(WebResponseBody::empty());
-            *response.headers_mut() = headers;
-            return response;
+            return no_replies(headers);
         }
     };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
@@ -112,6 +118,15 @@ pub(super) async fn respond(
         HeaderValue::from_static("no"),
     );
     let mut response = Response::new(WebResponseBody::Lines { body: lines });
+    *response.headers_mut() = headers;
+    response
+}
+
+/// The answer of a stream that ended with no reply and `OK`: `200`, an
+/// empty body.
+fn no_replies(mut headers: HeaderMap) -> Response<WebResponseBody> {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+    let mut response = Response::new(WebResponseBody::empty());
     *response.headers_mut() = headers;
     response
 }
@@ -377,6 +392,25 @@ mod tests {
         let lines = Box::pin(Lines::new(body(frames), reply(), limit));
         let bytes = lines.collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_trailers_only_answer_is_its_status_or_an_empty_stream() {
+        use http_body_util::BodyExt as _;
+        for (code, http, content_type) in [
+            (0, http::StatusCode::OK, NDJSON),
+            (5, http::StatusCode::NOT_FOUND, "application/json"),
+        ] {
+            let mut response = Response::new(body(vec![]));
+            response
+                .headers_mut()
+                .insert("grpc-status", HeaderValue::from(code));
+            let answer = respond(response, reply(), 100).await;
+            assert_eq!(answer.status(), http, "grpc-status {code}");
+            assert_eq!(answer.headers()[header::CONTENT_TYPE], content_type);
+            let bytes = answer.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(bytes.is_empty(), code == 0, "grpc-status {code}: {bytes:?}");
+        }
     }
 
     #[tokio::test]
