@@ -16,7 +16,7 @@ use http_body_util::Full;
 use lodestar::server::{Cors, WebProtocols};
 use lodestar_tests::*;
 
-use super::web::{Answer, Conn, Counting, assert_counted, start_with_small_budget};
+use super::web::{Answer, Conn, Counting, assert_counted, start_with, start_with_small_budget};
 
 /// Sends one request on a fresh HTTP/1.1 or HTTP/2 connection.
 async fn send(
@@ -51,17 +51,7 @@ async fn start(
     web: WebProtocols,
     limits: lodestar::MessageLimits,
 ) -> lodestar::RunningService {
-    bounded(
-        "an instance to start",
-        world
-            .builder("echo", "a")
-            .web(web)
-            .message_limits(limits)
-            .add_service(EchoServer::new(world.echo("a")))
-            .start(),
-    )
-    .await
-    .unwrap()
+    start_with(world, |b| b.web(web).message_limits(limits)).await
 }
 
 /// `curl`, as anyone would call a REST route.

@@ -162,7 +162,7 @@ async fn start(world: &World, web: WebProtocols) -> lodestar::RunningService {
 }
 
 /// Starts Echo instance `a`, its builder set up by `configure`.
-async fn start_with(
+pub(super) async fn start_with(
     world: &World,
     configure: impl FnOnce(lodestar::ServiceBuilder) -> lodestar::ServiceBuilder,
 ) -> lodestar::RunningService {
@@ -460,19 +460,13 @@ async fn grpc_web_carries_trailers_in_the_body_over_both_http_versions() {
 
 /// An instance of Echo whose connections may each hold 4 KiB unsent.
 pub(super) async fn start_with_small_budget(world: &World) -> lodestar::RunningService {
-    bounded(
-        "an instance to start",
-        world
-            .builder("echo", "a")
-            .connection_limits(lodestar::ConnectionLimits {
-                max_unsent_bytes_per_connection: 4096,
-                ..lodestar::ConnectionLimits::default()
-            })
-            .add_service(EchoServer::new(world.echo("a")))
-            .start(),
-    )
+    start_with(world, |b| {
+        b.connection_limits(lodestar::ConnectionLimits {
+            max_unsent_bytes_per_connection: 4096,
+            ..lodestar::ConnectionLimits::default()
+        })
+    })
     .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
