@@ -518,7 +518,7 @@ impl GetQuery {
         let mut compression = None;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| {
+            let value = super::percent::decode(value, true, false).ok_or_else(|| {
                 bad(format!(
                     "the query parameter `{key}` is not percent-encoded"
                 ))
@@ -563,32 +563,6 @@ impl GetQuery {
             compression,
         })
     }
-}
-
-/// Decodes `%XX` escapes and `+` (a space, as forms write it).
-fn percent_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    Some(out)
 }
 
 /// Serves a Connect stream (any call kind, `application/connect+*`).

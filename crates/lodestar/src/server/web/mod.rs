@@ -35,6 +35,7 @@ mod assets;
 mod connect;
 mod cors;
 mod grpc_web;
+mod percent;
 pub(crate) mod rest;
 mod settings;
 mod trailers;

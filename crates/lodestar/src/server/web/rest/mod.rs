@@ -44,8 +44,8 @@ use prost_reflect::{
 pub(crate) mod stream;
 mod template;
 
-use self::template::{Template, percent_decode};
-use super::{WebRequestBody, WebResponseBody, WebState, call, connect};
+use self::template::Template;
+use super::{WebRequestBody, WebResponseBody, WebState, call, connect, percent};
 use crate::codec::Descriptors;
 use crate::server::stack::Outer;
 
@@ -647,12 +647,12 @@ fn request_message(
     }
     for param in params {
         let (key, value) = param.split_once('=').unwrap_or((param, ""));
-        let key = percent_decode(key, true, false).ok_or_else(|| {
+        let key = percent::decode_utf8(key, true, false).ok_or_else(|| {
             invalid(format!(
                 "the query parameter `{key}` is not percent-encoded"
             ))
         })?;
-        let value = percent_decode(value, true, false).ok_or_else(|| {
+        let value = percent::decode_utf8(value, true, false).ok_or_else(|| {
             invalid(format!(
                 "the value of the query parameter `{key}` is not percent-encoded"
             ))

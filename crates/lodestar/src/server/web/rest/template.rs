@@ -18,6 +18,8 @@
 
 use std::fmt;
 
+use crate::server::web::percent;
+
 /// One segment of a path template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -256,9 +258,9 @@ impl Template {
             let single =
                 variable.end - variable.start == 1 && self.segments[variable.start] == Segment::One;
             let value = if single {
-                percent_decode(raw.first()?, false, false)?
+                percent::decode_utf8(raw.first()?, false, false)?
             } else {
-                percent_decode(&raw.join("/"), false, true)?
+                percent::decode_utf8(&raw.join("/"), false, true)?
             };
             out.push((variable.field.as_slice(), value));
         }
@@ -292,38 +294,6 @@ fn is_ident(name: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// Decodes `%XX` escapes (and `+` as a space when `plus` is set, as in
-/// queries); with `keep_slash`, `%2F` stays escaped. `None` for a bad
-/// escape or text that is not UTF-8.
-pub(super) fn percent_decode(text: &str, plus: bool, keep_slash: bool) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                let byte = u8::from_str_radix(hex, 16).ok()?;
-                if keep_slash && byte == b'/' {
-                    out.extend_from_slice(&bytes[i..i + 3]);
-                } else {
-                    out.push(byte);
-                }
-                i += 3;
-            }
-            b'+' if plus => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
