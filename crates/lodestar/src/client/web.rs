@@ -213,11 +213,9 @@ impl Mode {
 
 /// Marks a request [`prepare`] rewrote already: one that comes back
 /// unsent (its connection was closing) and is sent again is not rewritten
-/// twice. `json`: its messages are JSON.
+/// twice.
 #[derive(Debug, Clone, Copy)]
-struct Prepared {
-    json: bool,
-}
+struct Prepared;
 
 /// Rewrites a native gRPC `request` for `protocol` (not
 /// [`Protocol::Grpc`]); `unary` says whether the method takes and returns
@@ -239,13 +237,15 @@ pub(crate) fn prepare(
         decoder.peek = unary && mode == Mode::GrpcWeb;
         Box::new(decoder)
     };
-    if let Some(prepared) = request.extensions().get::<Prepared>() {
-        return Ok(decoder(prepared.json));
-    }
+    // JSON before the rewrite (`application/grpc+json`) and after it
+    // (`…+json`, Connect unary's `application/json`).
     let json = request
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().ends_with(b"+json"));
+        .is_some_and(|v| v.as_bytes().ends_with(b"json"));
+    if request.extensions().get::<Prepared>().is_some() {
+        return Ok(decoder(json));
+    }
     let headers = request.headers_mut();
     headers.remove(header::TE);
     match mode {
@@ -324,7 +324,7 @@ pub(crate) fn prepare(
         let text = tonic::body::Body::new(EncodeText::new(body));
         *request.body_mut() = RequestBody::unchecked(text, error);
     }
-    request.extensions_mut().insert(Prepared { json });
+    request.extensions_mut().insert(Prepared);
     Ok(decoder(json))
 }
 
